@@ -1,0 +1,1 @@
+"""Shared spine of the sweep harness: config, tracking, training, sweeps and the run store."""

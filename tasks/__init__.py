@@ -1,0 +1,1 @@
+"""One module per task: config dataclass + pure nn.Module + DataModule + LightningModule + build()."""

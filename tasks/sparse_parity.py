@@ -1,0 +1,225 @@
+"""Multitask sparse parity (Michaud et al. 2023, The Quantization Model of Neural Scaling).
+
+Input: `n_tasks` one-hot control bits + `n` uniform random data bits. Subtask t owns a fixed random
+k-subset S_t of the data bits (all subsets distinct); the label is the parity of x[S_t]. Subtask t is
+drawn with probability p_t proportional to t^-(zipf_alpha + 1), t = 1..n_tasks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.callbacks import EmergenceCallback
+from harness.config import ConfigError, RunConfig, TrainerConfig
+from harness.data import DeviceDataModule
+from harness.train import Job
+
+
+@dataclass
+class DataConfig:
+    n_tasks: int = 100  # number of subtasks (control bits)
+    n: int = 50  # data bits
+    k: int = 3  # bits per parity subset
+    # The paper's alpha: p_t ~ t^-(zipf_alpha + 1). The original code's key `alpha` is zipf_alpha + 1.
+    zipf_alpha: float = 0.4
+    task_seed: int = 0  # fixes the subsets and test sets, shared by every run of a sweep
+    n_train_samples: int = 0  # D: 0 = infinite data (fresh batch each step); else cycle D samples
+    batch_size: int = 10000
+
+
+@dataclass
+class ModelConfig:
+    width: int = 100  # hidden units per layer
+    depth: int = 1  # hidden layers
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+
+
+@dataclass
+class EvalConfig:
+    test_per_task: int = 1000  # fixed test points per subtask
+    threshold_bits: float = 0.1  # a subtask counts as learned below this loss (bits)
+    chunk: int = 65536  # test points per forward pass
+
+
+@dataclass
+class Config(RunConfig):
+    task: str = "sparse_parity"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=25000, eval_every=500))
+
+    def validate(self) -> None:
+        super().validate()
+        d = self.data
+        if d.n_tasks < 1 or d.n < 1 or d.k < 1:
+            raise ConfigError(f"data.n_tasks={d.n_tasks}, data.n={d.n}, data.k={d.k}: all must be >= 1")
+        if d.k > d.n:
+            raise ConfigError(f"data.k={d.k} > data.n={d.n}: a parity subset cannot exceed the data bits")
+        if math.comb(d.n, d.k) < d.n_tasks:
+            raise ConfigError(f"data.n_tasks={d.n_tasks} > C(n={d.n}, k={d.k}) = {math.comb(d.n, d.k)} distinct subsets")
+        if d.batch_size < 1 or d.n_train_samples < 0:
+            raise ConfigError(f"data.batch_size={d.batch_size}, data.n_train_samples={d.n_train_samples}: need >= 1 and >= 0")
+        if self.model.width < 1 or self.model.depth < 1:
+            raise ConfigError(f"model.width={self.model.width}, model.depth={self.model.depth}: both must be >= 1")
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int, width: int, depth: int, d_out: int = 2):
+        super().__init__()
+        dims = [d_in] + [width] * depth
+        layers = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(dims[-1], d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [batch, d_in] -> [batch, d_out]
+        return self.net(x)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def frequencies(n_tasks: int, zipf_alpha: float) -> torch.Tensor:
+    t = torch.arange(1, n_tasks + 1, dtype=torch.float64)
+    p = t ** -(zipf_alpha + 1)
+    return p / p.sum()
+
+
+def random_subsets(n_tasks: int, n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Distinct sorted k-subsets of range(n), one per subtask: [n_tasks, k]."""
+    seen, out = set(), []
+    while len(out) < n_tasks:
+        s = tuple(sorted(torch.randperm(n, generator=generator)[:k].tolist()))
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return torch.tensor(out, dtype=torch.long)
+
+
+class SparseParityData(DeviceDataModule):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        d = cfg.data
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(d.task_seed)
+        self.subsets = random_subsets(d.n_tasks, d.n, d.k, g)  # [n_tasks, k]
+        self.p = frequencies(d.n_tasks, d.zipf_alpha)  # [n_tasks]
+        self.cdf = torch.cumsum(self.p, 0).float()
+        # Test sets, stored compactly (task index + bits) and expanded to one-hot chunk by chunk.
+        m = cfg.eval.test_per_task
+        self.test_tasks = torch.arange(d.n_tasks).repeat_interleave(m)  # [n_tasks * m]
+        self.test_bits = torch.randint(0, 2, (d.n_tasks * m, d.n), generator=g, dtype=torch.uint8)
+        self.finite = None
+        if d.n_train_samples:
+            # Finite-data mode: D samples drawn once (from the training seed), then cycled.
+            tasks = self._draw_tasks(d.n_train_samples, torch.device("cpu"))
+            self.finite = (tasks, torch.randint(0, 2, (d.n_train_samples, d.n), dtype=torch.uint8))
+        self._on_device: dict = {}
+
+    def _draw_tasks(self, size: int, device: torch.device) -> torch.Tensor:
+        # Inverse-CDF sampling of subtasks, vectorised on the device.
+        u = torch.rand(size, device=device)
+        return torch.searchsorted(self.cdf.to(device), u).clamp_(max=self.cfg.data.n_tasks - 1)
+
+    def _tensors(self, device: torch.device) -> dict:
+        if device not in self._on_device:
+            t = {"subsets": self.subsets.to(device), "test_tasks": self.test_tasks.to(device),
+                 "test_bits": self.test_bits.to(device)}
+            if self.finite is not None:
+                t["train_tasks"], t["train_bits"] = (x.to(device) for x in self.finite)
+            self._on_device = {device: t}
+        return self._on_device[device]
+
+    def encode(self, tasks: torch.Tensor, bits: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(task index [b], data bits [b, n]) -> (input [b, n_tasks + n], parity label [b])."""
+        subsets = self._tensors(device)["subsets"]
+        y = bits.gather(1, subsets[tasks]).sum(1).remainder(2).long()  # [b]
+        x = torch.cat([F.one_hot(tasks, self.cfg.data.n_tasks).float(), bits.float()], dim=1)
+        return x, y
+
+    def train_batch(self, index: int, device):
+        d = self.cfg.data
+        if self.finite is None:
+            tasks = self._draw_tasks(d.batch_size, device)
+            bits = torch.randint(0, 2, (d.batch_size, d.n), device=device, dtype=torch.uint8)
+        else:
+            t = self._tensors(device)
+            D = d.n_train_samples
+            if d.batch_size >= D:
+                idx = slice(None)
+            else:
+                start = (index * d.batch_size) % D
+                idx = torch.arange(start, start + d.batch_size, device=device) % D
+            tasks, bits = t["train_tasks"][idx], t["train_bits"][idx]
+        return self.encode(tasks, bits, device)
+
+    def val_batch(self, index: int, device):
+        t = self._tensors(device)
+        return t["test_tasks"], t["test_bits"]
+
+
+class SparseParityModule(L.LightningModule):
+    def __init__(self, cfg: Config, model: nn.Module, data: SparseParityData):
+        super().__init__()
+        self.cfg, self.model, self.data = cfg, model, data
+        self.register_buffer("p", data.p.float(), persistent=False)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.model(x), y)
+        if self.global_step % self.cfg.trainer.log_every == 0:
+            self.log("train/loss", loss, on_step=True, prog_bar=True)
+        return loss
+
+    @torch.no_grad()
+    def per_subtask(self, tasks: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss (nats) and accuracy of every subtask in one batched pass: [n_tasks] each."""
+        n_tasks, chunk = self.cfg.data.n_tasks, self.cfg.eval.chunk
+        losses, correct = [], []
+        for s in range(0, len(tasks), chunk):
+            x, y = self.data.encode(tasks[s:s + chunk], bits[s:s + chunk], self.device)
+            logits = self.model(x)
+            losses.append(F.cross_entropy(logits, y, reduction="none"))
+            correct.append((logits.argmax(1) == y).float())
+        loss = torch.cat(losses).view(n_tasks, -1).mean(1)
+        acc = torch.cat(correct).view(n_tasks, -1).mean(1)
+        return loss, acc
+
+    def validation_step(self, batch, batch_idx):
+        loss, acc = self.per_subtask(*batch)
+        metrics = {"val/loss": (self.p * loss).sum(), "val/acc": (self.p * acc).sum(),
+                   "val/loss_uniform": loss.mean()}
+        metrics.update({f"subtask_loss/{i:04d}": v for i, v in enumerate(loss.cpu())})
+        self.log_dict(metrics, on_epoch=True, batch_size=1)
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        return torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
+                                 betas=(o.beta1, o.beta2))
+
+
+def build(cfg: Config) -> Job:
+    d = cfg.data
+    model = MLP(d.n_tasks + d.n, cfg.model.width, cfg.model.depth)
+    data = SparseParityData(cfg)
+    return Job(
+        module=SparseParityModule(cfg, model, data),
+        datamodule=data,
+        callbacks=[EmergenceCallback("subtask_loss/", cfg.eval.threshold_bits * math.log(2))],
+        summary={"model/params": n_params(model), "loss_units": "nats"},
+    )
