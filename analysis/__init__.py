@@ -1,0 +1,1 @@
+"""Pure analysis functions (fits, emergence, grokking, quanta) and one CLI module per study."""

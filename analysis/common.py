@@ -1,0 +1,57 @@
+"""What every `python -m analysis.<study> SOURCE [--sweep ID] --out DIR` shares."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Callable
+
+import numpy as np
+
+
+def parse_args(study: str, argv: list[str] | None = None, extra: Callable | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"python -m analysis.{study}")
+    p.add_argument("source", help="W&B path entity/project, or a local wandb directory")
+    p.add_argument("--sweep", default=None, help="sweep id to select runs from")
+    p.add_argument("--out", default=f"out/{study}", help="output directory")
+    if extra:
+        extra(p)
+    return p.parse_args(argv)
+
+
+def to_jsonable(x):
+    """NaN/inf -> None, numpy scalars/arrays -> Python, recursively (JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return to_jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_outputs(out_dir: str, study: str, result: dict, report_md: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{study}.json"), "w") as f:
+        json.dump(to_jsonable(result), f, indent=2)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(report_md)
+    print(f"wrote {out_dir}/{study}.json, {out_dir}/report.md and plots in {out_dir}/", file=sys.stderr)
+
+
+def main_guard(fn: Callable[[], None]) -> None:
+    """Run an analysis CLI; bad input exits 2 with one line, as `harness` does."""
+    from harness.cli import UserError
+    from harness.config import ConfigError
+
+    try:
+        fn()
+    except (UserError, ConfigError) as e:
+        print(f"analysis: error: {e}", file=sys.stderr)
+        sys.exit(2)
