@@ -7,6 +7,11 @@ import math
 import lightning as L
 
 
+# W&B drops None from summaries, so an event that never happened is this string, never a number;
+# `pd.to_numeric(col, errors="coerce")` turns it into NaN for analysis.
+CENSORED = "censored"
+
+
 def write_summary(trainer: L.Trainer, values: dict) -> None:
     """Put derived events into run.summary (not history): one value per run."""
     for logger in trainer.loggers:
@@ -34,7 +39,7 @@ class FinalEval(L.Callback):
 class EmergenceCallback(L.Callback):
     """First evaluated step at which each `prefix + NNNN` metric falls below a threshold.
 
-    Summary: `emergence/step/NNNN` (null when never learned: censored at `emergence/last_step`),
+    Summary: `emergence/step/NNNN` ("censored" when never learned, at `emergence/last_step`),
     `emergence/n_learned`, `emergence/threshold_nats`.
     """
 
@@ -56,7 +61,7 @@ class EmergenceCallback(L.Callback):
                 self.first[name] = trainer.global_step
 
     def summary(self) -> dict:
-        out = {f"emergence/step/{k}": v for k, v in sorted(self.first.items())}
+        out = {f"emergence/step/{k}": CENSORED if v is None else v for k, v in sorted(self.first.items())}
         out["emergence/n_learned"] = sum(v is not None for v in self.first.values())
         out["emergence/threshold_nats"] = self.threshold
         out["emergence/last_step"] = self.last_step
@@ -81,7 +86,7 @@ def grokking_phase(t_train: int | None, t_val: int | None, max_delay: int) -> st
 class GrokkingCallback(L.Callback):
     """Power et al.'s t_train99 / t_val99 (first evaluated step with accuracy >= threshold).
 
-    Summary: `grok/t_train99`, `grok/t_val99`, `grok/delay` (null when never reached, censored at
+    Summary: `grok/t_train99`, `grok/t_val99`, `grok/delay` ("censored" when never reached, at
     `grok/last_step`) and `grok/phase`: comprehension when validation follows training within
     `max_delay` steps, grokking when later, memorization (train only), confusion (neither).
     """
@@ -108,9 +113,9 @@ class GrokkingCallback(L.Callback):
         pct = round(self.threshold * 100)
         delay = None if self.t_train is None or self.t_val is None else self.t_val - self.t_train
         return {
-            f"grok/t_train{pct}": self.t_train,
-            f"grok/t_val{pct}": self.t_val,
-            "grok/delay": delay,
+            f"grok/t_train{pct}": CENSORED if self.t_train is None else self.t_train,
+            f"grok/t_val{pct}": CENSORED if self.t_val is None else self.t_val,
+            "grok/delay": CENSORED if delay is None else delay,
             "grok/phase": grokking_phase(self.t_train, self.t_val, self.max_delay),
             "grok/threshold": self.threshold,
             "grok/last_step": self.last_step,

@@ -118,15 +118,21 @@ def load_config(overrides: Iterable[str]) -> RunConfig:
     return cfg
 
 
-def check_overrides(task: str, overrides: dict[str, Any]) -> None:
-    """Validate a {dotted key: value} mapping against a task's schema (used for sweep parameters)."""
+def check_overrides(task: str, overrides: dict[str, Any], cross_field: bool = True) -> None:
+    """Validate a {dotted key: value} mapping against a task's schema (used for sweep parameters).
+
+    `cross_field=False` checks keys and types only (one parameter alone may be valid only
+    together with the others, e.g. data.n=8 with a smaller data.n_tasks).
+    """
     cls = config_class(task)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.from_dotlist(
             [f"{k}={_dotlist_value(v)}" for k, v in overrides.items()]))
-        OmegaConf.to_object(merged).validate()
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e, cls, task)) from None
+    if cross_field:
+        cfg.validate()
 
 
 def _dotlist_value(v: Any) -> str:

@@ -9,6 +9,7 @@ sweep, and a sweep killed at any point resumes without re-running a finished gri
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import os
 import re
@@ -29,7 +30,7 @@ from wandb.sdk.lib.runid import generate_id
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 FLOAT_AS_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-TERMINAL = {"finished", "failed", "crashed", "killed"}
+MAX_CHECKED_COMBINATIONS = 2000
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -84,12 +85,14 @@ def validate_sweep(cfg: dict, path: str = "sweep") -> str:
     if len(tasks) != 1:
         raise UserError(f"{path}: parameters must fix the task, e.g. task: {{value: sparse_parity}}")
     task = tasks[0]
+    choices = {k: _values(spec) for k, spec in params.items() if k != "task"}
     try:
-        for key, spec in params.items():
-            if key == "task":
-                continue
-            for v in _values(spec):
-                check_overrides(task, {key: v})
+        for key, values in choices.items():
+            for v in values:
+                check_overrides(task, {key: v}, cross_field=False)
+        # Cross-field checks (k <= n, ...) on every combination, up to a bound.
+        for combo in itertools.islice(itertools.product(*choices.values()), MAX_CHECKED_COMBINATIONS):
+            check_overrides(task, dict(zip(choices, combo)))
     except ConfigError as e:
         raise UserError(f"{path}: {e}") from None
     return task

@@ -18,6 +18,7 @@ from typing import Iterable
 
 import pandas as pd
 
+from harness.cli import UserError
 from harness.config import flatten
 from harness.wandb_file import CorruptRunFile, RunFile, read_run_file, read_with_leet
 
@@ -26,7 +27,7 @@ RUNNING_GRACE_S = 120  # a run file without an exit record, written within this,
 W_AND_B_PATH = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """A SOURCE that is neither a wandb directory nor a reachable W&B project (one line)."""
 
 
@@ -43,7 +44,8 @@ def wandb_dir(source: str) -> str:
 
 def run_files(source: str) -> list[str]:
     root = wandb_dir(source)
-    files = sorted(glob.glob(os.path.join(root, "*run-*", "run-*.wandb")))
+    files = sorted(p for p in glob.glob(os.path.join(root, "*run-*", "run-*.wandb"))
+                   if not os.path.islink(os.path.dirname(p)))  # skip wandb's latest-run link
     if not files and not os.path.isdir(os.path.join(root, "..", "wandb")) and not glob.glob(os.path.join(root, "sweep-*")):
         raise SourceError(f"{source!r} is not a wandb directory: no */run-*.wandb files under it")
     return files

@@ -213,10 +213,9 @@ def read_with_leet(path: str, wandb_exe: str = "wandb") -> RunFile:
     for line in proc.stdout.splitlines():
         rec = json.loads(line)
         kind = rec.get("type")
-        body = rec.get(kind, {})
+        body = rec.get(kind) or {}
         if kind == "history":
-            row = {("/".join(i["nested_key"]) if i.get("nested_key") else i["key"]): json.loads(i["value_json"])
-                   for i in body.get("item", [])}
+            row = dict(body.get("item", {}))
             if "step" in body:
                 row["_step"] = int(body["step"].get("num", 0))
             out.history.append(row)
@@ -224,9 +223,11 @@ def read_with_leet(path: str, wandb_exe: str = "wandb") -> RunFile:
             out.run_id, out.name = body.get("run_id", ""), body.get("display_name", "")
             out.sweep_id = body.get("sweep_id", "")
             out.config.update(body.get("config", {}).get("update", {}))
+            out.summary.update(body.get("summary", {}).get("update", {}))
         elif kind == "summary":
-            for i in body.get("update", []):
-                out.summary["/".join(i["nested_key"]) if i.get("nested_key") else i["key"]] = json.loads(i["value_json"])
+            out.summary.update(body.get("update", {}))
+            for key in body.get("remove", {}) or {}:
+                out.summary.pop(key, None)
         elif kind == "config":
             out.config.update(body.get("update", {}))
         elif kind == "exit":

@@ -1,0 +1,32 @@
+# Set-up and the two entry points of the README. `make run` and `make test` set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Real data (MNIST, the Pile sample, the Pythia tokenizer) lives outside the repository.
+export HARNESS_DATA_DIR ?= $(abspath ../shared/data)
+OUT ?= out
+WORKERS ?= 2
+
+.PHONY: setup run test test-all
+
+setup: $(VENV)/.installed
+
+# torch is pinned first so pip takes the CPU build on disk instead of downloading a CUDA one.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+# The main job: the offline sparse-parity width sweep, then its scaling analysis.
+run: setup
+	mkdir -p $(OUT)
+	WANDB_MODE=offline $(VENV)/bin/harness sweep sweeps/sparse_parity_width_smoke.yaml --local \
+		--workers $(WORKERS) --wandb-dir $(OUT)/wandb | tail -n 1 > $(OUT)/sweep_id
+	$(PY) -m analysis.scaling $(OUT)/wandb --sweep $$(cat $(OUT)/sweep_id) --out $(OUT)/scaling
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m ''

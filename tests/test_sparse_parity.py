@@ -1,0 +1,85 @@
+import json
+import math
+
+import torch
+
+from harness.config import load_config
+from tasks.sparse_parity import MLP, SparseParityData, build, frequencies, n_params
+from tests.conftest import TINY, harness
+
+
+def cfg_of(*overrides):
+    return load_config(["task=sparse_parity", *overrides])
+
+
+def test_frequencies_follow_the_papers_alpha_plus_one():
+    p = frequencies(10, 0.4)
+    assert abs(float(p.sum()) - 1) < 1e-12
+    assert float(p[0] / p[1]) == torch.tensor(2.0 ** 1.4, dtype=torch.float64).item()
+
+
+def test_parameter_count_matches_the_paper():
+    # Michaud et al.: params = 603 * width + 2 for n_tasks=500, n=100 (one hidden layer).
+    for width in (10, 100, 500):
+        assert n_params(MLP(600, width, 1)) == 603 * width + 2
+
+
+def test_labels_are_parities_of_distinct_subsets():
+    data = SparseParityData(cfg_of("data.n_tasks=20", "data.n=10", "data.k=3", "data.batch_size=5000",
+                                   "eval.test_per_task=10"))
+    assert len({tuple(s) for s in data.subsets.tolist()}) == 20
+    x, y = data.train_batch(0, torch.device("cpu"))
+    assert x.shape == (5000, 30)
+    tasks = x[:, :20].argmax(1)
+    assert torch.all(x[:, :20].sum(1) == 1)
+    bits = x[:, 20:].long()
+    expected = torch.stack([bits[i, data.subsets[t]].sum() % 2 for i, t in enumerate(tasks)])
+    assert torch.equal(y, expected)
+    # Subtask frequencies of a batch follow p_t (inverse-CDF sampling).
+    counts = torch.bincount(tasks, minlength=20).double() / 5000
+    assert abs(float(counts[0]) - float(data.p[0])) < 0.03
+
+
+def test_finite_data_mode_cycles_a_fixed_set():
+    data = SparseParityData(cfg_of("data.n_tasks=4", "data.n=8", "data.k=2", "data.n_train_samples=10",
+                                   "data.batch_size=4", "eval.test_per_task=5"))
+    cpu = torch.device("cpu")
+    seen = torch.cat([data.train_batch(i, cpu)[0] for i in range(5)])  # 20 samples from a set of 10
+    assert len(torch.unique(seen, dim=0)) <= 10
+    # Batch i starts at sample 4i mod 10: batch 5 starts where batch 0 did.
+    assert torch.equal(data.train_batch(0, cpu)[0], data.train_batch(5, cpu)[0])
+
+
+def test_per_subtask_eval_equals_a_naive_loop():
+    cfg = cfg_of("data.n_tasks=6", "data.n=10", "data.k=3", "eval.test_per_task=50", "eval.chunk=37")
+    job = build(cfg)
+    module, data = job.module, job.datamodule
+    tasks, bits = data.val_batch(0, torch.device("cpu"))
+    loss, acc = module.per_subtask(tasks, bits)
+    for t in range(6):
+        x, y = data.encode(tasks[tasks == t], bits[tasks == t], torch.device("cpu"))
+        ref = torch.nn.functional.cross_entropy(module.model(x), y)
+        assert torch.allclose(loss[t], ref, atol=1e-6)
+
+
+def test_train_prints_summary_last_and_detects_emergence(tmp_path):
+    # 2 subtasks of 2 bits among 4: learned within a few hundred steps at width 64.
+    proc = harness("train", "task=sparse_parity", "data.n_tasks=2", "data.n=4", "data.k=2", "data.batch_size=512",
+                   "model.width=64", "optim.lr=1.0e-2", "eval.test_per_task=200", "trainer.steps=300",
+                   "trainer.eval_every=25", "trainer.progress_bar=false")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["model/params"] == (2 + 4) * 64 + 64 + 64 * 2 + 2
+    assert summary["val/loss"] < 0.1 * math.log(2)
+    assert summary["emergence/n_learned"] == 2
+    steps = [summary["emergence/step/0000"], summary["emergence/step/0001"]]
+    assert all(isinstance(s, int) and 0 < s <= 300 and s % 25 == 0 for s in steps)
+    assert summary["trainer/global_step"] == 300
+
+
+def test_never_learned_subtasks_are_censored_not_numbers():
+    proc = harness("train", *TINY, "model.width=2")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    censored = [k for k, v in summary.items() if k.startswith("emergence/step/") and v == "censored"]
+    assert censored, summary
+    assert summary["emergence/n_learned"] == 4 - len(censored)
+    assert summary["emergence/last_step"] == 60
