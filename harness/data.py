@@ -28,9 +28,14 @@ def step_loader(n: int, tag: str) -> DataLoader:
 
 
 class DeviceDataModule(L.LightningDataModule):
-    """Subclasses implement `train_batch(index, device)` and `val_batch(index, device)`."""
+    """Subclasses implement `train_batch(index, device)` and `val_batch(index, device)`.
+
+    With `steps_per_batch` K > 1 each training batch is a list of K batches, one per optimizer
+    step (the module then optimizes manually); K = 1 hands over the batch itself.
+    """
 
     n_val_batches = 1
+    steps_per_batch = 1
 
     def train_batch(self, index: int, device: torch.device) -> Any:
         raise NotImplementedError
@@ -39,7 +44,7 @@ class DeviceDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def train_dataloader(self) -> DataLoader:
-        return step_loader(max(self.trainer.max_steps, 1), "train")
+        return step_loader(max(self.trainer.max_steps // self.steps_per_batch, 1), "train")
 
     def val_dataloader(self) -> DataLoader:
         return step_loader(self.n_val_batches, "val")
@@ -47,4 +52,9 @@ class DeviceDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         tag, index = batch
         device = self.trainer.strategy.root_device
-        return self.train_batch(index, device) if tag == "train" else self.val_batch(index, device)
+        if tag != "train":
+            return self.val_batch(index, device)
+        k = self.steps_per_batch
+        if k == 1:
+            return self.train_batch(index, device)
+        return [self.train_batch(index * k + j, device) for j in range(k)]

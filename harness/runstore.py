@@ -83,12 +83,18 @@ def _cache_path(path: str, st: os.stat_result) -> str:
     return os.path.join(os.path.dirname(os.path.dirname(path)), CACHE_DIR, f"{key}.pkl")
 
 
+_MEMO: dict[str, tuple[dict, pd.DataFrame]] = {}  # cache file -> decoded run, for this process
+
+
 def load_run_file(path: str, use_cache: bool = True) -> tuple[dict, pd.DataFrame]:
     st = os.stat(path)
     cache = _cache_path(path, st)
+    if use_cache and cache in _MEMO:  # load_runs then load_history in one script read disk once
+        return _MEMO[cache]
     if use_cache and os.path.exists(cache):
         with open(cache, "rb") as f:
-            return pickle.load(f)
+            _MEMO[cache] = pickle.load(f)
+        return _MEMO[cache]
     try:
         rf = read_run_file(path)
     except CorruptRunFile:
@@ -102,6 +108,7 @@ def load_run_file(path: str, use_cache: bool = True) -> tuple[dict, pd.DataFrame
         with open(tmp, "wb") as f:
             pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, cache)
+        _MEMO[cache] = out
     return out
 
 
@@ -116,6 +123,8 @@ def load_local(source: str, workers: int | None = None) -> tuple[list[dict], dic
     files = run_files(source)
     results = []
     uncached = [p for p in files if not os.path.exists(_cache_path(p, os.stat(p)))]
+    if uncached and len(uncached) < len(files):  # decode only what is new, cached runs come from disk
+        files = uncached + [p for p in files if p not in set(uncached)]
     workers = workers or min(os.cpu_count() or 1, 8)
     if len(uncached) >= 8 and workers > 1:
         with ProcessPoolExecutor(workers) as pool:

@@ -63,7 +63,7 @@ def make_trainer(cfg: RunConfig, logger, callbacks: list) -> L.Trainer:
     trainer = L.Trainer(
         max_steps=t.steps,
         max_epochs=-1,
-        val_check_interval=t.eval_every,
+        val_check_interval=t.eval_every // t.batch_steps(),
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every,

@@ -60,7 +60,8 @@ class Config(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=25000, eval_every=500))
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=25000, eval_every=500,
+                                                                         steps_per_batch=10))
 
     def validate(self) -> None:
         super().validate()
@@ -116,6 +117,7 @@ class SparseParityData(DeviceDataModule):
         super().__init__()
         d = cfg.data
         self.cfg = cfg
+        self.steps_per_batch = cfg.trainer.batch_steps()
         g = torch.Generator().manual_seed(d.task_seed)
         self.subsets = random_subsets(d.n_tasks, d.n, d.k, g)  # [n_tasks, k]
         self.p = frequencies(d.n_tasks, d.zipf_alpha)  # [n_tasks]
@@ -179,12 +181,19 @@ class SparseParityModule(L.LightningModule):
         self.cfg, self.model, self.data = cfg, model, data
         self.register_buffer("p", data.p.float(), persistent=False)
 
+        # Manual optimization: one Lightning batch may carry several optimizer steps.
+        self.automatic_optimization = False
+
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self.model(x), y)
-        if self.global_step % self.cfg.trainer.log_every == 0:
-            self.log("train/loss", loss, on_step=True, prog_bar=True)
-        return loss
+        opt = self.optimizers()
+        for x, y in batch if isinstance(batch, list) else [batch]:
+            step = self.global_step  # optimizer steps taken before this one
+            loss = F.cross_entropy(self.model(x), y)
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            opt.step()
+            if step % self.cfg.trainer.log_every == 0:
+                self.log("train/loss", loss.detach(), on_step=True, prog_bar=True)
 
     @torch.no_grad()
     def per_subtask(self, tasks: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
