@@ -59,7 +59,7 @@ def main() -> None:
     hist = runstore.load_history(root)
     cold = time.perf_counter() - t0
     # The cached load, as a second analysis script sees it: a new process reading the disk cache.
-    code = ("import time; t0 = time.perf_counter(); from harness import runstore as r; "
+    code = ("import time; from harness import runstore as r; t0 = time.perf_counter(); "
             f"a = r.load_runs({root!r}); h = r.load_history({root!r}); "
             "print(len(a), len(h), time.perf_counter() - t0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
