@@ -162,12 +162,11 @@ def _check_sweep(metas: list[dict], sweep: str | None, source: str) -> list[dict
 
 
 def load_wandb(source: str, sweep: str | None = None, filters: dict | None = None) -> list[dict]:
-    api = _api()
     f = dict(filters or {})
     if sweep:
         f["sweep"] = sweep
     try:
-        runs = list(api.runs(source, filters=f or None))
+        runs = list(_api().runs(source, filters=f or None))
     except Exception as e:  # the client raises several types (CommError, ValueError, HTTPError)
         raise SourceError(f"{source!r} is neither a wandb directory nor a reachable W&B project: {e}".splitlines()[0]) from None
     metas = []

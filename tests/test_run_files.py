@@ -89,3 +89,37 @@ def test_bad_sources_are_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(runstore.SourceError, match="not a wandb directory"):
         runstore.load_runs(str(tmp_path / "empty"))
+
+
+def test_unreachable_wandb_project_is_a_one_line_error(monkeypatch):
+    """The W&B path goes through the official client; this test stops at its HTTP boundary."""
+    import http.server
+    import threading
+
+    seen = []
+
+    class GraphQL(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(self.path)
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            body = b'{"data": {"viewer": null}}'
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), GraphQL)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    try:
+        with pytest.raises(runstore.SourceError) as e:
+            runstore.load_runs("someone/some-project")
+    finally:
+        server.shutdown()
+    assert "'someone/some-project' is neither a wandb directory nor a reachable W&B project" in str(e.value)
+    assert "\n" not in str(e.value) and seen and seen[0] == "/graphql"

@@ -133,3 +133,13 @@ def test_sigkilled_sweep_resumes_without_rerunning_a_finished_point(tmp_path):
     assert [r["state"] for r in after].count("killed") == 1
     table = runstore.load_runs("wandb", sweep=sweep_id)
     assert (table["state"] == "finished").sum() == 3
+
+
+def test_wandb_sweep_without_credentials_points_to_local(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    path = write_sweep(tmp_path / "s.yaml", widths([2]))
+    proc = harness("sweep", path, check=False)
+    assert proc.returncode == 2
+    assert "no W&B credentials" in proc.stderr and "--local" in proc.stderr
