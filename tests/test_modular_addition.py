@@ -202,8 +202,9 @@ def test_short_full_batch_run_memorises_and_logs_everything(env):
     runs = runstore.load_runs(str(env))
     assert len(runs) == 1 and runs.loc[0, "state"] == "finished"
     assert runs.loc[0, "config.data.p"] == 23
-    hist = runstore.load_history(str(env), keys=["train/acc", "val/acc", "model/weight_norm"])
-    assert hist["step"].tolist() == list(range(50, 601, 50))  # one row per evaluation, at its step
+    hist = ga.merge_rows(runstore.load_history(str(env), keys=["train/acc", "val/acc", "model/weight_norm"]))
+    assert hist["step"].tolist() == list(range(50, 601, 50))  # one evaluation every 50 steps, at its step
+    assert hist[["train/acc", "val/acc", "model/weight_norm"]].notna().all().all()
     assert ga.first_step_at_least(hist["step"], hist["train/acc"], 0.99) == s["grok/t_train99"]
 
     out = env / "analysis"

@@ -1,0 +1,376 @@
+"""Grokking of modular arithmetic (Power et al. 2022; the PAIR explorable; Liu et al. 2022).
+
+Data: every pair (a, b) of residues mod p (only a <= b with `data.symmetric`), label (a op b) mod p,
+split once into train / validation by `data.train_fraction` (the split follows the run's seed).
+Defaults are the PAIR explorable's run: p=67, symmetric pairs, 40% train, full batch, tied 500-d
+embedding, 24 ReLU units on h_a + h_b, no biases, AdamW lr 1e-3, wd 1.0, betas (0.9, 0.98), 50k steps,
+Haiku's truncated-normal init and cross-entropy divided by p; except that every initial weight is
+scaled by `model.init_scale` = 0.3 (see there). Grokking at 40% depends on the seed: see README.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from analysis import fourier
+from harness.callbacks import GrokkingCallback, write_summary
+from harness.config import ConfigError, RunConfig, TrainerConfig
+from harness.data import DeviceDataModule
+from harness.train import Job
+
+OPERATIONS = ("add", "subtract", "multiply")
+MODELS = ("pair_mlp", "concat_mlp")
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "quadratic": torch.square}
+INITS = ("haiku", "torch")
+LOSSES = ("ce_over_p", "ce")
+CALLBACK_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc")  # logged through Lightning
+
+
+@dataclass
+class DataConfig:
+    p: int = 67  # modulus (vocabulary size)
+    operation: str = "add"  # add | subtract | multiply
+    symmetric: bool = True  # only pairs a <= b (needs a commutative operation)
+    train_fraction: float = 0.4  # of all pairs; the rest is the validation set
+    split_seed: int = -1  # seed of the train/val split; -1 = the run's seed
+    batch_size: int = 0  # 0 = full batch; else sampled with replacement each step
+
+
+@dataclass
+class ModelConfig:
+    # pair_mlp: logits = E W_out relu(W_in (E[a] + E[b])), one E [p, embed_dim] for inputs and output (PAIR).
+    # concat_mlp: logits = U act(W [E[a]; E[b]]), a free unembedding U. `bias` adds biases to both.
+    name: str = "pair_mlp"
+    embed_dim: int = 500
+    hidden: int = 24
+    activation: str = "relu"  # relu | gelu | tanh | quadratic
+    init: str = "haiku"  # haiku: truncated normal, std 1 (embedding), 1/sqrt(fan_in) (linear); torch: PyTorch defaults
+    # Every initial weight is multiplied by this (Omnigrok's alpha). 0.3, not 1: with this init the
+    # full-scale run needs ~10k steps to memorise and had not grokked by 10k; 0.5 memorises at 600 steps
+    # but stays there (30k steps); 0.3 memorises by 300 and groks (seed 165: val 0.99 at 25.3k).
+    init_scale: float = 0.3
+    bias: bool = False  # biases on the hidden and output layers (PAIR's formula has none)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1.0e-8
+    # ce_over_p: cross-entropy / p, as the reference code (its mean runs over the p logits too). With
+    # AdamW this only moves where eps starts to damp the updates once the loss is tiny.
+    loss: str = "ce_over_p"
+
+
+@dataclass
+class EvalConfig:
+    threshold: float = 0.99  # Power et al.: t_train99 / t_val99 are the first steps at this accuracy
+    max_delay: int = 1000  # steps from t_train to t_val still counted as comprehension, not grokking
+    key_mass: float = 0.9  # key frequencies: fewest holding this share of the embedding's power ...
+    max_keys: int = 8  # ... but at most this many
+    log_spectrum: bool = True  # log fourier/power/NNN for every frequency (p // 2 keys) at each eval
+
+
+@dataclass
+class Config(RunConfig):
+    task: str = "modular_addition"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # 10 optimizer steps per Lightning batch: Lightning's ~1 ms of hooks per batch is half of this
+    # full-batch step on a CPU; amortised it costs a few percent (benchmarks/bench_modular_addition.py).
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
+        steps=50000, eval_every=100, log_every=100, progress_bar=False, steps_per_batch=10))
+
+    def validate(self) -> None:
+        super().validate()
+        d, m, o = self.data, self.model, self.optim
+        if d.p < 2:
+            raise ConfigError(f"data.p={d.p}: the modulus must be >= 2")
+        if not 0 < d.train_fraction < 1:
+            raise ConfigError(f"data.train_fraction={d.train_fraction}: must lie strictly between 0 and 1")
+        _one_of("data.operation", d.operation, OPERATIONS)
+        _one_of("model.name", m.name, MODELS)
+        _one_of("model.activation", m.activation, ACTIVATIONS)
+        _one_of("model.init", m.init, INITS)
+        _one_of("optim.loss", o.loss, LOSSES)
+        if d.symmetric and d.operation == "subtract":
+            raise ConfigError("data.symmetric=true with data.operation=subtract: subtraction is not "
+                              "commutative; set data.symmetric=false")
+        n = n_pairs(d.p, d.symmetric)
+        n_train = round(d.train_fraction * n)
+        if not 1 <= n_train < n:
+            raise ConfigError(f"data.train_fraction={d.train_fraction} of {n} pairs leaves {n_train} "
+                              f"train and {n - n_train} validation pairs: both must be >= 1")
+        if d.batch_size < 0 or m.embed_dim < 1 or m.hidden < 1:
+            raise ConfigError(f"data.batch_size={d.batch_size}, model.embed_dim={m.embed_dim}, "
+                              f"model.hidden={m.hidden}: need >= 0, >= 1, >= 1")
+        if not 0 < self.eval.threshold <= 1 or self.eval.max_keys < 1:
+            raise ConfigError(f"eval.threshold={self.eval.threshold}, eval.max_keys={self.eval.max_keys}: "
+                              "need 0 < threshold <= 1 and max_keys >= 1")
+
+
+def _one_of(key: str, value: str, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+# ---------------------------------------------------------------- data
+
+def n_pairs(p: int, symmetric: bool) -> int:
+    return p * (p + 1) // 2 if symmetric else p * p
+
+
+def all_pairs(p: int, symmetric: bool) -> torch.Tensor:
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    pairs = torch.stack([a.flatten(), b.flatten()], 1)  # [p*p, 2]
+    return pairs[pairs[:, 0] <= pairs[:, 1]] if symmetric else pairs
+
+
+def apply_op(op: str, a: torch.Tensor, b: torch.Tensor, p: int) -> torch.Tensor:
+    if op == "add":
+        return (a + b) % p
+    if op == "subtract":
+        return (a - b) % p
+    return (a * b) % p
+
+
+class ModularData(DeviceDataModule):
+    """All tensors are built once; a train step gets the same full-batch tensors (no copy)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        d = cfg.data
+        self.cfg = cfg
+        self.steps_per_batch = cfg.trainer.batch_steps()
+        pairs = all_pairs(d.p, d.symmetric)
+        labels = apply_op(d.operation, pairs[:, 0], pairs[:, 1], d.p)
+        seed = cfg.seed if d.split_seed < 0 else d.split_seed
+        perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))
+        n_train = round(d.train_fraction * len(pairs))
+        self.split = {"train": (pairs[perm[:n_train]], labels[perm[:n_train]]),
+                      "val": (pairs[perm[n_train:]], labels[perm[n_train:]])}
+        self._cache: dict = {}
+
+    def tensors(self, device) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """{split: (a [n], b [n], y [n])} on `device`."""
+        device = torch.device(device)
+        if device not in self._cache:
+            self._cache = {device: {k: (x[:, 0].to(device), x[:, 1].to(device), y.to(device))
+                                    for k, (x, y) in self.split.items()}}
+        return self._cache[device]
+
+    def train_batch(self, index: int, device):
+        a, b, y = self.tensors(device)["train"]
+        bs = self.cfg.data.batch_size
+        if bs == 0 or bs >= len(y):
+            return a, b, y
+        idx = torch.randint(len(y), (bs,), device=device)
+        return a[idx], b[idx], y[idx]
+
+    def val_batch(self, index: int, device):
+        return self.tensors(device)
+
+
+# ---------------------------------------------------------------- models
+
+def _trunc_normal_(w: torch.Tensor, std: float) -> torch.Tensor:
+    # Haiku's TruncatedNormal cuts at +-2 sigma and rescales so the result has std `std`.
+    return nn.init.trunc_normal_(w, 0.0, std / 0.87962566103423978, -2 * std / 0.87962566103423978,
+                                 2 * std / 0.87962566103423978)
+
+
+class PairMLP(nn.Module):
+    """PAIR's MLP: one embedding E [p, d] for both inputs and the output.
+
+    The linear maps are applied to E once per token ([p, hidden], [hidden, p]) and then gathered,
+    which is the same function as embedding first but ~20x fewer flops for a 500-d embedding.
+    """
+
+    def __init__(self, p: int, embed_dim: int, hidden: int, activation: str = "relu", bias: bool = False):
+        super().__init__()
+        self.embed = nn.Parameter(torch.randn(p, embed_dim))  # E, N(0, 1) as nn.Embedding
+        self.w_in = nn.Linear(embed_dim, hidden, bias=bias)
+        self.w_out = nn.Linear(hidden, embed_dim, bias=bias)
+        self.act = ACTIVATIONS[activation]
+
+    def token_inputs(self) -> torch.Tensor:  # [p, hidden]: what each token adds to the hidden layer
+        return self.embed @ self.w_in.weight.T
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [n], [n] -> [n, p]
+        t = self.token_inputs()
+        h = t[a] + t[b]
+        h = self.act(h if self.w_in.bias is None else h + self.w_in.bias)  # [n, hidden]
+        logits = h @ (self.w_out.weight.T @ self.embed.T)  # [n, p]
+        return logits if self.w_out.bias is None else logits + self.w_out.bias @ self.embed.T
+
+
+class ConcatMLP(nn.Module):
+    def __init__(self, p: int, embed_dim: int, hidden: int, activation: str = "relu", bias: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(p, embed_dim)
+        self.w_in = nn.Linear(2 * embed_dim, hidden, bias=bias)
+        self.unembed = nn.Linear(hidden, p, bias=bias)
+        self.act = ACTIVATIONS[activation]
+
+    def token_inputs(self) -> torch.Tensor:  # [p, 2 * hidden]: the a-part and the b-part side by side
+        d = self.embed.embedding_dim
+        w = self.w_in.weight
+        e = self.embed.weight
+        return torch.cat([e @ w[:, :d].T, e @ w[:, d:].T], 1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [n], [n] -> [n, p]
+        h = self.act(self.w_in(torch.cat([self.embed(a), self.embed(b)], 1)))
+        return self.unembed(h)
+
+
+def make_model(cfg: Config) -> nn.Module:
+    m = cfg.model
+    model = (PairMLP if m.name == "pair_mlp" else ConcatMLP)(cfg.data.p, m.embed_dim, m.hidden, m.activation, m.bias)
+    with torch.no_grad():
+        if m.init == "haiku":
+            for name, w in model.named_parameters():
+                if name.endswith("bias"):
+                    w.zero_()
+                elif name.startswith("embed"):
+                    _trunc_normal_(w, 1.0)
+                else:
+                    _trunc_normal_(w, 1 / math.sqrt(w.shape[1]))
+        for w in model.parameters():
+            w.mul_(m.init_scale)
+    return model
+
+
+def weight_norm(model: nn.Module) -> torch.Tensor:
+    return torch.sqrt(sum(w.detach().pow(2).sum() for w in model.parameters()))
+
+
+# ---------------------------------------------------------------- loss and diagnostics
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    loss = F.cross_entropy(logits, y)
+    return loss / logits.shape[1] if kind == "ce_over_p" else loss
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tensors: dict, cfg: Config) -> dict[str, torch.Tensor]:
+    """Every metric of one evaluation as 0-d tensors; shared by the Lightning module and the
+    plain-loop benchmark so that both do the same work."""
+    d, e = cfg.data, cfg.eval
+    out: dict[str, torch.Tensor] = {}
+    for split, (a, b, y) in tensors.items():
+        logits = model(a, b)
+        out[f"{split}/loss"] = F.cross_entropy(logits, y)
+        out[f"{split}/acc"] = (logits.argmax(1) == y).float().mean()
+    out["model/weight_norm"] = weight_norm(model)
+
+    power = fourier.fourier_power(model.token_inputs())  # [p // 2]
+    keys = fourier.key_frequencies(power, e.key_mass, e.max_keys)
+    out["fourier/n_keys"] = torch.tensor(float(len(keys)))
+    out["fourier/key_power"] = power[[k - 1 for k in keys]].sum()
+    for i in range(e.max_keys):
+        out[f"fourier/key/{i}"] = torch.tensor(float(keys[i] if i < len(keys) else 0))
+    if e.log_spectrum:
+        out.update({f"fourier/power/{k + 1:03d}": v for k, v in enumerate(power)})
+
+    if d.operation in ("add", "subtract"):
+        grid = torch.arange(d.p, device=power.device)
+        ga, gb = grid.repeat_interleave(d.p), grid.repeat(d.p)  # row a * p + b
+        if d.symmetric:  # the model was only asked about a <= b: read b > a through (b, a)
+            ga, gb = torch.minimum(ga, gb), torch.maximum(ga, gb)
+        ga, gb = ga.to(tensors["train"][0].device), gb.to(tensors["train"][0].device)
+        grid_logits = model(ga, gb)  # [p*p, p]
+        sign = 1 if d.operation == "add" else -1
+        restricted, excluded = fourier.restricted_excluded_logits(grid_logits, keys, sign)
+        for split, (a, b, y) in tensors.items():
+            rows = a * d.p + b
+            out[f"{split}/restricted_loss"] = torch.tensor(fourier.grid_loss(restricted, rows, y))
+            out[f"{split}/excluded_loss"] = torch.tensor(fourier.grid_loss(excluded, rows, y))
+    out["_keys"] = keys  # not a metric: the caller reports it
+    return out
+
+
+# ---------------------------------------------------------------- Lightning
+
+class ModularModule(L.LightningModule):
+    def __init__(self, cfg: Config, model: nn.Module, data: ModularData):
+        super().__init__()
+        self.cfg, self.model, self.data = cfg, model, data
+        self.keys: list[int] = []
+        self.spectrum: list[float] = []
+        # Manual optimization: one Lightning batch carries trainer.steps_per_batch optimizer steps
+        # (and skips the closure machinery, ~0.4 ms a step here).
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        for a, b, y in batch if isinstance(batch, list) else [batch]:
+            step = self.global_step  # optimizer steps taken before this one
+            loss = loss_fn(self.model(a, b), y, self.cfg.optim.loss)
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            opt.step()
+            if self.cfg.data.batch_size and step % self.cfg.trainer.log_every == 0:
+                self.log("train/batch_loss", loss.detach(), on_step=True)
+
+    def validation_step(self, batch, batch_idx):
+        metrics = evaluate(self.model, batch, self.cfg)
+        self.keys = metrics.pop("_keys")
+        if self.cfg.eval.log_spectrum:
+            self.spectrum = [float(v) for k, v in metrics.items() if k.startswith("fourier/power/")]
+        # self.log costs ~1 ms a key (0.5 ms a step for ~55 keys every 100 steps): only what callbacks
+        # read goes through it; the diagnostics go straight to the loggers, into the same step's row.
+        main = {k: metrics.pop(k) for k in CALLBACK_KEYS}
+        self.log_dict(main, on_epoch=True, batch_size=1)
+        if not self.trainer.sanity_checking:
+            rest = {k: float(v) for k, v in metrics.items()}
+            for logger in self.loggers:
+                logger.log_metrics(rest, step=self.global_step)
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        return torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
+                                 betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+class FinalFourier(L.Callback):
+    """Summary: the final key frequencies and spectrum, and training throughput."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.t0, self.cpu0, self.step0 = time.perf_counter(), time.process_time(), trainer.global_step
+
+    def on_fit_end(self, trainer, pl_module):
+        seconds, cpu = time.perf_counter() - self.t0, time.process_time() - self.cpu0
+        steps = trainer.global_step - self.step0
+        write_summary(trainer, {
+            "fourier/key_freqs": pl_module.keys,
+            "fourier/final_power": pl_module.spectrum,
+            "perf/train_seconds": seconds,
+            "perf/train_cpu_seconds": cpu,  # this process only: robust to other jobs on the machine
+            "perf/steps_per_s": steps / seconds if seconds > 0 else None,
+        })
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(w.numel() for w in model.parameters())
+
+
+def build(cfg: Config) -> Job:
+    model = make_model(cfg)
+    data = ModularData(cfg)
+    return Job(
+        module=ModularModule(cfg, model, data),
+        datamodule=data,
+        callbacks=[GrokkingCallback(cfg.eval.threshold, cfg.eval.max_delay), FinalFourier()],
+        summary={"model/params": n_params(model), "data/n_train": len(data.split["train"][1]),
+                 "data/n_val": len(data.split["val"][1]), "loss_units": "nats"},
+    )
