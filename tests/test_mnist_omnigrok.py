@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from harness.config import ConfigError, load_config
 from harness.train import make_trainer, train
@@ -154,6 +153,7 @@ def test_init_scale_multiplies_norm_and_fixed_norm_keeps_it(runs):
 def test_short_run_learns_and_records_split(runs):
     s = runs["learn"]
     assert s["data/source"] == "offline" and s["data/n_train"] == 1000 and s["data/n_test"] == 1000
+    assert s["trainer/global_step"] == 300  # optimizer steps, 10 per Lightning batch
     assert s["train/acc"] > 0.9 and s["val/acc"] > 0.75  # a standard-init MLP generalises early
     assert s["grok/t_val80"] in (100, 200, 300) and s["grok/val_threshold"] == 0.8
     from harness.runstore import load_runs

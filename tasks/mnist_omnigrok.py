@@ -1,0 +1,378 @@
+"""Omnigrok MNIST (Liu, Michaud, Tegmark 2023): grokking on real data from a large initialisation.
+
+An MLP trained on the first 1000 MNIST training images with every initial weight multiplied by
+alpha=8 fits its training set within ~3e3 steps but generalises only after ~1e4-1e5 steps, as weight
+decay shrinks the weights back to the "Goldilocks" norm. With `optim.fixed_norm` the total weight norm
+is held at alpha times its standard-init value after every step: sweeping alpha draws the LU landscape
+(training loss an "L", test loss a "U" against the norm).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import urllib.request
+from dataclasses import dataclass, field
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness import tracking
+from harness.callbacks import CENSORED, GrokkingCallback, grokking_phase, metric
+from harness.config import ConfigError, RunConfig, TrainerConfig, data_dir
+from harness.data import DeviceDataModule
+from harness.train import Job
+
+MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+# MD5 of the official .gz files (as the mirror serves them; a re-compressed copy differs, so only
+# downloads are checked against these, and local files by gzip CRC + IDX header instead).
+OFFICIAL = {
+    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+SPLITS = ("auto", "standard", "offline")
+LOSSES = ("mse", "ce")
+
+
+@dataclass
+class DataConfig:
+    # auto: standard if all four official files are present, else offline. standard: train on the
+    # first n_train training images, test on the 10k test split. offline: only the test split exists;
+    # train on its first n_train images, test on the rest. The run config records the resolved split.
+    split: str = "auto"
+    folder: str = "mnist"  # under the data directory (data_dir= or $HARNESS_DATA_DIR)
+    download: bool = False  # fetch missing official files (checked by MD5) when the split needs them
+    n_train: int = 1000  # the paper: the first 1000 training images
+    n_test: int = 0  # held-out images to evaluate on; 0 = all of them
+    batch_size: int = 200  # minibatch drawn on the device; >= n_train means full batch
+
+
+@dataclass
+class ModelConfig:
+    width: int = 200  # hidden units per layer
+    depth: int = 2  # hidden layers: 784-200-200-10
+    init_scale: float = 8.0  # alpha: every initial parameter (weights and biases) times this
+
+
+@dataclass
+class OptimConfig:
+    loss: str = "mse"  # mse (against one-hot targets, the paper) | ce
+    lr: float = 1.0e-3
+    weight_decay: float = 0.01  # AdamW's decoupled decay, what pulls the norm back down
+    beta1: float = 0.9
+    beta2: float = 0.999
+    # LU landscape: after every step rescale all parameters back to alpha x the standard-init norm.
+    fixed_norm: bool = False
+
+
+@dataclass
+class EvalConfig:
+    threshold: float = 0.99  # train accuracy for grok/t_train99 (Power et al.)
+    # MNIST test accuracy tops out near 0.9, so t_val99 never happens: grok/t_val80 (first eval with
+    # test accuracy >= this), grok/delay and grok/phase are measured against this threshold.
+    val_threshold: float = 0.8
+    max_delay: int = 1000  # steps between t_train99 and t_val80 that still count as comprehension
+    chunk: int = 10000  # images per forward pass at evaluation
+
+
+@dataclass
+class Config(RunConfig):
+    task: str = "mnist_omnigrok"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # The paper's run: 1e5 steps in float64 (~22 min on one CPU thread; 32-true halves it).
+    # 10 optimizer steps per Lightning batch: Lightning's per-batch hooks cost ~1-2 ms, a third of a
+    # float32 step here (benchmarks/bench_mnist_omnigrok.py).
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
+        steps=100000, eval_every=500, log_every=100, precision="64-true", steps_per_batch=10))
+
+    def validate(self) -> None:
+        super().validate()
+        d, m, o, e = self.data, self.model, self.optim, self.eval
+        if d.split not in SPLITS:
+            raise ConfigError(f"data.split={d.split!r}: valid values are {', '.join(SPLITS)}")
+        if o.loss not in LOSSES:
+            raise ConfigError(f"optim.loss={o.loss!r}: valid values are {', '.join(LOSSES)}")
+        if not 1 <= d.n_train <= 60000 or d.n_test < 0 or d.batch_size < 1:
+            raise ConfigError(f"data.n_train={d.n_train}, data.n_test={d.n_test}, data.batch_size={d.batch_size}: "
+                              "need 1 <= n_train <= 60000, n_test >= 0, batch_size >= 1")
+        if m.width < 1 or m.depth < 1 or not m.init_scale > 0:
+            raise ConfigError(f"model.width={m.width}, model.depth={m.depth}, model.init_scale={m.init_scale}: "
+                              "width and depth >= 1, init_scale > 0")
+        if not (0 < e.threshold <= 1 and 0 < e.val_threshold <= 1) or e.chunk < 1:
+            raise ConfigError(f"eval.threshold={e.threshold}, eval.val_threshold={e.val_threshold}, "
+                              f"eval.chunk={e.chunk}: thresholds in (0, 1], chunk >= 1")
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+def _how_to_get(name: str) -> str:
+    return f"get {name}.gz from {MIRROR} (or run with data.download=true on a machine that can reach it)"
+
+
+def find_idx(folder: str, name: str) -> str | None:
+    for candidate in (name + ".gz", name):
+        path = os.path.join(folder, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (gzipped or not) -> uint8 array: images [n, 28, 28], labels [n]."""
+    name = os.path.basename(path).removesuffix(".gz")
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            raw = f.read()  # gzip checks its CRC here: a truncated or damaged file raises
+    except (OSError, EOFError) as e:
+        raise ConfigError(f"MNIST file {path} is corrupt ({e}): {_how_to_get(name)}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 3:
+        raise ConfigError(f"MNIST file {path} is corrupt (not an IDX uint8 header): {_how_to_get(name)}")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    body = raw[4 + 4 * ndim:]
+    if len(body) != int(np.prod(shape)):
+        raise ConfigError(f"MNIST file {path} is corrupt ({len(body)} data bytes for shape {shape}): "
+                          f"{_how_to_get(name)}")
+    arr = np.frombuffer(body, dtype=np.uint8).reshape(shape)
+    if ndim == 1 and arr.max(initial=0) > 9:
+        raise ConfigError(f"MNIST file {path} is corrupt (label {arr.max()} > 9): {_how_to_get(name)}")
+    return arr
+
+
+def download(folder: str, name: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name + ".gz")
+    try:
+        with urllib.request.urlopen(MIRROR + name + ".gz", timeout=60) as r:
+            blob = r.read()
+    except OSError as e:
+        raise ConfigError(f"cannot download {MIRROR}{name}.gz ({e}): copy the file to {folder} by hand") from None
+    if hashlib.md5(blob).hexdigest() != OFFICIAL[name]:
+        raise ConfigError(f"downloaded {name}.gz fails its MD5 check: try again, or copy it to {folder} by hand")
+    with open(path, "wb") as f:
+        f.write(blob)
+    return path
+
+
+def load_mnist(folder: str, split: str = "auto", n_train: int = 1000, n_test: int = 0,
+               allow_download: bool = False) -> dict:
+    """{'x_train' uint8 [n_train, 784], 'y_train' [n_train], 'x_test', 'y_test', 'split'}."""
+    files = {name: find_idx(folder, name) for name in OFFICIAL}
+    have_train = files["train-images-idx3-ubyte"] and files["train-labels-idx1-ubyte"]
+    if split == "auto":
+        split = "standard" if have_train or allow_download else "offline"
+    needed = list(OFFICIAL) if split == "standard" else [n for n in OFFICIAL if n.startswith("t10k")]
+    for name in needed:
+        if files[name] is None:
+            if not allow_download:
+                raise ConfigError(f"MNIST file {os.path.join(folder, name)}.gz is missing "
+                                  f"(data.split={split}): {_how_to_get(name)}")
+            files[name] = download(folder, name)
+    x_test = read_idx(files["t10k-images-idx3-ubyte"]).reshape(-1, 784)
+    y_test = read_idx(files["t10k-labels-idx1-ubyte"])
+    if split == "standard":
+        x_train = read_idx(files["train-images-idx3-ubyte"]).reshape(-1, 784)[:n_train]
+        y_train = read_idx(files["train-labels-idx1-ubyte"])[:n_train]
+    else:
+        if n_train >= len(x_test):
+            raise ConfigError(f"data.n_train={n_train}: the offline split trains on part of the "
+                              f"{len(x_test)} test images and needs some left to evaluate on")
+        x_train, y_train = x_test[:n_train], y_test[:n_train]
+        x_test, y_test = x_test[n_train:], y_test[n_train:]
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise ConfigError(f"MNIST files in {folder} disagree on the number of images and labels: "
+                          f"{_how_to_get('t10k-images-idx3-ubyte')}")
+    if n_test:
+        x_test, y_test = x_test[:n_test], y_test[:n_test]
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "split": split}
+
+
+class MnistData(DeviceDataModule):
+    """Images live on the device in the model's dtype; each step takes the next `batch_size` indices
+    of a fresh on-device permutation per epoch (the paper's shuffled DataLoader, minus the copy)."""
+
+    def __init__(self, arrays: dict, batch_size: int, steps_per_batch: int = 1):
+        super().__init__()
+        self.steps_per_batch = steps_per_batch
+        self.cpu = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k != "split"}  # own, writable copy
+        self.batch_size = batch_size
+        self.n_train = len(self.cpu["y_train"])
+        self._cache: dict = {}
+        self._perm, self._pos = None, 0
+
+    def tensors(self, device: torch.device, dtype: torch.dtype) -> dict:
+        if (device, dtype) not in self._cache:
+            t = {k: (v.to(device=device, dtype=dtype) / 255 if k.startswith("x") else v.to(device).long())
+                 for k, v in self.cpu.items()}  # x: [n, 784] in [0, 1]; y: [n]
+            self._cache = {(device, dtype): t}
+        return self._cache[(device, dtype)]
+
+    def _dtype(self) -> torch.dtype:
+        return self.trainer.lightning_module.dtype
+
+    def next_indices(self, device: torch.device) -> torch.Tensor | None:
+        if self.batch_size >= self.n_train:
+            return None
+        # The tail of an epoch that does not fill a batch is skipped (n_train=1000, batch 200: none).
+        if self._perm is None or self._pos + self.batch_size > self.n_train:
+            self._perm, self._pos = torch.randperm(self.n_train, device=device), 0
+        idx = self._perm[self._pos:self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return idx
+
+    def train_batch(self, index: int, device):
+        t = self.tensors(device, self._dtype())
+        idx = self.next_indices(device)
+        if idx is None:
+            return t["x_train"], t["y_train"]
+        # index_select: ~4x faster than x[idx] on CPU for a [200, 784] gather.
+        return t["x_train"].index_select(0, idx), t["y_train"].index_select(0, idx)  # [batch, 784], [batch]
+
+    def val_batch(self, index: int, device):
+        t = self.tensors(device, self._dtype())
+        return t["x_train"], t["y_train"], t["x_test"], t["y_test"]
+
+
+# ---- model -----------------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 784, width: int = 200, depth: int = 2, d_out: int = 10):
+        super().__init__()
+        dims = [d_in] + [width] * depth
+        layers = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(dims[-1], d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [batch, 784] -> [batch, 10]
+        return self.net(x)
+
+
+@torch.no_grad()
+def weight_norm(model: nn.Module) -> torch.Tensor:
+    """L2 norm of all parameters together (weights and biases, as the paper's code)."""
+    return torch.sqrt(sum(p.pow(2).sum() for p in model.parameters()))
+
+
+@torch.no_grad()
+def rescale_(model: nn.Module, target_norm: float) -> None:
+    factor = target_norm / weight_norm(model)
+    for p in model.parameters():
+        p.mul_(factor)
+
+
+def loss_fn(kind: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    if kind == "ce":
+        return F.cross_entropy(out, y, reduction=reduction)
+    target = F.one_hot(y, out.shape[1]).to(out.dtype)
+    # nn.MSELoss: mean over samples and the 10 outputs; per-sample values average the outputs.
+    per = (out - target).pow(2).mean(1)
+    return per.mean() if reduction == "mean" else per
+
+
+class OmnigrokModule(L.LightningModule):
+    def __init__(self, cfg: Config, model: nn.Module, target_norm: float):
+        super().__init__()
+        self.cfg, self.model, self.target_norm = cfg, model, target_norm
+        # Manual optimization: one Lightning batch carries trainer.steps_per_batch optimizer steps.
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        for x, y in batch if isinstance(batch, list) else [batch]:
+            step = self.global_step  # optimizer steps taken before this one
+            loss = loss_fn(self.cfg.optim.loss, self.model(x), y)
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            opt.step()
+            if self.cfg.optim.fixed_norm:
+                rescale_(self.model, self.target_norm)
+            if step % self.cfg.trainer.log_every == 0:
+                self.log("train/batch_loss", loss.detach(), on_step=True, prog_bar=True)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss and accuracy over a whole set, `eval.chunk` images per forward pass."""
+        loss_sum, correct = x.new_zeros(()), x.new_zeros(())
+        for s in range(0, len(y), self.cfg.eval.chunk):
+            out = self.model(x[s:s + self.cfg.eval.chunk])
+            yy = y[s:s + self.cfg.eval.chunk]
+            loss_sum += loss_fn(self.cfg.optim.loss, out, yy, reduction="none").sum()
+            correct += (out.argmax(1) == yy).sum()
+        return loss_sum / len(y), correct / len(y)
+
+    def validation_step(self, batch, batch_idx):
+        x_tr, y_tr, x_te, y_te = batch
+        train_loss, train_acc = self.evaluate(x_tr, y_tr)
+        val_loss, val_acc = self.evaluate(x_te, y_te)
+        self.log_dict({"train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss,
+                       "val/acc": val_acc, "model/weight_norm": weight_norm(self.model)},
+                      on_epoch=True, batch_size=1)
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        return torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
+                                 betas=(o.beta1, o.beta2))
+
+
+class OmnigrokGrokking(GrokkingCallback):
+    """Power et al.'s keys (grok/t_train99, grok/t_val99) plus grok/t_val{pct} at a lower test
+    threshold; grok/delay and grok/phase use that one, since MNIST test accuracy stays below 0.99."""
+
+    def __init__(self, threshold: float, val_threshold: float, max_delay: int):
+        super().__init__(threshold=threshold, max_delay=max_delay)
+        self.val_threshold = val_threshold
+        self.t_val_low: int | None = None
+
+    def on_validation_end(self, trainer, pl_module):
+        super().on_validation_end(trainer, pl_module)
+        val = metric(trainer, self.val_key)
+        if not trainer.sanity_checking and self.t_val_low is None and val is not None and val >= self.val_threshold:
+            self.t_val_low = trainer.global_step
+
+    def summary(self) -> dict:
+        out = super().summary()
+        t_train, t_val = self.t_train, self.t_val_low
+        delay = None if t_train is None or t_val is None else t_val - t_train
+        out.update({f"grok/t_val{round(self.val_threshold * 100)}": CENSORED if t_val is None else t_val,
+                    "grok/delay": CENSORED if delay is None else delay,
+                    "grok/phase": grokking_phase(t_train, t_val, self.max_delay),
+                    "grok/val_threshold": self.val_threshold})
+        return out
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build(cfg: Config) -> Job:
+    d, m = cfg.data, cfg.model
+    folder = os.path.join(data_dir(cfg), d.folder)
+    arrays = load_mnist(folder, d.split, d.n_train, d.n_test, allow_download=d.download)
+    # Record the split actually used in the run config, unless a sweep set data.split itself (then
+    # W&B already holds that value and a different one would be rejected as inconsistent).
+    if d.split == "auto" and "data.split" not in tracking.sweep_parameters():
+        d.split = arrays["split"]
+    model = MLP(784, m.width, m.depth, 10)
+    standard_norm = float(weight_norm(model))
+    for p in model.parameters():
+        p.data.mul_(m.init_scale)
+    init_norm = float(weight_norm(model))
+    return Job(
+        module=OmnigrokModule(cfg, model, target_norm=init_norm),
+        datamodule=MnistData(arrays, d.batch_size, cfg.trainer.batch_steps()),
+        callbacks=[OmnigrokGrokking(cfg.eval.threshold, cfg.eval.val_threshold, cfg.eval.max_delay)],
+        summary={"data/source": arrays["split"], "data/n_train": len(arrays["y_train"]),
+                 "data/n_test": len(arrays["y_test"]), "model/params": n_params(model),
+                 "model/standard_norm": standard_norm, "model/init_norm": init_norm,
+                 "loss_units": "mse per output" if cfg.optim.loss == "mse" else "nats"},
+    )
