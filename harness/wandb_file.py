@@ -138,12 +138,16 @@ def _decode(data: bytes, path: str, shortcut: bool) -> RunFile | None:
     out = RunFile(path=path)
     rec = pb.Record()
     n = 0
-    pending: pb.SummaryRecord | None = None  # the last summary record, not yet applied
+    # The last summary record, not applied yet: (its payload, its item count). Keeping the bytes
+    # instead of a copy of the message costs nothing when the next row makes it redundant.
+    pending: tuple[bytes, int] | None = None
 
     def flush():
         nonlocal pending
         if pending is not None:
-            _apply_summary(out.summary, pending)
+            full = pb.Record()
+            full.ParseFromString(pending[0])
+            _apply_summary(out.summary, full.summary)
             pending = None
 
     try:
@@ -153,7 +157,7 @@ def _decode(data: bytes, path: str, shortcut: bool) -> RunFile | None:
             kind = rec.WhichOneof("record_type")
             if kind == "history":
                 row = _json_values(rec.history.item)
-                if pending is not None and len(pending.update) == len(rec.history.item):
+                if pending is not None and pending[1] == len(rec.history.item):
                     out.summary.update(row)
                     pending = None
                 flush()
@@ -164,8 +168,7 @@ def _decode(data: bytes, path: str, shortcut: bool) -> RunFile | None:
             flush()
             if kind == "summary":
                 if shortcut and not len(rec.summary.remove):
-                    pending = pb.SummaryRecord()
-                    pending.CopyFrom(rec.summary)
+                    pending = (payload, len(rec.summary.update))
                 else:
                     _apply_summary(out.summary, rec.summary)
             elif kind == "metric":

@@ -143,3 +143,4 @@ def test_wandb_sweep_without_credentials_points_to_local(tmp_path, monkeypatch):
     proc = harness("sweep", path, check=False)
     assert proc.returncode == 2
     assert "no W&B credentials" in proc.stderr and "--local" in proc.stderr
+
