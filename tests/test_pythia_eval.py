@@ -21,7 +21,7 @@ from harness.train import train
 from tasks import pythia_eval as pe
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = os.environ.get("HARNESS_DATA_DIR", "")
+from tests.conftest import DATA  # noqa: E402  ($HARNESS_DATA_DIR, else ../shared/data)
 TOKENIZER = os.path.join(DATA, "pythia", "tokenizer.json")
 PILE = os.path.join(DATA, "pile", "pile_100.jsonl")
 pytestmark = pytest.mark.skipif(not os.path.isfile(TOKENIZER) or not os.path.isfile(PILE),

@@ -11,7 +11,7 @@ from harness.train import train
 from tasks import pythia_eval as pe
 from tasks import pythia_suite as ps
 
-DATA = os.environ.get("HARNESS_DATA_DIR", "")
+from tests.conftest import DATA  # noqa: E402  ($HARNESS_DATA_DIR, else ../shared/data)
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DATA, "pile", "pile_100.jsonl")),
                                 reason="needs HARNESS_DATA_DIR with pile/pile_100.jsonl and pythia/tokenizer.json")
 
