@@ -119,6 +119,15 @@ def _load_one(path: str):
         return path, None, str(e)
 
 
+def _warm_cache(path: str) -> None:
+    # In a worker process: decode into the disk cache and send nothing big back through the pipe
+    # (pickling 200 histories to the parent cost more than reading them from the cache).
+    try:
+        load_run_file(path)
+    except (CorruptRunFile, OSError):
+        pass
+
+
 def load_local(source: str, workers: int | None = None) -> tuple[list[dict], dict[str, pd.DataFrame], list[str]]:
     files = run_files(source)
     results = []
@@ -128,9 +137,8 @@ def load_local(source: str, workers: int | None = None) -> tuple[list[dict], dic
     workers = workers or min(os.cpu_count() or 1, 8)
     if len(uncached) >= 8 and workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(_load_one, files, chunksize=4))
-    else:
-        results = [_load_one(p) for p in files]
+            list(pool.map(_warm_cache, uncached, chunksize=4))
+    results = [_load_one(p) for p in files]
     metas, hists, errors = [], {}, []
     for path, res, err in results:
         if err:
