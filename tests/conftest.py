@@ -20,6 +20,7 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("HARNESS_DATA_DIR", DATA)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no test may reach for the Hugging Face hub
     for var in ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)

@@ -61,12 +61,8 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("WANDB_SWEEP_PARAM_PATH", raising=False)
-    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+def env(tmp_path):
+    # tests/conftest.py already made wandb offline in tmp_path, hub-free, with no sweep variables.
     return tmp_path
 
 
