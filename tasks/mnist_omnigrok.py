@@ -24,7 +24,7 @@ from harness import tracking
 from harness.callbacks import CENSORED, GrokkingCallback, grokking_phase, metric
 from harness.config import ConfigError, RunConfig, TrainerConfig, data_dir
 from harness.data import DeviceDataModule
-from harness.train import Job
+from harness.train import Job, backward, optimizer_step
 
 MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 # MD5 of the official .gz files (as the mirror serves them; a re-compressed copy differs, so only
@@ -292,8 +292,8 @@ class OmnigrokModule(L.LightningModule):
             step = self.global_step  # optimizer steps taken before this one
             loss = loss_fn(self.cfg.optim.loss, self.model(x), y)
             opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            opt.step()
+            backward(self, loss)
+            optimizer_step(self, opt)
             if self.cfg.optim.fixed_norm:
                 rescale_(self.model, self.target_norm)
             if step % self.cfg.trainer.log_every == 0:

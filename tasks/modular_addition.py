@@ -22,7 +22,7 @@ from analysis import fourier
 from harness.callbacks import GrokkingCallback, write_summary
 from harness.config import ConfigError, RunConfig, TrainerConfig
 from harness.data import DeviceDataModule
-from harness.train import Job
+from harness.train import Job, backward, optimizer_step
 
 OPERATIONS = ("add", "subtract", "multiply")
 MODELS = ("pair_mlp", "concat_mlp")
@@ -317,8 +317,8 @@ class ModularModule(L.LightningModule):
             step = self.global_step  # optimizer steps taken before this one
             loss = loss_fn(self.model(a, b), y, self.cfg.optim.loss)
             opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            opt.step()
+            backward(self, loss)
+            optimizer_step(self, opt)
             if self.cfg.data.batch_size and step % self.cfg.trainer.log_every == 0:
                 self.log("train/batch_loss", loss.detach(), on_step=True)
 

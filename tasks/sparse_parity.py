@@ -17,7 +17,7 @@ from torch import nn
 from harness.callbacks import EmergenceCallback
 from harness.config import ConfigError, RunConfig, TrainerConfig
 from harness.data import DeviceDataModule
-from harness.train import Job
+from harness.train import Job, backward, optimizer_step
 
 
 @dataclass
@@ -190,8 +190,8 @@ class SparseParityModule(L.LightningModule):
             step = self.global_step  # optimizer steps taken before this one
             loss = F.cross_entropy(self.model(x), y)
             opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            opt.step()
+            backward(self, loss)
+            optimizer_step(self, opt)
             if step % self.cfg.trainer.log_every == 0:
                 self.log("train/loss", loss.detach(), on_step=True, prog_bar=True)
 
