@@ -130,10 +130,7 @@ def _warm_cache(path: str) -> None:
 
 def load_local(source: str, workers: int | None = None) -> tuple[list[dict], dict[str, pd.DataFrame], list[str]]:
     files = run_files(source)
-    results = []
     uncached = [p for p in files if not os.path.exists(_cache_path(p, os.stat(p)))]
-    if uncached and len(uncached) < len(files):  # decode only what is new, cached runs come from disk
-        files = uncached + [p for p in files if p not in set(uncached)]
     workers = workers or min(os.cpu_count() or 1, 8)
     if len(uncached) >= 8 and workers > 1:
         with ProcessPoolExecutor(workers) as pool:
