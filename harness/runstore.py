@@ -72,7 +72,7 @@ def _digest(rf: RunFile, path: str, mtime: float) -> tuple[dict, pd.DataFrame]:
         "summary": {k: v for k, v in rf.summary.items() if not k.startswith("_")},
         "artifacts": rf.artifacts,
     }
-    hist = pd.DataFrame.from_records(rf.history) if rf.history else pd.DataFrame()
+    hist = rf.history
     if len(hist):
         hist["step"] = hist["trainer/global_step"] if "trainer/global_step" in hist else hist["_step"]
     return meta, hist

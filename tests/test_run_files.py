@@ -1,5 +1,6 @@
 """The fast reader of offline .wandb files against W&B's own decoder (`wandb leet inspect`)."""
 import glob
+import math
 import os
 import shutil
 import sys
@@ -8,7 +9,7 @@ import pandas as pd
 import pytest
 import wandb
 
-from harness import runstore
+from harness import runstore, wandb_file
 from harness.wandb_file import BLOCK, CorruptRunFile, read_run_file, read_with_leet
 
 WANDB_EXE = os.path.join(os.path.dirname(sys.executable), "wandb")
@@ -25,17 +26,75 @@ def make_run(root, steps=300, metrics=20, name="r", exit_code=0, summary=None):
     return glob.glob(os.path.join(root, "wandb", f"*run-*{run.id}", f"run-{run.id}.wandb"))[0]
 
 
+def _packed(path):
+    return wandb_file._decode(open(path, "rb").read(), path, shortcut=True, packed=True)
+
+
+def _same_frames(a, b):
+    pd.testing.assert_frame_equal(a, b[list(a.columns)], check_dtype=False)
+    assert sorted(a.columns) == sorted(b.columns)
+
+
 def test_fast_reader_matches_the_official_decoder(tmp_path):
     path = make_run(tmp_path, summary={"final": 1.5, "emergence/step/0003": "censored"})
     fast, oracle = read_run_file(path), read_with_leet(path, WANDB_EXE)
-    assert fast.run_id == oracle.run_id and fast.exit_code == 0
-    assert fast.history == oracle.history and len(fast.history) == 300
-    assert fast.history[-1]["m/19"] == 299 * 0.5 + 19
+    assert fast.run_id == oracle.run_id and fast.exit_code == 0 and _packed(path) is not None
+    _same_frames(fast.history, oracle.history)
+    assert len(fast.history) == 300 and fast.history["m/19"].iloc[-1] == 299 * 0.5 + 19
+    assert fast.history["trainer/global_step"].dtype == "int64" and fast.history["m/03"].dtype == "float64"
     assert fast.config == oracle.config == {"model": {"width": 7}, "lr": 1e-3}
     assert fast.summary["final"] == 1.5 and fast.summary["emergence/step/0003"] == "censored"
     assert fast.summary["m/05"] == oracle.summary["m/05"] == 299 * 0.5 + 5
-    # The summary shortcut gives exactly what a record-by-record replay gives.
-    assert read_run_file(path, shortcut=False).summary == fast.summary
+    # The shortcuts give exactly what a record-by-record, item-by-item replay gives.
+    plain = read_run_file(path, shortcut=False, packed=False)
+    assert plain.summary == fast.summary
+    pd.testing.assert_frame_equal(plain.history, fast.history)
+
+
+def test_rows_outside_the_packed_layout_read_the_same(tmp_path):
+    """Strings, nested dicts, NaN, non-ASCII and 200-byte keys, sparse and mixed int/float columns:
+    the packed reader either decodes them exactly or hands the file to the item-by-item reader."""
+    run = wandb.init(project="t", dir=str(tmp_path), settings=wandb.Settings(console="off", x_disable_stats=True))
+    long_key = "k" * 200
+    for i in range(40):
+        row = {"x": i * 0.25, "mixed": i if i % 2 else i + 0.5, "big": 2**40 + i}
+        if i % 3 == 0:
+            row["sparse"] = -1.5e-7 * i
+        if i == 20:
+            row.update({"text": "hello", "nested": {"a": 1}, "nan": float("nan"), "grüße": 1.0, long_key: 2.0})
+        run.log(row)
+    run.finish()
+    wandb.teardown()
+    path = glob.glob(str(tmp_path / "wandb" / "*run-*" / "run-*.wandb"))[0]
+    fast, plain = read_run_file(path), read_run_file(path, shortcut=False, packed=False)
+    assert _packed(path) is None  # the packed reader refused: the file was read item by item
+    pd.testing.assert_frame_equal(fast.history, plain.history)
+    assert fast.summary == plain.summary and fast.summary["grüße"] == 1.0 and fast.summary[long_key] == 2.0
+    # leet writes NaN as the string "NaN" (JSON has no NaN); we read the float.
+    _same_frames(fast.history.drop(columns="nan"), read_with_leet(path, WANDB_EXE).history.drop(columns="nan"))
+    assert math.isnan(fast.summary["nan"])
+    h = fast.history
+    assert h["big"].tolist() == [2**40 + i for i in range(40)] and h.loc[20, "text"] == "hello"
+    assert h.loc[20, "nested.a"] == 1 and fast.summary["nested.a"] == 1
+    assert h["mixed"].iloc[:3].tolist() == [0.5, 1, 2.5] and h["sparse"].isna().sum() == 26
+
+
+def test_packed_rows_give_ints_floats_and_gaps_as_pandas_would(tmp_path):
+    run = wandb.init(project="t", dir=str(tmp_path), settings=wandb.Settings(console="off", x_disable_stats=True))
+    for i in range(30):
+        run.log({"n": i, "f": i / 7, "mixed": i if i % 2 else i + 0.5,
+                 **({"every5": 10 * i} if i % 5 == 0 else {})})
+    run.finish()
+    wandb.teardown()
+    path = glob.glob(str(tmp_path / "wandb" / "*run-*" / "run-*.wandb"))[0]
+    fast, plain = read_run_file(path), read_run_file(path, packed=False)
+    assert _packed(path) is not None  # numbers only: read by the packed reader
+    pd.testing.assert_frame_equal(fast.history, plain.history)
+    assert fast.summary == plain.summary
+    assert type(fast.summary["n"]) is int and type(fast.summary["f"]) is float
+    h = fast.history
+    assert str(h["n"].dtype) == "int64" and str(h["f"].dtype) == "float64" and str(h["mixed"].dtype) == "float64"
+    assert h["every5"].dropna().tolist() == [0, 50, 100, 150, 200, 250] and h["f"].iloc[7] == 1.0
 
 
 def test_truncated_file_keeps_the_records_before_the_cut(tmp_path):
@@ -46,7 +105,8 @@ def test_truncated_file_keeps_the_records_before_the_cut(tmp_path):
     cut.write_bytes(data[: 2 * BLOCK + 1234])  # killed mid-write, in the middle of a block
     rf = read_run_file(str(cut))
     assert rf.exit_code is None and 0 < len(rf.history) < 400
-    assert [r["trainer/global_step"] for r in rf.history] == list(range(1, len(rf.history) + 1))
+    assert rf.history["trainer/global_step"].tolist() == list(range(1, len(rf.history) + 1))
+    pd.testing.assert_frame_equal(rf.history, read_run_file(str(cut), packed=False).history)
 
 
 def test_corrupt_file_is_reported_and_other_runs_still_load(tmp_path, capsys):
