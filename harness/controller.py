@@ -293,7 +293,8 @@ def run_agent(sweep_id: str, wandb_dir: str = "wandb", workers: int = 1, count: 
                              exitcode=code, seconds=round(seconds, 1),
                              summary={metric: summary[metric]} if metric in summary else {})
             _write_state(path, state)
-        shown = f" {metric}={summary[metric]:.4g}" if metric in summary and isinstance(summary[metric], float) else ""
+        value = summary.get(metric)
+        shown = f" {metric}={value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
         status = "finished" if code == 0 else f"FAILED (exit {code}; log {path}/{run_id}.log)"
         print(f"[sweep {sweep_id}] run {run_id} {status} in {seconds:.0f}s{shown}", file=sys.stderr, flush=True)
 

@@ -4,8 +4,7 @@ Data: every pair (a, b) of residues mod p (only a <= b with `data.symmetric`), l
 split once into train / validation by `data.train_fraction` (the split follows the run's seed).
 Defaults are the PAIR explorable's run: p=67, symmetric pairs, 40% train, full batch, tied 500-d
 embedding, 24 ReLU units on h_a + h_b, no biases, AdamW lr 1e-3, wd 1.0, betas (0.9, 0.98), 50k steps,
-Haiku's truncated-normal init and cross-entropy divided by p; except that every initial weight is
-scaled by `model.init_scale` = 0.3 (see there). Grokking at 40% depends on the seed: see README.
+the notebook's Haiku initialisers and cross-entropy divided by p.
 """
 from __future__ import annotations
 
@@ -50,11 +49,12 @@ class ModelConfig:
     embed_dim: int = 500
     hidden: int = 24
     activation: str = "relu"  # relu | gelu | tanh | quadratic
-    init: str = "haiku"  # haiku: truncated normal, std 1 (embedding), 1/sqrt(fan_in) (linear); torch: PyTorch defaults
-    # Every initial weight is multiplied by this (Omnigrok's alpha). 0.3, not 1: with this init the
-    # full-scale run needs ~10k steps to memorise and had not grokked by 10k; 0.5 memorises at 600 steps
-    # but stays there (30k steps); 0.3 memorises by 300 and groks (seed 165: val 0.99 at 25.3k).
-    init_scale: float = 0.3
+    # haiku: the PAIR notebook's initialisers. Embedding: VarianceScaling(2), truncated normal with
+    # std sqrt(2 / p) (fan_in = p); linear maps: hk.Linear's TruncatedNormal(1 / sqrt(fan_in)), cut at
+    # 2 sigma without rescaling (std 0.88 / sqrt(fan_in)). Initial norm ~37.4, as the notebook logs.
+    # torch: PyTorch's defaults.
+    init: str = "haiku"
+    init_scale: float = 1.0  # every initial weight is multiplied by this (Omnigrok's alpha)
     bias: bool = False  # biases on the hidden and output layers (PAIR's formula has none)
 
 
@@ -183,10 +183,14 @@ class ModularData(DeviceDataModule):
 
 # ---------------------------------------------------------------- models
 
-def _trunc_normal_(w: torch.Tensor, std: float) -> torch.Tensor:
-    # Haiku's TruncatedNormal cuts at +-2 sigma and rescales so the result has std `std`.
-    return nn.init.trunc_normal_(w, 0.0, std / 0.87962566103423978, -2 * std / 0.87962566103423978,
-                                 2 * std / 0.87962566103423978)
+TRUNC_STD = 0.87962566103423978  # std of a standard normal cut at +-2
+
+
+def _trunc_normal_(w: torch.Tensor, std: float, rescale: bool) -> torch.Tensor:
+    # Haiku cuts at +-2 sigma. VarianceScaling divides sigma by TRUNC_STD so that the result has std
+    # `std`; TruncatedNormal (hk.Linear's default) does not, so its result has std 0.88 * `std`.
+    sigma = std / TRUNC_STD if rescale else std
+    return nn.init.trunc_normal_(w, 0.0, sigma, -2 * sigma, 2 * sigma)
 
 
 class PairMLP(nn.Module):
@@ -241,10 +245,10 @@ def make_model(cfg: Config) -> nn.Module:
             for name, w in model.named_parameters():
                 if name.endswith("bias"):
                     w.zero_()
-                elif name.startswith("embed"):
-                    _trunc_normal_(w, 1.0)
+                elif name.startswith("embed"):  # [p, embed_dim]: Haiku's fan_in is p
+                    _trunc_normal_(w, math.sqrt(2 / w.shape[0]), rescale=True)
                 else:
-                    _trunc_normal_(w, 1 / math.sqrt(w.shape[1]))
+                    _trunc_normal_(w, 1 / math.sqrt(w.shape[1]), rescale=False)
         for w in model.parameters():
             w.mul_(m.init_scale)
     return model

@@ -139,15 +139,18 @@ def test_pair_mlp_equals_embedding_first_and_is_symmetric():
     assert torch.allclose(m(a, b), m(b, a))
 
 
-def test_haiku_init_scales_and_init_scale():
+def test_haiku_init_is_the_pair_notebooks():
     torch.manual_seed(0)
-    m = ma.make_model(cfg_of("model.init_scale=1.0"))
-    assert m.embed.std().item() == pytest.approx(1.0, rel=0.02)
-    # Haiku cuts at two of the *unscaled* standard deviations: 2 / 0.8796 of the final one.
-    assert m.embed.abs().max().item() <= 2 / 0.87962566103423978 + 1e-6
-    assert m.w_in.weight.std().item() == pytest.approx(1 / math.sqrt(500), rel=0.05)
-    small = ma.make_model(cfg_of())  # the default scale, 0.3
-    assert small.embed.std().item() == pytest.approx(0.3, rel=0.02)
+    m = ma.make_model(cfg_of())
+    # Embedding: VarianceScaling(2), fan_in = p = 67: truncated normal rescaled to std sqrt(2/67),
+    # cut at 2 unscaled sigmas. Linear: TruncatedNormal(1/sqrt(fan_in)), cut at 2 sigma, not rescaled.
+    assert m.embed.std().item() == pytest.approx(math.sqrt(2 / 67), rel=0.02)
+    assert m.embed.abs().max().item() <= 2 * math.sqrt(2 / 67) / 0.87962566103423978 + 1e-6
+    assert m.w_in.weight.std().item() == pytest.approx(0.8796 / math.sqrt(500), rel=0.05)
+    assert m.w_out.weight.abs().max().item() <= 2 / math.sqrt(24) + 1e-6
+    assert ma.weight_norm(m).item() == pytest.approx(37.4, rel=0.03)  # the notebook logs 37.39 at step 0
+    half = ma.make_model(cfg_of("model.init_scale=0.5"))
+    assert ma.weight_norm(half).item() == pytest.approx(37.4 / 2, rel=0.03)
     concat = ma.make_model(cfg_of("model.name=concat_mlp", "model.embed_dim=16", "model.hidden=32"))
     assert concat(torch.tensor([1, 2]), torch.tensor([3, 4])).shape == (2, 67)
     assert concat.token_inputs().shape == (67, 64)
