@@ -285,11 +285,11 @@ class _PackedRows:
         return self.present[i].tobytes()
 
     def frame(self) -> pd.DataFrame:
-        out = pd.DataFrame(self.table, columns=self.names)
-        n = len(self.table)
-        for c in np.flatnonzero(self.ints.all(0)) if n else ():  # JSON integers in every row
-            out[self.names[c]] = self.table[:, c].astype(np.int64)
-        return out
+        whole = self.ints.all(0) if len(self.table) else np.zeros(len(self.names), bool)
+        table = np.asfortranarray(self.table)  # contiguous columns
+        # JSON integers in every row stay int64; one dict, so pandas makes one block per dtype.
+        return pd.DataFrame({name: table[:, c].astype(np.int64) if whole[c] else table[:, c]
+                             for c, name in enumerate(self.names)})
 
 
 def _with_steps(frame: pd.DataFrame, steps: list[int | None]) -> pd.DataFrame:
