@@ -9,10 +9,12 @@ total and non-embedding parameter counts.
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -66,9 +68,11 @@ class DataConfig:
 class EvalConfig:
     batch_tokens: int = 8192  # padded tokens per forward pass
     max_batch_docs: int = 64
-    # Positions per unembedding matmul: logits memory <= head_chunk x vocab x 4 bytes. Small chunks
-    # stay in cache (CPU, 50k vocab: 128 was ~2x faster than 2048); GPUs want thousands.
-    head_chunk: int = 128
+    # Positions per unembedding matmul, and vocabulary entries per matmul (0: all): the logits buffer
+    # is head_chunk x vocab_tile floats, reused. On a CPU 512 x 1024 (2 MiB) keeps the matmul fast
+    # and the softmax in cache; a GPU wants thousands of positions and the whole vocabulary.
+    head_chunk: int = 512
+    vocab_tile: int = 1024
     mask_attention: bool = False  # pass the padding mask to the model too (see TokenLosses)
     sort_buffer: int = 256  # documents read ahead and sorted by length (bounds host memory)
     row_group_rows: int = 262144  # parquet rows per row group
@@ -96,8 +100,9 @@ class Config(RunConfig):
         if e.batch_tokens < d.context_length:
             raise ConfigError(f"eval.batch_tokens={e.batch_tokens} < data.context_length={d.context_length}: "
                               "a full-length document must fit one batch")
-        if min(e.max_batch_docs, e.head_chunk, e.sort_buffer, e.row_group_rows) < 1:
-            raise ConfigError("eval.max_batch_docs, eval.head_chunk, eval.sort_buffer, eval.row_group_rows must be >= 1")
+        if min(e.max_batch_docs, e.head_chunk, e.sort_buffer, e.row_group_rows) < 1 or e.vocab_tile < 0:
+            raise ConfigError("eval.max_batch_docs, eval.head_chunk, eval.sort_buffer, eval.row_group_rows must be "
+                              f">= 1 and eval.vocab_tile >= 0 (0: the whole vocabulary); got eval.vocab_tile={e.vocab_tile}")
 
 
 # -- model and tokenizer -------------------------------------------------------------------------
@@ -203,8 +208,11 @@ class TokenLosses(nn.Module):
 
     The unembedding runs only on real (unpadded) positions and `head_chunk` positions at a time, so
     the logits never exist for a whole batch ([batch, length, vocab] would be GBs for 50k vocabularies).
-    Models whose logits are not `output_embeddings(base_model(x))` (soft-capping, scaling) use their
-    own forward instead: the split is checked numerically once.
+    Logits are made `vocab_tile` columns at a time into one buffer kept across calls, and the loss
+    is computed in place (see `_chunk_losses`): a fresh [chunk, vocab] tensor per matmul costs ~35%
+    of the matmul in page faults on a CPU, and F.cross_entropy allocates two more. Models whose logits are
+    not `output_embeddings(base_model(x))` (soft-capping, scaling) use their own forward instead: the
+    split is checked numerically once.
 
     Batches are right-padded, so under the causal mask no real position ever attends to padding and
     the attention mask need not reach the model (`mask_attention=False`): an explicit padding mask
@@ -212,20 +220,28 @@ class TokenLosses(nn.Module):
     The mask still selects which positions are scored.
     """
 
-    def __init__(self, lm: nn.Module, head_chunk: int = 128, mask_attention: bool = False):
+    def __init__(self, lm: nn.Module, head_chunk: int = 512, mask_attention: bool = False, vocab_tile: int = 1024):
         super().__init__()
         self.lm, self.head_chunk, self.mask_attention = lm, head_chunk, mask_attention
+        self.vocab_tile = vocab_tile
         self.split = self._split_matches()
+        self._buffers: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> flat logits buffer
 
     def _split_matches(self) -> bool:
         head = self.lm.get_output_embeddings()
-        if head is None or self.lm.base_model is self.lm:
+        if head is None or self.lm.base_model is self.lm or not isinstance(head, nn.Linear):
             return False
         ids = torch.arange(2, 10).unsqueeze(0)
         with torch.inference_mode():
             full = self.lm(input_ids=ids).logits.float()
             split = head(self.lm.base_model(input_ids=ids).last_hidden_state).float()
         return split.shape == full.shape and torch.allclose(split, full, atol=1e-4, rtol=1e-4)
+
+    def _tile(self, dtype: torch.dtype, device: torch.device, rows: int, cols: int, tile: int) -> torch.Tensor:
+        key = (dtype, device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(self.head_chunk * tile, dtype=dtype, device=device)
+        return self._buffers[key][:rows * cols].view(rows, cols)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[batch, L] right-padded ids and mask -> losses of the real targets, row-major: [n_targets]."""
@@ -237,12 +253,39 @@ class TokenLosses(nn.Module):
             return F.cross_entropy(logits[real].float(), targets[real], reduction="none")
         hidden = self.lm.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         hidden, targets = hidden[:, :-1][real], targets[real]  # [n, d], [n]
-        head = self.lm.get_output_embeddings()
         out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
         for s in range(0, len(targets), self.head_chunk):
-            logits = head(hidden[s:s + self.head_chunk]).float()  # [chunk, vocab]
-            out[s:s + self.head_chunk] = F.cross_entropy(logits, targets[s:s + self.head_chunk], reduction="none")
+            out[s:s + self.head_chunk] = self._chunk_losses(hidden[s:s + self.head_chunk],
+                                                            targets[s:s + self.head_chunk])
         return out
+
+    def _chunk_losses(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Log-sum-exp over the vocabulary minus the target logit, one vocabulary tile at a time
+        (an online softmax, as flash attention does): the tile stays in cache through its four
+        elementwise passes, where [chunk, 50k vocab] logits would stream from memory each time.
+        Logits are computed in the model's dtype, as transformers does, and scored in float32."""
+        head = self.lm.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        vocab, rows, device = weight.shape[0], len(h), h.device
+        tile = min(self.vocab_tile or vocab, vocab)
+        top = torch.full((rows,), -torch.inf, device=device)
+        total = torch.zeros(rows, device=device)
+        target = torch.empty(rows, device=device)
+        index = torch.arange(rows, device=device)
+        for v in range(0, vocab, tile):
+            w = weight[v:v + tile]
+            z = self._tile(weight.dtype, device, rows, len(w), tile)
+            torch.mm(h, w.t(), out=z)
+            if bias is not None:
+                z += bias[v:v + tile]
+            if z.dtype != torch.float32:
+                z = self._tile(torch.float32, device, rows, len(w), tile).copy_(z)
+            here = (t >= v) & (t < v + len(w))
+            target[here] = z[index[here], t[here] - v]
+            new_top = torch.maximum(top, z.amax(1))
+            total.mul_(torch.exp(top - new_top)).add_(z.sub_(new_top[:, None]).exp_().sum(1))
+            top = new_top
+        return total.log_().add_(top).sub_(target)
 
 
 # -- documents -----------------------------------------------------------------------------------
@@ -473,10 +516,26 @@ class PerTokenArtifact(L.Callback):
                               metadata={**self.metadata, **summary, "columns": SCHEMA.names})
 
 
+def bound_heap() -> None:
+    """Keep peak memory flat over long evaluations (glibc only).
+
+    glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after
+    which the activations of batches of varying shapes come from the heap and fragment it: peak RSS
+    grew 755 -> 952 MiB from 50 to 200 documents. A fixed threshold keeps blocks of 128 KiB and up
+    in mmap, given back to the system when freed.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):  # musl and other libcs: nothing to do
+            pass
+
+
 def build(cfg: Config) -> Job:
     if cfg.data.shard_index >= cfg.data.num_shards:
         raise ConfigError(f"data.shard_index={cfg.data.shard_index} with data.num_shards={cfg.data.num_shards}: "
                           "need index < shards")
+    bound_heap()
     model = load_model(cfg)
     tok = load_tokenizer(cfg)
     check_vocab(model, tok, f"model.name={cfg.model.name!r}, model.tokenizer={cfg.model.tokenizer or 'its own'!r}")
@@ -484,5 +543,5 @@ def build(cfg: Config) -> Job:
     data = PileDocs(cfg, tok)
     summary = {"model/params": total, "model/params_nonembedding": non_emb, "model/name": cfg.model.name,
                "model/revision": cfg.model.revision, "tokenizer/size": tok.size, "loss_units": "nats"}
-    return Job(module=PythiaEval(cfg, TokenLosses(model, cfg.eval.head_chunk, cfg.eval.mask_attention)), datamodule=data,
+    return Job(module=PythiaEval(cfg, TokenLosses(model, cfg.eval.head_chunk, cfg.eval.mask_attention, cfg.eval.vocab_tile)), datamodule=data,
                callbacks=[PerTokenArtifact(dict(summary))], stage="validate", summary=summary)

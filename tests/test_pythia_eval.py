@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 
 from analysis import tokens as tk
 from harness.config import ConfigError, load_config
@@ -85,6 +86,18 @@ def test_mean_per_token_loss_equals_transformers_loss(docs):
         per_token = one_doc(losses, ids)
         assert per_token.shape == (len(ids) - 1,)
         assert abs(per_token.double().mean().item() - ref) < 1e-5
+
+
+def test_bfloat16_model_scores_its_bfloat16_logits_in_float32(docs):
+    model = tiny_neox().to(torch.bfloat16)
+    losses = pe.TokenLosses(model, head_chunk=64)
+    x = torch.tensor([docs[0]])
+    with torch.no_grad():
+        logits = model(input_ids=x).logits[0, :-1].float()  # what transformers' loss upcasts
+    want = F.cross_entropy(logits, x[0, 1:], reduction="none")
+    got = one_doc(losses, docs[0])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
 def test_batched_padded_losses_equal_one_document_at_a_time(docs):
