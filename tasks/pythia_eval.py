@@ -68,6 +68,9 @@ class DataConfig:
 class EvalConfig:
     batch_tokens: int = 8192  # padded tokens per forward pass
     max_batch_docs: int = 64
+    # Largest share of a batch that may be padding: the transformer runs on padded positions, so
+    # batching a 100-token document with a 1024-token one costs more than running it alone.
+    max_padding: float = 0.1
     # Positions per unembedding matmul, and vocabulary entries per matmul (0: all): the logits buffer
     # is head_chunk x vocab_tile floats, reused. On a CPU 512 x 1024 (2 MiB) keeps the matmul fast
     # and the softmax in cache; a GPU wants thousands of positions and the whole vocabulary.
@@ -100,6 +103,8 @@ class Config(RunConfig):
         if e.batch_tokens < d.context_length:
             raise ConfigError(f"eval.batch_tokens={e.batch_tokens} < data.context_length={d.context_length}: "
                               "a full-length document must fit one batch")
+        if not 0 <= e.max_padding <= 1:
+            raise ConfigError(f"eval.max_padding={e.max_padding}: a share of the batch, between 0 and 1")
         if min(e.max_batch_docs, e.head_chunk, e.sort_buffer, e.row_group_rows) < 1 or e.vocab_tile < 0:
             raise ConfigError("eval.max_batch_docs, eval.head_chunk, eval.sort_buffer, eval.row_group_rows must be "
                               f">= 1 and eval.vocab_tile >= 0 (0: the whole vocabulary); got eval.vocab_tile={e.vocab_tile}")
@@ -350,12 +355,16 @@ def resolve_source(cfg: Config) -> str:
     return path
 
 
-def pack(docs: list[tuple[int, list[int]]], batch_tokens: int, max_docs: int) -> Iterator[list[tuple[int, list[int]]]]:
-    """Greedy batches of documents sorted by length, so padding is small: padded size <= batch_tokens."""
+def pack(docs: list[tuple[int, list[int]]], batch_tokens: int, max_docs: int,
+         max_padding: float = 1.0) -> Iterator[list[tuple[int, list[int]]]]:
+    """Greedy batches of documents sorted by length: padded size <= batch_tokens, and no document
+    shorter than (1 - max_padding) x the batch's longest, so padding stays under that share."""
     docs = sorted(docs, key=lambda d: -len(d[1]))
     batch: list = []
     for doc in docs:
-        if batch and ((len(batch) + 1) * len(batch[0][1]) > batch_tokens or len(batch) == max_docs):
+        longest = len(batch[0][1]) if batch else 0
+        if batch and ((len(batch) + 1) * longest > batch_tokens or len(batch) == max_docs
+                      or len(doc[1]) < (1 - max_padding) * longest):
             yield batch
             batch = []
         batch.append(doc)
@@ -402,7 +411,7 @@ class DocumentBatches(IterableDataset):
         e = self.cfg.eval
         ids = self.tok.encode([t for _, t in buf], self.cfg.data.context_length)
         docs = [(i, toks) for (i, _), toks in zip(buf, ids) if len(toks) >= 2]  # one token predicts nothing
-        for batch in pack(docs, e.batch_tokens, e.max_batch_docs):
+        for batch in pack(docs, e.batch_tokens, e.max_batch_docs, e.max_padding):
             yield collate(batch)
 
 

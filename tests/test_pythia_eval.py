@@ -124,6 +124,11 @@ def test_packing_bounds_padded_tokens_and_keeps_every_document(docs):
     assert sorted(d for b in batches for d, _ in b) == list(range(len(docs)))
     for b in batches:
         assert len(b) <= 5 and (len(b) == 1 or len(b) * len(b[0][1]) <= 600)
+    # A padding bound splits batches of unlike lengths: every batch then wastes at most that share.
+    lengths = [(i, [0] * n) for i, n in enumerate([100, 95, 91, 60, 58, 10])]
+    tight = list(pe.pack(lengths, batch_tokens=10_000, max_docs=64, max_padding=0.1))
+    assert [[d for d, _ in b] for b in tight] == [[0, 1, 2], [3, 4], [5]]
+    assert [[d for d, _ in b] for b in pe.pack(lengths, 10_000, 64)] == [[0, 1, 2, 3, 4, 5]]
 
 
 # ---- data sources and sharding ----------------------------------------------------------------
