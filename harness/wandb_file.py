@@ -114,12 +114,8 @@ class _DictRows:
     def signature(self, i: int):
         return frozenset(self.rows[i])
 
-    def frame(self) -> pd.DataFrame:
-        rows = [dict(r) for r in self.rows]
-        for r, s in zip(rows, self.steps):
-            if s is not None:
-                r["_step"] = s
-        return pd.DataFrame.from_records(rows)
+    def frame(self) -> pd.DataFrame:  # `_step` is added by the caller, from `steps`
+        return pd.DataFrame.from_records(self.rows)
 
 
 # Byte layout of the history rows wandb-core writes, decoded with numpy instead of item by item
@@ -157,6 +153,11 @@ def _record_field(payload: bytes) -> tuple[int, int, int] | None:
     except IndexError:
         return None
     return (payload[pos], start, start + length) if start + length <= len(payload) else None
+
+
+def _span_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Indices of the spans [starts[i], starts[i] + lengths[i]), one after the other."""
+    return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
 
 
 class _PackedRows:
@@ -221,7 +222,7 @@ class _PackedRows:
         rows_with = counts > 0
         first = (np.cumsum(counts) - counts)[rows_with]
         item[first] = starts[rows_with]
-        # Every length byte must agree with the layout the regex saw: then protobuf reads the same.
+        # Every length byte must agree with this layout: then protobuf reads the same items.
         ok = ((arr[item] == 0x0A) & (arr[item + 2] == 0x12) & (item + 4 + arr[item + 3] == tag)
               & (item + 2 + arr[item + 1] == vend)).all()
         ok = ok and (vend[np.cumsum(counts)[rows_with] - 1] == ends[rows_with]).all() and not lens[~rows_with].any()
@@ -230,7 +231,7 @@ class _PackedRows:
         # Values: their bytes side by side, then Arrow's string-to-double cast (C++, exact).
         voff = np.zeros(len(tag) + 1, np.int64)
         np.cumsum(vlen, out=voff[1:])
-        text = arr[np.repeat(vstart - voff[:-1], vlen) + np.arange(voff[-1])]
+        text = arr[_span_index(vstart, vlen)]
         if not _NUMBER_BYTES[text].all():  # strings, NaN, null, objects: the plain reader
             return False
         try:
@@ -243,8 +244,8 @@ class _PackedRows:
         maybe = np.flatnonzero(is_int)
         if len(maybe):
             span = vlen[maybe]
-            at = np.repeat(voff[maybe] - np.cumsum(span) + span, span) + np.arange(span.sum())
-            is_int[maybe] = np.add.reduceat(_FRACTION_BYTES[text[at]], np.cumsum(span) - span) == 0
+            is_int[maybe] = np.add.reduceat(_FRACTION_BYTES[text[_span_index(voff[maybe], span)]],
+                                            np.cumsum(span) - span) == 0
         if (np.abs(values[is_int]) >= 2**53).any():
             return False
         # Keys: read 8 bytes at a time at each key's start, mask what lies past its end, hash the
@@ -361,7 +362,7 @@ def _replay_summary(ops: list, rows) -> dict[str, Any]:
             rec = pb.Record()
             rec.ParseFromString(op[1])
             s = rec.summary
-            removed = [_item_key(i) for i in s.remove if _item_key(i) not in done]
+            removed = [k for k in map(_item_key, s.remove) if k not in done]
             if removed or not done.issuperset([_item_key(i) for i in s.update]):
                 put(_json_values(s.update), removed)
         else:
@@ -422,6 +423,8 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
             else:
                 rec.ParseFromString(payload)
                 kind = rec.WhichOneof("record_type")
+                if kind == "history" and packed:  # a history record in another layout
+                    return None
                 row = rows.add(rec.history) if kind == "history" else None
             if row is not None:
                 if pending is not None and pending[1] == rows.count(row) and pending[2] == rows.size(row):
