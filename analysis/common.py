@@ -47,7 +47,7 @@ def write_outputs(out_dir: str, study: str, result: dict, report_md: str) -> Non
 
 def main_guard(fn: Callable[[], None]) -> None:
     """Run an analysis CLI; bad input exits 2 with one line, as `harness` does."""
-    from harness.cli import UserError
+    from harness.errors import UserError
     from harness.config import ConfigError
 
     try:

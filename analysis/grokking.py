@@ -265,7 +265,7 @@ def report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from harness import runstore
-    from harness.cli import UserError
+    from harness.errors import UserError
 
     args = parse_args(STUDY, argv, extra=lambda p: (
         p.add_argument("--threshold", type=float, default=0.99),

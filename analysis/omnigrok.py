@@ -223,7 +223,7 @@ def analyse(runs: pd.DataFrame, hist: pd.DataFrame, out_dir: str, val_threshold:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from harness.cli import UserError
+    from harness.errors import UserError
     from harness.runstore import load_history, load_runs
 
     args = parse_args(STUDY, argv, extra=lambda p: p.add_argument(

@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 
 from analysis import tokens as tk  # noqa: E402
 from analysis.common import main_guard, parse_args, write_outputs  # noqa: E402
-from harness.cli import UserError  # noqa: E402
+from harness.errors import UserError  # noqa: E402
 
 STUDY = "pythia"
 ARTIFACT = "per_token_losses"

@@ -15,7 +15,7 @@ import pandas as pd
 
 from analysis.common import main_guard, parse_args, write_outputs
 from analysis.fits import fit_power_law
-from harness.cli import UserError
+from harness.errors import UserError
 
 X_KEY, Y_KEY = "summary.model/params", "summary.val/loss"
 THEORY_KEY = "config.data.zipf_alpha"

@@ -5,11 +5,7 @@ import argparse
 import json
 import sys
 
-from harness.config import ConfigError
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
+from harness.errors import ConfigError, UserError
 
 
 def cmd_train(args) -> int:

@@ -15,6 +15,8 @@ from typing import Any, Iterable, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from harness.errors import ConfigError  # noqa: F401  (re-exported: tasks raise it)
+
 # Task name -> module. Imported lazily: the Pythia task pulls in transformers.
 TASKS = {
     "sparse_parity": "tasks.sparse_parity",
@@ -25,10 +27,6 @@ TASKS = {
 }
 
 DATA_DIR_ENV = "HARNESS_DATA_DIR"
-
-
-class ConfigError(ValueError):
-    """A bad config key or value; the message is one line meant for the user."""
 
 
 @dataclass

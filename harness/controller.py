@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from filelock import FileLock
 
-from harness.cli import UserError
+from harness.errors import UserError
 from harness.config import ConfigError, check_overrides
 from wandb.sdk.lib.runid import generate_id
 

@@ -18,7 +18,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from harness.cli import UserError
+from harness.errors import UserError
 from harness.config import flatten
 from harness.wandb_file import CorruptRunFile, RunFile, read_run_file, read_with_leet
 

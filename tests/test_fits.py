@@ -75,7 +75,7 @@ def test_scaling_analysis_reports_exponent_and_excluded_runs(tmp_path):
 
 
 def test_scaling_analysis_refuses_too_few_runs():
-    from harness.cli import UserError
+    from harness.errors import UserError
 
     with pytest.raises(UserError, match="need >= 3 finished runs"):
         scaling.analyze(synthetic_runs([10, 20]))

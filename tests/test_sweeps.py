@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from harness import controller, runstore
-from harness.cli import UserError
+from harness.errors import UserError
 from tests.conftest import TINY_SWEEP, harness, write_sweep
 
 
