@@ -47,19 +47,29 @@ def cmd_agent(args) -> int:
 def cmd_runs(args) -> int:
     from harness import runstore
 
+    if args.output and not args.output.endswith((".parquet", ".csv")):
+        raise UserError(f"output {args.output!r}: use a .csv or .parquet file name")
     table = runstore.load_runs(args.source, sweep=args.sweep)
     if args.output:
         if args.output.endswith(".parquet"):
             runstore.to_parquet(table, args.output)
-        elif args.output.endswith(".csv"):
-            table.to_csv(args.output, index=False)
         else:
-            raise UserError(f"output {args.output!r}: use a .csv or .parquet file name")
+            table.to_csv(args.output, index=False)
         print(f"{len(table)} runs -> {args.output}", file=sys.stderr)
     else:
         cols = [c for c in ("id", "name", "state", "sweep") if c in table.columns]
         print(table[cols].to_string(index=False))
-    return 0
+    # The exit code tells the truth: runs that could not be read are counted, and an export that
+    # holds no run because every file failed is a failure, not an empty success.
+    errors = table.attrs.get("errors", [])
+    corrupt = int(table["corrupt"].sum()) if "corrupt" in table else 0
+    if errors:
+        print(f"harness runs: {len(errors)} run file(s) failed to load (listed above); "
+              f"{len(table)} run(s) loaded", file=sys.stderr)
+    if corrupt:
+        print(f"harness runs: {corrupt} run(s) marked corrupt (damaged records dropped; column 'corrupt')",
+              file=sys.stderr)
+    return 1 if errors and not len(table) else 0
 
 
 def parser() -> argparse.ArgumentParser:

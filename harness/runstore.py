@@ -2,29 +2,39 @@
 
     runs = load_runs("wandb")                      # a local wandb directory
     runs = load_runs("me/quanta", sweep="abc123")  # a W&B project (entity/project)
+    runs = load_runs("wandb", filters={"config.model.width": {"$gte": 16}})  # W&B's filter language
     hist = load_history("wandb", run_ids=runs.id, keys=["val/loss"])
+
+Offline, nothing is dropped or altered silently: a run file that cannot be read is skipped and
+listed (`table.attrs["errors"]`, and on stderr); a damaged one is loaded without its damaged
+records and marked `corrupt`; a cache that cannot be written or read is reported once and
+bypassed (`table.attrs["warnings"]`). What the store does in each case: DESIGN.md.
 """
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
-import pickle
 import re
 import sys
 import time
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterable
 
 import pandas as pd
 
-from harness.errors import UserError
+from harness import run_cache, run_filters
 from harness.config import flatten
+from harness.errors import UserError
+from harness.resources import available_cpus
+from harness.run_cache import CACHE_DIR  # noqa: F401  (the cache's directory name, re-exported)
 from harness.wandb_file import CorruptRunFile, RunFile, read_run_file, read_with_leet
 
-CACHE_DIR = ".harness-cache"
+PARALLEL_MIN_FILES = 8  # fewer uncached files than this are decoded in this process
 RUNNING_GRACE_S = 120  # a run file without an exit record, written within this, is "running"
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: `harness train` exits so when preempted (contract C5)
 W_AND_B_PATH = re.compile(r"^[\w.-]+/[\w.-]+$")
+_RUN_DIR_TIME = re.compile(r"run-(\d{8}_\d{6})-")
 
 
 class SourceError(UserError):
@@ -51,23 +61,47 @@ def run_files(source: str) -> list[str]:
     return files
 
 
-# -- offline: one run file -> (meta, history frame), cached by path, size and mtime ---------------
+# -- offline: one run file -> (meta, history frame) ---------------------------------------------
 
-def _state(rf: RunFile, mtime: float) -> str:
-    if rf.exit_code is not None:
-        return "finished" if rf.exit_code == 0 else "failed"
-    return "running" if time.time() - mtime < RUNNING_GRACE_S and not rf.truncated else "crashed"
+_WARNED: set[str] = set()  # each warning once per process (load_runs then load_history, say)
 
 
-def _digest(rf: RunFile, path: str, mtime: float) -> tuple[dict, pd.DataFrame]:
+def _warn(msg: str, sink: list[str]) -> None:
+    sink.append(msg)
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        print(f"runstore: warning: {msg}", file=sys.stderr)
+
+
+def _state(meta: dict, mtime: float) -> str:
+    """Contract C5: exit 0 -> finished, 143 (or a non-zero exit after mark_preempting) -> preempted,
+    other non-zero -> failed; no exit record -> running if written recently, else preempted (if
+    it had called mark_preempting) or crashed."""
+    code = meta["exit_code"]
+    if code is not None:
+        if code == 0:
+            return "finished"
+        return "preempted" if code == PREEMPTED_EXIT or meta["preempting"] else "failed"
+    if time.time() - mtime < RUNNING_GRACE_S:
+        return "running"
+    return "preempted" if meta["preempting"] else "crashed"
+
+
+def _digest(rf: RunFile, path: str) -> tuple[dict, pd.DataFrame]:
     meta = {
         "id": rf.run_id or os.path.basename(path)[4:-6],
         "name": rf.name,
-        "state": _state(rf, mtime),
         "sweep": rf.sweep_id or None,
         "project": rf.project,
+        "group": rf.group or None,
+        "job_type": rf.job_type or None,
+        "tags": list(rf.tags),
         "path": os.path.dirname(path),
+        "start_time": rf.start_time,
+        "exit_code": rf.exit_code,
+        "preempting": rf.preempting,
         "truncated": rf.truncated,
+        "damage": list(rf.damage),
         "config": flatten(rf.config),
         "summary": {k: v for k, v in rf.summary.items() if not k.startswith("_")},
         "artifacts": rf.artifacts,
@@ -75,77 +109,197 @@ def _digest(rf: RunFile, path: str, mtime: float) -> tuple[dict, pd.DataFrame]:
     hist = rf.history
     if len(hist):
         hist["step"] = hist["trainer/global_step"] if "trainer/global_step" in hist else hist["_step"]
-    return meta, hist
+    return meta, run_cache.typed(hist)
 
 
-def _cache_path(path: str, st: os.stat_result) -> str:
-    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return os.path.join(os.path.dirname(os.path.dirname(path)), CACHE_DIR, f"{key}.pkl")
-
-
-_MEMO: dict[str, tuple[dict, pd.DataFrame]] = {}  # cache file -> decoded run, for this process
-
-
-def load_run_file(path: str, use_cache: bool = True) -> tuple[dict, pd.DataFrame]:
-    st = os.stat(path)
-    cache = _cache_path(path, st)
-    if use_cache and cache in _MEMO:  # load_runs then load_history in one script read disk once
-        return _MEMO[cache]
-    if use_cache and os.path.exists(cache):
-        with open(cache, "rb") as f:
-            _MEMO[cache] = pickle.load(f)
-        return _MEMO[cache]
+def _decode(path: str, notes: list[str]) -> tuple[dict, pd.DataFrame]:
+    """Decode one run file; CorruptRunFile/OSError if it cannot be read at all."""
     try:
         rf = read_run_file(path)
-    except CorruptRunFile:
-        raise
-    except Exception:  # the fast path could not cope (a newer record layout): use the official decoder
-        rf = read_with_leet(path)
-    out = _digest(rf, path, st.st_mtime)
-    if use_cache and out[0]["state"] != "running":
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        tmp = f"{cache}.{os.getpid()}"
-        with open(tmp, "wb") as f:
-            pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, cache)
-        _MEMO[cache] = out
-    return out
-
-
-def _load_one(path: str):
-    try:
-        return path, load_run_file(path), None
-    except (CorruptRunFile, OSError) as e:
-        return path, None, str(e)
-
-
-def _warm_cache(path: str) -> None:
-    # In a worker process: decode into the disk cache and send nothing big back through the pipe
-    # (pickling 200 histories to the parent cost more than reading them from the cache).
-    try:
-        load_run_file(path)
     except (CorruptRunFile, OSError):
-        pass
+        raise
+    except Exception as e:  # noqa: BLE001 - a layout the fast reader does not know: say so, then leet
+        why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        notes.append(f"{path}: the fast reader failed ({why}); reading it with `wandb leet inspect` (slow)")
+        wandb_exe = os.path.join(os.path.dirname(sys.executable), "wandb")
+        rf = read_with_leet(path, wandb_exe if os.path.exists(wandb_exe) else "wandb")
+    return _digest(rf, path)
 
 
-def load_local(source: str, workers: int | None = None) -> tuple[list[dict], dict[str, pd.DataFrame], list[str]]:
-    files = run_files(source)
-    uncached = [p for p in files if not os.path.exists(_cache_path(p, os.stat(p)))]
-    workers = workers or min(os.cpu_count() or 1, 8)
-    if len(uncached) >= 8 and workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_warm_cache, uncached, chunksize=4))
-    results = [_load_one(p) for p in files]
-    metas, hists, errors = [], {}, []
-    for path, res, err in results:
-        if err:
-            errors.append(err)
+def _load_file(path: str, cache_root: str, write: bool, send_history: bool = True):
+    """One run file from the cache or decoded (and cached when `write`). Runs in a worker process
+    too, so it prints nothing: returns (path, meta or None, history or None, error or None, notes)."""
+    notes: list[str] = []
+    try:
+        st = os.stat(path)
+        ident = run_cache.identity(path, st)
+        try:
+            meta = run_cache.read_meta(cache_root, ident)
+        except run_cache.BadEntry as e:
+            notes.append(f"ignored a cache entry ({e}); decoding {path} again")
+            meta = None
+        if meta is not None:
+            meta["_mtime"] = st.st_mtime
+            return path, meta, None, None, notes
+        meta, hist = _decode(path, notes)
+        meta["_mtime"] = st.st_mtime
+        # A file still being written changes with every step: caching it would only litter.
+        if write and not (meta["exit_code"] is None and time.time() - st.st_mtime < RUNNING_GRACE_S):
+            try:
+                run_cache.write(cache_root, ident, meta, hist)
+                if not send_history:  # the parent reads the parquet when it needs the history
+                    meta.update(run_cache.read_meta(cache_root, ident), _mtime=st.st_mtime)
+                    return path, meta, None, None, notes
+            except OSError as e:
+                notes.append(f"cannot write the run cache in {cache_root} ({type(e).__name__}: "
+                             f"{e.strerror or e}); runs are decoded again on every load (set "
+                             f"{run_cache.CACHE_ENV} to a writable directory)")
+        return path, meta, hist, None, notes
+    except (CorruptRunFile, OSError) as e:
+        return path, None, None, str(e), notes
+    except Exception as e:  # noqa: BLE001 - one bad run never stops the load: it is listed instead
+        return path, None, None, f"{path}: {type(e).__name__}: {e}".splitlines()[0], notes
+
+
+def _load_file_in_worker(args):
+    path, cache_root, write = args
+    return _load_file(path, cache_root, write, send_history=not write)
+
+
+class _Histories(Mapping):
+    """run id -> history, read from the cache on first use (load_runs alone never reads history)."""
+
+    def __init__(self, local: "_Local"):
+        self._local = local
+
+    def __getitem__(self, run_id: str) -> pd.DataFrame:
+        return self._local.history(run_id)
+
+    def __iter__(self):
+        return iter(self._local.by_id)
+
+    def __len__(self) -> int:
+        return len(self._local.by_id)
+
+
+_MEMO: dict[tuple, tuple[dict, pd.DataFrame | None]] = {}  # (path, size, mtime_ns) -> decoded, this process
+
+
+class _Local:
+    """The run files of a wandb directory, merged by run id (contract C5)."""
+
+    def __init__(self, source: str, workers: int | None = None):
+        root = wandb_dir(source)
+        files = run_files(source)
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.cache_root = run_cache.cache_dir(root)
+        units: dict[str, tuple[dict, pd.DataFrame | None]] = {}
+        todo = []
+        for p in files:
+            try:
+                st = os.stat(p)
+            except OSError as e:
+                self.errors.append(str(e))
+                continue
+            key = (os.path.abspath(p), st.st_size, st.st_mtime_ns)
+            if key in _MEMO:
+                units[p] = _MEMO[key]
+            else:
+                todo.append((p, key))
+        if todo:
+            why = run_cache.probe(self.cache_root)
+            if why:
+                _warn(f"cannot write the run cache in {self.cache_root} ({why}); runs are decoded again "
+                      f"on every load (set {run_cache.CACHE_ENV} to a writable directory)", self.warnings)
+            workers = workers or min(available_cpus(), 8)
+            paths = [p for p, _ in todo]
+            if len(todo) >= PARALLEL_MIN_FILES and workers > 1:
+                # Workers write the cache and send back the meta only: pickling 200 histories
+                # through the pipe costs more than the parent reading them from the cache. (With
+                # no writable cache, the histories have to come through the pipe.)
+                with ProcessPoolExecutor(workers) as pool:
+                    results = list(pool.map(_load_file_in_worker, [(p, self.cache_root, not why) for p in paths],
+                                            chunksize=4))
+            else:
+                results = [_load_file(p, self.cache_root, not why) for p in paths]
+            for (path, meta, hist, err, notes), (_, key) in zip(results, todo):
+                for n in notes:
+                    _warn(n, self.warnings)
+                if err:
+                    self.errors.append(err)
+                    continue
+                units[path] = _MEMO[key] = (meta, hist)
+        for err in self.errors:
             print(f"runstore: skipped unreadable run file {err}", file=sys.stderr)
-            continue
-        meta, hist = res
-        metas.append(meta)
-        hists[meta["id"]] = hist
-    return metas, hists, errors
+        self.units = units
+        self.by_id: dict[str, list[str]] = {}
+        for path in sorted(units, key=lambda p: self._order(units[p][0], p)):
+            self.by_id.setdefault(units[path][0]["id"], []).append(path)
+        for run_id, paths in self.by_id.items():
+            damaged = [d for p in paths for d in units[p][0]["damage"]]
+            if damaged:
+                _warn(f"run {run_id} ({units[paths[-1]][0]['path']}): {len(damaged)} damaged part(s), "
+                      f"their records dropped and the run marked corrupt: {damaged[0]}"
+                      + (f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""), self.warnings)
+
+    @staticmethod
+    def _order(meta: dict, path: str):
+        # Resumed runs: the files of one id in the order they were written (the run directory
+        # names its start time; start_time and mtime break ties).
+        m = _RUN_DIR_TIME.search(os.path.basename(os.path.dirname(path)))
+        return (m.group(1) if m else "", meta.get("start_time") or 0, meta["_mtime"], path)
+
+    def runs(self) -> list[dict]:
+        out = []
+        for run_id, paths in self.by_id.items():
+            metas = [self.units[p][0] for p in paths]
+            last = metas[-1]
+            merged = {k: v for k, v in last.items() if not k.startswith("_")}
+            merged["state"] = _state(last, last["_mtime"])
+            merged["truncated"] = any(m["truncated"] for m in metas)
+            merged["damage"] = [d for m in metas for d in m["damage"]]
+            merged["corrupt"] = bool(merged["damage"])
+            merged["n_files"] = len(paths)
+            merged["artifacts"] = [a for m in metas for a in m["artifacts"]]
+            out.append(merged)
+        return out
+
+    def _file_history(self, path: str) -> pd.DataFrame:
+        meta, hist = self.units[path]
+        if hist is None:
+            try:
+                hist = run_cache.read_history(meta)
+            except run_cache.BadEntry as e:
+                notes = [f"ignored a cache entry ({e}); decoding {path} again"]
+                _, hist = _decode(path, notes)
+                for n in notes:
+                    _warn(n, self.warnings)
+            self.units[path] = (meta, hist)
+            st = os.stat(path)
+            _MEMO[(os.path.abspath(path), st.st_size, st.st_mtime_ns)] = (meta, hist)
+        return hist
+
+    def history(self, run_id: str) -> pd.DataFrame:
+        """A run's history; a resumed run's files joined: the rows of a file at or after the first
+        step of the next file are dropped (the resumed run redid them from its checkpoint)."""
+        frames = [self._file_history(p) for p in self.by_id[run_id]]
+        if len(frames) == 1:
+            return frames[0]
+        kept = []
+        for i, h in enumerate(frames):
+            later = [f["step"].min() for f in frames[i + 1:] if len(f)]
+            if len(h) and later and pd.notna(later[0]):
+                h = h[~(h["step"] >= later[0])]
+            kept.append(h)
+        return run_cache.typed(pd.concat([h for h in kept if len(h)], ignore_index=True)) \
+            if any(len(h) for h in kept) else pd.DataFrame()
+
+
+def load_local(source: str, workers: int | None = None) -> tuple[list[dict], Mapping[str, pd.DataFrame], list[str]]:
+    """(one meta per run, {run id: history} read on demand, errors) for a local wandb directory."""
+    local = _Local(source, workers)
+    return local.runs(), _Histories(local), local.errors
 
 
 # -- W&B: the official client; history at full resolution via scan_history ---------------------
@@ -167,7 +321,7 @@ def _check_sweep(metas: list[dict], sweep: str | None, source: str) -> list[dict
 
 
 def load_wandb(source: str, sweep: str | None = None, filters: dict | None = None) -> list[dict]:
-    f = dict(filters or {})
+    f = dict(filters or {})  # passed to W&B unchanged: the server applies its own filter language
     if sweep:
         f["sweep"] = sweep
     try:
@@ -180,7 +334,9 @@ def load_wandb(source: str, sweep: str | None = None, filters: dict | None = Non
         metas.append({
             "id": r.id, "name": r.name, "state": r.state,
             "sweep": r.sweep.id if getattr(r, "sweep", None) else None,
-            "project": r.project, "path": "/".join(r.path), "truncated": False,
+            "project": r.project, "group": getattr(r, "group", None), "job_type": getattr(r, "job_type", None),
+            "tags": list(getattr(r, "tags", None) or []), "path": "/".join(r.path),
+            "truncated": False, "corrupt": False,
             "config": flatten(dict(r.config)),
             "summary": {k: v for k, v in summary.items() if not k.startswith("_")},
             "artifacts": [], "_run": r,
@@ -192,15 +348,31 @@ def load_wandb(source: str, sweep: str | None = None, filters: dict | None = Non
 
 # -- the public API -----------------------------------------------------------------------------
 
+_RUN_COLUMNS = ("id", "name", "state", "sweep", "project", "group", "job_type", "tags", "path",
+                "truncated", "corrupt", "n_files")
+
+
 def _table(metas: list[dict]) -> pd.DataFrame:
     rows = []
     for m in metas:
-        row = {k: m[k] for k in ("id", "name", "state", "sweep", "project", "path", "truncated")}
+        row = {k: m[k] for k in _RUN_COLUMNS if k in m}
         row.update({f"config.{k}": v for k, v in m["config"].items()})
-        for k, v in m["summary"].items():
-            row[f"summary.{k}"] = v if not isinstance(v, (dict, list)) else str(v)
+        row.update(_summary_columns(m["summary"]))
         rows.append(row)
-    return pd.DataFrame(rows)
+    return run_cache.typed(pd.DataFrame(rows))
+
+
+def _summary_columns(summary: dict, prefix: str = "summary.") -> dict:
+    """A nested summary value becomes dotted columns, as in the W&B UI: `val/loss` declared with
+    summary "min,last" -> summary.val/loss.min, summary.val/loss.last. W&B media (a dict with
+    `_type`, e.g. a Table) and lists stay one text column."""
+    out = {}
+    for k, v in summary.items():
+        if isinstance(v, dict) and "_type" not in v:
+            out.update(_summary_columns(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if not isinstance(v, (dict, list)) else str(v)
+    return out
 
 
 def _resolve(source: str):
@@ -212,20 +384,22 @@ def _resolve(source: str):
 
 
 def load_runs(source: str, sweep: str | None = None, filters: dict | None = None) -> pd.DataFrame:
-    """One row per run: id, name, state, sweep, project, path, config.*, summary.*."""
+    """One row per run: id, name, state, sweep, project, group, job_type, tags, path, truncated,
+    corrupt, n_files (offline), config.*, summary.*. `filters`: W&B's MongoDB-style filter
+    (harness/run_filters.py says what works offline). attrs: "errors" (run files skipped),
+    "warnings"."""
     if _resolve(source) == "local":
-        metas, _, errors = load_local(source)
-        metas = _check_sweep(metas, sweep, source)
+        local = _Local(source)
+        metas = _check_sweep(local.runs(), sweep, source)
+        if filters is not None:
+            run_filters.check(filters, metas)
+            metas = [m for m in metas if run_filters.matches(filters, m)]
         table = _table(metas)
-        table.attrs["errors"] = errors
+        table.attrs["errors"], table.attrs["warnings"] = local.errors, local.warnings
     else:
         table = _table(load_wandb(source, sweep, filters))
-        table.attrs["errors"] = []
-    if filters and len(table):
-        for key, value in filters.items():
-            if key.startswith("config.") and key in table:
-                table = table[table[key] == value]
-    return table.reset_index(drop=True)
+        table.attrs["errors"], table.attrs["warnings"] = [], []
+    return table
 
 
 def load_history(source: str, run_ids: Iterable[str] | None = None, sweep: str | None = None,
@@ -234,10 +408,10 @@ def load_history(source: str, run_ids: Iterable[str] | None = None, sweep: str |
     ids = None if run_ids is None else set(run_ids)
     frames = []
     if _resolve(source) == "local":
-        metas, hists, _ = load_local(source)
-        for m in _check_sweep(metas, sweep, source):
+        local = _Local(source)
+        for m in _check_sweep(local.runs(), sweep, source):
             if ids is None or m["id"] in ids:
-                frames.append(_select(hists[m["id"]], keys).assign(run_id=m["id"]))
+                frames.append(_select(local.history(m["id"]), keys).assign(run_id=m["id"]))
     else:
         for m in load_wandb(source, sweep):
             if ids is None or m["id"] in ids:
@@ -245,7 +419,7 @@ def load_history(source: str, run_ids: Iterable[str] | None = None, sweep: str |
                 h = pd.DataFrame.from_records(list(m["_run"].scan_history(keys=wanted)))
                 if len(h):
                     h["step"] = h["trainer/global_step"] if "trainer/global_step" in h else h["_step"]
-                frames.append(_select(h, keys).assign(run_id=m["id"]))
+                frames.append(_select(run_cache.typed(h), keys).assign(run_id=m["id"]))
     if not frames:
         return pd.DataFrame(columns=["run_id", "step", *(keys or [])])
     hist = pd.concat(frames, ignore_index=True)
@@ -284,9 +458,51 @@ def artifact_files(source: str, run_id: str, artifact_type: str) -> dict[str, st
 
 
 def to_parquet(table: pd.DataFrame, path: str) -> None:
-    # Summary columns can mix numbers, strings and nulls (censored events): store those as text.
+    # A summary column can still mix types (a string in one run, a number in another): store such
+    # columns as text rather than fail.
     out = table.copy()
     for c in out.columns:
         if out[c].dtype == object and out[c].map(type).nunique() > 1:
             out[c] = out[c].map(lambda v: None if v is None else str(v))
     out.to_parquet(path, index=False)
+
+
+def load_curves(source: str, name: str, run_ids: Iterable[str] | None = None,
+                sweep: str | None = None) -> pd.DataFrame:
+    """Per-item curves (contract C4): `<name>.parquet` of each run's `curves` artifact, e.g. name
+    "subtask" (sparse parity: loss, acc per subtask) or "fourier" (modular addition: power, key per
+    frequency), as one frame: run_id, step (int64), item (int64), one float64 column per metric.
+
+    Runs without that file (crashed before the end of fit, or another task) are left out and listed
+    in `frame.attrs["missing"]` and on stderr. A resumed run's last artifact wins. Offline, a file
+    is found where the artifact recorded it, or in the run directory's curves/ (a moved wandb dir).
+    """
+    file = f"{name}.parquet"
+    wanted = None if run_ids is None else list(dict.fromkeys(run_ids))
+    paths: dict[str, str | None] = {}
+    if _resolve(source) == "local":
+        metas, _, _ = load_local(source)
+        by_id = {m["id"]: m for m in _check_sweep(metas, sweep, source)}
+        for rid in wanted if wanted is not None else list(by_id):
+            if rid not in by_id:
+                raise SourceError(f"run {rid!r} not found in {source}" + (f" (sweep {sweep})" if sweep else ""))
+            files: dict[str, str] = {}
+            for a in by_id[rid]["artifacts"]:
+                if a["type"] == "curves":
+                    files.update(a["files"])
+            moved = os.path.join(by_id[rid]["path"], "curves", file)
+            path = files.get(file)
+            paths[rid] = path if path and os.path.exists(path) else (moved if file in files and os.path.exists(moved) else None)
+    else:
+        ids = wanted if wanted is not None else list(load_runs(source, sweep=sweep)["id"])
+        paths = {rid: artifact_files(source, rid, "curves").get(file) for rid in ids}
+    missing = [rid for rid, p in paths.items() if p is None]
+    if missing:
+        print(f"runstore: {len(missing)} run(s) have no curves {file}: {', '.join(missing[:10])}"
+              + (" ..." if len(missing) > 10 else ""), file=sys.stderr)
+    frames = [pd.read_parquet(p).assign(run_id=rid) for rid, p in paths.items() if p is not None]
+    out = (pd.concat(frames, ignore_index=True) if frames
+           else pd.DataFrame({"step": pd.Series(dtype="int64"), "item": pd.Series(dtype="int64"), "run_id": pd.Series(dtype=str)}))
+    out = out[["run_id", "step", "item", *[c for c in out.columns if c not in ("run_id", "step", "item")]]]
+    out.attrs["missing"] = missing
+    return out

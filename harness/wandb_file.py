@@ -3,8 +3,9 @@
 Written by hand because no Python library reads this file any more (wandb's own reader lives in
 the Go core); `wandb leet inspect --json` is the official decoder, used as the fallback and as the
 oracle in tests. Format: a 7-byte header (b":W&B", magic 0xBEE1 little-endian, version 0), then
-32 KiB blocks of chunks, each with a 7-byte header (crc32c, uint16 length, uint8 type: FULL=1,
-FIRST=2, MIDDLE=3, LAST=4); a block tail shorter than a chunk header is zero padding.
+32 KiB blocks of chunks, each with a 7-byte header (CRC-32 of type and payload, uint16 length,
+uint8 type: FULL=1, FIRST=2, MIDDLE=3, LAST=4); a block tail shorter than a chunk header is zero
+padding. Every checksum is verified (`Log`); damage and truncation are reported, never read past.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import re
 import struct
 import subprocess
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -28,46 +30,117 @@ CHUNK = struct.Struct("<IHB")
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
+DECODER_VERSION = 2  # bump whenever a change here changes what a run file decodes to: it keys the cache
+_TYPE_CRC = [zlib.crc32(bytes([t])) for t in range(256)]  # each chunk's checksum starts with its type byte
+
+
 class CorruptRunFile(ValueError):
     pass
 
 
-def iter_records(data: bytes, path: str = "") -> Iterator[bytes]:
-    """Record payloads in order; stops quietly at a truncated tail (a run killed mid-write)."""
-    if len(data) < HEADER.size:
-        raise CorruptRunFile(f"{path}: {len(data)} bytes, too short for a W&B run file header")
-    ident, magic, version = HEADER.unpack_from(data, 0)
-    if ident != b":W&B" or magic != 0xBEE1:
-        raise CorruptRunFile(f"{path}: not a W&B run file (header {data[:7]!r}, want b':W&B' + 0xBEE1)")
-    pos, end, parts = HEADER.size, len(data), []
-    while True:
-        space = BLOCK - pos % BLOCK
-        if space < CHUNK.size:  # block trailer
-            pos += space
-            continue
-        if pos + CHUNK.size > end:
-            return
-        _crc, length, kind = CHUNK.unpack_from(data, pos)
+class Log:
+    """The record payloads of a run file, in order, with every chunk's checksum verified.
+
+    The checksum is what wandb-core's writer stores (core/pkg/leveldb, `CRCAlgoIEEE`): the plain
+    CRC-32 (IEEE, `zlib.crc32`) of the chunk's type byte and payload, not LevelDB's masked crc32c.
+    A chunk whose checksum is wrong is dropped (with the record it belongs to); if its length field
+    is itself damaged (no valid chunk follows it), the rest of its block is dropped and reading
+    resumes at the next block's first FULL or FIRST chunk, as LevelDB's and wandb's readers
+    recover. Each loss is listed in `damage`. `truncated` is True when the file ends inside a chunk or
+    inside a record (a run killed mid-write).
+    """
+
+    def __init__(self, data: bytes, path: str = ""):
+        if len(data) < HEADER.size:
+            raise CorruptRunFile(f"{path}: {len(data)} bytes, too short for a W&B run file header")
+        ident, magic, _version = HEADER.unpack_from(data, 0)
+        if ident != b":W&B" or magic != 0xBEE1:
+            raise CorruptRunFile(f"{path}: not a W&B run file (header {data[:7]!r}, want b':W&B' + 0xBEE1)")
+        self.data, self.path = data, path
+        self.damage: list[str] = []
+        self.truncated = False
+
+    def _lost(self, pos: int, what: str, after: int | None = None) -> int:
+        """Record a damaged chunk at `pos`; return where reading resumes: `after` (the end of the
+        chunk) if a valid chunk, the block's end or the file's end is there, else the next block."""
+        if after is not None and self._valid_at(after):
+            self.damage.append(f"{what} at byte {pos}: its record dropped")
+            return after
+        block = pos // BLOCK
+        self.damage.append(f"{what} at byte {pos}: the rest of block {block} dropped")
+        return (block + 1) * BLOCK
+
+    def _valid_at(self, pos: int) -> bool:
+        data = self.data
+        if BLOCK - pos % BLOCK < CHUNK.size:
+            pos += BLOCK - pos % BLOCK
+        if pos >= len(data):
+            return True
+        if pos + CHUNK.size > len(data):
+            return False
+        crc, length, kind = CHUNK.unpack_from(data, pos)
         start = pos + CHUNK.size
-        if start + length > end:
-            return  # truncated last chunk
-        if kind == 0 and length == 0:  # zero padding written before a crash
-            return
-        chunk = data[start:start + length]
-        pos = start + length
-        if kind == FULL:
-            yield chunk
-            parts = []
-        elif kind == FIRST:
-            parts = [chunk]
-        elif kind == MIDDLE:
-            parts.append(chunk)
-        elif kind == LAST:
-            parts.append(chunk)
-            yield b"".join(parts)
-            parts = []
-        else:
-            raise CorruptRunFile(f"{path}: bad chunk type {kind} at byte {pos - length - CHUNK.size}")
+        return (length <= BLOCK - pos % BLOCK - CHUNK.size and start + length <= len(data)
+                and zlib.crc32(data[start:start + length], _TYPE_CRC[kind]) == crc)
+
+    def __iter__(self) -> Iterator[bytes]:
+        data, end = self.data, len(self.data)
+        pos, parts = HEADER.size, None  # parts: the chunks of an unfinished record
+        skipping = False  # after a loss: MIDDLE/LAST chunks of the lost record are expected, not news
+        while True:
+            space = BLOCK - pos % BLOCK
+            if space < CHUNK.size:  # block trailer (zeros)
+                pos += space
+                continue
+            if pos + CHUNK.size > end:
+                if pos < end or parts is not None:
+                    self.truncated = True  # cut inside a chunk header, or inside a record
+                return
+            crc, length, kind = CHUNK.unpack_from(data, pos)
+            start = pos + CHUNK.size
+            if crc == 0 and length == 0 and kind == 0:
+                if not data.count(0, pos, end) == end - pos:
+                    pos, parts, skipping = self._lost(pos, "a zeroed chunk header"), None, True
+                    continue
+                self.truncated = True  # zeros to the end: space allocated, never written
+                return
+            if start + length > end:
+                self.truncated = True  # the last chunk was cut short
+                return
+            if length > space - CHUNK.size:
+                pos, parts, skipping = self._lost(pos, "a chunk longer than its block"), None, True
+                continue
+            if zlib.crc32(data[start:start + length], _TYPE_CRC[kind]) != crc:
+                pos, parts, skipping = self._lost(pos, "a chunk with a bad checksum", start + length), None, True
+                continue
+            chunk = data[start:start + length]
+            here, pos = pos, start + length
+            if kind in (FULL, FIRST):
+                if parts is not None:
+                    self.damage.append(f"a record without its last chunk before byte {here}: dropped")
+                skipping = False
+                if kind == FULL:
+                    parts = None
+                    yield chunk
+                else:
+                    parts = [chunk]
+            elif kind in (MIDDLE, LAST):
+                if parts is None:
+                    if not skipping:
+                        self.damage.append(f"a {'middle' if kind == MIDDLE else 'last'} chunk without "
+                                           f"its first at byte {here}: dropped")
+                    continue
+                parts.append(chunk)
+                if kind == LAST:
+                    record, parts = b"".join(parts), None
+                    yield record
+            else:
+                self.damage.append(f"a chunk of unknown type {kind} at byte {here}: dropped")
+
+
+def iter_records(data: bytes, path: str = "") -> Iterator[bytes]:
+    """Record payloads in order (see `Log`, which also reports damage and truncation)."""
+    return iter(Log(data, path))
 
 
 def _item_key(item) -> str:
@@ -312,8 +385,13 @@ class RunFile:
     history: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per logged step
     artifacts: list[dict] = field(default_factory=list)
     exit_code: int | None = None
-    truncated: bool = False
+    preempting: bool = False  # the run called mark_preempting()
+    truncated: bool = False  # the file ends inside a chunk or a record (killed mid-write)
+    damage: list[str] = field(default_factory=list)  # chunks or records dropped (bad checksum, ...)
     start_time: float | None = None
+    group: str = ""
+    job_type: str = ""
+    tags: list[str] = field(default_factory=list)
 
 
 def _apply_config(config: dict, rec) -> None:
@@ -335,6 +413,18 @@ def _summary_keys(payload: bytes) -> bytes | None:
     return b"\0".join(_SUMMARY_KEYS.findall(payload, head[1], head[2]))
 
 
+def _without(d: dict, paths: list[list[str]]) -> dict:
+    """A copy of the nested dict `d` without the entries at `paths` (each a list of keys)."""
+    d = json.loads(json.dumps(d))
+    for path in paths:
+        node = d
+        for k in path[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return d
+
+
 def _replay_summary(ops: list, rows) -> dict[str, Any]:
     """The summary after all its operations, replayed from the last, so that an operation whose
     keys are all written later is skipped undecoded (wandb-core writes two summary records a step).
@@ -343,11 +433,14 @@ def _replay_summary(ops: list, rows) -> dict[str, Any]:
     done: set[str] = set()
     seen_rows: set = set()  # key sets of rows already applied: a row with one of them adds nothing
     seen_records: set = set()  # the same for summary records (their key fields' bytes)
+    cut: list[list[str]] = []  # nested keys removed later than the operation at hand ({"a": {"b"}})
 
     def put(items: dict, removed=()) -> None:
         done.update(removed)  # a record removes after it updates: its removals win
         for k, v in items.items():
             if k not in done:
+                if isinstance(v, dict) and any(p[0] == k for p in cut):
+                    v = _without(v, [p[1:] for p in cut if p[0] == k])
                 out[k] = v
                 done.add(k)
 
@@ -363,6 +456,7 @@ def _replay_summary(ops: list, rows) -> dict[str, Any]:
             rec.ParseFromString(op[1])
             s = rec.summary
             removed = [k for k in map(_item_key, s.remove) if k not in done]
+            cut.extend(list(i.nested_key) for i in s.remove if len(i.nested_key) > 1)
             if removed or not done.issuperset([_item_key(i) for i in s.update]):
                 put(_json_values(s.update), removed)
         else:
@@ -397,6 +491,7 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
     rows with `_PackedRows`; None if they do not fit its layout.
     """
     out = RunFile(path=path)
+    log = Log(data, path)
     rec = pb.Record()
     rows = _PackedRows() if packed else _DictRows()
     ops: list[tuple] = []  # summary operations, see _replay_summary
@@ -410,12 +505,14 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
             ops.append(("record", pending[0]))
             pending = None
 
-    try:
-        for payload in iter_records(data, path):
-            n += 1
+    for payload in log:
+        n += 1
+        try:
             head = _record_field(payload) if packed else None
             if head is not None and head[0] == 0x12:  # history
                 row = rows.add(payload, head[1], head[2])
+                if row is None:  # not the packed layout: the caller reads the file item by item
+                    return None
             elif head is not None and head[0] == 0x1A and shortcut:  # summary
                 flush()  # value tags and bytes are compared with the next row's before it is dropped
                 pending = (payload, payload.count(b"\x82\x01", head[1], head[2]), head[2] - head[1])
@@ -453,6 +550,8 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
                 out.run_id, out.project = r.run_id, r.project
                 out.name = r.display_name or out.name
                 out.sweep_id = r.sweep_id or out.sweep_id
+                out.group, out.job_type = r.run_group or out.group, r.job_type or out.job_type
+                out.tags = list(r.tags) or out.tags
                 if r.HasField("start_time"):
                     out.start_time = r.start_time.seconds
                 _apply_config(out.config, r.config)
@@ -465,13 +564,15 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
                 })
             elif kind == "exit":
                 out.exit_code = rec.exit.exit_code
-        flush()
-    except CorruptRunFile:
-        raise
-    except DecodeError as e:  # a record cut or damaged: keep what was read before it
-        if n == 0:
-            raise CorruptRunFile(f"{path}: cannot decode the first record ({e})") from None
-        out.truncated = True
+            elif kind == "preempting":
+                out.preempting = True
+        except DecodeError as e:  # checksums matched, yet not a Record: a writer bug, or a forged file
+            if n == 1:
+                raise CorruptRunFile(f"{path}: cannot decode the first record ({e})") from None
+            log.damage.append(f"record {n} does not decode ({e}): dropped")
+            flush()
+    flush()
+    out.truncated, out.damage = log.truncated, log.damage
     if packed and not rows.decode():
         return None
     out.summary = _replay_summary(ops, rows)
@@ -498,17 +599,32 @@ def read_with_leet(path: str, wandb_exe: str = "wandb") -> RunFile:
             history.append(row)
         elif kind == "run":
             out.run_id, out.name = body.get("run_id", ""), body.get("display_name", "")
-            out.sweep_id = body.get("sweep_id", "")
+            out.project, out.sweep_id = body.get("project", ""), body.get("sweep_id", "")
+            out.group, out.job_type = body.get("run_group", ""), body.get("job_type", "")
+            out.tags = list(body.get("tags", []))
             out.config.update(body.get("config", {}).get("update", {}))
             out.summary.update(body.get("summary", {}).get("update", {}))
         elif kind == "summary":
             out.summary.update(body.get("update", {}))
-            for key in body.get("remove", {}) or {}:
-                out.summary.pop(key, None)
+            _leet_remove(out.summary, body.get("remove") or [])
         elif kind == "config":
             out.config.update(body.get("update", {}))
+            _leet_remove(out.config, body.get("remove") or [])
         elif kind == "exit":
             out.exit_code = int(body.get("exit_code", 0))
+        elif kind == "preempting":
+            out.preempting = True
     out.history = pd.DataFrame.from_records(history)
     out.config.pop("_wandb", None)
     return out
+
+
+def _leet_remove(d: dict, items: list) -> None:
+    """Apply leet's `"remove": [{"key": k} | {"nested_key": [k1, k2, ...]}]` to a summary or config."""
+    for item in items:
+        path = item.get("nested_key") or [item.get("key", "")] if isinstance(item, dict) else [str(item)]
+        node = d
+        for k in path[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(path[-1], None)

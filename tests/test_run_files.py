@@ -2,7 +2,6 @@
 import glob
 import math
 import os
-import shutil
 import sys
 
 import pandas as pd
@@ -133,14 +132,33 @@ def test_states_config_columns_and_history(tmp_path):
     assert sorted(hist["step"].unique()) == [1, 2, 3, 4, 5]
 
 
-def test_second_load_comes_from_the_cache(tmp_path):
-    path = make_run(tmp_path, steps=50)
+def _second_load(tmp_path, monkeypatch):
+    """Load twice; before the second load, forget this process's memo and make decoding fail."""
+    make_run(tmp_path, steps=50)
     first = runstore.load_history(str(tmp_path / "wandb"))
-    cached = glob.glob(str(tmp_path / "wandb" / runstore.CACHE_DIR / "*.pkl"))
-    assert len(cached) == 1
-    os.remove(path)  # a stale cache entry is keyed by size+mtime, so delete the file to prove reuse
-    shutil.copy(cached[0], cached[0] + ".bak")
-    pd.testing.assert_frame_equal(first, pd.read_pickle(cached[0])[1].assign(run_id=first.run_id.iloc[0])[first.columns])
+    runstore._MEMO.clear()
+
+    def no_decoding(path, *args, **kwargs):
+        raise CorruptRunFile(f"{path}: decoded again")
+    monkeypatch.setattr(runstore, "read_run_file", no_decoding)
+    return first, runstore.load_history(str(tmp_path / "wandb"))
+
+
+def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
+    first, second = _second_load(tmp_path, monkeypatch)
+    assert len(first) == 50 and first["m/19"].iloc[-1] == 49 * 0.5 + 19
+    pd.testing.assert_frame_equal(first, second)  # every value, every dtype, from the cache
+    entries = sorted(os.listdir(tmp_path / "wandb" / runstore.CACHE_DIR))
+    assert [e.rsplit(".", 1)[1] for e in entries] == ["json", "parquet"]
+
+
+def test_without_the_cache_the_second_load_decodes_again(tmp_path, monkeypatch):
+    """The test above can fail: with the cache unwritable, the second load has to decode (and here
+    cannot), so it returns no history."""
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "not-a-dir" / "cache"))
+    first, second = _second_load(tmp_path, monkeypatch)
+    assert len(first) == 50 and len(second) == 0
 
 
 def test_bad_sources_are_one_line_errors(tmp_path):

@@ -1,0 +1,151 @@
+"""The run store's disk cache of decoded run files: JSON (the run's meta) + parquet (its history).
+
+Neither format can run code when read (the old cache was pickle: a planted file ran `os.system`).
+An entry is named by a hash of the run file's absolute path, size, mtime and the decoder's version,
+and its JSON repeats those fields, which are checked on every read: a changed file, a newer decoder
+or a foreign or corrupt entry is never served; the caller is told why and decodes the file again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from harness.wandb_file import DECODER_VERSION
+
+CACHE_DIR = ".harness-cache"
+FORMAT = 2  # of the entries themselves (1 was pickle)
+CACHE_ENV = "HARNESS_CACHE_DIR"  # a writable cache elsewhere, for read-only or full wandb directories
+_COLUMN_TYPES = (pa.types.is_int64, pa.types.is_float64, pa.types.is_boolean, pa.types.is_string,
+                 pa.types.is_large_string, pa.types.is_null)
+
+
+class BadEntry(Exception):
+    """A cache entry that cannot be served (the message says why)."""
+
+
+def cache_dir(wandb_root: str) -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(wandb_root, CACHE_DIR)
+
+
+def identity(path: str, st: os.stat_result) -> dict:
+    return {"format": FORMAT, "decoder": DECODER_VERSION, "path": os.path.abspath(path),
+            "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def entry_name(ident: dict) -> str:
+    key = "\0".join(str(ident[k]) for k in ("format", "decoder", "path", "size", "mtime_ns"))
+    return hashlib.sha1(key.encode()).hexdigest()[:20]
+
+
+def read_meta(root: str, ident: dict) -> dict | None:
+    """The cached meta of a run file; None if there is no entry; BadEntry if it cannot be served."""
+    path = os.path.join(root, entry_name(ident) + ".json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            entry = json.load(f)
+    except (FileNotFoundError, NotADirectoryError):  # no entry (or no cache directory) yet
+        return None
+    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
+        raise BadEntry(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("meta"), dict):
+        raise BadEntry(f"{path}: not a run-store cache entry")
+    if any(entry.get(k) != v for k, v in ident.items()):
+        raise BadEntry(f"{path}: written for another file, file version or decoder version")
+    meta = entry["meta"]
+    meta["_json_columns"] = entry.get("json_columns", [])
+    meta["_history_file"] = path[:-5] + ".parquet" if entry.get("rows") else None
+    meta["_history_crc32"] = entry.get("history_crc32")
+    return meta
+
+
+def read_history(meta: dict) -> pd.DataFrame:
+    """The cached history of a run whose meta came from `read_meta`; BadEntry if it cannot be served."""
+    path = meta.get("_history_file")
+    if not path:
+        return pd.DataFrame()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if zlib.crc32(data) != meta["_history_crc32"]:  # another file under this name, or damaged
+            raise BadEntry(f"{path}: its checksum does not match its entry")
+        table = pq.read_table(pa.BufferReader(data))
+    except (OSError, pa.ArrowException) as e:
+        raise BadEntry(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    odd = [f"{f.name}: {f.type}" for f in table.schema if not any(ok(f.type) for ok in _COLUMN_TYPES)]
+    if odd:  # e.g. an extension type: never let a foreign file choose how it is deserialised
+        raise BadEntry(f"{path}: unexpected column types ({', '.join(odd[:3])})")
+    hist = table.to_pandas(ignore_metadata=True)  # plain columns; pandas metadata is not trusted
+    for c in meta["_json_columns"]:
+        if c not in hist:
+            raise BadEntry(f"{path}: column {c!r} missing")
+        try:
+            hist[c] = [json.loads(v) if v is not None else None for v in hist[c]]
+        except (TypeError, ValueError) as e:
+            raise BadEntry(f"{path}: column {c!r} is not JSON ({e})") from None
+    return typed(hist)
+
+
+def write(root: str, ident: dict, meta: dict, hist: pd.DataFrame) -> None:
+    """Write an entry (parquet first, then the JSON that makes it visible); OSError if it cannot."""
+    os.makedirs(root, exist_ok=True)
+    name = os.path.join(root, entry_name(ident))
+    tmp = f".{os.getpid()}.tmp"
+    json_columns = [c for c in hist.columns if hist[c].dtype == object]
+    if len(hist):
+        out = hist.copy() if json_columns else hist
+        for c in json_columns:  # strings, dicts, mixed types: exact through JSON text
+            out[c] = [json.dumps(v) for v in out[c]]
+        bools = [c for c in out.columns if isinstance(out[c].dtype, pd.BooleanDtype)]
+        for c in bools:  # nullable booleans: JSON text too (plain parquet reads them back as objects)
+            out[c] = [None if v is pd.NA else json.dumps(bool(v)) for v in out[c]]
+        json_columns += bools
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pandas(out, preserve_index=False), sink, compression="snappy")
+        data = sink.getvalue().to_pybytes()
+        with open(name + ".parquet" + tmp, "wb") as f:
+            f.write(data)
+        os.replace(name + ".parquet" + tmp, name + ".parquet")
+    entry = dict(ident, rows=len(hist), json_columns=json_columns,
+                 history_crc32=zlib.crc32(data) if len(hist) else None,
+                 meta={k: v for k, v in meta.items() if not k.startswith("_")})
+    with open(name + ".json" + tmp, "w", encoding="utf-8") as f:
+        json.dump(entry, f)
+    os.replace(name + ".json" + tmp, name + ".json")
+
+
+def probe(root: str) -> str | None:
+    """None if entries can be written under `root`, else why not (one line)."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        path = os.path.join(root, f".probe.{os.getpid()}")
+        with open(path, "w") as f:
+            f.write("x")
+        os.remove(path)
+        return None
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+
+
+def typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Give numeric and boolean columns numeric and boolean dtypes: an `object` column whose values
+    (missing ones aside) are all numbers becomes float64 (int64 when all are present integers), all
+    booleans: bool (or the nullable "boolean" when some are missing). Other columns stay as they are."""
+    for c in frame.columns[frame.dtypes.values == object]:
+        col = frame[c]
+        present = col[col.notna()]
+        if not len(present):
+            continue
+        kinds = set(map(type, present))
+        if kinds == {bool} or kinds == {np.bool_}:
+            frame[c] = col.astype(bool) if len(present) == len(col) else col.astype("boolean")
+        elif kinds <= {int, float, np.int64, np.float64}:
+            whole = kinds <= {int, np.int64} and len(present) == len(col)
+            frame[c] = col.astype(np.int64) if whole and present.abs().max() < 2**63 else col.astype(float)
+    return frame

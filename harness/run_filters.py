@@ -1,0 +1,164 @@
+"""W&B's MongoDB-style run filter, applied to offline runs.
+
+`Api().runs(path, filters=...)` takes a MongoDB query over the run's fields, spelled as W&B spells
+them: `config.model.width` (a nested config key, dotted), `summary_metrics.val/loss`, `state`,
+`tags`, `group`, `sweep`, `display_name`, `job_type`. Offline the same filter is applied here, with
+the operators the local runs need: $eq $ne $gt $gte $lt $lte $in $nin $exists $and $or. Anything
+else is refused with a one-line error before any run is chosen, and so is a key that no run has (a
+typo would otherwise select every run, or none), with the nearest keys as suggestions.
+"""
+from __future__ import annotations
+
+import difflib
+import numbers
+from typing import Any
+
+from harness.errors import UserError
+
+FIELD_OPS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists")
+LOGIC_OPS = ("$and", "$or")
+RUN_FIELDS = {"state": "state", "tags": "tags", "group": "group", "sweep": "sweep",
+              "display_name": "name", "job_type": "job_type"}
+_MISSING = object()
+
+
+class FilterError(UserError):
+    """A filter the offline run store cannot apply exactly (one line)."""
+
+
+def _lookup(d: dict, key: str) -> Any:
+    """d[key], or a path through nested dicts (`a.b` in {"a": {"b": 1}}); _MISSING if absent."""
+    if key in d:
+        return d[key]
+    head, _, rest = key.partition(".")
+    while rest:
+        if isinstance(d.get(head), dict):
+            found = _lookup(d[head], rest)
+            if found is not _MISSING:
+                return found
+        more, _, rest = rest.partition(".")
+        head = f"{head}.{more}"
+    return _MISSING
+
+
+def value(meta: dict, key: str) -> Any:
+    """The value a filter key names in a run's meta (config flat, summary nested); _MISSING if none."""
+    if key.startswith("config."):
+        return _lookup(meta["config"], key[len("config."):])
+    if key.startswith("summary_metrics."):
+        return _lookup(meta["summary"], key[len("summary_metrics."):])
+    return meta.get(RUN_FIELDS[key], _MISSING)
+
+
+def _keys(metas: list[dict]) -> set[str]:
+    keys = set(RUN_FIELDS)
+    for m in metas:
+        keys.update(f"config.{k}" for k in m["config"])
+        for k, v in m["summary"].items():
+            keys.add(f"summary_metrics.{k}")
+            stack = [(k, v)]
+            while stack:  # nested summary dicts: every path is a key
+                prefix, node = stack.pop()
+                if isinstance(node, dict):
+                    for kk, vv in node.items():
+                        keys.add(f"summary_metrics.{prefix}.{kk}")
+                        stack.append((f"{prefix}.{kk}", vv))
+    return keys
+
+
+def check(filters: Any, metas: list[dict]) -> None:
+    """Raise FilterError (one line) unless `filters` uses only what `matches` applies exactly."""
+    if not isinstance(filters, dict):
+        raise FilterError(f"filters must be a dict (a MongoDB query, as W&B's Api().runs takes), got {filters!r}")
+    known = _keys(metas) if metas else None
+    _check(filters, known)
+
+
+def _check(query: dict, known: set[str] | None) -> None:
+    for key, cond in query.items():
+        if key in LOGIC_OPS:
+            if not isinstance(cond, list) or not cond or not all(isinstance(q, dict) for q in cond):
+                raise FilterError(f"filter {key} takes a non-empty list of filters, got {cond!r}")
+            for q in cond:
+                _check(q, known)
+            continue
+        if key.startswith("$"):
+            raise FilterError(f"filter operator {key!r} is not supported offline; supported: "
+                              f"{', '.join(LOGIC_OPS + FIELD_OPS)}")
+        _check_key(key, known)
+        if isinstance(cond, dict) and any(k.startswith("$") for k in cond):
+            for op, arg in cond.items():
+                if op not in FIELD_OPS:
+                    raise FilterError(f"filter operator {op!r} (on {key!r}) is not supported offline; "
+                                      f"supported: {', '.join(FIELD_OPS)}")
+                if op in ("$in", "$nin") and not isinstance(arg, (list, tuple)):
+                    raise FilterError(f"filter {key}: {op} takes a list, got {arg!r}")
+                if op == "$exists" and not isinstance(arg, bool):
+                    raise FilterError(f"filter {key}: $exists takes true or false, got {arg!r}")
+                if op in ("$gt", "$gte", "$lt", "$lte") and not (_number(arg) or isinstance(arg, str)):
+                    raise FilterError(f"filter {key}: {op} takes a number or a string, got {arg!r}")
+
+
+def _check_key(key: str, known: set[str] | None) -> None:
+    if key.startswith("summary."):
+        raise FilterError(f"filter key {key!r}: W&B spells summary keys 'summary_metrics.{key[8:]}'")
+    if not (key.startswith(("config.", "summary_metrics.")) or key in RUN_FIELDS):
+        raise FilterError(f"filter key {key!r}: use config.KEY, summary_metrics.KEY or one of "
+                          f"{', '.join(RUN_FIELDS)}")
+    if known is not None and key not in known:
+        near = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
+        raise FilterError(f"filter key {key!r}: no run has it{hint}")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, numbers.Number) and not isinstance(v, bool)
+
+
+def _eq(have: Any, want: Any) -> bool:
+    if isinstance(have, list) and not isinstance(want, list):  # an array matches if an element does
+        return any(_eq(h, want) for h in have)
+    if isinstance(have, bool) or isinstance(want, bool):  # MongoDB: true is not 1
+        return type(have) is type(want) and have == want
+    return have == want
+
+
+def _order(have: Any, op: str, want: Any) -> bool:
+    if isinstance(have, list):
+        return any(_order(h, op, want) for h in have)
+    if not ((_number(have) and _number(want)) or (isinstance(have, str) and isinstance(want, str))):
+        return False  # MongoDB compares within a type only: 3 is not > "2"
+    return {"$gt": have > want, "$gte": have >= want, "$lt": have < want, "$lte": have <= want}[op]
+
+
+def _field(have: Any, op: str, arg: Any) -> bool:
+    present = have is not _MISSING
+    value_ = have if present else None  # MongoDB: a missing field equals null
+    if op == "$eq":
+        return _eq(value_, arg)
+    if op == "$ne":
+        return not _eq(value_, arg)
+    if op == "$in":
+        return any(_eq(value_, a) for a in arg)
+    if op == "$nin":
+        return not any(_eq(value_, a) for a in arg)
+    if op == "$exists":
+        return present == arg
+    return present and _order(have, op, arg)
+
+
+def matches(query: dict, meta: dict) -> bool:
+    """Whether a run (its meta: config flat, summary, state, ...) satisfies a checked filter."""
+    for key, cond in query.items():
+        if key == "$and":
+            ok = all(matches(q, meta) for q in cond)
+        elif key == "$or":
+            ok = any(matches(q, meta) for q in cond)
+        elif isinstance(cond, dict) and any(k.startswith("$") for k in cond):
+            have = value(meta, key)
+            ok = all(_field(have, op, arg) for op, arg in cond.items())
+        else:
+            ok = _field(value(meta, key), "$eq", cond)
+        if not ok:
+            return False
+    return True
