@@ -359,6 +359,8 @@ def _table(metas: list[dict]) -> pd.DataFrame:
         row.update({f"config.{k}": v for k, v in m["config"].items()})
         row.update(_summary_columns(m["summary"]))
         rows.append(row)
+    if not rows:  # no run (or none matches): still the table's columns
+        return pd.DataFrame(columns=list(_RUN_COLUMNS))
     return run_cache.typed(pd.DataFrame(rows))
 
 
@@ -422,7 +424,7 @@ def load_history(source: str, run_ids: Iterable[str] | None = None, sweep: str |
                 frames.append(_select(run_cache.typed(h), keys).assign(run_id=m["id"]))
     if not frames:
         return pd.DataFrame(columns=["run_id", "step", *(keys or [])])
-    hist = pd.concat(frames, ignore_index=True)
+    hist = run_cache.typed(pd.concat(frames, ignore_index=True))  # a column some runs lack: still numeric
     front = ["run_id", "step"]
     return hist[front + [c for c in hist.columns if c not in front]]
 
