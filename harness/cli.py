@@ -1,21 +1,62 @@
-"""The `harness` command: train, sweep, agent, runs."""
+"""The `harness` command: train, sweep, agent, runs, tasks."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from harness.errors import ConfigError, UserError
 
 
 def cmd_train(args) -> int:
+    """Exit codes (contract C6): 0 finished, 2 bad input, 143 preempted (SIGTERM; resumable),
+    1 anything else, a non-finite loss included."""
+    from harness.checkpoint import Preempted
     from harness.config import load_config
-    from harness.train import train
+    from harness.train import NonFiniteLoss, train
 
     cfg = load_config(args.overrides)
-    summary = train(cfg, args.overrides)
+    try:
+        summary = train(cfg, args.overrides)
+    except Preempted as e:
+        print(f"harness: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except NonFiniteLoss as e:
+        print(f"harness: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    if summary is None:  # a DDP rank other than 0: rank 0 prints the run's line
+        return 0
     sys.stdout.flush()
-    print(json.dumps(summary, default=str), flush=True)
+    # Strict JSON: a NaN or infinity would be a bare NaN token that JSON readers reject.
+    print(json.dumps(_json_safe(summary), default=str, allow_nan=False), flush=True)
+    return 0
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def cmd_config(args) -> int:
+    """`harness train task=X [k=v ...] --cfg`: the resolved config, nothing run."""
+    from harness.config import describe, load_config
+
+    print(describe(load_config(args.overrides)))
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from harness.config import tasks
+
+    for name, ep in tasks().items():
+        print(f"{name:18s} {ep.value}")
+    print("\nkeys and defaults of one: harness train task=NAME --cfg", file=sys.stderr)
     return 0
 
 
@@ -23,13 +64,15 @@ def cmd_sweep(args) -> int:
     from harness import controller
 
     if args.local:
-        sweep_id = controller.create_local_sweep(args.yaml, args.wandb_dir)
+        if args.workers < 1:  # before the sweep exists
+            raise UserError(f"--workers {args.workers}: the number of runs in parallel, an integer >= 1")
+        sweep_id = controller.create_local_sweep(args.yaml, args.wandb_dir, count=args.count, will_run=not args.no_run)
         print(sweep_id, flush=True)
         if args.no_run:
             return 0
-        controller.run_agent(sweep_id, args.wandb_dir, workers=args.workers, count=args.count)
+        code = controller.run_agent(sweep_id, args.wandb_dir, workers=args.workers, count=args.count)
         print(sweep_id, flush=True)
-        return 0
+        return code
     sweep_id = controller.create_wandb_sweep(args.yaml, project=args.project, entity=args.entity)
     print(sweep_id, flush=True)
     return 0
@@ -40,8 +83,7 @@ def cmd_agent(args) -> int:
 
     if "/" in args.sweep_id:  # entity/project/id: a W&B sweep, run by W&B's own agent
         return controller.run_wandb_agent(args.sweep_id, args.count)
-    controller.run_agent(args.sweep_id, args.wandb_dir, workers=args.workers, count=args.count)
-    return 0
+    return controller.run_agent(args.sweep_id, args.wandb_dir, workers=args.workers, count=args.count)
 
 
 def cmd_runs(args) -> int:
@@ -76,9 +118,16 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train one run: harness train task=sparse_parity model.width=64")
+    t = sub.add_parser("train", help="train one run: harness train task=sparse_parity model.width=64",
+                       epilog="tasks: `harness tasks`; every key of a task with its default, type and meaning: "
+                              "`harness train task=NAME --cfg`. --key=value (what wandb agent passes for "
+                              "${args}) is read as key=value.")
     t.add_argument("overrides", nargs="*", help="key=value config overrides (task=NAME first)")
+    t.add_argument("--cfg", action="store_true", help="print the resolved config (defaults, types, comments) and exit")
     t.set_defaults(fn=cmd_train)
+
+    k = sub.add_parser("tasks", help="list the registered tasks")
+    k.set_defaults(fn=cmd_tasks)
 
     s = sub.add_parser("sweep", help="validate a sweep YAML and create (and with --local, run) it")
     s.add_argument("yaml")
@@ -86,7 +135,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="runs in parallel on this machine")
     s.add_argument("--count", type=int, default=None, help="stop after this many runs")
     s.add_argument("--no-run", action="store_true", help="with --local: create the sweep only")
-    s.add_argument("--wandb-dir", default="wandb", help="local wandb directory (default ./wandb)")
+    s.add_argument("--wandb-dir", default=None, help="local wandb directory (default $WANDB_DIR/wandb, else ./wandb)")
     s.add_argument("--project", default=None)
     s.add_argument("--entity", default=None)
     s.set_defaults(fn=cmd_sweep)
@@ -95,7 +144,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("sweep_id")
     a.add_argument("--workers", type=int, default=1)
     a.add_argument("--count", type=int, default=None)
-    a.add_argument("--wandb-dir", default="wandb")
+    a.add_argument("--wandb-dir", default=None, help="(default $WANDB_DIR/wandb, else ./wandb)")
     a.set_defaults(fn=cmd_agent)
 
     r = sub.add_parser("runs", help="export the runs table: harness runs SOURCE -o runs.csv")
@@ -106,8 +155,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _hyphenated_overrides(argv: list[str]) -> list[str]:
+    """`harness train --model.width=4` (wandb agent's ${args}) -> `model.width=4`, before argparse sees it."""
+    if argv[:1] != ["train"]:
+        return argv
+    own = {"--cfg", "--help"}
+    return argv[:1] + [a[2:] if a.startswith("--") and "=" in a and a.split("=", 1)[0] not in own else a
+                       for a in argv[1:]]
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(_hyphenated_overrides(list(sys.argv[1:] if argv is None else argv)))
+    if getattr(args, "cfg", False):
+        args.fn = cmd_config
     try:
         code = args.fn(args)
     except (ConfigError, UserError) as e:

@@ -6,25 +6,26 @@ returns that dataclass, or raises `ConfigError` with one line naming the bad key
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import difflib
+import functools
+import importlib.metadata
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, List, Optional
+from typing import Any, ClassVar, Iterable, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from harness.errors import ConfigError  # noqa: F401  (re-exported: tasks raise it)
 
-# Task name -> module. Imported lazily: the Pythia task pulls in transformers.
-TASKS = {
-    "sparse_parity": "tasks.sparse_parity",
-    "modular_addition": "tasks.modular_addition",
-    "mnist_omnigrok": "tasks.mnist_omnigrok",
-    "pythia_eval": "tasks.pythia_eval",
-    "pythia_suite": "tasks.pythia_suite",
-}
+# Tasks register themselves as entry points (group "harness.tasks", name -> module, see pyproject.toml),
+# so the harness names no task: a new task, here or in another package, is one line in its own
+# pyproject. Modules are imported lazily: the Pythia task pulls in transformers.
+TASK_GROUP = "harness.tasks"
+# Lightning's precision strings (lightning.fabric.connector), checked before a run is created.
+PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64", "32", "16", "bf16",
+              "transformer-engine", "transformer-engine-float16")
 
 DATA_DIR_ENV = "HARNESS_DATA_DIR"
 
@@ -43,11 +44,16 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: str = "32-true"  # Lightning precision string, e.g. bf16-mixed, 64-true
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default (OMP_NUM_THREADS)
-    progress_bar: bool = True
+    # A bar counting optimizer steps; None: on when stderr is a terminal and the run is not part of a sweep.
+    progress_bar: Optional[bool] = None
+    # Save the resume point (last.ckpt) every N optimizer steps; 0 = only when SIGTERM stops the run.
+    ckpt_every: int = 0
+    # Where last.ckpt lives; None = <wandb root>/checkpoints/<run id>/ (harness/checkpoint.py).
+    ckpt_dir: Optional[str] = None
 
     def batch_steps(self) -> int:
-        """steps_per_batch, reduced so that evaluations and the end fall on batch boundaries."""
-        return math.gcd(self.steps_per_batch, self.eval_every, self.steps or self.eval_every)
+        """steps_per_batch, reduced so that evaluations, checkpoints and the end fall on batch boundaries."""
+        return math.gcd(self.steps_per_batch, self.eval_every, self.ckpt_every, self.steps or self.eval_every)
 
 
 @dataclass
@@ -69,20 +75,75 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
+    # False for evaluation-only tasks (stage validate), whose trainer.steps is 0.
+    fits: ClassVar[bool] = True
+
     def validate(self) -> None:
         """Cross-field checks a type cannot express; raise ConfigError. Tasks extend this."""
+        _check_finite(self)
         t = self.trainer
-        if t.steps < 0 or t.eval_every <= 0 or t.log_every <= 0 or t.steps_per_batch <= 0:
+        if t.steps < (1 if self.fits else 0) or t.eval_every <= 0 or t.log_every <= 0 or t.steps_per_batch <= 0:
             raise ConfigError(
                 f"trainer.steps={t.steps}, trainer.eval_every={t.eval_every}, trainer.log_every={t.log_every}, "
-                f"trainer.steps_per_batch={t.steps_per_batch}: steps must be >= 0 and the others > 0"
+                f"trainer.steps_per_batch={t.steps_per_batch}: steps must be >= {1 if self.fits else 0} "
+                "and the others > 0"
             )
+        if t.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision={t.precision!r}: valid values are {', '.join(PRECISIONS)}")
+        if t.devices < 1 or t.threads < 0:
+            raise ConfigError(f"trainer.devices={t.devices}, trainer.threads={t.threads}: need >= 1 and >= 0")
+        if t.ckpt_every < 0:
+            raise ConfigError(f"trainer.ckpt_every={t.ckpt_every}: need >= 0 (0 = checkpoint only on SIGTERM)")
+        if t.devices > 1 and t.strategy not in ("auto", "ddp"):
+            # Only the "ddp" launcher re-runs `harness train` per rank, so that rank 0 alone owns the
+            # W&B run; spawn/fork would need the run object pickled into each worker.
+            raise ConfigError(f"trainer.strategy={t.strategy!r} with trainer.devices={t.devices}: "
+                              "use trainer.strategy=ddp (or auto)")
+        optim = getattr(self, "optim", None)
+        if optim is not None:
+            _check_optim(optim)
+
+
+def _check_finite(cfg: Any, prefix: str = "") -> None:
+    """NaN or infinity in any float key is a typo, never a setting."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{f.name}={value}: must be a finite number")
+
+
+def _check_optim(o: Any) -> None:
+    """The Adam-family keys the tasks share (lr, weight_decay, beta1, beta2, eps), where present."""
+    if hasattr(o, "lr") and not o.lr > 0:
+        raise ConfigError(f"optim.lr={o.lr}: the learning rate must be > 0")
+    if getattr(o, "weight_decay", 0) < 0:
+        raise ConfigError(f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    for name in ("beta1", "beta2"):
+        if hasattr(o, name) and not 0 <= getattr(o, name) < 1:
+            raise ConfigError(f"optim.{name}={getattr(o, name)}: Adam's betas lie in [0, 1)")
+    if hasattr(o, "eps") and not o.eps > 0:
+        raise ConfigError(f"optim.eps={o.eps}: must be > 0")
+
+
+@functools.cache
+def tasks() -> dict[str, importlib.metadata.EntryPoint]:
+    """Registered tasks, name -> entry point (its value is the task's module)."""
+    found = {ep.name: ep for ep in importlib.metadata.entry_points(group=TASK_GROUP)}
+    if not found:
+        raise ConfigError(f"no tasks registered (entry point group {TASK_GROUP!r}): install the project with "
+                          "`pip install -e .`")
+    return dict(sorted(found.items()))
 
 
 def task_module(name: str):
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
-    return importlib.import_module(TASKS[name])
+    registry = tasks()
+    if name not in registry:
+        close = difflib.get_close_matches(str(name), registry, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"unknown task {name!r}; {hint}valid tasks: {', '.join(registry)}")
+    return registry[name].load()
 
 
 def config_class(task: str) -> type:
@@ -102,14 +163,24 @@ def valid_keys(cls_or_obj: Any, prefix: str = "") -> list[str]:
 
 
 def split_task(overrides: Iterable[str]) -> tuple[str, list[str]]:
-    overrides = list(overrides)
+    """The task name and the overrides as `key=value`.
+
+    `--key=value` (what `wandb agent` passes for `${args}`) is read as `key=value`. A key given twice
+    is an error: with a sweep's parameters and a hand-written override, silently taking the last
+    one hides which value a run used.
+    """
+    overrides = [o[2:] if o.startswith("--") else o for o in overrides]
+    seen: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. model.width=64)")
-    tasks = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "task"]
-    if not tasks:
-        raise ConfigError(f"no task given: add task=NAME; valid tasks: {', '.join(TASKS)}")
-    return tasks[-1], overrides
+        key, value = item.split("=", 1)
+        if key in seen:
+            raise ConfigError(f"config key {key!r} given twice ({key}={seen[key]} and {key}={value}); give it once")
+        seen[key] = value
+    if "task" not in seen:
+        raise ConfigError(f"no task given: add task=NAME; valid tasks: {', '.join(tasks())}")
+    return seen["task"], overrides
 
 
 def load_config(overrides: Iterable[str]) -> RunConfig:
@@ -152,10 +223,86 @@ def _explain(e: OmegaConfBaseException, cls: type, task: str) -> str:
     key = getattr(e, "full_key", None) or "?"
     msg = str(e).splitlines()[0]
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
-        valid = valid_keys(cls)
-        return f"unknown config key {key!r} for task {task}; valid keys: {', '.join(valid)}"
+        return f"unknown config key {key!r} for task {task}; {suggest(key, valid_keys(cls), task)}"
     value = getattr(e, "value", None)
     return f"bad value {value!r} for config key {key!r} (task {task}): {msg}"
+
+
+def suggest(key: str, valid: list[str], task: str) -> str:
+    """'did you mean model.width?': the nearest valid keys, by the whole dotted key, then by its last part."""
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.8)
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in reversed(valid)}
+    close += [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75)
+              if by_leaf[m] not in close]
+    listing = f"`harness train task={task} --cfg` lists every key"
+    return f"did you mean {' or '.join(close[:3])}? ({listing})" if close else listing
+
+
+def describe(cfg: RunConfig) -> str:
+    """The resolved config, one key a line: `key: type = value  # the dataclass's comment`.
+
+    A value that differs from the task's default shows the default too. Comments come from the
+    source of the dataclass that declares the field (trailing, or the comment lines just above).
+    """
+    default = type(cfg)()
+    lines = [f"# task {cfg.task} ({type(cfg).__module__}): key: type = value  # comment"]
+
+    def walk(obj: Any, dflt: Any, prefix: str) -> None:
+        comments = _field_comments(type(obj))
+        for f in dataclasses.fields(obj):
+            value, dvalue = getattr(obj, f.name), getattr(dflt, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, dvalue, f"{prefix}{f.name}.")
+                continue
+            line = f"{prefix}{f.name}: {_type_name(f.type)} = {_show(value)}"
+            if value != dvalue:
+                line += f"  (default {_show(dvalue)})"
+            if comments.get(f.name):
+                line += f"  # {comments[f.name]}"
+            lines.append(line)
+
+    walk(cfg, default, "")
+    return "\n".join(lines)
+
+
+def _show(v: Any) -> str:
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _type_name(t: Any) -> str:
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Field name -> comment, read from the source of each class in the MRO that declares fields."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    out: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                    for tok in tokenize.generate_tokens(io.StringIO(src).readline) if tok.type == tokenize.COMMENT}
+        lines = src.splitlines()
+        for node in ast.parse(src).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                text = comments.get(node.end_lineno)
+                if text is None:  # a block of comment lines right above the field
+                    above, i = [], node.lineno - 1
+                    while i in comments and lines[i - 1].strip().startswith("#"):
+                        above.insert(0, comments[i])
+                        i -= 1
+                    text = " ".join(above) or None
+                if text:
+                    out[node.target.id] = text
+    return out
 
 
 def to_dict(cfg: RunConfig) -> dict:

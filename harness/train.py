@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 from harness import tracking
 from harness.callbacks import FinalEval
 from harness.config import RunConfig, task_module
+from harness.progress import StepProgressBar, enabled as progress_enabled
 
 
 @dataclass
@@ -89,6 +90,7 @@ class StepLogger(WandbLogger):
 
 def make_trainer(cfg: RunConfig, logger, callbacks: list) -> L.Trainer:
     t = cfg.trainer
+    bar = progress_enabled(t.progress_bar)  # counts optimizer steps (harness/progress.py)
     trainer = L.Trainer(
         max_steps=t.steps,
         max_epochs=-1,
@@ -101,10 +103,10 @@ def make_trainer(cfg: RunConfig, logger, callbacks: list) -> L.Trainer:
         strategy=t.strategy,
         precision=t.precision,
         logger=logger,
-        callbacks=[FinalEval(), _StopOnSigterm(), *callbacks],
+        callbacks=[FinalEval(), _StopOnSigterm(), *callbacks, *([StepProgressBar()] if bar else [])],
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=bar,
         deterministic=False,
     )
     if isinstance(logger, StepLogger):

@@ -88,7 +88,7 @@ class Config(RunConfig):
     # 50 optimizer steps per Lightning batch: Lightning's ~1 ms of hooks per batch is half of this
     # full-batch step on a CPU; amortised it costs ~1% (benchmarks/bench_modular_addition.py).
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
-        steps=50000, eval_every=100, log_every=100, progress_bar=False, steps_per_batch=50))
+        steps=50000, eval_every=100, log_every=100, steps_per_batch=50))
 
     def validate(self) -> None:
         super().validate()

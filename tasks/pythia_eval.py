@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import lightning as L
 import numpy as np
@@ -88,6 +88,7 @@ class Config(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=0))
+    fits: ClassVar[bool] = False  # evaluation only: trainer.steps stays 0
 
     def validate(self) -> None:
         super().validate()

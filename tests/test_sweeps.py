@@ -1,4 +1,5 @@
 """Local sweeps: validation, W&B's engine and macros, resume after SIGKILL, crashed runs."""
+import functools
 import json
 import os
 import signal
@@ -45,6 +46,50 @@ def test_schema_violations_and_bad_values_are_one_line(tmp_path):
         controller.run_agent("nosuchid", str(tmp_path / "wandb"))
 
 
+def cli(capsys, *argv) -> tuple[int, str]:
+    """The `harness` entry point in this process (a subprocess per case would cost seconds each)."""
+    from harness.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+def _refused(capsys, tmp_path, text, *args):
+    """`harness sweep` on this YAML: exit 2, one line, and no sweep directory left behind."""
+    (tmp_path / "s.yaml").write_text(text)
+    code, err = cli(capsys, "sweep", str(tmp_path / "s.yaml"), "--local", *args)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "wandb")
+    return err
+
+
+def test_sweeps_that_would_fail_late_are_refused_up_front(tmp_path, capsys):
+    _refused = functools.partial(globals()["_refused"], capsys)
+    path = write_sweep(tmp_path / "base.yaml", widths([2]))
+    base = open(path).read()
+    # A program: sweep runs `python PROGRAM --k=v`; the harness is a module.
+    program = yaml.safe_load(base)
+    program.pop("command")
+    program = yaml.safe_dump({**program, "program": "train.py"})
+    assert "harness is a module" in _refused(tmp_path, program)
+    # bayes needs a metric; the engine would raise in a worker thread.
+    bayes = base.replace("method: grid", "method: bayes").replace("metric: {name: val/loss, goal: minimize}\n", "")
+    assert "bayes needs a metric" in _refused(tmp_path, bayes, "--count", "1")
+    # Parameters passed in a form `harness train` does not read.
+    assert "${args_json}" in _refused(tmp_path, base.replace("${args_no_hyphens}", "${args_json}"))
+    # A value that fails only inside a run, and a nested block with a typo.
+    assert "trainer.precision='banana'" in _refused(tmp_path, base + "  trainer.precision: {value: banana}\n")
+    nested = base + "  optim:\n    parameters:\n      lrr: {values: [0.01]}\n"
+    assert "optim.lrr" in _refused(tmp_path, nested) and "did you mean optim.lr" in _refused(tmp_path, nested)
+    assert "run_cap" in _refused(tmp_path, base + "run_cap: 0\n")
+    assert "--workers 0" in _refused(tmp_path, base, "--workers", "0")
+    # A random sweep with no end: refused before its directory exists.
+    random = base.replace("method: grid", "method: random")
+    assert "--count N or run_cap" in _refused(tmp_path, random)
+
+
 def test_command_expansion_matches_wandb_agent():
     cfg = {"command": ["${env}", "${interpreter}", "-m", "harness", "train", "${args_no_hyphens}"]}
     argv = controller.expand_command(cfg, {"task": "sparse_parity", "optim.lr": 0.001, "model.width": 8}, "x.json")
@@ -87,10 +132,103 @@ def test_a_crashing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     cfg = yaml.safe_load(open(cfg_path))
     cfg["parameters"]["model.width"]["values"] = [2, -1, 3]  # as if edited after validation
     yaml.safe_dump(cfg, open(cfg_path, "w"))
-    harness("agent", sweep_id)
+    proc = harness("agent", sweep_id, check=False)
+    assert proc.returncode == 1  # a failed run is not a successful sweep
+    assert "2 finished, 1 failed" in proc.stderr.splitlines()[-1]
     state = json.load(open(f"wandb/sweep-{sweep_id}/state.json"))
     by_width = {r["params"]["model.width"]: r["state"] for r in state["runs"]}
     assert by_width == {2: "finished", -1: "failed", 3: "finished"}
+
+
+def test_nested_parameters_and_args_macro_run_each_point_once_under_wandb_dir(tmp_path):
+    # W&B's nested syntax, wandb's default ${args} (--key=value), no --wandb-dir: runs go to $WANDB_DIR/wandb.
+    params = {k: v for k, v in TINY_SWEEP.items() if not k.startswith("model.")}
+    path = write_sweep(tmp_path / "s.yaml", params, command=["${env}", "${interpreter}", "-m", "harness", "train", "${args}"],
+                       extra="  model:\n    parameters:\n      width: {values: [2, 3]}\n      depth: {value: 1}\n")
+    scratch = tmp_path / "scratch"
+    proc = harness("sweep", path, "--local", "--workers", "2", env={"WANDB_DIR": str(scratch)})
+    sweep_id = proc.stdout.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "wandb")
+    state = json.load(open(scratch / "wandb" / f"sweep-{sweep_id}" / "state.json"))
+    assert sorted(r["params"]["model.width"] for r in state["runs"]) == [2, 3]  # once each, not 46 times
+    assert {r["state"] for r in state["runs"]} == {"finished"}
+    starts = [l for l in proc.stderr.splitlines() if " start:" in l]
+    assert len(starts) == 2 and {l.split(" start:")[0].split()[-1] for l in starts} == {"1/2", "2/2"}
+    runs = runstore.load_runs(str(scratch / "wandb"), sweep=sweep_id)
+    assert sorted(runs["config.model.width"]) == [2, 3] and set(runs["state"]) == {"finished"}
+
+
+def test_the_controller_never_starts_a_grid_point_that_already_ran():
+    # A run recorded in W&B's nested form is a point the engine does not recognise (it suggested it
+    # again, 46 times, before): the controller compares points itself and stops instead.
+    cfg = {"method": "grid", "parameters": {"task": {"value": "sparse_parity"}, "model.width": {"values": [2, 3]}}}
+    state = {"runs": [{"id": "a", "state": "finished", "params": {"task": "sparse_parity", "model": {"width": 2}}}]}
+    with pytest.raises(controller.RepeatedPoint, match="grid point .* again, which run a already holds"):
+        controller.next_params(cfg, state)
+    state["runs"][0]["params"] = {"task": "sparse_parity", "model.width": 2}
+    assert controller.next_params(cfg, state) == {"task": "sparse_parity", "model.width": 3}
+
+
+def test_varied_keys_and_threads_per_run(monkeypatch):
+    cfg = {"parameters": {"task": {"value": "x"}, "seed": {"values": [0, 1]}, "optim.lr": {"min": 0.1, "max": 1.0},
+                          "model": {"parameters": {"width": {"values": [2, 4]}, "depth": {"values": [1]}}}}}
+    assert controller.varied_keys(cfg) == ["seed", "optim.lr", "model.width"]
+    assert controller.grid_size({"parameters": {"a": {"values": [1, 2, 3]}, "b": {"min": 1, "max": 2}}}) == 6
+    from harness.resources import available_cpus
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = controller._run_env(cfg, "s", "r", "p.yaml", "wandb", workers=2)
+    assert env["OMP_NUM_THREADS"] == str(max(1, available_cpus() // 2))
+    assert env["HARNESS_SWEEP_VARIED"] == "seed,optim.lr,model.width" and env["WANDB_RUN_ID"] == "r"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # set by the user: passed on as is
+    assert controller._run_env(cfg, "s", "r", "p.yaml", "wandb", workers=2)["OMP_NUM_THREADS"] == "3"
+
+
+def test_available_cpus_follows_the_affinity_mask():
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity API on this platform")
+    code = "from harness.resources import available_cpus; print(available_cpus())"
+    one = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert one.stdout.strip() == "1"  # os.cpu_count() would still say every core of the machine
+
+
+def test_run_cap_counts_the_whole_sweep_not_each_agent(tmp_path):
+    path = write_sweep(tmp_path / "s.yaml", widths([2, 3, 4]), extra="run_cap: 2\n")
+    sweep_id = controller.create_local_sweep(path, "wandb")
+    first = controller.Agent(sweep_id, "wandb", workers=1, count=None)
+    assert first.claim()[2] == 1 and first.claim()[2] == 2 and first.claim() is None
+    second = controller.Agent(sweep_id, "wandb", workers=1, count=None)  # another agent, same sweep
+    assert second.claim() is None
+    assert len(json.load(open(f"wandb/sweep-{sweep_id}/state.json"))["runs"]) == 2
+
+
+def test_a_corrupt_state_file_is_one_line_with_the_way_back(tmp_path):
+    path = write_sweep(tmp_path / "s.yaml", widths([2, 3]), extra="run_cap: 1\n")
+    sweep_id = controller.create_local_sweep(path, "wandb")
+    controller.Agent(sweep_id, "wandb", workers=1, count=None).claim()  # a second write: .bak exists
+    state = f"wandb/sweep-{sweep_id}/state.json"
+    with open(state, "w") as f:
+        f.write('{"runs": [')  # cut mid-write by a full disk
+    proc = harness("agent", sweep_id, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    err = proc.stderr.strip().splitlines()
+    full = os.path.abspath(state)  # the agent found the sweep under $WANDB_DIR/wandb
+    assert len(err) == 1 and "state.json is corrupt" in err[0] and f"`cp {full}.bak {full}`" in err[0], err
+    os.replace(state + ".bak", state)  # the hint works: the state before the last write
+    assert json.load(open(state))["runs"] == []
+
+
+def test_a_worker_that_cannot_start_its_run_makes_the_agent_fail(tmp_path):
+    path = write_sweep(tmp_path / "s.yaml", widths([2, 3]))
+    sweep_id = controller.create_local_sweep(path, "wandb")
+    cfg_path = f"wandb/sweep-{sweep_id}/sweep.yaml"
+    cfg = yaml.safe_load(open(cfg_path))
+    cfg["command"] = ["no-such-program-here", "${args}"]  # as if edited, or PATH changed, after validation
+    yaml.safe_dump(cfg, open(cfg_path, "w"))
+    proc = harness("agent", sweep_id, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "stopped: FileNotFoundError" in proc.stderr
+    state = json.load(open(f"wandb/sweep-{sweep_id}/state.json"))
+    assert [r["state"] for r in state["runs"]] == ["failed"]  # recorded, not left `running`
 
 
 def test_two_agents_share_a_sweep_without_overlap(tmp_path):

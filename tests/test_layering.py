@@ -1,0 +1,76 @@
+"""The dependency direction of DESIGN.md, checked on every import statement (module level or inside a
+function): tasks -> harness; analysis -> harness.runstore and the pure helpers (harness.events,
+harness.errors) + analysis.*; harness -> nothing above it. A task never imports another task."""
+import ast
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANALYSIS_MAY_USE = ("harness.runstore", "harness.events", "harness.errors", "harness.quanta_stats")
+
+
+def imports(path: str) -> list[tuple[int, str]]:
+    """(line, module) for every import in a file, `from a import b` giving a.b as well as a."""
+    tree = ast.parse(open(path).read(), path)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.lineno, node.module))
+            out += [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+    return out
+
+
+def allowed(package: str, module_name: str, target: str) -> bool:
+    top = target.split(".")[0]
+    if top not in ("harness", "tasks", "analysis"):
+        return True  # the standard library and third-party packages
+    if package == "harness":
+        return top == "harness"
+    if package == "tasks":
+        # `from tasks import x` names the package; only the module itself or harness may follow.
+        return top == "harness" or target in ("tasks", module_name) or target.startswith(module_name + ".")
+    if package == "analysis":
+        return top == "analysis" or target == "harness" or any(
+            target == m or target.startswith(m + ".") for m in ANALYSIS_MAY_USE)
+    return True
+
+
+def violations() -> list[str]:
+    found = []
+    for package in ("harness", "tasks", "analysis"):
+        for name in sorted(os.listdir(os.path.join(REPO, package))):
+            if not name.endswith(".py"):
+                continue
+            module_name = f"{package}.{name[:-3]}"
+            path = os.path.join(REPO, package, name)
+            for line, target in imports(path):
+                # `from harness import runstore` yields `harness` (the package, allowed) and `harness.runstore`.
+                if not allowed(package, module_name, target):
+                    found.append(f"{package}/{name}:{line} imports {target}")
+    return sorted(set(found))
+
+
+def test_the_checker_catches_each_kind_of_violation():
+    assert not allowed("harness", "harness.config", "tasks.sparse_parity")
+    assert not allowed("harness", "harness.train", "analysis.fourier")
+    assert not allowed("tasks", "tasks.modular_addition", "analysis.fourier")
+    assert not allowed("tasks", "tasks.pythia_suite", "tasks.pythia_eval")
+    assert not allowed("analysis", "analysis.grokking", "harness.callbacks")
+    assert not allowed("analysis", "analysis.common", "harness.config")
+    assert allowed("analysis", "analysis.scaling", "harness.runstore")
+    assert allowed("analysis", "analysis.scaling", "harness.errors.UserError")
+    assert allowed("tasks", "tasks.sparse_parity", "harness.train")
+    assert allowed("harness", "harness.cli", "harness.controller")
+
+
+def test_imports_follow_the_dependency_direction():
+    bad = violations()
+    assert not bad, "imports against the dependency direction (DESIGN.md):\n" + "\n".join(bad)
+
+
+if __name__ == "__main__":
+    print("\n".join(violations()) or "no violations")
+
