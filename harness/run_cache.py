@@ -92,8 +92,9 @@ def read_history(meta: dict) -> pd.DataFrame:
     return typed(hist)
 
 
-def write(root: str, ident: dict, meta: dict, hist: pd.DataFrame) -> None:
-    """Write an entry (parquet first, then the JSON that makes it visible); OSError if it cannot."""
+def write(root: str, ident: dict, meta: dict, hist: pd.DataFrame) -> dict:
+    """Write an entry (parquet first, then the JSON that makes it visible); OSError if it cannot.
+    Returns what `read_meta` adds to a meta read back, so a caller can drop the history it holds."""
     os.makedirs(root, exist_ok=True)
     name = os.path.join(root, entry_name(ident))
     tmp = f".{os.getpid()}.tmp"
@@ -118,6 +119,8 @@ def write(root: str, ident: dict, meta: dict, hist: pd.DataFrame) -> None:
     with open(name + ".json" + tmp, "w", encoding="utf-8") as f:
         json.dump(entry, f)
     os.replace(name + ".json" + tmp, name + ".json")
+    return {"_json_columns": json_columns, "_history_file": name + ".parquet" if len(hist) else None,
+            "_history_crc32": entry["history_crc32"]}
 
 
 def probe(root: str) -> str | None:

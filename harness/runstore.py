@@ -146,10 +146,9 @@ def _load_file(path: str, cache_root: str, write: bool, send_history: bool = Tru
         # A file still being written changes with every step: caching it would only litter.
         if write and not (meta["exit_code"] is None and time.time() - st.st_mtime < RUNNING_GRACE_S):
             try:
-                run_cache.write(cache_root, ident, meta, hist)
+                written = run_cache.write(cache_root, ident, meta, hist)
                 if not send_history:  # the parent reads the parquet when it needs the history
-                    meta.update(run_cache.read_meta(cache_root, ident), _mtime=st.st_mtime)
-                    return path, meta, None, None, notes
+                    return path, dict(meta, **written), None, None, notes
             except OSError as e:
                 notes.append(f"cannot write the run cache in {cache_root} ({type(e).__name__}: "
                              f"{e.strerror or e}); runs are decoded again on every load (set "

@@ -112,6 +112,9 @@ class Log:
                 pos, parts, skipping = self._lost(pos, "a chunk longer than its block"), None, True
                 continue
             if _VERIFY and zlib.crc32(data[start:start + length], _TYPE_CRC[kind]) != crc:
+                if len(data.rstrip(b"\0")) < start + length:  # cut, then zero-filled (a crash)
+                    self.truncated = True
+                    return
                 pos, parts, skipping = self._lost(pos, "a chunk with a bad checksum", start + length), None, True
                 continue
             chunk = data[start:start + length]
