@@ -1,5 +1,6 @@
 """Local sweeps: validation, W&B's engine and macros, resume after SIGKILL, crashed runs."""
 import functools
+import glob
 import json
 import os
 import signal
@@ -142,9 +143,8 @@ def test_a_crashing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 def test_nested_parameters_and_args_macro_run_each_point_once_under_wandb_dir(tmp_path):
     # W&B's nested syntax, wandb's default ${args} (--key=value), no --wandb-dir: runs go to $WANDB_DIR/wandb.
-    params = {k: v for k, v in TINY_SWEEP.items() if not k.startswith("model.")}
-    path = write_sweep(tmp_path / "s.yaml", params, command=["${env}", "${interpreter}", "-m", "harness", "train", "${args}"],
-                       extra="  model:\n    parameters:\n      width: {values: [2, 3]}\n      depth: {value: 1}\n")
+    params = {**TINY_SWEEP, "model": "{parameters: {width: {values: [2, 3]}, depth: {value: 1}}}"}
+    path = write_sweep(tmp_path / "s.yaml", params, command=["${env}", "${interpreter}", "-m", "harness", "train", "${args}"])
     scratch = tmp_path / "scratch"
     proc = harness("sweep", path, "--local", "--workers", "2", env={"WANDB_DIR": str(scratch)})
     sweep_id = proc.stdout.strip().splitlines()[-1]
@@ -282,3 +282,38 @@ def test_wandb_sweep_without_credentials_points_to_local(tmp_path, monkeypatch):
     assert proc.returncode == 2
     assert "no W&B credentials" in proc.stderr and "--local" in proc.stderr
 
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_controller_preempts_and_the_next_agent_resumes_the_point_once(tmp_path):
+    # Contract C5 end to end: SIGTERM to the local controller mid-run -> the run checkpoints and exits 143,
+    # the controller records it preempted and exits 143; `harness agent` relaunches the point first with
+    # the same run id, it resumes from last.ckpt, and the history has every evaluation exactly once.
+    params = {**widths([2]), "trainer.steps": "{value: 4000}", "trainer.eval_every": "{value: 100}",
+              "trainer.ckpt_every": "{value: 100}"}
+    sweep_id = controller.create_local_sweep(write_sweep(tmp_path / "s.yaml", params), "wandb")
+    agent = subprocess.Popen([sys.executable, "-m", "harness", "agent", sweep_id], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not glob.glob("wandb/checkpoints/*/last.ckpt"):  # mid-run, with a resume point on disk
+        assert agent.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.2)
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=600) == 143, agent.stderr.read()
+    state = json.load(open(f"wandb/sweep-{sweep_id}/state.json"))
+    assert [(r["state"], r["exitcode"]) for r in state["runs"]] == [("preempted", 143)]
+    run_id = state["runs"][0]["id"]
+
+    proc = harness("agent", sweep_id)
+    assert f"run {run_id} 1/1 resume:" in proc.stderr
+    state = json.load(open(f"wandb/sweep-{sweep_id}/state.json"))
+    assert [(r["id"], r["state"]) for r in state["runs"]] == [(run_id, "finished")]  # the point ran once
+    runs = runstore.load_runs("wandb", sweep=sweep_id)
+    assert list(runs["id"]) == [run_id] and list(runs["state"]) == ["finished"] and list(runs["n_files"]) == [2]
+    hist = runstore.load_history("wandb", run_ids=[run_id], keys=["val/loss"]).dropna(subset=["val/loss"])
+    assert sorted(hist["step"]) == list(range(100, 4001, 100))  # continuous: none missing, none twice
+    # Resumed, not restarted: the first file was preempted at a checkpoint, the second starts after it.
+    first, second = (runstore.read_run_file(p) for p in sorted(glob.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")))
+    assert first.exit_code == 143 and first.preempting and second.exit_code == 0
+    stopped = first.history["trainer/global_step"].max()
+    assert 100 <= stopped < 4000 and second.history["trainer/global_step"].min() > 100
