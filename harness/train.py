@@ -1,17 +1,25 @@
 """`train(cfg) -> summary`: one Lightning run, logged to W&B."""
 from __future__ import annotations
 
-import signal
+import contextlib
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
+import wandb
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities import rank_zero_only
 
-from harness import tracking
+from harness import checkpoint, tracking
 from harness.callbacks import FinalEval
-from harness.config import RunConfig, task_module
+from harness.config import ConfigError, RunConfig, task_module
+from harness.data import DeviceDataModule
 from harness.progress import StepProgressBar, enabled as progress_enabled
 
 
@@ -55,37 +63,44 @@ def optimizer_step(module: L.LightningModule, opt) -> None:
         opt.step()
 
 
-class _StopOnSigterm(L.Callback):
-    """A sweep's early stop (or SLURM preemption) sends SIGTERM: finish the run cleanly."""
-
-    def __init__(self):
-        self.requested = False
-
-    def setup(self, trainer, pl_module, stage):
-        if hasattr(signal, "SIGTERM") and _is_main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
-
-    def on_train_batch_end(self, trainer, *args):
-        if self.requested:
-            trainer.should_stop = True
+class NonFiniteLoss(RuntimeError):
+    """A logged loss is NaN or infinite: the run fails (exit 1) instead of finishing with NaN."""
 
 
-def _is_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
+def check_finite(metrics: dict, step) -> None:
+    """Raise NonFiniteLoss if a loss among `metrics` is not finite. Called where metrics reach the
+    loggers, as host numbers already, so the check costs no device sync of its own."""
+    for key, value in metrics.items():
+        if key.rsplit("/", 1)[-1] in ("loss", "batch_loss") and not math.isfinite(float(value)):
+            raise NonFiniteLoss(f"{key}={float(value)} at step {step}: the loss is not finite "
+                                "(learning rate or init scale too large, or a precision overflow?)")
 
 
 class StepLogger(WandbLogger):
-    """Logs `trainer/global_step` as the number of optimizer steps completed.
+    """Logs `trainer/global_step` as the number of optimizer steps completed (contract C2).
 
-    Lightning passes a batch counter that lags global_step by one inside the training loop, so a
-    validation at step 300 would appear at 299 in history but at 300 in summary events.
+    Lightning passes its batch counter as the step: it lags global_step by one inside the training
+    loop and counts batches, not optimizer steps (tasks take several per batch), so Lightning's own
+    calls are put at trainer.global_step, and harness code that knows the step uses `log_step`.
+    Given a run (`experiment=`), WandbLogger skips its define_metric calls: the axis is declared here.
     """
 
     trainer: L.Trainer | None = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._experiment is not None:
+            tracking.define_metrics(self._experiment)
+
     def log_metrics(self, metrics, step=None):
-        super().log_metrics(metrics, self.trainer.global_step if self.trainer is not None else step)
+        step = self.trainer.global_step if self.trainer is not None else step
+        check_finite(metrics, step)
+        super().log_metrics(metrics, step)
+
+    @rank_zero_only
+    def log_step(self, metrics, step: int) -> None:
+        check_finite(metrics, step)
+        self.experiment.log({**metrics, "trainer/global_step": int(step)})
 
 
 def make_trainer(cfg: RunConfig, logger, callbacks: list) -> L.Trainer:
@@ -100,11 +115,17 @@ def make_trainer(cfg: RunConfig, logger, callbacks: list) -> L.Trainer:
         log_every_n_steps=t.log_every,
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        # "ddp" re-runs `harness train` for each extra rank (train() keeps W&B on rank 0).
+        strategy="ddp" if t.devices > 1 and t.strategy == "auto" else t.strategy,
         precision=t.precision,
         logger=logger,
-        callbacks=[FinalEval(), _StopOnSigterm(), *callbacks, *([StepProgressBar()] if bar else [])],
-        enable_checkpointing=False,
+        callbacks=[FinalEval(), *callbacks, *([StepProgressBar()] if bar else [])],
+        # On SLURM, Lightning's auto-requeue (SIGUSR1 -> hpc checkpoint + scontrol requeue) would be a
+        # second resume mechanism beside harness/checkpoint.py; SIGTERM + `#SBATCH --requeue` is ours.
+        plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
+        # True only so that harness.checkpoint.StepCheckpoint (a Checkpoint) is allowed; Lightning
+        # adds no ModelCheckpoint of its own when one is present.
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
         enable_model_summary=False,
         enable_progress_bar=bar,
         deterministic=False,
@@ -114,24 +135,124 @@ def make_trainer(cfg: RunConfig, logger, callbacks: list) -> L.Trainer:
     return trainer
 
 
-def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any]:
+def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] | None:
+    """Fit (or evaluate) one run; return its summary, or None on a DDP rank other than 0.
+
+    Raises harness.checkpoint.Preempted when SIGTERM stopped training (the run is finished with
+    exit code 143, last.ckpt written), NonFiniteLoss when a loss became NaN/inf (exit code 1).
+    Returns only once wandb has written the run file's exit record.
+    """
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     job: Job = task_module(cfg.task).build(cfg)
-    run = tracking.init_run(cfg, overrides)
+    _check_shardable(cfg, job)
+    if isinstance(job.datamodule, DeviceDataModule):
+        job.datamodule.seed = cfg.seed
+    if rank_zero_only.rank != 0:
+        _train_other_rank(cfg, job)
+        return None
+    run = tracking.init_run(cfg, overrides, job_type="train" if job.stage == "fit" else "eval")
+    step = 0
     try:
+        callbacks, ckpt_path, saver = list(job.callbacks), None, None
+        if job.stage == "fit":
+            directory = checkpoint.ckpt_dir(cfg, run.id)
+            ckpt_path = checkpoint.resume_path(directory)
+            if ckpt_path:  # read now: the resumed fit overwrites last.ckpt
+                run.summary["trainer/resumed_from_step"] = _ckpt_step(ckpt_path)
+            saver = checkpoint.StepCheckpoint(directory, cfg.trainer.ckpt_every, cfg.trainer.eval_every)
+            callbacks.append(saver)
         logger = StepLogger(experiment=run, log_model=False)
         run.summary.update(job.summary)
-        trainer = make_trainer(cfg, logger, job.callbacks)
-        if job.stage == "fit":
-            trainer.fit(job.module, datamodule=job.datamodule)
-        else:
-            trainer.validate(job.module, datamodule=job.datamodule, verbose=False)
+        trainer = make_trainer(cfg, logger, callbacks)
+        # The DDP ranks Lightning launches re-run `harness train` with this process's environment:
+        # they need the run id (checkpoint directory) and the resume decision taken here.
+        with _environ({"WANDB_RUN_ID": run.id, checkpoint.RESUME_ENV: ckpt_path or ""}, cfg.trainer.devices > 1):
+            try:
+                if job.stage == "fit":
+                    # weights_only=False: the checkpoint is this run's own, holding callback state.
+                    trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=ckpt_path, weights_only=False)
+                else:
+                    trainer.validate(job.module, datamodule=job.datamodule, verbose=False)
+            finally:
+                step = trainer.global_step
+        if job.stage == "fit" and getattr(getattr(cfg, "model", None), "save", False):
+            run.summary["model/artifact"] = checkpoint.save_model(run, job.module, cfg, step)
         summary = tracking.summary_dict(run)
         summary["_run_id"], summary["_run_dir"] = run.id, run.dir
-        run.finish()
+        _finish(run, 0)
         return summary
-    except BaseException:
-        run.finish(exit_code=1)
+    except SIGTERMException:
+        # SLURM preemption, a sweep's early stop, the local controller: StepCheckpoint has saved
+        # last.ckpt (fit); W&B is told the run is being preempted, not that it failed.
+        run.mark_preempting()
+        _finish(run, checkpoint.PREEMPTED_EXIT)
+        raise checkpoint.Preempted(step, saver.path if saver else None, run.id) from None
+    except NonFiniteLoss as e:
+        run.summary["error"] = str(e)
+        _finish(run, 1)
         raise
+    except BaseException:
+        _finish(run, 1)
+        raise
+
+
+def _train_other_rank(cfg: RunConfig, job: Job) -> None:
+    """DDP rank > 0: the same fit without a W&B run (rank 0 logs); it checkpoints with rank 0
+    (trainer.save_checkpoint synchronises all ranks) and resumes from rank 0's decision."""
+    run_id = os.environ.get("WANDB_RUN_ID") or f"rank{rank_zero_only.rank}"
+    saver = checkpoint.StepCheckpoint(checkpoint.ckpt_dir(cfg, run_id), cfg.trainer.ckpt_every, cfg.trainer.eval_every)
+    trainer = make_trainer(cfg, False, [*job.callbacks, saver])
+    try:
+        trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=os.environ.get(checkpoint.RESUME_ENV) or None,
+                    weights_only=False)
+    except SIGTERMException:
+        raise checkpoint.Preempted(trainer.global_step, None, run_id) from None
+
+
+def _check_shardable(cfg: RunConfig, job: Job) -> None:
+    n = cfg.trainer.devices
+    if n <= 1:
+        return
+    dm = job.datamodule
+    reason = dm.shard_error() if isinstance(dm, DeviceDataModule) else \
+        f"task {cfg.task} has no per-rank data stream ({type(dm).__name__})"
+    if job.stage != "fit":
+        reason = f"task {cfg.task} evaluates (stage {job.stage}) in one process"
+    if reason:
+        raise ConfigError(f"trainer.devices={n}: {reason}, so every rank would see the same data; "
+                          "use trainer.devices=1")
+
+
+def _ckpt_step(path: str) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str], active: bool):
+    """Set environment variables for the duration (only if `active`), then restore them."""
+    saved = {k: os.environ.get(k) for k in values} if active else {}
+    if active:
+        os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _finish(run, exit_code: int) -> None:
+    """Finish the run and return only once its file is complete.
+
+    run.finish() returns when wandb-core has accepted the exit record, not when the writer has
+    written it: read straight after, the file lacked it in 5 of 10 runs here. wandb.teardown()
+    waits for wandb-core to exit, which closes every run file; the next wandb.init starts it again.
+    """
+    try:
+        run.finish(exit_code=exit_code)
+    finally:
+        wandb.teardown()

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -213,13 +212,8 @@ def test_run_writes_per_token_artifact_and_summary(env, model_dir, tok):
             "data.n_docs=6", "data.context_length=128", "eval.batch_tokens=512", "eval.row_group_rows=100",
             "trainer.threads=1", "trainer.progress_bar=false"]
     summary = train(load_config(args), args)
-    # run.finish() can return before wandb's service has written the artifact and exit records
-    # (seen with wandb 0.31 offline, ~1 s): wait for them, as a later analysis would.
-    for _ in range(40):
-        files = runstore.artifact_files(str(env / "wandb"), summary["_run_id"], "per_token_losses")
-        if files:
-            break
-        time.sleep(0.5)
+    # train() returns once the run file is complete (artifact and exit records written): no waiting.
+    files = runstore.artifact_files(str(env / "wandb"), summary["_run_id"], "per_token_losses")
     assert len(files) == 1
     path = next(iter(files.values()))
     table = pq.read_table(path).to_pandas()
@@ -303,7 +297,6 @@ def test_analysis_end_to_end_on_two_models_and_two_checkpoints(env, tmp_path):
                 "model.tokenizer=pythia/tokenizer.json", "data.source=pile/pile_100.jsonl", "data.n_docs=4",
                 "data.context_length=64", "eval.batch_tokens=256", "trainer.threads=1", "trainer.progress_bar=false"]
         train(load_config(args), args)
-    time.sleep(3)  # let wandb finish writing the last run file (see test_run_writes_per_token_artifact...)
     out = tmp_path / "analysis"
     ap.main([str(env / "wandb"), "--out", str(out), "--bootstrap", "20"])
     result = json.loads((out / "pythia.json").read_text())

@@ -1,0 +1,59 @@
+"""DDP on CPU: one W&B run per training run, different data on each rank, a one-line error where
+a task's data cannot be split."""
+import glob
+import json
+import os
+
+import torch
+
+from conftest import TINY, harness
+from harness.config import load_config
+from harness.data import DeviceDataModule
+from harness.wandb_file import read_run_file
+
+
+class _Trainer:  # what DeviceDataModule reads from its trainer
+    def __init__(self, rank):
+        self.global_rank = rank
+        self.strategy = type("S", (), {"root_device": torch.device("cpu")})()
+
+
+def train_batches(rank: int, index: int):
+    from tasks.sparse_parity import SparseParityData
+
+    data = SparseParityData(load_config(TINY))
+    data.seed, data.trainer = 0, _Trainer(rank)
+    return data.on_after_batch_transfer(("train", index), 0)  # [x [256, 12], y [256]] x steps_per_batch
+
+
+def test_each_rank_draws_its_own_batches_and_the_same_ones_again():
+    r0, r0_again, r1 = train_batches(0, 3), train_batches(0, 3), train_batches(1, 3)
+    assert len(r0) == load_config(TINY).trainer.batch_steps()
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(r0, r0_again))  # a function of (seed, rank, index)
+    assert not any(torch.equal(a[0], b[0]) for a, b in zip(r0, r1))
+    assert not torch.equal(train_batches(0, 4)[0][0], r0[0][0])
+
+
+def test_two_cpu_processes_make_one_wandb_run(offline):
+    proc = harness("train", *TINY, "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu")
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1  # rank 1 prints nothing
+    summary = json.loads(lines[0])
+    assert summary["trainer/global_step"] == 60
+    dirs = glob.glob(str(offline / "wandb" / "offline-run-*"))
+    assert len(dirs) == 1 and dirs[0].endswith(summary["_run_id"])
+    rf = read_run_file(os.path.join(dirs[0], f"run-{summary['_run_id']}.wandb"))
+    assert rf.exit_code == 0
+    val = rf.history[rf.history["val/loss"].notna()]["trainer/global_step"].astype(int).tolist()
+    assert val == [20, 40, 60]
+
+
+def test_a_task_that_cannot_shard_says_so_in_one_line(offline):
+    proc = harness("train", "task=modular_addition", "trainer.devices=2", "trainer.accelerator=cpu", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "harness: error: trainer.devices=2: data.batch_size=0 is full batch (911 training pairs), so every "
+        "rank would see the same data; use trainer.devices=1"]
+    assert not os.path.exists(offline / "wandb")  # refused before a run was created
+    proc = harness("train", *TINY, "trainer.devices=2", "trainer.strategy=ddp_spawn", check=False)
+    assert proc.returncode == 2 and "use trainer.strategy=ddp" in proc.stderr
