@@ -98,7 +98,7 @@ def run_plain(args) -> tuple[float, float, float]:
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2))
     steps, times, cpus = [], [], []
     for step in range(1, args.steps + 1):
-        idx = data.next_indices(torch.device("cpu"))
+        idx = data.next_indices(step - 1, torch.device("cpu"))
         x, y = ((t["x_train"], t["y_train"]) if idx is None
                 else (t["x_train"].index_select(0, idx), t["y_train"].index_select(0, idx)))
         loss = mo.loss_fn(o.loss, model(x), y)

@@ -23,7 +23,7 @@ from torch import nn
 from harness import tracking
 from harness.callbacks import CENSORED, GrokkingCallback, grokking_phase, metric
 from harness.config import ConfigError, RunConfig, TrainerConfig, data_dir
-from harness.data import DeviceDataModule
+from harness.data import DeviceDataModule, batch_seed
 from harness.train import Job, backward, optimizer_step
 
 MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
@@ -57,6 +57,7 @@ class ModelConfig:
     width: int = 200  # hidden units per layer
     depth: int = 2  # hidden layers: 784-200-200-10
     init_scale: float = 8.0  # alpha: every initial parameter (weights and biases) times this
+    save: bool = True  # log the final weights as W&B artifact model-<run id> (model.pt, contract C7)
 
 
 @dataclass
@@ -207,7 +208,7 @@ class MnistData(DeviceDataModule):
         self.batch_size = batch_size
         self.n_train = len(self.cpu["y_train"])
         self._cache: dict = {}
-        self._perm, self._pos = None, 0
+        self._perm: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
 
     def tensors(self, device: torch.device, dtype: torch.dtype) -> dict:
         if (device, dtype) not in self._cache:
@@ -219,19 +220,26 @@ class MnistData(DeviceDataModule):
     def _dtype(self) -> torch.dtype:
         return self.trainer.lightning_module.dtype
 
-    def next_indices(self, device: torch.device) -> torch.Tensor | None:
+    def shard_error(self) -> str | None:
+        if self.batch_size >= self.n_train:
+            return f"data.batch_size={self.batch_size} >= data.n_train={self.n_train} is full batch"
+        return None
+
+    def next_indices(self, index: int, device: torch.device) -> torch.Tensor | None:
+        """Indices of training step `index`: a slot of its epoch's permutation. A function of the
+        step alone (no position state), so a resumed run draws what the uninterrupted one would."""
         if self.batch_size >= self.n_train:
             return None
-        # The tail of an epoch that does not fill a batch is skipped (n_train=1000, batch 200: none).
-        if self._perm is None or self._pos + self.batch_size > self.n_train:
-            self._perm, self._pos = torch.randperm(self.n_train, device=device), 0
-        idx = self._perm[self._pos:self._pos + self.batch_size]
-        self._pos += self.batch_size
-        return idx
+        per_epoch = self.n_train // self.batch_size  # an epoch's tail that does not fill a batch is skipped
+        epoch, slot = divmod(index, per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator(device=device).manual_seed(batch_seed(self.seed, self.rank, -1 - epoch))
+            self._perm = (epoch, torch.randperm(self.n_train, device=device, generator=g))
+        return self._perm[1][slot * self.batch_size:(slot + 1) * self.batch_size]
 
     def train_batch(self, index: int, device):
         t = self.tensors(device, self._dtype())
-        idx = self.next_indices(device)
+        idx = self.next_indices(index, device)
         if idx is None:
             return t["x_train"], t["y_train"]
         # index_select: ~4x faster than x[idx] on CPU for a [200, 784] gather.

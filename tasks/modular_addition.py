@@ -55,6 +55,7 @@ class ModelConfig:
     init: str = "haiku"
     init_scale: float = 1.0  # every initial weight is multiplied by this (Omnigrok's alpha)
     bias: bool = False  # biases on the hidden and output layers (PAIR's formula has none)
+    save: bool = True  # log the final weights as W&B artifact model-<run id> (model.pt, contract C7)
 
 
 @dataclass
@@ -175,6 +176,12 @@ class ModularData(DeviceDataModule):
             return a, b, y
         idx = torch.randint(len(y), (bs,), device=device)
         return a[idx], b[idx], y[idx]
+
+    def shard_error(self) -> str | None:
+        bs, n = self.cfg.data.batch_size, len(self.split["train"][1])
+        if bs == 0 or bs >= n:
+            return f"data.batch_size={bs} is full batch ({n} training pairs)"
+        return None
 
     def val_batch(self, index: int, device):
         return self.tensors(device)

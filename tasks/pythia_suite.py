@@ -29,6 +29,9 @@ class ModelConfig:
     n_layers: int = 0  # 0 = max(1, d_model // 32)
     n_heads: int = 0  # 0 = max(1, d_model // 32)
     context_length: int = 1024  # position limit of the saved model (rotary: no extra parameters)
+    # The final weights as W&B artifact model-<run id> too (off: SaveModel already writes save_dir,
+    # which pythia_eval reads, and the default model is ~26 MB, mostly embeddings).
+    save: bool = False
 
 
 @dataclass

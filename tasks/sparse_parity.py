@@ -36,6 +36,7 @@ class DataConfig:
 class ModelConfig:
     width: int = 100  # hidden units per layer
     depth: int = 1  # hidden layers
+    save: bool = True  # log the final weights as W&B artifact model-<run id> (model.pt, contract C7)
 
 
 @dataclass
@@ -169,6 +170,11 @@ class SparseParityData(DeviceDataModule):
                 idx = torch.arange(start, start + d.batch_size, device=device) % D
             tasks, bits = t["train_tasks"][idx], t["train_bits"][idx]
         return self.encode(tasks, bits, device)
+
+    def shard_error(self) -> str | None:
+        if self.cfg.data.n_train_samples:  # the D samples are cycled in one fixed order
+            return f"data.n_train_samples={self.cfg.data.n_train_samples} cycles one fixed sample order"
+        return None
 
     def val_batch(self, index: int, device):
         t = self._tensors(device)

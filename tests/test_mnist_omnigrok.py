@@ -177,7 +177,7 @@ def test_float64_runs_on_device_tensors(env):
 def test_minibatches_cover_each_epoch_once():
     arrays = mo.load_mnist(MNIST, "offline", n_train=1000)
     data = mo.MnistData(arrays, batch_size=200)
-    idx = torch.cat([data.next_indices(torch.device("cpu")) for _ in range(5)])
+    idx = torch.cat([data.next_indices(i, torch.device("cpu")) for i in range(5)])
     assert sorted(idx.tolist()) == list(range(1000))
 
 
