@@ -21,6 +21,18 @@ def parse_args(study: str, argv: list[str] | None = None, extra: Callable | None
     return p.parse_args(argv)
 
 
+def final_metric_column(runs, metric: str) -> str:
+    """The runs-table column of a metric's last logged value.
+
+    Metrics declared with summary "min,last" / "max,last" (val/loss, val/acc: contract C2) keep it
+    under `summary.<metric>.last`; runs logged before that declaration, under `summary.<metric>`.
+    """
+    for col in (f"summary.{metric}.last", f"summary.{metric}"):
+        if col in runs:
+            return col
+    return f"summary.{metric}.last"
+
+
 def to_jsonable(x):
     """NaN/inf -> None, numpy scalars/arrays -> Python, recursively (JSON has no NaN)."""
     if isinstance(x, dict):

@@ -5,12 +5,12 @@
 Writes DIR/grokking.json (one record per run: the config keys the runs vary, t_train99, t_val99,
 delay, phase, final weight norm, key frequencies), DIR/curves.png (train/val accuracy against step on a
 log axis, t_val99 marked), DIR/progress.png (weight norm, restricted and excluded loss against step),
-DIR/spectrum.png (final Fourier power of the embedding), DIR/phase.png (weight decay against train
-fraction coloured by phase) and DIR/report.md. Runs are those of task modular_addition in SOURCE.
+DIR/spectrum.png (final Fourier power of the embedding, from each run's curves artifact),
+DIR/phase.png (weight decay against train fraction coloured by phase) and DIR/report.md. Runs are
+those of task modular_addition in SOURCE.
 """
 from __future__ import annotations
 
-import ast
 import math
 import os
 from collections import Counter
@@ -24,13 +24,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.common import main_guard, parse_args, write_outputs  # noqa: E402
-from harness.callbacks import PHASES, grokking_phase  # noqa: E402
+from harness.events import PHASES, grokking_phase  # noqa: E402,F401  (PHASES: re-exported)
 
 STUDY = "grokking"
 TASK = "modular_addition"
 CURVES = ["train/acc", "val/acc", "train/loss", "val/loss", "model/weight_norm",
-          "val/restricted_loss", "train/excluded_loss", "fourier/n_keys",
-          *(f"fourier/key/{i}" for i in range(16))]  # the current key frequencies (0: none)
+          "val/restricted_loss", "train/excluded_loss", "fourier/n_keys", "fourier/key_power"]
 # Config keys that name a run but are not the science: never "varied keys".
 IGNORED = ("config.wandb.", "config.trainer.threads", "config.trainer.progress_bar", "config.data_dir")
 PHASE_COLOURS = {"comprehension": "tab:green", "grokking": "tab:purple",
@@ -61,13 +60,21 @@ def varied_keys(runs: pd.DataFrame) -> list[str]:
     return sorted(out)
 
 
-def parse_list(v) -> list:
-    """A list-valued summary entry as the run store hands it back (a list, or its repr)."""
-    if isinstance(v, list):
-        return v
-    if isinstance(v, str) and v.startswith("["):
-        return list(ast.literal_eval(v))
-    return []
+def parse_keys(v) -> list[int]:
+    """The summary label `fourier/key_freqs` ("4,11,31"; "" or missing: none) as integers."""
+    if not isinstance(v, str) or not v.strip():
+        return []
+    return [int(k) for k in v.split(",")]
+
+
+def final_spectrum(curves: pd.DataFrame, run_id: str) -> pd.DataFrame:
+    """One run's last evaluated Fourier spectrum from the curves artifact: k, power, key."""
+    c = curves[curves["run_id"] == run_id]
+    if c.empty:
+        return pd.DataFrame(columns=["k", "power", "key"])
+    last = c[c["step"] == c["step"].max()].sort_values("item")
+    return pd.DataFrame({"k": last["item"].to_numpy() + 1, "power": last["power"].to_numpy(),
+                         "key": last["key"].to_numpy() > 0.5})
 
 
 def merge_rows(hist: pd.DataFrame) -> pd.DataFrame:
@@ -85,7 +92,7 @@ def phase_cells(records: list[dict], x: str, y: str) -> dict[tuple, Counter]:
 
 
 def _num(v):
-    """A step or norm as a number; None for missing, NaN and the callback's "censored"."""
+    """A step or norm as a number; None for missing and NaN."""
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -98,7 +105,16 @@ def _num(v):
 # ---------------------------------------------------------------- records
 
 def run_record(run: pd.Series, hist: pd.DataFrame, keys: list[str], threshold: float,
-               max_delay: int) -> dict:
+def _summary_event(run: pd.Series, name: str):
+    """(present, step or None) of a typed event in one row of the runs table (harness.events)."""
+    value, reached = run.get(f"summary.{name}"), run.get(f"summary.{name}/reached")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False, None
+    reached = reached is not None and not (isinstance(reached, float) and math.isnan(reached)) and bool(reached)
+    return True, (int(value) if reached else None)
+
+
+               max_delay: int, curves: pd.DataFrame | None = None) -> dict:
     """One run's numbers; t_* recomputed from history so that a crashed run (no summary) still
     counts, and checked against the summary the callback wrote when there is one."""
     h = hist.sort_values("step")
@@ -108,10 +124,11 @@ def run_record(run: pd.Series, hist: pd.DataFrame, keys: list[str], threshold: f
     t_train = first_step_at_least(h["step"], h["train/acc"], threshold)
     t_val = first_step_at_least(h["step"], h["val/acc"], threshold)
     last = h.dropna(subset=["val/acc"]).iloc[-1]
-    summary_t = run.get("summary.grok/t_val99")
-    keys_final = [int(k) for k in parse_list(run.get("summary.fourier/key_freqs"))]
-    if not keys_final:
-        keys_final = sorted({int(last[c]) for c in h if c.startswith("fourier/key/") and last.get(c, 0) > 0})
+    has_summary, summary_t = _summary_event(run, f"grok/t_val{round(threshold * 100)}")
+    keys_final = parse_keys(run.get("summary.fourier/key_freqs"))
+    if not keys_final and curves is not None:  # a run without a summary (crashed): its last evaluation
+        spec = final_spectrum(curves, run["id"])
+        keys_final = [int(k) for k in spec.loc[spec["key"], "k"]]
     rec = {"id": run["id"], "name": run["name"], "state": run["state"]}
     rec.update({k: run.get(f"config.{k}") for k in keys})
     rec.update({
@@ -123,13 +140,13 @@ def run_record(run: pd.Series, hist: pd.DataFrame, keys: list[str], threshold: f
         "final_weight_norm": _num(last.get("model/weight_norm")),
         "peak_weight_norm": _num(h["model/weight_norm"].max()) if "model/weight_norm" in h else None,
         "key_freqs": keys_final,
-        "summary_agrees": summary_t is None or _num(summary_t) == t_val,
+        "summary_agrees": not has_summary or summary_t == t_val,
     })
     return rec
 
 
 def analyse(runs: pd.DataFrame, hist: pd.DataFrame, threshold: float = 0.99,
-            max_delay: int = 1000) -> dict:
+            max_delay: int = 1000, curves: pd.DataFrame | None = None) -> dict:
     keys = varied_keys(runs)
     records, problems = [], []
     for _, run in runs.iterrows():
@@ -140,7 +157,7 @@ def analyse(runs: pd.DataFrame, hist: pd.DataFrame, threshold: float = 0.99,
         if run["state"] != "finished":
             problems.append(f"{run['id']} ({run['name']}): state {run['state']}, counted up to step "
                             f"{int(h['step'].max())}")
-        records.append(run_record(run, h, keys, threshold, max_delay))
+        records.append(run_record(run, h, keys, threshold, max_delay, curves))
     records.sort(key=lambda r: [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
                                 for v in (r.get(k) for k in keys)])
     return {"varied_keys": keys, "threshold": threshold, "max_delay": max_delay,
@@ -190,13 +207,12 @@ def plot_progress(result: dict, hist: pd.DataFrame, path: str, max_runs: int = 1
     plt.close(fig)
 
 
-def plot_spectrum(result: dict, runs: pd.DataFrame, path: str, max_runs: int = 12) -> None:
+def plot_spectrum(result: dict, curves: pd.DataFrame, path: str, max_runs: int = 12) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
-    by_id = runs.set_index("id")
     for i, r in enumerate(result["runs"][:max_runs]):
-        power = parse_list(by_id.loc[r["id"]].get("summary.fourier/final_power"))
-        if power:
-            ax.plot(np.arange(1, len(power) + 1), power, marker="o", ms=2, lw=1, color=f"C{i % 10}",
+        spec = final_spectrum(curves, r["id"])
+        if len(spec):
+            ax.plot(spec["k"], spec["power"], marker="o", ms=2, lw=1, color=f"C{i % 10}",
                     label=f"{_label(r, result['varied_keys'])}: keys {r['key_freqs']}")
     ax.set(xlabel="frequency k", ylabel="share of embedding power", title="final embedding Fourier power")
     ax.legend(fontsize=6)
@@ -276,11 +292,14 @@ def main(argv: list[str] | None = None) -> None:
     if runs.empty:
         raise UserError(f"no {TASK} runs in {args.source}" + (f" (sweep {args.sweep})" if args.sweep else ""))
     hist = merge_rows(runstore.load_history(args.source, run_ids=runs["id"], keys=CURVES))
-    result = analyse(runs, hist, args.threshold, args.max_delay)
+    curves = runstore.load_curves(args.source, "fourier", run_ids=runs["id"])
+    result = analyse(runs, hist, args.threshold, args.max_delay, curves)
+    if curves.attrs.get("missing"):
+        result["problems"].append(f"no Fourier curves (curves artifact) for: {', '.join(curves.attrs['missing'])}")
     os.makedirs(args.out, exist_ok=True)
     plot_curves(result, hist, os.path.join(args.out, "curves.png"))
     plot_progress(result, hist, os.path.join(args.out, "progress.png"))
-    plot_spectrum(result, runs, os.path.join(args.out, "spectrum.png"))
+    plot_spectrum(result, curves, os.path.join(args.out, "spectrum.png"))
     plot_phase(result, os.path.join(args.out, "phase.png"))
     write_outputs(args.out, STUDY, result, report(result))
 

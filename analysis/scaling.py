@@ -13,22 +13,24 @@ import os
 import numpy as np
 import pandas as pd
 
-from analysis.common import main_guard, parse_args, write_outputs
+from analysis.common import final_metric_column, main_guard, parse_args, write_outputs
 from analysis.fits import fit_power_law
 from harness.errors import UserError
 
-X_KEY, Y_KEY = "summary.model/params", "summary.val/loss"
+X_KEY = "summary.model/params"
+LOSS = "val/loss"  # the final test loss: column summary.val/loss.last (final_metric_column)
 THEORY_KEY = "config.data.zipf_alpha"
 
 
 def select_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Finished runs with a parameter count and a final test loss; the rest, reported."""
-    need = [X_KEY, Y_KEY]
+    y_key = final_metric_column(runs, LOSS)
+    need = [X_KEY, y_key]
     missing = [k for k in need if k not in runs.columns]
     if missing or not len(runs):
         raise UserError(f"no sparse-parity runs with {', '.join(need)} in this source "
                         f"({len(runs)} runs; missing columns: {', '.join(missing) or 'none'})")
-    ok = (runs["state"] == "finished") & runs[X_KEY].notna() & runs[Y_KEY].notna()
+    ok = (runs["state"] == "finished") & runs[X_KEY].notna() & runs[y_key].notna()
     return runs[ok].copy(), runs[~ok].copy()
 
 
@@ -39,7 +41,7 @@ def analyze(runs: pd.DataFrame, n_bootstrap: int = 200) -> dict:
                         f"(states: {runs['state'].value_counts().to_dict()})")
     good = good.sort_values(X_KEY)
     x = good[X_KEY].astype(float).to_numpy()
-    y = good[Y_KEY].astype(float).to_numpy()
+    y = good[final_metric_column(good, LOSS)].astype(float).to_numpy()
     fit = fit_power_law(x, y, n_bootstrap=n_bootstrap)
     theory = sorted(set(good[THEORY_KEY].astype(float))) if THEORY_KEY in good else []
     learned = good["summary.emergence/n_learned"].astype(float).tolist() if "summary.emergence/n_learned" in good else []

@@ -455,6 +455,13 @@ class Agent:
 
     def record(self, run_id: str, code: int, seconds: float) -> str:
         summary = _last_json(os.path.join(self.path, f"{run_id}.log"))
+        if isinstance(summary.get(self.metric), dict):
+            # Declared with summary "min,last" / "max,last" (val/loss, val/acc: contract C2), the
+            # metric is {"min": ..., "last": ...}: the engine gets the best value, as W&B's engine
+            # takes the extremum of the metric's history.
+            goal = (self.cfg.get("metric") or {}).get("goal")
+            best = summary[self.metric].get("max" if goal == "maximize" else "min")
+            summary[self.metric] = best if best is not None else summary[self.metric].get("last")
         outcome = _outcome(code)
         with self.lock:
             state = _read_state(self.path)

@@ -44,7 +44,17 @@ def sweep_parameters() -> dict[str, Any]:
             if k != "wandb_version"}
 
 
-def _drop_leaf(d: dict, dotted: str) -> None:
+# Config keys that say where and how a run ran, not what it computed: kept out of the logged config
+# (and out of run names). The sweep engine may still inject one as a flat key (see run_config).
+PLUMBING = ("wandb", "data_dir", "trainer.threads", "trainer.progress_bar", "trainer.ckpt_dir")
+VARIED_ENV = "HARNESS_SWEEP_VARIED"  # comma-separated keys a sweep varies (set by the local controller)
+
+
+def is_plumbing(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in PLUMBING)
+
+
+def _drop(d: dict, dotted: str) -> None:
     *parents, leaf = dotted.split(".")
     for p in parents:
         d = d.get(p, {})
@@ -54,66 +64,106 @@ def _drop_leaf(d: dict, dotted: str) -> None:
 
 
 def run_config(cfg: RunConfig) -> dict:
-    """The resolved config, nested, minus the keys a sweep injects itself as flat dotted keys.
+    """The config to log: the science and the schedule, nested, in one shape for every run.
 
-    Under a sweep, wandb.init puts each sweep parameter into run.config under its own (dotted)
-    name; the sweep engine needs them there. Logging the same value again nested would show each
-    such key twice in the UI, so the sweep keys stay flat and everything else is nested. The run
-    store maps both spellings onto the same `config.a.b` column.
+    Under a sweep, wandb.init also puts each sweep parameter into run.config as a flat dotted key
+    (`model.width`): W&B's sweep engine reads the parameters back from there (grid search skips the
+    points it finds), so those keys stay. The nested tree logged here holds every key as well, so
+    `config.model.width` filters sweep and plain runs alike (W&B's filters do not match dotted key
+    names, wandb/wandb#3087), and the run store maps both spellings onto one column.
     """
     nested = to_dict(cfg)
     flat = flatten(nested)
     for key, value in sweep_parameters().items():
-        if key in flat:
-            if str(flat[key]) != str(value) and flat[key] != value:
-                raise ConfigError(f"sweep parameter {key}={value!r} disagrees with the run config {flat[key]!r}")
-            _drop_leaf(nested, key)
+        if key in flat and str(flat[key]) != str(value) and flat[key] != value:
+            raise ConfigError(f"sweep parameter {key}={value!r} disagrees with the run config {flat[key]!r}")
+    for key in flat:
+        if is_plumbing(key):
+            _drop(nested, key)
+    nested.pop("wandb", None)
     return nested
 
 
+def _lookup(cfg: RunConfig, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def default_name(cfg: RunConfig, overrides: list[str]) -> str:
-    varied = [o for o in overrides if not o.startswith(("task=", "wandb.", "data_dir="))]
-    short = ",".join(o.split("=", 1)[0].split(".")[-1] + "=" + o.split("=", 1)[1] for o in varied)
+    """`task[width=32,seed=1]`: the keys a sweep varies ($HARNESS_SWEEP_VARIED), else the overrides,
+    without plumbing; each key by its last part unless two keys share it."""
+    varied = os.environ.get(VARIED_ENV)
+    if varied is not None:
+        pairs = [(k, _lookup(cfg, k)) for k in varied.split(",") if k and k != "task" and not is_plumbing(k)]
+    else:
+        given: dict[str, str] = {}
+        for o in overrides:
+            key, _, value = o.partition("=")
+            if key != "task" and not is_plumbing(key):
+                given[key] = value  # a repeated key keeps its place and takes its last value
+        pairs = list(given.items())
+    last = [k.split(".")[-1] for k, _ in pairs]
+    short = ",".join(f"{k if last.count(k.split('.')[-1]) > 1 else k.split('.')[-1]}={v}" for k, v in pairs)
     return f"{cfg.task}" + (f"[{short}]" if short else "")
 
 
-def init_run(cfg: RunConfig, overrides: list[str] | None = None):
+def define_metrics(run) -> None:
+    """The step axis (contract C2): every metric is plotted against trainer/global_step (optimizer
+    steps completed), and the summary keeps the best validation values beside the last ones."""
+    run.define_metric("trainer/global_step")
+    run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+    run.define_metric("val/loss", summary="min,last")
+    run.define_metric("val/acc", summary="max,last")
+
+
+def init_run(cfg: RunConfig, overrides: list[str] | None = None, job_type: str = "train", **init_kwargs):
+    """`init_kwargs` go to wandb.init as they are: a packed process (harness.packed) passes each
+    member's `id` and `reinit="create_new"`, so several runs stay open in one process."""
     mode = resolve_mode(cfg.wandb.mode)
     kwargs: dict[str, Any] = dict(
         project=cfg.wandb.project,
         entity=cfg.wandb.entity,
         group=cfg.wandb.group,
+        job_type=job_type,
         tags=list(cfg.wandb.tags) or None,
-        name=cfg.wandb.name or (default_name(cfg, overrides or []) if "WANDB_SWEEP_ID" not in os.environ else None),
+        name=cfg.wandb.name or default_name(cfg, overrides or []),
         config=run_config(cfg),
         mode="offline" if mode == "dryrun" else mode,
         dir=os.environ.get("WANDB_DIR") or cfg.wandb.dir,
         settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True),
         reinit="finish_previous",
+        # A restart with the same WANDB_RUN_ID (wandb agent, the local controller, SLURM requeue)
+        # continues that run (contract C5); without one this starts a new run as usual.
+        resume="allow",
     )
+    kwargs.update(init_kwargs)
     if kwargs["dir"]:
         os.makedirs(kwargs["dir"], exist_ok=True)
     return wandb.init(**{k: v for k, v in kwargs.items() if v is not None})
 
 
 def summary_dict(run) -> dict:
-    """Plain-JSON copy of a run's summary (what `harness train` prints last)."""
-    out = {}
-    for k, v in dict(run.summary).items():
-        if k.startswith("_"):
-            continue
-        if hasattr(v, "_json_dict"):
-            v = v._json_dict
-        elif hasattr(v, "items"):
-            v = dict(v)
-        out[k] = v
-    return out
+    """Plain-JSON copy of a run's summary (what `harness train` prints last), nested as W&B keeps it:
+    `{"val/loss": {"min": ..., "last": ...}}` for the metrics declared with summaries."""
+    return {k: _plain(v) for k, v in run.summary._as_dict().items() if not k.startswith("_")}
 
 
-def log_artifact(run, path: str, name: str, type_: str, metadata: dict | None = None) -> None:
+def _plain(v):
+    if isinstance(v, dict) or hasattr(v, "_as_dict"):
+        items = v._as_dict() if hasattr(v, "_as_dict") else v
+        return {k: _plain(x) for k, x in items.items()}
+    return v
+
+
+def log_artifact(run, path: str, name: str, type_: str, metadata: dict | None = None,
+                 policy: str = "mutable") -> None:
+    """A file or folder as a W&B artifact. policy="immutable" references the files where they are
+    (no staging copy): for files written once, in the run directory, and never changed."""
     art = wandb.Artifact(name=name, type=type_, metadata=metadata or {})
     if os.path.isdir(path):
-        art.add_dir(path)
+        art.add_dir(path, policy=policy)
     else:
-        art.add_file(path)
+        art.add_file(path, policy=policy)
     run.log_artifact(art)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis import fourier
-from harness.callbacks import GrokkingCallback, write_summary
+from harness.callbacks import (CurvesRecorder, GrokkingCallback, TrainLossLog, log_eval, set_eval_arrays,
+                               wandb_run, write_summary)
 from harness.config import ConfigError, RunConfig, TrainerConfig
 from harness.data import DeviceDataModule
 from harness.train import Job, backward, optimizer_step
@@ -76,7 +76,9 @@ class EvalConfig:
     max_delay: int = 1000  # steps from t_train to t_val still counted as comprehension, not grokking
     key_mass: float = 0.9  # key frequencies: fewest holding this share of the embedding's power ...
     max_keys: int = 8  # ... but at most this many
-    log_spectrum: bool = True  # log fourier/power/NNN for every frequency (p // 2 keys) at each eval
+    # Record every frequency's power (p // 2 of them) and key membership at each evaluation, in the
+    # run's curves artifact (fourier.parquet); history keeps fourier/n_keys and fourier/key_power.
+    log_spectrum: bool = True
 
 
 @dataclass
@@ -264,6 +266,90 @@ def weight_norm(model: nn.Module) -> torch.Tensor:
     return torch.sqrt(sum(w.detach().pow(2).sum() for w in model.parameters()))
 
 
+# ---------------------------------------------------------------- Fourier progress measures
+# Nanda et al. 2023, adapted to MLPs. Pure torch; the task computes them at every evaluation and logs
+# the results (history, curves artifact), which is what analysis.grokking reads. Frequencies are the
+# integers k = 1 .. p // 2 (k and p - k are the same real frequency); k = 0, the constant, is excluded.
+
+def n_freqs(p: int) -> int:
+    return p // 2
+
+
+def fourier_basis(p: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal cos/sin columns for k = 1 .. p // 2: ([p, K], [p, K]).
+
+    For even p the Nyquist frequency k = p/2 has no sine; its sine column is all zeros.
+    """
+    x = torch.arange(p, dtype=dtype)[:, None]
+    k = torch.arange(1, n_freqs(p) + 1, dtype=dtype)[None, :]
+    angle = 2 * math.pi * x * k / p
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    cos = cos / cos.norm(dim=0, keepdim=True)
+    sin_norm = sin.norm(dim=0, keepdim=True)
+    sin = torch.where(sin_norm > 1e-9, sin / sin_norm.clamp_min(1e-12), torch.zeros_like(sin))
+    return cos, sin
+
+
+def fourier_power(embedding: torch.Tensor) -> torch.Tensor:
+    """Power of each frequency k = 1 .. p // 2 in a token embedding [p, d], summed over the d
+    columns and normalised to sum to 1 over the non-constant frequencies: [p // 2]."""
+    e = embedding.detach().to(torch.float64)
+    cos, sin = fourier_basis(e.shape[0])
+    power = (cos.T @ e).pow(2).sum(1) + (sin.T @ e).pow(2).sum(1)  # [K]
+    total = power.sum()
+    return power / total if total > 0 else power
+
+
+def key_frequencies(power: torch.Tensor, mass: float = 0.9, max_keys: int = 8) -> list[int]:
+    """The fewest frequencies (largest power first) that hold `mass` of the power, at most
+    `max_keys`: a generalising MLP uses a handful, a memorising one spreads over all of them."""
+    order = torch.argsort(power, descending=True)
+    cum = torch.cumsum(power[order], 0)
+    n = int((cum < mass - 1e-12).sum()) + 1
+    return [int(k) + 1 for k in order[:min(n, max_keys, len(order))]]
+
+
+def sum_directions(p: int, keys: list[int], sign: int = 1, dtype=torch.float64) -> torch.Tensor:
+    """Orthonormal directions cos(w(a ± b)), sin(w(a ± b)) over the (a, b) grid for each key
+    frequency w, plus the constant: [p * p, 1 + 2 * len(keys)] (row a * p + b).
+
+    The logits of a model that computes (a ± b) mod p with frequency w lie in this span
+    (Nanda et al.'s trig identity); everything else is what memorisation adds.
+    """
+    a = torch.arange(p, dtype=dtype).repeat_interleave(p)
+    b = torch.arange(p, dtype=dtype).repeat(p)
+    s = a + sign * b
+    cols = [torch.ones(p * p, dtype=dtype)]
+    for w in keys:
+        angle = 2 * math.pi * w * s / p
+        cols += [torch.cos(angle), torch.sin(angle)]
+    u = torch.stack(cols, 1)
+    norms = u.norm(dim=0, keepdim=True)
+    return torch.where(norms > 1e-9, u / norms.clamp_min(1e-12), torch.zeros_like(u))
+
+
+def restricted_excluded_logits(grid_logits: torch.Tensor, keys: list[int], sign: int = 1
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split logits over the full (a, b) grid [p * p, p] into the key-frequency part (plus the
+    per-class mean) and the rest: (restricted, excluded), same shapes.
+
+    Excluded keeps the per-class mean so that removing the key frequencies is all it changes.
+    """
+    p = grid_logits.shape[1]
+    x = grid_logits.to(torch.float64)
+    u = sum_directions(p, keys, sign).to(x.device)  # [p*p, 1 + 2K]
+    coef = u.T @ x  # [1 + 2K, p]
+    restricted = u @ coef
+    const = u[:, :1] @ coef[:1]
+    excluded = x - restricted + const
+    return restricted.to(grid_logits.dtype), excluded.to(grid_logits.dtype)
+
+
+def grid_loss(grid_logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean cross-entropy (nats) of the grid rows `rows` (a * p + b) against `labels`."""
+    return float(F.cross_entropy(grid_logits[rows].float(), labels))
+
+
 # ---------------------------------------------------------------- loss and diagnostics
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
@@ -283,14 +369,10 @@ def evaluate(model: nn.Module, tensors: dict, cfg: Config) -> dict[str, torch.Te
         out[f"{split}/acc"] = (logits.argmax(1) == y).float().mean()
     out["model/weight_norm"] = weight_norm(model)
 
-    power = fourier.fourier_power(model.token_inputs())  # [p // 2]
-    keys = fourier.key_frequencies(power, e.key_mass, e.max_keys)
+    power = fourier_power(model.token_inputs())  # [p // 2]
+    keys = key_frequencies(power, e.key_mass, e.max_keys)
     out["fourier/n_keys"] = torch.tensor(float(len(keys)))
     out["fourier/key_power"] = power[[k - 1 for k in keys]].sum()
-    for i in range(e.max_keys):
-        out[f"fourier/key/{i}"] = torch.tensor(float(keys[i] if i < len(keys) else 0))
-    if e.log_spectrum:
-        out.update({f"fourier/power/{k + 1:03d}": v for k, v in enumerate(power)})
 
     if d.operation in ("add", "subtract"):
         grid = torch.arange(d.p, device=power.device)
@@ -300,12 +382,12 @@ def evaluate(model: nn.Module, tensors: dict, cfg: Config) -> dict[str, torch.Te
         ga, gb = ga.to(tensors["train"][0].device), gb.to(tensors["train"][0].device)
         grid_logits = model(ga, gb)  # [p*p, p]
         sign = 1 if d.operation == "add" else -1
-        restricted, excluded = fourier.restricted_excluded_logits(grid_logits, keys, sign)
+        restricted, excluded = restricted_excluded_logits(grid_logits, keys, sign)
         for split, (a, b, y) in tensors.items():
             rows = a * d.p + b
-            out[f"{split}/restricted_loss"] = torch.tensor(fourier.grid_loss(restricted, rows, y))
-            out[f"{split}/excluded_loss"] = torch.tensor(fourier.grid_loss(excluded, rows, y))
-    out["_keys"] = keys  # not a metric: the caller reports it
+            out[f"{split}/restricted_loss"] = torch.tensor(grid_loss(restricted, rows, y))
+            out[f"{split}/excluded_loss"] = torch.tensor(grid_loss(excluded, rows, y))
+    out["_keys"], out["_power"] = keys, power  # not metrics: the caller reports them
     return out
 
 
@@ -316,8 +398,9 @@ class ModularModule(L.LightningModule):
         super().__init__()
         self.cfg, self.model, self.data = cfg, model, data
         self.keys: list[int] = []
-        self.spectrum: list[float] = []
+        self.power: torch.Tensor | None = None  # [p // 2] of the last evaluation
         self.eval_metrics: dict[str, float] = {}
+        self.train_log = TrainLossLog(cfg.trainer.log_every, "train/batch_loss")
         # Manual optimization: one Lightning batch carries trainer.steps_per_batch optimizer steps
         # (and skips the closure machinery, ~0.4 ms a step here).
         self.automatic_optimization = False
@@ -330,20 +413,20 @@ class ModularModule(L.LightningModule):
             opt.zero_grad(set_to_none=True)
             backward(self, loss)
             optimizer_step(self, opt)
-            if self.cfg.data.batch_size and step % self.cfg.trainer.log_every == 0:
-                self.log("train/batch_loss", loss.detach(), on_step=True)
+            if self.cfg.data.batch_size:  # full batch: train/loss at each evaluation says it all
+                self.train_log.add(step, loss)
+        self.train_log.flush(self)
 
     def validation_step(self, batch, batch_idx):
         metrics = evaluate(self.model, batch, self.cfg)
-        self.keys = metrics.pop("_keys")
+        self.keys, self.power = metrics.pop("_keys"), metrics.pop("_power")
         if self.cfg.eval.log_spectrum:
-            self.spectrum = [float(v) for k, v in metrics.items() if k.startswith("fourier/power/")]
-        # Straight to the loggers, one row per evaluation: self.log costs ~1 ms a key, 5 ms an
-        # evaluation for the four keys the callbacks need, which read `eval_metrics` instead.
-        self.eval_metrics = {k: float(v) for k, v in metrics.items()}
-        if not self.trainer.sanity_checking:
-            for logger in self.loggers:
-                logger.log_metrics(self.eval_metrics, step=self.global_step)
+            is_key = torch.zeros_like(self.power)
+            is_key[[k - 1 for k in self.keys]] = 1.0
+            set_eval_arrays(self, "fourier", {"power": self.power, "key": is_key})  # item i: frequency i + 1
+        # Straight to the loggers, one row per evaluation: self.log costs ~1 ms a key, and the
+        # callbacks read `eval_metrics` instead.
+        log_eval(self, metrics)
 
     def configure_optimizers(self):
         o = self.cfg.optim
@@ -352,21 +435,39 @@ class ModularModule(L.LightningModule):
 
 
 class FinalFourier(L.Callback):
-    """Summary: the final key frequencies and spectrum, and training throughput."""
+    """Summary: the final key frequencies (`fourier/key_freqs`, a label such as "4,11,31"), the
+    final spectrum as a table for the W&B UI (`fourier/spectrum`: k, power, key), and throughput
+    of the training loop (`perf/*`, measured from the first step to the end of the last evaluation)."""
 
     def on_train_start(self, trainer, pl_module):
         self.t0, self.cpu0, self.step0 = time.perf_counter(), time.process_time(), trainer.global_step
 
+    def on_train_end(self, trainer, pl_module):
+        self.seconds, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.cpu0
+
     def on_fit_end(self, trainer, pl_module):
-        seconds, cpu = time.perf_counter() - self.t0, time.process_time() - self.cpu0
-        steps = trainer.global_step - self.step0
-        write_summary(trainer, {
-            "fourier/key_freqs": pl_module.keys,
-            "fourier/final_power": pl_module.spectrum,
-            "perf/train_seconds": seconds,
-            "perf/train_cpu_seconds": cpu,  # this process only: robust to other jobs on the machine
-            "perf/steps_per_s": steps / seconds if seconds > 0 else None,
-        })
+        write_summary(trainer, final_fourier_values(pl_module.keys, pl_module.power, self.seconds, self.cpu,
+                                                    trainer.global_step - self.step0,
+                                                    table=wandb_run(trainer) is not None))
+
+
+def final_fourier_values(keys: list[int], power: torch.Tensor | None, seconds: float, cpu: float, steps: int,
+                         table: bool) -> dict:
+    """FinalFourier's summary values (also written by the packed path, tasks/modular_addition_packed.py)."""
+    values = {
+        "fourier/key_freqs": ",".join(str(k) for k in sorted(keys)),
+        "perf/train_seconds": seconds,
+        "perf/train_cpu_seconds": cpu,  # this process only: robust to other jobs on the machine
+        "perf/steps_per_s": steps / seconds if seconds > 0 else 0.0,
+    }
+    if power is not None and table:
+        import wandb
+
+        key_set = set(keys)
+        values["fourier/spectrum"] = wandb.Table(
+            columns=["k", "power", "key"],
+            data=[[k + 1, float(v), k + 1 in key_set] for k, v in enumerate(power.tolist())])
+    return values
 
 
 def n_params(model: nn.Module) -> int:
@@ -379,7 +480,7 @@ def build(cfg: Config) -> Job:
     return Job(
         module=ModularModule(cfg, model, data),
         datamodule=data,
-        callbacks=[GrokkingCallback(cfg.eval.threshold, cfg.eval.max_delay), FinalFourier()],
+        callbacks=[GrokkingCallback(cfg.eval.threshold, cfg.eval.max_delay), FinalFourier(), CurvesRecorder()],
         summary={"model/params": n_params(model), "data/n_train": len(data.split["train"][1]),
                  "data/n_val": len(data.split["val"][1]), "loss_units": "nats"},
     )

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from harness.callbacks import write_summary
+from harness.callbacks import TrainLossLog, write_summary
 from harness.config import ConfigError, RunConfig, TrainerConfig, data_dir
 from harness.data import DeviceDataModule
 from harness.train import Job
@@ -148,11 +148,12 @@ class SuiteModule(L.LightningModule):
     def __init__(self, cfg: Config, model: nn.Module):
         super().__init__()
         self.cfg, self.model = cfg, model
+        self.train_log = TrainLossLog(cfg.trainer.log_every)
 
     def training_step(self, ids, batch_idx):
         loss = self.model(input_ids=ids, labels=ids).loss
-        if self.global_step % self.cfg.trainer.log_every == 0:
-            self.log("train/loss", loss, on_step=True, prog_bar=True)
+        self.train_log.add(self.global_step, loss)  # at the steps completed before this one
+        self.train_log.flush(self)
         return loss
 
     def validation_step(self, ids, batch_idx):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.callbacks import EmergenceCallback
+from harness.callbacks import CurvesRecorder, EmergenceCallback, TrainLossLog, log_eval, set_eval_arrays
 from harness.config import ConfigError, RunConfig, TrainerConfig
 from harness.data import DeviceDataModule
 from harness.train import Job, backward, optimizer_step
@@ -186,6 +186,8 @@ class SparseParityModule(L.LightningModule):
         super().__init__()
         self.cfg, self.model, self.data = cfg, model, data
         self.register_buffer("p", data.p.float(), persistent=False)
+        self.threshold_nats = cfg.eval.threshold_bits * math.log(2)
+        self.train_log = TrainLossLog(cfg.trainer.log_every)
 
         # Manual optimization: one Lightning batch may carry several optimizer steps.
         self.automatic_optimization = False
@@ -198,8 +200,8 @@ class SparseParityModule(L.LightningModule):
             opt.zero_grad(set_to_none=True)
             backward(self, loss)
             optimizer_step(self, opt)
-            if step % self.cfg.trainer.log_every == 0:
-                self.log("train/loss", loss.detach(), on_step=True, prog_bar=True)
+            self.train_log.add(step, loss)
+        self.train_log.flush(self)
 
     @torch.no_grad()
     def per_subtask(self, tasks: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,10 +219,11 @@ class SparseParityModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         loss, acc = self.per_subtask(*batch)
-        metrics = {"val/loss": (self.p * loss).sum(), "val/acc": (self.p * acc).sum(),
-                   "val/loss_uniform": loss.mean()}
-        metrics.update({f"subtask_loss/{i:04d}": v for i, v in enumerate(loss.cpu())})
-        self.log_dict(metrics, on_epoch=True, batch_size=1)
+        # Per-subtask curves go to the curves artifact (CurvesRecorder), history keeps aggregates:
+        # val/n_learned = subtasks below the threshold at this evaluation.
+        set_eval_arrays(self, "subtask", {"loss": loss, "acc": acc})
+        log_eval(self, {"val/loss": (self.p * loss).sum(), "val/acc": (self.p * acc).sum(),
+                        "val/loss_uniform": loss.mean(), "val/n_learned": (loss < self.threshold_nats).sum()})
 
     def configure_optimizers(self):
         o = self.cfg.optim
@@ -235,6 +238,6 @@ def build(cfg: Config) -> Job:
     return Job(
         module=SparseParityModule(cfg, model, data),
         datamodule=data,
-        callbacks=[EmergenceCallback("subtask_loss/", cfg.eval.threshold_bits * math.log(2))],
+        callbacks=[CurvesRecorder(), EmergenceCallback(cfg.eval.threshold_bits * math.log(2), "subtask", "loss")],
         summary={"model/params": n_params(model), "loss_units": "nats"},
     )

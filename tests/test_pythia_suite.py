@@ -28,7 +28,7 @@ def test_suite_model_trains_saves_checkpoints_and_loads_for_eval(env):
             "data.val_windows=2", "trainer.steps=4", "trainer.eval_every=2", "save_every=2", f"save_dir={save}",
             "trainer.threads=1", "trainer.progress_bar=false"]
     s = train(load_config(args), args)
-    assert s["model/name"] == "neox-d16" and s["trainer/global_step"] == 4 and s["val/loss"] > 0
+    assert s["model/name"] == "neox-d16" and s["trainer/global_step"] == 4 and s["val/loss"]["last"] > 0
     assert s["model/params_nonembedding"] == s["model/params"] - 2 * 50304 * 16  # Pythia's padded vocab
     for sub in ("", "step2", "step4"):
         assert (save / "neox-d16" / sub / "config.json").exists(), sub

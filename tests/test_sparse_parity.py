@@ -1,9 +1,11 @@
 import json
 import math
+import os
 
 import torch
 
 from harness.config import load_config
+from harness.runstore import load_curves
 from tasks.sparse_parity import MLP, SparseParityData, build, frequencies, n_params
 from tests.conftest import TINY, harness
 
@@ -69,17 +71,33 @@ def test_train_prints_summary_last_and_detects_emergence(tmp_path):
                    "trainer.eval_every=25", "trainer.progress_bar=false")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["model/params"] == (2 + 4) * 64 + 64 + 64 * 2 + 2
-    assert summary["val/loss"] < 0.1 * math.log(2)
-    assert summary["emergence/n_learned"] == 2
-    steps = [summary["emergence/step/0000"], summary["emergence/step/0001"]]
-    assert all(isinstance(s, int) and 0 < s <= 300 and s % 25 == 0 for s in steps)
-    assert summary["trainer/global_step"] == 300
+    assert summary["val/loss"]["last"] < 0.1 * math.log(2)
+    assert summary["val/loss"]["min"] <= summary["val/loss"]["last"]
+    assert summary["emergence/n_learned"] == summary["emergence/n_below_end"] == 2
+    assert summary["trainer/global_step"] == 300 and summary["val/n_learned"] == 2
+    # Per-subtask curves come back from the run's curves artifact; the emergence steps from them
+    # agree with the table the callback wrote.
+    curves = load_curves(str(tmp_path), "subtask")
+    assert sorted(curves["step"].unique()) == list(range(25, 301, 25)) and set(curves["item"]) == {0, 1}
+    below = curves[curves["loss"] < 0.1 * math.log(2)].groupby("item")["step"].min()
+    assert all(0 < s <= 300 and s % 25 == 0 for s in below)
+    rows = table_rows(summary, "emergence/items")
+    assert [(r[0], r[1], r[2]) for r in rows] == [(i, int(below[i]), True) for i in (0, 1)]
 
 
-def test_never_learned_subtasks_are_censored_not_numbers():
+def test_never_learned_subtasks_are_censored_numbers(tmp_path):
     proc = harness("train", *TINY, "model.width=2")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    censored = [k for k, v in summary.items() if k.startswith("emergence/step/") and v == "censored"]
-    assert censored, summary
+    rows = table_rows(summary, "emergence/items")
+    censored = [r for r in rows if not r[2]]
+    assert censored and all(r[1] == 60 for r in censored)  # the last evaluated step, a number
     assert summary["emergence/n_learned"] == 4 - len(censored)
     assert summary["emergence/last_step"] == 60
+    assert not any(isinstance(v, str) for k, v in summary.items() if k.startswith("emergence/"))
+
+
+def table_rows(summary: dict, key: str) -> list:
+    """The rows of a wandb.Table logged to the summary, from the run's media file."""
+    path = os.path.join(summary["_run_dir"], summary[key]["path"])
+    with open(path) as f:
+        return json.load(f)["data"]
