@@ -104,7 +104,6 @@ def _num(v):
 
 # ---------------------------------------------------------------- records
 
-def run_record(run: pd.Series, hist: pd.DataFrame, keys: list[str], threshold: float,
 def _summary_event(run: pd.Series, name: str):
     """(present, step or None) of a typed event in one row of the runs table (harness.events)."""
     value, reached = run.get(f"summary.{name}"), run.get(f"summary.{name}/reached")
@@ -114,6 +113,7 @@ def _summary_event(run: pd.Series, name: str):
     return True, (int(value) if reached else None)
 
 
+def run_record(run: pd.Series, hist: pd.DataFrame, keys: list[str], threshold: float,
                max_delay: int, curves: pd.DataFrame | None = None) -> dict:
     """One run's numbers; t_* recomputed from history so that a crashed run (no summary) still
     counts, and checked against the summary the callback wrote when there is one."""
