@@ -1,0 +1,423 @@
+"""Quanta discovery from gradients (QDG, Michaud et al. 2023, section 5) as a run like any other.
+
+A model (a Hugging Face causal LM, a model artifact of an earlier run, or a model this run trains
+first), a set of samples it predicts well, their per-sample gradients, cosine similarity,
+affinity 1 - arccos(C)/pi, spectral clustering for each `cluster.counts`; logged: artifact
+`quanta-<run id>` (type `quanta`: samples.parquet, clusters.parquet, result.json, similarity.npy when
+n <= sim.save_max) and in the summary the rank-frequency slope of the cluster sizes with its
+interval, and for planted quanta (sparse parity) the adjusted Rand index and purity against the
+true subtasks.
+
+Models made by other tasks are reached through the task registry by name (`harness.config.
+task_module`), as the harness itself does: the Pythia evaluation's loader, tokenizer and document
+reader for LMs, and for a trained model the task named in its config (C7), whose `build()` gives
+the pure nn.Module (`.module.model`) and the data module that holds the labelled test set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness import quanta_stats as qs
+from harness import tracking
+from harness.callbacks import write_summary
+from harness.config import ConfigError, RunConfig, TrainerConfig, config_class, task_module
+from harness.data import DeviceDataModule
+from harness.train import Job
+from tasks import qdg_core as core
+
+ARTIFACT_TYPE = "quanta"
+SOURCES = ("hf", "artifact", "train")
+MODES = ("exact", "projected")
+
+
+@dataclass
+class ModelConfig:
+    # hf: a causal LM, loaded as pythia_eval loads it; artifact: the `model` artifact (C7) of run
+    # `artifact`; train: this run first trains the config in `train.*` (e.g. sparse parity).
+    source: str = "hf"
+    name: str = "EleutherAI/pythia-70m"  # hf: hub name or local directory (relative: cwd, then data_dir)
+    revision: str = "step143000"
+    dtype: str = "float32"
+    tokenizer: str = ""  # "" = the model's own; else a tokenizer.json (relative: under data_dir)
+    artifact: str = ""  # artifact: the run id whose model artifact to load
+    artifact_source: str = ""  # wandb directory or entity/project holding that run ("" = $WANDB_DIR/wandb)
+    save: bool = True  # train: log the trained weights as model-<run id> (C7)
+
+
+@dataclass
+class DataConfig:  # language models: documents, read as pythia_eval reads them
+    source: str = "pile/test.jsonl.zst"
+    text_key: str = "text"
+    split: str = "test"
+    first_doc: int = 0
+    n_docs: int = 0  # 0 = read until samples.n tokens are chosen
+    context_length: int = 1024  # documents truncated to this many tokens (the paper's max_length)
+
+
+@dataclass
+class SamplesConfig:
+    n: int = 10000  # samples to cluster (0 = every one that passes)
+    max_loss: float = 0.1  # nats: keep samples the model predicts well (the paper: 0.1)
+    drop_repeated_trigrams: bool = True  # LMs: drop tokens whose trigram appeared earlier in the doc (induction)
+    stride: int = 50  # LMs: every stride-th token that passes (the paper: 50)
+    context_tokens: int = 48  # LMs: tokens of context kept with each sample for the report
+
+
+@dataclass
+class GradConfig:
+    exclude: List[str] = field(default_factory=lambda: list(core.DEFAULT_EXCLUDE))  # name substrings to drop
+    include: str = ""  # regex a parameter name must match ("" = any)
+    drop_embeddings: bool = True  # also drop the input/output embedding matrices by identity (see qdg_core)
+    batch: int = 64  # LMs: tokens per batched backward
+
+
+@dataclass
+class SimConfig:
+    mode: str = "exact"  # exact | projected (random projection to `dim`, as TRAK)
+    dim: int = 4096  # projected: dimensions
+    block: int = 256  # samples per gradient block
+    max_grad_mb: int = 2048  # exact: gradient rows kept resident; more are streamed and recomputed
+    # The paper's cosine keeps the sign. A gradient flips sign with the class it pushes towards, so
+    # one mechanism can give two anti-aligned groups; signed=false uses |C| (lines, not directions).
+    signed: bool = True
+    check_samples: int = 256  # projected: samples on which the error against exact is measured
+    save_max: int = 2000  # log the similarity matrix as well when n <= this
+
+
+@dataclass
+class ClusterConfig:
+    counts: List[int] = field(default_factory=lambda: [400])
+    # Planted quanta: also cluster at m x (subtasks among the samples) for each m listed.
+    subtask_multiples: List[int] = field(default_factory=list)
+    n_init: int = 30  # k-means restarts in sklearn's SpectralClustering (the paper: 30)
+    fit_rank_min: int = 101  # rank-frequency fit over ranks [min, max] of the envelope (the paper: 101-1000)
+    fit_rank_max: int = 1000  # 0 = up to the last rank
+
+
+@dataclass
+class Config(RunConfig):
+    task: str = "quanta_discovery"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    grad: GradConfig = field(default_factory=GradConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # model.source=train: another task's config (train.task=sparse_parity, train.data.n_tasks=4, ...),
+    # trained by this run with this run's trainer.* settings, then analysed.
+    train: Dict[str, Any] = field(default_factory=dict)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=0))
+
+    @property
+    def fits(self) -> bool:  # a run trains (needs trainer.steps >= 1) only when it trains its own model
+        return self.model.source == "train"
+
+    def validate(self) -> None:
+        super().validate()
+        m, s, c, g = self.model, self.samples, self.cluster, self.sim
+        if m.source not in SOURCES:
+            raise ConfigError(f"model.source={m.source!r}; valid: {', '.join(SOURCES)}")
+        if g.mode not in MODES:
+            raise ConfigError(f"sim.mode={g.mode!r}; valid: {', '.join(MODES)}")
+        if m.source == "artifact" and not m.artifact:
+            raise ConfigError("model.source=artifact needs model.artifact=RUN_ID (the run that logged the model)")
+        if m.source == "train" and not self.train.get("task"):
+            raise ConfigError("model.source=train needs train.task=NAME and that task's keys as train.KEY=VALUE")
+        if s.n < 0 or s.stride < 1 or s.context_tokens < 0:
+            raise ConfigError(f"samples.n={s.n}, samples.stride={s.stride}, samples.context_tokens={s.context_tokens}: "
+                              "need >= 0, >= 1, >= 0")
+        if min(g.dim, g.block, g.max_grad_mb, g.check_samples, self.grad.batch, c.n_init) < 1:
+            raise ConfigError("sim.dim, sim.block, sim.max_grad_mb, sim.check_samples, grad.batch, cluster.n_init must be >= 1")
+        if not c.counts and not c.subtask_multiples:
+            raise ConfigError("cluster.counts is empty: give at least one cluster count")
+        if any(k < 2 for k in c.counts) or any(k < 1 for k in c.subtask_multiples):
+            raise ConfigError(f"cluster.counts={list(c.counts)}: each must be >= 2; cluster.subtask_multiples >= 1")
+        too_many = [k for k in c.counts if s.n and k >= s.n]
+        if too_many:
+            raise ConfigError(f"cluster.counts={list(c.counts)}: {too_many} not below samples.n={s.n} "
+                              "(spectral clustering needs fewer clusters than samples)")
+
+
+# -- models --------------------------------------------------------------------------------------
+
+def _pythia_cfg(cfg: Config):
+    """The Pythia evaluation's config for the same model and documents: its loader reads these."""
+    pe = task_module("pythia_eval")
+    m, d = cfg.model, cfg.data
+    return pe, pe.Config(data_dir=cfg.data_dir,
+                         model=pe.ModelConfig(name=m.name, revision=m.revision, dtype=m.dtype, tokenizer=m.tokenizer),
+                         data=pe.DataConfig(source=d.source, text_key=d.text_key, split=d.split, first_doc=d.first_doc,
+                                            n_docs=d.n_docs, context_length=d.context_length))
+
+
+def _inner_config(train: dict, trainer: TrainerConfig | None) -> RunConfig:
+    """Another task's config from a (nested) dict: train.* of this run, or the config in a model
+    artifact. trainer: this run's trainer settings (a model trained here), or None to keep the dict's."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cls = config_class(train["task"])
+    try:
+        inner = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), train))
+        if trainer is not None:
+            inner.trainer = dataclasses.replace(trainer)
+        inner.validate()
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"train.*: {str(e).splitlines()[0]} (task {train['task']})") from None
+    except ConfigError as e:
+        raise ConfigError(f"train.*: {e}") from None
+    return inner
+
+
+def model_artifact(cfg: Config) -> tuple[str, dict]:
+    """(path of model.pt, its contents) of run `model.artifact`; a missing one is one line, before
+    any gradient."""
+    from harness import runstore
+
+    m = cfg.model
+    source = m.artifact_source or os.path.join(os.environ.get("WANDB_DIR") or cfg.wandb.dir or ".", "wandb")
+    try:
+        files = runstore.artifact_files(source, m.artifact, "model")
+    except runstore.SourceError as e:
+        raise ConfigError(f"model.artifact={m.artifact!r}: {e}") from None
+    path = files.get("model.pt")
+    if path is None or not os.path.exists(path):
+        raise ConfigError(f"model.artifact={m.artifact!r}: run has no model artifact with model.pt in {source} "
+                          f"(found: {', '.join(files) or 'none'}); train it with model.save=true")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
+        raise ConfigError(f"model.artifact={m.artifact!r}: {path} is not a C7 model.pt (state_dict + config)")
+    return path, blob
+
+
+def _trained_job(blob_config: dict) -> tuple[RunConfig, Job]:
+    """Rebuild the task that trained a model: its config and Job (pure model + labelled data)."""
+    config = dict(blob_config)
+    if config.get("task") == "quanta_discovery":  # a model this task trained inline
+        config = dict(config.get("train") or {})
+    config.pop("wandb", None), config.pop("data_dir", None)  # where it was logged, not what it is
+    inner = _inner_config(config, None)
+    return inner, task_module(inner.task).build(inner)
+
+
+# -- samples -------------------------------------------------------------------------------------
+
+def lm_samples(cfg: Config, model: nn.Module, tok, pe, pe_cfg) -> dict:
+    """The paper's token selection over documents in order: forward passes only, no gradient."""
+    source = pe.resolve_source(pe_cfg)
+    losses_fn = pe.TokenLosses(model, head_chunk=512)
+    s, d = cfg.samples, cfg.data
+    docs: dict[int, list[int]] = {}
+
+    def stream():
+        stop = d.first_doc + d.n_docs if d.n_docs else None
+        for i, text in enumerate(pe.iter_texts(source, d.text_key, d.split)):
+            if stop is not None and i >= stop:
+                return
+            if i < d.first_doc:
+                continue
+            ids = tok.encode([text], d.context_length)[0]
+            if len(ids) < 2:
+                continue
+            x = torch.tensor([ids], device=model.device)
+            with torch.inference_mode():
+                loss = losses_fn(x, torch.ones_like(x)).float().cpu().numpy()  # [L-1], targets 1..L-1
+            docs[i] = ids
+            yield i, ids, loss
+
+    chosen, passing = core.select_tokens(stream(), s.max_loss, s.drop_repeated_trigrams, s.stride, s.n)
+    if s.n and len(chosen) < s.n:
+        raise ConfigError(f"samples.n={s.n} but only {len(chosen)} tokens pass the selection (loss < "
+                          f"samples.max_loss={s.max_loss}, drop_repeated_trigrams={s.drop_repeated_trigrams}, every "
+                          f"samples.stride={s.stride}-th of {passing}) in data.source={d.source!r}")
+    doc, pos = np.array([c[0] for c in chosen]), np.array([c[1] for c in chosen])
+    k = s.context_tokens
+    contexts = [tok.decode(docs[a][max(0, b - k):b]) for a, b in zip(doc, pos)]
+    targets = [tok.decode([docs[a][b]]) for a, b in zip(doc, pos)]
+    return {"doc": doc, "pos": pos, "token": np.array([docs[a][b] for a, b in zip(doc, pos)]),
+            "loss": np.array([c[2] for c in chosen]), "context": contexts, "target": targets,
+            "docs": {a: torch.tensor(docs[a]) for a in np.unique(doc)}, "passing": passing}
+
+
+def parity_samples(cfg: Config, model: nn.Module, data, device) -> dict:
+    """Test samples the model predicts well (loss < samples.max_loss), subtask ids kept, in a seeded order."""
+    tasks, bits = data.test_tasks.to(device), data.test_bits.to(device)
+    x, y = data.encode(tasks, bits, device)
+    with torch.no_grad():
+        loss = F.cross_entropy(model(x), y, reduction="none")
+    ok = torch.nonzero(loss < cfg.samples.max_loss).flatten().cpu().numpy()
+    order = np.random.default_rng(cfg.seed).permutation(ok)
+    n = cfg.samples.n or len(order)
+    if n > len(order):
+        raise ConfigError(f"samples.n={n} but only {len(order)} test samples have loss < samples.max_loss="
+                          f"{cfg.samples.max_loss} (the model has learned too little; train longer or lower samples.n)")
+    idx = np.sort(order[:n])
+    return {"x": x[idx], "y": y[idx], "subtask": tasks[idx].cpu().numpy(), "loss": loss[idx].cpu().numpy(),
+            "test_index": idx, "passing": len(order)}
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+class QuantaDiscovery(L.Callback):
+    """Runs QDG once: after fit (a model this run trained) or after the (empty) validation loop."""
+
+    def __init__(self, cfg: Config, kind: str, stage: str, get_model, get_data=None, tok=None, pe=None, pe_cfg=None):
+        self.cfg, self.kind, self.stage = cfg, kind, stage
+        self.get_model, self.get_data, self.tok, self.pe, self.pe_cfg = get_model, get_data, tok, pe, pe_cfg
+        self.result: dict | None = None
+
+    def on_fit_end(self, trainer, pl_module):
+        if self.stage == "fit":
+            self.run(trainer, pl_module.device)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.stage == "validate" and not trainer.sanity_checking:
+            with torch.inference_mode(False):  # Lightning validates under inference mode
+                self.run(trainer, pl_module.device)
+
+    def run(self, trainer, device) -> None:
+        cfg, t0 = self.cfg, time.perf_counter()
+        model = self.get_model().to(device).eval()
+        params = core.select_params(model, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)
+        for p in model.parameters():  # only the selected parameters get gradients
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        if self.kind == "lm":
+            samples = lm_samples(cfg, model, self.tok, self.pe, self.pe_cfg)
+            source = core.LMGrads(model, params, samples.pop("docs"), samples["doc"], samples["pos"], cfg.grad.batch)
+        else:
+            samples = parity_samples(cfg, model, self.get_data(), device)
+            source = core.MLPGrads(model, params, samples.pop("x"), samples.pop("y"))
+        n = source.n
+        counts = sorted(set(cfg.cluster.counts))
+        n_sub = len(np.unique(samples["subtask"])) if "subtask" in samples else 0
+        counts = sorted(set(counts) | {m * n_sub for m in cfg.cluster.subtask_multiples if n_sub})
+        bad = [k for k in counts if k >= n]
+        if bad:
+            raise ConfigError(f"cluster counts {bad} not below the {n} samples chosen (cluster.counts, "
+                              "cluster.subtask_multiples x subtasks); lower them or raise samples.n")
+        t1 = time.perf_counter()
+        summary: dict[str, Any] = {"qdg/n_samples": n, "qdg/n_params": source.dim, "qdg/passing": samples["passing"],
+                                   "qdg/seconds_select": t1 - t0}
+        g = cfg.sim
+        stats: dict = {}
+        if g.mode == "exact":
+            C = core.exact_similarity(source, g.block, g.max_grad_mb << 20, stats=stats)
+            summary["qdg/gradients_computed"] = stats["gradients_computed"]
+        else:
+            C = core.projected_similarity(source, g.dim, g.block, cfg.seed)
+            err = core.projection_error(source, C, g.check_samples, g.block, cfg.seed, g.max_grad_mb << 20)
+            summary.update({f"qdg/{k}": v for k, v in err.items()})
+        t2 = time.perf_counter()
+        summary["qdg/seconds_similarity"] = t2 - t1
+        similarity = C.copy() if n <= g.save_max else None
+        if not g.signed:
+            np.abs(C, out=C)
+        A = core.affinity_(C)
+        labels = core.cluster(A, counts, cfg.cluster.n_init, cfg.seed)
+        del A, C
+        summary["qdg/seconds_cluster"] = time.perf_counter() - t2
+        result = summarise(cfg, labels, samples.get("subtask"))
+        summary.update(result["summary"])
+        write_summary(trainer, summary)
+        self.result = {**result, "summary": summary}
+        self._log(trainer, samples, labels, similarity, result)
+
+    def _log(self, trainer, samples: dict, labels: dict, similarity, result: dict) -> None:
+        import pandas as pd
+
+        run = trainer.logger.experiment
+        out = os.path.join(os.path.dirname(run.dir), ARTIFACT_TYPE)  # beside files/, as pythia_eval does
+        os.makedirs(out, exist_ok=True)
+        cols = {k: v for k, v in samples.items() if k != "passing"}
+        pd.DataFrame({"sample": np.arange(len(cols["loss"])), **cols}).to_parquet(os.path.join(out, "samples.parquet"))
+        pd.DataFrame([(k, i, int(l)) for k, lab in labels.items() for i, l in enumerate(lab)],
+                     columns=["n_clusters", "sample", "label"]).to_parquet(os.path.join(out, "clusters.parquet"))
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump({"kind": self.kind, "signed": self.cfg.sim.signed, **result}, f, default=float)
+        if similarity is not None:
+            np.save(os.path.join(out, "similarity.npy"), similarity)
+        tracking.log_artifact(run, out, f"{ARTIFACT_TYPE}-{run.id}", ARTIFACT_TYPE,
+                              metadata={"kind": self.kind, "counts": sorted(labels)})
+
+
+def summarise(cfg: Config, labels: dict[int, np.ndarray], subtask) -> dict:
+    """Rank-frequency per count, envelope and its fit; agreement with planted subtasks if known."""
+    c = cfg.cluster
+    per = {k: qs.sizes(v) for k, v in labels.items()}
+    env = qs.envelope(list(per.values()))
+    fit = qs.fit_slope(env, c.fit_rank_min, c.fit_rank_max)
+    out = {"sizes": {str(k): v.tolist() for k, v in per.items()}, "envelope": env.tolist(), "fit": fit}
+    summary = {"qdg/slope": fit["slope"], "qdg/slope_lo": fit["slope_lo"], "qdg/slope_hi": fit["slope_hi"],
+               "qdg/fit_rank_min": fit["rank_min"], "qdg/fit_rank_max": fit["rank_max"]}
+    if subtask is not None:
+        agree = {str(k): qs.agreement(subtask, v) for k, v in labels.items()}
+        n_sub = len(np.unique(subtask))
+        # The headline count: the first multiple of the true subtask count, else the first count.
+        first = next((m * n_sub for m in c.subtask_multiples), min(labels))
+        out["agreement"] = agree
+        summary.update({"qdg/n_subtasks": n_sub, "qdg/ari": agree[str(first)]["ari"],
+                        "qdg/purity": agree[str(first)]["purity"], "qdg/ari_clusters": first})
+    out["summary"] = summary
+    return out
+
+
+class _Holder(L.LightningModule):
+    """The model under study, so that Lightning places it on the run's device; validation is empty."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+
+class _OneBatch(DeviceDataModule):
+    def val_batch(self, index, device):
+        return None
+
+
+def build(cfg: Config) -> Job:
+    m = cfg.model
+    if m.source == "hf":
+        pe, pe_cfg = _pythia_cfg(cfg)
+        pe.resolve_source(pe_cfg)  # a missing data source fails here, before the model loads
+        model = pe.load_model(pe_cfg)
+        tok = pe.load_tokenizer(pe_cfg)
+        pe.check_vocab(model, tok, f"model.name={m.name!r}, model.tokenizer={m.tokenizer or 'its own'!r}")
+        core.select_params(model, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)  # fails early
+        total, non_emb = pe.param_counts(model)
+        holder = _Holder(model)
+        cb = QuantaDiscovery(cfg, "lm", "validate", lambda: holder.model, tok=tok, pe=pe, pe_cfg=pe_cfg)
+        return Job(module=holder, datamodule=_OneBatch(), callbacks=[cb], stage="validate",
+                   summary={"model/params": total, "model/params_nonembedding": non_emb, "qdg/kind": "lm"})
+    if m.source == "artifact":
+        _, blob = model_artifact(cfg)
+        inner, job = _trained_job(blob["config"])
+        net = job.module.model
+        net.load_state_dict(blob["state_dict"])
+        core.select_params(net, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)
+        holder = _Holder(net)
+        cb = QuantaDiscovery(cfg, "parity", "validate", lambda: holder.model, lambda: job.datamodule)
+        return Job(module=holder, datamodule=_OneBatch(), callbacks=[cb], stage="validate",
+                   summary={"model/params": sum(p.numel() for p in net.parameters()), "qdg/kind": "parity",
+                            "qdg/model_task": inner.task})
+    inner = _inner_config(cfg.train, cfg.trainer)
+    job = task_module(inner.task).build(inner)
+    core.select_params(job.module.model, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)
+    cb = QuantaDiscovery(cfg, "parity", "fit", lambda: job.module.model, lambda: job.datamodule)
+    return Job(module=job.module, datamodule=job.datamodule, callbacks=[*job.callbacks, cb], stage="fit",
+               summary={**job.summary, "qdg/kind": "parity", "qdg/model_task": inner.task})
