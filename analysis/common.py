@@ -59,11 +59,10 @@ def write_outputs(out_dir: str, study: str, result: dict, report_md: str) -> Non
 
 def main_guard(fn: Callable[[], None]) -> None:
     """Run an analysis CLI; bad input exits 2 with one line, as `harness` does."""
-    from harness.errors import UserError
-    from harness.config import ConfigError
+    from harness.errors import UserError  # ConfigError is a UserError
 
     try:
         fn()
-    except (UserError, ConfigError) as e:
+    except UserError as e:
         print(f"analysis: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -87,6 +87,8 @@ def run_config(cfg: RunConfig) -> dict:
 def _lookup(cfg: RunConfig, dotted: str) -> Any:
     value: Any = cfg
     for part in dotted.split("."):
+        if not hasattr(value, part):
+            raise ConfigError(f"{VARIED_ENV} names {dotted!r}, which is not a config key of task {cfg.task}")
         value = getattr(value, part)
     return value
 

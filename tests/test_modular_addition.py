@@ -166,7 +166,7 @@ def test_haiku_init_is_the_pair_notebooks():
     ("data.operation=divide", ["data.operation='divide'", "add, subtract, multiply"]),
     ("model.name=transformer", ["model.name='transformer'", "pair_mlp, concat_mlp"]),
     ("model.activation=swish", ["model.activation='swish'", "relu"]),
-    ("data.modulus=5", ["unknown config key", "data.p"]),
+    ("data.modulus=5", ["unknown config key", "data.modulus", "--cfg"]),
 ])
 def test_bad_input_is_one_line_config_error(override, words):
     with pytest.raises(ConfigError) as e:
