@@ -181,6 +181,13 @@ class _Histories(Mapping):
         return len(self._local.by_id)
 
 
+def _progress(items, n: int):
+    """A bar on an interactive terminal when there are enough run files to decode to wait for."""
+    from tqdm import tqdm
+    return tqdm(items, total=n, desc="decoding run files", unit="run", file=sys.stderr, leave=False,
+                disable=n < PARALLEL_MIN_FILES or not sys.stderr.isatty())
+
+
 _MEMO: dict[tuple, tuple[dict, pd.DataFrame | None]] = {}  # (path, size, mtime_ns) -> decoded, this process
 
 
@@ -218,10 +225,10 @@ class _Local:
                 # through the pipe costs more than the parent reading them from the cache. (With
                 # no writable cache, the histories have to come through the pipe.)
                 with ProcessPoolExecutor(workers) as pool:
-                    results = list(pool.map(_load_file_in_worker, [(p, self.cache_root, not why) for p in paths],
-                                            chunksize=4))
+                    results = list(_progress(pool.map(_load_file_in_worker, [(p, self.cache_root, not why)
+                                                                             for p in paths], chunksize=4), len(paths)))
             else:
-                results = [_load_file(p, self.cache_root, not why) for p in paths]
+                results = [_load_file(p, self.cache_root, not why) for p in _progress(paths, len(paths))]
             for (path, meta, hist, err, notes), (_, key) in zip(results, todo):
                 for n in notes:
                     _warn(n, self.warnings)
