@@ -6,7 +6,7 @@ export HARNESS_DATA_DIR ?= $(abspath ../shared/data)
 OUT ?= out
 WORKERS ?= 2
 
-.PHONY: setup run test test-all
+.PHONY: setup run test test-all layering
 
 setup: $(VENV)/.installed
 
@@ -30,3 +30,8 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q -m ''
+
+# The dependency direction of DESIGN.md (tasks -> harness; analysis -> harness.runstore + pure helpers;
+# harness -> nothing above it); also part of `make test`. Lists every violating import.
+layering: setup
+	$(PY) tests/test_layering.py
