@@ -1,13 +1,22 @@
 """The dependency direction of DESIGN.md, checked on every import statement (module level or inside a
 function): tasks -> harness; analysis -> harness.runstore and the pure helpers (harness.events,
-harness.errors) + analysis.*; harness -> nothing above it. A task never imports another task."""
+harness.errors) + analysis.*; harness -> nothing above it. A task never imports another task: a
+registered task module (pyproject's "harness.tasks" entry points) may import harness and the task's own
+helper modules in tasks/ (those not registered), never another registered task."""
 import ast
 import os
+import tomllib
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANALYSIS_MAY_USE = ("harness.runstore", "harness.events", "harness.errors", "harness.quanta_stats")
+
+
+def registered_tasks() -> set[str]:
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    return set(project.get("entry-points", {}).get("harness.tasks", {}).values())
 
 
 def imports(path: str) -> list[tuple[int, str]]:
@@ -23,15 +32,19 @@ def imports(path: str) -> list[tuple[int, str]]:
     return out
 
 
-def allowed(package: str, module_name: str, target: str) -> bool:
+def allowed(package: str, module_name: str, target: str, tasks: set[str] = frozenset()) -> bool:
     top = target.split(".")[0]
     if top not in ("harness", "tasks", "analysis"):
         return True  # the standard library and third-party packages
     if package == "harness":
         return top == "harness"
     if package == "tasks":
-        # `from tasks import x` names the package; only the module itself or harness may follow.
-        return top == "harness" or target in ("tasks", module_name) or target.startswith(module_name + ".")
+        if top != "tasks":
+            return top == "harness"
+        if target == "tasks":  # `from tasks import x` also yields tasks.x, checked below
+            return True
+        imported = ".".join(target.split(".")[:2])  # tasks.module (target may be tasks.module.name)
+        return imported == module_name or imported not in tasks or module_name not in tasks
     if package == "analysis":
         return top == "analysis" or target == "harness" or any(
             target == m or target.startswith(m + ".") for m in ANALYSIS_MAY_USE)
@@ -39,7 +52,7 @@ def allowed(package: str, module_name: str, target: str) -> bool:
 
 
 def violations() -> list[str]:
-    found = []
+    found, tasks = [], registered_tasks()
     for package in ("harness", "tasks", "analysis"):
         for name in sorted(os.listdir(os.path.join(REPO, package))):
             if not name.endswith(".py"):
@@ -48,7 +61,7 @@ def violations() -> list[str]:
             path = os.path.join(REPO, package, name)
             for line, target in imports(path):
                 # `from harness import runstore` yields `harness` (the package, allowed) and `harness.runstore`.
-                if not allowed(package, module_name, target):
+                if not allowed(package, module_name, target, tasks):
                     found.append(f"{package}/{name}:{line} imports {target}")
     return sorted(set(found))
 
@@ -57,7 +70,9 @@ def test_the_checker_catches_each_kind_of_violation():
     assert not allowed("harness", "harness.config", "tasks.sparse_parity")
     assert not allowed("harness", "harness.train", "analysis.fourier")
     assert not allowed("tasks", "tasks.modular_addition", "analysis.fourier")
-    assert not allowed("tasks", "tasks.pythia_suite", "tasks.pythia_eval")
+    registered = {"tasks.pythia_suite", "tasks.pythia_eval", "tasks.modular_addition"}
+    assert not allowed("tasks", "tasks.pythia_suite", "tasks.pythia_eval.Config", registered)
+    assert allowed("tasks", "tasks.modular_addition", "tasks.modular_addition_packed.PackedModular", registered)
     assert not allowed("analysis", "analysis.grokking", "harness.callbacks")
     assert not allowed("analysis", "analysis.common", "harness.config")
     assert allowed("analysis", "analysis.scaling", "harness.runstore")
