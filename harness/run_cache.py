@@ -1,6 +1,9 @@
-"""The run store's disk cache of decoded run files: JSON (the run's meta) + parquet (its history).
+"""The run store's disk cache of decoded run files: JSON (the run's meta) + an Arrow IPC file (its
+history; the Feather v2 format, `pd.read_feather` reads it).
 
 Neither format can run code when read (the old cache was pickle: a planted file ran `os.system`).
+Arrow IPC rather than parquet: reading 200 histories of 2,000 x 104 took 2.9 s of CPU from parquet
+(its per-column page decoding), 0.9 s from Arrow IPC, 0.5 s from pickle (DESIGN.md).
 An entry is named by a hash of the run file's absolute path, size, mtime and the decoder's version,
 and its JSON repeats those fields, which are checked on every read: a changed file, a newer decoder
 or a foreign or corrupt entry is never served; the caller is told why and decodes the file again.
@@ -15,12 +18,12 @@ import zlib
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.ipc as ipc
 
 from harness.wandb_file import DECODER_VERSION
 
 CACHE_DIR = ".harness-cache"
-FORMAT = 2  # of the entries themselves (1 was pickle)
+FORMAT = 3  # of the entries themselves (1 was pickle, 2 parquet)
 CACHE_ENV = "HARNESS_CACHE_DIR"  # a writable cache elsewhere, for read-only or full wandb directories
 _COLUMN_TYPES = (pa.types.is_int64, pa.types.is_float64, pa.types.is_boolean, pa.types.is_string,
                  pa.types.is_large_string, pa.types.is_null)
@@ -60,7 +63,7 @@ def read_meta(root: str, ident: dict) -> dict | None:
         raise BadEntry(f"{path}: written for another file, file version or decoder version")
     meta = entry["meta"]
     meta["_json_columns"] = entry.get("json_columns", [])
-    meta["_history_file"] = path[:-5] + ".parquet" if entry.get("rows") else None
+    meta["_history_file"] = path[:-5] + ".arrow" if entry.get("rows") else None
     meta["_history_crc32"] = entry.get("history_crc32")
     return meta
 
@@ -75,13 +78,14 @@ def read_history(meta: dict) -> pd.DataFrame:
             data = f.read()
         if zlib.crc32(data) != meta["_history_crc32"]:  # another file under this name, or damaged
             raise BadEntry(f"{path}: its checksum does not match its entry")
-        table = pq.read_table(pa.BufferReader(data))
+        reader = ipc.open_file(pa.BufferReader(data))
+        odd = [f"{f.name}: {f.type}" for f in reader.schema if not any(ok(f.type) for ok in _COLUMN_TYPES)]
+        if odd:  # e.g. an extension type: never let a foreign file choose how it is deserialised
+            raise BadEntry(f"{path}: unexpected column types ({', '.join(odd[:3])})")
+        table = reader.read_all()
     except (OSError, pa.ArrowException) as e:
         raise BadEntry(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    odd = [f"{f.name}: {f.type}" for f in table.schema if not any(ok(f.type) for ok in _COLUMN_TYPES)]
-    if odd:  # e.g. an extension type: never let a foreign file choose how it is deserialised
-        raise BadEntry(f"{path}: unexpected column types ({', '.join(odd[:3])})")
-    hist = table.to_pandas(ignore_metadata=True)  # plain columns; pandas metadata is not trusted
+    hist = table.to_pandas(ignore_metadata=True, use_threads=False)  # pandas metadata is not trusted
     for c in meta["_json_columns"]:
         if c not in hist:
             raise BadEntry(f"{path}: column {c!r} missing")
@@ -93,7 +97,7 @@ def read_history(meta: dict) -> pd.DataFrame:
 
 
 def write(root: str, ident: dict, meta: dict, hist: pd.DataFrame) -> dict:
-    """Write an entry (parquet first, then the JSON that makes it visible); OSError if it cannot.
+    """Write an entry (history first, then the JSON that makes it visible); OSError if it cannot.
     Returns what `read_meta` adds to a meta read back, so a caller can drop the history it holds."""
     os.makedirs(root, exist_ok=True)
     name = os.path.join(root, entry_name(ident))
@@ -104,22 +108,24 @@ def write(root: str, ident: dict, meta: dict, hist: pd.DataFrame) -> dict:
         for c in json_columns:  # strings, dicts, mixed types: exact through JSON text
             out[c] = [json.dumps(v) for v in out[c]]
         bools = [c for c in out.columns if isinstance(out[c].dtype, pd.BooleanDtype)]
-        for c in bools:  # nullable booleans: JSON text too (plain parquet reads them back as objects)
+        for c in bools:  # nullable booleans: JSON text too (without pandas metadata they come back as objects)
             out[c] = [None if v is pd.NA else json.dumps(bool(v)) for v in out[c]]
         json_columns += bools
+        table = pa.Table.from_pandas(out, preserve_index=False)
         sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pandas(out, preserve_index=False), sink, compression="snappy")
+        with ipc.new_file(sink, table.schema) as writer:  # uncompressed: reading is a copy
+            writer.write_table(table)
         data = sink.getvalue().to_pybytes()
-        with open(name + ".parquet" + tmp, "wb") as f:
+        with open(name + ".arrow" + tmp, "wb") as f:
             f.write(data)
-        os.replace(name + ".parquet" + tmp, name + ".parquet")
+        os.replace(name + ".arrow" + tmp, name + ".arrow")
     entry = dict(ident, rows=len(hist), json_columns=json_columns,
                  history_crc32=zlib.crc32(data) if len(hist) else None,
                  meta={k: v for k, v in meta.items() if not k.startswith("_")})
     with open(name + ".json" + tmp, "w", encoding="utf-8") as f:
         json.dump(entry, f)
     os.replace(name + ".json" + tmp, name + ".json")
-    return {"_json_columns": json_columns, "_history_file": name + ".parquet" if len(hist) else None,
+    return {"_json_columns": json_columns, "_history_file": name + ".arrow" if len(hist) else None,
             "_history_crc32": entry["history_crc32"]}
 
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 
 from harness import run_cache, run_filters
@@ -109,6 +110,9 @@ def _digest(rf: RunFile, path: str) -> tuple[dict, pd.DataFrame]:
     hist = rf.history
     if len(hist):
         hist["step"] = hist["trainer/global_step"] if "trainer/global_step" in hist else hist["_step"]
+        # Columns sorted: wandb-core writes a row's items in no fixed order, and runs whose columns
+        # line up concatenate block by block (5x faster for 200 runs than column by column).
+        hist = hist[sorted(hist.columns)]
     return meta, run_cache.typed(hist)
 
 
@@ -126,6 +130,18 @@ def _decode(path: str, notes: list[str]) -> tuple[dict, pd.DataFrame]:
     return _digest(rf, path)
 
 
+def _cached(path: str, st: os.stat_result, cache_root: str, notes: list[str]) -> dict | None:
+    """The cached meta of a run file, or None (no entry, or one that cannot be served: noted)."""
+    try:
+        meta = run_cache.read_meta(cache_root, run_cache.identity(path, st))
+    except run_cache.BadEntry as e:
+        notes.append(f"ignored a cache entry ({e}); decoding {path} again")
+        return None
+    if meta is not None:
+        meta["_mtime"] = st.st_mtime
+    return meta
+
+
 def _load_file(path: str, cache_root: str, write: bool, send_history: bool = True):
     """One run file from the cache or decoded (and cached when `write`). Runs in a worker process
     too, so it prints nothing: returns (path, meta or None, history or None, error or None, notes)."""
@@ -133,13 +149,8 @@ def _load_file(path: str, cache_root: str, write: bool, send_history: bool = Tru
     try:
         st = os.stat(path)
         ident = run_cache.identity(path, st)
-        try:
-            meta = run_cache.read_meta(cache_root, ident)
-        except run_cache.BadEntry as e:
-            notes.append(f"ignored a cache entry ({e}); decoding {path} again")
-            meta = None
+        meta = _cached(path, st, cache_root, notes)
         if meta is not None:
-            meta["_mtime"] = st.st_mtime
             return path, meta, None, None, notes
         meta, hist = _decode(path, notes)
         meta["_mtime"] = st.st_mtime
@@ -147,7 +158,7 @@ def _load_file(path: str, cache_root: str, write: bool, send_history: bool = Tru
         if write and not (meta["exit_code"] is None and time.time() - st.st_mtime < RUNNING_GRACE_S):
             try:
                 written = run_cache.write(cache_root, ident, meta, hist)
-                if not send_history:  # the parent reads the parquet when it needs the history
+                if not send_history:  # the parent reads the history file when it needs it
                     return path, dict(meta, **written), None, None, notes
             except OSError as e:
                 notes.append(f"cannot write the run cache in {cache_root} ({type(e).__name__}: "
@@ -211,9 +222,16 @@ class _Local:
             key = (os.path.abspath(p), st.st_size, st.st_mtime_ns)
             if key in _MEMO:
                 units[p] = _MEMO[key]
+                continue
+            notes: list[str] = []
+            meta = _cached(p, st, self.cache_root, notes)
+            for n in notes:
+                _warn(n, self.warnings)
+            if meta is not None:
+                units[p] = _MEMO[key] = (meta, None)
             else:
                 todo.append((p, key))
-        if todo:
+        if todo:  # decode what the cache does not hold (in worker processes when there are many)
             why = run_cache.probe(self.cache_root)
             if why:
                 _warn(f"cannot write the run cache in {self.cache_root} ({why}); runs are decoded again "
@@ -414,12 +432,13 @@ def load_history(source: str, run_ids: Iterable[str] | None = None, sweep: str |
                  keys: list[str] | None = None) -> pd.DataFrame:
     """Full-resolution history, one row per logged step: run_id, step, metric columns."""
     ids = None if run_ids is None else set(run_ids)
-    frames = []
+    frames, owners = [], []
     if _resolve(source) == "local":
         local = _Local(source)
         for m in _check_sweep(local.runs(), sweep, source):
             if ids is None or m["id"] in ids:
-                frames.append(_select(local.history(m["id"]), keys).assign(run_id=m["id"]))
+                frames.append(_select(local.history(m["id"]), keys))
+                owners.append(m["id"])
     else:
         for m in load_wandb(source, sweep):
             if ids is None or m["id"] in ids:
@@ -427,17 +446,22 @@ def load_history(source: str, run_ids: Iterable[str] | None = None, sweep: str |
                 h = pd.DataFrame.from_records(list(m["_run"].scan_history(keys=wanted)))
                 if len(h):
                     h["step"] = h["trainer/global_step"] if "trainer/global_step" in h else h["_step"]
-                frames.append(_select(run_cache.typed(h), keys).assign(run_id=m["id"]))
+                frames.append(_select(run_cache.typed(h), keys))
+                owners.append(m["id"])
     if not frames:
         return pd.DataFrame(columns=["run_id", "step", *(keys or [])])
+    # One copy (the concat; the frames may be this process's memo, never modified), then run_id and
+    # step moved to the front without copying the float columns.
     hist = run_cache.typed(pd.concat(frames, ignore_index=True))  # a column some runs lack: still numeric
-    front = ["run_id", "step"]
-    return hist[front + [c for c in hist.columns if c not in front]]
+    hist.insert(0, "run_id", np.repeat(np.array(owners, dtype=object), [len(f) for f in frames]))
+    if "step" in hist:
+        hist.insert(1, "step", hist.pop("step"))
+    return hist
 
 
 def _select(hist: pd.DataFrame, keys: list[str] | None) -> pd.DataFrame:
     if keys is None or not len(hist):
-        return hist.copy() if len(hist) else pd.DataFrame(columns=["step"])
+        return hist if len(hist) else pd.DataFrame(columns=["step"])
     present = [k for k in keys if k in hist.columns]
     sub = hist[["step", *present]]
     return sub.dropna(subset=present, how="all") if present else sub.iloc[0:0]

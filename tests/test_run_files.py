@@ -149,7 +149,7 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
     assert len(first) == 50 and first["m/19"].iloc[-1] == 49 * 0.5 + 19
     pd.testing.assert_frame_equal(first, second)  # every value, every dtype, from the cache
     entries = sorted(os.listdir(tmp_path / "wandb" / runstore.CACHE_DIR))
-    assert [e.rsplit(".", 1)[1] for e in entries] == ["json", "parquet"]
+    assert [e.rsplit(".", 1)[1] for e in entries] == ["arrow", "json"]
 
 
 def test_without_the_cache_the_second_load_decodes_again(tmp_path, monkeypatch):

@@ -112,9 +112,9 @@ def test_corrupt_and_foreign_cache_entries_are_re_decoded(tmp_path, capsys):
     make_run(tmp_path, steps=8)
     root = str(tmp_path / "wandb")
     expected = runstore.load_history(root)
-    meta_file, parquet_file = _entries(root)
-    # A parquet file of the wrong run and a JSON entry cut in half: both ignored, run decoded.
-    pd.DataFrame({"m/00": [7.0]}).to_parquet(parquet_file)
+    history_file, meta_file = _entries(root)
+    # A valid Arrow file of another history, and a JSON entry cut in half: both ignored, run decoded.
+    pd.DataFrame({"m/00": [7.0]}).to_feather(history_file)
     runstore._MEMO.clear()
     pd.testing.assert_frame_equal(runstore.load_history(root), expected)
     runstore._MEMO.clear()
