@@ -1,5 +1,6 @@
 """Checkpoints, SIGTERM, resume into the same run (contract C5), the model artifact (C7), exit
 codes (C6), and train() returning only once the run file is complete."""
+import dataclasses
 import glob
 import json
 import math
@@ -13,7 +14,7 @@ import torch
 
 from conftest import TINY, harness
 from harness import runstore
-from harness.checkpoint import PREEMPTED_EXIT
+from harness.checkpoint import PREEMPTED_EXIT, Preempted
 from harness.config import load_config
 from harness.train import train
 from harness.wandb_file import read_run_file
@@ -50,6 +51,50 @@ def start_and_preempt(env, ckpt):
     return proc.returncode, out, err
 
 
+def sigterm_at(monkeypatch, step):
+    """Make the sparse-parity task send this process SIGTERM when training reaches `step`."""
+    import lightning as L
+    import tasks.sparse_parity as sp
+
+    class Kill(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    build = sp.build
+    monkeypatch.setattr(sp, "build", lambda cfg: dataclasses.replace(build(cfg), callbacks=[*build(cfg).callbacks, Kill()]))
+
+
+@pytest.mark.parametrize("step", [30, 40])  # inside an evaluation interval, and on an evaluation
+def test_resume_after_sigterm_logs_what_the_uninterrupted_run_logs(offline, monkeypatch, step):
+    args = [a for a in TINY if not a.startswith("trainer.steps=")] + ["trainer.steps=100", "trainer.log_every=10"]
+    ref = train(load_config(args), args)
+    ref_hist = read_run_file(run_files(str(offline / "wandb"), ref["_run_id"])[0]).history
+
+    import tasks.sparse_parity as sp
+
+    build = sp.build
+    sigterm_at(monkeypatch, step)
+    with pytest.raises(Preempted) as stop:
+        train(load_config(args), args)
+    assert stop.value.step == step and stop.value.exit_code == PREEMPTED_EXIT
+    monkeypatch.setattr(sp, "build", build)  # no more SIGTERM
+    monkeypatch.setenv("WANDB_RUN_ID", stop.value.run_id)
+    summary = train(load_config(args), args)
+    assert summary["trainer/resumed_from_step"] == step
+
+    first, second = (read_run_file(f) for f in run_files(str(offline / "wandb"), stop.value.run_id))
+    assert first.exit_code == PREEMPTED_EXIT and first.preempting and second.exit_code == 0
+    for key in ("train/loss", "val/loss", "val/acc"):
+        before, after, want = rows(first.history, key), rows(second.history, key), rows(ref_hist, key)
+        assert not set(before) & set(after) and max(before) <= step <= min(after), key
+        assert {**before, **after} == pytest.approx(want, rel=1e-6), key
+    for key in ("emergence/n_learned", "emergence/n_below_end", "emergence/last_step", "val/n_learned"):
+        if key in ref:
+            assert summary[key] == ref[key], key
+
+
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_a_restart_continues_the_same_run_exactly(offline):
     wandb_dir = str(offline / "wandb")
     # The uninterrupted run, for reference (in-process).
