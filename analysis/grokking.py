@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.common import main_guard, parse_args, write_outputs  # noqa: E402
+from analysis.plots import save  # noqa: E402
 from harness.events import PHASES, grokking_phase  # noqa: E402,F401  (PHASES: re-exported)
 
 STUDY = "grokking"
@@ -184,8 +185,7 @@ def plot_curves(result: dict, hist: pd.DataFrame, path: str, max_runs: int = 12)
     ax.set(xscale="log", xlabel="step", ylabel="accuracy (dashed: train, solid: val; dotted: t_val99)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)  # PNG + SVG
 
 
 def plot_progress(result: dict, hist: pd.DataFrame, path: str, max_runs: int = 12) -> None:
@@ -203,8 +203,7 @@ def plot_progress(result: dict, hist: pd.DataFrame, path: str, max_runs: int = 1
         ax.set_yscale("log")
     axes[0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)  # PNG + SVG
 
 
 def plot_spectrum(result: dict, curves: pd.DataFrame, path: str, max_runs: int = 12) -> None:
@@ -217,8 +216,7 @@ def plot_spectrum(result: dict, curves: pd.DataFrame, path: str, max_runs: int =
     ax.set(xlabel="frequency k", ylabel="share of embedding power", title="final embedding Fourier power")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)  # PNG + SVG
 
 
 def plot_phase(result: dict, path: str, x: str = "data.train_fraction", y: str = "optim.weight_decay"
@@ -248,8 +246,7 @@ def plot_phase(result: dict, path: str, x: str = "data.train_fraction", y: str =
     handles = [matplotlib.patches.Patch(color=c, label=p) for p, c in PHASE_COLOURS.items()]
     axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)  # PNG + SVG
     return True
 
 
@@ -302,6 +299,32 @@ def main(argv: list[str] | None = None) -> None:
     plot_spectrum(result, curves, os.path.join(args.out, "spectrum.png"))
     plot_phase(result, os.path.join(args.out, "phase.png"))
     write_outputs(args.out, STUDY, result, report(result))
+
+
+def applies(runs: pd.DataFrame) -> bool:
+    from analysis.study import has_task
+
+    return has_task(runs, "modular_addition")
+
+
+def run(source: str, sweep: str | None, out: str) -> "Section":
+    """The analysis.report hook (analysis/study.py): this module's CLI, then its outputs as a Section."""
+    import glob
+    import json
+
+    from analysis.study import Section, numbers
+
+    main([source, "--out", out] + (["--sweep", sweep] if sweep else []))
+    with open(os.path.join(out, f"{STUDY}.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(out, "report.md")) as f:
+        md = f.read()
+    recs = pd.DataFrame(result["runs"])
+    summary = {f"phase/{k}": v for k, v in result["phase_counts"].items()}
+    summary.update(numbers({"n_runs": len(recs), "threshold": result["threshold"]}))
+    return Section(STUDY, "Grokking of modular arithmetic", md, out, sorted(glob.glob(os.path.join(out, "*.png"))),
+                   {"runs": recs.astype({c: str for c in recs.columns if recs[c].map(type).eq(list).any()})},
+                   summary, list(recs["id"]) if len(recs) else [])
 
 
 if __name__ == "__main__":

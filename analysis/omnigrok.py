@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.common import main_guard, parse_args, write_outputs  # noqa: E402
+from analysis.plots import save  # noqa: E402
 
 STUDY = "omnigrok"
 METRICS = ["train/loss", "train/acc", "val/loss", "val/acc", "model/weight_norm"]
@@ -130,8 +131,7 @@ def plot_curves(gtable: pd.DataFrame, hist: pd.DataFrame, path: str, val_thresho
     ax_acc.legend(fontsize=7)
     ax_norm.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)  # PNG + SVG
 
 
 def plot_lu(table: pd.DataFrame, path: str) -> None:
@@ -148,8 +148,7 @@ def plot_lu(table: pd.DataFrame, path: str) -> None:
     ax_loss.legend(fontsize=7)
     ax_acc.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)  # PNG + SVG
 
 
 def _fmt(v) -> str:
@@ -236,6 +235,31 @@ def main(argv: list[str] | None = None) -> None:
         analyse(runs, hist, args.out, args.val_threshold)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def applies(runs: pd.DataFrame) -> bool:
+    from analysis.study import has_task
+
+    return has_task(runs, "mnist_omnigrok")
+
+
+def run(source: str, sweep: str | None, out: str) -> "Section":
+    """The analysis.report hook (analysis/study.py): this module's CLI, then its outputs as a Section."""
+    import glob
+    import json
+
+    from analysis.study import Section, numbers
+
+    main([source, "--out", out] + (["--sweep", sweep] if sweep else []))
+    with open(os.path.join(out, f"{STUDY}.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(out, "report.md")) as f:
+        md = f.read()
+    tables = {k: pd.DataFrame(result[k]) for k in ("grokking", "landscape") if result[k]}
+    ids = [r["id"] for r in result["grokking"] + result["landscape"] if "id" in r]
+    return Section(STUDY, "Omnigrok MNIST", md, out, sorted(glob.glob(os.path.join(out, "*.png"))), tables,
+                   numbers({"lu_shape": result["lu_shape"], "n_grokking_runs": len(result["grokking"]),
+                            "n_landscape_runs": len(result["landscape"])}), ids)
 
 
 if __name__ == "__main__":

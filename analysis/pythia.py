@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 
 from analysis import tokens as tk  # noqa: E402
 from analysis.common import main_guard, parse_args, write_outputs  # noqa: E402
+from analysis.plots import save  # noqa: E402
 from harness.errors import UserError  # noqa: E402
 
 STUDY = "pythia"
@@ -230,8 +231,7 @@ def plot_size(res: dict, fit: dict, out: str) -> None:
     a.legend(fontsize=8)
     plot_curves(b, res, "non-embedding parameters N")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "scaling.png"), dpi=120)
-    plt.close(fig)
+    save(fig, os.path.join(out, "scaling.png"), dpi=120)  # PNG + SVG
 
 
 def plot_checkpoints(res: dict, out: str) -> None:
@@ -244,8 +244,7 @@ def plot_checkpoints(res: dict, out: str) -> None:
     a.set_ylabel("mean loss (nats)")
     plot_curves(b, res, "training step")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "checkpoints.png"), dpi=120)
-    plt.close(fig)
+    save(fig, os.path.join(out, "checkpoints.png"), dpi=120)  # PNG + SVG
 
 
 def _examples_md(ex: dict) -> list[str]:
@@ -347,6 +346,35 @@ def main(argv: list[str] | None = None) -> None:
     t = tk.Thresholds(args.mono_high, args.mono_low, args.poly_slope, args.poly_r2)
     result = analyse(args.source, args.sweep, t, args.tokenizer, args.examples, args.bootstrap, args.out)
     write_outputs(args.out, STUDY, result, report(result))
+
+
+def applies(runs: pd.DataFrame) -> bool:
+    from analysis.study import has_task
+
+    return has_task(runs, "pythia_eval")
+
+
+def run(source: str, sweep: str | None, out: str) -> "Section":
+    """The analysis.report hook (analysis/study.py): this module's CLI, then its outputs as a Section."""
+    import glob
+    import json
+
+    from analysis.study import Section, numbers
+
+    main([source, "--out", out] + (["--sweep", sweep] if sweep else []))
+    with open(os.path.join(out, f"{STUDY}.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(out, "report.md")) as f:
+        md = f.read()
+    tables, summary = {}, {}
+    for axis in ("size", "checkpoints"):
+        if result.get(axis):
+            tables[f"{axis}_points"] = pd.DataFrame(result[axis]["points"])
+            summary.update(numbers({axis: {"class_fractions": result[axis]["class_fractions"],
+                                           "fit": (result[axis].get("fit") or {}).get("fit") or {}}}))
+    ids = [i for m in result["models"] for i in m["runs"]]
+    return Section(STUDY, "Token-level scaling (Pythia)", md, out, sorted(glob.glob(os.path.join(out, "*.png"))),
+                   tables, summary, ids)
 
 
 if __name__ == "__main__":

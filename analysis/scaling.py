@@ -13,7 +13,9 @@ import os
 import numpy as np
 import pandas as pd
 
+from analysis import plots as P
 from analysis.common import final_metric_column, main_guard, parse_args, write_outputs
+from analysis.study import Section, has_task, numbers, task_runs
 from analysis.fits import fit_power_law
 from harness.errors import UserError
 
@@ -81,24 +83,21 @@ def plot(result: dict, out_dir: str) -> list[str]:
         anchor = (y[0] - E) * (xs / x[0]) ** -theory + E if y[0] > E else None
         if anchor is not None:
             ax.loglog(xs, anchor, "--", color="gray", label=f"theory slope alpha_N = alpha = {theory}")
-    ax.set_xlabel("parameters N")
-    ax.set_ylabel("test loss (nats)")
+    P.log_axis(ax, "x", "parameters N")
+    P.log_axis(ax, "y", "final test loss (nats)")
     ax.set_title("Multitask sparse parity: loss vs parameters")
     ax.legend(fontsize=7)
-    fig.tight_layout()
     paths = [os.path.join(out_dir, "loss_vs_params.png")]
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
+    P.save(fig, paths[0])  # PNG + SVG
     if any(p["n_learned"] is not None for p in pts):
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.semilogx(x, [p["n_learned"] for p in pts], "o-")
-        ax.set_xlabel("parameters N")
-        ax.set_ylabel("subtasks learned (< threshold)")
+        ax.plot(x, [p["n_learned"] for p in pts], "o-", label="one point per run")
+        P.log_axis(ax, "x", "parameters N")
+        P.count_axis(ax, "y", "subtasks learned (count; loss < threshold)")
         ax.set_title("Quanta learned vs parameters")
-        fig.tight_layout()
+        ax.legend(fontsize=7)
         paths.append(os.path.join(out_dir, "learned_vs_params.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        P.save(fig, paths[-1])
     return paths
 
 
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     from harness.runstore import load_runs
 
     args = parse_args("scaling", argv, lambda p: p.add_argument("--bootstrap", type=int, default=200))
-    runs = load_runs(args.source, sweep=args.sweep)
+    runs = task_runs(load_runs(args.source, sweep=args.sweep), "sparse_parity")  # not analysis runs
     result = analyze(runs, n_bootstrap=args.bootstrap)
     os.makedirs(args.out, exist_ok=True)
     plots = plot(result, args.out)
@@ -135,6 +134,25 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"alpha_N = {result['alpha_N']:.3f}  CI {result['alpha_N_ci']}  (n_runs={result['n_runs']})")
     print(f"plot: {plots[0]}\nreport: {os.path.join(args.out, 'report.md')}")
     return result
+
+
+def applies(runs: pd.DataFrame) -> bool:
+    return has_task(runs, "sparse_parity")
+
+
+def run(source: str, sweep: str | None, out: str) -> Section:
+    """The analysis.report hook (analysis/study.py)."""
+    from harness.runstore import load_runs
+
+    runs = task_runs(load_runs(source, sweep=sweep), "sparse_parity")
+    result = analyze(runs)
+    os.makedirs(out, exist_ok=True)
+    paths = plot(result, out)
+    md = report(result, source, sweep, paths)
+    write_outputs(out, "scaling", result, md)
+    fitted = {k: result[k] for k in ("alpha_N", "alpha_N_ci", "E", "E_ci", "A", "n_runs", "theory_alpha")}
+    return Section("scaling", "Sparse parity: parameter scaling", md, out, paths,
+                   {"points": pd.DataFrame(result["points"])}, numbers(fitted), [p["id"] for p in result["points"]])
 
 
 if __name__ == "__main__":

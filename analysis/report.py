@@ -1,0 +1,294 @@
+"""One report over every study that applies to the runs of SOURCE.
+
+    python -m analysis.report SOURCE [--sweep ID] --out DIR [--log/--no-log] [--studies a,b]
+
+Finds the runs (harness.runstore), asks each study in STUDIES whether it applies (its `applies(runs)`,
+by the runs' config.task), runs those (`run(source, sweep, DIR/<study>)`, see analysis/study.py) and
+writes DIR/report.md and a self-contained DIR/report.html (PNGs embedded, SVG twins linked). With
+--log (the default when W&B is online), each study becomes a W&B run of job_type "analysis" whose
+config lists the analysed run ids, holding the plots as images, the fit points as tables and the
+fitted numbers in its summary; offline it is written into SOURCE's wandb directory.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import importlib
+import os
+import re
+import sys
+import time
+import traceback
+from collections import Counter
+
+from analysis.study import Section
+from harness.errors import UserError
+
+# One line per study module. A module offers applies(runs) -> bool and run(source, sweep, out) -> Section.
+STUDIES = (
+    "analysis.scaling",
+    "analysis.subtasks",
+    "analysis.grokking",
+    "analysis.omnigrok",
+    "analysis.pythia",
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n")[0])
+    p.add_argument("source", help="W&B path entity/project, or a local wandb directory")
+    p.add_argument("--sweep", default=None, help="sweep id to select runs from")
+    p.add_argument("--out", default="out/report", help="output directory")
+    p.add_argument("--log", action=argparse.BooleanOptionalAction, default=None,
+                   help="log each analysis as a W&B run of job_type analysis (default: on when W&B is online)")
+    p.add_argument("--studies", default=None, help="comma-separated study names to run (default: all that apply)")
+    return p.parse_args(argv)
+
+
+def study_name(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+def select(names: str | None) -> list[str]:
+    if names is None:
+        return list(STUDIES)
+    known = {study_name(m): m for m in STUDIES}
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    bad = [n for n in wanted if n not in known]
+    if bad:
+        raise UserError(f"--studies {','.join(bad)}: unknown; known studies: {', '.join(known)}")
+    return [known[n] for n in wanted]
+
+
+# ---------------------------------------------------------------- markdown
+
+IMG = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def rebase(md: str, prefix: str) -> str:
+    """A study's report.md inside the combined one: headings one level down, relative links under
+    the study's directory."""
+    md = re.sub(r"^(#{1,5}) ", r"#\1 ", md, flags=re.M)
+    return IMG.sub(lambda m: m.group(0) if re.match(r"^(\w+:|/)", m.group(2))
+                   else f"![{m.group(1)}]({prefix}/{m.group(2)})", md)
+
+
+def combine(sections: list[Section], problems: list[str], source: str, sweep: str | None, out: str,
+            runs_by_task: dict) -> str:
+    lines = ["# Analysis report", "",
+             f"Source `{source}`" + (f", sweep `{sweep}`" if sweep else "") + f"; written {time.strftime('%Y-%m-%d %H:%M')}.",
+             "Runs by task: " + (", ".join(f"{t} {n}" for t, n in runs_by_task.items()) or "none") + ".", ""]
+    lines += [f"- [{s.title}](#{_anchor(s.title)})" for s in sections]
+    if problems:
+        lines += ["", "Studies that did not run:"] + [f"- {p}" for p in problems]
+    for s in sections:
+        rel = os.path.relpath(s.out, out)
+        body = rebase(s.markdown, rel)
+        linked = {m[1] for m in IMG.findall(body)}
+        extra = [p for p in s.plots if f"{rel}/{os.path.basename(p)}" not in linked]
+        body = body.split("\n", 1)[1] if body.startswith("## ") else body  # the section's own title replaces it
+        lines += ["", f"## {s.title}", "", body.strip("\n")]
+        lines += [f"![{os.path.basename(p)}]({rel}/{os.path.basename(p)})" for p in extra]
+    return "\n".join(lines) + "\n"
+
+
+def _anchor(title: str) -> str:
+    return re.sub(r"[^a-z0-9 -]", "", title.lower()).strip().replace(" ", "-")
+
+
+def _inline(text: str, out: str) -> str:
+    t = html.escape(text, quote=False)
+    t = IMG.sub(lambda m: _img(m.group(1), m.group(2), out), t)
+    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+    t = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", t)
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', t)
+
+
+def _img(alt: str, src: str, out: str) -> str:
+    path = os.path.join(out, src)
+    if not os.path.exists(path):
+        return f'<img alt="{alt}" src="{src}">'
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    svg = os.path.splitext(src)[0] + ".svg"
+    link = f' (<a href="{svg}">SVG</a>)' if os.path.exists(os.path.join(out, svg)) else ""
+    return (f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{alt}{link}</figcaption></figure>")
+
+
+def to_html(md: str, out: str, title: str = "Analysis report") -> str:
+    """The subset of markdown the studies write: headings, tables, lists, images, paragraphs."""
+    body, para, i = [], [], 0
+    lines = md.split("\n")
+
+    def flush():
+        if para:
+            body.append("<p>" + " ".join(_inline(p, out) for p in para) + "</p>")
+            para.clear()
+
+    while i < len(lines):
+        line = lines[i]
+        if m := re.match(r"^(#{1,6}) (.*)", line):
+            flush()
+            n = len(m.group(1))
+            body.append(f'<h{n} id="{_anchor(m.group(2))}">{_inline(m.group(2), out)}</h{n}>')
+        elif line.startswith("|"):
+            flush()
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(lines[i])
+                i += 1
+            i -= 1
+            cells = [[c.strip() for c in re.split(r"(?<!\\)\|", r.strip())[1:-1]] for r in rows]
+            head, rest = cells[0], [c for c in cells[1:] if not all(re.fullmatch(r":?-+:?", x) for x in c)]
+            body.append("<table><tr>" + "".join(f"<th>{_inline(c, out)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{_inline(c.replace(chr(92) + '|', '|'), out)}</td>" for c in r)
+                                  + "</tr>" for r in rest) + "</table>")
+        elif line.startswith("- "):
+            flush()
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:], out)}</li>")
+                i += 1
+            i -= 1
+            body.append("<ul>" + "".join(items) + "</ul>")
+        elif not line.strip():
+            flush()
+        else:
+            para.append(line)
+        i += 1
+    flush()
+    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em;line-height:1.4}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:90%}td,th{border:1px solid #ccc;padding:2px 6px}"
+             "img{max-width:100%}figure{margin:1em 0}code{background:#f4f4f4}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+# ---------------------------------------------------------------- W&B
+
+def _wandb_root(source: str) -> str | None:
+    """Where wandb.init(dir=...) puts the analysis run: beside the runs it read, when local."""
+    from harness import runstore
+
+    if runstore.is_local(source):
+        root = os.path.abspath(runstore.wandb_dir(source))
+        return os.path.dirname(root) if os.path.basename(root) == "wandb" else root
+    return os.environ.get("WANDB_DIR")
+
+
+def log_section(sec: Section, source: str, sweep: str | None, runs, mode: str) -> str:
+    import wandb
+
+    from harness import runstore
+
+    chosen = runs[runs["id"].isin(sec.run_ids)] if len(runs) else runs
+    projects = Counter(chosen["project"].dropna()) if "project" in chosen else Counter()
+    remote = not runstore.is_local(source)
+    project = source.split("/")[1] if remote else (projects.most_common(1)[0][0] if projects else "quanta-harness")
+    root = _wandb_root(source)
+    run = wandb.init(
+        project=project, entity=source.split("/")[0] if remote else None, job_type="analysis",
+        name=f"analysis-{sec.study}", group=sweep, mode=mode, dir=root, tags=["analysis", sec.study],
+        config={"study": sec.study, "source": source, "sweep": sweep, "analysed_runs": list(sec.run_ids),
+                "n_analysed_runs": len(sec.run_ids)},
+        settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True), reinit="finish_previous")
+    if remote and mode == "online":
+        # Lineage in the W&B graph: the analysed runs' artifacts (curves, models, per-token losses) as inputs.
+        api = wandb.Api()
+        for rid in sec.run_ids:
+            for art in api.run(f"{source}/{rid}").logged_artifacts():
+                run.use_artifact(art)
+    payload = {f"{sec.study}/{os.path.splitext(os.path.basename(p))[0]}": wandb.Image(p) for p in sec.plots}
+    big = {}
+    for name, df in sec.tables.items():
+        t = wandb.Table(dataframe=df.reset_index(drop=True))
+        if len(df) <= wandb.Table.MAX_ROWS:
+            payload[f"{sec.study}/{name}"] = t
+        else:  # run.log would truncate it to MAX_ROWS rows: an artifact holds all of them
+            big[name] = t
+    run.log(payload)
+    if big:
+        art = wandb.Artifact(f"{sec.study}-tables-{run.id}", type="analysis")
+        for name, t in big.items():
+            art.add(t, name)
+        run.log_artifact(art)
+    run.summary.update(sec.summary)
+    run_id = run.id
+    run.finish()
+    return run_id
+
+
+# ---------------------------------------------------------------- main
+
+def build(source: str, sweep: str | None, out: str, log: bool | None = None, studies: str | None = None) -> dict:
+    from harness import runstore
+    from harness.tracking import resolve_mode
+
+    modules = select(studies)
+    mode = resolve_mode()
+    log = (mode == "online") if log is None else log
+    t0 = time.time()
+    runs = runstore.load_runs(source, sweep=sweep)
+    print(f"report: {len(runs)} runs from {source} ({time.time() - t0:.1f} s)", file=sys.stderr)
+    tasks = Counter(runs["config.task"].dropna()) if "config.task" in runs else Counter()
+    os.makedirs(out, exist_ok=True)
+    sections, problems, failed = [], [], []
+    for name in modules:
+        mod = importlib.import_module(name)
+        if not mod.applies(runs):
+            continue
+        t = time.time()
+        try:
+            sec = mod.run(source, sweep, os.path.join(out, study_name(name)))
+        except UserError as e:
+            problems.append(f"{study_name(name)}: {e}")
+            print(f"report: {study_name(name)} skipped: {e}", file=sys.stderr)
+            continue
+        except Exception as e:  # one broken study must not hide the others; it is reported and fails the exit code
+            failed.append(study_name(name))
+            problems.append(f"{study_name(name)} FAILED: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            continue
+        print(f"report: {sec.study} done ({time.time() - t:.1f} s)", file=sys.stderr)
+        sections.append(sec)
+    if not sections and not problems:
+        raise UserError(f"no study applies to the {len(runs)} runs in {source}"
+                        + (f" (sweep {sweep})" if sweep else "") + f"; tasks found: {dict(tasks) or 'none'}; "
+                        f"studies: {', '.join(study_name(m) for m in modules)}")
+    md = combine(sections, problems, source, sweep, out, dict(tasks))
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(out, "report.html"), "w") as f:
+        f.write(to_html(md, out))
+    logged = {}
+    if log and sections:
+        import wandb
+
+        try:
+            for sec in sections:
+                t = time.time()
+                logged[sec.study] = log_section(sec, source, sweep, runs, "offline" if mode == "dryrun" else mode)
+                print(f"report: logged {sec.study} as analysis run {logged[sec.study]} ({time.time() - t:.1f} s)",
+                      file=sys.stderr)
+        finally:
+            # run.finish() returns before wandb-core has written the exit record; teardown waits for
+            # it (as harness.train._finish does), so the runs are complete when this returns
+            wandb.teardown()
+    print(f"report: wrote {out}/report.md and {out}/report.html ({len(sections)} studies, "
+          f"{time.time() - t0:.1f} s)", file=sys.stderr)
+    return {"sections": sections, "problems": problems, "failed": failed, "logged": logged}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    res = build(args.source, args.sweep, args.out, args.log, args.studies)
+    print(os.path.join(args.out, "report.md"))
+    return 1 if res["failed"] else 0
+
+
+if __name__ == "__main__":
+    from analysis.common import main_guard
+
+    main_guard(lambda: sys.exit(main()))

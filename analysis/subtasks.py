@@ -1,0 +1,398 @@
+"""Per-subtask emergence in multitask sparse parity, with analysis.emergence.
+
+    python -m analysis.subtasks SOURCE [--sweep ID] --out DIR
+
+For every subtask of every finished sparse_parity run (the curves artifact of contract C4, or the
+`subtask_loss/NNNN` history columns of runs older than it): the step it is learned (loss below the
+run's threshold; censored when never), a sigmoid fit of its loss in log step (midpoint, 10-90% width,
+intervals), its sharpness, and the mirage check of its accuracy (or, without accuracy, of the
+thresholded loss) against its loss. Across model sizes: the same per subtask on the final loss
+against parameters. Writes DIR/subtasks.json, DIR/emergence.parquet (one row per run and subtask),
+plots and DIR/report.md.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+
+from analysis import emergence as em
+from analysis import plots
+from analysis.common import main_guard, parse_args, write_outputs
+from analysis.study import Section, has_task, numbers, task_runs
+from harness.errors import UserError
+
+STUDY = "subtasks"
+TASK = "sparse_parity"
+DEFAULT_THRESHOLD = 0.1 * math.log(2)  # 0.1 bits in nats, the task's default
+
+
+def applies(runs: pd.DataFrame) -> bool:
+    return has_task(runs, TASK)
+
+
+# ---------------------------------------------------------------- loading
+
+def _history_curves(source: str, sweep: str | None, ids: list[str]) -> pd.DataFrame:
+    from harness import runstore
+
+    hist = runstore.load_history(source, run_ids=ids, sweep=sweep)
+    cols = [c for c in hist.columns if c.startswith("subtask_loss/")]
+    if not cols:
+        return pd.DataFrame(columns=["run_id", "step", "item", "loss"])
+    long = hist[["run_id", "step", *cols]].melt(["run_id", "step"], var_name="item", value_name="loss").dropna()
+    long["item"] = long["item"].str.split("/").str[-1].astype("int64")
+    return long
+
+
+def load_subtask_curves(source: str, sweep: str | None, ids: list[str]) -> tuple[pd.DataFrame, str]:
+    """run_id, step, item, loss[, acc]; and a note saying where the curves came from."""
+    from harness import runstore
+
+    frames, notes = [], []
+    missing = list(ids)
+    if hasattr(runstore, "load_curves"):
+        c = runstore.load_curves(source, "subtask", run_ids=ids, sweep=sweep)
+        missing = list(c.attrs.get("missing", []))
+        if len(c):
+            frames.append(c)
+            notes.append(f"{len(ids) - len(missing)} runs from their curves artifact (subtask.parquet)")
+    if missing:
+        h = _history_curves(source, sweep, missing)
+        if len(h):
+            frames.append(h)
+            notes.append(f"{h['run_id'].nunique()} runs from history columns subtask_loss/NNNN "
+                         "(logged before the curves artifact existed; no per-subtask accuracy)")
+    if not frames:
+        raise UserError(f"no per-subtask curves in {source}: neither a curves artifact with subtask.parquet "
+                        "nor subtask_loss/NNNN history columns")
+    return pd.concat(frames, ignore_index=True), "; ".join(notes)
+
+
+def _matrix(curves: pd.DataFrame, col: str, keys: pd.MultiIndex, steps: np.ndarray) -> np.ndarray:
+    """[curves (run, item), steps] of one metric, NaN where a run was not evaluated."""
+    out = np.full((len(keys), len(steps)), np.nan)
+    r = keys.get_indexer(pd.MultiIndex.from_arrays([curves["run_id"], curves["item"]]))
+    c = np.searchsorted(steps, curves["step"].to_numpy())
+    out[r, c] = curves[col].to_numpy(float)
+    return out
+
+
+# ---------------------------------------------------------------- analysis
+
+def run_meta(runs: pd.DataFrame) -> pd.DataFrame:
+    def col(key, default=np.nan):
+        return runs[key] if key in runs else pd.Series(default, index=runs.index)
+
+    thr = pd.to_numeric(col("summary.emergence/threshold_nats"), errors="coerce")
+    bits = pd.to_numeric(col("config.eval.threshold_bits"), errors="coerce") * math.log(2)
+    return pd.DataFrame({
+        "run_id": runs["id"].to_numpy(),
+        "width": pd.to_numeric(col("config.model.width"), errors="coerce").to_numpy(),
+        "params": pd.to_numeric(col("summary.model/params"), errors="coerce").to_numpy(),
+        "seed": col("config.seed", None).to_numpy(),
+        "threshold": thr.fillna(bits).fillna(DEFAULT_THRESHOLD).to_numpy(),
+    })
+
+
+def along_steps(curves: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, subtask): crossing, sigmoid fit in log step, sharpness, mirage verdict."""
+    curves = curves[curves["run_id"].isin(meta["run_id"])]
+    keys = pd.MultiIndex.from_frame(curves[["run_id", "item"]].drop_duplicates().sort_values(["run_id", "item"]))
+    steps = np.unique(curves["step"].to_numpy())
+    L = _matrix(curves, "loss", keys, steps)
+    thr = meta.set_index("run_id")["threshold"].reindex(keys.get_level_values(0)).to_numpy()
+    learned = np.where(np.isfinite(L), (L < thr[:, None]).astype(float), np.nan)
+    has_acc = "acc" in curves and curves["acc"].notna().any()
+    T = _matrix(curves, "acc", keys, steps) if has_acc else learned
+    # crossing: loss below the run's own threshold (thresholds differ between runs: compare L - thr to 0)
+    cross = em.threshold_crossing(steps, L - thr[:, None], 0.0)
+    out = pd.DataFrame({"run_id": keys.get_level_values(0), "item": keys.get_level_values(1),
+                        "t_learned": cross.x, "learned": cross.reached, "t_lo": cross.lo, "t_hi": cross.hi,
+                        "final_loss": _last(L), "thresholded": "acc" if has_acc else "loss<threshold"})
+    pos = steps > 0  # a fit in log step: step 0 (the initial evaluation) has no place on that axis
+    if pos.sum() >= 5:
+        x, Lp, Tp = steps[pos], L[:, pos], T[:, pos]
+        fit = em.fit_sigmoid(x, Lp)
+        mir = em.mirage_check(x, Lp, Tp)
+        out = out.assign(midpoint=fit.midpoint, mid_lo=fit.midpoint_ci[:, 0], mid_hi=fit.midpoint_ci[:, 1],
+                         width_dec=fit.width, width_lo=fit.width_ci[:, 0], width_hi=fit.width_ci[:, 1],
+                         detected=fit.detected, in_range=fit.in_range, resolved=fit.resolved,
+                         fit_start=fit.start, fit_end=fit.end, jump_loss=mir.sharp_continuous, jump_thresholded=mir.sharp_thresholded,
+                         verdict=mir.verdict)
+    return out.merge(meta[["run_id", "width", "params"]], on="run_id")
+
+
+def _last(M: np.ndarray) -> np.ndarray:
+    ok = np.isfinite(M)
+    idx = M.shape[1] - 1 - np.argmax(np.flip(ok, 1), 1)
+    return np.where(ok.any(1), M[np.arange(len(M)), idx], np.nan)
+
+
+def across_params(table: pd.DataFrame) -> pd.DataFrame | None:
+    """Per subtask, its final loss (mean over runs of one size) against parameters: emergence in N."""
+    sizes = np.sort(table["params"].dropna().unique())
+    if len(sizes) < 5:
+        return None
+    g = table.groupby(["item", "params"])["final_loss"].mean().unstack("params").reindex(columns=sizes)
+    Y = g.to_numpy(float)
+    fit = em.fit_sigmoid(sizes, Y)
+    out = pd.DataFrame({"item": g.index.to_numpy(), "midpoint_N": fit.midpoint, "mid_lo": fit.midpoint_ci[:, 0],
+                        "mid_hi": fit.midpoint_ci[:, 1], "width_dec": fit.width, "width_lo": fit.width_ci[:, 0],
+                        "width_hi": fit.width_ci[:, 1], "detected": fit.detected, "in_range": fit.in_range,
+                        "resolved": fit.resolved, "jump_loss": em.jump_fraction(sizes, Y)})
+    out.attrs["sizes"], out.attrs["Y"] = sizes, Y
+    return out
+
+
+def _spearman(a, b) -> float:
+    a, b = pd.Series(a, dtype=float), pd.Series(b, dtype=float)
+    ok = a.notna() & b.notna()
+    return float(a[ok].rank().corr(b[ok].rank())) if ok.sum() >= 3 else float("nan")
+
+
+def summarise(table: pd.DataFrame, size: pd.DataFrame | None) -> tuple[dict, pd.DataFrame]:
+    by = table.groupby("params", dropna=False)
+    agg = pd.DataFrame({
+        "width": by["width"].first(), "runs": by["run_id"].nunique(), "curves": by.size(),
+        "learned_share": by["learned"].mean(),
+        "median_t_learned": by.apply(lambda g: g.loc[g["learned"], "t_learned"].median(), include_groups=False),
+    })
+    if "verdict" in table:
+        agg["sudden_loss_share"] = by["jump_loss"].apply(lambda s: float(np.mean(s >= em.SUDDEN)))
+        for v in ("mirage", "emergent", "gradual", "flat"):
+            agg[v] = by["verdict"].apply(lambda s, v=v: int(np.sum(s == v)))
+    agg = agg.reset_index()
+    largest = table[table["params"] == table["params"].max()]
+    res = {
+        "n_runs": int(table["run_id"].nunique()), "n_curves": int(len(table)),
+        "learned_share": float(table["learned"].mean()),
+        # quanta: frequent (low index) subtasks are learned first
+        "spearman_item_vs_t_learned_largest": _spearman(largest["item"], largest["t_learned"].where(largest["learned"])),
+    }
+    if "verdict" in table:
+        res.update({f"n_{v}": int(np.sum(table["verdict"] == v)) for v in ("mirage", "emergent", "gradual", "flat")})
+        res["sudden_loss_share"] = float(np.mean(table["jump_loss"] >= em.SUDDEN))
+        det = table[table["detected"] & table["in_range"]]
+        res["median_midpoint_step"] = float(det["midpoint"].median()) if len(det) else float("nan")
+        res["median_width_decades"] = float(det["width_dec"].median()) if len(det) else float("nan")
+    if size is not None:
+        d = size[size["detected"] & size["in_range"]]
+        res["size_fits"] = int(len(d))
+        res["spearman_item_vs_midpoint_N"] = _spearman(d["item"], d["midpoint_N"])
+    return res, agg
+
+
+# ---------------------------------------------------------------- plots
+
+def _colours(n):
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
+def plot_fraction_learned(table: pd.DataFrame, path: str) -> list[str]:
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LogNorm
+
+    fig, ax = plots.figure(6, 4)
+    sizes = sorted(table["params"].dropna().unique())
+    cols = _colours(len(sizes))
+    for c, n in zip(cols, sizes):
+        g = table[table["params"] == n]
+        t, f = em.fraction_emerged(g["t_learned"].clip(lower=1), g["learned"])
+        end = max(g["t_learned"].max(), 1)  # the curve runs to the last evaluation, flat at 0 if none learned
+        ax.step(np.r_[1, t, end], np.r_[0, f, f[-1] if len(f) else 0], where="post", color=c, lw=1.3,
+                label=f"N={plots.compact(n)} (width {int(g['width'].iloc[0]) if g['width'].notna().any() else '?'})")
+    plots.log_axis(ax, "x", "training step (log; step 0 drawn at 1)")
+    ax.set_ylabel("share of subtasks learned (Kaplan-Meier)")
+    ax.set_ylim(0, 1.02)
+    if len(sizes) <= 8:
+        ax.legend(fontsize=7, title="one line per model size N (parameters)", title_fontsize=7)
+    elif sizes:
+        fig.colorbar(ScalarMappable(LogNorm(min(sizes), max(sizes)), "viridis"), ax=ax, label="parameters N (line colour)")
+    ax.set_title("Subtasks learned over training (loss < threshold)")
+    return plots.save(fig, path)
+
+
+def plot_emergence_steps(table: pd.DataFrame, path: str) -> list[str]:
+    g = table[table["params"] == table["params"].max()]
+    g = g[g["run_id"] == g["run_id"].iloc[0]]  # one run of the largest size (one seed)
+    fig, ax = plots.figure(6, 4)
+    rank = g["item"].to_numpy() + 1
+    ok = g["learned"].to_numpy(bool)
+    ax.plot(rank[ok], g["t_learned"][ok].clip(lower=1), "o", ms=4, color="C0", label="first evaluation below threshold")
+    ax.plot(rank[~ok], g["t_learned"][~ok].clip(lower=1), "^", ms=5, color="C3",
+            label="never learned (censored at the last step)")
+    if "midpoint" in g:
+        d = g[g["detected"] & g["in_range"]]
+        ax.errorbar(d["item"] + 1, d["midpoint"], yerr=[d["midpoint"] - d["mid_lo"], d["mid_hi"] - d["midpoint"]],
+                    fmt="s", ms=3, color="C2", alpha=0.7, lw=0.8, label="sigmoid midpoint, 95% interval")
+    plots.log_axis(ax, "x", "subtask frequency rank (1 = most frequent)")
+    plots.log_axis(ax, "y", "training step")
+    ax.set_title(f"When each subtask is learned (run {g['run_id'].iloc[0]}, N={plots.compact(g['params'].iloc[0])})",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    return plots.save(fig, path)
+
+
+def plot_sharpness(table: pd.DataFrame, path: str) -> list[str]:
+    fig, ax = plots.figure(6, 4)
+    bins = np.linspace(0, 1, 21)
+    ax.hist(table["jump_loss"], bins=bins, alpha=0.6, color="C0", label="loss (continuous)")
+    ax.hist(table["jump_thresholded"], bins=bins, alpha=0.6, color="C1",
+            label=f"{table['thresholded'].iloc[0]} (thresholded)")
+    ax.axvline(em.SUDDEN, color="k", ls="--", lw=1, label=f"sudden at >= {em.SUDDEN}")
+    ax.set_xlabel("jump fraction: largest share of the change within 0.1 decade of steps")
+    plots.count_axis(ax, "y", "subtask curves (count)")
+    ax.set_title("Sharpness: sudden vs gradual")
+    ax.legend(fontsize=7)
+    return plots.save(fig, path)
+
+
+def plot_examples(curves: pd.DataFrame, table: pd.DataFrame, path: str, n: int = 6) -> list[str]:
+    g = table[table["params"] == table["params"].max()]
+    rid = g["run_id"].iloc[0]
+    g = g[(g["run_id"] == rid)].sort_values("item").head(n)
+    c = curves[(curves["run_id"] == rid) & (curves["step"] > 0)]
+    fig, ax = plots.figure(6.5, 4)
+    for i, r in enumerate(g.itertuples()):
+        h = c[c["item"] == r.item].sort_values("step")
+        ax.plot(h["step"], h["loss"], "o", ms=3, color=f"C{i}", label=f"subtask {r.item}: loss")
+        if "midpoint" in g and r.detected:
+            xs = np.geomspace(h["step"].min(), h["step"].max(), 200)
+            fitted = em.sigmoid(xs, r.midpoint, r.width_dec, r.fit_start, r.fit_end)
+            ax.plot(xs, fitted, "-", lw=1, color=f"C{i}", label=f"  fit: midpoint {plots.compact(r.midpoint)}, "
+                                                               f"width {r.width_dec:.2f} dec")
+    plots.log_axis(ax, "x", "training step")
+    ax.set_ylabel("subtask test loss (nats)")
+    ax.set_title(f"Subtask loss curves and sigmoid fits (run {rid})", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    return plots.save(fig, path)
+
+
+def plot_size(size: pd.DataFrame, path: str, max_items: int = 16) -> list[str]:
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    sizes, Y = size.attrs["sizes"], size.attrs["Y"]
+    fig, ax = plots.figure(6.5, 4)
+    items = size["item"].to_numpy()
+    pick = np.unique(np.linspace(0, len(items) - 1, min(max_items, len(items))).round().astype(int))
+    cols = _colours(len(items))
+    for i in pick:
+        ax.plot(sizes, Y[i], "-o", ms=3, lw=1, color=cols[i])
+    plots.log_axis(ax, "x", "parameters N")
+    ax.set_ylabel("final subtask test loss (nats; mean over seeds)")
+    fig.colorbar(ScalarMappable(Normalize(items.min(), items.max()), "viridis"), ax=ax,
+                 label="subtask index (line colour; 0 = most frequent)")
+    ax.set_title(f"Per-subtask loss against model size ({len(pick)} of {len(items)} subtasks)", fontsize=9)
+    return plots.save(fig, path)
+
+
+# ---------------------------------------------------------------- report
+
+def _f(v, fmt="{:.3g}"):
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
+
+
+def report(res: dict, agg: pd.DataFrame, size: pd.DataFrame | None, note: str, excluded: list[str],
+           plot_names: list[str]) -> str:
+    lines = ["# Sparse parity: per-subtask emergence", "",
+             f"{res['n_curves']} subtask curves from {res['n_runs']} finished runs ({note}). "
+             "Learned = first evaluation with the subtask's test loss below the run's threshold "
+             "(right-censored at the last evaluation when never). Sigmoid: loss = a + b sigmoid((log10 step - m)/s), "
+             "midpoint 10^m, width = 10-90% of the drop in decades, 95% curvature intervals. Sharpness: the "
+             "largest share of a curve's change within 0.1 decade of steps (sudden >= 0.5). Mirage check "
+             "(Schaeffer et al. 2023): the thresholded metric jumps while the loss does not.", ""]
+    if excluded:
+        lines += ["Excluded runs (not finished): " + ", ".join(excluded), ""]
+    lines += [f"- share of subtask curves learned: {res['learned_share']:.3f}",
+              f"- Spearman(subtask index, step learned) in the largest model: "
+              f"{_f(res['spearman_item_vs_t_learned_largest'], '{:.2f}')} (> 0: frequent subtasks first)"]
+    if "n_mirage" in res:
+        lines += [f"- verdicts: {res['n_emergent']} emergent (loss and thresholded metric both jump), "
+                  f"{res['n_mirage']} mirage (only the thresholded metric jumps), {res['n_gradual']} gradual, "
+                  f"{res['n_flat']} flat",
+                  f"- median sigmoid midpoint {_f(res['median_midpoint_step'])} steps, median width "
+                  f"{_f(res['median_width_decades'], '{:.2f}')} decades (detected fits inside the range)"]
+    if size is not None:
+        lines += [f"- across sizes: {res['size_fits']} subtasks with a detected transition in N; "
+                  f"Spearman(subtask index, midpoint N) = {_f(res['spearman_item_vs_midpoint_N'], '{:.2f}')}"]
+    cols = ["params", "width", "runs", "curves", "learned_share", "median_t_learned"]
+    extra = [c for c in ("sudden_loss_share", "emergent", "mirage", "gradual", "flat") if c in agg]
+    lines += ["", "| N (params) | width | runs | subtask curves | learned share | median step learned | "
+              + " | ".join(c.replace("_", " ") for c in extra) + " |",
+              "|" + "---|" * (len(cols) + len(extra))]
+    for r in agg.itertuples():
+        cells = [_f(r.params, "{:.0f}"), _f(r.width, "{:.0f}"), str(r.runs), str(r.curves),
+                 _f(r.learned_share, "{:.3f}"), _f(r.median_t_learned, "{:.0f}")]
+        cells += [_f(getattr(r, c), "{:.3f}") if c == "sudden_loss_share" else str(getattr(r, c)) for c in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    if size is not None:
+        lines += ["", "Emergence in model size (final loss, mean over seeds, sigmoid in log N), first 20 subtasks:", "",
+                  "| subtask | midpoint N [95%] | width (decades) [95%] | detected | inside range |", "|---|---|---|---|---|"]
+        for r in size.head(20).itertuples():
+            if not r.detected:  # no transition (F-test against a constant): a midpoint would mean nothing
+                lines.append(f"| {r.item} | no transition | - | False | - |")
+                continue
+            lines.append(f"| {r.item} | {_f(r.midpoint_N)} [{_f(r.mid_lo)}, {_f(r.mid_hi)}] | {_f(r.width_dec, '{:.2f}')} "
+                         f"[{_f(r.width_lo, '{:.2f}')}, {_f(r.width_hi, '{:.2f}')}] | {r.detected} | {r.in_range} |")
+    lines += [""] + [f"![{n}]({n})" for n in plot_names]
+    lines += ["", "All fits, one row per run and subtask: `emergence.parquet`."]
+    return "\n".join(lines) + "\n"
+
+
+def analyse(source: str, sweep: str | None, out: str, runs: pd.DataFrame | None = None) -> Section:
+    from harness import runstore
+
+    runs = runstore.load_runs(source, sweep=sweep) if runs is None else runs
+    runs = task_runs(runs, TASK)
+    if runs.empty:
+        raise UserError(f"no {TASK} runs in {source}" + (f" (sweep {sweep})" if sweep else ""))
+    done = runs[runs["state"] == "finished"]
+    excluded = [f"{r.id} ({r.state})" for r in runs[runs["state"] != "finished"].itertuples()]
+    if done.empty:
+        raise UserError(f"no finished {TASK} runs in {source} (states: {runs['state'].value_counts().to_dict()})")
+    meta = run_meta(done)
+    curves, note = load_subtask_curves(source, sweep, list(meta["run_id"]))
+    print(f"subtasks: {len(curves)} points of {curves[['run_id', 'item']].drop_duplicates().shape[0]} "
+          f"subtask curves from {curves['run_id'].nunique()} runs", file=sys.stderr)
+    table = along_steps(curves, meta)
+    size = across_params(table)
+    res, agg = summarise(table, size)
+    os.makedirs(out, exist_ok=True)
+    paths = plot_fraction_learned(table, os.path.join(out, "fraction_learned.png"))
+    paths += plot_emergence_steps(table, os.path.join(out, "emergence_steps.png"))
+    if "verdict" in table:
+        paths += plot_sharpness(table, os.path.join(out, "sharpness.png"))
+        paths += plot_examples(curves, table, os.path.join(out, "examples.png"))
+    if size is not None:
+        paths += plot_size(size, os.path.join(out, "subtasks_vs_params.png"))
+    pngs = [p for p in paths if p.endswith(".png")]
+    table.to_parquet(os.path.join(out, "emergence.parquet"), index=False)
+    md = report(res, agg, size, note, excluded, [os.path.basename(p) for p in pngs])
+    write_outputs(out, STUDY, {**res, "source": note, "by_size": agg.to_dict("records"),
+                               "across_params": None if size is None else size.to_dict("records")}, md)
+    tables = {"by_size": agg, "curves": table}
+    if size is not None:
+        tables["across_params"] = size
+    return Section(STUDY, "Per-subtask emergence (sparse parity)", md, out, pngs, tables, numbers(res),
+                   list(meta["run_id"]))
+
+
+def run(source: str, sweep: str | None, out: str) -> Section:
+    return analyse(source, sweep, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(STUDY, argv)
+    analyse(args.source, args.sweep, args.out)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,113 @@
+"""analysis.report: studies found by task, report.md + report.html, analysis runs read back from the
+offline wandb directory through the run store."""
+import importlib.util
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import report
+from harness import runstore
+from harness.errors import UserError
+from tests.conftest import REPO, harness, write_sweep
+
+WIDTHS = [8, 16, 24, 32, 48]  # subtask k is learned iff k < 0.4 width: 3, 6, 9, 12, 19 of 20
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_report", os.path.join(REPO, "benchmarks", "bench_report.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def generated(tmp_path):
+    """Five real offline W&B runs shaped like sparse-parity runs, with curves artifacts (contract C4)."""
+    _bench().make_runs([(w, 0) for w in WIDTHS], str(tmp_path), n_sub=20, n_evals=26)
+    return str(tmp_path / "wandb")
+
+
+def test_report_finds_studies_writes_md_html_and_logs_analysis_runs(generated, tmp_path):
+    out = str(tmp_path / "out")
+    res = report.build(generated, None, out, log=True, studies="subtasks")
+    assert [s.study for s in res["sections"]] == ["subtasks"] and not res["problems"]
+    md = open(os.path.join(out, "report.md")).read()
+    assert "## Per-subtask emergence (sparse parity)" in md and "](subtasks/fraction_learned.png)" in md
+    html = open(os.path.join(out, "report.html")).read()
+    assert html.count("data:image/png;base64,") == 5 and 'href="subtasks/sharpness.svg"' in html
+    assert "<table>" in html and "<h2" in html
+    for png in res["sections"][0].plots:
+        assert os.path.exists(png) and os.path.exists(png[:-4] + ".svg")
+
+    # the numbers: subtask k of width w is learned iff k < 0.4 w, around step 100 (k + 1), suddenly
+    t = pd.read_parquet(os.path.join(out, "subtasks", "emergence.parquet"))
+    expect = t["item"] < 0.4 * t["width"]
+    assert (t["learned"] == expect).all()
+    # evaluations every 200 steps: drops at >= 600 steps are resolved (earlier ones precede step 200-400)
+    seen = t[expect & (100 * (t["item"] + 1) >= 600)]
+    assert len(seen) == 30
+    err = np.abs(np.log10(seen["midpoint"] / (100 * (seen["item"] + 1))))  # the generator jitters it by 0.05 decade (sd)
+    assert err.max() < 0.2 and err.median() < 0.06
+    # loss and accuracy drop together: never a mirage; sudden (emergent) for most at 0.1-decade windows
+    # (10-90% width 0.13 decade: near the 0.5 line, so some read gradual)
+    assert seen["detected"].all() and not (seen["verdict"] == "mirage").any()
+    assert (seen["verdict"] == "emergent").mean() > 0.6
+    assert (t.loc[~expect, "verdict"] == "flat").all()
+
+    # the analysis run, read back from the same offline directory
+    runs = runstore.load_runs(generated)
+    a = runs[runs["job_type"] == "analysis"]
+    assert len(a) == 1 and len(runs) == len(WIDTHS) + 1
+    assert (runs["state"] == "finished").all()  # every file complete (exit record) when build returns
+    row = a.iloc[0]
+    assert row["config.study"] == "subtasks" and row["name"] == "analysis-subtasks"
+    assert sorted(row["config.analysed_runs"] if isinstance(row["config.analysed_runs"], list)
+                  else eval(row["config.analysed_runs"])) == sorted(runs.loc[runs["job_type"] == "train", "id"])
+    assert row["summary.n_curves"] == 100 and row["summary.n_emergent"] == int((t["verdict"] == "emergent").sum())
+    assert row["summary.subtasks/fraction_learned._type"] == "image-file"
+    assert row["summary.subtasks/by_size._type"] == "table-file"
+    # a second report does not analyse the analysis run as a training run
+    res2 = report.build(generated, None, str(tmp_path / "out2"), log=False, studies="subtasks")
+    assert len(res2["sections"][0].run_ids) == len(WIDTHS)
+
+
+def test_study_selection_and_bad_input(generated, tmp_path):
+    with pytest.raises(UserError, match="--studies nope: unknown; known studies: scaling, subtasks"):
+        report.build(generated, None, str(tmp_path / "o"), studies="nope")
+    with pytest.raises(UserError, match="no study applies to the 5 runs.*sparse_parity"):
+        report.build(generated, None, str(tmp_path / "o"), studies="grokking,omnigrok")
+
+
+def test_markdown_rebase_and_html():
+    md = "# Title\n\ntext `code` **bold**\n\n![a](a.png)\n![b](http://x/b.png)\n"
+    assert report.rebase(md, "study") == "## Title\n\ntext `code` **bold**\n\n![a](study/a.png)\n![b](http://x/b.png)\n"
+    h = report.to_html("## T\n\n| x | y |\n|---|---|\n| 1 | a\\|b |\n\n- one\n- two\n\npara <b>\n", "/nonexistent")
+    assert "<h2 id=\"t\">T</h2>" in h and "<td>a|b</td>" in h and "<li>two</li>" in h and "para &lt;b&gt;" in h
+
+
+@pytest.mark.slow
+def test_report_over_a_real_offline_sweep(tmp_path):
+    """harness sweep (real training, W&B's sweep engine) -> analysis.report --log -> harness runs."""
+    params = {"task": "{value: sparse_parity}", "data.n_tasks": "{value: 4}", "data.n": "{value: 8}",
+              "data.k": "{value: 2}", "data.batch_size": "{value: 256}", "eval.test_per_task": "{value: 200}",
+              "trainer.steps": "{value: 200}", "trainer.eval_every": "{value: 20}",
+              "trainer.progress_bar": "{value: false}", "model.width": "{values: [4, 8, 16, 32, 64]}"}
+    harness("sweep", write_sweep(tmp_path / "s.yaml", params), "--local", "--workers", "2")
+    wandb_dir = str(tmp_path / "wandb")
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "analysis.report", wandb_dir, "--out", str(tmp_path / "out"), "--log"],
+                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = open(tmp_path / "out" / "report.md").read()
+    assert "## Sparse parity: parameter scaling" in md and "## Per-subtask emergence" in md
+    harness("runs", wandb_dir, "-o", str(tmp_path / "runs.csv"))
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    a = runs[runs["job_type"] == "analysis"].set_index("name")
+    assert set(a.index) == {"analysis-scaling", "analysis-subtasks"}
+    assert math.isfinite(a.loc["analysis-scaling", "summary.alpha_N"])
+    assert a.loc["analysis-subtasks", "summary.n_curves"] == 5 * 4
