@@ -25,10 +25,16 @@ class DataConfig:
     n_tasks: int = 100  # number of subtasks (control bits)
     n: int = 50  # data bits
     k: int = 3  # bits per parity subset
-    # The paper's alpha: p_t ~ t^-(zipf_alpha + 1). The original code's key `alpha` is zipf_alpha + 1.
+    # The paper's alpha: p_t ~ (t + offset)^-(zipf_alpha + 1). The original code's key `alpha` is
+    # zipf_alpha + 1.
     zipf_alpha: float = 0.4
-    task_seed: int = 0  # fixes the subsets and test sets, shared by every run of a sweep
-    n_train_samples: int = 0  # D: 0 = infinite data (fresh batch each step); else cycle D samples
+    offset: float = 0.0  # the paper's `offset`: shifts the rank (flattens the head of the distribution)
+    # Seed of the subsets and test sets: -1 follows the run's `seed` (the paper draws them from the
+    # run seed); >= 0 fixes one draw for every run that sets it (sweeps comparing widths on one draw).
+    task_seed: int = -1
+    # D: 0 = infinite data (a fresh batch each step); else D samples, reshuffled every epoch, the
+    # last batch of an epoch smaller when batch_size does not divide D (the paper's loader).
+    n_train_samples: int = 0
     batch_size: int = 10000
 
 
@@ -73,6 +79,9 @@ class Config(RunConfig):
             raise ConfigError(f"data.k={d.k} > data.n={d.n}: a parity subset cannot exceed the data bits")
         if math.comb(d.n, d.k) < d.n_tasks:
             raise ConfigError(f"data.n_tasks={d.n_tasks} > C(n={d.n}, k={d.k}) = {math.comb(d.n, d.k)} distinct subsets")
+        if d.task_seed < -1 or d.offset <= -1:
+            raise ConfigError(f"data.task_seed={d.task_seed}, data.offset={d.offset}: task_seed is -1 (follow seed) "
+                              "or >= 0; offset must be > -1 (ranks t + offset start above 0)")
         if d.batch_size < 1 or d.n_train_samples < 0:
             raise ConfigError(f"data.batch_size={d.batch_size}, data.n_train_samples={d.n_train_samples}: need >= 1 and >= 0")
         if self.model.width < 1 or self.model.depth < 1:
@@ -96,8 +105,9 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def frequencies(n_tasks: int, zipf_alpha: float) -> torch.Tensor:
-    t = torch.arange(1, n_tasks + 1, dtype=torch.float64)
+def frequencies(n_tasks: int, zipf_alpha: float, offset: float = 0.0) -> torch.Tensor:
+    """p_t proportional to (t + offset)^-(zipf_alpha + 1), t = 1..n_tasks: [n_tasks], float64."""
+    t = torch.arange(1, n_tasks + 1, dtype=torch.float64) + offset
     p = t ** -(zipf_alpha + 1)
     return p / p.sum()
 
@@ -119,9 +129,9 @@ class SparseParityData(DeviceDataModule):
         d = cfg.data
         self.cfg = cfg
         self.steps_per_batch = cfg.trainer.batch_steps()
-        g = torch.Generator().manual_seed(d.task_seed)
+        g = torch.Generator().manual_seed(d.task_seed if d.task_seed >= 0 else cfg.seed)
         self.subsets = random_subsets(d.n_tasks, d.n, d.k, g)  # [n_tasks, k]
-        self.p = frequencies(d.n_tasks, d.zipf_alpha)  # [n_tasks]
+        self.p = frequencies(d.n_tasks, d.zipf_alpha, d.offset)  # [n_tasks]
         self.cdf = torch.cumsum(self.p, 0).float()
         # Test sets, stored compactly (task index + bits) and expanded to one-hot chunk by chunk.
         m = cfg.eval.test_per_task
@@ -129,10 +139,11 @@ class SparseParityData(DeviceDataModule):
         self.test_bits = torch.randint(0, 2, (d.n_tasks * m, d.n), generator=g, dtype=torch.uint8)
         self.finite = None
         if d.n_train_samples:
-            # Finite-data mode: D samples drawn once (from the training seed), then cycled.
+            # Finite-data mode: D samples drawn once (from the training seed), reshuffled every epoch.
             tasks = self._draw_tasks(d.n_train_samples, torch.device("cpu"))
             self.finite = (tasks, torch.randint(0, 2, (d.n_train_samples, d.n), dtype=torch.uint8))
         self._on_device: dict = {}
+        self._epoch_order: tuple[int, torch.Tensor] | None = None
 
     def _draw_tasks(self, size: int, device: torch.device) -> torch.Tensor:
         # Inverse-CDF sampling of subtasks, vectorised on the device.
@@ -162,18 +173,32 @@ class SparseParityData(DeviceDataModule):
             bits = torch.randint(0, 2, (d.batch_size, d.n), device=device, dtype=torch.uint8)
         else:
             t = self._tensors(device)
-            D = d.n_train_samples
-            if d.batch_size >= D:
-                idx = slice(None)
-            else:
-                start = (index * d.batch_size) % D
-                idx = torch.arange(start, start + d.batch_size, device=device) % D
+            idx = self.finite_batch_indices(index)
+            idx = slice(None) if idx is None else idx.to(device)
             tasks, bits = t["train_tasks"][idx], t["train_bits"][idx]
         return self.encode(tasks, bits, device)
 
+    def finite_batch_indices(self, index: int) -> torch.Tensor | None:
+        """Sample indices of training batch `index` in finite-data mode; None = all D (batch >= D).
+
+        Epoch e = index // ceil(D / batch) sees all D samples once in its own random order (seeded
+        by the run seed and e, so a resumed run replays the same batches); the last batch of an
+        epoch holds the remainder, as in the paper's loader (shuffle=True, a smaller last batch).
+        """
+        d = self.cfg.data
+        D, B = d.n_train_samples, d.batch_size
+        if B >= D:
+            return None
+        per_epoch = -(-D // B)
+        epoch, j = divmod(index, per_epoch)
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._epoch_order = (epoch, torch.randperm(D, generator=g))
+        return self._epoch_order[1][j * B:(j + 1) * B]
+
     def shard_error(self) -> str | None:
-        if self.cfg.data.n_train_samples:  # the D samples are cycled in one fixed order
-            return f"data.n_train_samples={self.cfg.data.n_train_samples} cycles one fixed sample order"
+        if self.cfg.data.n_train_samples:  # one process owns the epoch order of the D samples
+            return f"data.n_train_samples={self.cfg.data.n_train_samples} shuffles one epoch order for all D samples"
         return None
 
     def val_batch(self, index: int, device):

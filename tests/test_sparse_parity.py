@@ -2,6 +2,7 @@ import json
 import math
 import os
 
+import pytest
 import torch
 
 from harness.config import load_config
@@ -42,14 +43,58 @@ def test_labels_are_parities_of_distinct_subsets():
     assert abs(float(counts[0]) - float(data.p[0])) < 0.03
 
 
-def test_finite_data_mode_cycles_a_fixed_set():
+def test_finite_data_is_reshuffled_every_epoch_with_a_smaller_last_batch():
+    # D = 10, batch 4: epochs of 3 batches (4, 4, 2), as the paper's loader (shuffle=True) gives.
     data = SparseParityData(cfg_of("data.n_tasks=4", "data.n=8", "data.k=2", "data.n_train_samples=10",
                                    "data.batch_size=4", "eval.test_per_task=5"))
+    epochs = [[data.finite_batch_indices(3 * e + j) for j in range(3)] for e in range(3)]
+    for batches in epochs:
+        assert [len(b) for b in batches] == [4, 4, 2]
+        assert sorted(torch.cat(batches).tolist()) == list(range(10))  # every sample once per epoch
+    orders = [torch.cat(b).tolist() for b in epochs]
+    assert orders[0] != orders[1] and orders[1] != orders[2]  # a new order each epoch
+    # Deterministic by batch index (a resumed run replays the same batches), and the batch holds
+    # exactly those samples.
+    again = SparseParityData(cfg_of("data.n_tasks=4", "data.n=8", "data.k=2", "data.n_train_samples=10",
+                                    "data.batch_size=4", "eval.test_per_task=5"))
+    assert torch.equal(again.finite_batch_indices(4), epochs[1][1])
     cpu = torch.device("cpu")
-    seen = torch.cat([data.train_batch(i, cpu)[0] for i in range(5)])  # 20 samples from a set of 10
-    assert len(torch.unique(seen, dim=0)) <= 10
-    # Batch i starts at sample 4i mod 10: batch 5 starts where batch 0 did.
-    assert torch.equal(data.train_batch(0, cpu)[0], data.train_batch(5, cpu)[0])
+    x, _ = data.train_batch(4, cpu)
+    tasks, bits = data.finite
+    assert torch.equal(x[:, 4:].to(torch.uint8), bits[epochs[1][1]])
+    # batch >= D: every step sees all D samples.
+    full = SparseParityData(cfg_of("data.n_tasks=4", "data.n=8", "data.k=2", "data.n_train_samples=10",
+                                   "data.batch_size=16", "eval.test_per_task=5"))
+    assert full.finite_batch_indices(7) is None and full.train_batch(7, cpu)[0].shape[0] == 10
+
+
+def test_frequency_offset_matches_the_papers_law():
+    # The paper's code: probs ~ n^-alpha for n in range(1 + offset, n_tasks + offset + 1).
+    p = frequencies(5, 0.5, offset=3)
+    ref = torch.tensor([(t + 3) ** -1.5 for t in range(1, 6)], dtype=torch.float64)
+    assert torch.allclose(p, ref / ref.sum(), rtol=1e-12)
+    assert torch.equal(frequencies(5, 0.5), frequencies(5, 0.5, 0.0))
+    data = SparseParityData(cfg_of("data.n_tasks=5", "data.n=8", "data.offset=3", "data.zipf_alpha=0.5",
+                                   "eval.test_per_task=5"))
+    assert torch.allclose(data.p, p)
+
+
+def test_task_seed_follows_the_run_seed_unless_fixed():
+    base = ("data.n_tasks=20", "data.n=10", "eval.test_per_task=5")
+    s0, s1 = (SparseParityData(cfg_of(*base, f"seed={s}")).subsets for s in (0, 1))
+    assert not torch.equal(s0, s1)  # default task_seed=-1: the draw follows seed, as in the paper
+    f0, f1 = (SparseParityData(cfg_of(*base, f"seed={s}", "data.task_seed=7")).subsets for s in (0, 1))
+    assert torch.equal(f0, f1)  # a fixed task_seed: one draw for every seed
+    assert torch.equal(SparseParityData(cfg_of(*base, "data.task_seed=1")).subsets, s1)
+
+
+def test_bad_task_seed_or_offset_is_refused():
+    from harness.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.task_seed=-2"):
+        cfg_of("data.task_seed=-2")
+    with pytest.raises(ConfigError, match="offset must be > -1"):
+        cfg_of("data.offset=-1.0")
 
 
 def test_per_subtask_eval_equals_a_naive_loop():
