@@ -71,7 +71,8 @@ def main() -> None:
             "trainer.progress_bar=false", *a.overrides]
     cfg = load_config(args)
     torch.set_num_threads(cfg.trainer.threads)
-    plain(load_config(args + ["trainer.steps=200"]))  # warm-up: allocator, kernels, imports
+    warm = [a for a in args if not a.startswith("trainer.steps=")] + ["trainer.steps=200"]  # a key once
+    plain(load_config(warm))  # warm-up: allocator, kernels, imports
 
     res = {"plain": [], "harness": []}
     for i in range(a.repeats):
