@@ -66,13 +66,20 @@ def cmd_sweep(args) -> int:
     if args.local:
         if args.workers < 1:  # before the sweep exists
             raise UserError(f"--workers {args.workers}: the number of runs in parallel, an integer >= 1")
+        if args.pack is not None:
+            from harness.packed_agent import check_pack
+
+            check_pack(controller.load_sweep_yaml(args.yaml), args.pack)
         sweep_id = controller.create_local_sweep(args.yaml, args.wandb_dir, count=args.count, will_run=not args.no_run)
         print(sweep_id, flush=True)
         if args.no_run:
             return 0
-        code = controller.run_agent(sweep_id, args.wandb_dir, workers=args.workers, count=args.count)
+        code = controller.run_agent(sweep_id, args.wandb_dir, workers=args.workers, count=args.count, pack=args.pack)
         print(sweep_id, flush=True)
         return code
+    if args.pack is not None:
+        raise UserError(f"--pack {args.pack} needs --local: packing is a local-controller feature (W&B's sweep "
+                        "server hands one run to each `wandb agent`)")
     sweep_id = controller.create_wandb_sweep(args.yaml, project=args.project, entity=args.entity)
     print(sweep_id, flush=True)
     return 0
@@ -82,8 +89,18 @@ def cmd_agent(args) -> int:
     from harness import controller
 
     if "/" in args.sweep_id:  # entity/project/id: a W&B sweep, run by W&B's own agent
+        if args.pack is not None:
+            raise UserError(f"--pack {args.pack}: packing is a local-controller feature; W&B's sweep server hands "
+                            "one run to each `wandb agent`")
         return controller.run_wandb_agent(args.sweep_id, args.count)
-    return controller.run_agent(args.sweep_id, args.wandb_dir, workers=args.workers, count=args.count)
+    return controller.run_agent(args.sweep_id, args.wandb_dir, workers=args.workers, count=args.count, pack=args.pack)
+
+
+def cmd_train_packed(args) -> int:
+    """`harness train-packed BLOCK.json` (launched by the local controller with --pack; harness.packed)."""
+    from harness.packed import run_spec
+
+    return run_spec(args.block)
 
 
 def cmd_runs(args) -> int:
@@ -135,6 +152,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="runs in parallel on this machine")
     s.add_argument("--count", type=int, default=None, help="stop after this many runs")
     s.add_argument("--no-run", action="store_true", help="with --local: create the sweep only")
+    s.add_argument("--pack", type=int, default=None, metavar="M",
+                   help="with --local: train up to M grid points of a task that packs in one process (README)")
     s.add_argument("--wandb-dir", default=None, help="local wandb directory (default $WANDB_DIR/wandb, else ./wandb)")
     s.add_argument("--project", default=None)
     s.add_argument("--entity", default=None)
@@ -144,8 +163,13 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("sweep_id")
     a.add_argument("--workers", type=int, default=1)
     a.add_argument("--count", type=int, default=None)
+    a.add_argument("--pack", type=int, default=None, metavar="M", help="train up to M grid points in one process")
     a.add_argument("--wandb-dir", default=None, help="(default $WANDB_DIR/wandb, else ./wandb)")
     a.set_defaults(fn=cmd_agent)
+
+    tp = sub.add_parser("train-packed", help="train a block of grid points as one packed process (used by --pack)")
+    tp.add_argument("block", help="block file written by the local controller")
+    tp.set_defaults(fn=cmd_train_packed)
 
     r = sub.add_parser("runs", help="export the runs table: harness runs SOURCE -o runs.csv")
     r.add_argument("source", help="W&B path entity/project, or a local wandb directory")

@@ -571,8 +571,14 @@ class Agent:
         return 0
 
 
-def run_agent(sweep_id: str, wandb_dir: str | None = None, workers: int = 1, count: int | None = None) -> int:
-    """Run (or join, or resume) a local sweep until its grid is exhausted or `count` runs started."""
+def run_agent(sweep_id: str, wandb_dir: str | None = None, workers: int = 1, count: int | None = None,
+              pack: int | None = None) -> int:
+    """Run (or join, or resume) a local sweep until its grid is exhausted or `count` runs started.
+    `pack`: each worker trains up to that many grid points in one process (harness.packed_agent)."""
+    if pack is not None:
+        from harness.packed_agent import PackedAgent
+
+        return PackedAgent(sweep_id, wandb_dir, workers, count, pack).run()
     return Agent(sweep_id, wandb_dir, workers, count).run()
 
 

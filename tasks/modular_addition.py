@@ -474,6 +474,17 @@ def n_params(model: nn.Module) -> int:
     return sum(w.numel() for w in model.parameters())
 
 
+# Packed runs (harness.packed, issue 14): keys whose values may differ between the members of one
+# packed process; every other key must be equal. The stacked model is in tasks/modular_addition_packed.py.
+PACKABLE = ("seed", "data.train_fraction", "data.split_seed", "optim.lr", "optim.weight_decay", "model.init_scale")
+
+
+def build_packed(cfgs: list[Config]):
+    from tasks.modular_addition_packed import PackedModular
+
+    return PackedModular(cfgs)
+
+
 def build(cfg: Config) -> Job:
     model = make_model(cfg)
     data = ModularData(cfg)

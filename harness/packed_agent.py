@@ -1,0 +1,172 @@
+"""The local controller with `--pack M` (issue 14): each worker claims up to M open grid points that
+the task can pack together and trains them in one `harness train-packed` process.
+
+Everything else is harness.controller's Agent: the same state.json under the same lock, the same
+run ids, parameter files and environment per run, preempted points first (a block of preempted
+points is relaunched together, same ids, and resumes from each member's packed checkpoint), SIGTERM
+forwarded, killed agents reaped. Each member is recorded in state.json by its own outcome, read
+from the block's results file (written by harness.packed.run_spec); a block process that died
+without one (SIGKILL) records every member by the process's exit code, as a solo run would be.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from harness import controller
+from harness.controller import _read_state, _reap, _write_state, flat_parameters, next_params
+from harness.errors import UserError
+from wandb.sdk.lib.runid import generate_id
+
+
+def sweep_task(cfg: dict) -> str:
+    spec = flat_parameters(cfg.get("parameters") or {}).get("task") or {}
+    return spec.get("value", (spec.get("values") or ["?"])[0])
+
+
+def check_pack(cfg: dict, pack: int) -> str:
+    """One line before anything starts: --pack needs M >= 1 and a task that packs. Returns the task."""
+    from harness.packed import packable_keys
+
+    if pack < 1:
+        raise UserError(f"--pack {pack}: the number of grid points trained together, an integer >= 1")
+    task = sweep_task(cfg)
+    if packable_keys(task) is None:
+        raise UserError(f"--pack {pack}: task {task} does not pack (no PACKABLE keys); run it without --pack")
+    return task
+
+
+class PackedAgent(controller.Agent):
+    def __init__(self, sweep_id: str, wandb_dir: str | None, workers: int, count: int | None, pack: int):
+        super().__init__(sweep_id, wandb_dir, workers, count)
+        self.pack = pack
+        self.task = check_pack(self.cfg, pack)
+
+    def _signature(self, params: dict) -> str:
+        from harness.packed import pack_signature
+
+        return pack_signature(self.task, params)
+
+    def claim_block(self) -> list[tuple[dict, bool, int]] | None:
+        """[(run record, resumed?, k)] for up to `pack` compatible points, or None when done.
+
+        Preempted points go first and are not mixed with fresh ones (they resume at a later step).
+        A fresh point that does not pack with the block is left unclaimed: a grid engine suggests it
+        again at the next claim."""
+        with self.lock:
+            state = _read_state(self.path)
+            _reap(state)
+            if self.stopping.is_set() or (self.count is not None and self.started >= self.count):
+                return None
+            room = self.pack if self.count is None else min(self.pack, self.count - self.started)
+            live = [r for r in state["runs"] if r["state"] != "killed"]
+            block: list[tuple[dict, bool]] = []
+            signature = None
+            for r in sorted((r for r in live if r["state"] == "preempted"), key=lambda r: r["started"]):
+                s = self._signature(r["params"])
+                if len(block) < room and signature in (None, s):
+                    signature = s
+                    r["preemptions"] = r.get("preemptions", 0) + 1
+                    r["state"] = "running"
+                    block.append((r, True))
+            while not block or (not block[0][1] and len(block) < room):
+                if self.run_cap is not None and len(live) >= self.run_cap:
+                    break
+                params = next_params(self.cfg, state)
+                if params is None:
+                    break
+                s = self._signature(params)
+                if signature not in (None, s):
+                    break
+                signature = s
+                run = {"id": generate_id(8), "params": params, "state": "running"}
+                state["runs"].append(run)
+                live.append(run)
+                block.append((run, False))
+            if not block:
+                _write_state(self.path, state)
+                return None
+            for run, _ in block:
+                run.update(state="running", host=socket.gethostname(), agent_pid=os.getpid(), started=time.time())
+            _write_state(self.path, state)
+            self.started += len(block)
+            order = [r["id"] for r in state["runs"] if r["state"] != "killed"]
+            return [(run, resumed, 1 + order.index(run["id"])) for run, resumed in block]
+
+    def launch_block(self, runs: list[dict]) -> dict[str, int]:
+        """Run one packed process for `runs`; return each member's exit code (0, 1 or 143)."""
+        from wandb.sdk.launch.sweeps import utils as sweep_utils
+        from wandb.sdk.lib import config_util
+
+        tag = runs[0]["id"]
+        members = []
+        for run in runs:
+            param_path = os.path.abspath(os.path.join(self.path, f"config-{run['id']}.yaml"))
+            config_util.save_config_file_from_dict(param_path, {k: {"value": v} for k, v in run["params"].items()})
+            # The key=value arguments wandb would put on a solo run's command line (${args_no_hyphens}).
+            args = sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in run["params"].items()}})
+            members.append({"run_id": run["id"], "overrides": args["args_no_hyphens"], "param_path": param_path})
+        results = os.path.abspath(os.path.join(self.path, f"pack-{tag}.results.json"))
+        if os.path.exists(results):
+            os.remove(results)
+        spec_path = os.path.abspath(os.path.join(self.path, f"pack-{tag}.json"))
+        with open(spec_path, "w") as f:
+            json.dump({"members": members, "results": results}, f, indent=1)
+        env = controller._run_env(self.cfg, self.sweep_id, "", "", self.root, self.workers)
+        for key in ("WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH"):  # per member, set by the packed process
+            env.pop(key, None)
+        argv = [sys.executable, "-m", "harness", "train-packed", spec_path]
+        with open(os.path.join(self.path, f"pack-{tag}.log"), "a") as log:
+            with self.procs_lock:
+                if self.stopping.is_set():
+                    return {r["id"]: 143 for r in runs}
+                proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        preexec_fn=controller._die_with_parent if sys.platform == "linux" else None)
+                self.procs[tag] = proc
+            try:
+                code = proc.wait()
+            finally:
+                with self.procs_lock:
+                    self.procs.pop(tag, None)
+        try:
+            with open(results) as f:
+                outcome = json.load(f)
+        except (OSError, ValueError):
+            outcome = {}
+        codes = {}
+        for run in runs:
+            entry = outcome.get(run["id"])
+            codes[run["id"]] = entry["exitcode"] if entry else code
+            if entry:  # the line Agent.record reads the sweep metric from, as from a solo run's log
+                with open(os.path.join(self.path, f"{run['id']}.log"), "a") as f:
+                    f.write(f"packed in block {tag} (log pack-{tag}.log)\n")
+                    f.write(json.dumps(entry.get("summary") or {}, default=str) + "\n")
+        return codes
+
+    def worker(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                block = self.claim_block()
+                if block is None:
+                    return
+                for run, resumed, k in block:
+                    shown = " ".join(f"{key}={v}" for key, v in run["params"].items() if key != "task")
+                    self.say(f"run {run['id']} {k}/{self.planned or '?'} {'resume' if resumed else 'start'} "
+                             f"(packed, {len(block)} in block {block[0][0]['id']}): {shown}")
+                runs = [run for run, _, _ in block]
+                t0 = time.time()
+                try:
+                    codes = self.launch_block(runs)
+                except BaseException:
+                    for run in runs:
+                        self.record(run["id"], 1, time.time() - t0)
+                    raise
+                for run in runs:
+                    self.outcomes.append(self.record(run["id"], codes[run["id"]], time.time() - t0))
+        except BaseException as e:
+            self.errors.append(f"{type(e).__name__}: {e}")
+            self.stopping.set()
