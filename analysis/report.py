@@ -203,17 +203,22 @@ def log_section(sec: Section, source: str, sweep: str | None, runs, mode: str) -
     payload = {f"{sec.study}/{os.path.splitext(os.path.basename(p))[0]}": wandb.Image(p) for p in sec.plots}
     big = {}
     for name, df in sec.tables.items():
-        t = wandb.Table(dataframe=df.reset_index(drop=True))
         if len(df) <= wandb.Table.MAX_ROWS:
-            payload[f"{sec.study}/{name}"] = t
-        else:  # run.log would truncate it to MAX_ROWS rows: an artifact holds all of them
-            big[name] = t
+            payload[f"{sec.study}/{name}"] = wandb.Table(dataframe=df.reset_index(drop=True))
+        else:
+            # run.log would truncate a wandb.Table to MAX_ROWS rows, and building one row by row took
+            # minutes at 50,000 rows: larger tables go into the analysis artifact as parquet
+            big[name] = df
     run.log(payload)
     if big:
-        art = wandb.Artifact(f"{sec.study}-tables-{run.id}", type="analysis")
-        for name, t in big.items():
-            art.add(t, name)
+        art = wandb.Artifact(f"analysis-{sec.study}-{run.id}", type="analysis",
+                             metadata={"tables": {k: len(v) for k, v in big.items()}})
+        for name, df in big.items():
+            path = os.path.join(sec.out, f"{name}.table.parquet")
+            df.to_parquet(path, index=False)
+            art.add_file(path, name=f"{name}.parquet")
         run.log_artifact(art)
+        run.summary.update({f"{sec.study}/{k}_rows": len(v) for k, v in big.items()})
     run.summary.update(sec.summary)
     run_id = run.id
     run.finish()

@@ -18,6 +18,7 @@ import glob
 import math
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -97,13 +98,18 @@ def generate(root: str, n_runs: int, n_sub: int, n_evals: int, procs: int) -> fl
 
 def timed_report(root: str, out: str, *extra: str) -> float:
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=REPO)
-    t = time.time()
+    t, r0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-m", "analysis.report", os.path.join(root, "wandb"), "--out", out, *extra],
                           cwd=REPO, env=env, capture_output=True, text=True)
     dt = time.time() - t
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     if proc.returncode:
         raise SystemExit(f"analysis.report failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     print("  " + "\n  ".join(line for line in proc.stderr.splitlines() if line.startswith("report:")))
+    # CPU seconds of the report and its worker processes: on a loaded machine wall time grows with
+    # the load, CPU time much less (on an idle 2-core machine wall ~ CPU time / parallelism)
+    print(f"  wall {dt:.1f} s, CPU {cpu:.1f} s (user + sys, all processes)")
     return dt
 
 

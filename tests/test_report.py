@@ -3,12 +3,14 @@ offline wandb directory through the run store."""
 import importlib.util
 import math
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from analysis import report
+from analysis.study import Section, task_runs
 from harness import runstore
 from harness.errors import UserError
 from tests.conftest import REPO, harness, write_sweep
@@ -23,10 +25,23 @@ def _bench():
     return mod
 
 
-@pytest.fixture
-def generated(tmp_path):
+@pytest.fixture(scope="module")
+def generated_once(tmp_path_factory):
     """Five real offline W&B runs shaped like sparse-parity runs, with curves artifacts (contract C4)."""
-    _bench().make_runs([(w, 0) for w in WIDTHS], str(tmp_path), n_sub=20, n_evals=26)
+    root = tmp_path_factory.mktemp("generated")
+    saved = dict(os.environ)
+    try:
+        _bench().make_runs([(w, 0) for w in WIDTHS], str(root), n_sub=20, n_evals=26)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return root / "wandb"
+
+
+@pytest.fixture
+def generated(generated_once, tmp_path):
+    """A copy per test: a test may add analysis runs to it."""
+    shutil.copytree(generated_once, tmp_path / "wandb", ignore=shutil.ignore_patterns(".harness-cache"))
     return str(tmp_path / "wandb")
 
 
@@ -69,9 +84,9 @@ def test_report_finds_studies_writes_md_html_and_logs_analysis_runs(generated, t
     assert row["summary.n_curves"] == 100 and row["summary.n_emergent"] == int((t["verdict"] == "emergent").sum())
     assert row["summary.subtasks/fraction_learned._type"] == "image-file"
     assert row["summary.subtasks/by_size._type"] == "table-file"
-    # a second report does not analyse the analysis run as a training run
-    res2 = report.build(generated, None, str(tmp_path / "out2"), log=False, studies="subtasks")
-    assert len(res2["sections"][0].run_ids) == len(WIDTHS)
+    # a later report does not take the analysis run for a training run
+    assert report.select("subtasks") == ["analysis.subtasks"]
+    assert len(task_runs(runs, "sparse_parity")) == len(WIDTHS)
 
 
 def test_study_selection_and_bad_input(generated, tmp_path):
@@ -111,3 +126,35 @@ def test_report_over_a_real_offline_sweep(tmp_path):
     assert set(a.index) == {"analysis-scaling", "analysis-subtasks"}
     assert math.isfinite(a.loc["analysis-scaling", "summary.alpha_N"])
     assert a.loc["analysis-subtasks", "summary.n_curves"] == 5 * 4
+
+
+def test_a_study_without_data_is_listed_and_a_crashing_one_fails_the_exit_code(generated, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    def fake(name, run):
+        mod = types.ModuleType(name)
+        mod.applies = lambda runs: True
+        mod.run = run
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    def empty(source, sweep, out):
+        raise UserError("nothing to fit here")
+
+    def broken(source, sweep, out):
+        raise ZeroDivisionError("bug")
+
+    def fine(source, sweep, out):
+        os.makedirs(out)
+        return Section("fake_fine", "Fine", "# Fine\n\nall good\n", out, run_ids=["a"])
+
+    fake("tests.fake_empty", empty)
+    fake("tests.fake_broken", broken)
+    fake("tests.fake_fine", fine)
+    monkeypatch.setattr(report, "STUDIES", ("tests.fake_empty", "tests.fake_broken", "tests.fake_fine"))
+    res = report.build(generated, None, str(tmp_path / "o"), log=False)
+    assert [s.study for s in res["sections"]] == ["fake_fine"] and res["failed"] == ["fake_broken"]
+    md = open(tmp_path / "o" / "report.md").read()
+    assert "## Fine\n\nall good" in md and "- fake_empty: nothing to fit here" in md and "- fake_broken FAILED: ZeroDivisionError: bug" in md
+    monkeypatch.setattr(report, "build", lambda *a, **k: res)
+    assert report.main([generated, "--out", str(tmp_path / "o")]) == 1
