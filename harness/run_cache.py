@@ -70,9 +70,26 @@ def read_meta(root: str, ident: dict) -> dict | None:
 
 def read_history(meta: dict) -> pd.DataFrame:
     """The cached history of a run whose meta came from `read_meta`; BadEntry if it cannot be served."""
+    table = read_table(meta)
+    if table is None:
+        return pd.DataFrame()
+    hist = table.to_pandas(ignore_metadata=True, use_threads=False)  # pandas metadata is not trusted
+    for c in meta["_json_columns"]:
+        if c not in hist:
+            raise BadEntry(f"{meta['_history_file']}: column {c!r} missing")
+        try:
+            hist[c] = [json.loads(v) if v is not None else None for v in hist[c]]
+        except (TypeError, ValueError) as e:
+            raise BadEntry(f"{meta['_history_file']}: column {c!r} is not JSON ({e})") from None
+    return typed(hist)
+
+
+def read_table(meta: dict) -> pa.Table | None:
+    """The cached history as an Arrow table (JSON-text columns not decoded), None if the run has no
+    history; BadEntry if it cannot be served."""
     path = meta.get("_history_file")
     if not path:
-        return pd.DataFrame()
+        return None
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -82,18 +99,9 @@ def read_history(meta: dict) -> pd.DataFrame:
         odd = [f"{f.name}: {f.type}" for f in reader.schema if not any(ok(f.type) for ok in _COLUMN_TYPES)]
         if odd:  # e.g. an extension type: never let a foreign file choose how it is deserialised
             raise BadEntry(f"{path}: unexpected column types ({', '.join(odd[:3])})")
-        table = reader.read_all()
+        return reader.read_all()
     except (OSError, pa.ArrowException) as e:
         raise BadEntry(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    hist = table.to_pandas(ignore_metadata=True, use_threads=False)  # pandas metadata is not trusted
-    for c in meta["_json_columns"]:
-        if c not in hist:
-            raise BadEntry(f"{path}: column {c!r} missing")
-        try:
-            hist[c] = [json.loads(v) if v is not None else None for v in hist[c]]
-        except (TypeError, ValueError) as e:
-            raise BadEntry(f"{path}: column {c!r} is not JSON ({e})") from None
-    return typed(hist)
 
 
 def write(root: str, ident: dict, meta: dict, hist: pd.DataFrame) -> dict:
@@ -102,12 +110,13 @@ def write(root: str, ident: dict, meta: dict, hist: pd.DataFrame) -> dict:
     os.makedirs(root, exist_ok=True)
     name = os.path.join(root, entry_name(ident))
     tmp = f".{os.getpid()}.tmp"
-    json_columns = [c for c in hist.columns if hist[c].dtype == object]
+    dtypes = hist.dtypes
+    json_columns = [c for c, t in dtypes.items() if t == object]
+    bools = [c for c, t in dtypes.items() if isinstance(t, pd.BooleanDtype)]
     if len(hist):
-        out = hist.copy() if json_columns else hist
+        out = hist.copy() if json_columns or bools else hist  # the caller's frame stays as it is
         for c in json_columns:  # strings, dicts, mixed types: exact through JSON text
             out[c] = [json.dumps(v) for v in out[c]]
-        bools = [c for c in out.columns if isinstance(out[c].dtype, pd.BooleanDtype)]
         for c in bools:  # nullable booleans: JSON text too (without pandas metadata they come back as objects)
             out[c] = [None if v is pd.NA else json.dumps(bool(v)) for v in out[c]]
         json_columns += bools
@@ -115,7 +124,7 @@ def write(root: str, ident: dict, meta: dict, hist: pd.DataFrame) -> dict:
         sink = pa.BufferOutputStream()
         with ipc.new_file(sink, table.schema) as writer:  # uncompressed: reading is a copy
             writer.write_table(table)
-        data = sink.getvalue().to_pybytes()
+        data = sink.getvalue()
         with open(name + ".arrow" + tmp, "wb") as f:
             f.write(data)
         os.replace(name + ".arrow" + tmp, name + ".arrow")

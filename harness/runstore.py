@@ -304,6 +304,22 @@ class _Local:
             _MEMO[(os.path.abspath(path), st.st_size, st.st_mtime_ns)] = (meta, hist)
         return hist
 
+    def tables(self, run_ids: list[str]):
+        """The cached histories of these runs as Arrow tables, when every one is a single cached
+        file without JSON-text columns (the common case): concatenated in Arrow and converted to
+        pandas once, they load ~4x faster than run by run. None otherwise."""
+        out = []
+        for run_id in run_ids:
+            paths = self.by_id[run_id]
+            meta, hist = self.units[paths[0]]
+            if len(paths) > 1 or hist is not None or meta.get("_json_columns"):
+                return None
+            try:
+                out.append(run_cache.read_table(meta))
+            except run_cache.BadEntry:
+                return None  # the run-by-run path reports it and decodes the file again
+        return out
+
     def history(self, run_id: str) -> pd.DataFrame:
         """A run's history; a resumed run's files joined: the rows of a file at or after the first
         step of the next file are dropped (the resumed run redid them from its checkpoint)."""
@@ -435,10 +451,13 @@ def load_history(source: str, run_ids: Iterable[str] | None = None, sweep: str |
     frames, owners = [], []
     if _resolve(source) == "local":
         local = _Local(source)
-        for m in _check_sweep(local.runs(), sweep, source):
-            if ids is None or m["id"] in ids:
-                frames.append(_select(local.history(m["id"]), keys))
-                owners.append(m["id"])
+        chosen = [m["id"] for m in _check_sweep(local.runs(), sweep, source) if ids is None or m["id"] in ids]
+        tables = local.tables(chosen)
+        if tables is not None and any(t is not None for t in tables):
+            return _history_from_tables(chosen, tables, keys)
+        for run_id in chosen:
+            frames.append(_select(local.history(run_id), keys))
+            owners.append(run_id)
     else:
         for m in load_wandb(source, sweep):
             if ids is None or m["id"] in ids:
@@ -456,6 +475,29 @@ def load_history(source: str, run_ids: Iterable[str] | None = None, sweep: str |
     hist.insert(0, "run_id", np.repeat(np.array(owners, dtype=object), [len(f) for f in frames]))
     if "step" in hist:
         hist.insert(1, "step", hist.pop("step"))
+    return hist
+
+
+def _history_from_tables(run_ids: list[str], tables: list, keys: list[str] | None) -> pd.DataFrame:
+    """What the run-by-run path of load_history gives, from the runs' cached Arrow tables."""
+    import pyarrow as pa
+
+    parts, owners = [], []
+    for run_id, t in zip(run_ids, tables):
+        if t is None:
+            continue
+        if keys is not None:
+            present = [k for k in keys if k in t.column_names]
+            t = t.select(["step", *present]) if present else t.select(["step"]).slice(0, 0)
+        parts.append(t)
+        owners.append(run_id)
+    hist = pa.concat_tables(parts, promote_options="default").to_pandas(ignore_metadata=True, use_threads=False)
+    hist.insert(0, "run_id", np.repeat(np.array(owners, dtype=object), [t.num_rows for t in parts]))
+    if keys is not None:
+        present = [k for k in keys if k in hist.columns]
+        hist = hist.dropna(subset=present, how="all").reset_index(drop=True) if present else hist.iloc[0:0]
+    hist = run_cache.typed(hist)
+    hist.insert(1, "step", hist.pop("step"))
     return hist
 
 

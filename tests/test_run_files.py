@@ -201,3 +201,22 @@ def test_unreachable_wandb_project_is_a_one_line_error(monkeypatch):
         server.shutdown()
     assert "'someone/some-project' is neither a wandb directory nor a reachable W&B project" in str(e.value)
     assert "\n" not in str(e.value) and seen and seen[0] == "/graphql"
+
+
+def test_history_in_one_piece_equals_run_by_run(tmp_path, monkeypatch):
+    """load_history reads cached runs as Arrow tables and converts them once; the result is what
+    reading and concatenating them run by run gives (runs with different columns, keys or not)."""
+    make_run(tmp_path, steps=30, metrics=3, name="a")
+    make_run(tmp_path, steps=20, metrics=5, name="b")
+    root = str(tmp_path / "wandb")
+    runstore.load_runs(root)
+    runstore._MEMO.clear()  # from here on the histories come from the cache
+    for keys in (None, ["m/04", "m/01"], ["m/04"], ["nothing"]):
+        fast = runstore.load_history(root, keys=keys)
+        with monkeypatch.context() as m:
+            m.setattr(runstore._Local, "tables", lambda self, ids: None)
+            slow = runstore.load_history(root, keys=keys)
+        pd.testing.assert_frame_equal(fast, slow)
+    assert len(fast) == 0 and len(runstore.load_history(root, keys=["m/04"])) == 20
+    full = runstore.load_history(root)
+    assert len(full) == 50 and full["m/04"].isna().sum() == 30 and str(full["trainer/global_step"].dtype) == "int64"
