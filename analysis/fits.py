@@ -209,10 +209,12 @@ def _warn_if_degenerate(fit: Fit, L: np.ndarray) -> None:
     for name, a in zip(names, fit.alpha):
         if min(abs(a - b) for b in ALPHA_BOUNDS) < 1e-6:
             fit.warnings.append(f"{name} = {a:.4g} sits on its bound {ALPHA_BOUNDS}: the data do not fix it")
-    if fit.E < 1e-6 * float(L.min()):
+    vanishing_E = fit.E < 1e-6 * float(L.min())
+    if vanishing_E:
         fit.warnings.append(f"E = {fit.E:.3g} is ~0: the data show no irreducible loss, the fit is a pure power law")
     if fit.n_bootstrap:
-        cis = [("E", fit.E_ci)] + list(zip(names, fit.alpha_ci))
+        # A vanishing E has a vanishing interval for another reason (warned above): not checked here.
+        cis = ([] if vanishing_E else [("E", fit.E_ci)]) + list(zip(names, fit.alpha_ci))
         flat = [n for n, (lo, hi) in cis if hi - lo <= 1e-9 * max(1.0, abs(hi))]
         if flat:
             fit.warnings.append(f"zero-width interval for {', '.join(flat)} ({fit.n} points for "

@@ -191,3 +191,27 @@ def test_scaling_analysis_refuses_too_few_runs():
 
     with pytest.raises(UserError, match="need >= 3 finished runs"):
         scaling.analyze(synthetic_runs([10, 20]))
+
+
+def test_scaling_report_names_the_subtasks_each_width_learned(tmp_path):
+    runs = synthetic_runs([10, 20, 40, 80])
+    thr = 0.1 * math.log(2)
+    rows = []
+    # Run i learns subtasks 0..i-1 (in frequency order), except run 3 learns 0, 1, 3 (out of order).
+    learned = {"r0": [], "r1": [0], "r2": [0, 1], "r3": [0, 1, 3]}
+    for rid, ls in learned.items():
+        for step in (0, 100, 200):
+            for item in range(5):
+                loss = 0.69 if step == 0 or item not in ls else (0.01 if step == 200 else thr * 2 if item == 3 else 0.01)
+                rows.append({"run_id": rid, "step": step, "item": item, "loss": loss})
+    result = scaling.analyze(runs, n_bootstrap=20, curves=pd.DataFrame(rows))
+    pts = {p["id"]: p for p in result["points"]}
+    assert pts["r2"]["learned"] == [0, 1] and pts["r2"]["top_ranks"]
+    assert pts["r3"]["learned"] == [0, 1, 3] and not pts["r3"]["top_ranks"]
+    assert pts["r3"]["first_step"] == {0: 100, 1: 100, 3: 200}
+    assert pts["r1"]["final_loss"][0] == 0.01 and pts["r1"]["final_loss"][1] == 0.69
+    assert result["alpha_N_plain"] == pytest.approx(0.4, abs=0.1) and len(result["alpha_N_plain_ci"]) == 2
+    plots = scaling.plot(result, str(tmp_path))
+    assert any(p.endswith("quanta_vs_params.png") for p in plots)
+    md = scaling.report(result, "src", "s", plots)
+    assert "| 0, 1, 3 | no |" in md and "in 3 of 4 runs the learned subtasks are exactly the most frequent" in md
