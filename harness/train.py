@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ import wandb
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -175,6 +177,9 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
                     trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=ckpt_path, weights_only=False)
                 else:
                     trainer.validate(job.module, datamodule=job.datamodule, verbose=False)
+            except BaseException:
+                _end_other_ranks(trainer)
+                raise
             finally:
                 step = trainer.global_step
         if job.stage == "fit" and getattr(getattr(cfg, "model", None), "save", False):
@@ -209,6 +214,16 @@ def _train_other_rank(cfg: RunConfig, job: Job) -> None:
                     weights_only=False)
     except SIGTERMException:
         raise checkpoint.Preempted(trainer.global_step, None, run_id) from None
+
+
+def _end_other_ranks(trainer: L.Trainer) -> None:
+    """Rank 0 leaves fit by an exception (SIGTERM after the checkpoint all ranks wrote, a failure):
+    the ranks Lightning launched have nothing left to do, and one caught in a collective would wait
+    for rank 0 forever (seen here after SIGTERM: Lightning broadcasts from its signal handler). End
+    them, as Lightning itself does on Ctrl-C."""
+    launcher = trainer.strategy.launcher
+    if isinstance(launcher, _SubprocessScriptLauncher):
+        launcher.kill(signal.SIGKILL)
 
 
 def _check_shardable(cfg: RunConfig, job: Job) -> None:
