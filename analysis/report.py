@@ -32,6 +32,7 @@ STUDIES = (
     "analysis.grokking",
     "analysis.omnigrok",
     "analysis.pythia",
+    "analysis.quanta",
 )
 
 
