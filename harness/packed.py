@@ -151,36 +151,43 @@ class Member:
 
 
 @contextlib.contextmanager
-def _sweep_param_path(path: str | None):
-    """Member i's sweep parameters file, where a solo run would have it: WANDB_SWEEP_PARAM_PATH (read
-    by harness.tracking) and wandb's process-wide setting (read by wandb.init, which puts the sweep
-    parameters into run.config as a `wandb agent` run has them)."""
+def _as_solo_run(member: "Member"):
+    """Open member i's run with the environment a solo run of the sweep has: WANDB_RUN_ID and
+    WANDB_SWEEP_PARAM_PATH (read by harness.tracking), and the same two in wandb's process-wide
+    settings, which wandb.init reads them from: under a sweep it ignores an `id` argument (the agent's
+    WANDB_RUN_ID wins) and puts the sweep parameters file into run.config, as for a `wandb agent` run."""
     from wandb.sdk import wandb_setup
 
     settings = wandb_setup.singleton().settings
-    saved_env, saved_setting = os.environ.get("WANDB_SWEEP_PARAM_PATH"), settings.sweep_param_path
-    if path:
-        os.environ["WANDB_SWEEP_PARAM_PATH"] = path
-    else:
-        os.environ.pop("WANDB_SWEEP_PARAM_PATH", None)
-    settings.sweep_param_path = path
+    values = {"WANDB_RUN_ID": ("run_id", member.run_id), "WANDB_SWEEP_PARAM_PATH": ("sweep_param_path", member.param_path)}
+    saved = {env: (os.environ.get(env), getattr(settings, attr)) for env, (attr, _) in values.items()}
+    for env, (attr, value) in values.items():
+        if value:
+            os.environ[env] = value
+        else:
+            os.environ.pop(env, None)
+        setattr(settings, attr, value)
     try:
         yield
     finally:
-        settings.sweep_param_path = saved_setting
-        if saved_env is None:
-            os.environ.pop("WANDB_SWEEP_PARAM_PATH", None)
-        else:
-            os.environ["WANDB_SWEEP_PARAM_PATH"] = saved_env
+        for env, (attr, _) in values.items():
+            before_env, before_setting = saved[env]
+            setattr(settings, attr, before_setting)
+            if before_env is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = before_env
 
 
 def _open_run(member: Member) -> None:
-    with _sweep_param_path(member.param_path):
+    with _as_solo_run(member):
         kwargs: dict[str, Any] = {"reinit": "create_new"}
         if member.run_id:
             kwargs["id"] = member.run_id
         member.run = tracking.init_run(member.cfg, member.overrides, job_type="train", **kwargs)
     tracking.define_metrics(member.run)
+    if member.run_id and member.run.id != member.run_id:  # never log a member into another run
+        raise RuntimeError(f"wandb opened run {member.run.id} for member run id {member.run_id}")
     member.run_id = member.run.id
 
 

@@ -22,6 +22,8 @@ from harness.controller import _read_state, _reap, _write_state, flat_parameters
 from harness.errors import UserError
 from wandb.sdk.lib.runid import generate_id
 
+MAX_SKIPPED = 10000  # grid points looked past in one claim while filling a block
+
 
 def sweep_task(cfg: dict) -> str:
     spec = flat_parameters(cfg.get("parameters") or {}).get("task") or {}
@@ -55,8 +57,8 @@ class PackedAgent(controller.Agent):
         """[(run record, resumed?, k)] for up to `pack` compatible points, or None when done.
 
         Preempted points go first and are not mixed with fresh ones (they resume at a later step).
-        A fresh point that does not pack with the block is left unclaimed: a grid engine suggests it
-        again at the next claim."""
+        In a grid, points that do not pack with the block are looked past and left open for a later
+        claim; with random or bayes the first such point ends the block."""
         with self.lock:
             state = _read_state(self.path)
             _reap(state)
@@ -73,6 +75,7 @@ class PackedAgent(controller.Agent):
                     r["preemptions"] = r.get("preemptions", 0) + 1
                     r["state"] = "running"
                     block.append((r, True))
+            skipped: list[dict] = []  # points that do not pack with this block, left for a later claim
             while not block or (not block[0][1] and len(block) < room):
                 if self.run_cap is not None and len(live) >= self.run_cap:
                     break
@@ -81,12 +84,18 @@ class PackedAgent(controller.Agent):
                     break
                 s = self._signature(params)
                 if signature not in (None, s):
-                    break
+                    if self.cfg.get("method", "grid") != "grid" or len(skipped) >= MAX_SKIPPED:
+                        break
+                    # Held as taken for the engine's next suggestion only; removed before state is written.
+                    skipped.append({"id": "", "params": params, "state": "running"})
+                    state["runs"].append(skipped[-1])
+                    continue
                 signature = s
                 run = {"id": generate_id(8), "params": params, "state": "running"}
                 state["runs"].append(run)
                 live.append(run)
                 block.append((run, False))
+            state["runs"] = [r for r in state["runs"] if not any(r is x for x in skipped)]
             if not block:
                 _write_state(self.path, state)
                 return None

@@ -1,0 +1,84 @@
+"""`harness sweep --local --pack M` and `harness agent ID --pack M` (issue 14): compatible grid points
+in one packed process, each its own run in state.json and in W&B; SIGTERM preempts every member and
+the next agent resumes the block with the same run ids."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import harness, write_sweep
+from harness import controller, runstore
+from harness.cli import main
+
+MODADD = {"task": "{value: modular_addition}", "data.p": "{value: 11}", "model.embed_dim": "{value: 16}",
+          "model.hidden": "{value: 8}", "trainer.eval_every": "{value: 20}", "trainer.progress_bar": "{value: false}"}
+
+
+def run_cli(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+def test_pack_is_refused_in_one_line_before_a_sweep_exists(tmp_path, capsys):
+    path = write_sweep(tmp_path / "s.yaml", {**MODADD, "seed": "{values: [0, 1]}", "trainer.steps": "{value: 40}"})
+    code, err = run_cli(capsys, "sweep", path, "--local", "--pack", "0")
+    assert code == 2 and "--pack 0" in err and len(err.strip().splitlines()) == 1
+    code, err = run_cli(capsys, "sweep", path, "--pack", "2")
+    assert code == 2 and "local-controller feature" in err
+    assert not glob.glob(str(tmp_path / "wandb" / "sweep-*"))
+
+
+@pytest.mark.slow
+def test_pack_trains_compatible_points_in_one_process_each_its_own_run(tmp_path):
+    # 3 seeds x 2 step counts: trainer.steps is not packable, so two blocks of 3.
+    path = write_sweep(tmp_path / "s.yaml", {**MODADD, "seed": "{values: [0, 1, 2]}", "trainer.steps": "{values: [40, 60]}"})
+    proc = harness("sweep", path, "--local", "--pack", "4")
+    sweep_id = proc.stdout.split()[0]
+    state = json.load(open(f"wandb/sweep-{sweep_id}/state.json"))
+    assert [r["state"] for r in state["runs"]] == ["finished"] * 6
+    assert len(glob.glob(f"wandb/sweep-{sweep_id}/pack-*.log")) == 2  # one process per block
+    runs = runstore.load_runs("wandb", sweep=sweep_id).set_index("id")
+    assert sorted(runs.index) == sorted(r["id"] for r in state["runs"])
+    assert set(runs["state"]) == {"finished"} and set(runs["job_type"]) == {"train"}
+    for r in state["runs"]:
+        row = runs.loc[r["id"]]
+        assert row["config.seed"] == r["params"]["seed"] and row["config.trainer.steps"] == r["params"]["trainer.steps"]
+        assert row["name"] == f"modular_addition[seed={r['params']['seed']},steps={r['params']['trainer.steps']}]"
+        assert row["summary.grok/last_step"] == r["params"]["trainer.steps"]
+        assert "val/loss" in r["summary"]  # the sweep metric reached state.json, as for a solo run
+
+
+@pytest.mark.slow
+def test_sigterm_preempts_every_member_and_the_next_agent_resumes_the_block(tmp_path):
+    params = {**MODADD, "seed": "{values: [0, 1, 2]}", "trainer.steps": "{value: 6000}", "trainer.ckpt_every": "{value: 100}",
+              "model.save": "{value: false}"}
+    sweep_id = controller.create_local_sweep(write_sweep(tmp_path / "s.yaml", params), "wandb")
+    agent = subprocess.Popen([sys.executable, "-m", "harness", "agent", sweep_id, "--pack", "3"],
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while len(glob.glob("wandb/checkpoints/*/packed.pt")) < 3:  # mid-run, every member with a resume point
+        assert agent.poll() is None and time.time() < deadline, "the block ended before its first checkpoint"
+        time.sleep(0.2)
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=600) == 143, agent.stderr.read()
+    state = json.load(open(f"wandb/sweep-{sweep_id}/state.json"))
+    assert [(r["state"], r["exitcode"]) for r in state["runs"]] == [("preempted", 143)] * 3
+    ids = [r["id"] for r in state["runs"]]
+
+    proc = harness("agent", sweep_id, "--pack", "3")
+    assert all(f"run {i} " in proc.stderr and "resume" in proc.stderr for i in ids)
+    state = json.load(open(f"wandb/sweep-{sweep_id}/state.json"))
+    assert [(r["id"], r["state"]) for r in state["runs"]] == [(i, "finished") for i in ids]
+    runs = runstore.load_runs("wandb", sweep=sweep_id).set_index("id")
+    for i in ids:
+        assert runs.loc[i, "state"] == "finished" and runs.loc[i, "n_files"] == 2
+        assert 100 <= runs.loc[i, "summary.trainer/resumed_from_step"] < 6000
+        hist = runstore.load_history("wandb", run_ids=[i], keys=["val/loss"]).dropna(subset=["val/loss"])
+        assert sorted(hist["step"]) == list(range(20, 6001, 20))  # continuous: none missing, none twice
