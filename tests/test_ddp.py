@@ -4,6 +4,7 @@ import glob
 import json
 import os
 
+import pytest
 import torch
 
 from conftest import TINY, harness
@@ -57,3 +58,22 @@ def test_a_task_that_cannot_shard_says_so_in_one_line(offline):
     assert not os.path.exists(offline / "wandb")  # refused before a run was created
     proc = harness("train", *TINY, "trainer.devices=2", "trainer.strategy=ddp_spawn", check=False)
     assert proc.returncode == 2 and "use trainer.strategy=ddp" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_under_ddp_checkpoints_both_ranks_and_resumes(offline):
+    from test_preemption import run_files, start_and_preempt
+
+    args = [a for a in TINY if not a.startswith("trainer.steps=")] + [
+        "trainer.steps=400", "trainer.log_every=10", "trainer.ckpt_every=40",
+        "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_RUN_ID="ddp1")
+    code, out, err = start_and_preempt(env, str(offline / "wandb" / "checkpoints" / "ddp1" / "last.ckpt"), args)
+    assert code == 143 and out == "", err[-2000:]
+    stopped = int(err.strip().splitlines()[-1].split("at step ")[1].split(";")[0])
+    proc = harness("train", *args, env={"WANDB_RUN_ID": "ddp1"})
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["trainer/resumed_from_step"] == stopped
+    first, second = (read_run_file(f) for f in run_files(str(offline / "wandb"), "ddp1"))
+    assert first.exit_code == 143 and second.exit_code == 0
+    val = [int(s) for h in (first.history, second.history) for s in h[h["val/loss"].notna()]["trainer/global_step"]]
+    assert val == list(range(20, 401, 20))

@@ -36,9 +36,9 @@ def rows(history, key):
     return dict(zip(h[STEP].astype(int), h[key].astype(float)))
 
 
-def start_and_preempt(env, ckpt):
+def start_and_preempt(env, ckpt, args=LONG):
     """`harness train` in a subprocess; SIGTERM once its first periodic checkpoint exists."""
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "train", *LONG], env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "train", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     while not os.path.exists(ckpt):  # wait for the event, not for a guessed time
         try:
