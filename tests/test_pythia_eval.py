@@ -268,8 +268,8 @@ def test_align_matches_tokens_across_models_and_rejects_other_tokenizers():
 def test_sweep_files_validate():
     from harness.controller import load_sweep_yaml, validate_sweep
 
-    for name in ("pythia_suite", "pythia_checkpoints", "pythia_suite_smoke", "pythia_checkpoints_smoke",
-                 "pythia_build_offline"):
+    for name in ("pythia_suite", "pythia_suite_fp16", "pythia_checkpoints", "pythia_suite_smoke",
+                 "pythia_checkpoints_smoke", "pythia_build_offline"):
         path = REPO / "sweeps" / f"{name}.yaml"
         cfg = load_sweep_yaml(str(path))
         assert cfg["command"] == ["${env}", "${interpreter}", "-m", "harness", "train", "${args_no_hyphens}"]
