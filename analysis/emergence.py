@@ -109,19 +109,35 @@ def fraction_emerged(values, reached) -> tuple[np.ndarray, np.ndarray]:
 
 def jump_fraction(x, Y, window: float = 0.1) -> np.ndarray:
     """Largest share of each curve's total change (max - min) inside one window of `window` decades
-    of x, or between two neighbouring evaluations where they are further apart (so coarse sampling
-    alone does not make a curve look sudden). 1 = a step; a power law over 3 decades ~ window/3."""
+    of x, the curve taken as linear in log x between evaluations; where two neighbouring evaluations
+    are further apart than `window`, the window spans that gap (so coarse sampling alone does not make
+    a curve look gradual, nor a step between two evaluations look smooth). 1 = a step; a power law over
+    3 decades ~ window/3. Windows start or end at an evaluation (for a piecewise-linear curve the
+    largest change over a fixed width is found there)."""
     x, Y, single = _family(x, Y)
     u = _log10x(x)
-    rng = np.nanmax(Y, 1) - np.nanmin(Y, 1) if Y.size else np.zeros(0)
-    best = np.zeros(len(Y))
-    for i in range(len(u) - 1):
-        j = max(int(np.searchsorted(u, u[i] + window, side="right")) - 1, i + 1)
-        seg = Y[:, i:j + 1]
-        with np.errstate(all="ignore"):
-            ch = np.nanmax(seg, 1) - np.nanmin(seg, 1)
-        best = np.fmax(best, ch)
+    n = len(u)
     with np.errstate(all="ignore"):
+        rng = np.nanmax(Y, 1) - np.nanmin(Y, 1) if Y.size else np.zeros(0)
+    best = np.zeros(len(Y))
+
+    def at(t):  # the curves at log-x position t, interpolated linearly
+        k = int(np.clip(np.searchsorted(u, t, side="right") - 1, 0, n - 2))
+        a = (t - u[k]) / (u[k + 1] - u[k])
+        return Y[:, k] + (Y[:, k + 1] - Y[:, k]) * np.clip(a, 0.0, 1.0)
+
+    with np.errstate(all="ignore"):
+        for i in range(n):
+            if i < n - 1:  # window starting at evaluation i
+                t1 = u[i] + max(window, u[i + 1] - u[i])
+                j = int(np.searchsorted(u, t1, side="right"))
+                seg = np.column_stack([Y[:, i:j], at(t1)])
+                best = np.fmax(best, np.nanmax(seg, 1) - np.nanmin(seg, 1))
+            if i > 0:  # window ending at evaluation i
+                t0 = u[i] - max(window, u[i] - u[i - 1])
+                j = int(np.searchsorted(u, t0, side="left"))
+                seg = np.column_stack([at(t0), Y[:, j:i + 1]])
+                best = np.fmax(best, np.nanmax(seg, 1) - np.nanmin(seg, 1))
         out = np.where(rng > 0, best / rng, 0.0)
     return _out(single, out)
 

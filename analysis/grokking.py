@@ -322,9 +322,19 @@ def run(source: str, sweep: str | None, out: str) -> "Section":
     recs = pd.DataFrame(result["runs"])
     summary = {f"phase/{k}": v for k, v in result["phase_counts"].items()}
     summary.update(numbers({"n_runs": len(recs), "threshold": result["threshold"]}))
+    tables = {"runs": recs.astype({c: str for c in recs.columns if recs[c].map(type).eq(list).any()})}
+    if len(recs):  # val accuracy beside val loss for every run: a grokking jump, or a mirage of the threshold
+        from harness import runstore
+        from analysis.study import emergence_markdown, run_emergence
+
+        hist = runstore.load_history(source, run_ids=recs["id"], keys=["val/loss", "val/acc"])
+        em_table = run_emergence(hist, "val/loss", "val/acc", result["threshold"])
+        if len(em_table):
+            md += emergence_markdown(em_table, "val/loss", "val/acc", result["threshold"])
+            tables["emergence"] = em_table
+            summary.update({f"verdict/{k}": int(v) for k, v in em_table["verdict"].value_counts().items()})
     return Section(STUDY, "Grokking of modular arithmetic", md, out, sorted(glob.glob(os.path.join(out, "*.png"))),
-                   {"runs": recs.astype({c: str for c in recs.columns if recs[c].map(type).eq(list).any()})},
-                   summary, list(recs["id"]) if len(recs) else [])
+                   tables, summary, list(recs["id"]) if len(recs) else [])
 
 
 if __name__ == "__main__":

@@ -257,9 +257,21 @@ def run(source: str, sweep: str | None, out: str) -> "Section":
         md = f.read()
     tables = {k: pd.DataFrame(result[k]) for k in ("grokking", "landscape") if result[k]}
     ids = [r["id"] for r in result["grokking"] + result["landscape"] if "id" in r]
+    summary = numbers({"lu_shape": result["lu_shape"], "n_grokking_runs": len(result["grokking"]),
+                       "n_landscape_runs": len(result["landscape"])})
+    grok_ids = [r["id"] for r in result["grokking"] if "id" in r]
+    if grok_ids:  # test accuracy beside test loss for every grokking run (analysis.emergence)
+        from harness import runstore
+        from analysis.study import emergence_markdown, run_emergence
+
+        hist = runstore.load_history(source, run_ids=grok_ids, keys=["val/loss", "val/acc"])
+        em_table = run_emergence(hist, "val/loss", "val/acc", result["val_threshold"])
+        if len(em_table):
+            md += emergence_markdown(em_table, "val/loss", "val/acc", result["val_threshold"])
+            tables["emergence"] = em_table
+            summary.update({f"verdict/{k}": int(v) for k, v in em_table["verdict"].value_counts().items()})
     return Section(STUDY, "Omnigrok MNIST", md, out, sorted(glob.glob(os.path.join(out, "*.png"))), tables,
-                   numbers({"lu_shape": result["lu_shape"], "n_grokking_runs": len(result["grokking"]),
-                            "n_landscape_runs": len(result["landscape"])}), ids)
+                   summary, ids)
 
 
 if __name__ == "__main__":

@@ -179,6 +179,22 @@ def _wandb_root(source: str) -> str | None:
     return os.environ.get("WANDB_DIR")
 
 
+def table_frame(df):
+    """A DataFrame a wandb.Table accepts: nested cells (lists, dicts: per-subtask arrays in a study's
+    points) as JSON text, since a Table column must hold one type in every row."""
+    import json
+
+    import numpy as np
+
+    from analysis.common import to_jsonable
+
+    out = df.reset_index(drop=True).copy()
+    for c in out.columns:
+        if out[c].dtype == object and out[c].map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray))).any():
+            out[c] = out[c].map(lambda v: json.dumps(to_jsonable(v)) if v is not None else None)
+    return out
+
+
 def log_section(sec: Section, source: str, sweep: str | None, runs, mode: str) -> str:
     import wandb
 
@@ -205,7 +221,7 @@ def log_section(sec: Section, source: str, sweep: str | None, runs, mode: str) -
     big = {}
     for name, df in sec.tables.items():
         if len(df) <= wandb.Table.MAX_ROWS:
-            payload[f"{sec.study}/{name}"] = wandb.Table(dataframe=df.reset_index(drop=True))
+            payload[f"{sec.study}/{name}"] = wandb.Table(dataframe=table_frame(df))
         else:
             # run.log would truncate a wandb.Table to MAX_ROWS rows, and building one row by row took
             # minutes at 50,000 rows: larger tables go into the analysis artifact as parquet

@@ -56,3 +56,53 @@ def numbers(d: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v):
             out[key + "/lo"], out[key + "/hi"] = v
     return out
+
+
+def run_emergence(hist: pd.DataFrame, continuous: str, thresholded: str, threshold: float) -> pd.DataFrame:
+    """Per run (history rows: run_id, step, metrics): when `thresholded` (an accuracy) first reaches
+    `threshold` (censored if never), a sigmoid fit of it in log step (midpoint, width, intervals), and
+    the mirage check of it against the `continuous` metric (a loss) of the same run."""
+    import numpy as np
+
+    from analysis import emergence as em
+
+    h = hist.dropna(subset=[continuous, thresholded])
+    h = h[h["step"] > 0].groupby(["run_id", "step"], as_index=False)[[continuous, thresholded]].last()
+    if h.empty or h["step"].nunique() < 5:
+        return pd.DataFrame()
+    C = h.pivot(index="run_id", columns="step", values=continuous)
+    T = h.pivot(index="run_id", columns="step", values=thresholded).reindex(index=C.index, columns=C.columns)
+    x = C.columns.to_numpy(float)
+    cross = em.threshold_crossing(x, T.to_numpy(), threshold, below=False)
+    fit = em.fit_sigmoid(x, T.to_numpy())
+    mir = em.mirage_check(x, C.to_numpy(), T.to_numpy())
+    return pd.DataFrame({
+        "run_id": C.index, "t_cross": cross.x, "reached": cross.reached, "t_lo": cross.lo, "t_hi": cross.hi,
+        "midpoint": fit.midpoint, "mid_lo": fit.midpoint_ci[:, 0], "mid_hi": fit.midpoint_ci[:, 1],
+        "width_decades": fit.width, "width_lo": fit.width_ci[:, 0], "width_hi": fit.width_ci[:, 1],
+        "detected": fit.detected, "resolved": fit.resolved,
+        "jump_" + continuous: mir.sharp_continuous, "jump_" + thresholded: mir.sharp_thresholded,
+        "verdict": mir.verdict,
+    }).replace({np.inf: np.nan, -np.inf: np.nan})
+
+
+def emergence_markdown(table: pd.DataFrame, continuous: str, thresholded: str, threshold: float) -> str:
+    """A report subsection for run_emergence's table."""
+    if table.empty:
+        return ""
+
+    def f(v, fmt="{:.3g}"):
+        return "-" if v is None or not isinstance(v, (int, float)) or not math.isfinite(v) else fmt.format(v)
+
+    lines = ["", "## Emergence of each run (analysis.emergence)", "",
+             f"{thresholded} against log step: first evaluation at >= {threshold} (censored: never, at the last "
+             f"step), sigmoid midpoint and 10-90% width with 95% curvature intervals, and the mirage check against "
+             f"{continuous} (mirage: {thresholded} jumps within 0.1 decade of steps while {continuous} does not).", "",
+             f"| run | first step >= {threshold} | sigmoid midpoint [95%] | width (decades) [95%] | verdict |",
+             "|---|---|---|---|---|"]
+    for r in table.itertuples():
+        cross = f"{r.t_cross:.0f}" if r.reached else f"never (censored at {r.t_cross:.0f})"
+        mid = (f"{f(r.midpoint)} [{f(r.mid_lo)}, {f(r.mid_hi)}]" if r.detected else "no transition")
+        width = f"{f(r.width_decades, '{:.2f}')} [{f(r.width_lo, '{:.2f}')}, {f(r.width_hi, '{:.2f}')}]" if r.detected else "-"
+        lines.append(f"| {r.run_id} | {cross} | {mid} | {width} | {r.verdict} |")
+    return "\n".join(lines) + "\n"

@@ -162,7 +162,9 @@ def summarise(table: pd.DataFrame, size: pd.DataFrame | None) -> tuple[dict, pd.
         "median_t_learned": by.apply(lambda g: g.loc[g["learned"], "t_learned"].median(), include_groups=False),
     })
     if "verdict" in table:
-        agg["sudden_loss_share"] = by["jump_loss"].apply(lambda s: float(np.mean(s >= em.SUDDEN)))
+        # among curves whose thresholded metric moves at all (not "flat"): noise alone fills a flat curve's range
+        agg["sudden_loss_share"] = by.apply(lambda g: float(np.mean(g.loc[g["verdict"] != "flat", "jump_loss"] >= em.SUDDEN))
+                                            if (g["verdict"] != "flat").any() else float("nan"), include_groups=False)
         for v in ("mirage", "emergent", "gradual", "flat"):
             agg[v] = by["verdict"].apply(lambda s, v=v: int(np.sum(s == v)))
     agg = agg.reset_index()
@@ -175,7 +177,8 @@ def summarise(table: pd.DataFrame, size: pd.DataFrame | None) -> tuple[dict, pd.
     }
     if "verdict" in table:
         res.update({f"n_{v}": int(np.sum(table["verdict"] == v)) for v in ("mirage", "emergent", "gradual", "flat")})
-        res["sudden_loss_share"] = float(np.mean(table["jump_loss"] >= em.SUDDEN))
+        moving = table["verdict"] != "flat"
+        res["sudden_loss_share"] = float(np.mean(table.loc[moving, "jump_loss"] >= em.SUDDEN)) if moving.any() else float("nan")
         det = table[table["detected"] & table["in_range"]]
         res["median_midpoint_step"] = float(det["midpoint"].median()) if len(det) else float("nan")
         res["median_width_decades"] = float(det["width_dec"].median()) if len(det) else float("nan")
@@ -202,13 +205,15 @@ def plot_fraction_learned(table: pd.DataFrame, path: str) -> list[str]:
     fig, ax = plots.figure(6, 4)
     sizes = sorted(table["params"].dropna().unique())
     cols = _colours(len(sizes))
+    pos = table.loc[table["t_learned"] > 0, "t_learned"]
+    start = pos.min() if len(pos) else 1.0  # a log axis: an event at step 0 is drawn at the first evaluation after it
     for c, n in zip(cols, sizes):
         g = table[table["params"] == n]
-        t, f = em.fraction_emerged(g["t_learned"].clip(lower=1), g["learned"])
-        end = max(g["t_learned"].max(), 1)  # the curve runs to the last evaluation, flat at 0 if none learned
-        ax.step(np.r_[1, t, end], np.r_[0, f, f[-1] if len(f) else 0], where="post", color=c, lw=1.3,
+        t, f = em.fraction_emerged(g["t_learned"].clip(lower=start), g["learned"])
+        end = max(g["t_learned"].max(), start)  # the curve runs to the last evaluation, flat at 0 if none learned
+        ax.step(np.r_[start, t, end], np.r_[0, f, f[-1] if len(f) else 0], where="post", color=c, lw=1.3,
                 label=f"N={plots.compact(n)} (width {int(g['width'].iloc[0]) if g['width'].notna().any() else '?'})")
-    plots.log_axis(ax, "x", "training step (log; step 0 drawn at 1)")
+    plots.log_axis(ax, "x", "training step (log)")
     ax.set_ylabel("share of subtasks learned (Kaplan-Meier)")
     ax.set_ylim(0, 1.02)
     if len(sizes) <= 8:
@@ -228,12 +233,16 @@ def plot_emergence_steps(table: pd.DataFrame, path: str) -> list[str]:
     ax.plot(rank[ok], g["t_learned"][ok].clip(lower=1), "o", ms=4, color="C0", label="first evaluation below threshold")
     ax.plot(rank[~ok], g["t_learned"][~ok].clip(lower=1), "^", ms=5, color="C3",
             label="never learned (censored at the last step)")
+    lo, hi = max(g["t_learned"].min(), 1) / 2, g["t_learned"].max() * 2  # the evaluated steps
     if "midpoint" in g:
         d = g[g["detected"] & g["in_range"]]
-        ax.errorbar(d["item"] + 1, d["midpoint"], yerr=[d["midpoint"] - d["mid_lo"], d["mid_hi"] - d["midpoint"]],
-                    fmt="s", ms=3, color="C2", alpha=0.7, lw=0.8, label="sigmoid midpoint, 95% interval")
+        # intervals clipped to the evaluated range (an undetermined one would stretch the axis over decades)
+        ax.errorbar(d["item"] + 1, d["midpoint"], yerr=[d["midpoint"] - d["mid_lo"].clip(lower=lo),
+                                                        d["mid_hi"].clip(upper=hi) - d["midpoint"]],
+                    fmt="s", ms=3, color="C2", alpha=0.7, lw=0.8, label="loss sigmoid midpoint, 95% interval")
+    ax.set_ylim(lo, hi)
     plots.log_axis(ax, "x", "subtask frequency rank (1 = most frequent)")
-    plots.log_axis(ax, "y", "training step")
+    plots.log_axis(ax, "y", "training step", lo, hi)
     ax.set_title(f"When each subtask is learned (run {g['run_id'].iloc[0]}, N={plots.compact(g['params'].iloc[0])})",
                  fontsize=9)
     ax.legend(fontsize=7)

@@ -158,3 +158,34 @@ def test_a_study_without_data_is_listed_and_a_crashing_one_fails_the_exit_code(g
     assert "## Fine\n\nall good" in md and "- fake_empty: nothing to fit here" in md and "- fake_broken FAILED: ZeroDivisionError: bug" in md
     monkeypatch.setattr(report, "build", lambda *a, **k: res)
     assert report.main([generated, "--out", str(tmp_path / "o")]) == 1
+
+
+def test_run_emergence_flags_an_accuracy_jump_of_a_smooth_loss():
+    from analysis import emergence as em
+    from analysis.study import emergence_markdown, run_emergence
+
+    steps = np.geomspace(100, 1e5, 40).round()
+    smooth = 2.0 * (steps / 100) ** -0.3  # val loss falls as a power law
+    rows = []
+    for rid, loss, acc in [
+        ("mirage", smooth, (smooth < 0.5) * 0.99),  # accuracy thresholded from a smooth loss
+        ("grok", em.sigmoid(steps, 1e4, 0.05, 3.0, 0.01), em.sigmoid(steps, 1e4, 0.05, 0.0, 1.0)),  # both jump
+        ("never", np.full(40, 3.0), np.full(40, 0.02)),
+    ]:
+        rows += [{"run_id": rid, "step": s, "val/loss": l, "val/acc": a} for s, l, a in zip(steps, loss, acc)]
+    t = run_emergence(pd.DataFrame(rows), "val/loss", "val/acc", 0.99).set_index("run_id")
+    assert t.loc["mirage", "verdict"] == "mirage" and t.loc["grok", "verdict"] == "emergent"
+    assert t.loc["never", "verdict"] == "flat" and not t.loc["never", "reached"]
+    assert t.loc["never", "t_cross"] == 1e5  # censored at the last evaluation
+    assert abs(np.log10(t.loc["grok", "midpoint"] / 1e4)) < 0.05 and t.loc["grok", "reached"]
+    md = emergence_markdown(t.reset_index(), "val/loss", "val/acc", 0.99)
+    assert "| never | never (censored at 100000) | no transition | - | flat |" in md
+
+
+def test_nested_cells_become_json_so_a_wandb_table_accepts_them():
+    import wandb
+
+    df = pd.DataFrame({"id": ["a", "b"], "learned": [[0, 1], [2]], "first": [{0: 250}, {1: 3, 2: 4}], "x": [1.0, 2.0]})
+    t = report.table_frame(df)
+    assert t["learned"].tolist() == ["[0, 1]", "[2]"] and t["first"].tolist() == ['{"0": 250}', '{"1": 3, "2": 4}']
+    assert len(wandb.Table(dataframe=t).data) == 2
