@@ -62,6 +62,22 @@ def subtask_learning(curves: pd.DataFrame | None, good: pd.DataFrame) -> dict[st
     return out
 
 
+def convergence_slope(first_step: dict[int, int], run: pd.Series) -> float | None:
+    """Slope of log(step a subtask is first learned) against log(its frequency p_t), over the subtasks
+    learned after step 0 (>= 3 needed). The quantization model predicts ~ -1 (steps ~ 1/p_t).
+    p_t ~ (t + offset)^-(zipf_alpha + 1), t = 1..n_tasks, from the run's config."""
+    a, n = run.get("config.data.zipf_alpha"), run.get("config.data.n_tasks")
+    off = run.get("config.data.offset", 0.0)
+    pts = [(i, t) for i, t in first_step.items() if t > 0]
+    if a is None or n is None or pd.isna(a) or pd.isna(n) or len(pts) < 3:
+        return None
+    off = 0.0 if off is None or pd.isna(off) else float(off)
+    p = (np.arange(1, int(n) + 1) + off) ** -(float(a) + 1)
+    p /= p.sum()
+    i, t = np.array(pts, float).T
+    return float(np.polyfit(np.log(p[i.astype(int)]), np.log(t), 1)[0])
+
+
 def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, curves: pd.DataFrame | None = None) -> dict:
     good, bad = select_runs(runs)
     if len(good) < 3:
@@ -76,6 +92,8 @@ def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, curves: pd.DataFrame | N
     theory = sorted(set(good[THEORY_KEY].astype(float))) if THEORY_KEY in good else []
     learned = good["summary.emergence/n_learned"].astype(float).tolist() if "summary.emergence/n_learned" in good else []
     per_run = subtask_learning(curves, good)
+    for rid, info in per_run.items():
+        info["convergence_slope"] = convergence_slope(info["first_step"], good[good["id"] == rid].iloc[0])
     below = (good["summary.emergence/n_below_end"].astype(float).tolist()
              if "summary.emergence/n_below_end" in good else [None] * len(good))
     return {
@@ -83,13 +101,15 @@ def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, curves: pd.DataFrame | N
         "alpha_N_ci": list(fit.alpha_ci[0]) if fit.alpha_ci else None,
         "alpha_N_plain": plain.alpha, "alpha_N_plain_ci": list(plain.alpha_ci) if plain.alpha_ci else None,
         "n_bootstrap": fit.n_bootstrap, "fit_warnings": fit.warnings,
+        "convergence_slope_largest": (per_run.get(good["id"].iloc[-1]) or {}).get("convergence_slope"),
         "E": fit.E, "E_ci": list(fit.E_ci) if fit.E_ci else None,
         "A": fit.A[0],
         "theory_alpha": theory[0] if len(theory) == 1 else theory,
         "n_runs": len(good),
         "excluded_runs": [{"id": r.id, "state": r.state} for r in bad.itertuples()],
         "points": [{"id": i, "width": w, "params": p, "loss": l, "n_learned": n, "n_below_end": b,
-                    **({k: per_run[i][k] for k in ("learned", "below_end", "top_ranks", "final_loss", "first_step")}
+                    **({k: per_run[i][k] for k in ("learned", "below_end", "top_ranks", "final_loss", "first_step",
+                                                    "convergence_slope")}
                        if i in per_run else {})}
                    for i, w, p, l, n, b in zip(good["id"], good.get("config.model.width", [None] * len(good)), x, y,
                                                learned or [None] * len(good), below)],
@@ -217,6 +237,10 @@ def _order_summary(points: list[dict]) -> list[str]:
            f"frequent ones; {nested} of {len(pts) - 1} steps up in size keep every subtask the smaller model learned."]
     big = max(pts, key=lambda p: p["params"])
     steps = big.get("first_step") or {}
+    if big.get("convergence_slope") is not None:
+        out.append(f"Convergence time against frequency (largest model): log(first step below threshold) = "
+                   f"c + {big['convergence_slope']:.2f} log p_t over {len(steps)} subtasks (the paper: ~ -1, "
+                   "steps ~ 1/frequency).")
     if len(steps) >= 3:
         ranks = np.array(sorted(steps), float)
         t = np.array([steps[i] for i in sorted(steps)], float)

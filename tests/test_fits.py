@@ -215,3 +215,12 @@ def test_scaling_report_names_the_subtasks_each_width_learned(tmp_path):
     assert any(p.endswith("quanta_vs_params.png") for p in plots)
     md = scaling.report(result, "src", "s", plots)
     assert "| 0, 1, 3 | no |" in md and "in 3 of 4 runs the learned subtasks are exactly the most frequent" in md
+
+
+def test_convergence_slope_is_minus_one_when_steps_go_as_one_over_frequency():
+    run = pd.Series({"config.data.zipf_alpha": 0.4, "config.data.n_tasks": 50, "config.data.offset": 2.0})
+    p = (np.arange(1, 51) + 2.0) ** -1.4
+    p /= p.sum()
+    first = {i: int(round(1e3 / p[i])) for i in range(12)}
+    assert scaling.convergence_slope(first, run) == pytest.approx(-1.0, abs=1e-3)
+    assert scaling.convergence_slope({0: 0, 1: 100}, run) is None  # fewer than 3 learned after step 0
