@@ -39,7 +39,9 @@ def wandb_root(cfg: RunConfig) -> str:
 
 
 def ckpt_dir(cfg: RunConfig, run_id: str) -> str:
-    return cfg.trainer.ckpt_dir or os.path.join(wandb_root(cfg), "checkpoints", run_id)
+    """`<trainer.ckpt_dir>/<run id>/`, by default `<wandb root>/checkpoints/<run id>/`: one directory
+    per run, so that the runs of a sweep sharing one ckpt_dir never resume from each other."""
+    return os.path.join(cfg.trainer.ckpt_dir or os.path.join(wandb_root(cfg), "checkpoints"), run_id)
 
 
 def resume_path(directory: str) -> str | None:

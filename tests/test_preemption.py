@@ -150,12 +150,13 @@ def test_sigterm_checkpoints_and_a_restart_continues_the_same_run_exactly(offlin
 def test_periodic_checkpoints_fall_on_the_requested_steps(offline):
     # 10 steps per batch would put step 25 inside a batch: batches shrink to gcd(10, 20, 25, 100) = 5.
     args = [a for a in TINY if not a.startswith("trainer.steps=")] + [
-        "trainer.steps=100", "trainer.ckpt_every=25", "trainer.steps_per_batch=10"]
+        "trainer.steps=100", "trainer.ckpt_every=25", "trainer.steps_per_batch=10", f"trainer.ckpt_dir={offline}/ck"]
     cfg = load_config(args)
     assert cfg.trainer.batch_steps() == 5
     summary = train(cfg, args)
-    ckpt = torch.load(os.path.join(offline, "wandb", "checkpoints", summary["_run_id"], "last.ckpt"),
-                      weights_only=False)
+    # One directory per run under trainer.ckpt_dir: runs sharing it never resume from each other.
+    assert os.listdir(offline / "ck") == [summary["_run_id"]]
+    ckpt = torch.load(os.path.join(offline, "ck", summary["_run_id"], "last.ckpt"), weights_only=False)
     assert ckpt["global_step"] == 75  # the last multiple of 25 before the end (the end needs none)
     # The event callback's state travels in the checkpoint.
     assert any("Emergence" in k for k in ckpt["callbacks"]), list(ckpt["callbacks"])
