@@ -89,6 +89,13 @@ class StepCheckpoint(Checkpoint):
                 and self.saved_step != trainer.global_step:
             self.save(trainer)
 
+    def on_train_epoch_end(self, trainer, pl_module):
+        # The one epoch ends at trainer.steps. Lightning would still raise SIGTERMException after
+        # this hook for a SIGTERM that came during the last batch or evaluation, skipping on_fit_end
+        # (the event summaries) of a run that is complete: let it finish instead (exit 0).
+        if trainer.global_step >= trainer.max_steps:
+            trainer._signal_connector.received_sigterm = False
+
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
             self.save(trainer)

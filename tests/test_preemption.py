@@ -94,6 +94,14 @@ def test_resume_after_sigterm_logs_what_the_uninterrupted_run_logs(offline, monk
             assert summary[key] == ref[key], key
 
 
+def test_sigterm_during_the_last_step_lets_the_complete_run_finish(offline, monkeypatch):
+    args = [a for a in TINY if not a.startswith("trainer.steps=")] + ["trainer.steps=40", "model.save=false"]
+    sigterm_at(monkeypatch, 40)
+    summary = train(load_config(args), args)  # no Preempted: nothing is left to resume
+    rf = read_run_file(run_files(str(offline / "wandb"), summary["_run_id"])[0])
+    assert rf.exit_code == 0 and summary["emergence/last_step"] == 40
+
+
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_a_restart_continues_the_same_run_exactly(offline):
     wandb_dir = str(offline / "wandb")
