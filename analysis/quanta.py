@@ -119,9 +119,9 @@ def _md_escape(text: str) -> str:
 
 
 def report(result: dict, source: str, sweep: str | None, plots: dict[str, str]) -> str:
-    lines = [f"# Quanta discovery from gradients\n", f"Source: `{source}`" + (f", sweep `{sweep}`" if sweep else ""),
-             f"; {len(result['runs'])} runs. Reference rank-frequency slope {qs.REFERENCE_SLOPE} (the paper's "
-             "figure; its envelope fit gave about -1.24).\n"]
+    lines = ["# Quanta discovery from gradients\n",
+             f"Source: `{source}`" + (f", sweep `{sweep}`" if sweep else "") + f"; {len(result['runs'])} runs. Reference "
+             f"rank-frequency slope {qs.REFERENCE_SLOPE} (the paper's figure; its envelope fit gave about -1.24).\n"]
     for r in result["runs"]:
         f = r["fit"]
         lines.append(f"## Run {r['id']} ({r['name']}): {r['kind']}, {r['n_samples']} samples, "
