@@ -234,3 +234,14 @@ def test_language_model_run_to_report_with_example_contexts(tmp_path):
     md = (out / "report.md").read_text()
     assert "<mark>" in md and f"rank_frequency_{s['_run_id']}.png" in md
     assert (out / f"rank_frequency_{s['_run_id']}.png").exists()
+
+
+def test_sweep_files_validate():
+    from harness.controller import load_sweep_yaml, validate_sweep
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("quanta_pythia", "quanta_sparse_parity_smoke", "quanta_suite_smoke"):
+        path = os.path.join(repo, "sweeps", f"{name}.yaml")
+        cfg = load_sweep_yaml(path)
+        assert cfg["command"] == ["${env}", "${interpreter}", "-m", "harness", "train", "${args_no_hyphens}"]
+        assert validate_sweep(cfg, path) == "quanta_discovery"
