@@ -66,6 +66,8 @@ def cmd_sweep(args) -> int:
     if args.local:
         if args.workers < 1:  # before the sweep exists
             raise UserError(f"--workers {args.workers}: the number of runs in parallel, an integer >= 1")
+        if args.count is not None and args.count < 1:
+            raise UserError(f"--count {args.count}: the number of runs to start, an integer >= 1")
         if args.pack is not None:
             from harness.packed_agent import check_pack
 

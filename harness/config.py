@@ -90,6 +90,7 @@ class RunConfig:
             )
         if t.precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision={t.precision!r}: valid values are {', '.join(PRECISIONS)}")
+        _check_lightning_names(t)
         if t.devices < 1 or t.threads < 0:
             raise ConfigError(f"trainer.devices={t.devices}, trainer.threads={t.threads}: need >= 1 and >= 0")
         if t.ckpt_every < 0:
@@ -102,6 +103,20 @@ class RunConfig:
         optim = getattr(self, "optim", None)
         if optim is not None:
             _check_optim(optim)
+
+
+def _check_lightning_names(t: TrainerConfig) -> None:
+    """trainer.accelerator and trainer.strategy against Lightning's registries, before a run is created."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    accelerators = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
+    if t.accelerator not in accelerators:
+        raise ConfigError(f"trainer.accelerator={t.accelerator!r}: valid values are {', '.join(accelerators)}")
+    strategies = ["auto", *StrategyRegistry.available_strategies()]
+    if t.strategy not in strategies:
+        raise ConfigError(f"trainer.strategy={t.strategy!r}: valid values are {', '.join(strategies[:8])}, ... "
+                          "(Lightning's strategy registry)")
 
 
 def _check_finite(cfg: Any, prefix: str = "") -> None:

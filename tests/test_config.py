@@ -51,7 +51,8 @@ def test_valid_keys_are_dotted_leaves():
 @pytest.mark.parametrize("override, named", [
     ("optim.beta1=2.0", "optim.beta1=2.0"), ("optim.lr=nan", "optim.lr=nan"), ("optim.lr=0", "optim.lr=0"),
     ("trainer.precision=banana", "trainer.precision='banana'"), ("trainer.steps=0", "trainer.steps=0"),
-    ("data.zipf_alpha=inf", "data.zipf_alpha=inf"), ("optim.weight_decay=-1.0", "optim.weight_decay=-1.0"),
+    ("data.zipf_alpha=inf", "data.zipf_alpha=inf"), ("trainer.accelerator=gpuu", "trainer.accelerator='gpuu'"),
+    ("trainer.strategy=dpp", "trainer.strategy='dpp'"), ("optim.weight_decay=-1.0", "optim.weight_decay=-1.0"),
 ])
 def test_values_that_pass_the_type_check_but_are_invalid_are_one_line_errors(override, named):
     with pytest.raises(ConfigError) as e:

@@ -86,6 +86,7 @@ def test_sweeps_that_would_fail_late_are_refused_up_front(tmp_path, capsys):
     assert "optim.lrr" in _refused(tmp_path, nested) and "did you mean optim.lr" in _refused(tmp_path, nested)
     assert "run_cap" in _refused(tmp_path, base + "run_cap: 0\n")
     assert "--workers 0" in _refused(tmp_path, base, "--workers", "0")
+    assert "--count 0" in _refused(tmp_path, base, "--count", "0")
     # A random sweep with no end: refused before its directory exists.
     random = base.replace("method: grid", "method: random")
     assert "--count N or run_cap" in _refused(tmp_path, random)
