@@ -1,0 +1,132 @@
+"""Scaling exponents against the Zipf exponent alpha of multitask sparse parity.
+
+    python -m analysis.alpha_study SOURCE [--sweep ID] --out DIR
+
+Groups the finished sparse_parity runs by `data.zipf_alpha`; in each group the infinite-data runs
+across widths give alpha_N (final test loss, analysis.scaling's fit) and the finite-data runs across D
+give alpha_D (minimum test loss over training, analysis.data_scaling's fit), each with its bootstrap
+interval and the paper's plain log-log fit. Plots both against alpha with the theory lines
+alpha_N = alpha and alpha_D = alpha/(alpha+1) and the paper's measured values at alpha = 0.4
+(alpha_N ~ 0.33, alpha_D ~ 0.31). Writes DIR/alpha_study.json, DIR/exponents_vs_alpha.png, DIR/report.md.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pandas as pd
+
+from analysis import plots as P
+from analysis.common import final_metric_column, main_guard, parse_args, write_outputs
+from analysis.fits import FitError, fit_loglog, fit_power_law
+from analysis.study import task_runs
+from harness.errors import UserError
+
+STUDY = "alpha_study"
+PAPER = {"alpha": 0.4, "alpha_N": 0.33, "alpha_D": 0.31}  # Michaud et al. 2023, measured
+
+
+def _fit(x: np.ndarray, y: np.ndarray, n_bootstrap: int) -> dict:
+    """Both fits, or why there is none (< 3 runs, or a fit the data cannot support)."""
+    if len(x) < 3:
+        return {"error": f"{len(x)} usable runs (need >= 3)"}
+    try:
+        f = fit_power_law(x, y, n_bootstrap=n_bootstrap)
+        plain = fit_loglog(x, y / math.log(2), n_bootstrap=n_bootstrap)
+    except FitError as e:
+        return {"error": str(e)}
+    return {"alpha": f.alpha[0], "ci": list(f.alpha_ci[0]) if f.alpha_ci else None, "plain": plain.alpha,
+            "plain_ci": list(plain.alpha_ci) if plain.alpha_ci else None, "n_runs": len(x), "warnings": f.warnings}
+
+
+def analyze(runs: pd.DataFrame, n_bootstrap: int = 200) -> dict:
+    need = ["config.data.zipf_alpha", "config.data.n_train_samples", "summary.model/params"]
+    missing = [c for c in need if c not in runs]
+    if missing or not len(runs):
+        raise UserError(f"no sparse-parity runs with {', '.join(need)} ({len(runs)} runs; missing: {', '.join(missing) or 'none'})")
+    fin = runs["state"] == "finished"
+    excluded = [{"id": r["id"], "state": r["state"]} for _, r in runs[~fin].iterrows()]
+    good = runs[fin]
+    last, low = final_metric_column(good, "val/loss"), "summary.val/loss.min"
+    rows = []
+    for a, g in good.groupby(good["config.data.zipf_alpha"].astype(float)):
+        D = pd.to_numeric(g["config.data.n_train_samples"], errors="coerce").fillna(0)
+        inf, finite = g[D == 0], g[D > 0]
+        n_fit = _fit(inf["summary.model/params"].astype(float).to_numpy(), inf[last].astype(float).to_numpy(), n_bootstrap) \
+            if len(inf) and last in inf else {"error": "no infinite-data runs"}
+        d_fit = _fit(D[D > 0].astype(float).to_numpy(), finite[low].astype(float).to_numpy(), n_bootstrap) \
+            if len(finite) and low in finite else {"error": "no finite-data runs"}
+        rows.append({"zipf_alpha": float(a), "alpha_N": n_fit, "alpha_D": d_fit,
+                     "theory_alpha_N": float(a), "theory_alpha_D": float(a) / (float(a) + 1)})
+    if not any("alpha" in r["alpha_N"] or "alpha" in r["alpha_D"] for r in rows):
+        raise UserError("no alpha group has >= 3 usable runs of one kind (widths at D = 0, or several D): "
+                        + "; ".join(f"alpha={r['zipf_alpha']}: N {r['alpha_N'].get('error')}, D {r['alpha_D'].get('error')}" for r in rows))
+    return {"groups": rows, "paper": PAPER, "excluded_runs": excluded, "n_runs": int(fin.sum())}
+
+
+def plot(result: dict, out_dir: str) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.3))
+    grid = np.linspace(0.05, max(0.85, max(r["zipf_alpha"] for r in result["groups"]) + 0.05), 50)
+    ax.plot(grid, grid, "-", color="C0", alpha=0.5, label="theory alpha_N = alpha")
+    ax.plot(grid, grid / (grid + 1), "-", color="C1", alpha=0.5, label="theory alpha_D = alpha/(alpha+1)")
+    for key, c in (("alpha_N", "C0"), ("alpha_D", "C1")):
+        pts = [(r["zipf_alpha"], r[key]) for r in result["groups"] if "alpha" in r[key]]
+        if pts:
+            a = np.array([p[0] for p in pts])
+            v = np.array([p[1]["alpha"] for p in pts])
+            ci = np.array([p[1]["ci"] or [p[1]["alpha"]] * 2 for p in pts])
+            err = np.clip([v - ci[:, 0], ci[:, 1] - v], 0, None)  # a percentile CI may miss the point estimate
+            ax.errorbar(a, v, yerr=err, fmt="o", color=c, capsize=3, label=f"measured {key} (95% CI)")
+            ax.plot(a, [p[1]["plain"] for p in pts], "x", color=c, label=f"{key}, plain log-log fit")
+    pp = result["paper"]
+    ax.plot([pp["alpha"]], [pp["alpha_N"]], "*", ms=12, color="C0", mec="k", label="paper alpha_N (0.33)")
+    ax.plot([pp["alpha"]], [pp["alpha_D"]], "*", ms=12, color="C1", mec="k", label="paper alpha_D (0.31)")
+    ax.set_xlabel("Zipf exponent alpha (p_t ~ t^-(alpha+1))")
+    ax.set_ylabel("scaling exponent")
+    ax.set_title("Exponents against alpha")
+    ax.legend(fontsize=6.5)
+    path = os.path.join(out_dir, "exponents_vs_alpha.png")
+    P.save(fig, path)
+    return [path]
+
+
+def _cell(f: dict) -> str:
+    if "alpha" not in f:
+        return f"({f['error']})"
+    ci = " [{:.2f}, {:.2f}]".format(*f["ci"]) if f["ci"] else ""
+    return f"{f['alpha']:.3f}{ci}; plain {f['plain']:.3f} ({f['n_runs']} runs)"
+
+
+def report(result: dict, source: str, sweep: str | None, plots: list[str]) -> str:
+    lines = ["# Sparse parity: exponents against alpha", "",
+             f"Source: `{source}`" + (f", sweep `{sweep}`" if sweep else "") + f"; {result['n_runs']} finished runs.", "",
+             "| alpha | alpha_N [95% CI] | theory alpha_N | alpha_D [95% CI] | theory alpha_D |", "|---|---|---|---|---|"]
+    for r in result["groups"]:
+        lines.append(f"| {r['zipf_alpha']:g} | {_cell(r['alpha_N'])} | {r['theory_alpha_N']:.3f} | "
+                     f"{_cell(r['alpha_D'])} | {r['theory_alpha_D']:.3f} |")
+    lines += ["", f"The paper measured alpha_N ~ {PAPER['alpha_N']} and alpha_D ~ {PAPER['alpha_D']} at alpha = {PAPER['alpha']} (plain log-log fits)."]
+    if result["excluded_runs"]:
+        lines += ["", "Excluded runs: " + ", ".join(f"{r['id']} ({r['state']})" for r in result["excluded_runs"])]
+    lines += [""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from harness.runstore import load_runs
+
+    args = parse_args(STUDY, argv, lambda p: p.add_argument("--bootstrap", type=int, default=200))
+    runs = task_runs(load_runs(args.source, sweep=args.sweep), "sparse_parity")
+    result = analyze(runs, n_bootstrap=args.bootstrap)
+    os.makedirs(args.out, exist_ok=True)
+    plots = plot(result, args.out)
+    write_outputs(args.out, STUDY, result, report(result, args.source, args.sweep, plots))
+    for r in result["groups"]:
+        print(f"alpha={r['zipf_alpha']:g}: alpha_N {_cell(r['alpha_N'])}; alpha_D {_cell(r['alpha_D'])}")
+    return result
+
+
+if __name__ == "__main__":
+    main_guard(main)
