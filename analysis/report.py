@@ -261,7 +261,7 @@ def build(source: str, sweep: str | None, out: str, log: bool | None = None, stu
         mod = importlib.import_module(name)
         if not mod.applies(runs):
             continue
-        t = time.time()
+        t, cpu = time.time(), time.process_time()
         try:
             sec = mod.run(source, sweep, os.path.join(out, study_name(name)))
         except UserError as e:
@@ -273,7 +273,8 @@ def build(source: str, sweep: str | None, out: str, log: bool | None = None, stu
             problems.append(f"{study_name(name)} FAILED: {type(e).__name__}: {e}")
             traceback.print_exc()
             continue
-        print(f"report: {sec.study} done ({time.time() - t:.1f} s)", file=sys.stderr)
+        # CPU time beside wall time: on a shared machine the wall time measures the load as well
+        print(f"report: {sec.study} done ({time.time() - t:.1f} s, CPU {time.process_time() - cpu:.1f} s)", file=sys.stderr)
         sections.append(sec)
     if not sections and not problems:
         raise UserError(f"no study applies to the {len(runs)} runs in {source}"
