@@ -78,7 +78,7 @@ def speed(args) -> None:
         diff = (ours @ ours.T - paper @ paper.T).abs().max().item()
         per_doc = len(doc) / len(docs)
         print(f"{len(doc)} tokens ({per_doc:.0f} per document of {args.length}), P={src.dim} parameters, "
-              f"GPT-NeoX d={args.d_model} x {args.layers} layers, {args.threads} thread(s):")
+              f"GPT-NeoX d_model={args.d_model}, {args.layers} layers, {args.threads} thread(s):")
         print(f"  paper (full-document forward+backward per token): {t_paper:.2f} s; "
               f"shared forward + batched backward: {t_ours:.2f} s; max |C diff| = {diff:.2e}")
         print(f"  speed-up at {per_doc:.0f} tokens/document: {t_paper / t_ours:.1f}x")

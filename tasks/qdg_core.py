@@ -126,6 +126,12 @@ class LMGrads(GradSource):
         self.device = self.params[0].device
         self.head = model.get_output_embeddings()
         self.split = self.head is not None and model.base_model is not model and isinstance(self.head, nn.Linear)
+        if self.split:  # logits = head(base(x))? Not for models that scale or soft-cap them: checked once
+            ids = torch.arange(2, 10, device=self.device)[None]
+            with torch.no_grad():
+                full = model(input_ids=ids).logits.float()
+                split = self.head(model.base_model(input_ids=ids).last_hidden_state).float()
+            self.split = split.shape == full.shape and torch.allclose(split, full, atol=1e-4, rtol=1e-4)
 
     def _logits(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """Logits predicting positions `where` of one document: [m, vocab], head only at those rows."""

@@ -250,6 +250,13 @@ def lm_samples(cfg: Config, model: nn.Module, tok, pe, pe_cfg) -> dict:
             "docs": {a: torch.tensor(docs[a]) for a in np.unique(doc)}, "passing": passing}
 
 
+def check_labelled(data, task: str) -> None:
+    """QDG scores clusters against a task's planted labels: its data module must hold them."""
+    if not all(hasattr(data, a) for a in ("test_tasks", "test_bits", "encode")):
+        raise ConfigError(f"a {task} model has no labelled test set that QDG can read (test_tasks, test_bits, "
+                          "encode); model.source=train/artifact supports sparse_parity models")
+
+
 def parity_samples(cfg: Config, model: nn.Module, data, device) -> dict:
     """Test samples the model predicts well (loss < samples.max_loss), subtask ids kept, in a seeded order."""
     tasks, bits = data.test_tasks.to(device), data.test_bits.to(device)
@@ -407,6 +414,7 @@ def build(cfg: Config) -> Job:
     if m.source == "artifact":
         _, blob = model_artifact(cfg)
         inner, job = _trained_job(blob["config"])
+        check_labelled(job.datamodule, inner.task)
         net = job.module.model
         net.load_state_dict(blob["state_dict"])
         core.select_params(net, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)
@@ -417,6 +425,7 @@ def build(cfg: Config) -> Job:
                             "qdg/model_task": inner.task})
     inner = _inner_config(cfg.train, cfg.trainer)
     job = task_module(inner.task).build(inner)
+    check_labelled(job.datamodule, inner.task)
     core.select_params(job.module.model, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)
     cb = QuantaDiscovery(cfg, "parity", "fit", lambda: job.module.model, lambda: job.datamodule)
     return Job(module=job.module, datamodule=job.datamodule, callbacks=[*job.callbacks, cb], stage="fit",
