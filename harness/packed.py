@@ -278,8 +278,8 @@ def train_packed(members: list[Member]) -> list[Member]:
 def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
     cfgs = [m.cfg for m in members]
     cfg0, t = cfgs[0], cfgs[0].trainer
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
+    # trainer.threads is one run's share of the CPUs; a block holds many runs, so it takes the threads
+    # the controller gives the process (OMP_NUM_THREADS = available CPUs / --workers) instead.
     if sigterm.set:
         for m in members:
             _end(m, "preempted", checkpoint.PREEMPTED_EXIT)

@@ -82,3 +82,27 @@ def test_sigterm_preempts_every_member_and_the_next_agent_resumes_the_block(tmp_
         assert 100 <= runs.loc[i, "summary.trainer/resumed_from_step"] < 6000
         hist = runstore.load_history("wandb", run_ids=[i], keys=["val/loss"]).dropna(subset=["val/loss"])
         assert sorted(hist["step"]) == list(range(20, 6001, 20))  # continuous: none missing, none twice
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_controller_reopens_every_unfinished_member(tmp_path):
+    params = {**MODADD, "seed": "{values: [0, 1]}", "trainer.steps": "{value: 3000}", "trainer.ckpt_every": "{value: 100}",
+              "model.save": "{value: false}"}
+    sweep_id = controller.create_local_sweep(write_sweep(tmp_path / "s.yaml", params), "wandb")
+    agent = subprocess.Popen([sys.executable, "-m", "harness", "agent", sweep_id, "--pack", "2"],
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while len(glob.glob("wandb/checkpoints/*/packed.pt")) < 2:  # mid-run
+        assert agent.poll() is None and time.time() < deadline, "the block ended before its first checkpoint"
+        time.sleep(0.2)
+    agent.kill()  # SIGKILL: no record written; the packed process dies with it (PR_SET_PDEATHSIG)
+    agent.wait()
+    state = json.load(open(f"wandb/sweep-{sweep_id}/state.json"))
+    assert [r["state"] for r in state["runs"]] == ["running", "running"]
+    killed = sorted(r["id"] for r in state["runs"])
+
+    harness("agent", sweep_id, "--pack", "2")
+    state = json.load(open(f"wandb/sweep-{sweep_id}/state.json"))
+    assert sorted((r["state"], r["params"]["seed"]) for r in state["runs"]) == [
+        ("finished", 0), ("finished", 1), ("killed", 0), ("killed", 1)]  # both points ran again, once
+    assert sorted(r["id"] for r in state["runs"] if r["state"] == "killed") == killed
