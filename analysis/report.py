@@ -246,7 +246,7 @@ def log_section(sec: Section, source: str, sweep: str | None, runs, mode: str) -
 
 def build(source: str, sweep: str | None, out: str, log: bool | None = None, studies: str | None = None) -> dict:
     from harness import runstore
-    from harness.tracking import resolve_mode
+    from harness.wandb_mode import resolve_mode
 
     modules = select(studies)
     mode = resolve_mode()

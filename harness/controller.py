@@ -585,7 +585,7 @@ def run_agent(sweep_id: str, wandb_dir: str | None = None, workers: int = 1, cou
 # -- W&B ----------------------------------------------------------------------------------------
 
 def create_wandb_sweep(yaml_path: str, project: str | None = None, entity: str | None = None) -> str:
-    from harness.tracking import has_credentials
+    from harness.wandb_mode import has_credentials
 
     cfg = load_sweep_yaml(yaml_path)
     validate_sweep(cfg, yaml_path)

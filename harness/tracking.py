@@ -1,7 +1,6 @@
 """W&B run lifecycle: mode (online/offline), naming, config, summaries, artifacts."""
 from __future__ import annotations
 
-import netrc
 import os
 from typing import Any
 
@@ -9,29 +8,7 @@ import wandb
 import yaml
 
 from harness.config import ConfigError, RunConfig, flatten, to_dict
-
-WANDB_HOST = "api.wandb.ai"
-
-
-def has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = os.environ.get("WANDB_BASE_URL", f"https://{WANDB_HOST}").split("://")[-1].split("/")[0]
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-
-
-def resolve_mode(configured: str | None = None) -> str:
-    """WANDB_MODE always wins; then the config; then online iff credentials are configured."""
-    mode = os.environ.get("WANDB_MODE") or configured
-    if mode:
-        if mode not in ("online", "offline", "disabled", "dryrun", "run"):
-            raise ConfigError(f"W&B mode {mode!r} is not one of online, offline, disabled")
-        return mode
-    return "online" if has_credentials() else "offline"
-
+from harness.wandb_mode import has_credentials, resolve_mode  # noqa: F401  (re-exported)
 
 def sweep_parameters() -> dict[str, Any]:
     """The parameters `wandb agent` (or the local controller) handed to this run, if any."""
