@@ -325,6 +325,20 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
                     members[i].run.log({block.train_loss_key: v, "trainer/global_step": s})
         pending.clear()
 
+    def evaluate_members() -> None:
+        for i, m in enumerate(members):
+            if not alive[i]:
+                continue
+            metrics, arrays = block.evaluate(i, step)
+            try:
+                check_finite(metrics, step)
+            except NonFiniteLoss as e:
+                fail(i, str(e))
+                continue
+            m.run.log({**metrics, "trainer/global_step": step})
+            if arrays:
+                m.curves.add(step, arrays)
+
     def save(i: int, at: int) -> None:
         m = members[i]
         os.makedirs(os.path.dirname(m.ckpt_path), exist_ok=True)
@@ -334,6 +348,8 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
         torch.save(state, m.ckpt_path + ".tmp")  # renamed into place: a kill mid-write leaves the old one
         os.replace(m.ckpt_path + ".tmp", m.ckpt_path)
 
+    if step == 0:  # the step-0 evaluation, as harness.callbacks.EvalAtStart gives a solo run (not on resume)
+        evaluate_members()
     while step < t.steps and any(alive):
         if sigterm.set:
             sync_losses()
@@ -354,18 +370,7 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
         if evaluate or step % t.log_every == 0:
             sync_losses()
         if evaluate:
-            for i, m in enumerate(members):
-                if not alive[i]:
-                    continue
-                metrics, arrays = block.evaluate(i, step)
-                try:
-                    check_finite(metrics, step)
-                except NonFiniteLoss as e:
-                    fail(i, str(e))
-                    continue
-                m.run.log({**metrics, "trainer/global_step": step})
-                if arrays:
-                    m.curves.add(step, arrays)
+            evaluate_members()
         if t.ckpt_every and step % t.ckpt_every == 0 and step < t.steps:
             for i in range(n):
                 if alive[i]:

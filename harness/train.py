@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities import rank_zero_only
 
 from harness import checkpoint, tracking
-from harness.callbacks import FinalEval
+from harness.callbacks import EvalAtStart, FinalEval
 from harness.config import ConfigError, RunConfig, task_module
 from harness.data import DeviceDataModule
 from harness.progress import StepProgressBar, enabled as progress_enabled
@@ -121,7 +121,9 @@ def make_trainer(cfg: RunConfig, logger, callbacks: list) -> L.Trainer:
         strategy="ddp" if t.devices > 1 and t.strategy == "auto" else t.strategy,
         precision=t.precision,
         logger=logger,
-        callbacks=[FinalEval(), *callbacks, *([StepProgressBar()] if bar else [])],
+        # EvalAtStart last (before Checkpoint callbacks, which Lightning moves to the end): the
+        # progress bar has started when the step-0 evaluation runs.
+        callbacks=[FinalEval(), *callbacks, *([StepProgressBar()] if bar else []), EvalAtStart()],
         # On SLURM, Lightning's auto-requeue (SIGUSR1 -> hpc checkpoint + scontrol requeue) would be a
         # second resume mechanism beside harness/checkpoint.py; SIGTERM + `#SBATCH --requeue` is ours.
         plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,

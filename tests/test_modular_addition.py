@@ -205,7 +205,7 @@ def test_short_full_batch_run_memorises_and_logs_everything(env):
     # The spectrum of every evaluation is in the curves artifact: 11 frequencies (p // 2), shares
     # summing to 1, the key frequencies flagged as at the end.
     curves = runstore.load_curves(str(env), "fourier")
-    assert sorted(curves["step"].unique()) == list(range(50, 601, 50)) and curves["item"].nunique() == 11
+    assert sorted(curves["step"].unique()) == list(range(0, 601, 50)) and curves["item"].nunique() == 11
     assert curves.groupby("step")["power"].sum().to_numpy() == pytest.approx(1.0, abs=1e-6)
     assert curves.dtypes[["step", "item"]].tolist() == ["int64", "int64"] and curves["power"].dtype == "float64"
     final = ga.final_spectrum(curves, s["_run_id"])
@@ -215,7 +215,7 @@ def test_short_full_batch_run_memorises_and_logs_everything(env):
     assert len(runs) == 1 and runs.loc[0, "state"] == "finished"
     assert runs.loc[0, "config.data.p"] == 23
     hist = ga.merge_rows(runstore.load_history(str(env), keys=["train/acc", "val/acc", "model/weight_norm"]))
-    assert hist["step"].tolist() == list(range(50, 601, 50))  # one evaluation every 50 steps, at its step
+    assert hist["step"].tolist() == list(range(0, 601, 50))  # one evaluation every 50 steps (and at 0), at its step
     assert hist[["train/acc", "val/acc", "model/weight_norm"]].notna().all().all()
     assert ga.first_step_at_least(hist["step"], hist["train/acc"], 0.99) == s["grok/t_train99"]
 

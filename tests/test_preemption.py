@@ -27,7 +27,13 @@ LONG = [a for a in TINY if not a.startswith("trainer.steps=")] + [
 
 def run_files(wandb_dir, run_id):
     """The run's offline files, oldest first (a resumed run adds one per start)."""
-    return sorted(glob.glob(os.path.join(wandb_dir, f"offline-run-*-{run_id}", f"run-{run_id}.wandb")))
+    # wandb names a second start within the same second `offline-run-<time>-<id>-1` (which a plain
+    # sort would put first: '-' < '/')
+    files = glob.glob(os.path.join(wandb_dir, f"offline-run-*-{run_id}*", f"run-{run_id}.wandb"))
+    def order(f):  # (start time, same-second counter)
+        name = os.path.basename(os.path.dirname(f))
+        return name.split("-")[2], int(name.rsplit(f"-{run_id}", 1)[1].lstrip("-") or 0)
+    return sorted(files, key=order)
 
 
 def rows(history, key):
@@ -152,7 +158,7 @@ def test_sigterm_checkpoints_and_a_restart_continues_the_same_run_exactly(offlin
     assert row["state"] == "finished" and row["n_files"] == 2
     hist = runstore.load_history(wandb_dir, ["preempt1"])
     val = hist[hist["val/loss"].notna()][STEP].astype(int).tolist()
-    assert val == list(range(20, 401, 20))
+    assert val == list(range(0, 401, 20))  # step 0 once, not again on resume
 
 
 def test_periodic_checkpoints_fall_on_the_requested_steps(offline):
@@ -191,14 +197,14 @@ def test_final_weights_are_a_model_artifact(offline):
 
 
 def test_a_non_finite_loss_fails_the_run_with_exit_1(offline):
-    # An initial scale of 1e30 overflows float32 logits: the first evaluation's loss is NaN.
+    # An initial scale of 1e30 overflows float32 logits: the first evaluation's (step 0) loss is NaN.
     proc = harness("train", "task=modular_addition", "data.p=7", "trainer.steps=20", "trainer.eval_every=10",
                    "trainer.steps_per_batch=10", "model.init_scale=1.0e30", "trainer.progress_bar=false",
                    check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert proc.stdout == ""  # no summary line, so no bare NaN in one
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("harness: error: ") and "loss=nan at step 10" in last
+    assert last.startswith("harness: error: ") and "loss=nan at step 0" in last
     rf = read_run_file(glob.glob(str(offline / "wandb" / "offline-run-*" / "*.wandb"))[0])
     assert rf.exit_code == 1 and "not finite" in rf.summary["error"]
     table = runstore.load_runs(str(offline / "wandb"))

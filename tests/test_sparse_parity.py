@@ -123,7 +123,7 @@ def test_train_prints_summary_last_and_detects_emergence(tmp_path):
     # Per-subtask curves come back from the run's curves artifact; the emergence steps from them
     # agree with the table the callback wrote.
     curves = load_curves(str(tmp_path), "subtask")
-    assert sorted(curves["step"].unique()) == list(range(25, 301, 25)) and set(curves["item"]) == {0, 1}
+    assert sorted(curves["step"].unique()) == list(range(0, 301, 25)) and set(curves["item"]) == {0, 1}
     below = curves[curves["loss"] < 0.1 * math.log(2)].groupby("item")["step"].min()
     assert all(0 < s <= 300 and s % 25 == 0 for s in below)
     rows = table_rows(summary, "emergence/items")
@@ -146,3 +146,20 @@ def table_rows(summary: dict, key: str) -> list:
     path = os.path.join(summary["_run_dir"], summary[key]["path"])
     with open(path) as f:
         return json.load(f)["data"]
+
+
+def test_a_subtask_below_the_threshold_at_step_0_is_learned_at_step_0():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from harness.callbacks import EmergenceCallback
+
+    cb = EmergenceCallback(threshold_nats=0.1)
+    module = SimpleNamespace(eval_arrays={"subtask": {"loss": np.array([0.05, 0.7, 0.7])}})
+    for step, losses in ((0, [0.05, 0.7, 0.7]), (20, [0.2, 0.05, 0.7]), (40, [0.01, 0.02, 0.7])):
+        module.eval_arrays["subtask"]["loss"] = np.array(losses)
+        cb.on_validation_end(SimpleNamespace(sanity_checking=False, global_step=step), module)
+    # step 0 is a reached event (not "never", which is -1 inside and the last step, censored, outside)
+    assert [r[:3] for r in cb.table_rows()] == [[0, 0, True], [1, 20, True], [2, 40, False]]
+    assert cb.summary()["emergence/n_learned"] == 2 and cb.summary()["emergence/n_below_end"] == 2

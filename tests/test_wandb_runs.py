@@ -66,7 +66,7 @@ def test_every_history_row_sits_on_optimizer_steps(axis_run):
     train_steps = [r["trainer/global_step"] for r in rows if "train/loss" in r]
     val_steps = [r["trainer/global_step"] for r in rows if "val/loss" in r]
     assert train_steps == list(range(0, 60, 5))  # the loss of step s (weights after s steps) at s
-    assert val_steps == [20, 40, 60]
+    assert val_steps == [0, 20, 40, 60]  # step 0: the first point of every curve
     steps = [r["trainer/global_step"] for r in rows]
     assert steps == sorted(steps)  # W&B's step_sync needs a non-decreasing axis
     # The run store's fast decoder reads the same rows onto the same axis.
@@ -83,7 +83,7 @@ def test_history_and_summary_hold_aggregates_not_one_key_per_subtask(axis_run):
     s = axis_run["summary"]
     assert len(s) < 25 and not [k for k in s if k[-4:].isdigit()], sorted(s)  # 40 subtasks, no per-subtask key
     curves = load_curves(axis_run["root"], "subtask")
-    assert len(curves) == 3 * 40 and sorted(curves.columns) == ["acc", "item", "loss", "run_id", "step"]
+    assert len(curves) == 4 * 40 and sorted(curves.columns) == ["acc", "item", "loss", "run_id", "step"]
     assert curves.groupby("step")["item"].apply(list).map(lambda x: x == list(range(40))).all()
     learned_at_end = int((curves[curves["step"] == 60]["loss"] < s["emergence/threshold_nats"]).sum())
     assert s["emergence/n_below_end"] == s["val/n_learned"] == learned_at_end
