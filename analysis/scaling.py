@@ -37,6 +37,24 @@ def select_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs[ok].copy(), runs[~ok].copy()
 
 
+D_KEY = "config.data.n_train_samples"  # D: 0 (or absent) = a fresh batch every step
+
+
+def split_by_data(good: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the parameter-scaling runs, the others): runs at one data budget, the infinite one if any.
+
+    Finite-data runs that vary D (at fixed width) are a data-scaling sweep (analysis.data_scaling):
+    fitting them here would fit one parameter count against several losses. With no infinite-data
+    run, the D with the most distinct parameter counts is taken (a width sweep at fixed finite D)."""
+    D = pd.to_numeric(good[D_KEY], errors="coerce").fillna(0) if D_KEY in good else pd.Series(0, index=good.index)
+    if (D == 0).any():
+        keep = D == 0
+    else:
+        widths = good.groupby(D)[X_KEY].nunique()
+        keep = D == widths.idxmax()  # idxmax: the first (smallest) D on a tie
+    return good[keep].copy(), good[~keep].copy()
+
+
 def subtask_learning(curves: pd.DataFrame | None, good: pd.DataFrame) -> dict[str, dict]:
     """Per run: the subtasks (0 = most frequent) ever below the run's threshold, those below it at
     the end, the final loss of every subtask, and whether the learned set is the most frequent ones.
@@ -83,6 +101,14 @@ def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, curves: pd.DataFrame | N
     if len(good) < 3:
         raise UserError(f"need >= 3 finished runs to fit a scaling law, found {len(good)} "
                         f"(states: {runs['state'].value_counts().to_dict()})")
+    good, other_data = split_by_data(good)
+    n_sizes = good[X_KEY].nunique()
+    if n_sizes < 3:
+        Ds = sorted({int(d) for d in pd.to_numeric(runs.get(D_KEY, pd.Series(dtype=float)), errors="coerce").dropna()})
+        raise UserError(f"need >= 3 model sizes at one data budget to fit alpha_N, found {n_sizes} at "
+                        f"D = {_d_label(good)} (data.n_train_samples in this source: {Ds[:6]}"
+                        f"{' ...' if len(Ds) > 6 else ''}): runs varying D at a fixed width are data scaling, "
+                        "see analysis.data_scaling")
     good = good.sort_values(X_KEY)
     x = good[X_KEY].astype(float).to_numpy()
     y = good[final_metric_column(good, LOSS)].astype(float).to_numpy()
@@ -107,6 +133,9 @@ def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, curves: pd.DataFrame | N
         "theory_alpha": theory[0] if len(theory) == 1 else theory,
         "n_runs": len(good),
         "excluded_runs": [{"id": r.id, "state": r.state} for r in bad.itertuples()],
+        "data_budget": _d_label(good),
+        "other_data_runs": [{"id": i, "n_train_samples": int(d) if pd.notna(d) else 0}
+                            for i, d in zip(other_data["id"], other_data.get(D_KEY, [0] * len(other_data)))],
         "points": [{"id": i, "width": w, "params": p, "loss": l, "n_learned": n, "n_below_end": b,
                     **({k: per_run[i][k] for k in ("learned", "below_end", "top_ranks", "final_loss", "first_step",
                                                     "convergence_slope")}
@@ -115,6 +144,11 @@ def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, curves: pd.DataFrame | N
                                                learned or [None] * len(good), below)],
         "loss_units": "nats",
     }
+
+
+def _d_label(runs: pd.DataFrame) -> str:
+    D = pd.to_numeric(runs[D_KEY], errors="coerce").fillna(0) if D_KEY in runs else pd.Series([0])
+    return "infinite" if not len(D) or D.iloc[0] == 0 else str(int(D.iloc[0]))
 
 
 def plot(result: dict, out_dir: str) -> list[str]:
@@ -218,6 +252,10 @@ def report(result: dict, source: str, sweep: str | None, plots: list[str]) -> st
         order = "" if "top_ranks" not in p else ("yes" if p["top_ranks"] else "no")
         lines.append(f"| {p['width']} | {int(p['params'])} | {p['loss']:.4f} | {learned} | {below} | {which} | {order} |")
     lines += _order_summary(result["points"])
+    if result.get("other_data_runs"):
+        lines += ["", f"Fitted at data budget D = {result['data_budget']}; not fitted here (another D: data "
+                  "scaling, analysis.data_scaling): " + ", ".join(f"{r['id']} (D={r['n_train_samples']})"
+                                                                for r in result["other_data_runs"])]
     if result["excluded_runs"]:
         lines += ["", "Excluded runs (not finished or missing metrics): "
                   + ", ".join(f"{r['id']} ({r['state']})" for r in result["excluded_runs"])]

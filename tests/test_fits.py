@@ -224,3 +224,24 @@ def test_convergence_slope_is_minus_one_when_steps_go_as_one_over_frequency():
     first = {i: int(round(1e3 / p[i])) for i in range(12)}
     assert scaling.convergence_slope(first, run) == pytest.approx(-1.0, abs=1e-3)
     assert scaling.convergence_slope({0: 0, 1: 100}, run) is None  # fewer than 3 learned after step 0
+
+
+def test_scaling_fits_one_data_budget_and_lists_the_data_scaling_runs():
+    from harness.errors import UserError
+
+    # A width sweep at infinite data beside finite-D runs at one width: only the former is fitted.
+    runs = synthetic_runs([10, 20, 40, 80, 160])
+    data = synthetic_runs([40, 40, 40]).assign(id=["d0", "d1", "d2"], **{"config.data.n_train_samples": [1000, 4000, 16000]})
+    data["summary.val/loss"] = [0.5, 0.3, 0.2]  # one parameter count, three losses
+    mixed = pd.concat([runs.assign(**{"config.data.n_train_samples": 0}), data], ignore_index=True)
+    result = scaling.analyze(mixed, n_bootstrap=20)
+    assert result["n_runs"] == 5 and result["alpha_N"] == pytest.approx(0.4, abs=0.01)
+    assert result["data_budget"] == "infinite"
+    assert [r["id"] for r in result["other_data_runs"]] == ["d0", "d1", "d2"]
+    assert "d1 (D=4000)" in scaling.report(result, "src", None, [])
+    # A data sweep alone (D varies, one width): a clear message instead of a fit of one size.
+    with pytest.raises(UserError, match=r"found 1 at D = 1000 .*analysis.data_scaling"):
+        scaling.analyze(data)
+    # Finite D fixed, widths varied: a parameter-scaling sweep at that D.
+    fixed = runs.assign(**{"config.data.n_train_samples": 5000})
+    assert scaling.analyze(fixed, n_bootstrap=20)["data_budget"] == "5000"
