@@ -1,7 +1,7 @@
 """Packed vs unpacked sweeps, side by side (issue 14), wall clock of the whole `harness sweep --local`.
 
     python benchmarks/bench_packed.py [--sweeps sweeps/modadd_pair_smoke.yaml ...] [--steps N]
-                                      [--workers 2] [--pack 16]
+                                      [--workers 2] [--pack 16] [--pack-workers 1]
     python benchmarks/bench_packed.py --device cuda [--steps 2000] [--members 10]
 
 CPU (default): for each sweep file, the same grid unpacked (`--workers W`, one process per point)
@@ -68,11 +68,12 @@ def cpu(args) -> None:
             with open(sweep, "w") as f:
                 yaml.safe_dump(cfg, f, sort_keys=False)
             tu = harness("sweep", sweep, "--local", "--workers", str(args.workers), "--wandb-dir", f"{tmp}/u", env=env)
-            tp = harness("sweep", sweep, "--local", "--pack", str(args.pack), "--wandb-dir", f"{tmp}/p", env=env)
+            tp = harness("sweep", sweep, "--local", "--pack", str(args.pack), "--workers", str(args.pack_workers),
+                         "--wandb-dir", f"{tmp}/p", env=env)
             u, p = phases(f"{tmp}/u/wandb"), phases(f"{tmp}/p/wandb")
         same = u["phases"] == p["phases"]
         print(f"{path}{f' (steps={args.steps})' if args.steps else ''}: {u['n']} runs; unpacked --workers "
-              f"{args.workers} {tu:.0f}s, packed --pack {args.pack} {tp:.0f}s = {tp / tu:.2f}x; all finished: "
+              f"{args.workers} {tu:.0f}s, packed --pack {args.pack} --workers {args.pack_workers} {tp:.0f}s = {tp / tu:.2f}x; all finished: "
               f"{u['finished'] and p['finished']}; same grok/phase per seed: {same}", flush=True)
 
 
@@ -122,6 +123,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--pack", type=int, default=16)
+    ap.add_argument("--pack-workers", type=int, default=1, help="packed processes in parallel (--workers of the packed sweep)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--members", type=int, default=10)
     args = ap.parse_args()
