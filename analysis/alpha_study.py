@@ -20,7 +20,7 @@ import pandas as pd
 from analysis import plots as P
 from analysis.common import final_metric_column, main_guard, parse_args, write_outputs
 from analysis.fits import FitError, fit_loglog, fit_power_law
-from analysis.study import task_runs
+from analysis.study import Section, numbers, task_runs
 from harness.errors import UserError
 
 STUDY = "alpha_study"
@@ -126,6 +126,34 @@ def main(argv: list[str] | None = None) -> dict:
     for r in result["groups"]:
         print(f"alpha={r['zipf_alpha']:g}: alpha_N {_cell(r['alpha_N'])}; alpha_D {_cell(r['alpha_D'])}")
     return result
+
+
+def applies(runs: pd.DataFrame) -> bool:
+    """Sparse-parity runs at two or more Zipf exponents (one alpha is analysis.scaling / data_scaling)."""
+    sp = task_runs(runs, "sparse_parity")
+    return "config.data.zipf_alpha" in sp and pd.to_numeric(sp["config.data.zipf_alpha"], errors="coerce").nunique() >= 2
+
+
+def run(source: str, sweep: str | None, out: str) -> Section:
+    """The analysis.report hook (analysis/study.py)."""
+    from harness.runstore import load_runs
+
+    runs = task_runs(load_runs(source, sweep=sweep), "sparse_parity")
+    result = analyze(runs)
+    os.makedirs(out, exist_ok=True)
+    paths = plot(result, out)
+    md = report(result, source, sweep, paths)
+    write_outputs(out, STUDY, result, md)
+    table = pd.DataFrame([{"zipf_alpha": r["zipf_alpha"], "theory_alpha_N": r["theory_alpha_N"],
+                           "theory_alpha_D": r["theory_alpha_D"],
+                           **{f"{k}{suffix}": r[k].get(field) for k in ("alpha_N", "alpha_D")
+                              for suffix, field in (("", "alpha"), ("_plain", "plain"), ("_n_runs", "n_runs"))}}
+                          for r in result["groups"]])
+    fitted = {f"alpha={r['zipf_alpha']:g}/{k}": {"value": r[k]["alpha"], "ci": r[k]["ci"]}
+              for r in result["groups"] for k in ("alpha_N", "alpha_D") if "alpha" in r[k]}
+    ids = list(runs.loc[runs["state"] == "finished", "id"])
+    return Section(STUDY, "Sparse parity: exponents against alpha", md, out, paths, {"groups": table},
+                   numbers(fitted), ids)
 
 
 if __name__ == "__main__":

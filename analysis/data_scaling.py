@@ -20,7 +20,7 @@ import pandas as pd
 from analysis import plots as P
 from analysis.common import main_guard, parse_args, write_outputs
 from analysis.fits import fit_loglog, fit_power_law
-from analysis.study import task_runs
+from analysis.study import Section, numbers, task_runs
 from harness.errors import UserError
 
 STUDY = "data_scaling"
@@ -156,6 +156,27 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"alpha_D = {result['alpha_D']:.3f}  CI {result['alpha_D_ci']}  plain {result['alpha_D_plain']:.3f}  "
           f"theory {result['theory_alpha_D']}  (n_runs={result['n_runs']})")
     return result
+
+
+def applies(runs: pd.DataFrame) -> bool:
+    """Sparse-parity runs with finite data (D > 0) in the source."""
+    sp = task_runs(runs, "sparse_parity")
+    return X_KEY in sp and bool((pd.to_numeric(sp[X_KEY], errors="coerce") > 0).any())
+
+
+def run(source: str, sweep: str | None, out: str) -> Section:
+    """The analysis.report hook (analysis/study.py)."""
+    from harness.runstore import load_runs
+
+    result = analyze(task_runs(load_runs(source, sweep=sweep), "sparse_parity"))
+    os.makedirs(out, exist_ok=True)
+    paths = plot(result, out)
+    md = report(result, source, sweep, paths)
+    write_outputs(out, STUDY, result, md)
+    fitted = {k: result[k] for k in ("alpha_D", "alpha_D_ci", "alpha_D_plain", "alpha_D_plain_ci", "E", "B",
+                                     "theory_alpha_D", "n_runs") if result[k] is not None}
+    return Section(STUDY, "Sparse parity: data scaling", md, out, paths, {"points": pd.DataFrame(result["points"])},
+                   numbers(fitted), [p["id"] for p in result["points"]])
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ from harness.errors import UserError
 # One line per study module. A module offers applies(runs) -> bool and run(source, sweep, out) -> Section.
 STUDIES = (
     "analysis.scaling",
+    "analysis.data_scaling",
+    "analysis.alpha_study",
+    "analysis.dynamics",
     "analysis.subtasks",
     "analysis.grokking",
     "analysis.omnigrok",

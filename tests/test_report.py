@@ -90,7 +90,7 @@ def test_report_finds_studies_writes_md_html_and_logs_analysis_runs(generated, t
 
 
 def test_study_selection_and_bad_input(generated, tmp_path):
-    with pytest.raises(UserError, match="--studies nope: unknown; known studies: scaling, subtasks"):
+    with pytest.raises(UserError, match="--studies nope: unknown; known studies: scaling, data_scaling, alpha_study, dynamics, subtasks"):
         report.build(generated, None, str(tmp_path / "o"), studies="nope")
     with pytest.raises(UserError, match="no study applies to the 5 runs.*sparse_parity"):
         report.build(generated, None, str(tmp_path / "o"), studies="grokking,omnigrok")
@@ -123,8 +123,10 @@ def test_report_over_a_real_offline_sweep(tmp_path):
     harness("runs", wandb_dir, "-o", str(tmp_path / "runs.csv"))
     runs = pd.read_csv(tmp_path / "runs.csv")
     a = runs[runs["job_type"] == "analysis"].set_index("name")
-    assert set(a.index) == {"analysis-scaling", "analysis-subtasks"}
+    # a width sweep at one alpha and infinite data: no data-scaling or alpha study
+    assert set(a.index) == {"analysis-scaling", "analysis-dynamics", "analysis-subtasks"}
     assert math.isfinite(a.loc["analysis-scaling", "summary.alpha_N"])
+    assert "## Sparse parity: training dynamics" in md
     assert a.loc["analysis-subtasks", "summary.n_curves"] == 5 * 4
 
 
