@@ -321,16 +321,22 @@ class _Local:
         return out
 
     def history(self, run_id: str) -> pd.DataFrame:
-        """A run's history; a resumed run's files joined: the rows of a file at or after the first
-        step of the next file are dropped (the resumed run redid them from its checkpoint)."""
+        """A run's history; a resumed run's files joined: the rows of a file after the first step b
+        of the next file are dropped (the resumed run redid them from its checkpoint at b), and its
+        rows at b only where the next file logged the same metric at b. A checkpoint taken after
+        the evaluation at b (harness.checkpoint) resumes with the loss of step b, never that
+        evaluation again: that evaluation is in the earlier file only."""
         frames = [self._file_history(p) for p in self.by_id[run_id]]
         if len(frames) == 1:
             return frames[0]
         kept = []
         for i, h in enumerate(frames):
-            later = [f["step"].min() for f in frames[i + 1:] if len(f)]
-            if len(h) and later and pd.notna(later[0]):
-                h = h[~(h["step"] >= later[0])]
+            nxt = next((f for f in frames[i + 1:] if len(f)), None)
+            if len(h) and nxt is not None and pd.notna(b := nxt["step"].min()):
+                redone = [c for c in nxt.columns if c in h.columns and not c.startswith("_")
+                          and c not in ("step", "trainer/global_step") and nxt.loc[nxt["step"] == b, c].notna().any()]
+                again = (h["step"] == b) & h[redone].notna().any(axis=1) if redone else False
+                h = h[~((h["step"] > b) | again)]
             kept.append(h)
         return run_cache.typed(pd.concat([h for h in kept if len(h)], ignore_index=True)) \
             if any(len(h) for h in kept) else pd.DataFrame()

@@ -282,6 +282,7 @@ def test_resumed_run_files_merge_into_one_run(tmp_path, monkeypatch):
                      settings=settings)
     for step in range(6, 11):  # resumed from the checkpoint at step 5
         run.log({"loss": 100.0 + step, "trainer/global_step": step})
+    run.log({"val": 3.0, "trainer/global_step": 10})
     run.summary["final"] = 2.0
     run.finish()
     wandb.teardown()
@@ -291,3 +292,32 @@ def test_resumed_run_files_merge_into_one_run(tmp_path, monkeypatch):
     hist = runstore.load_history(str(tmp_path / "wandb"), keys=["loss"])
     assert hist["step"].tolist() == list(range(1, 11))
     assert hist["loss"].tolist() == [10.0 - s for s in range(1, 6)] + [100.0 + s for s in range(6, 11)]
+
+
+def test_an_evaluation_at_the_resume_step_stays_when_the_resumed_file_does_not_redo_it(tmp_path):
+    """Checkpointed after the evaluation at step 300, preempted there: the resumed file starts with
+    the train loss of step 300 and never evaluates 300 again; the merged history keeps that evaluation
+    and takes the train loss at 300 from the resumed file only."""
+    import wandb
+
+    settings = wandb.Settings(console="off", x_disable_stats=True)
+    run = wandb.init(project="t", dir=str(tmp_path), id="resume02", settings=settings)
+    for step in (100, 200, 300):
+        run.log({"train/loss": 1.0 / step, "trainer/global_step": step - 100})
+        run.log({"val/loss": 2.0 / step, "trainer/global_step": step})
+    run.log({"train/loss": -1.0, "trainer/global_step": 300})  # taken before the kill, redone after
+    run.mark_preempting()
+    run.finish(exit_code=143)
+    wandb.teardown()
+    first = glob.glob(str(tmp_path / "wandb" / "*run-*resume02"))[0]
+    os.rename(first, re.sub(r"run-\d{8}_\d{6}-", "run-19990101_000000-", first))
+    run = wandb.init(project="t", dir=str(tmp_path), id="resume02", resume="allow", settings=settings)
+    run.log({"train/loss": 1.0 / 400, "trainer/global_step": 300})
+    run.log({"val/loss": 2.0 / 400, "trainer/global_step": 400})
+    run.finish()
+    wandb.teardown()
+    hist = runstore.load_history(str(tmp_path / "wandb"), keys=["train/loss", "val/loss"])
+    val = hist.dropna(subset=["val/loss"])
+    assert val["step"].tolist() == [100, 200, 300, 400]
+    train = hist.dropna(subset=["train/loss"])
+    assert train["step"].tolist() == [0, 100, 200, 300] and train["train/loss"].iloc[-1] == 1.0 / 400
