@@ -57,6 +57,19 @@ def largest_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return top[d == d.max()]
 
 
+def one_alpha(runs: pd.DataFrame) -> tuple[pd.DataFrame, float | None, list[float]]:
+    """The runs at one Zipf exponent (the one with most runs; the paper's 0.4 on a tie): losses and
+    counts at different alphas are different curves (analysis.alpha_study compares them)."""
+    a = _num(runs, "config.data.zipf_alpha")
+    alphas = sorted(float(x) for x in a.dropna().unique())
+    if len(alphas) <= 1:
+        return runs, (alphas[0] if alphas else None), alphas
+    counts = a.value_counts()
+    best = counts[counts == counts.max()].index
+    pick = 0.4 if 0.4 in best else float(min(best))
+    return runs[a == pick], pick, alphas
+
+
 def frequencies(run: pd.Series) -> np.ndarray | None:
     """p_t ~ (t + offset)^-(zipf_alpha + 1), t = 1..n_tasks, from a run's config (tasks/sparse_parity.py)."""
     a, n, off = (run.get(k) for k in ("config.data.zipf_alpha", "config.data.n_tasks", "config.data.offset"))
@@ -183,6 +196,7 @@ def analyze(source: str, sweep: str | None, runs: pd.DataFrame, n_bootstrap: int
     if not len(good) or PARAMS not in good or good[PARAMS].isna().all():
         raise UserError(f"no finished sparse-parity runs with {PARAMS} in {source} "
                         f"(states: {runs['state'].value_counts().to_dict()})")
+    good, alpha, alphas = one_alpha(good)
     big = largest_runs(good)
     ids = list(big["id"])
     hist = load_history(source, run_ids=ids, sweep=sweep, keys=["val/loss"])
@@ -199,6 +213,7 @@ def analyze(source: str, sweep: str | None, runs: pd.DataFrame, n_bootstrap: int
     return {
         "largest": {"ids": ids, "params": int(n), "D": "infinite" if d == np.inf else int(d),
                     "width": _num(big, "config.model.width").iloc[0]},
+        "zipf_alpha": alpha, "zipf_alphas_in_source": alphas,
         "step_exponent": step_exponent(hist, n_bootstrap),
         "convergence": {**convergence_slope(conv, n_bootstrap),
                         "points": conv.replace({np.nan: None}).to_dict("records")},
@@ -282,7 +297,9 @@ def report(result: dict, source: str, sweep: str | None, plots: list[str]) -> st
     lg, se, cv, lc = result["largest"], result["step_exponent"], result["convergence"], result["learned"]
     lines = ["# Sparse parity: training dynamics", "",
              f"Source: `{source}`" + (f", sweep `{sweep}`" if sweep else "")
-             + f"; largest runs: {lg['params']} parameters, D {lg['D']} ({len(lg['ids'])} run(s): {', '.join(lg['ids'])}).", ""]
+             + f"; largest runs: {lg['params']} parameters, D {lg['D']} ({len(lg['ids'])} run(s): {', '.join(lg['ids'])})"
+             + (f"; runs at zipf_alpha = {result['zipf_alpha']:g} only (the source has {result['zipf_alphas_in_source']}: "
+                "analysis.alpha_study compares them)" if len(result["zipf_alphas_in_source"]) > 1 else "") + ".", ""]
     if se["alpha_S"] is not None:
         lines.append(f"- step exponent: mean test loss L = {se['E']:.3g} + {se['A']:.3g} t^-alpha_S, alpha_S = "
                      f"**{se['alpha_S']:.3f}**{_ci(se['alpha_S_ci'])}, fitted over {se['n_fit']} evaluations from "

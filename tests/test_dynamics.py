@@ -106,3 +106,11 @@ def test_dynamics_of_real_runs_from_step_0(offline):
     assert len(result["learned"]["vs_N"]) == 3
     assert json.load(open(os.path.join(out, "dynamics.json")))["largest"]["ids"] == [ids[-1]]
     assert os.path.exists(os.path.join(out, "loss_vs_step.svg")) and os.path.exists(os.path.join(out, "report.md"))
+
+
+def test_runs_at_several_alphas_are_analysed_at_one():
+    runs = pd.DataFrame(run_rows(5, **{"config.data.zipf_alpha": [0.2, 0.4, 0.4, 0.8, 0.8]}))
+    kept, alpha, alphas = dynamics.one_alpha(runs)
+    assert alpha == 0.4 and list(kept["id"]) == ["r1", "r2"] and alphas == [0.2, 0.4, 0.8]  # a tie: the paper's 0.4
+    kept, alpha, _ = dynamics.one_alpha(runs.iloc[[0, 3, 4]])
+    assert alpha == 0.8 and list(kept["id"]) == ["r3", "r4"]
