@@ -28,6 +28,7 @@ import pandas as pd
 from analysis import plots as P
 from analysis.common import main_guard, parse_args, write_outputs
 from analysis.fits import FitError, fit_loglog, fit_power_law
+from analysis.scaling import one_alpha
 from analysis.study import Section, has_task, numbers, task_runs
 from harness.errors import UserError
 
@@ -55,19 +56,6 @@ def largest_runs(runs: pd.DataFrame) -> pd.DataFrame:
     top = runs[n == n.max()]
     d = data_budget(top)
     return top[d == d.max()]
-
-
-def one_alpha(runs: pd.DataFrame) -> tuple[pd.DataFrame, float | None, list[float]]:
-    """The runs at one Zipf exponent (the one with most runs; the paper's 0.4 on a tie): losses and
-    counts at different alphas are different curves (analysis.alpha_study compares them)."""
-    a = _num(runs, "config.data.zipf_alpha")
-    alphas = sorted(float(x) for x in a.dropna().unique())
-    if len(alphas) <= 1:
-        return runs, (alphas[0] if alphas else None), alphas
-    counts = a.value_counts()
-    best = counts[counts == counts.max()].index
-    pick = 0.4 if 0.4 in best else float(min(best))
-    return runs[a == pick], pick, alphas
 
 
 def frequencies(run: pd.Series) -> np.ndarray | None:

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import dynamics
+from analysis import dynamics, scaling
 from harness.errors import UserError
 
 
@@ -110,7 +110,7 @@ def test_dynamics_of_real_runs_from_step_0(offline):
 
 def test_runs_at_several_alphas_are_analysed_at_one():
     runs = pd.DataFrame(run_rows(5, **{"config.data.zipf_alpha": [0.2, 0.4, 0.4, 0.8, 0.8]}))
-    kept, alpha, alphas = dynamics.one_alpha(runs)
+    kept, alpha, alphas = scaling.one_alpha(runs)
     assert alpha == 0.4 and list(kept["id"]) == ["r1", "r2"] and alphas == [0.2, 0.4, 0.8]  # a tie: the paper's 0.4
-    kept, alpha, _ = dynamics.one_alpha(runs.iloc[[0, 3, 4]])
+    kept, alpha, _ = scaling.one_alpha(runs.iloc[[0, 3, 4]])
     assert alpha == 0.8 and list(kept["id"]) == ["r3", "r4"]

@@ -245,3 +245,12 @@ def test_scaling_fits_one_data_budget_and_lists_the_data_scaling_runs():
     # Finite D fixed, widths varied: a parameter-scaling sweep at that D.
     fixed = runs.assign(**{"config.data.n_train_samples": 5000})
     assert scaling.analyze(fixed, n_bootstrap=20)["data_budget"] == "5000"
+
+
+def test_scaling_fits_one_zipf_alpha():
+    runs = pd.concat([synthetic_runs([10, 20, 40, 80], alpha=0.4),
+                      synthetic_runs([10, 20, 40], alpha=0.8).assign(id=["a0", "a1", "a2"])], ignore_index=True)
+    result = scaling.analyze(runs, n_bootstrap=20)
+    assert result["n_runs"] == 4 and result["theory_alpha"] == 0.4 and result["alpha_N"] == pytest.approx(0.4, abs=0.01)
+    assert result["zipf_alphas_in_source"] == [0.4, 0.8]
+    assert "zipf_alpha = 0.4 only" in scaling.report(result, "src", None, [])
