@@ -309,32 +309,16 @@ def applies(runs: pd.DataFrame) -> bool:
 
 def run(source: str, sweep: str | None, out: str) -> "Section":
     """The analysis.report hook (analysis/study.py): this module's CLI, then its outputs as a Section."""
-    import glob
-    import json
+    from analysis.study import Section, add_run_emergence, numbers, run_cli
 
-    from analysis.study import Section, numbers
-
-    main([source, "--out", out] + (["--sweep", sweep] if sweep else []))
-    with open(os.path.join(out, f"{STUDY}.json")) as f:
-        result = json.load(f)
-    with open(os.path.join(out, "report.md")) as f:
-        md = f.read()
+    result, md, plots = run_cli(main, STUDY, source, sweep, out)
     recs = pd.DataFrame(result["runs"])
     summary = {f"phase/{k}": v for k, v in result["phase_counts"].items()}
     summary.update(numbers({"n_runs": len(recs), "threshold": result["threshold"]}))
     tables = {"runs": recs.astype({c: str for c in recs.columns if recs[c].map(type).eq(list).any()})}
-    if len(recs):  # val accuracy beside val loss for every run: a grokking jump, or a mirage of the threshold
-        from harness import runstore
-        from analysis.study import emergence_markdown, run_emergence
-
-        hist = runstore.load_history(source, run_ids=recs["id"], keys=["val/loss", "val/acc"])
-        em_table = run_emergence(hist, "val/loss", "val/acc", result["threshold"])
-        if len(em_table):
-            md += emergence_markdown(em_table, "val/loss", "val/acc", result["threshold"])
-            tables["emergence"] = em_table
-            summary.update({f"verdict/{k}": int(v) for k, v in em_table["verdict"].value_counts().items()})
-    return Section(STUDY, "Grokking of modular arithmetic", md, out, sorted(glob.glob(os.path.join(out, "*.png"))),
-                   tables, summary, list(recs["id"]) if len(recs) else [])
+    ids = list(recs["id"]) if len(recs) else []
+    md = add_run_emergence(source, ids, result["threshold"], md, tables, summary)
+    return Section(STUDY, "Grokking of modular arithmetic", md, out, plots, tables, summary, ids)
 
 
 if __name__ == "__main__":

@@ -245,33 +245,16 @@ def applies(runs: pd.DataFrame) -> bool:
 
 def run(source: str, sweep: str | None, out: str) -> "Section":
     """The analysis.report hook (analysis/study.py): this module's CLI, then its outputs as a Section."""
-    import glob
-    import json
+    from analysis.study import Section, add_run_emergence, numbers, run_cli
 
-    from analysis.study import Section, numbers
-
-    main([source, "--out", out] + (["--sweep", sweep] if sweep else []))
-    with open(os.path.join(out, f"{STUDY}.json")) as f:
-        result = json.load(f)
-    with open(os.path.join(out, "report.md")) as f:
-        md = f.read()
+    result, md, plots = run_cli(main, STUDY, source, sweep, out)
     tables = {k: pd.DataFrame(result[k]) for k in ("grokking", "landscape") if result[k]}
     ids = [r["id"] for r in result["grokking"] + result["landscape"] if "id" in r]
     summary = numbers({"lu_shape": result["lu_shape"], "n_grokking_runs": len(result["grokking"]),
                        "n_landscape_runs": len(result["landscape"])})
-    grok_ids = [r["id"] for r in result["grokking"] if "id" in r]
-    if grok_ids:  # test accuracy beside test loss for every grokking run (analysis.emergence)
-        from harness import runstore
-        from analysis.study import emergence_markdown, run_emergence
-
-        hist = runstore.load_history(source, run_ids=grok_ids, keys=["val/loss", "val/acc"])
-        em_table = run_emergence(hist, "val/loss", "val/acc", result["val_threshold"])
-        if len(em_table):
-            md += emergence_markdown(em_table, "val/loss", "val/acc", result["val_threshold"])
-            tables["emergence"] = em_table
-            summary.update({f"verdict/{k}": int(v) for k, v in em_table["verdict"].value_counts().items()})
-    return Section(STUDY, "Omnigrok MNIST", md, out, sorted(glob.glob(os.path.join(out, "*.png"))), tables,
-                   summary, ids)
+    grok_ids = [r["id"] for r in result["grokking"] if "id" in r]  # test accuracy beside test loss
+    md = add_run_emergence(source, grok_ids, result["val_threshold"], md, tables, summary)
+    return Section(STUDY, "Omnigrok MNIST", md, out, plots, tables, summary, ids)
 
 
 if __name__ == "__main__":

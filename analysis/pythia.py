@@ -356,16 +356,9 @@ def applies(runs: pd.DataFrame) -> bool:
 
 def run(source: str, sweep: str | None, out: str) -> "Section":
     """The analysis.report hook (analysis/study.py): this module's CLI, then its outputs as a Section."""
-    import glob
-    import json
+    from analysis.study import Section, numbers, run_cli
 
-    from analysis.study import Section, numbers
-
-    main([source, "--out", out] + (["--sweep", sweep] if sweep else []))
-    with open(os.path.join(out, f"{STUDY}.json")) as f:
-        result = json.load(f)
-    with open(os.path.join(out, "report.md")) as f:
-        md = f.read()
+    result, md, plots = run_cli(main, STUDY, source, sweep, out)
     tables, summary = {}, {}
     for axis in ("size", "checkpoints"):
         if result.get(axis):
@@ -373,8 +366,7 @@ def run(source: str, sweep: str | None, out: str) -> "Section":
             summary.update(numbers({axis: {"class_fractions": result[axis]["class_fractions"],
                                            "fit": (result[axis].get("fit") or {}).get("fit") or {}}}))
     ids = [i for m in result["models"] for i in m["runs"]]
-    return Section(STUDY, "Token-level scaling (Pythia)", md, out, sorted(glob.glob(os.path.join(out, "*.png"))),
-                   tables, summary, ids)
+    return Section(STUDY, "Token-level scaling (Pythia)", md, out, plots, tables, summary, ids)
 
 
 if __name__ == "__main__":

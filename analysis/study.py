@@ -13,7 +13,10 @@ raises harness.errors.UserError with one line; the report lists it and goes on.
 """
 from __future__ import annotations
 
+import glob
+import json
 import math
+import os
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -106,3 +109,30 @@ def emergence_markdown(table: pd.DataFrame, continuous: str, thresholded: str, t
         width = f"{f(r.width_decades, '{:.2f}')} [{f(r.width_lo, '{:.2f}')}, {f(r.width_hi, '{:.2f}')}]" if r.detected else "-"
         lines.append(f"| {r.run_id} | {cross} | {mid} | {width} | {r.verdict} |")
     return "\n".join(lines) + "\n"
+
+
+def run_cli(main, study: str, source: str, sweep: str | None, out: str) -> tuple[dict, str, list[str]]:
+    """Run a study module's CLI into `out`: (its json result, its report.md text, its PNG plots)."""
+    main([source, "--out", out] + (["--sweep", sweep] if sweep else []))
+    with open(os.path.join(out, f"{study}.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(out, "report.md")) as f:
+        md = f.read()
+    return result, md, sorted(glob.glob(os.path.join(out, "*.png")))
+
+
+def add_run_emergence(source: str, run_ids: list[str], threshold: float, md: str,
+                      tables: dict, summary: dict) -> str:
+    """Validation accuracy beside validation loss for each run (a jump, or a mirage of the threshold):
+    adds the table and verdict counts to `tables` / `summary`, returns `md` with the subsection."""
+    if not run_ids:
+        return md
+    from harness import runstore
+
+    hist = runstore.load_history(source, run_ids=run_ids, keys=["val/loss", "val/acc"])
+    table = run_emergence(hist, "val/loss", "val/acc", threshold)
+    if len(table):
+        md += emergence_markdown(table, "val/loss", "val/acc", threshold)
+        tables["emergence"] = table
+        summary.update({f"verdict/{k}": int(v) for k, v in table["verdict"].value_counts().items()})
+    return md
