@@ -25,6 +25,7 @@ from analysis import tokens as tk  # noqa: E402
 from analysis.common import main_guard, parse_args, write_outputs  # noqa: E402
 from analysis.plots import save  # noqa: E402
 from harness.errors import UserError  # noqa: E402
+from harness.resources import data_root  # noqa: E402
 
 STUDY = "pythia"
 ARTIFACT = "per_token_losses"
@@ -184,7 +185,7 @@ def decoder(runs: pd.DataFrame, path: str | None):
 
     if path is None and "config.model.tokenizer" in runs:
         names = [t for t in runs["config.model.tokenizer"].dropna().unique() if t]
-        root = os.environ.get("HARNESS_DATA_DIR", "")
+        root = data_root() or ""
         for name in names:
             for cand in (name, os.path.join(root, name)):
                 if os.path.isfile(cand):

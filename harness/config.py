@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from harness.errors import ConfigError  # noqa: F401  (re-exported: tasks raise it)
+from harness.resources import DATA_DIR_ENV, data_root
 
 # Tasks register themselves as entry points (group "harness.tasks", name -> module, see pyproject.toml),
 # so the harness names no task: a new task, here or in another package, is one line in its own
@@ -27,7 +28,6 @@ TASK_GROUP = "harness.tasks"
 PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64", "32", "16", "bf16",
               "transformer-engine", "transformer-engine-float16")
 
-DATA_DIR_ENV = "HARNESS_DATA_DIR"
 
 
 @dataclass
@@ -335,7 +335,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def data_dir(cfg: RunConfig) -> str:
-    path = cfg.data_dir or os.environ.get(DATA_DIR_ENV)
+    path = data_root(cfg.data_dir)
     if not path:
         raise ConfigError(f"no data directory: pass data_dir=PATH or set {DATA_DIR_ENV}")
     if not os.path.isdir(path):

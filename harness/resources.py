@@ -1,5 +1,7 @@
-"""How many CPUs this process may really use (contract C9).
+"""What this machine gives a run: the CPUs this process may really use (contract C9), and where the
+real data lives (`data_root`).
 
+CPUs:
 `os.cpu_count()` is the whole node: on a SLURM or container allocation of 4 CPUs on a 64-core node it
 says 64, and 64 OpenMP threads per run then spin against each other. Count instead the CPUs this
 process is allowed to run on (`sched_getaffinity`: SLURM's cgroup cpuset, `taskset`), capped by the
@@ -41,3 +43,14 @@ def available_cpus() -> int:
         n = os.cpu_count() or 1
     quota = _cgroup_quota()
     return max(1, min(n, quota) if quota else n)
+
+
+DATA_DIR_ENV = "HARNESS_DATA_DIR"
+
+
+def data_root(configured: str | None = None) -> str | None:
+    """The real-data directory: the `data_dir=` config key if given, else $HARNESS_DATA_DIR, else None.
+
+    The one place that reads the variable (the config's data_dir(), the Pythia task's relative model and
+    tokenizer paths, analysis.pythia's tokenizer lookup)."""
+    return configured or os.environ.get(DATA_DIR_ENV) or None

@@ -24,7 +24,8 @@ from harness import tracking
 from harness.callbacks import GrokkingCallback, TrainLossLog, log_eval
 from harness.config import ConfigError, RunConfig, TrainerConfig, data_dir
 from harness.data import DeviceDataModule, batch_seed
-from harness.train import Job, backward, optimizer_step
+from harness.nn import MLP, n_params, weight_norm  # noqa: F401  (part of this task's API)
+from harness.train import Job, train_steps
 
 MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 # MD5 of the official .gz files (as the mirror serves them; a re-compressed copy differs, so only
@@ -252,25 +253,6 @@ class MnistData(DeviceDataModule):
 
 # ---- model -----------------------------------------------------------------------------------
 
-class MLP(nn.Module):
-    def __init__(self, d_in: int = 784, width: int = 200, depth: int = 2, d_out: int = 10):
-        super().__init__()
-        dims = [d_in] + [width] * depth
-        layers = []
-        for a, b in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        self.net = nn.Sequential(*layers, nn.Linear(dims[-1], d_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [batch, 784] -> [batch, 10]
-        return self.net(x)
-
-
-@torch.no_grad()
-def weight_norm(model: nn.Module) -> torch.Tensor:
-    """L2 norm of all parameters together (weights and biases, as the paper's code)."""
-    return torch.sqrt(sum(p.pow(2).sum() for p in model.parameters()))
-
-
 @torch.no_grad()
 def rescale_(model: nn.Module, target_norm: float) -> None:
     factor = target_norm / weight_norm(model)
@@ -296,17 +278,8 @@ class OmnigrokModule(L.LightningModule):
         self.automatic_optimization = False
 
     def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        for x, y in batch if isinstance(batch, list) else [batch]:
-            step = self.global_step  # optimizer steps taken before this one
-            loss = loss_fn(self.cfg.optim.loss, self.model(x), y)
-            opt.zero_grad(set_to_none=True)
-            backward(self, loss)
-            optimizer_step(self, opt)
-            if self.cfg.optim.fixed_norm:
-                rescale_(self.model, self.target_norm)
-            self.train_log.add(step, loss)
-        self.train_log.flush(self)
+        train_steps(self, batch, lambda xy: loss_fn(self.cfg.optim.loss, self.model(xy[0]), xy[1]),
+                    after_step=(lambda: rescale_(self.model, self.target_norm)) if self.cfg.optim.fixed_norm else None)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,10 +303,6 @@ class OmnigrokModule(L.LightningModule):
         o = self.cfg.optim
         return torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
                                  betas=(o.beta1, o.beta2))
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def build(cfg: Config) -> Job:

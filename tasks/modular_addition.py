@@ -21,7 +21,8 @@ from harness.callbacks import (CurvesRecorder, GrokkingCallback, TrainLossLog, l
                                wandb_run, write_summary)
 from harness.config import ConfigError, RunConfig, TrainerConfig
 from harness.data import DeviceDataModule
-from harness.train import Job, backward, optimizer_step
+from harness.nn import n_params, weight_norm  # noqa: F401  (part of this task's API)
+from harness.train import Job, train_steps
 
 OPERATIONS = ("add", "subtract", "multiply")
 MODELS = ("pair_mlp", "concat_mlp")
@@ -262,10 +263,6 @@ def make_model(cfg: Config) -> nn.Module:
     return model
 
 
-def weight_norm(model: nn.Module) -> torch.Tensor:
-    return torch.sqrt(sum(w.detach().pow(2).sum() for w in model.parameters()))
-
-
 # ---------------------------------------------------------------- Fourier progress measures
 # Nanda et al. 2023, adapted to MLPs. Pure torch; the task computes them at every evaluation and logs
 # the results (history, curves artifact), which is what analysis.grokking reads. Frequencies are the
@@ -406,16 +403,9 @@ class ModularModule(L.LightningModule):
         self.automatic_optimization = False
 
     def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        for a, b, y in batch if isinstance(batch, list) else [batch]:
-            step = self.global_step  # optimizer steps taken before this one
-            loss = loss_fn(self.model(a, b), y, self.cfg.optim.loss)
-            opt.zero_grad(set_to_none=True)
-            backward(self, loss)
-            optimizer_step(self, opt)
-            if self.cfg.data.batch_size:  # full batch: train/loss at each evaluation says it all
-                self.train_log.add(step, loss)
-        self.train_log.flush(self)
+        # Full batch: train/loss at each evaluation says it all, so only minibatch runs log it per step.
+        train_steps(self, batch, lambda aby: loss_fn(self.model(aby[0], aby[1]), aby[2], self.cfg.optim.loss),
+                    log_loss=bool(self.cfg.data.batch_size))
 
     def validation_step(self, batch, batch_idx):
         metrics = evaluate(self.model, batch, self.cfg)
@@ -468,10 +458,6 @@ def final_fourier_values(keys: list[int], power: torch.Tensor | None, seconds: f
             columns=["k", "power", "key"],
             data=[[k + 1, float(v), k + 1 in key_set] for k, v in enumerate(power.tolist())])
     return values
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(w.numel() for w in model.parameters())
 
 
 # Packed runs (harness.packed, issue 14): keys whose values may differ between the members of one

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from harness import tracking
 from harness.callbacks import write_summary
 from harness.config import ConfigError, RunConfig, TrainerConfig, data_dir
+from harness.resources import data_root
 from harness.train import Job
 
 ARTIFACT_TYPE = "per_token_losses"
@@ -116,7 +117,7 @@ class Config(RunConfig):
 def _local_path(path: str, cfg: RunConfig) -> str | None:
     if os.path.exists(path):
         return path
-    root = cfg.data_dir or os.environ.get("HARNESS_DATA_DIR")
+    root = data_root(cfg.data_dir)
     if root and not os.path.isabs(path) and os.path.exists(os.path.join(root, path)):
         return os.path.join(root, path)
     return None

@@ -17,7 +17,8 @@ from torch import nn
 from harness.callbacks import CurvesRecorder, EmergenceCallback, TrainLossLog, log_eval, set_eval_arrays
 from harness.config import ConfigError, RunConfig, TrainerConfig
 from harness.data import DeviceDataModule
-from harness.train import Job, backward, optimizer_step
+from harness.nn import MLP, n_params  # noqa: F401  (MLP and n_params are part of this task's API)
+from harness.train import Job, train_steps
 
 
 @dataclass
@@ -86,23 +87,6 @@ class Config(RunConfig):
             raise ConfigError(f"data.batch_size={d.batch_size}, data.n_train_samples={d.n_train_samples}: need >= 1 and >= 0")
         if self.model.width < 1 or self.model.depth < 1:
             raise ConfigError(f"model.width={self.model.width}, model.depth={self.model.depth}: both must be >= 1")
-
-
-class MLP(nn.Module):
-    def __init__(self, d_in: int, width: int, depth: int, d_out: int = 2):
-        super().__init__()
-        dims = [d_in] + [width] * depth
-        layers = []
-        for a, b in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        self.net = nn.Sequential(*layers, nn.Linear(dims[-1], d_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [batch, d_in] -> [batch, d_out]
-        return self.net(x)
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def frequencies(n_tasks: int, zipf_alpha: float, offset: float = 0.0) -> torch.Tensor:
@@ -218,15 +202,7 @@ class SparseParityModule(L.LightningModule):
         self.automatic_optimization = False
 
     def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        for x, y in batch if isinstance(batch, list) else [batch]:
-            step = self.global_step  # optimizer steps taken before this one
-            loss = F.cross_entropy(self.model(x), y)
-            opt.zero_grad(set_to_none=True)
-            backward(self, loss)
-            optimizer_step(self, opt)
-            self.train_log.add(step, loss)
-        self.train_log.flush(self)
+        train_steps(self, batch, lambda xy: F.cross_entropy(self.model(xy[0]), xy[1]))
 
     @torch.no_grad()
     def per_subtask(self, tasks: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,7 +234,7 @@ class SparseParityModule(L.LightningModule):
 
 def build(cfg: Config) -> Job:
     d = cfg.data
-    model = MLP(d.n_tasks + d.n, cfg.model.width, cfg.model.depth)
+    model = MLP(d.n_tasks + d.n, cfg.model.width, cfg.model.depth, 2)
     data = SparseParityData(cfg)
     return Job(
         module=SparseParityModule(cfg, model, data),

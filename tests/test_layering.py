@@ -1,6 +1,6 @@
 """The dependency direction of DESIGN.md, checked on every import statement (module level or inside a
 function): tasks -> harness; analysis -> harness.runstore and the pure helpers (harness.events,
-harness.errors, harness.wandb_mode) + analysis.*; harness -> nothing above it. A task never imports another task: a
+harness.errors, harness.wandb_mode, harness.resources) + analysis.*; harness -> nothing above it. A task never imports another task: a
 registered task module (pyproject's "harness.tasks" entry points) may import harness and the task's own
 helper modules in tasks/ (those not registered), never another registered task."""
 import ast
@@ -11,7 +11,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANALYSIS_MAY_USE = ("harness.runstore", "harness.events", "harness.errors", "harness.quanta_stats",
-                    "harness.wandb_mode")
+                    "harness.wandb_mode", "harness.resources")
 
 
 def registered_tasks() -> set[str]:

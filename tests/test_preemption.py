@@ -188,7 +188,7 @@ def test_final_weights_are_a_model_artifact(offline):
     # A pure nn.Module's state_dict: it loads into the task's MLP.
     from tasks.sparse_parity import MLP
     cfg = load_config(TINY)
-    model = MLP(cfg.data.n_tasks + cfg.data.n, cfg.model.width, cfg.model.depth)
+    model = MLP(cfg.data.n_tasks + cfg.data.n, cfg.model.width, cfg.model.depth, 2)
     model.load_state_dict(saved["state_dict"])
 
     args = TINY + ["model.save=false"]

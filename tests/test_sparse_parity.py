@@ -24,7 +24,7 @@ def test_frequencies_follow_the_papers_alpha_plus_one():
 def test_parameter_count_matches_the_paper():
     # Michaud et al.: params = 603 * width + 2 for n_tasks=500, n=100 (one hidden layer).
     for width in (10, 100, 500):
-        assert n_params(MLP(600, width, 1)) == 603 * width + 2
+        assert n_params(MLP(600, width, 1, 2)) == 603 * width + 2
 
 
 def test_labels_are_parities_of_distinct_subsets():
