@@ -78,12 +78,39 @@ def rebase(md: str, prefix: str) -> str:
                    else f"![{m.group(1)}]({prefix}/{m.group(2)})", md)
 
 
+def overview(sections: list[Section], out: str) -> str | None:
+    """`out/overview.png`: the headline plot of every study (its first), tiled, so the report opens on
+    the whole picture before the sections (PNG only: it tiles raster images, an SVG would add nothing;
+    each study's own plots have their SVG twins). None when no study drew a plot."""
+    heads = [(s.title, s.plots[0]) for s in sections if s.plots]
+    if not heads:
+        return None
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    cols = min(len(heads), 2)
+    rows = (len(heads) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, path) in zip(axes.flat, heads):
+        ax.imshow(mpimg.imread(path))
+        ax.set_title(title, fontsize=10)
+    path = os.path.join(out, "overview.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def combine(sections: list[Section], problems: list[str], source: str, sweep: str | None, out: str,
             runs_by_task: dict) -> str:
     lines = ["# Analysis report", "",
              f"Source `{source}`" + (f", sweep `{sweep}`" if sweep else "") + f"; written {time.strftime('%Y-%m-%d %H:%M')}.",
              "Runs by task: " + (", ".join(f"{t} {n}" for t, n in runs_by_task.items()) or "none") + ".", ""]
     lines += [f"- [{s.title}](#{_anchor(s.title)})" for s in sections]
+    if any(s.plots for s in sections):
+        lines += ["", "![overview.png](overview.png)"]
     if problems:
         lines += ["", "Studies that did not run:"] + [f"- {p}" for p in problems]
     for s in sections:
@@ -283,6 +310,7 @@ def build(source: str, sweep: str | None, out: str, log: bool | None = None, stu
         raise UserError(f"no study applies to the {len(runs)} runs in {source}"
                         + (f" (sweep {sweep})" if sweep else "") + f"; tasks found: {dict(tasks) or 'none'}; "
                         f"studies: {', '.join(study_name(m) for m in modules)}")
+    overview(sections, out)
     md = combine(sections, problems, source, sweep, out, dict(tasks))
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(md)

@@ -51,8 +51,9 @@ def test_report_finds_studies_writes_md_html_and_logs_analysis_runs(generated, t
     assert [s.study for s in res["sections"]] == ["subtasks"] and not res["problems"]
     md = open(os.path.join(out, "report.md")).read()
     assert "## Per-subtask emergence (sparse parity)" in md and "](subtasks/fraction_learned.png)" in md
+    assert "![overview.png](overview.png)" in md and os.path.getsize(os.path.join(out, "overview.png")) > 10_000
     html = open(os.path.join(out, "report.html")).read()
-    assert html.count("data:image/png;base64,") == 5 and 'href="subtasks/sharpness.svg"' in html
+    assert html.count("data:image/png;base64,") == 6 and 'href="subtasks/sharpness.svg"' in html
     assert "<table>" in html and "<h2" in html
     for png in res["sections"][0].plots:
         assert os.path.exists(png) and os.path.exists(png[:-4] + ".svg")
