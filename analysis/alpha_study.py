@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import numpy as np
 import pandas as pd
 
 from analysis import plots as P
-from analysis.common import final_metric_column, main_guard, parse_args, write_outputs
+from analysis.common import final_metric_column, main_guard, parse_args
 from analysis.fits import FitError, fit_loglog, fit_power_law
-from analysis.study import Section, numbers, task_runs
+from analysis.study import Section, numbers, sparse_parity_study, task_runs
 from harness.errors import UserError
 
 STUDY = "alpha_study"
@@ -115,14 +116,8 @@ def report(result: dict, source: str, sweep: str | None, plots: list[str]) -> st
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from harness.runstore import load_runs
-
     args = parse_args(STUDY, argv, lambda p: p.add_argument("--bootstrap", type=int, default=200))
-    runs = task_runs(load_runs(args.source, sweep=args.sweep), "sparse_parity")
-    result = analyze(runs, n_bootstrap=args.bootstrap)
-    os.makedirs(args.out, exist_ok=True)
-    plots = plot(result, args.out)
-    write_outputs(args.out, STUDY, result, report(result, args.source, args.sweep, plots))
+    _, result, _, _ = sparse_parity_study(sys.modules[__name__], args.source, args.sweep, args.out, args.bootstrap)
     for r in result["groups"]:
         print(f"alpha={r['zipf_alpha']:g}: alpha_N {_cell(r['alpha_N'])}; alpha_D {_cell(r['alpha_D'])}")
     return result
@@ -136,14 +131,7 @@ def applies(runs: pd.DataFrame) -> bool:
 
 def run(source: str, sweep: str | None, out: str) -> Section:
     """The analysis.report hook (analysis/study.py)."""
-    from harness.runstore import load_runs
-
-    runs = task_runs(load_runs(source, sweep=sweep), "sparse_parity")
-    result = analyze(runs)
-    os.makedirs(out, exist_ok=True)
-    paths = plot(result, out)
-    md = report(result, source, sweep, paths)
-    write_outputs(out, STUDY, result, md)
+    runs, result, paths, md = sparse_parity_study(sys.modules[__name__], source, sweep, out)
     table = pd.DataFrame([{"zipf_alpha": r["zipf_alpha"], "theory_alpha_N": r["theory_alpha_N"],
                            "theory_alpha_D": r["theory_alpha_D"],
                            **{f"{k}{suffix}": r[k].get(field) for k in ("alpha_N", "alpha_D")

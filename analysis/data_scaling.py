@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import numpy as np
 import pandas as pd
 
 from analysis import plots as P
-from analysis.common import main_guard, parse_args, write_outputs
+from analysis.common import main_guard, parse_args
 from analysis.fits import fit_loglog, fit_power_law
-from analysis.study import Section, numbers, task_runs
+from analysis.study import Section, numbers, sparse_parity_study, task_runs
 from harness.errors import UserError
 
 STUDY = "data_scaling"
@@ -145,14 +146,8 @@ def report(result: dict, source: str, sweep: str | None, plots: list[str]) -> st
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from harness.runstore import load_runs
-
     args = parse_args(STUDY, argv, lambda p: p.add_argument("--bootstrap", type=int, default=200))
-    runs = task_runs(load_runs(args.source, sweep=args.sweep), "sparse_parity")
-    result = analyze(runs, n_bootstrap=args.bootstrap)
-    os.makedirs(args.out, exist_ok=True)
-    plots = plot(result, args.out)
-    write_outputs(args.out, STUDY, result, report(result, args.source, args.sweep, plots))
+    _, result, _, _ = sparse_parity_study(sys.modules[__name__], args.source, args.sweep, args.out, args.bootstrap)
     print(f"alpha_D = {result['alpha_D']:.3f}  CI {result['alpha_D_ci']}  plain {result['alpha_D_plain']:.3f}  "
           f"theory {result['theory_alpha_D']}  (n_runs={result['n_runs']})")
     return result
@@ -166,13 +161,7 @@ def applies(runs: pd.DataFrame) -> bool:
 
 def run(source: str, sweep: str | None, out: str) -> Section:
     """The analysis.report hook (analysis/study.py)."""
-    from harness.runstore import load_runs
-
-    result = analyze(task_runs(load_runs(source, sweep=sweep), "sparse_parity"))
-    os.makedirs(out, exist_ok=True)
-    paths = plot(result, out)
-    md = report(result, source, sweep, paths)
-    write_outputs(out, STUDY, result, md)
+    _, result, paths, md = sparse_parity_study(sys.modules[__name__], source, sweep, out)
     fitted = {k: result[k] for k in ("alpha_D", "alpha_D_ci", "alpha_D_plain", "alpha_D_plain_ci", "E", "B",
                                      "theory_alpha_D", "n_runs") if result[k] is not None}
     return Section(STUDY, "Sparse parity: data scaling", md, out, paths, {"points": pd.DataFrame(result["points"])},

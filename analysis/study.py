@@ -136,3 +136,19 @@ def add_run_emergence(source: str, run_ids: list[str], threshold: float, md: str
         tables["emergence"] = table
         summary.update({f"verdict/{k}": int(v) for k, v in table["verdict"].value_counts().items()})
     return md
+
+
+def sparse_parity_study(module, source: str, sweep: str | None, out: str, n_bootstrap: int = 200):
+    """The body shared by the sparse-parity study modules (data_scaling, alpha_study): their runs of
+    SOURCE -> module.analyze -> module.plot -> `<study>.json` + report.md in `out`.
+    Returns (runs, result, plot paths, report markdown)."""
+    from analysis.common import write_outputs
+    from harness.runstore import load_runs
+
+    runs = task_runs(load_runs(source, sweep=sweep), "sparse_parity")
+    result = module.analyze(runs, n_bootstrap=n_bootstrap)
+    os.makedirs(out, exist_ok=True)
+    paths = module.plot(result, out)
+    md = module.report(result, source, sweep, paths)
+    write_outputs(out, module.STUDY, result, md)
+    return runs, result, paths, md
