@@ -15,6 +15,15 @@ parameters stacked along a leading dimension and offers:
     member_model(i) -> nn.Module          member i's weights as the solo model (model artifact, C7)
     member_state(i) / load_member_state(i, state)   event detectors etc. for checkpoints
 
+and optionally:
+
+    member_axes() -> [MemberAxis]         one per params() entry: which slices of a parameter belong to
+                                          which member. Default: the leading dimension, one row per
+                                          member. A block whose members share a concatenated layer
+                                          (sparse parity's width packing) says which rows are whose.
+    after_step(active)                    called after every optimizer step (e.g. a fixed-norm projection);
+                                          `active` is None (all members) or a boolean mask [M]
+
 This module runs the loop (one backward for all members, StackedAdamW), opens one W&B run per
 member (`reinit="create_new"`) through harness.tracking, and gives each member what `harness train`
 gives one run: the step axis (C2), typed events (C3), curves (C4), exit states and resume (C5),
@@ -43,6 +52,46 @@ from harness.train import NonFiniteLoss, check_finite
 PACKED_CKPT = "packed.pt"  # a member's resume point, in its checkpoint directory (beside a solo last.ckpt)
 
 
+# ---- which parts of a parameter are whose ----------------------------------------------------------
+
+@dataclass
+class MemberAxis:
+    """Along dimension `dim`, position j of a packed parameter belongs to member `owner[j]`.
+
+    Stacked parameters ([M, ...]) have dim 0 and owner arange(M); a hidden layer concatenated over
+    members of widths w_1..w_M has owner repeat_interleave(arange(M), widths)."""
+    dim: int
+    owner: torch.Tensor  # int64 [size of dim]
+
+    @classmethod
+    def stacked(cls, n_members: int) -> "MemberAxis":
+        return cls(0, torch.arange(n_members))
+
+    def column(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Per-member values [M] spread along `dim`, broadcastable to `like` (its dtype and device)."""
+        shape = [1] * like.dim()
+        shape[self.dim] = -1
+        return values[self.owner].to(like.dtype).to(like.device).view(shape)
+
+    def positions(self, i: int) -> torch.Tensor:
+        return (self.owner == i).nonzero().flatten()
+
+    def take(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Member i's part of x (a copy)."""
+        return x.detach().index_select(self.dim, self.positions(i).to(x.device))
+
+    @torch.no_grad()
+    def put(self, x: torch.Tensor, i: int, part: torch.Tensor) -> None:
+        x.index_copy_(self.dim, self.positions(i).to(x.device), part.to(x.dtype).to(x.device))
+
+
+def member_axes(block, params: list[torch.Tensor], n_members: int) -> list[MemberAxis]:
+    axes = block.member_axes() if hasattr(block, "member_axes") else [MemberAxis.stacked(n_members)] * len(params)
+    if len(axes) != len(params):
+        raise ValueError(f"member_axes() gave {len(axes)} axes for {len(params)} parameters")
+    return axes
+
+
 # ---- the optimizer ---------------------------------------------------------------------------------
 
 class StackedAdamW:
@@ -58,8 +107,10 @@ class StackedAdamW:
     """
 
     def __init__(self, params: list[torch.Tensor], lr: torch.Tensor, weight_decay: torch.Tensor,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 axes: list[MemberAxis] | None = None):
         self.params = list(params)
+        self.axes = axes or [MemberAxis.stacked(len(lr))] * len(self.params)
         if lr.dtype != torch.float64 or weight_decay.dtype != torch.float64:
             # 0.1 held in float32 is 0.1000000015: the members would train with another rate than asked
             raise TypeError("StackedAdamW: lr and weight_decay must be float64 tensors (built from Python floats)")
@@ -72,8 +123,8 @@ class StackedAdamW:
         self._decay = self._column(1 - self.lr * self.wd)
 
     def _column(self, values: torch.Tensor) -> list[torch.Tensor]:
-        """Per-member float64 values as [M, 1, ..] tensors of each parameter's dtype and device."""
-        return [values.to(p.dtype).to(p.device).view(-1, *([1] * (p.dim() - 1))) for p in self.params]
+        """Per-member float64 values spread along each parameter's member axis, in its dtype and device."""
+        return [axis.column(values, p) for axis, p in zip(self.axes, self.params)]
 
     @torch.no_grad()
     def step(self, active: torch.Tensor | None = None) -> None:
@@ -90,7 +141,7 @@ class StackedAdamW:
                 denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
                 p.sub_(step_size[i] * m / denom)
             else:
-                keep = active.view(-1, *([1] * (p.dim() - 1)))
+                keep = self.axes[i].column(active.cpu(), p).bool()
                 m_new = m.lerp(g, 1 - self.beta1)
                 v_new = (v * self.beta2).addcmul_(g, g, value=1 - self.beta2)
                 denom = (v_new.sqrt() / bc2_sqrt).add_(self.eps)
@@ -100,16 +151,16 @@ class StackedAdamW:
                 v.copy_(torch.where(keep, v_new, v))
 
     def member_state(self, i: int) -> dict:
-        return {"t": self.t, "exp_avg": [m[i].clone() for m in self.exp_avg],
-                "exp_avg_sq": [v[i].clone() for v in self.exp_avg_sq]}
+        return {"t": self.t, "exp_avg": [a.take(m, i) for a, m in zip(self.axes, self.exp_avg)],
+                "exp_avg_sq": [a.take(v, i) for a, v in zip(self.axes, self.exp_avg_sq)]}
 
     @torch.no_grad()
     def load_member_state(self, i: int, state: dict) -> None:
         self.t = int(state["t"])
-        for m, x in zip(self.exp_avg, state["exp_avg"]):
-            m[i].copy_(x)
-        for v, x in zip(self.exp_avg_sq, state["exp_avg_sq"]):
-            v[i].copy_(x)
+        for a, m, x in zip(self.axes, self.exp_avg, state["exp_avg"]):
+            a.put(m, i, x)
+        for a, v, x in zip(self.axes, self.exp_avg_sq, state["exp_avg_sq"]):
+            a.put(v, i, x)
 
 
 # ---- packing rules ---------------------------------------------------------------------------------
@@ -286,13 +337,14 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
         return
     block = task_module(cfg0.task).build_packed(cfgs)
     params = list(block.params().values())
-    opt = StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps)
+    axes = member_axes(block, params, len(members))
+    opt = StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps, axes)
+    after_step = getattr(block, "after_step", None)
     for i, m in enumerate(members):
         m.run.summary.update(block.static_summary(i))
         if m.resume is not None:
-            with torch.no_grad():
-                for p, x in zip(params, m.resume["params"]):
-                    p[i].copy_(x)
+            for p, a, x in zip(params, axes, m.resume["params"]):
+                a.put(p, i, x)
             opt.load_member_state(i, m.resume["optimizer"])
             block.load_member_state(i, m.resume["block"])
             m.curves.load_state_dict(m.resume["curves"])
@@ -342,7 +394,7 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
     def save(i: int, at: int) -> None:
         m = members[i]
         os.makedirs(os.path.dirname(m.ckpt_path), exist_ok=True)
-        state = {"step": at, "params": [p[i].detach().clone() for p in params],
+        state = {"step": at, "params": [a.take(p, i) for p, a in zip(params, axes)],
                  "optimizer": opt.member_state(i), "block": block.member_state(i),
                  "curves": m.curves.state_dict(), "task": m.cfg.task}
         torch.save(state, m.ckpt_path + ".tmp")  # renamed into place: a kill mid-write leaves the old one
@@ -364,6 +416,8 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
             p.grad = None
         losses.sum().backward()  # members are independent: each slice gets its own member's gradient
         opt.step(active)
+        if after_step is not None:
+            after_step(active)
         pending.append((step, losses.detach()))
         step += 1
         evaluate = step % t.eval_every == 0 or step == t.steps
