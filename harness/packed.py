@@ -23,6 +23,9 @@ and optionally:
                                           (sparse parity's width packing) says which rows are whose.
     after_step(active)                    called after every optimizer step (e.g. a fixed-norm projection);
                                           `active` is None (all members) or a boolean mask [M]
+    resolve_config(i)                     settle member i's config values its solo build resolves
+                                          (Omnigrok's data.split=auto), called with its sweep
+                                          parameters in the environment; its run config is logged again
 
 This module runs the loop (one backward for all members, StackedAdamW), opens one W&B run per
 member (`reinit="create_new"`) through harness.tracking, and gives each member what `harness train`
@@ -336,6 +339,11 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
             _end(m, "preempted", checkpoint.PREEMPTED_EXIT)
         return
     block = task_module(cfg0.task).build_packed(cfgs)
+    if hasattr(block, "resolve_config"):  # a build that resolves config values (Omnigrok's data.split=auto)
+        for i, m in enumerate(members):
+            with _as_solo_run(m):  # the member's sweep parameters decide, as in its solo run's build
+                block.resolve_config(i)
+                m.run.config.update(tracking.run_config(m.cfg), allow_val_change=True)
     params = list(block.params().values())
     axes = member_axes(block, params, len(members))
     opt = StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps, axes)

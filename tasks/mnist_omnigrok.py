@@ -198,6 +198,13 @@ def load_mnist(folder: str, split: str = "auto", n_train: int = 1000, n_test: in
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "split": split}
 
 
+def epoch_permutation(seed: int, rank: int, epoch: int, n_train: int, device: torch.device) -> torch.Tensor:
+    """The order of the training images in `epoch` of run `seed` on DDP rank `rank` (also drawn by the
+    packed block, tasks/mnist_omnigrok_packed.py, for each member's seed)."""
+    g = torch.Generator(device=device).manual_seed(batch_seed(seed, rank, -1 - epoch))
+    return torch.randperm(n_train, device=device, generator=g)
+
+
 class MnistData(DeviceDataModule):
     """Images live on the device in the model's dtype; each step takes the next `batch_size` indices
     of a fresh on-device permutation per epoch (the paper's shuffled DataLoader, minus the copy)."""
@@ -234,8 +241,7 @@ class MnistData(DeviceDataModule):
         per_epoch = self.n_train // self.batch_size  # an epoch's tail that does not fill a batch is skipped
         epoch, slot = divmod(index, per_epoch)
         if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator(device=device).manual_seed(batch_seed(self.seed, self.rank, -1 - epoch))
-            self._perm = (epoch, torch.randperm(self.n_train, device=device, generator=g))
+            self._perm = (epoch, epoch_permutation(self.seed, self.rank, epoch, self.n_train, device))
         return self._perm[1][slot * self.batch_size:(slot + 1) * self.batch_size]
 
     def train_batch(self, index: int, device):
@@ -292,12 +298,16 @@ class OmnigrokModule(L.LightningModule):
             correct += (out.argmax(1) == yy).sum()
         return loss_sum / len(y), correct / len(y)
 
-    def validation_step(self, batch, batch_idx):
+    def measure(self, batch) -> dict[str, torch.Tensor]:
+        """One evaluation's metrics (0-d tensors); also what a packed member logs (mnist_omnigrok_packed)."""
         x_tr, y_tr, x_te, y_te = batch
         train_loss, train_acc = self.evaluate(x_tr, y_tr)
         val_loss, val_acc = self.evaluate(x_te, y_te)
-        log_eval(self, {"train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss,
-                        "val/acc": val_acc, "model/weight_norm": weight_norm(self.model)})
+        return {"train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss,
+                "val/acc": val_acc, "model/weight_norm": weight_norm(self.model)}
+
+    def validation_step(self, batch, batch_idx):
+        log_eval(self, self.measure(batch))
 
     def configure_optimizers(self):
         o = self.cfg.optim
@@ -305,27 +315,59 @@ class OmnigrokModule(L.LightningModule):
                                  betas=(o.beta1, o.beta2))
 
 
-def build(cfg: Config) -> Job:
-    d, m = cfg.data, cfg.model
-    folder = os.path.join(data_dir(cfg), d.folder)
-    arrays = load_mnist(folder, d.split, d.n_train, d.n_test, allow_download=d.download)
-    # Record the split actually used in the run config, unless a sweep set data.split itself (then
-    # W&B already holds that value and a different one would be rejected as inconsistent).
-    if d.split == "auto" and "data.split" not in tracking.sweep_parameters():
-        d.split = arrays["split"]
+def load_data(cfg: Config) -> dict:
+    d = cfg.data
+    return load_mnist(os.path.join(data_dir(cfg), d.folder), d.split, d.n_train, d.n_test, allow_download=d.download)
+
+
+def resolve_split(cfg: Config, split: str) -> None:
+    """Record the split actually used in the run config, unless a sweep set data.split itself (then
+    W&B already holds that value and a different one would be rejected as inconsistent)."""
+    if cfg.data.split == "auto" and "data.split" not in tracking.sweep_parameters():
+        cfg.data.split = split
+
+
+def make_model(cfg: Config) -> tuple[MLP, float, float]:
+    """(model, standard-init norm, initial norm): PyTorch's default init (from torch's global RNG, seeded
+    by the caller) with every parameter times model.init_scale; float32, as Lightning casts it later."""
+    m = cfg.model
     model = MLP(784, m.width, m.depth, 10)
     standard_norm = float(weight_norm(model))
     for p in model.parameters():
         p.data.mul_(m.init_scale)
-    init_norm = float(weight_norm(model))
+    return model, standard_norm, float(weight_norm(model))
+
+
+# Keys that may differ between the members of a packed block (harness.packed, issue 14).
+PACKABLE = ("seed", "model.init_scale", "optim.lr", "optim.weight_decay", "optim.fixed_norm")
+
+
+def build_packed(cfgs: list[Config]):
+    from tasks.mnist_omnigrok_packed import PackedOmnigrok
+
+    return PackedOmnigrok(cfgs)
+
+
+def static_summary(cfg: Config, arrays: dict, n: int, standard_norm: float, init_norm: float) -> dict:
+    return {"data/source": arrays["split"], "data/n_train": len(arrays["y_train"]),
+            "data/n_test": len(arrays["y_test"]), "model/params": n,
+            "model/standard_norm": standard_norm, "model/init_norm": init_norm,
+            "loss_units": "mse per output" if cfg.optim.loss == "mse" else "nats"}
+
+
+def grokking_callback(cfg: Config) -> GrokkingCallback:
+    # grok/t_train99 and grok/t_val99 (Power et al.) plus grok/t_val80: MNIST test accuracy stays
+    # below 0.99, so grok/delay and grok/phase are measured against eval.val_threshold.
+    return GrokkingCallback(cfg.eval.threshold, cfg.eval.max_delay, val_threshold=cfg.eval.val_threshold)
+
+
+def build(cfg: Config) -> Job:
+    arrays = load_data(cfg)
+    resolve_split(cfg, arrays["split"])
+    model, standard_norm, init_norm = make_model(cfg)
     return Job(
         module=OmnigrokModule(cfg, model, target_norm=init_norm),
-        datamodule=MnistData(arrays, d.batch_size, cfg.trainer.batch_steps()),
-        # grok/t_train99 and grok/t_val99 (Power et al.) plus grok/t_val80: MNIST test accuracy stays
-        # below 0.99, so grok/delay and grok/phase are measured against eval.val_threshold.
-        callbacks=[GrokkingCallback(cfg.eval.threshold, cfg.eval.max_delay, val_threshold=cfg.eval.val_threshold)],
-        summary={"data/source": arrays["split"], "data/n_train": len(arrays["y_train"]),
-                 "data/n_test": len(arrays["y_test"]), "model/params": n_params(model),
-                 "model/standard_norm": standard_norm, "model/init_norm": init_norm,
-                 "loss_units": "mse per output" if cfg.optim.loss == "mse" else "nats"},
+        datamodule=MnistData(arrays, cfg.data.batch_size, cfg.trainer.batch_steps()),
+        callbacks=[grokking_callback(cfg)],
+        summary=static_summary(cfg, arrays, n_params(model), standard_norm, init_norm),
     )
