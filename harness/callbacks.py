@@ -250,12 +250,16 @@ class EmergenceCallback(L.Callback):
         arrays = getattr(pl_module, "eval_arrays", None) or {}
         if trainer.sanity_checking or self.curve not in arrays:
             return
-        values = np.asarray(arrays[self.curve][self.column], np.float64)
+        self.observe(trainer.global_step, arrays[self.curve][self.column])
+
+    def observe(self, step: int, values) -> None:
+        """One evaluation's per-item values at `step` (also without a trainer: harness.packed blocks)."""
+        values = np.asarray(values, np.float64)
         if self.first is None:
             self.first = np.full(len(values), -1, np.int64)
-        self.last_step, self.final = trainer.global_step, values
+        self.last_step, self.final = step, values
         newly = (self.first < 0) & (values < self.threshold)
-        self.first[newly] = trainer.global_step
+        self.first[newly] = step
 
     def summary(self) -> dict:
         first = self.first if self.first is not None else np.zeros(0, np.int64)

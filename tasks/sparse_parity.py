@@ -33,6 +33,10 @@ class DataConfig:
     # Seed of the subsets and test sets: -1 follows the run's `seed` (the paper draws them from the
     # run seed); >= 0 fixes one draw for every run that sets it (sweeps comparing widths on one draw).
     task_seed: int = -1
+    # Seed of the training batches (and, in finite-data mode, of the D samples and their epoch order):
+    # -1 follows the run's `seed`; >= 0 feeds every run that sets it the same batches, whatever its
+    # seed or width (a width sweep then shares one batch per step when packed: tasks/sparse_parity_packed.py).
+    stream_seed: int = -1
     # D: 0 = infinite data (a fresh batch each step); else D samples, reshuffled every epoch, the
     # last batch of an epoch smaller when batch_size does not divide D (the paper's loader).
     n_train_samples: int = 0
@@ -80,9 +84,9 @@ class Config(RunConfig):
             raise ConfigError(f"data.k={d.k} > data.n={d.n}: a parity subset cannot exceed the data bits")
         if math.comb(d.n, d.k) < d.n_tasks:
             raise ConfigError(f"data.n_tasks={d.n_tasks} > C(n={d.n}, k={d.k}) = {math.comb(d.n, d.k)} distinct subsets")
-        if d.task_seed < -1 or d.offset <= -1:
-            raise ConfigError(f"data.task_seed={d.task_seed}, data.offset={d.offset}: task_seed is -1 (follow seed) "
-                              "or >= 0; offset must be > -1 (ranks t + offset start above 0)")
+        if d.task_seed < -1 or d.stream_seed < -1 or d.offset <= -1:
+            raise ConfigError(f"data.task_seed={d.task_seed}, data.stream_seed={d.stream_seed}, data.offset={d.offset}: "
+                              "the seeds are -1 (follow seed) or >= 0; offset must be > -1 (ranks t + offset start above 0)")
         if d.batch_size < 1 or d.n_train_samples < 0:
             raise ConfigError(f"data.batch_size={d.batch_size}, data.n_train_samples={d.n_train_samples}: need >= 1 and >= 0")
         if self.model.width < 1 or self.model.depth < 1:
@@ -122,16 +126,30 @@ class SparseParityData(DeviceDataModule):
         self.test_tasks = torch.arange(d.n_tasks).repeat_interleave(m)  # [n_tasks * m]
         self.test_bits = torch.randint(0, 2, (d.n_tasks * m, d.n), generator=g, dtype=torch.uint8)
         self.finite = None
+        self.seed = cfg.seed  # harness.train sets it again; the batches follow `seed` (the property below)
         if d.n_train_samples:
-            # Finite-data mode: D samples drawn once (from the training seed), reshuffled every epoch.
-            tasks = self._draw_tasks(d.n_train_samples, torch.device("cpu"))
-            self.finite = (tasks, torch.randint(0, 2, (d.n_train_samples, d.n), dtype=torch.uint8))
+            # Finite-data mode: D samples drawn once, reshuffled every epoch. With data.stream_seed=-1 they
+            # come from the global RNG right after the model's init (as they always have: they then depend
+            # on the width); a fixed stream seed draws them from their own generator, the same for every width.
+            gen = torch.Generator().manual_seed(d.stream_seed) if d.stream_seed >= 0 else None
+            tasks = self._draw_tasks(d.n_train_samples, torch.device("cpu"), gen)
+            self.finite = (tasks, torch.randint(0, 2, (d.n_train_samples, d.n), dtype=torch.uint8, generator=gen))
         self._on_device: dict = {}
         self._epoch_order: tuple[int, torch.Tensor] | None = None
 
-    def _draw_tasks(self, size: int, device: torch.device) -> torch.Tensor:
+    @property
+    def seed(self) -> int:
+        """The seed of the training batches (DeviceDataModule seeds batch i from it): data.stream_seed if
+        set, else the run's seed, which harness.train assigns here."""
+        return self.cfg.data.stream_seed if self.cfg.data.stream_seed >= 0 else self._run_seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._run_seed = value
+
+    def _draw_tasks(self, size: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         # Inverse-CDF sampling of subtasks, vectorised on the device.
-        u = torch.rand(size, device=device)
+        u = torch.rand(size, device=device, generator=generator)
         return torch.searchsorted(self.cdf.to(device), u).clamp_(max=self.cfg.data.n_tasks - 1)
 
     def _tensors(self, device: torch.device) -> dict:
@@ -150,11 +168,13 @@ class SparseParityData(DeviceDataModule):
         x = torch.cat([F.one_hot(tasks, self.cfg.data.n_tasks).float(), bits.float()], dim=1)
         return x, y
 
-    def train_batch(self, index: int, device):
+    def train_batch(self, index: int, device, generator: torch.Generator | None = None):
+        """Training batch `index`, drawn from `generator` (default: torch's global RNG, which
+        DeviceDataModule seeds per Lightning batch; a packed block passes its own, seeded alike)."""
         d = self.cfg.data
         if self.finite is None:
-            tasks = self._draw_tasks(d.batch_size, device)
-            bits = torch.randint(0, 2, (d.batch_size, d.n), device=device, dtype=torch.uint8)
+            tasks = self._draw_tasks(d.batch_size, device, generator)
+            bits = torch.randint(0, 2, (d.batch_size, d.n), device=device, dtype=torch.uint8, generator=generator)
         else:
             t = self._tensors(device)
             idx = self.finite_batch_indices(index)
@@ -176,7 +196,7 @@ class SparseParityData(DeviceDataModule):
         per_epoch = -(-D // B)
         epoch, j = divmod(index, per_epoch)
         if self._epoch_order is None or self._epoch_order[0] != epoch:
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch_order = (epoch, torch.randperm(D, generator=g))
         return self._epoch_order[1][j * B:(j + 1) * B]
 
@@ -223,13 +243,28 @@ class SparseParityModule(L.LightningModule):
         # Per-subtask curves go to the curves artifact (CurvesRecorder), history keeps aggregates:
         # val/n_learned = subtasks below the threshold at this evaluation.
         set_eval_arrays(self, "subtask", {"loss": loss, "acc": acc})
-        log_eval(self, {"val/loss": (self.p * loss).sum(), "val/acc": (self.p * acc).sum(),
-                        "val/loss_uniform": loss.mean(), "val/n_learned": (loss < self.threshold_nats).sum()})
+        log_eval(self, self.val_metrics(loss, acc))
+
+    def val_metrics(self, loss: torch.Tensor, acc: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The history row of an evaluation from its per-subtask loss and accuracy (0-d tensors)."""
+        return {"val/loss": (self.p * loss).sum(), "val/acc": (self.p * acc).sum(),
+                "val/loss_uniform": loss.mean(), "val/n_learned": (loss < self.threshold_nats).sum()}
 
     def configure_optimizers(self):
         o = self.cfg.optim
         return torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
                                  betas=(o.beta1, o.beta2))
+
+
+# Packed runs (harness.packed, issue 14): members may differ in these keys. model.width packs at depth 1
+# (a concatenated hidden layer); depth > 1 packs members of one width only.
+PACKABLE = ("seed", "data.task_seed", "data.stream_seed", "optim.lr", "optim.weight_decay", "model.width")
+
+
+def build_packed(cfgs: list[Config]):
+    from tasks.sparse_parity_packed import PackedSparseParity
+
+    return PackedSparseParity(cfgs)
 
 
 def build(cfg: Config) -> Job:
