@@ -2,7 +2,7 @@
 
     python benchmarks/bench_packed.py [--sweeps sweeps/modadd_pair_smoke.yaml ...] [--steps N]
                                       [--workers 2] [--pack 16] [--pack-workers 1]
-    python benchmarks/bench_packed.py --device cuda [--steps 2000] [--members 10]
+    python benchmarks/bench_packed.py --device cuda [--steps 2000] [--warmup 50] [--solo-steps 200] [--smoke-on-cpu]
 
 CPU (default): for each sweep file, the same grid unpacked (`--workers W`, one process per point)
 and packed (`--pack M`, one process per block), one after the other; prints both wall times (start-up,
@@ -10,13 +10,21 @@ W&B and evaluation included: what a user waits for), their ratio, and whether ev
 with the same `grok/phase` per seed. `--steps N` overrides trainer.steps in every sweep (a shorter
 variant of a long study). Sweeps of a task that does not pack are reported and skipped.
 
-`--device cuda`: times the packed training loop (no W&B) of the PAIR seed study's model on one GPU
-for `--steps` steps with `--members` members, and the same steps solo (one member), and projects the
-50k-step figure for both. Untested here (no GPU on the build machine): its numbers are the device's.
+`--device cuda`: the paper-scale sparse parity width sweep (sweeps/sparse_parity_width.yaml: n_tasks
+500, n 100, k 3, batch 20000, 30 widths 9..500, Adam at the task's default lr) on one GPU. Packed: all
+30 widths as one block (tasks/sparse_parity_packed.py: one shared batch drawn on the device, one matmul
+for every hidden layer), the loop of harness.packed.train_packed without W&B, timed for `--steps`
+steps after `--warmup`; the device syncs of the timed loop are counted (torch's sync debug mode).
+Unpacked: each width alone through a solo run's own Lightning fit (harness.train.make_trainer, the
+task's training step, torch's AdamW), timed for `--solo-steps` steps. Both are projected to the full
+figure (200k steps each, plus 201 evaluations of every width, timed once), with the peak GPU memory;
+the last line (`summary:`) gives both projections, their ratio and whether the packed figure fits in
+an hour. `--smoke-on-cpu` runs the same code on the CPU at tiny sizes (tests/test_packed_sparse_parity.py).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -77,44 +85,147 @@ def cpu(args) -> None:
               f"{u['finished'] and p['finished']}; same grok/phase per seed: {same}", flush=True)
 
 
+PAPER_WIDTHS = [9, 11, 13, 14, 17, 19, 22, 25, 29, 33, 38, 44, 50, 57, 66, 75, 86, 99, 113, 129, 148, 169, 194, 222,
+                254, 291, 333, 381, 436, 500]  # sweeps/sparse_parity_width.yaml: 30 log-spaced widths 10..500
+FULL_STEPS, EVAL_EVERY = 200_000, 1000  # the paper's figure: 200k steps, evaluated every 1000
+
+
+def width_sweep(args) -> list[tuple[str, ...]]:
+    """The paper-scale width sweep (sweeps/sparse_parity_width.yaml), or a tiny one for --smoke-on-cpu."""
+    if args.smoke_on_cpu:
+        data, widths, acc = ("data.n_tasks=20", "data.n=16", "data.k=3", "data.batch_size=256",
+                             "eval.test_per_task=20"), [4, 8, 16, 32], "cpu"
+    else:
+        data, widths, acc = ("data.n_tasks=500", "data.n=100", "data.k=3", "data.batch_size=20000"), PAPER_WIDTHS, "gpu"
+    base = ("task=sparse_parity", "seed=0", "data.zipf_alpha=0.4", *data, f"trainer.accelerator={acc}",
+            "trainer.progress_bar=false", "model.save=false")
+    return [base + (f"model.width={w}",) for w in widths]
+
+
 def cuda(args) -> None:
+    """Packed vs unpacked time of the paper's width sweep on one GPU (see the module docstring)."""
+    import warnings
+
+    import lightning as L
     import torch
 
     from harness.config import load_config
+    from harness.data import batch_seed, seed_rng
     from harness.packed import StackedAdamW
-    from tasks.modular_addition_packed import PackedModular
+    from harness.train import make_trainer
+    from tasks.sparse_parity import build, build_packed
 
-    if not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible to torch")
+    gpu = not args.smoke_on_cpu
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one fit per width: no banners
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch (--smoke-on-cpu runs the same code on a CPU)")
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    sweep = width_sweep(args)
+    widths = [int(m[-1].split("=")[1]) for m in sweep]
 
-    def time_block(m: int) -> float:
-        cfgs = [load_config(("task=modular_addition", f"seed={s}", "trainer.accelerator=gpu")) for s in range(m)]
-        block = PackedModular(cfgs)
-        params = list(block.params().values())
-        opt = StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps)
+    # ---- packed: one block of all widths, the loop of harness.packed.train_packed (no W&B) ----------
+    t_build = time.perf_counter()
+    cfgs = [load_config(m + ("trainer.steps=200000", f"trainer.eval_every={EVAL_EVERY}")) for m in sweep]
+    block = build_packed(cfgs)
+    t_build = time.perf_counter() - t_build
+    device = block.device
+    # The packed stream draws exactly the solo run's first batch, on the device.
+    solo_data = block.modules[0].data
+    seed_rng(device, batch_seed(solo_data.seed, 0, 0))
+    x_solo, y_solo = solo_data.train_batch(0, device)
+    x_packed, y_packed = block.groups[0]["stream"].batch(0)
+    equal = bool(torch.equal(x_solo, x_packed) and torch.equal(y_solo, y_packed))
+    print(f"packed block: {len(cfgs)} widths {widths[0]}..{widths[-1]} in {len(block.groups)} stream(s); built in "
+          f"{t_build:.1f}s; first batch on {x_packed.device}; batches equal to the solo run's: {equal}", flush=True)
+    params = list(block.params().values())
+    opt = StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps, block.member_axes())
+    log_every = cfgs[0].trainer.log_every
+    pending: list = []
 
-        def step(s: int) -> None:
-            losses = block.losses(s)
-            for p in params:
-                p.grad = None
-            losses.sum().backward()
-            opt.step()
+    def step(s: int) -> None:
+        losses = block.losses(s)
+        for p in params:
+            p.grad = None
+        losses.sum().backward()
+        opt.step()
+        pending.append(losses.detach())
+        if (s + 1) % log_every == 0:
+            torch.stack(pending).tolist()  # train_packed reads the losses back once per log interval (a sync)
+            pending.clear()
 
-        for s in range(50):
-            step(s)
-        torch.cuda.synchronize()
+    warmup = min(args.warmup, args.steps)
+    for s in range(warmup):
+        step(s)
+    sync()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if gpu:
+            torch.cuda.set_sync_debug_mode("warn")  # counts every device sync of the timed loop
         t0 = time.perf_counter()
-        for s in range(args.steps):
+        for s in range(warmup, warmup + args.steps):
             step(s)
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / args.steps
+        sync()
+        packed_step = (time.perf_counter() - t0) / args.steps
+        if gpu:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    packed_peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0  # 0: no GPU (smoke run)
+    t0 = time.perf_counter()
+    for i in range(len(cfgs)):
+        block.evaluate(i, warmup + args.steps)
+    sync()
+    eval_all = time.perf_counter() - t0  # one evaluation of every width (the same code a solo run runs)
+    n_evals = FULL_STEPS // EVAL_EVERY + 1  # and one at step 0
+    packed_total = packed_step * FULL_STEPS + eval_all * n_evals
+    print(f"packed: {packed_step * 1e3:.2f} ms/step over {args.steps} steps (after {warmup} warm-up), device syncs in "
+          f"the timed loop: {syncs} (train_packed reads losses every {log_every} steps); peak GPU memory "
+          f"{packed_peak:.2f} GiB; one evaluation of all widths {eval_all:.2f}s; projected {FULL_STEPS} steps + "
+          f"{n_evals} evaluations: {packed_total / 3600:.2f} h", flush=True)
+    del block, opt, params, pending
 
-    solo, packed = time_block(1), time_block(args.members)
-    full = 50000
-    print(f"{torch.cuda.get_device_name()}: solo {solo * 1e3:.3f} ms/step -> {args.members} runs one after another "
-          f"{solo * full * args.members / 60:.1f} min; packed ({args.members} members) {packed * 1e3:.3f} ms/step -> "
-          f"{packed * full / 60:.1f} min for all ({solo * args.members / packed:.1f}x); training loop only, "
-          f"evaluations and W&B excluded", flush=True)
+    # ---- unpacked: each width alone through the solo run's own Lightning training step ------------
+    class Timer(L.Callback):
+        def __init__(self, start: int, end: int):
+            self.start, self.end, self.t = start, end, {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step in (self.start, self.end):
+                sync()
+                self.t[trainer.global_step] = time.perf_counter()
+
+    solo_warm = 20  # multiples of steps_per_batch (10): the timer sees those steps
+    solo_steps = args.solo_steps or (10 if args.smoke_on_cpu else 200)
+    solo_steps = max(10, -(-solo_steps // 10) * 10)
+    solo_total, solo_peak = 0.0, 0.0
+    per_width = []
+    for overrides, w in zip(sweep, widths):
+        n = solo_warm + solo_steps
+        cfg = load_config(overrides + (f"trainer.steps={n}", f"trainer.eval_every={n}"))
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        job = build(cfg)
+        job.datamodule.seed = cfg.seed
+        timer = Timer(solo_warm, n)
+        trainer = make_trainer(cfg, False, [timer])
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        trainer.fit(job.module, datamodule=job.datamodule)
+        per_step = (timer.t[n] - timer.t[solo_warm]) / solo_steps
+        per_width.append(per_step)
+        solo_total += per_step * FULL_STEPS
+        if gpu:
+            solo_peak = max(solo_peak, torch.cuda.max_memory_allocated() / 2**30)
+    solo_total += eval_all * n_evals  # the same evaluations, run by each width's own run
+    print("unpacked ms/step by width: " + ", ".join(f"{w}:{t * 1e3:.2f}" for w, t in zip(widths, per_width)), flush=True)
+    print(f"unpacked: {len(widths)} runs one after another, each timed for {solo_steps} steps (after {solo_warm}); "
+          f"peak GPU memory {solo_peak:.2f} GiB; projected {FULL_STEPS} steps + {n_evals} evaluations each: "
+          f"{solo_total / 3600:.2f} h", flush=True)
+    name = torch.cuda.get_device_name() if gpu else "CPU smoke run (tiny sizes, not the paper's)"
+    print(f"summary: {name}: the {len(widths)}-width sparse parity figure ({FULL_STEPS} steps) packed "
+          f"{packed_total / 3600:.2f} h, unpacked {solo_total / 3600:.2f} h, ratio {solo_total / packed_total:.1f}x; "
+          f"packed fits in an hour: {'yes' if packed_total <= 3600 else 'no'}; training loop + evaluations, W&B excluded",
+          flush=True)
 
 
 def main() -> None:
@@ -125,7 +236,11 @@ def main() -> None:
     ap.add_argument("--pack", type=int, default=16)
     ap.add_argument("--pack-workers", type=int, default=1, help="packed processes in parallel (--workers of the packed sweep)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--members", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=50, help="--device cuda: packed steps before timing")
+    ap.add_argument("--solo-steps", type=int, default=None,
+                    help="--device cuda: timed steps of each unpacked width (default 200; 10 with --smoke-on-cpu)")
+    ap.add_argument("--smoke-on-cpu", action="store_true",
+                    help="--device cuda: run the GPU benchmark's code on the CPU at tiny sizes (a check before GPU time)")
     args = ap.parse_args()
     if args.device == "cuda":
         args.steps = args.steps or 2000

@@ -150,11 +150,13 @@ class SparseParityData(DeviceDataModule):
     def _draw_tasks(self, size: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         # Inverse-CDF sampling of subtasks, vectorised on the device.
         u = torch.rand(size, device=device, generator=generator)
-        return torch.searchsorted(self.cdf.to(device), u).clamp_(max=self.cfg.data.n_tasks - 1)
+        cdf = self.cdf if torch.device(device).type == "cpu" else self._tensors(device)["cdf"]
+        return torch.searchsorted(cdf, u).clamp_(max=self.cfg.data.n_tasks - 1)
 
     def _tensors(self, device: torch.device) -> dict:
         if device not in self._on_device:
-            t = {"subsets": self.subsets.to(device), "test_tasks": self.test_tasks.to(device),
+            # cdf too: a host-to-device copy per batch would wait for the GPU at every step
+            t = {"subsets": self.subsets.to(device), "cdf": self.cdf.to(device), "test_tasks": self.test_tasks.to(device),
                  "test_bits": self.test_bits.to(device)}
             if self.finite is not None:
                 t["train_tasks"], t["train_bits"] = (x.to(device) for x in self.finite)

@@ -78,7 +78,8 @@ class PackedSparseParity:
             raise ConfigError(f"model.depth={self.depth} with model.width {sorted(set(widths))}: at depth > 1 only "
                               "members of one width pack; pack each width separately or use depth 1")
         cuda = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if cuda else "cpu")
+        # cuda:N as Lightning names it (the data caches its tensors under one device name)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.modules, self.emergence, self.summaries = [], [], []
         for cfg in cfgs:
             L.seed_everything(cfg.seed, workers=True, verbose=False)  # as harness.train, before build
