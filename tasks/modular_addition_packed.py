@@ -19,6 +19,7 @@ from torch.func import functional_call, vmap
 
 from harness.callbacks import GrokkingCallback
 from harness.config import ConfigError
+from harness.packed_loss import member_cross_entropy
 from tasks.modular_addition import (ACTIVATIONS, Config, ModularData, evaluate, final_fourier_values, make_model, n_params)
 
 
@@ -95,9 +96,9 @@ class PackedModular:
             a, b, y = a.gather(1, idx), b.gather(1, idx), y.gather(1, idx)
             mask, n = torch.ones_like(idx, dtype=torch.bool), torch.full_like(n, self.batch_size)
         logits = self._pair_logits(a, b) if self.fast else self._forward(self._params, a, b)  # [M, n, p]
-        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
-        loss = torch.where(mask, ce, 0).sum(1) / n
-        return loss / self.p if self.loss_kind == "ce_over_p" else loss
+        weight = mask / n[:, None]  # each member's own mean over its own pairs
+        loss = member_cross_entropy(logits, y, weight / self.p if self.loss_kind == "ce_over_p" else weight)
+        return loss
 
     def _pair_logits(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """PairMLP.forward for every member in batched matmuls (the same products in the same order).
@@ -108,12 +109,14 @@ class PackedModular:
         P = self._params
         e, w_in, w_out = P["embed"], P["w_in.weight"], P["w_out.weight"]  # [M,p,d], [M,h,d], [M,d,h]
         m, p, hidden = e.shape[0], e.shape[1], w_in.shape[1]
-        t = torch.bmm(e, w_in.transpose(1, 2)).reshape(m * p, hidden)  # token_inputs, stacked
+        # token_inputs and the readout W_out^T E^T in one product: [M, 2h, d] @ [M, d, p]
+        both = torch.bmm(torch.cat([w_in, w_out.transpose(1, 2)], 1), e.transpose(1, 2))
+        t = both[:, :hidden].transpose(1, 2).reshape(m * p, hidden)  # token_inputs, stacked
         offset = (torch.arange(m, device=a.device) * p)[:, None]
         rows = torch.cat([(a + offset).flatten(), (b + offset).flatten()])
         picked = t.index_select(0, rows).view(2, m, a.shape[1], hidden)
         h = self.act(picked[0] + picked[1])  # [M, n, hidden]
-        return torch.bmm(h, torch.bmm(w_out.transpose(1, 2), e.transpose(1, 2)))  # [M, n, p]
+        return torch.bmm(h, both[:, hidden:])  # [M, n, p]
 
     def evaluate(self, i: int, step: int) -> tuple[dict[str, float], dict]:
         cfg = self.cfgs[i]
