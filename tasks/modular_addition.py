@@ -8,6 +8,7 @@ the notebook's Haiku initialisers and cross-entropy divided by p.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -354,14 +355,38 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
     return loss / logits.shape[1] if kind == "ce_over_p" else loss
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_directions(p: int, keys: tuple[int, ...], sign: int, device: str) -> torch.Tensor:
+    # The key frequencies of a run change a few times in its life, not at every evaluation.
+    return sum_directions(p, list(keys), sign).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _grid(p: int, symmetric: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (a, b) of the p x p grid, row a * p + b; with `symmetric` the model was only asked about
+    a <= b, so b > a is read through (b, a)."""
+    grid = torch.arange(p)
+    ga, gb = grid.repeat_interleave(p), grid.repeat(p)
+    if symmetric:
+        ga, gb = torch.minimum(ga, gb), torch.maximum(ga, gb)
+    return ga.to(device), gb.to(device)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, tensors: dict, cfg: Config) -> dict[str, torch.Tensor]:
-    """Every metric of one evaluation as 0-d tensors; shared by the Lightning module and the
-    plain-loop benchmark so that both do the same work."""
+    """Every metric of one evaluation as 0-d tensors; shared by the Lightning module, the packed
+    block and the plain-loop benchmark so that all do the same work.
+
+    One forward over the whole (a, b) grid; each split's logits are its rows of it (the same
+    per-row products as a forward on the split's pairs)."""
     d, e = cfg.data, cfg.eval
+    device = tensors["train"][0].device
+    ga, gb = _grid(d.p, d.symmetric, str(device))
+    grid_logits = model(ga, gb)  # [p*p, p]
+    rows = {split: a * d.p + b for split, (a, b, _) in tensors.items()}
     out: dict[str, torch.Tensor] = {}
-    for split, (a, b, y) in tensors.items():
-        logits = model(a, b)
+    for split, (_, _, y) in tensors.items():
+        logits = grid_logits[rows[split]]
         out[f"{split}/loss"] = F.cross_entropy(logits, y)
         out[f"{split}/acc"] = (logits.argmax(1) == y).float().mean()
     out["model/weight_norm"] = weight_norm(model)
@@ -372,18 +397,16 @@ def evaluate(model: nn.Module, tensors: dict, cfg: Config) -> dict[str, torch.Te
     out["fourier/key_power"] = power[[k - 1 for k in keys]].sum()
 
     if d.operation in ("add", "subtract"):
-        grid = torch.arange(d.p, device=power.device)
-        ga, gb = grid.repeat_interleave(d.p), grid.repeat(d.p)  # row a * p + b
-        if d.symmetric:  # the model was only asked about a <= b: read b > a through (b, a)
-            ga, gb = torch.minimum(ga, gb), torch.maximum(ga, gb)
-        ga, gb = ga.to(tensors["train"][0].device), gb.to(tensors["train"][0].device)
-        grid_logits = model(ga, gb)  # [p*p, p]
         sign = 1 if d.operation == "add" else -1
-        restricted, excluded = restricted_excluded_logits(grid_logits, keys, sign)
-        for split, (a, b, y) in tensors.items():
-            rows = a * d.p + b
-            out[f"{split}/restricted_loss"] = torch.tensor(grid_loss(restricted, rows, y))
-            out[f"{split}/excluded_loss"] = torch.tensor(grid_loss(excluded, rows, y))
+        u = _cached_directions(d.p, tuple(keys), sign, str(device))  # [p*p, 1 + 2K]
+        x = grid_logits.to(torch.float64)
+        coef = u.T @ x  # the projection onto the key directions runs over the whole grid ...
+        for split, (_, _, y) in tensors.items():  # ... its parts are only needed at the split's rows
+            r = rows[split]
+            restricted = u[r] @ coef
+            excluded = x[r] - restricted + u[r, :1] @ coef[:1]  # keeps the per-class mean
+            out[f"{split}/restricted_loss"] = torch.tensor(float(F.cross_entropy(restricted.float(), y)))
+            out[f"{split}/excluded_loss"] = torch.tensor(float(F.cross_entropy(excluded.float(), y)))
     out["_keys"], out["_power"] = keys, power  # not metrics: the caller reports them
     return out
 

@@ -205,3 +205,24 @@ def test_members_that_differ_in_a_key_the_task_does_not_pack_are_refused():
         check_members([load_config(a), load_config(b)])
     with pytest.raises(ConfigError, match="does not pack"):
         check_members([load_config(("task=pythia_suite",))])
+
+
+def test_member_cross_entropy_equals_torch_on_logits_hundreds_of_nats_apart():
+    # late in a grokking run the logits of one example spread over hundreds of nats: the exponentials
+    # that would be subnormal are raised to the smallest normal, which must not move loss or gradient
+    from harness.packed_loss import member_cross_entropy
+
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        logits = (torch.randn(3, 50, 13, dtype=dtype) * 200).requires_grad_()
+        target = torch.randint(13, (3, 50))
+        weight = (torch.rand(3, 50) < 0.8).to(dtype)
+        weight = weight / weight.sum(1, keepdim=True)
+        ours = member_cross_entropy(logits, target, weight)
+        (g_ours,) = torch.autograd.grad(ours.sum(), logits)
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+        ref = (ce.view(3, 50) * weight).sum(1)
+        (g_ref,) = torch.autograd.grad(ref.sum(), logits)
+        assert rel(ours.detach(), ref.detach()) < tol
+        assert float((g_ours - g_ref).abs().max()) < tol
+        assert float(ref.min()) > 10  # the regime that matters: confident and often wrong
