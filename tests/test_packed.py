@@ -85,11 +85,15 @@ def test_stacked_adamw_leaves_a_frozen_member_untouched():
 
 # ---- exactness -------------------------------------------------------------------------------------
 
-def solo_losses(overrides, steps):
-    """The solo run's training step in a plain loop (the task's model, data, loss and torch's AdamW)."""
+def solo_losses(overrides, steps, dtype=torch.float64, nudge=0.0):
+    """The solo run's training step in a plain loop (the task's model, data, loss and torch's AdamW).
+    `nudge`: initial weights times (1 + nudge), to measure how far rounding alone moves a run."""
     cfg = load_config(tuple(overrides))
     torch.manual_seed(cfg.seed)
-    model = make_model(cfg).double()
+    model = make_model(cfg).to(dtype)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.mul_(1 + nudge)
     a, b, y = ModularData(cfg).tensors("cpu")["train"]
     o = cfg.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps)
@@ -103,27 +107,49 @@ def solo_losses(overrides, steps):
     return out
 
 
-@pytest.mark.parametrize("model", ["pair_mlp", "concat_mlp"])  # hand-batched, and vmap of the solo forward
-def test_packed_training_losses_equal_solo_for_100_steps_in_float64(model):
-    members = cfgs(("seed=0",), ("seed=1", "optim.lr=0.003", "optim.weight_decay=0.3"),
-                   ("seed=2", "data.train_fraction=0.6", "model.init_scale=0.5"),
-                   extra=("trainer.precision=64-true", f"model.name={model}"))
+def packed_losses(members, steps):
     block = PackedModular([load_config(m) for m in members])
     params = list(block.params().values())
-    assert all(p.dtype == torch.float64 for p in params)
     opt = StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps)
     packed = []
-    for step in range(100):
+    for step in range(steps):
         losses = block.losses(step)
         for p in params:
             p.grad = None
         losses.sum().backward()
         opt.step()
         packed.append(losses.tolist())
-    packed = np.array(packed)
+    return block, np.array(packed)
+
+
+@pytest.mark.parametrize("model", ["pair_mlp", "concat_mlp"])  # hand-batched, and vmap of the solo forward
+def test_packed_training_losses_equal_solo_for_100_steps_in_float64(model):
+    members = cfgs(("seed=0",), ("seed=1", "optim.lr=0.003", "optim.weight_decay=0.3"),
+                   ("seed=2", "data.train_fraction=0.6", "model.init_scale=0.5"),
+                   extra=("trainer.precision=64-true", f"model.name={model}"))
+    block, packed = packed_losses(members, 100)
+    assert all(p.dtype == torch.float64 for p in block.params().values())
     for i, m in enumerate(members):
         assert rel(packed[:, i], solo_losses(m, 100)) < 1e-6
     assert packed[-1].max() < packed[0].min()  # they trained
+
+
+def test_packed_training_losses_stay_within_float32_rounding_of_solo_over_1000_steps():
+    # Batched kernels and the fused optimizer round differently from the solo step, and training
+    # amplifies rounding. The floor: the same solo run with its initial weights moved by one float32
+    # ulp drifts by 8.4e-4, 4.5e-3 and 7.5e-3 relative over these 1000 steps (the losses fall to
+    # ~1e-3, where the noise is a larger share), so the issue's 1e-3 is below what float32 allows
+    # here. Measured packed vs solo: 1.1e-3, 6.3e-3, 8.1e-3; a wrong gradient or update is >> 1e-2.
+    members = cfgs(("seed=0",), ("seed=1", "optim.lr=0.003", "optim.weight_decay=0.3"),
+                   ("seed=2", "data.train_fraction=0.6", "model.init_scale=0.5"), steps=1000)
+    block, packed = packed_losses(members, 1000)
+    assert all(p.dtype == torch.float32 for p in block.params().values())
+    for i, m in enumerate(members):
+        solo = solo_losses(m, 1000, torch.float32)
+        floor = rel(solo_losses(m, 1000, torch.float32, nudge=2.0 ** -23), solo)
+        assert rel(packed[:, i], solo) < max(1e-3, 3 * floor)
+        assert rel(packed[:100, i], solo[:100]) < 1e-5
+        assert packed[-1, i] < 0.2 * packed[0, i]  # it trained
 
 
 def run_history(root, run_id, key):
