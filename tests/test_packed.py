@@ -252,3 +252,42 @@ def test_member_cross_entropy_equals_torch_on_logits_hundreds_of_nats_apart():
         assert rel(ours.detach(), ref.detach()) < tol
         assert float((g_ours - g_ref).abs().max()) < tol
         assert float(ref.min()) > 10  # the regime that matters: confident and often wrong
+
+
+def test_a_block_resumed_from_member_states_continues_exactly():
+    # what train_packed saves per member (parameters and AdamW moments) and loads into a fresh block
+    from harness.packed import member_axes
+
+    members = cfgs(("seed=0",), ("seed=1", "optim.lr=0.003"), ("seed=2", "optim.weight_decay=0.3"),
+                   extra=("trainer.precision=64-true",))
+
+    def fresh():
+        block = PackedModular([load_config(m) for m in members])
+        params = list(block.params().values())
+        axes = member_axes(block, params, len(members))
+        return block, params, axes, StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps, axes)
+
+    def train(block, params, opt, start, end):
+        out = []
+        for step in range(start, end):
+            losses = block.losses(step)
+            for p in params:
+                p.grad = None
+            losses.sum().backward()
+            opt.step()
+            out.append(losses.tolist())
+        return out
+
+    block, params, axes, opt = fresh()
+    straight = train(block, params, opt, 0, 60)
+    block, params, axes, opt = fresh()
+    train(block, params, opt, 0, 30)
+    saved = [([a.take(p, i) for p, a in zip(params, axes)], opt.member_state(i)) for i in range(len(members))]
+    block, params, axes, opt = fresh()
+    for i, (weights, state) in enumerate(reversed(saved)):  # loaded in another order: nothing leaks across
+        i = len(members) - 1 - i
+        for p, a, x in zip(params, axes, weights):
+            a.put(p, i, x)
+        opt.load_member_state(i, state)
+    assert opt.t == 30
+    assert train(block, params, opt, 30, 60) == straight[30:]  # bit for bit
