@@ -258,8 +258,7 @@ class SparseParityModule(L.LightningModule):
                                  betas=(o.beta1, o.beta2))
 
 
-# Packed runs (harness.packed, issue 14): members may differ in these keys. model.width packs at depth 1
-# (a concatenated hidden layer); depth > 1 packs members of one width only.
+# Packed runs (harness.packed, issue 14): members may differ in these keys (tasks/sparse_parity_packed.py).
 PACKABLE = ("seed", "data.task_seed", "data.stream_seed", "optim.lr", "optim.weight_decay", "model.width")
 
 

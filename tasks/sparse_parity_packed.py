@@ -22,8 +22,8 @@ batches. Members of different streams are separate groups: each group draws its 
 own matmul over its members' rows (exact, only slower). In finite-data mode with data.stream_seed=-1 a
 member's D samples depend on its init (sparse_parity.SparseParityData), so each such member is a group.
 
-Depth > 1 packs members of one width (hidden layers stacked, batched matmuls); different widths at
-depth > 1 are refused (hidden layers of different widths do not concatenate into one square layer).
+Depth > 1: each hidden-to-hidden layer is held as the members' weights flattened and concatenated
+([sum of w_i^2], each member one contiguous block) with biases [sum_w], and applied member by member.
 
 Evaluation is the task's own: SparseParityModule.per_subtask and val_metrics on member i's solo
 module, whose parameters are views of its slices, and its solo run's EmergenceCallback.
@@ -74,9 +74,6 @@ class PackedSparseParity:
             raise ConfigError(f"trainer.precision={t.precision!r}: packed runs train in {' or '.join(DTYPES)}")
         widths = [c.model.width for c in cfgs]
         self.depth = m0.depth
-        if self.depth > 1 and len(set(widths)) > 1:
-            raise ConfigError(f"model.depth={self.depth} with model.width {sorted(set(widths))}: at depth > 1 only "
-                              "members of one width pack; pack each width separately or use depth 1")
         cuda = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
         # cuda:N as Lightning names it (the data caches its tensors under one device name)
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -98,10 +95,11 @@ class PackedSparseParity:
         P = {"net.0.weight": torch.cat([n[0].weight.detach() for n in nets]),
              "net.0.bias": torch.cat([n[0].bias.detach() for n in nets])}
         axes = [MemberAxis(0, owner), MemberAxis(0, owner)]
-        for j in range(2, last, 2):  # depth > 1 (one width): hidden-to-hidden layers stacked
-            P[f"net.{j}.weight"] = torch.stack([n[j].weight.detach() for n in nets])
-            P[f"net.{j}.bias"] = torch.stack([n[j].bias.detach() for n in nets])
-            axes += [MemberAxis.stacked(M)] * 2
+        square_owner = torch.repeat_interleave(torch.arange(M), torch.tensor(widths) ** 2)
+        for j in range(2, last, 2):  # depth > 1: hidden-to-hidden layers, [w_i, w_i] each, flattened
+            P[f"net.{j}.weight"] = torch.cat([n[j].weight.detach().flatten() for n in nets])
+            P[f"net.{j}.bias"] = torch.cat([n[j].bias.detach() for n in nets])
+            axes += [MemberAxis(0, square_owner), MemberAxis(0, owner)]
         P[f"net.{last}.weight_t"] = torch.cat([n[last].weight.detach().t() for n in nets])
         P[f"net.{last}.bias"] = torch.stack([n[last].bias.detach() for n in nets])
         axes += [MemberAxis(0, owner), MemberAxis.stacked(M)]
@@ -113,8 +111,10 @@ class PackedSparseParity:
         for i, net in enumerate(nets):
             rows = slice(self.offsets[i], self.offsets[i] + widths[i])
             net[0].weight.data, net[0].bias.data = D["net.0.weight"][rows], D["net.0.bias"][rows]
+            squares = slice(sum(w * w for w in widths[:i]), sum(w * w for w in widths[:i + 1]))
             for j in range(2, last, 2):
-                net[j].weight.data, net[j].bias.data = D[f"net.{j}.weight"][i], D[f"net.{j}.bias"][i]
+                net[j].weight.data = D[f"net.{j}.weight"][squares].view(widths[i], widths[i])
+                net[j].bias.data = D[f"net.{j}.bias"][rows]
             net[last].weight.data, net[last].bias.data = D[f"net.{last}.weight_t"][rows].t(), D[f"net.{last}.bias"][i]
         o = [c.optim for c in cfgs]
         self.lr = torch.tensor([x.lr for x in o], dtype=torch.float64)
@@ -137,10 +137,13 @@ class PackedSparseParity:
         for members in keys.values():
             idx = torch.tensor(members)
             rows = torch.cat([torch.arange(self.offsets[i], self.offsets[i] + self.widths[i]) for i in members])
+            square_offsets = [sum(w * w for w in self.widths[:i]) for i in members]
+            squares = torch.cat([torch.arange(o, o + self.widths[i] ** 2) for o, i in zip(square_offsets, members)])
+            subset = len(members) < M
             self.groups.append({
                 "members": members, "stream": _Stream(self.modules[members[0]].data, self.device, steps_per_batch, dtype),
-                "rows": None if len(members) == M else rows.to(self.device),
-                "idx": None if len(members) == M else idx.to(self.device),
+                "rows": rows.to(self.device) if subset else None, "idx": idx.to(self.device) if subset else None,
+                "squares": squares.to(self.device) if subset else None,
                 "widths": [self.widths[i] for i in members]})
         order = torch.tensor([i for g in self.groups for i in g["members"]])
         self._inverse = None if len(self.groups) == 1 else torch.argsort(order).to(self.device)
@@ -161,17 +164,19 @@ class PackedSparseParity:
             w2t, b2 = P[f"net.{last}.weight_t"], P[f"net.{last}.bias"]
             if rows is not None:
                 w1, b1, w2t, b2 = (w.index_select(0, ix) for w, ix in ((w1, rows), (b1, rows), (w2t, rows), (b2, idx)))
+            widths = g["widths"]
+            m = len(widths)
             h = F.relu(F.linear(x, w1, b1))  # [B, sum of the group's widths]: one matmul for all its members
-            m = len(g["members"])
-            for j in range(2, last, 2):  # depth > 1: members of one width, batched over members
-                w, b = P[f"net.{j}.weight"], P[f"net.{j}.bias"]
-                if idx is not None:
-                    w, b = w.index_select(0, idx), b.index_select(0, idx)
-                hm = h.view(len(x), m, -1).transpose(0, 1)  # [m, B, width]
-                h = F.relu(torch.baddbmm(b[:, None, :], hm, w.transpose(1, 2))).transpose(0, 1).reshape(len(x), -1)
+            hs = h.split(widths, 1)
+            for j in range(2, last, 2):  # depth > 1: member by member
+                wf, b = P[f"net.{j}.weight"], P[f"net.{j}.bias"]
+                if rows is not None:
+                    wf, b = wf.index_select(0, g["squares"]), b.index_select(0, rows)
+                hs = [F.relu(F.linear(hk, wk.view(w, w), bk)) for hk, wk, bk, w in
+                      zip(hs, wf.split([w * w for w in widths]), b.split(widths), widths)]
             # Each member's output layer on its own hidden units (see the module docstring).
             logits = torch.stack([torch.addmm(b, hk, wk) for hk, wk, b in
-                                  zip(h.split(g["widths"], 1), w2t.split(g["widths"], 0), b2.unbind(0))])  # [m, B, 2]
+                                  zip(hs, w2t.split(widths, 0), b2.unbind(0))])  # [m, B, 2]
             ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(m), reduction="none")
             out.append(ce.view(m, -1).mean(1))
         losses = out[0] if len(out) == 1 else torch.cat(out)
