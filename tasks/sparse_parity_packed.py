@@ -30,6 +30,8 @@ module, whose parameters are views of its slices, and its solo run's EmergenceCa
 """
 from __future__ import annotations
 
+import copy
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -206,7 +208,12 @@ class PackedSparseParity:
         return values
 
     def member_model(self, i: int):
-        return self.modules[i].model
+        """Member i's model with weights of its own (its parameters here are views of the packed tensors:
+        saved as they are, every member's model.pt would hold all members' storage)."""
+        model = copy.deepcopy(self.modules[i].model)
+        for p in model.parameters():
+            p.data = p.data.contiguous()
+        return model
 
     def member_state(self, i: int) -> dict:
         return {"emergence": self.emergence[i].state_dict()}

@@ -242,6 +242,9 @@ def test_packed_width_members_log_what_their_solo_runs_log(solo_and_packed):
     sd = torch.load(runstore.artifact_files(root, packed[1].run_id, "model")["model.pt"], weights_only=False)
     assert {k: tuple(v.shape) for k, v in sd["state_dict"].items()} == \
         {"net.0.weight": (12, 16), "net.0.bias": (12,), "net.2.weight": (2, 12), "net.2.bias": (2,)}
+    # its own weights only, not views into the whole block's storage
+    assert all(v.is_contiguous() and v.untyped_storage().nbytes() == v.numel() * v.element_size()
+               for v in sd["state_dict"].values())
 
 
 def test_packed_emergence_steps_within_one_evaluation_of_solo(solo_and_packed):
