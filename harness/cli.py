@@ -64,7 +64,7 @@ def cmd_sweep(args) -> int:
     from harness import controller
 
     if args.local:
-        if args.workers < 1:  # before the sweep exists
+        if args.workers is not None and args.workers < 1:  # before the sweep exists
             raise UserError(f"--workers {args.workers}: the number of runs in parallel, an integer >= 1")
         if args.count is not None and args.count < 1:
             raise UserError(f"--count {args.count}: the number of runs to start, an integer >= 1")
@@ -151,7 +151,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="validate a sweep YAML and create (and with --local, run) it")
     s.add_argument("yaml")
     s.add_argument("--local", action="store_true", help="run offline on this machine")
-    s.add_argument("--workers", type=int, default=1, help="runs in parallel on this machine")
+    s.add_argument("--workers", type=int, default=None,
+                   help="runs (with --pack: packed processes) in parallel on this machine; default 1, with --pack "
+                        "one per CPU core without a GPU, else 1")
     s.add_argument("--count", type=int, default=None, help="stop after this many runs")
     s.add_argument("--no-run", action="store_true", help="with --local: create the sweep only")
     s.add_argument("--pack", type=int, default=None, metavar="M",
@@ -163,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("agent", help="join or resume a sweep (local id, or entity/project/id on W&B)")
     a.add_argument("sweep_id")
-    a.add_argument("--workers", type=int, default=1)
+    a.add_argument("--workers", type=int, default=None, help="as for `harness sweep`")
     a.add_argument("--count", type=int, default=None)
     a.add_argument("--pack", type=int, default=None, metavar="M", help="train up to M grid points in one process")
     a.add_argument("--wandb-dir", default=None, help="(default $WANDB_DIR/wandb, else ./wandb)")

@@ -571,15 +571,18 @@ class Agent:
         return 0
 
 
-def run_agent(sweep_id: str, wandb_dir: str | None = None, workers: int = 1, count: int | None = None,
+def run_agent(sweep_id: str, wandb_dir: str | None = None, workers: int | None = None, count: int | None = None,
               pack: int | None = None) -> int:
     """Run (or join, or resume) a local sweep until its grid is exhausted or `count` runs started.
-    `pack`: each worker trains up to that many grid points in one process (harness.packed_agent)."""
+    `pack`: each worker trains up to that many grid points in one process (harness.packed_agent).
+    `workers` None: 1, or with `pack` harness.packed_agent.default_workers()."""
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: the number of runs in parallel, an integer >= 1")
     if pack is not None:
-        from harness.packed_agent import PackedAgent
+        from harness.packed_agent import PackedAgent, default_workers
 
-        return PackedAgent(sweep_id, wandb_dir, workers, count, pack).run()
-    return Agent(sweep_id, wandb_dir, workers, count).run()
+        return PackedAgent(sweep_id, wandb_dir, workers or default_workers(), count, pack).run()
+    return Agent(sweep_id, wandb_dir, workers or 1, count).run()
 
 
 # -- W&B ----------------------------------------------------------------------------------------

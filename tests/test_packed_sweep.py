@@ -55,6 +55,21 @@ def test_pack_trains_compatible_points_in_one_process_each_its_own_run(tmp_path)
 
 
 @pytest.mark.slow
+def test_pack_shares_a_grid_between_workers_and_defaults_to_one_process_per_core(tmp_path):
+    from harness.packed_agent import default_workers
+    from harness.resources import available_cpus
+
+    assert default_workers() == available_cpus()  # no GPU here: one single-threaded block per core
+    path = write_sweep(tmp_path / "s.yaml", {**MODADD, "seed": "{values: [0, 1, 2, 3]}", "trainer.steps": "{value: 40}"})
+    proc = harness("sweep", path, "--local", "--pack", "16", "--workers", "2")
+    sweep_id = proc.stdout.split()[0]
+    blocks = [json.load(open(p))["members"] for p in glob.glob(f"wandb/sweep-{sweep_id}/pack-*.json")
+              if not p.endswith("results.json")]
+    assert sorted(len(b) for b in blocks) == [2, 2]  # two blocks side by side, not one of 4 and an idle worker
+    assert "2 worker(s), OMP_NUM_THREADS=1" in proc.stderr or available_cpus() != 2
+
+
+@pytest.mark.slow
 def test_sigterm_preempts_every_member_and_the_next_agent_resumes_the_block(tmp_path):
     params = {**MODADD, "seed": "{values: [0, 1, 2]}", "trainer.steps": "{value: 6000}", "trainer.ckpt_every": "{value: 100}",
               "model.save": "{value: false}"}
