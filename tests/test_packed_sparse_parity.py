@@ -46,16 +46,18 @@ def rel(a, b):
 
 # ---- the optimizer over concatenated member axes --------------------------------------------------
 
-def test_stacked_adamw_over_concatenated_widths_equals_torch_adamw_per_member():
+@pytest.mark.parametrize("w2_dim", [0, 1])  # W2^T [sum_w, 2] (the block's layout), or W2 [2, sum_w]: strided views
+def test_stacked_adamw_over_concatenated_widths_equals_torch_adamw_per_member(w2_dim):
     torch.manual_seed(0)
     widths, d_in = [3, 7, 1], 5
     lr, wd = [1e-3, 3e-2, 1e-1], [1.0, 0.0, 0.3]
     owner = torch.repeat_interleave(torch.arange(3), torch.tensor(widths))
     offsets = [0, 3, 10]
     # the block's layout: W1 [sum_w, d_in], b1 [sum_w], W2^T [sum_w, 2] concatenated, b2 [M, 2] stacked
-    axes = [MemberAxis(0, owner), MemberAxis(0, owner), MemberAxis(0, owner), MemberAxis.stacked(3)]
+    axes = [MemberAxis(0, owner), MemberAxis(0, owner), MemberAxis(w2_dim, owner), MemberAxis.stacked(3)]
     init = [torch.randn(11, d_in, dtype=torch.float64), torch.randn(11, dtype=torch.float64),
-            torch.randn(11, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)]
+            torch.randn(11, 2, dtype=torch.float64) if w2_dim == 0 else torch.randn(2, 11, dtype=torch.float64),
+            torch.randn(3, 2, dtype=torch.float64)]
 
     def part(x, a, i):  # member i's slice of a packed tensor: a row if stacked, else its block of units
         return x[i] if len(a.owner) == 3 else x.narrow(a.dim, offsets[i], widths[i])
@@ -80,7 +82,7 @@ def test_stacked_adamw_over_concatenated_widths_equals_torch_adamw_per_member():
     assert rel(part(packed[0].detach(), axes[0], 1), part(init[0], axes[0], 1)) > 1e-2
     # a member's checkpoint slice round-trips through member_state / load_member_state
     state = opt.member_state(1)
-    assert state["exp_avg"][0].shape == (7, d_in) and state["exp_avg"][2].shape == (7, 2)
+    assert state["exp_avg"][0].shape == (7, d_in) and state["exp_avg"][2].shape == ((7, 2) if w2_dim == 0 else (2, 7))
 
 
 # ---- exactness against the solo training step -----------------------------------------------------
