@@ -1,7 +1,7 @@
 """Packed vs unpacked sweeps, side by side (issue 14), wall clock of the whole `harness sweep --local`.
 
     python benchmarks/bench_packed.py [--sweeps sweeps/modadd_pair_smoke.yaml ...] [--steps N]
-                                      [--workers 2] [--pack 16] [--pack-workers 1]
+                                      [--workers 2] [--pack 16] [--pack-workers W]
     python benchmarks/bench_packed.py --device cuda [--steps 2000] [--warmup 50] [--solo-steps 200] [--smoke-on-cpu]
 
 CPU (default): for each sweep file, the same grid unpacked (`--workers W`, one process per point)
@@ -46,17 +46,22 @@ def harness(*args: str, env: dict) -> float:
     return time.perf_counter() - t0
 
 
-def phases(root: str) -> dict:
+OUTCOMES = ("grok/phase", "emergence/n_learned")  # what a point's result is, by task (the first one present)
+
+
+def outcomes(root: str, varied: list[str]) -> dict:
+    """Every run finished? and [(swept values, outcome)] sorted, to compare packed with unpacked."""
     from harness import runstore
 
     runs = runstore.load_runs(root)
-    key = "summary.grok/phase"
-    finished = bool((runs["state"] == "finished").all())
-    return {"n": len(runs), "finished": finished,
-            "phases": sorted(zip(runs["config.seed"], runs[key])) if key in runs else None}
+    key = next((f"summary.{k}" for k in OUTCOMES if f"summary.{k}" in runs), None)
+    points = runs[[f"config.{k}" for k in varied]].astype(str).agg(",".join, axis=1)
+    return {"n": len(runs), "finished": bool((runs["state"] == "finished").all()), "key": key,
+            "outcomes": sorted(zip(points, runs[key].astype(str))) if key else None}
 
 
 def cpu(args) -> None:
+    from harness.controller import varied_keys
     from harness.packed import packable_keys
     from harness.packed_agent import sweep_task
 
@@ -71,18 +76,20 @@ def cpu(args) -> None:
             continue
         if args.steps:
             cfg["parameters"]["trainer.steps"] = {"value": args.steps}
+        pack_workers = ["--workers", str(args.pack_workers)] if args.pack_workers else []
         with tempfile.TemporaryDirectory() as tmp:
             sweep = os.path.join(tmp, "sweep.yaml")
             with open(sweep, "w") as f:
                 yaml.safe_dump(cfg, f, sort_keys=False)
             tu = harness("sweep", sweep, "--local", "--workers", str(args.workers), "--wandb-dir", f"{tmp}/u", env=env)
-            tp = harness("sweep", sweep, "--local", "--pack", str(args.pack), "--workers", str(args.pack_workers),
-                         "--wandb-dir", f"{tmp}/p", env=env)
-            u, p = phases(f"{tmp}/u/wandb"), phases(f"{tmp}/p/wandb")
-        same = u["phases"] == p["phases"]
+            tp = harness("sweep", sweep, "--local", "--pack", str(args.pack), *pack_workers, "--wandb-dir", f"{tmp}/p", env=env)
+            varied = varied_keys(cfg)
+            u, p = outcomes(f"{tmp}/u/wandb", varied), outcomes(f"{tmp}/p/wandb", varied)
+        same = u["outcomes"] == p["outcomes"] and u["outcomes"] is not None
+        packed = f"--pack {args.pack}" + (f" --workers {args.pack_workers}" if args.pack_workers else " (default workers)")
         print(f"{path}{f' (steps={args.steps})' if args.steps else ''}: {u['n']} runs; unpacked --workers "
-              f"{args.workers} {tu:.0f}s, packed --pack {args.pack} --workers {args.pack_workers} {tp:.0f}s = {tp / tu:.2f}x; all finished: "
-              f"{u['finished'] and p['finished']}; same grok/phase per seed: {same}", flush=True)
+              f"{args.workers} {tu:.0f}s, packed {packed} {tp:.0f}s = {tp / tu:.2f}x; all finished: "
+              f"{u['finished'] and p['finished']}; same {u['key']} per point ({', '.join(varied)}): {same}", flush=True)
 
 
 PAPER_WIDTHS = [9, 11, 13, 14, 17, 19, 22, 25, 29, 33, 38, 44, 50, 57, 66, 75, 86, 99, 113, 129, 148, 169, 194, 222,
@@ -235,7 +242,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--pack", type=int, default=16)
-    ap.add_argument("--pack-workers", type=int, default=1, help="packed processes in parallel (--workers of the packed sweep)")
+    ap.add_argument("--pack-workers", type=int, default=None, help="--workers of the packed sweep (default: the controller's, one per core on a CPU)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--warmup", type=int, default=50, help="--device cuda: packed steps before timing")
     ap.add_argument("--solo-steps", type=int, default=None,
