@@ -118,7 +118,7 @@ def cuda(args) -> None:
 
     from harness.config import load_config
     from harness.data import batch_seed, seed_rng
-    from harness.packed import StackedAdamW
+    from harness.packed import block_optimizer, block_step
     from harness.train import make_trainer
     from tasks.sparse_parity import build, build_packed
 
@@ -144,18 +144,12 @@ def cuda(args) -> None:
     equal = bool(torch.equal(x_solo, x_packed) and torch.equal(y_solo, y_packed))
     print(f"packed block: {len(cfgs)} widths {widths[0]}..{widths[-1]} in {len(block.groups)} stream(s); built in "
           f"{t_build:.1f}s; first batch on {x_packed.device}; batches equal to the solo run's: {equal}", flush=True)
-    params = list(block.params().values())
-    opt = StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps, block.member_axes())
+    opt = block_optimizer(block)
     log_every = cfgs[0].trainer.log_every
     pending: list = []
 
     def step(s: int) -> None:
-        losses = block.losses(s)
-        for p in params:
-            p.grad = None
-        losses.sum().backward()
-        opt.step()
-        pending.append(losses.detach())
+        pending.append(block_step(block, opt, s))
         if (s + 1) % log_every == 0:
             torch.stack(pending).tolist()  # train_packed reads the losses back once per log interval (a sync)
             pending.clear()
@@ -191,7 +185,7 @@ def cuda(args) -> None:
           f"the timed loop: {syncs} (train_packed reads losses every {log_every} steps); peak GPU memory "
           f"{packed_peak:.2f} GiB; one evaluation of all widths {eval_all:.2f}s; projected {FULL_STEPS} steps + "
           f"{n_evals} evaluations: {packed_total / 3600:.2f} h", flush=True)
-    del block, opt, params, pending
+    del block, opt, pending
 
     # ---- unpacked: each width alone through the solo run's own Lightning training step ------------
     class Timer(L.Callback):

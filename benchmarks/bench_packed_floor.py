@@ -40,7 +40,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from harness.config import load_config
-    from harness.packed import StackedAdamW
+    from harness.packed import block_optimizer, block_step
     from tasks.modular_addition import ModularData, loss_fn, make_model
     from tasks.modular_addition_packed import PackedModular
 
@@ -65,15 +65,10 @@ def main() -> None:
 
     # packed: the block's step
     block = PackedModular(cfgs)
-    params = list(block.params().values())
-    popt = StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps)
+    popt = block_optimizer(block)
 
     def packed_step(s):
-        losses = block.losses(s)
-        for p in params:
-            p.grad = None
-        losses.sum().backward()
-        popt.step()
+        block_step(block, popt, s)
 
     cpu_ms(packed_step, args.warmup)
     packed = cpu_ms(packed_step, args.steps) / args.members

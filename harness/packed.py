@@ -204,6 +204,26 @@ class StackedAdamW:
             a.put(v, i, x)
 
 
+def block_optimizer(block) -> StackedAdamW:
+    """The block's AdamW: its parameters and member axes, each member's lr and weight decay."""
+    params = list(block.params().values())
+    return StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps,
+                        member_axes(block, params, len(block.lr)))
+
+
+def block_step(block, opt: StackedAdamW, step: int, active: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimizer step of every live member; returns the losses [M] at `step`, detached (read them
+    back once per log interval: reading each step would sync a GPU every step)."""
+    losses = block.losses(step)
+    for p in opt.params:
+        p.grad = None
+    losses.sum().backward()  # members are independent: each slice gets its own member's gradient
+    opt.step(active)
+    if hasattr(block, "after_step"):
+        block.after_step(active)
+    return losses.detach()
+
+
 # ---- packing rules ---------------------------------------------------------------------------------
 
 def packable_keys(task: str) -> tuple[str, ...] | None:
@@ -382,10 +402,8 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
             with _as_solo_run(m):  # the member's sweep parameters decide, as in its solo run's build
                 block.resolve_config(i)
                 m.run.config.update(tracking.run_config(m.cfg), allow_val_change=True)
-    params = list(block.params().values())
-    axes = member_axes(block, params, len(members))
-    opt = StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps, axes)
-    after_step = getattr(block, "after_step", None)
+    opt = block_optimizer(block)
+    params, axes = opt.params, opt.axes
     for i, m in enumerate(members):
         m.run.summary.update(block.static_summary(i))
         if m.resume is not None:
@@ -457,14 +475,7 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
                     alive[i] = False
                     _end(m, "preempted", checkpoint.PREEMPTED_EXIT)
             return
-        losses = block.losses(step)
-        for p in params:
-            p.grad = None
-        losses.sum().backward()  # members are independent: each slice gets its own member's gradient
-        opt.step(active)
-        if after_step is not None:
-            after_step(active)
-        pending.append((step, losses.detach()))
+        pending.append((step, block_step(block, opt, step, active)))
         step += 1
         evaluate = step % t.eval_every == 0 or step == t.steps
         if evaluate or step % t.log_every == 0:

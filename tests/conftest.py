@@ -51,3 +51,14 @@ TINY_SWEEP = {
     "data.batch_size": "{value: 256}", "eval.test_per_task": "{value: 200}", "trainer.steps": "{value: 60}",
     "trainer.eval_every": "{value: 20}", "trainer.progress_bar": "{value: false}",
 }
+
+
+def train_block(block, steps, start=0, opt=None):
+    """Steps start..steps-1 of a packed block, as harness.packed's loop runs them: (optimizer, losses
+    [steps - start, M] as numpy)."""
+    import numpy as np
+
+    from harness.packed import block_optimizer, block_step
+
+    opt = opt or block_optimizer(block)
+    return opt, np.array([block_step(block, opt, step).tolist() for step in range(start, steps)])

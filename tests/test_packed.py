@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import train_block
+
 from harness import runstore
 from harness.config import ConfigError, load_config
 from harness.packed import Member, StackedAdamW, check_members, train_packed
@@ -109,17 +111,7 @@ def solo_losses(overrides, steps, dtype=torch.float64, nudge=0.0):
 
 def packed_losses(members, steps):
     block = PackedModular([load_config(m) for m in members])
-    params = list(block.params().values())
-    opt = StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps)
-    packed = []
-    for step in range(steps):
-        losses = block.losses(step)
-        for p in params:
-            p.grad = None
-        losses.sum().backward()
-        opt.step()
-        packed.append(losses.tolist())
-    return block, np.array(packed)
+    return block, train_block(block, steps)[1]
 
 
 @pytest.mark.parametrize("model", ["pair_mlp", "concat_mlp"])  # hand-batched, and vmap of the solo forward
@@ -256,38 +248,24 @@ def test_member_cross_entropy_equals_torch_on_logits_hundreds_of_nats_apart():
 
 def test_a_block_resumed_from_member_states_continues_exactly():
     # what train_packed saves per member (parameters and AdamW moments) and loads into a fresh block
-    from harness.packed import member_axes
+    from harness.packed import block_optimizer
 
     members = cfgs(("seed=0",), ("seed=1", "optim.lr=0.003"), ("seed=2", "optim.weight_decay=0.3"),
                    extra=("trainer.precision=64-true",))
 
     def fresh():
-        block = PackedModular([load_config(m) for m in members])
-        params = list(block.params().values())
-        axes = member_axes(block, params, len(members))
-        return block, params, axes, StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps, axes)
+        return PackedModular([load_config(m) for m in members])
 
-    def train(block, params, opt, start, end):
-        out = []
-        for step in range(start, end):
-            losses = block.losses(step)
-            for p in params:
-                p.grad = None
-            losses.sum().backward()
-            opt.step()
-            out.append(losses.tolist())
-        return out
-
-    block, params, axes, opt = fresh()
-    straight = train(block, params, opt, 0, 60)
-    block, params, axes, opt = fresh()
-    train(block, params, opt, 0, 30)
-    saved = [([a.take(p, i) for p, a in zip(params, axes)], opt.member_state(i)) for i in range(len(members))]
-    block, params, axes, opt = fresh()
+    _, straight = train_block(fresh(), 60)
+    opt, _ = train_block(fresh(), 30)
+    saved = [([a.take(p, i) for p, a in zip(opt.params, opt.axes)], opt.member_state(i)) for i in range(len(members))]
+    block = fresh()
+    opt = block_optimizer(block)
     for i, (weights, state) in enumerate(reversed(saved)):  # loaded in another order: nothing leaks across
         i = len(members) - 1 - i
-        for p, a, x in zip(params, axes, weights):
+        for p, a, x in zip(opt.params, opt.axes, weights):
             a.put(p, i, x)
         opt.load_member_state(i, state)
     assert opt.t == 30
-    assert train(block, params, opt, 30, 60) == straight[30:]  # bit for bit
+    _, resumed = train_block(block, 60, start=30, opt=opt)
+    assert resumed.tolist() == straight[30:].tolist()  # bit for bit

@@ -6,9 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import train_block
+
 from harness import runstore
 from harness.config import load_config
-from harness.packed import Member, StackedAdamW, train_packed
+from harness.packed import Member, train_packed
 from harness.train import train
 from tasks import mnist_omnigrok as mo
 from tasks.mnist_omnigrok_packed import PackedOmnigrok
@@ -64,18 +66,8 @@ def solo(overrides, steps):
 
 def packed(members, steps):
     block = PackedOmnigrok([load_config(m) for m in members])
-    params = list(block.params().values())
-    opt = StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps)
-    out = []
-    for step in range(steps):
-        losses = block.losses(step)
-        for p in params:
-            p.grad = None
-        losses.sum().backward()
-        opt.step()
-        block.after_step(None)
-        out.append(losses.tolist())
-    return block, np.array(out), [block.evaluate(i, steps)[0] for i in range(len(members))]
+    out = train_block(block, steps)[1]
+    return block, out, [block.evaluate(i, steps)[0] for i in range(len(members))]
 
 
 def test_packed_losses_equal_solo_for_100_steps_in_float64():

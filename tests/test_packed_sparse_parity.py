@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
+from conftest import REPO, train_block
 import torch.nn.functional as F
 
 from harness import runstore
@@ -20,7 +22,7 @@ from harness.packed import Member, MemberAxis, StackedAdamW, train_packed
 from harness.train import train
 from tasks.sparse_parity import build
 from tasks.sparse_parity_packed import PackedSparseParity
-from tests.conftest import REPO
+
 
 STEP = "trainer/global_step"
 # 8 subtasks, 10 data bits, batch 128: a member step is well under a millisecond.
@@ -116,17 +118,7 @@ def solo_losses(overrides, steps, dtype):
 
 def packed_losses(members, steps):
     block = PackedSparseParity([load_config(m) for m in members])
-    params = list(block.params().values())
-    opt = StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps, block.member_axes())
-    out = []
-    for step in range(steps):
-        losses = block.losses(step)
-        for p in params:
-            p.grad = None
-        losses.sum().backward()
-        opt.step()
-        out.append(losses.tolist())
-    return block, np.array(out)
+    return block, train_block(block, steps)[1]
 
 
 # Infinite data: members 0, 1, 3 share one batch per step, member 2 has its own. Finite data (300 samples,
