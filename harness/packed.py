@@ -35,6 +35,7 @@ model artifact (C7), nested config and name (C8). A member whose loss is not fin
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -71,35 +72,26 @@ class MemberAxis:
     def stacked(cls, n_members: int) -> "MemberAxis":
         return cls(0, torch.arange(n_members))
 
-    def column(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Per-member values [M] spread along `dim`, broadcastable to `like` (its dtype and device)."""
-        shape = [1] * like.dim()
-        shape[self.dim] = -1
-        return values[self.owner].to(like.dtype).to(like.device).view(shape)
-
-    def positions(self, i: int) -> torch.Tensor:
-        return (self.owner == i).nonzero().flatten()
-
     def view(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Member i's part of x as a view: x[j] when each member owns one position j of dim 0 (the
         stacked layout: the view has the solo parameter's shape), else its positions, which must be
         one contiguous range (a block lays its members out that way)."""
-        select, start, n = self._spans()[i]
-        return x.select(0, start) if select else x.narrow(self.dim, start, n)
+        stacked, start, n = self.spans[i]
+        return x.select(0, start) if stacked else x.narrow(self.dim, start, n)
 
-    def _spans(self) -> list[tuple[bool, int, int]]:
-        # Computed once: the optimizer takes every member's views at every step.
-        if getattr(self, "_span_cache", None) is None:
-            owner = self.owner.tolist()
-            stacked = self.dim == 0 and owner == list(range(len(owner)))
-            spans = []
-            for i in range(max(owner) + 1):
-                pos = [j for j, o in enumerate(owner) if o == i]
-                if not pos or pos[-1] - pos[0] + 1 != len(pos):
-                    raise ValueError(f"member {i}'s positions along dim {self.dim} are not one contiguous range")
-                spans.append((stacked, pos[0], len(pos)))
-            self._span_cache = spans
-        return self._span_cache
+    @functools.cached_property
+    def spans(self) -> list[tuple[bool, int, int]]:
+        """(stacked layout?, first position, count) per member; once, as the optimizer takes every
+        member's views at every step."""
+        owner = self.owner.tolist()
+        stacked = self.dim == 0 and owner == list(range(len(owner)))
+        spans = []
+        for i in range(max(owner) + 1):
+            pos = [j for j, o in enumerate(owner) if o == i]
+            if not pos or pos[-1] - pos[0] + 1 != len(pos):
+                raise ValueError(f"member {i}'s positions along dim {self.dim} are not one contiguous range")
+            spans.append((stacked, pos[0], len(pos)))
+        return spans
 
     def take(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Member i's part of x (a copy)."""
@@ -108,13 +100,6 @@ class MemberAxis:
     @torch.no_grad()
     def put(self, x: torch.Tensor, i: int, part: torch.Tensor) -> None:
         self.view(x, i).copy_(part)
-
-
-def member_axes(block, params: list[torch.Tensor], n_members: int) -> list[MemberAxis]:
-    axes = block.member_axes() if hasattr(block, "member_axes") else [MemberAxis.stacked(n_members)] * len(params)
-    if len(axes) != len(params):
-        raise ValueError(f"member_axes() gave {len(axes)} axes for {len(params)} parameters")
-    return axes
 
 
 # ---- the optimizer ---------------------------------------------------------------------------------
@@ -163,11 +148,11 @@ class StackedAdamW:
         return self._runs
 
     def _adjacent(self, i: int) -> bool:  # member i starts where member i - 1 ends, along every axis
-        return all(a._spans()[i - 1][1] + a._spans()[i - 1][2] == a._spans()[i][1] for a in self.axes)
+        return all(a.spans[i - 1][1] + a.spans[i - 1][2] == a.spans[i][1] for a in self.axes)
 
     @staticmethod
     def _span(x: torch.Tensor, axis: MemberAxis, i: int, j: int) -> torch.Tensor:
-        first, last = axis._spans()[i], axis._spans()[j - 1]
+        first, last = axis.spans[i], axis.spans[j - 1]
         return x.narrow(axis.dim, first[1], last[1] + last[2] - first[1])
 
     @torch.no_grad()
@@ -207,8 +192,10 @@ class StackedAdamW:
 def block_optimizer(block) -> StackedAdamW:
     """The block's AdamW: its parameters and member axes, each member's lr and weight decay."""
     params = list(block.params().values())
-    return StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps,
-                        member_axes(block, params, len(block.lr)))
+    axes = block.member_axes() if hasattr(block, "member_axes") else None  # None: stacked, one row per member
+    if axes is not None and len(axes) != len(params):
+        raise ValueError(f"member_axes() gave {len(axes)} axes for {len(params)} parameters")
+    return StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps, axes)
 
 
 def block_step(block, opt: StackedAdamW, step: int, active: torch.Tensor | None = None) -> torch.Tensor:

@@ -82,13 +82,12 @@ class PackedAgent(controller.Agent):
             if self.stopping.is_set() or (self.count is not None and self.started >= self.count):
                 return None
             room = self.pack if self.count is None else min(self.pack, self.count - self.started)
+            live = [r for r in state["runs"] if r["state"] != "killed"]
             if self.planned and self.workers > 1:
                 # Share the points still to start between the idle workers, so that --pack 16 on a grid
                 # of 10 with 2 workers trains two blocks of 5 side by side rather than one of 10.
-                known = [r for r in state["runs"] if r["state"] != "killed"]
-                todo = max(0, self.planned - len(known)) + sum(r["state"] == "preempted" for r in known)
+                todo = max(0, self.planned - len(live)) + sum(r["state"] == "preempted" for r in live)
                 room = min(room, max(1, -(-todo // max(1, self.workers - self.busy))))
-            live = [r for r in state["runs"] if r["state"] != "killed"]
             block: list[tuple[dict, bool]] = []
             signature = None
             for r in sorted((r for r in live if r["state"] == "preempted"), key=lambda r: r["started"]):
