@@ -69,14 +69,20 @@ def test_pack_shares_a_grid_between_workers_and_defaults_to_one_process_per_core
     assert "2 worker(s), OMP_NUM_THREADS=1" in proc.stderr or available_cpus() != 2
 
 
+def start_packed_agent(tmp_path, seeds: int, steps: int, stderr):
+    """A local sweep of `seeds` PAIR-like points checkpointing every 100 steps, and one `harness agent`
+    training all of them as one block (--workers 1: the default would split them between the cores)."""
+    params = {**MODADD, "seed": f"{{values: {list(range(seeds))}}}", "trainer.steps": f"{{value: {steps}}}",
+              "trainer.ckpt_every": "{value: 100}", "model.save": "{value: false}"}
+    sweep_id = controller.create_local_sweep(write_sweep(tmp_path / "s.yaml", params), "wandb")
+    agent = subprocess.Popen([sys.executable, "-m", "harness", "agent", sweep_id, "--pack", str(seeds), "--workers", "1"],
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    return sweep_id, agent
+
+
 @pytest.mark.slow
 def test_sigterm_preempts_every_member_and_the_next_agent_resumes_the_block(tmp_path):
-    params = {**MODADD, "seed": "{values: [0, 1, 2]}", "trainer.steps": "{value: 6000}", "trainer.ckpt_every": "{value: 100}",
-              "model.save": "{value: false}"}
-    sweep_id = controller.create_local_sweep(write_sweep(tmp_path / "s.yaml", params), "wandb")
-    agent = subprocess.Popen([sys.executable, "-m", "harness", "agent", sweep_id, "--pack", "3"],
-                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    sweep_id, agent = start_packed_agent(tmp_path, seeds=3, steps=6000, stderr=subprocess.PIPE)
     deadline = time.time() + 600
     while len(glob.glob("wandb/checkpoints/*/packed.pt")) < 3:  # mid-run, every member with a resume point
         assert agent.poll() is None and time.time() < deadline, "the block ended before its first checkpoint"
@@ -87,7 +93,7 @@ def test_sigterm_preempts_every_member_and_the_next_agent_resumes_the_block(tmp_
     assert [(r["state"], r["exitcode"]) for r in state["runs"]] == [("preempted", 143)] * 3
     ids = [r["id"] for r in state["runs"]]
 
-    proc = harness("agent", sweep_id, "--pack", "3")
+    proc = harness("agent", sweep_id, "--pack", "3", "--workers", "1")  # the block resumes as one
     assert all(f"run {i} " in proc.stderr and "resume" in proc.stderr for i in ids)
     state = json.load(open(f"wandb/sweep-{sweep_id}/state.json"))
     assert [(r["id"], r["state"]) for r in state["runs"]] == [(i, "finished") for i in ids]
@@ -101,11 +107,7 @@ def test_sigterm_preempts_every_member_and_the_next_agent_resumes_the_block(tmp_
 
 @pytest.mark.slow
 def test_sigkill_of_the_controller_reopens_every_unfinished_member(tmp_path):
-    params = {**MODADD, "seed": "{values: [0, 1]}", "trainer.steps": "{value: 3000}", "trainer.ckpt_every": "{value: 100}",
-              "model.save": "{value: false}"}
-    sweep_id = controller.create_local_sweep(write_sweep(tmp_path / "s.yaml", params), "wandb")
-    agent = subprocess.Popen([sys.executable, "-m", "harness", "agent", sweep_id, "--pack", "2"],
-                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sweep_id, agent = start_packed_agent(tmp_path, seeds=2, steps=3000, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while len(glob.glob("wandb/checkpoints/*/packed.pt")) < 2:  # mid-run
         assert agent.poll() is None and time.time() < deadline, "the block ended before its first checkpoint"
