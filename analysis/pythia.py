@@ -24,8 +24,8 @@ import pandas as pd  # noqa: E402
 from analysis import tokens as tk  # noqa: E402
 from analysis.common import main_guard, parse_args, write_outputs  # noqa: E402
 from analysis.plots import save  # noqa: E402
+from harness.config.resources import data_root  # noqa: E402
 from harness.errors import UserError  # noqa: E402
-from harness.resources import data_root  # noqa: E402
 
 STUDY = "pythia"
 ARTIFACT = "per_token_losses"

@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness.config import data_dir, load_config  # noqa: E402
+from harness.config.run import data_dir, load_config  # noqa: E402
 from harness.runstore import load_history  # noqa: E402
-from harness.train import train  # noqa: E402
+from harness.training.train import train  # noqa: E402
 from tasks import mnist_omnigrok as mo  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Steps per second of `harness.train.train(cfg)` against a plain PyTorch loop, modular addition.
+"""Steps per second of `harness.training.train.train(cfg)` against a plain PyTorch loop, modular addition.
 
     python benchmarks/bench_modular_addition.py [--steps 3000] [--repeats 5] [key=value ...]
 
@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from harness.config import load_config  # noqa: E402
-from harness.train import train  # noqa: E402
+from harness.config.run import load_config  # noqa: E402
+from harness.training.train import train  # noqa: E402
 from tasks.modular_addition import ModularData, evaluate, loss_fn, make_model  # noqa: E402
 
 

@@ -13,9 +13,9 @@ variant of a long study). Sweeps of a task that does not pack are reported and s
 `--device cuda`: the paper-scale sparse parity width sweep (sweeps/sparse_parity_width.yaml: n_tasks
 500, n 100, k 3, batch 20000, 30 widths 9..500, Adam at the task's default lr) on one GPU. Packed: all
 30 widths as one block (tasks/sparse_parity_packed.py: one shared batch drawn on the device, one matmul
-for every hidden layer), the loop of harness.packed.train_packed without W&B, timed for `--steps`
+for every hidden layer), the loop of harness.members.packed.train_packed without W&B, timed for `--steps`
 steps after `--warmup`; the device syncs of the timed loop are counted (torch's sync debug mode).
-Unpacked: each width alone through a solo run's own Lightning fit (harness.train.make_trainer, the
+Unpacked: each width alone through a solo run's own Lightning fit (harness.training.train.make_trainer, the
 task's training step, torch's AdamW), timed for `--solo-steps` steps. Both are projected to the full
 figure (200k steps each, plus 201 evaluations of every width, timed once), with the peak GPU memory;
 the last line (`summary:`) gives both projections, their ratio and whether the packed figure fits in
@@ -61,9 +61,9 @@ def outcomes(root: str, varied: list[str]) -> dict:
 
 
 def cpu(args) -> None:
-    from harness.controller import varied_keys
-    from harness.packed import packable_keys
-    from harness.packed_agent import sweep_task
+    from harness.members.packed import packable_keys
+    from harness.sweep.packed_agent import sweep_task
+    from harness.sweep.spec import varied_keys
 
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
     env.pop("OMP_NUM_THREADS", None)  # the controller shares the CPUs out (threads_per_run)
@@ -116,10 +116,10 @@ def cuda(args) -> None:
     import lightning as L
     import torch
 
-    from harness.config import load_config
-    from harness.data import batch_seed, seed_rng
-    from harness.packed import block_optimizer, block_step
-    from harness.train import make_trainer
+    from harness.config.run import load_config
+    from harness.members.packed import block_optimizer, block_step
+    from harness.training.data import batch_seed, seed_rng
+    from harness.training.train import make_trainer
     from tasks.sparse_parity import build, build_packed
 
     gpu = not args.smoke_on_cpu
@@ -130,7 +130,7 @@ def cuda(args) -> None:
     sweep = width_sweep(args)
     widths = [int(m[-1].split("=")[1]) for m in sweep]
 
-    # ---- packed: one block of all widths, the loop of harness.packed.train_packed (no W&B) ----------
+    # ---- packed: one block of all widths, the loop of harness.members.packed.train_packed (no W&B) ----------
     t_build = time.perf_counter()
     cfgs = [load_config(m + ("trainer.steps=200000", f"trainer.eval_every={EVAL_EVERY}")) for m in sweep]
     block = build_packed(cfgs)

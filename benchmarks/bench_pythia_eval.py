@@ -31,10 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness.config import load_config  # noqa: E402
+from harness.config.run import load_config  # noqa: E402
+from tasks import lm  # noqa: E402
 from tasks import pythia_eval as pe  # noqa: E402
-from tasks.pythia_suite import make_model  # noqa: E402
 from tasks.pythia_suite import ModelConfig as SuiteModel  # noqa: E402
+from tasks.pythia_suite import make_model  # noqa: E402
 
 
 def setup(args):
@@ -43,7 +44,7 @@ def setup(args):
     root = os.environ.get("HARNESS_DATA_DIR")
     if not root:
         sys.exit("bench_pythia_eval: set HARNESS_DATA_DIR to the data directory (../shared/data here)")
-    tok = pe.Tokenizer(tokenizers.Tokenizer.from_file(os.path.join(root, "pythia", "tokenizer.json")))
+    tok = lm.Tokenizer(tokenizers.Tokenizer.from_file(os.path.join(root, "pythia", "tokenizer.json")))
     torch.manual_seed(0)
     model = make_model(SuiteModel(d_model=args.d_model, n_layers=args.layers), 50304).eval()
     cfg = load_config(["task=pythia_eval", f"data_dir={root}", "data.source=pile/pile_100.jsonl",
@@ -85,7 +86,7 @@ def head_only(model, tok, texts: list[str], context: int, chunk: int, tile: int)
     return n
 
 
-def harness(losses: pe.TokenLosses, cfg, tok, source: str, out_path: str) -> int:
+def harness(losses: lm.TokenLosses, cfg, tok, source: str, out_path: str) -> int:
     writer = pe.RowWriter(out_path, cfg.eval.row_group_rows)
     n = 0
     with torch.inference_mode():
@@ -104,7 +105,7 @@ def harness(losses: pe.TokenLosses, cfg, tok, source: str, out_path: str) -> int
 def speed(args) -> dict:
     tok, model, cfg, source = setup(args)
     texts = [json.loads(line)["text"] for line in open(source)][: args.docs]
-    losses = pe.TokenLosses(model, cfg.eval.head_chunk)
+    losses = lm.TokenLosses(model, cfg.eval.head_chunk)
     tmp = tempfile.mkdtemp(prefix="bench_pythia_")
     rates = {"reference": [], "harness": [], "head": []}
     reference(model, tok, texts[:2], args.context)  # warm-up: first-call allocations and kernel choices
@@ -142,7 +143,7 @@ def memory_child(args) -> None:
         with open(big, "w") as f:
             for i in range(args.docs):
                 f.write(texts[i % len(texts)].rstrip("\n") + "\n")
-        n = harness(pe.TokenLosses(model, cfg.eval.head_chunk), cfg, tok, big, os.path.join(tmp, "out.parquet"))
+        n = harness(lm.TokenLosses(model, cfg.eval.head_chunk), cfg, tok, big, os.path.join(tmp, "out.parquet"))
     peak = peak_rss_mib()
     print(json.dumps({"docs": args.docs, "tokens": n, "peak_rss_mib": peak, "after_setup_mib": base}))
 

@@ -51,7 +51,7 @@ def main() -> None:
         with ProcessPoolExecutor(2) as pool:
             list(pool.map(make_runs, chunks))
     from harness import runstore
-    from harness.resources import available_cpus
+    from harness.config.resources import available_cpus
 
     files = runstore.run_files(root)[: args.runs]
     size = sum(os.path.getsize(f) for f in files) / len(files) / 1e6
@@ -76,9 +76,9 @@ def main() -> None:
     print("cached loads:", [round(w, 2) for w in warms])
 
     leet = os.path.join(os.path.dirname(sys.executable), "wandb")
-    from harness.wandb_file import read_run_file
+    from harness.runstore.decoder import read_run_file
 
-    from harness import wandb_file
+    from harness.runstore import decoder as wandb_file
 
     k = 3
     t0 = time.perf_counter()

@@ -22,8 +22,8 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from harness.config import load_config  # noqa: E402
-from harness.train import train  # noqa: E402
+from harness.config.run import load_config  # noqa: E402
+from harness.training.train import train  # noqa: E402
 from tasks.sparse_parity import build  # noqa: E402
 
 

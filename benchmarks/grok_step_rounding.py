@@ -16,7 +16,7 @@ import torch
 
 
 def grok_step(seed: int, nudge: float, steps: int = 50000) -> int | None:
-    from harness.config import load_config
+    from harness.config.run import load_config
     from tasks.modular_addition import ModularData, loss_fn, make_model
 
     cfg = load_config(("task=modular_addition", f"seed={seed}"))

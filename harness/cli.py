@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 
 from harness.errors import ConfigError, UserError
@@ -12,9 +10,10 @@ from harness.errors import ConfigError, UserError
 def cmd_train(args) -> int:
     """Exit codes (contract C6): 0 finished, 2 bad input, 143 preempted (SIGTERM; resumable),
     1 anything else, a non-finite loss included."""
-    from harness.checkpoint import Preempted
-    from harness.config import load_config
-    from harness.train import NonFiniteLoss, train
+    from harness.config.run import load_config
+    from harness.training.checkpoint import Preempted
+    from harness.training.tracking import result_line
+    from harness.training.train import NonFiniteLoss, train
 
     cfg = load_config(args.overrides)
     try:
@@ -28,31 +27,20 @@ def cmd_train(args) -> int:
     if summary is None:  # a DDP rank other than 0: rank 0 prints the run's line
         return 0
     sys.stdout.flush()
-    # Strict JSON: a NaN or infinity would be a bare NaN token that JSON readers reject.
-    print(json.dumps(_json_safe(summary), default=str, allow_nan=False), flush=True)
+    print(result_line(summary), flush=True)
     return 0
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def cmd_config(args) -> int:
     """`harness train task=X [k=v ...] --cfg`: the resolved config, nothing run."""
-    from harness.config import describe, load_config
+    from harness.config.run import describe, load_config
 
     print(describe(load_config(args.overrides)))
     return 0
 
 
 def cmd_tasks(args) -> int:
-    from harness.config import tasks
+    from harness.config.registry import tasks
 
     for name, ep in tasks().items():
         print(f"{name:18s} {ep.value}")
@@ -61,7 +49,9 @@ def cmd_tasks(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from harness import controller
+    from harness.sweep.local import create_local_sweep, run_agent
+    from harness.sweep.spec import load_sweep_yaml
+    from harness.sweep.wandb_sweep import create_wandb_sweep
 
     if args.local:
         if args.workers is not None and args.workers < 1:  # before the sweep exists
@@ -69,38 +59,39 @@ def cmd_sweep(args) -> int:
         if args.count is not None and args.count < 1:
             raise UserError(f"--count {args.count}: the number of runs to start, an integer >= 1")
         if args.pack is not None:
-            from harness.packed_agent import check_pack
+            from harness.sweep.packed_agent import check_pack
 
-            check_pack(controller.load_sweep_yaml(args.yaml), args.pack)
-        sweep_id = controller.create_local_sweep(args.yaml, args.wandb_dir, count=args.count, will_run=not args.no_run)
+            check_pack(load_sweep_yaml(args.yaml), args.pack)
+        sweep_id = create_local_sweep(args.yaml, args.wandb_dir, count=args.count, will_run=not args.no_run)
         print(sweep_id, flush=True)
         if args.no_run:
             return 0
-        code = controller.run_agent(sweep_id, args.wandb_dir, workers=args.workers, count=args.count, pack=args.pack)
+        code = run_agent(sweep_id, args.wandb_dir, workers=args.workers, count=args.count, pack=args.pack)
         print(sweep_id, flush=True)
         return code
     if args.pack is not None:
         raise UserError(f"--pack {args.pack} needs --local: packing is a local-controller feature (W&B's sweep "
                         "server hands one run to each `wandb agent`)")
-    sweep_id = controller.create_wandb_sweep(args.yaml, project=args.project, entity=args.entity)
+    sweep_id = create_wandb_sweep(args.yaml, project=args.project, entity=args.entity)
     print(sweep_id, flush=True)
     return 0
 
 
 def cmd_agent(args) -> int:
-    from harness import controller
+    from harness.sweep.local import run_agent
+    from harness.sweep.wandb_sweep import run_wandb_agent
 
     if "/" in args.sweep_id:  # entity/project/id: a W&B sweep, run by W&B's own agent
         if args.pack is not None:
             raise UserError(f"--pack {args.pack}: packing is a local-controller feature; W&B's sweep server hands "
                             "one run to each `wandb agent`")
-        return controller.run_wandb_agent(args.sweep_id, args.count)
-    return controller.run_agent(args.sweep_id, args.wandb_dir, workers=args.workers, count=args.count, pack=args.pack)
+        return run_wandb_agent(args.sweep_id, args.count)
+    return run_agent(args.sweep_id, args.wandb_dir, workers=args.workers, count=args.count, pack=args.pack)
 
 
 def cmd_train_packed(args) -> int:
-    """`harness train-packed BLOCK.json` (launched by the local controller with --pack; harness.packed)."""
-    from harness.packed import run_spec
+    """`harness train-packed BLOCK.json` (launched by the local controller with --pack; harness.members.packed)."""
+    from harness.members.packed import run_spec
 
     return run_spec(args.block)
 

@@ -20,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import tracking
-from harness.callbacks import GrokkingCallback, TrainLossLog, log_eval
-from harness.config import ConfigError, RunConfig, TrainerConfig, data_dir
-from harness.data import DeviceDataModule, batch_seed
-from harness.nn import MLP, n_params, weight_norm  # noqa: F401  (part of this task's API)
-from harness.train import Job, train_steps
+from harness.config.run import RunConfig, TrainerConfig, data_dir
+from harness.errors import ConfigError
+from harness.training import tracking
+from harness.training.data import DeviceDataModule, batch_seed
+from harness.training.detectors import GrokkingCallback
+from harness.training.logs import TrainLossLog, log_eval
+from harness.training.nn import MLP, n_params, weight_norm  # noqa: F401  (part of this task's API)
+from harness.training.train import Job, train_steps
 
 MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 # MD5 of the official .gz files (as the mirror serves them; a re-compressed copy differs, so only
@@ -338,7 +340,7 @@ def make_model(cfg: Config) -> tuple[MLP, float, float]:
     return model, standard_norm, float(weight_norm(model))
 
 
-# Keys that may differ between the members of a packed block (harness.packed, issue 14).
+# Keys that may differ between the members of a packed block (harness.members.packed, issue 14).
 PACKABLE = ("seed", "model.init_scale", "optim.lr", "optim.weight_decay", "optim.fixed_norm")
 
 

@@ -1,4 +1,4 @@
-"""Omnigrok MNIST, packed (harness.packed, issue 14): M members of one sweep as one stacked MLP.
+"""Omnigrok MNIST, packed (harness.members.packed, issue 14): M members of one sweep as one stacked MLP.
 
 Members may differ in seed, init scale (alpha), lr, weight decay and fixed norm
 (mnist_omnigrok.PACKABLE). Each member's model is built exactly as its solo run builds it (seeded
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.config import ConfigError
-from harness.nn import MLP, n_params
+from harness.errors import ConfigError
+from harness.training.nn import MLP, n_params
 from tasks.mnist_omnigrok import (Config, MnistData, OmnigrokModule, epoch_permutation, grokking_callback, load_data,
                                   loss_fn, make_model, resolve_split, static_summary)
 
@@ -40,7 +40,7 @@ class PackedOmnigrok:
         self.arrays = load_data(cfgs[0])  # data.* is not packable: one copy for every member
         self.models, self.norms = [], []
         for cfg in cfgs:
-            L.seed_everything(cfg.seed, workers=True, verbose=False)  # as harness.train, before build
+            L.seed_everything(cfg.seed, workers=True, verbose=False)  # as harness.training.train, before build
             model, standard_norm, init_norm = make_model(cfg)
             # Initialised in float32 as the solo run, then cast as Lightning casts it for 64-true.
             self.models.append(model.to(dtype=dtype, device=self.device))
@@ -118,7 +118,7 @@ class PackedOmnigrok:
         if not bool(mask.any()):
             return
         params = list(self._params.values())
-        norm = torch.sqrt(sum(p.pow(2).flatten(1).sum(1) for p in params))  # harness.nn.weight_norm per member
+        norm = torch.sqrt(sum(p.pow(2).flatten(1).sum(1) for p in params))  # harness.training.nn.weight_norm per member
         factor = torch.where(mask, self.target / norm, 1)
         for p in params:
             p.mul_(factor.view(-1, *[1] * (p.dim() - 1)))
@@ -127,7 +127,7 @@ class PackedOmnigrok:
 
     def resolve_config(self, i: int) -> None:
         """data.split=auto -> the split used, as the solo build records it (called with member i's sweep
-        parameters in the environment; harness.packed then logs the config again)."""
+        parameters in the environment; harness.members.packed then logs the config again)."""
         resolve_split(self.cfgs[i], self.arrays["split"])
 
     def evaluate(self, i: int, step: int) -> tuple[dict[str, float], dict]:

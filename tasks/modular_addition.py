@@ -18,12 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.callbacks import (CurvesRecorder, GrokkingCallback, TrainLossLog, log_eval, set_eval_arrays,
-                               wandb_run, write_summary)
-from harness.config import ConfigError, RunConfig, TrainerConfig
-from harness.data import DeviceDataModule
-from harness.nn import n_params, weight_norm  # noqa: F401  (part of this task's API)
-from harness.train import Job, train_steps
+from harness.config.run import RunConfig, TrainerConfig
+from harness.errors import ConfigError
+from harness.training.curves import CurvesRecorder, set_eval_arrays
+from harness.training.data import DeviceDataModule
+from harness.training.detectors import GrokkingCallback
+from harness.training.logs import TrainLossLog, log_eval, wandb_run, write_summary
+from harness.training.nn import n_params, weight_norm  # noqa: F401  (part of this task's API)
+from harness.training.train import Job, train_steps
+from tasks.fourier import cached_directions, fourier_power, key_frequencies
 
 OPERATIONS = ("add", "subtract", "multiply")
 MODELS = ("pair_mlp", "concat_mlp")
@@ -264,101 +267,11 @@ def make_model(cfg: Config) -> nn.Module:
     return model
 
 
-# ---------------------------------------------------------------- Fourier progress measures
-# Nanda et al. 2023, adapted to MLPs. Pure torch; the task computes them at every evaluation and logs
-# the results (history, curves artifact), which is what analysis.grokking reads. Frequencies are the
-# integers k = 1 .. p // 2 (k and p - k are the same real frequency); k = 0, the constant, is excluded.
-
-def n_freqs(p: int) -> int:
-    return p // 2
-
-
-def fourier_basis(p: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal cos/sin columns for k = 1 .. p // 2: ([p, K], [p, K]).
-
-    For even p the Nyquist frequency k = p/2 has no sine; its sine column is all zeros.
-    """
-    x = torch.arange(p, dtype=dtype)[:, None]
-    k = torch.arange(1, n_freqs(p) + 1, dtype=dtype)[None, :]
-    angle = 2 * math.pi * x * k / p
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    cos = cos / cos.norm(dim=0, keepdim=True)
-    sin_norm = sin.norm(dim=0, keepdim=True)
-    sin = torch.where(sin_norm > 1e-9, sin / sin_norm.clamp_min(1e-12), torch.zeros_like(sin))
-    return cos, sin
-
-
-def fourier_power(embedding: torch.Tensor) -> torch.Tensor:
-    """Power of each frequency k = 1 .. p // 2 in a token embedding [p, d], summed over the d
-    columns and normalised to sum to 1 over the non-constant frequencies: [p // 2]."""
-    e = embedding.detach().to(torch.float64)
-    cos, sin = fourier_basis(e.shape[0])
-    power = (cos.T @ e).pow(2).sum(1) + (sin.T @ e).pow(2).sum(1)  # [K]
-    total = power.sum()
-    return power / total if total > 0 else power
-
-
-def key_frequencies(power: torch.Tensor, mass: float = 0.9, max_keys: int = 8) -> list[int]:
-    """The fewest frequencies (largest power first) that hold `mass` of the power, at most
-    `max_keys`: a generalising MLP uses a handful, a memorising one spreads over all of them."""
-    order = torch.argsort(power, descending=True)
-    cum = torch.cumsum(power[order], 0)
-    n = int((cum < mass - 1e-12).sum()) + 1
-    return [int(k) + 1 for k in order[:min(n, max_keys, len(order))]]
-
-
-def sum_directions(p: int, keys: list[int], sign: int = 1, dtype=torch.float64) -> torch.Tensor:
-    """Orthonormal directions cos(w(a ± b)), sin(w(a ± b)) over the (a, b) grid for each key
-    frequency w, plus the constant: [p * p, 1 + 2 * len(keys)] (row a * p + b).
-
-    The logits of a model that computes (a ± b) mod p with frequency w lie in this span
-    (Nanda et al.'s trig identity); everything else is what memorisation adds.
-    """
-    a = torch.arange(p, dtype=dtype).repeat_interleave(p)
-    b = torch.arange(p, dtype=dtype).repeat(p)
-    s = a + sign * b
-    cols = [torch.ones(p * p, dtype=dtype)]
-    for w in keys:
-        angle = 2 * math.pi * w * s / p
-        cols += [torch.cos(angle), torch.sin(angle)]
-    u = torch.stack(cols, 1)
-    norms = u.norm(dim=0, keepdim=True)
-    return torch.where(norms > 1e-9, u / norms.clamp_min(1e-12), torch.zeros_like(u))
-
-
-def restricted_excluded_logits(grid_logits: torch.Tensor, keys: list[int], sign: int = 1
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split logits over the full (a, b) grid [p * p, p] into the key-frequency part (plus the
-    per-class mean) and the rest: (restricted, excluded), same shapes.
-
-    Excluded keeps the per-class mean so that removing the key frequencies is all it changes.
-    """
-    p = grid_logits.shape[1]
-    x = grid_logits.to(torch.float64)
-    u = sum_directions(p, keys, sign).to(x.device)  # [p*p, 1 + 2K]
-    coef = u.T @ x  # [1 + 2K, p]
-    restricted = u @ coef
-    const = u[:, :1] @ coef[:1]
-    excluded = x - restricted + const
-    return restricted.to(grid_logits.dtype), excluded.to(grid_logits.dtype)
-
-
-def grid_loss(grid_logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean cross-entropy (nats) of the grid rows `rows` (a * p + b) against `labels`."""
-    return float(F.cross_entropy(grid_logits[rows].float(), labels))
-
-
 # ---------------------------------------------------------------- loss and diagnostics
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
     loss = F.cross_entropy(logits, y)
     return loss / logits.shape[1] if kind == "ce_over_p" else loss
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_directions(p: int, keys: tuple[int, ...], sign: int, device: str) -> torch.Tensor:
-    # The key frequencies of a run change a few times in its life, not at every evaluation.
-    return sum_directions(p, list(keys), sign).to(device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -398,7 +311,7 @@ def evaluate(model: nn.Module, tensors: dict, cfg: Config) -> dict[str, torch.Te
 
     if d.operation in ("add", "subtract"):
         sign = 1 if d.operation == "add" else -1
-        u = _cached_directions(d.p, tuple(keys), sign, str(device))  # [p*p, 1 + 2K]
+        u = cached_directions(d.p, tuple(keys), sign, str(device))  # [p*p, 1 + 2K]
         x = grid_logits.to(torch.float64)
         coef = u.T @ x  # the projection onto the key directions runs over the whole grid ...
         for split, (_, _, y) in tensors.items():  # ... its parts are only needed at the split's rows
@@ -483,7 +396,7 @@ def final_fourier_values(keys: list[int], power: torch.Tensor | None, seconds: f
     return values
 
 
-# Packed runs (harness.packed, issue 14): keys whose values may differ between the members of one
+# Packed runs (harness.members.packed, issue 14): keys whose values may differ between the members of one
 # packed process; every other key must be equal. The stacked model is in tasks/modular_addition_packed.py.
 PACKABLE = ("seed", "data.train_fraction", "data.split_seed", "optim.lr", "optim.weight_decay", "model.init_scale")
 

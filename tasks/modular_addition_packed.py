@@ -1,4 +1,4 @@
-"""Modular addition, packed (harness.packed, issue 14): M members of one sweep as one stacked model.
+"""Modular addition, packed (harness.members.packed, issue 14): M members of one sweep as one stacked model.
 
 Members may differ in seed (initial weights and train/val split), train fraction, split seed, lr,
 weight decay and init scale (modular_addition.PACKABLE). Each member's model is built exactly as its
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
-from harness.callbacks import GrokkingCallback
-from harness.config import ConfigError
-from harness.packed_loss import member_cross_entropy
+from harness.errors import ConfigError
+from harness.members.packed_loss import member_cross_entropy
+from harness.training.detectors import GrokkingCallback
 from tasks.modular_addition import (ACTIVATIONS, Config, ModularData, evaluate, final_fourier_values, make_model, n_params)
 
 
@@ -40,7 +40,7 @@ class PackedModular:
         self.device = torch.device("cuda" if cuda else "cpu")
         self.models, self.data = [], []
         for cfg in cfgs:
-            L.seed_everything(cfg.seed, workers=True, verbose=False)  # as harness.train, before build
+            L.seed_everything(cfg.seed, workers=True, verbose=False)  # as harness.training.train, before build
             # Initialised in float32 as the solo run, then cast as Lightning casts it for 64-true.
             self.models.append(make_model(cfg).to(dtype=dtype, device=self.device))
             self.data.append(ModularData(cfg))

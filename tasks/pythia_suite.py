@@ -17,10 +17,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from harness.callbacks import TrainLossLog, write_summary
-from harness.config import ConfigError, RunConfig, TrainerConfig, data_dir
-from harness.data import DeviceDataModule
-from harness.train import Job
+from harness.config.run import RunConfig, TrainerConfig, data_dir
+from harness.errors import ConfigError
+from harness.training.data import DeviceDataModule
+from harness.training.logs import TrainLossLog, write_summary
+from harness.training.train import Job
 
 
 @dataclass

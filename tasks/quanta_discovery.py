@@ -8,10 +8,10 @@ n <= sim.save_max) and in the summary the rank-frequency slope of the cluster si
 interval, and for planted quanta (sparse parity) the adjusted Rand index and purity against the
 true subtasks.
 
-Models made by other tasks are reached through the task registry by name (`harness.config.
-task_module`), as the harness itself does: the Pythia evaluation's loader, tokenizer and document
-reader for LMs, and for a trained model the task named in its config (C7), whose `build()` gives
-the pure nn.Module (`.module.model`) and the data module that holds the labelled test set.
+Language models are loaded, tokenized and read with the LM toolkit the Pythia evaluation uses too
+(tasks.lm). A model trained by another task is rebuilt through the task registry by the name in its
+config (C7), as the harness itself does: that task's `build()` gives the pure nn.Module
+(`.module.model`) and the data module that holds the labelled test set.
 """
 from __future__ import annotations
 
@@ -29,11 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import quanta_stats as qs
-from harness import tracking
-from harness.callbacks import write_summary
-from harness.config import ConfigError, RunConfig, TrainerConfig, config_class, task_module
-from harness.data import DeviceDataModule
-from harness.train import Job
+from harness.config.registry import config_class, task_module
+from harness.config.run import RunConfig, TrainerConfig
+from harness.errors import ConfigError
+from harness.training import tracking
+from harness.training.data import DeviceDataModule
+from harness.training.logs import write_summary
+from harness.training.train import Job
+from tasks import lm
 from tasks import qdg_core as core
 
 ARTIFACT_TYPE = "quanta"
@@ -43,7 +46,7 @@ MODES = ("exact", "projected")
 
 @dataclass
 class ModelConfig:
-    # hf: a causal LM, loaded as pythia_eval loads it; artifact: the `model` artifact (C7) of run
+    # hf: a causal LM, loaded by tasks.lm (as pythia_eval loads it); artifact: the `model` artifact (C7) of run
     # `artifact`; train: this run first trains the config in `train.*` (e.g. sparse parity).
     source: str = "hf"
     name: str = "EleutherAI/pythia-70m"  # hf: hub name or local directory (relative: cwd, then data_dir)
@@ -56,7 +59,7 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:  # language models: documents, read as pythia_eval reads them
+class DataConfig:  # language models: documents, read by tasks.lm (as pythia_eval reads them)
     source: str = "pile/test.jsonl.zst"
     text_key: str = "text"
     split: str = "test"
@@ -151,14 +154,13 @@ class Config(RunConfig):
 
 # -- models --------------------------------------------------------------------------------------
 
-def _pythia_cfg(cfg: Config):
-    """The Pythia evaluation's config for the same model and documents: its loader reads these."""
-    pe = task_module("pythia_eval")
+def _lm_source(cfg: Config) -> lm.LMSource:
+    """This run's model and documents, as the LM toolkit's loaders read them."""
     m, d = cfg.model, cfg.data
-    return pe, pe.Config(data_dir=cfg.data_dir,
-                         model=pe.ModelConfig(name=m.name, revision=m.revision, dtype=m.dtype, tokenizer=m.tokenizer),
-                         data=pe.DataConfig(source=d.source, text_key=d.text_key, split=d.split, first_doc=d.first_doc,
-                                            n_docs=d.n_docs, context_length=d.context_length))
+    return lm.LMSource(data_dir=cfg.data_dir,
+                       model=lm.ModelConfig(name=m.name, revision=m.revision, dtype=m.dtype, tokenizer=m.tokenizer),
+                       data=lm.DataConfig(source=d.source, text_key=d.text_key, split=d.split, first_doc=d.first_doc,
+                                          n_docs=d.n_docs, context_length=d.context_length))
 
 
 def _inner_config(train: dict, trainer: TrainerConfig | None) -> RunConfig:
@@ -213,16 +215,16 @@ def _trained_job(blob_config: dict) -> tuple[RunConfig, Job]:
 
 # -- samples -------------------------------------------------------------------------------------
 
-def lm_samples(cfg: Config, model: nn.Module, tok, pe, pe_cfg) -> dict:
+def lm_samples(cfg: Config, model: nn.Module, tok, source_cfg: lm.LMSource) -> dict:
     """The paper's token selection over documents in order: forward passes only, no gradient."""
-    source = pe.resolve_source(pe_cfg)
-    losses_fn = pe.TokenLosses(model, head_chunk=512)
+    source = lm.resolve_source(source_cfg)
+    losses_fn = lm.TokenLosses(model, head_chunk=512)
     s, d = cfg.samples, cfg.data
     docs: dict[int, list[int]] = {}
 
     def stream():
         stop = d.first_doc + d.n_docs if d.n_docs else None
-        for i, text in enumerate(pe.iter_texts(source, d.text_key, d.split)):
+        for i, text in enumerate(lm.iter_texts(source, d.text_key, d.split)):
             if stop is not None and i >= stop:
                 return
             if i < d.first_doc:
@@ -279,9 +281,9 @@ def parity_samples(cfg: Config, model: nn.Module, data, device) -> dict:
 class QuantaDiscovery(L.Callback):
     """Runs QDG once: after fit (a model this run trained) or after the (empty) validation loop."""
 
-    def __init__(self, cfg: Config, kind: str, stage: str, get_model, get_data=None, tok=None, pe=None, pe_cfg=None):
+    def __init__(self, cfg: Config, kind: str, stage: str, get_model, get_data=None, tok=None, source_cfg=None):
         self.cfg, self.kind, self.stage = cfg, kind, stage
-        self.get_model, self.get_data, self.tok, self.pe, self.pe_cfg = get_model, get_data, tok, pe, pe_cfg
+        self.get_model, self.get_data, self.tok, self.source_cfg = get_model, get_data, tok, source_cfg
         self.result: dict | None = None
 
     def on_fit_end(self, trainer, pl_module):
@@ -302,7 +304,7 @@ class QuantaDiscovery(L.Callback):
         for p in params.values():
             p.requires_grad_(True)
         if self.kind == "lm":
-            samples = lm_samples(cfg, model, self.tok, self.pe, self.pe_cfg)
+            samples = lm_samples(cfg, model, self.tok, self.source_cfg)
             source = core.LMGrads(model, params, samples.pop("docs"), samples["doc"], samples["pos"], cfg.grad.batch)
         else:
             samples = parity_samples(cfg, model, self.get_data(), device)
@@ -400,15 +402,15 @@ class _OneBatch(DeviceDataModule):
 def build(cfg: Config) -> Job:
     m = cfg.model
     if m.source == "hf":
-        pe, pe_cfg = _pythia_cfg(cfg)
-        pe.resolve_source(pe_cfg)  # a missing data source fails here, before the model loads
-        model = pe.load_model(pe_cfg)
-        tok = pe.load_tokenizer(pe_cfg)
-        pe.check_vocab(model, tok, f"model.name={m.name!r}, model.tokenizer={m.tokenizer or 'its own'!r}")
+        source_cfg = _lm_source(cfg)
+        lm.resolve_source(source_cfg)  # a missing data source fails here, before the model loads
+        model = lm.load_model(source_cfg)
+        tok = lm.load_tokenizer(source_cfg)
+        lm.check_vocab(model, tok, f"model.name={m.name!r}, model.tokenizer={m.tokenizer or 'its own'!r}")
         core.select_params(model, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)  # fails early
-        total, non_emb = pe.param_counts(model)
+        total, non_emb = lm.param_counts(model)
         holder = _Holder(model)
-        cb = QuantaDiscovery(cfg, "lm", "validate", lambda: holder.model, tok=tok, pe=pe, pe_cfg=pe_cfg)
+        cb = QuantaDiscovery(cfg, "lm", "validate", lambda: holder.model, tok=tok, source_cfg=source_cfg)
         return Job(module=holder, datamodule=_OneBatch(), callbacks=[cb], stage="validate",
                    summary={"model/params": total, "model/params_nonembedding": non_emb, "qdg/kind": "lm"})
     if m.source == "artifact":

@@ -14,11 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.callbacks import CurvesRecorder, EmergenceCallback, TrainLossLog, log_eval, set_eval_arrays
-from harness.config import ConfigError, RunConfig, TrainerConfig
-from harness.data import DeviceDataModule
-from harness.nn import MLP, n_params  # noqa: F401  (MLP and n_params are part of this task's API)
-from harness.train import Job, train_steps
+from harness.config.run import RunConfig, TrainerConfig
+from harness.errors import ConfigError
+from harness.training.curves import CurvesRecorder, set_eval_arrays
+from harness.training.data import DeviceDataModule
+from harness.training.detectors import EmergenceCallback
+from harness.training.logs import TrainLossLog, log_eval
+from harness.training.nn import MLP, n_params  # noqa: F401  (MLP and n_params are part of this task's API)
+from harness.training.train import Job, train_steps
 
 
 @dataclass
@@ -126,7 +129,7 @@ class SparseParityData(DeviceDataModule):
         self.test_tasks = torch.arange(d.n_tasks).repeat_interleave(m)  # [n_tasks * m]
         self.test_bits = torch.randint(0, 2, (d.n_tasks * m, d.n), generator=g, dtype=torch.uint8)
         self.finite = None
-        self.seed = cfg.seed  # harness.train sets it again; the batches follow `seed` (the property below)
+        self.seed = cfg.seed  # harness.training.train sets it again; the batches follow `seed` (the property below)
         if d.n_train_samples:
             # Finite-data mode: D samples drawn once, reshuffled every epoch. With data.stream_seed=-1 they
             # come from the global RNG right after the model's init (as they always have: they then depend
@@ -140,7 +143,7 @@ class SparseParityData(DeviceDataModule):
     @property
     def seed(self) -> int:
         """The seed of the training batches (DeviceDataModule seeds batch i from it): data.stream_seed if
-        set, else the run's seed, which harness.train assigns here."""
+        set, else the run's seed, which harness.training.train assigns here."""
         return self.cfg.data.stream_seed if self.cfg.data.stream_seed >= 0 else self._run_seed
 
     @seed.setter
@@ -258,7 +261,7 @@ class SparseParityModule(L.LightningModule):
                                  betas=(o.beta1, o.beta2))
 
 
-# Packed runs (harness.packed, issue 14): members may differ in these keys (tasks/sparse_parity_packed.py).
+# Packed runs (harness.members.packed, issue 14): members may differ in these keys (tasks/sparse_parity_packed.py).
 PACKABLE = ("seed", "data.task_seed", "data.stream_seed", "optim.lr", "optim.weight_decay", "model.width")
 
 

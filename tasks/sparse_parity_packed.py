@@ -1,8 +1,8 @@
-"""Multitask sparse parity, packed (harness.packed, issue 14): M members of one sweep as one model.
+"""Multitask sparse parity, packed (harness.members.packed, issue 14): M members of one sweep as one model.
 
 Members may differ in seed, data.task_seed, data.stream_seed, lr, weight decay and width
 (sparse_parity.PACKABLE). Each member is built by the task's own `build` after seeding with its seed,
-as harness.train builds a solo run, so its initial weights and data are its solo run's; then
+as harness.training.train builds a solo run, so its initial weights and data are its solo run's; then
 
 - the hidden layers of all members are concatenated into one layer, W1 [sum_w, d_in] and b1 [sum_w]
   (MemberAxis dim 0: rows o_i..o_i+w_i are member i's), so one matmul computes every member's hidden
@@ -36,10 +36,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from harness.callbacks import EmergenceCallback
-from harness.config import ConfigError
-from harness.data import batch_seed
-from harness.packed import MemberAxis
+from harness.errors import ConfigError
+from harness.members.packed import MemberAxis
+from harness.training.data import batch_seed
+from harness.training.detectors import EmergenceCallback
 from tasks.sparse_parity import Config, build
 
 DTYPES = {"32-true": torch.float32, "32": torch.float32, "64-true": torch.float64, "64": torch.float64}
@@ -81,9 +81,9 @@ class PackedSparseParity:
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.modules, self.emergence, self.summaries = [], [], []
         for cfg in cfgs:
-            L.seed_everything(cfg.seed, workers=True, verbose=False)  # as harness.train, before build
+            L.seed_everything(cfg.seed, workers=True, verbose=False)  # as harness.training.train, before build
             job = build(cfg)
-            job.datamodule.seed = cfg.seed  # as harness.train
+            job.datamodule.seed = cfg.seed  # as harness.training.train
             # Initialised in float32 as the solo run, then cast as Lightning casts it for 64-true.
             self.modules.append(job.module.to(dtype=dtype, device=self.device))
             self.emergence.append(next(c for c in job.callbacks if isinstance(c, EmergenceCallback)))

@@ -54,11 +54,11 @@ TINY_SWEEP = {
 
 
 def train_block(block, steps, start=0, opt=None):
-    """Steps start..steps-1 of a packed block, as harness.packed's loop runs them: (optimizer, losses
+    """Steps start..steps-1 of a packed block, as harness.members.packed's loop runs them: (optimizer, losses
     [steps - start, M] as numpy)."""
     import numpy as np
 
-    from harness.packed import block_optimizer, block_step
+    from harness.members.packed import block_optimizer, block_step
 
     opt = opt or block_optimizer(block)
     return opt, np.array([block_step(block, opt, step).tolist() for step in range(start, steps)])

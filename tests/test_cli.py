@@ -4,9 +4,9 @@ import os
 import pytest
 
 from harness.cli import main
-from harness.config import load_config
-from harness.progress import enabled
-from harness.train import train
+from harness.config.run import load_config
+from harness.training.progress import enabled
+from harness.training.train import train
 from tests.conftest import TINY
 
 

@@ -1,6 +1,7 @@
 import pytest
 
-from harness.config import ConfigError, check_overrides, load_config, valid_keys
+from harness.config.run import check_overrides, load_config, valid_keys
+from harness.errors import ConfigError
 from tasks.sparse_parity import Config
 
 
@@ -90,14 +91,14 @@ def test_unknown_key_suggests_the_nearest_keys():
 def test_tasks_come_from_the_entry_point_registry():
     from importlib.metadata import entry_points
 
-    from harness.config import tasks
+    from harness.config.registry import tasks
     registered = {ep.name: ep.value for ep in entry_points(group="harness.tasks")}
     assert {n: ep.value for n, ep in tasks().items()} == registered
     assert {"sparse_parity", "modular_addition", "mnist_omnigrok", "pythia_eval", "pythia_suite"} <= set(registered)
 
 
 def test_describe_shows_values_defaults_types_and_comments():
-    from harness.config import describe
+    from harness.config.run import describe
     text = describe(load_config(["task=sparse_parity", "model.width=64"])).splitlines()
     line = next(l for l in text if l.startswith("model.width:"))
     assert line == "model.width: int = 64  (default 100)  # hidden units per layer"

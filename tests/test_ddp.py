@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import TINY, harness
-from harness.config import load_config
-from harness.data import DeviceDataModule
-from harness.wandb_file import read_run_file
+from harness.config.run import load_config
+from harness.runstore.decoder import read_run_file
+from harness.training.data import DeviceDataModule
 
 
 class _Trainer:  # what DeviceDataModule reads from its trainer

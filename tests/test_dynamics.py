@@ -91,8 +91,8 @@ def test_the_report_runs_the_dynamics_data_and_alpha_studies():
 def test_dynamics_of_real_runs_from_step_0(offline):
     """Three tiny widths trained for real: history and curves start at step 0, the CLI writes its outputs."""
     from conftest import TINY
-    from harness.config import load_config
-    from harness.train import train
+    from harness.config.run import load_config
+    from harness.training.train import train
 
     args = [a for a in TINY if not a.startswith("trainer.steps=")] + ["trainer.steps=200", "optim.lr=1e-2"]
     ids = [train(load_config(a := args + [f"model.width={w}"]), a)["_run_id"] for w in (4, 16, 64)]

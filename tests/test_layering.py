@@ -1,6 +1,6 @@
 """The dependency direction of DESIGN.md, checked on every import statement (module level or inside a
 function): tasks -> harness; analysis -> harness.runstore and the pure helpers (harness.events,
-harness.errors, harness.wandb_mode, harness.resources) + analysis.*; harness -> nothing above it. A task never imports another task: a
+harness.errors, harness.wandb_mode, harness.config.resources) + analysis.*; harness -> nothing above it. A task never imports another task: a
 registered task module (pyproject's "harness.tasks" entry points) may import harness and the task's own
 helper modules in tasks/ (those not registered), never another registered task."""
 import ast
@@ -11,7 +11,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANALYSIS_MAY_USE = ("harness.runstore", "harness.events", "harness.errors", "harness.quanta_stats",
-                    "harness.wandb_mode", "harness.resources")
+                    "harness.wandb_mode", "harness.config.resources")
 
 
 def registered_tasks() -> set[str]:
@@ -68,17 +68,17 @@ def violations() -> list[str]:
 
 
 def test_the_checker_catches_each_kind_of_violation():
-    assert not allowed("harness", "harness.config", "tasks.sparse_parity")
-    assert not allowed("harness", "harness.train", "analysis.fourier")
+    assert not allowed("harness", "harness.config.run", "tasks.sparse_parity")
+    assert not allowed("harness", "harness.training.train", "analysis.fourier")
     assert not allowed("tasks", "tasks.modular_addition", "analysis.fourier")
     registered = {"tasks.pythia_suite", "tasks.pythia_eval", "tasks.modular_addition"}
     assert not allowed("tasks", "tasks.pythia_suite", "tasks.pythia_eval.Config", registered)
     assert allowed("tasks", "tasks.modular_addition", "tasks.modular_addition_packed.PackedModular", registered)
     assert not allowed("analysis", "analysis.grokking", "harness.callbacks")
-    assert not allowed("analysis", "analysis.common", "harness.config")
+    assert not allowed("analysis", "analysis.common", "harness.config.run")
     assert allowed("analysis", "analysis.scaling", "harness.runstore")
     assert allowed("analysis", "analysis.scaling", "harness.errors.UserError")
-    assert allowed("tasks", "tasks.sparse_parity", "harness.train")
+    assert allowed("tasks", "tasks.sparse_parity", "harness.training.train")
     assert allowed("harness", "harness.cli", "harness.controller")
 
 

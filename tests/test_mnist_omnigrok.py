@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from harness.config import ConfigError, load_config
-from harness.train import make_trainer, train
+from harness.config.run import load_config
+from harness.errors import ConfigError
+from harness.training.train import make_trainer, train
 from tasks import mnist_omnigrok as mo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,7 +224,7 @@ def test_lu_shape_pure():
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "sweeps" / "omnigrok_*.yaml"))))
 def test_sweep_files(path):
-    from harness.controller import load_sweep_yaml, validate_sweep
+    from harness.sweep.spec import load_sweep_yaml, validate_sweep
 
     spec = load_sweep_yaml(path)
     assert validate_sweep(spec, path) == "mnist_omnigrok"  # W&B's schema and every value vs the config

@@ -14,10 +14,12 @@ import torch
 import yaml
 
 from analysis import grokking as ga
-from harness.events import PHASES
 from harness import runstore
-from harness.config import ConfigError, check_overrides, load_config
-from harness.train import train
+from harness.config.run import check_overrides, load_config
+from harness.errors import ConfigError
+from harness.events import PHASES
+from harness.training.train import train
+from tasks import fourier
 from tasks import modular_addition as ma
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,24 +54,24 @@ def wave_embedding(p: int, freqs: list[int], d: int = 16, seed: int = 0) -> torc
 
 
 def test_fourier_power_of_a_pure_frequency_embedding_is_that_frequency():
-    power = ma.fourier_power(wave_embedding(67, [14]))
+    power = fourier.fourier_power(wave_embedding(67, [14]))
     assert power.shape == (33,)
     assert int(power.argmax()) + 1 == 14
     assert power[13] == pytest.approx(1.0, abs=1e-9)
-    assert ma.key_frequencies(power) == [14]
+    assert fourier.key_frequencies(power) == [14]
 
 
 def test_key_frequencies_find_a_handful_in_a_mixture_and_spread_for_noise():
     e = wave_embedding(67, [5, 21, 30]) + 0.01 * torch.randn(67, 16, dtype=torch.float64)
-    assert sorted(ma.key_frequencies(ma.fourier_power(e))) == [5, 21, 30]
-    noise = ma.fourier_power(torch.randn(67, 500, dtype=torch.float64))
+    assert sorted(fourier.key_frequencies(fourier.fourier_power(e))) == [5, 21, 30]
+    noise = fourier.fourier_power(torch.randn(67, 500, dtype=torch.float64))
     assert noise.sum() == pytest.approx(1.0)
-    assert len(ma.key_frequencies(noise, mass=0.9, max_keys=33)) > 20  # memorising: no few keys
+    assert len(fourier.key_frequencies(noise, mass=0.9, max_keys=33)) > 20  # memorising: no few keys
 
 
 def test_frequency_k_and_p_minus_k_are_one_frequency_and_even_p_has_nyquist():
-    assert ma.fourier_power(wave_embedding(67, [67 - 9])).argmax() + 1 == 9
-    power = ma.fourier_power(wave_embedding(10, [5]))
+    assert fourier.fourier_power(wave_embedding(67, [67 - 9])).argmax() + 1 == 9
+    power = fourier.fourier_power(wave_embedding(10, [5]))
     assert power.shape == (5,) and int(power.argmax()) + 1 == 5
 
 
@@ -87,13 +89,13 @@ def test_restricted_loss_keeps_and_excluded_loss_destroys_a_trig_circuit(sign):
     logits = trig_logits(p, w, sign=sign)
     a, b = torch.arange(p).repeat_interleave(p), torch.arange(p).repeat(p)
     rows, y = a * p + b, (a + sign * b) % p
-    full = ma.grid_loss(logits, rows, y)
-    restricted, excluded = ma.restricted_excluded_logits(logits, [w], sign)
-    assert ma.grid_loss(restricted, rows, y) == pytest.approx(full, rel=1e-5)
-    assert ma.grid_loss(excluded, rows, y) == pytest.approx(math.log(p), rel=1e-4)  # chance
+    full = fourier.grid_loss(logits, rows, y)
+    restricted, excluded = fourier.restricted_excluded_logits(logits, [w], sign)
+    assert fourier.grid_loss(restricted, rows, y) == pytest.approx(full, rel=1e-5)
+    assert fourier.grid_loss(excluded, rows, y) == pytest.approx(math.log(p), rel=1e-4)  # chance
     # The wrong frequency restricts to nothing: chance level.
-    wrong, _ = ma.restricted_excluded_logits(logits, [w + 1], sign)
-    assert ma.grid_loss(wrong, rows, y) == pytest.approx(math.log(p), rel=1e-4)
+    wrong, _ = fourier.restricted_excluded_logits(logits, [w + 1], sign)
+    assert fourier.grid_loss(wrong, rows, y) == pytest.approx(math.log(p), rel=1e-4)
 
 
 # ---- data and models ---------------------------------------------------------------------------

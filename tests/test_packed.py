@@ -12,9 +12,10 @@ import torch
 from conftest import train_block
 
 from harness import runstore
-from harness.config import ConfigError, load_config
-from harness.packed import Member, StackedAdamW, check_members, train_packed
-from harness.train import train
+from harness.config.run import load_config
+from harness.errors import ConfigError
+from harness.members.packed import Member, StackedAdamW, check_members, train_packed
+from harness.training.train import train
 from tasks.modular_addition import loss_fn, make_model, ModularData
 from tasks.modular_addition_packed import PackedModular
 
@@ -152,7 +153,7 @@ def run_history(root, run_id, key):
 
 @pytest.fixture(scope="module")
 def solo_and_packed(tmp_path_factory):
-    """Two configs trained solo (`harness.train.train`, Lightning) and packed, 600 steps, float32, one
+    """Two configs trained solo (`harness.training.train.train`, Lightning) and packed, 600 steps, float32, one
     member set to grok (lr 1e-2, threshold 0.9) and one not."""
     root = str(tmp_path_factory.mktemp("packed"))
     os.environ["WANDB_DIR"] = root  # the module-scoped fixture runs before the per-test one
@@ -228,7 +229,7 @@ def test_members_that_differ_in_a_key_the_task_does_not_pack_are_refused():
 def test_member_cross_entropy_equals_torch_on_logits_hundreds_of_nats_apart():
     # late in a grokking run the logits of one example spread over hundreds of nats: the exponentials
     # that would be subnormal are raised to the smallest normal, which must not move loss or gradient
-    from harness.packed_loss import member_cross_entropy
+    from harness.members.packed_loss import member_cross_entropy
 
     torch.manual_seed(0)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
@@ -248,7 +249,7 @@ def test_member_cross_entropy_equals_torch_on_logits_hundreds_of_nats_apart():
 
 def test_a_block_resumed_from_member_states_continues_exactly():
     # what train_packed saves per member (parameters and AdamW moments) and loads into a fresh block
-    from harness.packed import block_optimizer
+    from harness.members.packed import block_optimizer
 
     members = cfgs(("seed=0",), ("seed=1", "optim.lr=0.003"), ("seed=2", "optim.weight_decay=0.3"),
                    extra=("trainer.precision=64-true",))

@@ -9,9 +9,9 @@ import torch
 from conftest import train_block
 
 from harness import runstore
-from harness.config import load_config
-from harness.packed import Member, train_packed
-from harness.train import train
+from harness.config.run import load_config
+from harness.members.packed import Member, train_packed
+from harness.training.train import train
 from tasks import mnist_omnigrok as mo
 from tasks.mnist_omnigrok_packed import PackedOmnigrok
 
@@ -37,7 +37,7 @@ def rel(a, b):
 
 
 def solo(overrides, steps):
-    """The solo run's training step in a plain loop: the task's model (seeded as harness.train seeds
+    """The solo run's training step in a plain loop: the task's model (seeded as harness.training.train seeds
     it), its minibatch stream (MnistData.next_indices), loss_fn, torch's AdamW, rescale_ for a fixed
     norm. Returns the training losses and the final evaluation."""
     cfg = load_config(tuple(overrides))
@@ -100,7 +100,7 @@ def test_packed_losses_within_1e_3_of_solo_for_1000_steps_in_float32():
         assert rel(losses[:, i], solo_losses) < 1e-3
 
 
-# ---- through harness.train (Lightning) and harness.packed.train_packed ----------------------------
+# ---- through harness.training.train (Lightning) and harness.members.packed.train_packed ----------------------------
 
 # 784-32-32-10 on 200 images, float32: alpha=1 passes train acc 0.99 and test acc 0.75 at ~100 steps,
 # alpha=2 at wd 1.0 a little later, alpha=0.5 held at its norm stays below both.

@@ -16,10 +16,10 @@ from conftest import REPO, train_block
 import torch.nn.functional as F
 
 from harness import runstore
-from harness.config import load_config
-from harness.data import batch_seed, seed_rng
-from harness.packed import Member, MemberAxis, StackedAdamW, train_packed
-from harness.train import train
+from harness.config.run import load_config
+from harness.members.packed import Member, MemberAxis, StackedAdamW, train_packed
+from harness.training.data import batch_seed, seed_rng
+from harness.training.train import train
 from tasks.sparse_parity import build
 from tasks.sparse_parity_packed import PackedSparseParity
 
@@ -90,7 +90,7 @@ def test_stacked_adamw_over_concatenated_widths_equals_torch_adamw_per_member(w2
 # ---- exactness against the solo training step -----------------------------------------------------
 
 def solo_losses(overrides, steps, dtype):
-    """The solo run's training step in a plain loop: the task's build (after seeding as harness.train
+    """The solo run's training step in a plain loop: the task's build (after seeding as harness.training.train
     does), its model, loss and optimizer (configure_optimizers), batches drawn as DeviceDataModule draws
     them (global RNG seeded per Lightning batch of K steps)."""
     cfg = load_config(tuple(overrides))
@@ -195,7 +195,7 @@ SMALL_SP = ("task=sparse_parity", "data.n_tasks=8", "data.n=8", "data.k=2", "dat
 
 @pytest.fixture(scope="module")
 def solo_and_packed(tmp_path_factory):
-    """Three widths trained solo (`harness.train.train`, Lightning) and packed, 600 steps, float32."""
+    """Three widths trained solo (`harness.training.train.train`, Lightning) and packed, 600 steps, float32."""
     root = str(tmp_path_factory.mktemp("packed_sp"))
     os.environ["WANDB_DIR"] = root  # the module-scoped fixture runs before the per-test one
     members = cfgs(("model.width=32",), ("model.width=12", "optim.weight_decay=0.1"), ("model.width=4",),

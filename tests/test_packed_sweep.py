@@ -12,8 +12,9 @@ import time
 import pytest
 
 from conftest import harness, write_sweep
-from harness import controller, runstore
+from harness import runstore
 from harness.cli import main
+from harness.sweep.local import create_local_sweep
 
 MODADD = {"task": "{value: modular_addition}", "data.p": "{value: 11}", "model.embed_dim": "{value: 16}",
           "model.hidden": "{value: 8}", "trainer.eval_every": "{value: 20}", "trainer.progress_bar": "{value: false}"}
@@ -56,8 +57,8 @@ def test_pack_trains_compatible_points_in_one_process_each_its_own_run(tmp_path)
 
 @pytest.mark.slow
 def test_pack_shares_a_grid_between_workers_and_defaults_to_one_process_per_core(tmp_path):
-    from harness.packed_agent import default_workers
-    from harness.resources import available_cpus
+    from harness.config.resources import available_cpus
+    from harness.sweep.packed_agent import default_workers
 
     assert default_workers() == available_cpus()  # no GPU here: one single-threaded block per core
     path = write_sweep(tmp_path / "s.yaml", {**MODADD, "seed": "{values: [0, 1, 2, 3]}", "trainer.steps": "{value: 40}"})
@@ -74,7 +75,7 @@ def start_packed_agent(tmp_path, seeds: int, steps: int, stderr):
     training all of them as one block (--workers 1: the default would split them between the cores)."""
     params = {**MODADD, "seed": f"{{values: {list(range(seeds))}}}", "trainer.steps": f"{{value: {steps}}}",
               "trainer.ckpt_every": "{value: 100}", "model.save": "{value: false}"}
-    sweep_id = controller.create_local_sweep(write_sweep(tmp_path / "s.yaml", params), "wandb")
+    sweep_id = create_local_sweep(write_sweep(tmp_path / "s.yaml", params), "wandb")
     agent = subprocess.Popen([sys.executable, "-m", "harness", "agent", sweep_id, "--pack", str(seeds), "--workers", "1"],
                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     return sweep_id, agent

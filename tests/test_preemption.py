@@ -14,10 +14,10 @@ import torch
 
 from conftest import TINY, harness
 from harness import runstore
-from harness.checkpoint import PREEMPTED_EXIT, Preempted
-from harness.config import load_config
-from harness.train import train
-from harness.wandb_file import read_run_file
+from harness.config.run import load_config
+from harness.runstore.decoder import read_run_file
+from harness.training.checkpoint import PREEMPTED_EXIT, Preempted
+from harness.training.train import train
 
 STEP = "trainer/global_step"
 # 400 optimizer steps, 10 per Lightning batch, a resume point every 40 steps.
@@ -212,10 +212,9 @@ def test_a_non_finite_loss_fails_the_run_with_exit_1(offline):
 
 
 def test_the_summary_line_is_strict_json(offline):
-    from harness.cli import _json_safe
+    from harness.training.tracking import result_line
 
-    line = json.dumps(_json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -math.inf}}),
-                      allow_nan=False)
+    line = result_line({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -math.inf}})
     assert json.loads(line) == {"a": None, "b": [1.0, None], "c": {"d": None}}
 
 

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from analysis import tokens as tk
-from harness.config import ConfigError, load_config
-from harness.train import train
+from harness.config.run import load_config
+from harness.errors import ConfigError
+from harness.training.train import train
+from tasks import lm
 from tasks import pythia_eval as pe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +43,7 @@ def tiny_neox(vocab: int = 50304, d: int = 32, layers: int = 2, seed: int = 0):
 def tok():
     import tokenizers
 
-    return pe.Tokenizer(tokenizers.Tokenizer.from_file(TOKENIZER))
+    return lm.Tokenizer(tokenizers.Tokenizer.from_file(TOKENIZER))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def env(tmp_path):
     return tmp_path
 
 
-def one_doc(losses: pe.TokenLosses, ids: list[int]) -> torch.Tensor:
+def one_doc(losses: lm.TokenLosses, ids: list[int]) -> torch.Tensor:
     x = torch.tensor([ids])
     with torch.inference_mode():
         return losses(x, torch.ones_like(x))
@@ -76,7 +78,7 @@ def one_doc(losses: pe.TokenLosses, ids: list[int]) -> torch.Tensor:
 
 def test_mean_per_token_loss_equals_transformers_loss(docs):
     model = tiny_neox()
-    losses = pe.TokenLosses(model, head_chunk=50)  # several head chunks per document
+    losses = lm.TokenLosses(model, head_chunk=50)  # several head chunks per document
     assert losses.split
     for ids in docs[:4]:
         x = torch.tensor([ids])
@@ -89,7 +91,7 @@ def test_mean_per_token_loss_equals_transformers_loss(docs):
 
 def test_bfloat16_model_scores_its_bfloat16_logits_in_float32(docs):
     model = tiny_neox().to(torch.bfloat16)
-    losses = pe.TokenLosses(model, head_chunk=64)
+    losses = lm.TokenLosses(model, head_chunk=64)
     x = torch.tensor([docs[0]])
     with torch.no_grad():
         logits = model(input_ids=x).logits[0, :-1].float()  # what transformers' loss upcasts
@@ -101,7 +103,7 @@ def test_bfloat16_model_scores_its_bfloat16_logits_in_float32(docs):
 
 def test_batched_padded_losses_equal_one_document_at_a_time(docs):
     model = tiny_neox()
-    losses = pe.TokenLosses(model)
+    losses = lm.TokenLosses(model)
     batch = pe.collate(sorted(enumerate(docs), key=lambda d: -len(d[1])))
     assert batch["attention_mask"].sum(1).tolist() != [batch["input_ids"].shape[1]] * len(docs)  # really padded
     with torch.inference_mode():
@@ -144,7 +146,7 @@ def test_jsonl_zst_and_folder_sources_read_the_same_documents(tmp_path):
     for i, t in enumerate(texts):
         (folder / f"{i:03d}.txt").write_text(t)
     for src in (plain, tmp_path / "d.jsonl.zst", folder):
-        assert list(pe.iter_texts(str(src))) == texts
+        assert list(lm.iter_texts(str(src))) == texts
 
 
 def test_shards_partition_the_first_n_documents(tok):
@@ -183,7 +185,7 @@ def test_jsonl_without_text_field_is_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"body": "hello", "meta": {}}) + "\n")
     with pytest.raises(ConfigError) as e:
-        list(pe.iter_texts(str(bad)))
+        list(lm.iter_texts(str(bad)))
     assert "\n" not in str(e.value) and "'text'" in str(e.value) and "body" in str(e.value)
 
 
@@ -225,7 +227,7 @@ def test_run_writes_per_token_artifact_and_summary(env, model_dir, tok):
     for doc, ids in enumerate(tok.encode(texts, 128)):
         rows = table[table["doc"] == doc].sort_values("pos")
         assert rows["pos"].tolist() == list(range(1, len(ids))) and rows["token"].tolist() == ids[1:]
-    total, non_emb = pe.param_counts(tiny_neox())
+    total, non_emb = lm.param_counts(tiny_neox())
     assert summary["model/params"] == total and summary["model/params_nonembedding"] == non_emb
     assert total - non_emb == 2 * 50304 * 32
 
@@ -266,7 +268,7 @@ def test_align_matches_tokens_across_models_and_rejects_other_tokenizers():
 
 
 def test_sweep_files_validate():
-    from harness.controller import load_sweep_yaml, validate_sweep
+    from harness.sweep.spec import load_sweep_yaml, validate_sweep
 
     for name in ("pythia_suite", "pythia_suite_fp16", "pythia_checkpoints", "pythia_suite_smoke",
                  "pythia_checkpoints_smoke", "pythia_build_offline"):

@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from harness.config import ConfigError, load_config
-from harness.train import train
-from tasks import pythia_eval as pe
+from harness.config.run import load_config
+from harness.errors import ConfigError
+from harness.training.train import train
+from tasks import lm
 from tasks import pythia_suite as ps
 
 from tests.conftest import DATA  # noqa: E402  ($HARNESS_DATA_DIR, else ../shared/data)
@@ -34,9 +35,9 @@ def test_suite_model_trains_saves_checkpoints_and_loads_for_eval(env):
         assert (save / "neox-d16" / sub / "config.json").exists(), sub
     cfg = load_config(["task=pythia_eval", f"data_dir={DATA}", f"model.name={save / 'neox-d16'}",
                        "model.revision=step2", "model.tokenizer=pythia/tokenizer.json", "data.source=pile/pile_100.jsonl"])
-    assert pe.local_model_dir(cfg).endswith("step2")
-    model = pe.load_model(cfg)
-    assert pe.param_counts(model) == (s["model/params"], s["model/params_nonembedding"])
+    assert lm.local_model_dir(cfg).endswith("step2")
+    model = lm.load_model(cfg)
+    assert lm.param_counts(model) == (s["model/params"], s["model/params_nonembedding"])
 
 
 def test_bad_suite_config_is_one_line():

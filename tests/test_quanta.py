@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from harness import quanta_stats as qs
-from harness.config import ConfigError, load_config
-from harness.train import train
+from harness.config.run import load_config
+from harness.errors import ConfigError
+from harness.training.train import train
 from tasks import qdg_core as core
 from tests.conftest import DATA
 
@@ -237,7 +238,7 @@ def test_language_model_run_to_report_with_example_contexts(tmp_path):
 
 
 def test_sweep_files_validate():
-    from harness.controller import load_sweep_yaml, validate_sweep
+    from harness.sweep.spec import load_sweep_yaml, validate_sweep
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in ("quanta_pythia", "quanta_sparse_parity_smoke", "quanta_suite_smoke"):

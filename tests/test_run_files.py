@@ -8,8 +8,10 @@ import pandas as pd
 import pytest
 import wandb
 
-from harness import runstore, wandb_file
-from harness.wandb_file import BLOCK, CorruptRunFile, read_run_file, read_with_leet
+from harness import runstore
+from harness.runstore import decoder as wandb_file
+from harness.runstore import local as runstore_local
+from harness.runstore.decoder import BLOCK, CorruptRunFile, read_run_file, read_with_leet
 
 WANDB_EXE = os.path.join(os.path.dirname(sys.executable), "wandb")
 
@@ -136,11 +138,11 @@ def _second_load(tmp_path, monkeypatch):
     """Load twice; before the second load, forget this process's memo and make decoding fail."""
     make_run(tmp_path, steps=50)
     first = runstore.load_history(str(tmp_path / "wandb"))
-    runstore._MEMO.clear()
+    runstore_local._MEMO.clear()
 
     def no_decoding(path, *args, **kwargs):
         raise CorruptRunFile(f"{path}: decoded again")
-    monkeypatch.setattr(runstore, "read_run_file", no_decoding)
+    monkeypatch.setattr(runstore_local, "read_run_file", no_decoding)
     return first, runstore.load_history(str(tmp_path / "wandb"))
 
 
@@ -210,11 +212,11 @@ def test_history_in_one_piece_equals_run_by_run(tmp_path, monkeypatch):
     make_run(tmp_path, steps=20, metrics=5, name="b")
     root = str(tmp_path / "wandb")
     runstore.load_runs(root)
-    runstore._MEMO.clear()  # from here on the histories come from the cache
+    runstore_local._MEMO.clear()  # from here on the histories come from the cache
     for keys in (None, ["m/04", "m/01"], ["m/04"], ["nothing"]):
         fast = runstore.load_history(root, keys=keys)
         with monkeypatch.context() as m:
-            m.setattr(runstore._Local, "tables", lambda self, ids: None)
+            m.setattr(runstore_local._Local, "tables", lambda self, ids: None)
             slow = runstore.load_history(root, keys=keys)
         pd.testing.assert_frame_equal(fast, slow)
     assert len(fast) == 0 and len(runstore.load_history(root, keys=["m/04"])) == 20

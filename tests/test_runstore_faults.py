@@ -11,8 +11,11 @@ import sys
 import pandas as pd
 import pytest
 
-from harness import run_cache, runstore, wandb_file
-from harness.wandb_file import BLOCK, read_run_file
+from harness import runstore
+from harness.runstore import cache as run_cache
+from harness.runstore import decoder as wandb_file
+from harness.runstore import local as runstore_local
+from harness.runstore.decoder import BLOCK, read_run_file
 from tests.conftest import harness
 from tests.test_run_files import make_run
 
@@ -88,7 +91,7 @@ def test_planted_pickle_is_never_loaded(tmp_path):
     make_run(tmp_path, steps=5)
     root = tmp_path / "wandb"
     runstore.load_runs(str(root))
-    runstore._MEMO.clear()
+    runstore_local._MEMO.clear()
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -115,16 +118,16 @@ def test_corrupt_and_foreign_cache_entries_are_re_decoded(tmp_path, capsys):
     history_file, meta_file = _entries(root)
     # A valid Arrow file of another history, and a JSON entry cut in half: both ignored, run decoded.
     pd.DataFrame({"m/00": [7.0]}).to_feather(history_file)
-    runstore._MEMO.clear()
+    runstore_local._MEMO.clear()
     pd.testing.assert_frame_equal(runstore.load_history(root), expected)
-    runstore._MEMO.clear()
+    runstore_local._MEMO.clear()
     text = open(meta_file).read()
     open(meta_file, "w").write(text[: len(text) // 2])
     pd.testing.assert_frame_equal(runstore.load_history(root), expected)
     err = capsys.readouterr().err
     assert err.count("ignored a cache entry") == 2 and "decoding" in err
     # ... and a good entry was written back.
-    runstore._MEMO.clear()
+    runstore_local._MEMO.clear()
     assert json.load(open(meta_file))["decoder"] == wandb_file.DECODER_VERSION
 
 
@@ -136,9 +139,9 @@ def test_entry_for_another_decoder_version_is_not_served(tmp_path, monkeypatch):
     entry = json.load(open(meta_file))
     entry["meta"]["summary"]["final"] = -1.0  # what an older decoder might have produced
     json.dump(entry, open(meta_file, "w"))
-    runstore._MEMO.clear()
+    runstore_local._MEMO.clear()
     assert runstore.load_runs(root).loc[0, "summary.final"] == -1.0  # same version: served
-    runstore._MEMO.clear()
+    runstore_local._MEMO.clear()
     monkeypatch.setattr(run_cache, "DECODER_VERSION", wandb_file.DECODER_VERSION + 1)
     assert runstore.load_runs(root).loc[0, "summary.final"] == 1.5  # bumped: decoded again
     assert len(_entries(root)) == 4  # the old entry stays unused; the new one beside it
@@ -223,7 +226,7 @@ def test_fallback_to_leet_is_announced_and_handles_removed_summary_keys(tmp_path
 
     def broken(*args, **kwargs):
         raise IndexError("a record layout the fast reader does not know")
-    monkeypatch.setattr(runstore, "read_run_file", broken)
+    monkeypatch.setattr(runstore_local, "read_run_file", broken)
     table = runstore.load_runs(str(tmp_path / "wandb"))
     assert len(table) == 1 and table.loc[0, "summary.nest.b"] == 2
     assert "summary.gone" not in table and "summary.nest.a" not in table
@@ -234,13 +237,13 @@ def test_fallback_to_leet_is_announced_and_handles_removed_summary_keys(tmp_path
 def test_one_run_that_breaks_every_reader_does_not_stop_the_load(tmp_path, monkeypatch):
     make_run(tmp_path, steps=3, name="a")
     make_run(tmp_path, steps=3, name="b")
-    real = runstore.read_run_file
+    real = runstore_local.read_run_file
 
     def picky(path, *args, **kwargs):
         if "run-" in path and real(path).name == "b":
             raise KeyError("boom")
         return real(path, *args, **kwargs)
-    monkeypatch.setattr(runstore, "read_run_file", picky)
+    monkeypatch.setattr(runstore_local, "read_run_file", picky)
     monkeypatch.setattr(runstore, "read_with_leet", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("leet too")))
     table = runstore.load_runs(str(tmp_path / "wandb"))
     assert list(table["name"]) == ["a"]

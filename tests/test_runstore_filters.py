@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 import wandb
 
-from harness import run_filters, runstore
+from harness import runstore
+from harness.runstore import filters as run_filters
 
 
 @pytest.fixture(scope="module")

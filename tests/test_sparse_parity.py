@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from harness.config import load_config
+from harness.config.run import load_config
 from harness.runstore import load_curves
 from tasks.sparse_parity import MLP, SparseParityData, build, frequencies, n_params
 from tests.conftest import TINY, harness
@@ -89,7 +89,7 @@ def test_task_seed_follows_the_run_seed_unless_fixed():
 
 
 def test_bad_task_seed_or_offset_is_refused():
-    from harness.config import ConfigError
+    from harness.errors import ConfigError
 
     with pytest.raises(ConfigError, match="data.task_seed=-2"):
         cfg_of("data.task_seed=-2")
@@ -153,7 +153,7 @@ def test_a_subtask_below_the_threshold_at_step_0_is_learned_at_step_0():
 
     import numpy as np
 
-    from harness.callbacks import EmergenceCallback
+    from harness.training.detectors import EmergenceCallback
 
     cb = EmergenceCallback(threshold_nats=0.1)
     module = SimpleNamespace(eval_arrays={"subtask": {"loss": np.array([0.05, 0.7, 0.7])}})

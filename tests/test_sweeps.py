@@ -12,8 +12,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from harness import controller, runstore
+from harness import runstore
 from harness.errors import UserError
+from harness.runstore.decoder import read_run_file
+from harness.sweep.agent import Agent, run_env
+from harness.sweep.engine import RepeatedPoint, expand_command, next_params
+from harness.sweep.local import create_local_sweep, run_agent
+from harness.sweep.spec import grid_size, load_sweep_yaml, validate_sweep, varied_keys
 from tests.conftest import TINY_SWEEP, harness, write_sweep
 
 
@@ -33,18 +38,18 @@ def test_typo_in_a_parameter_name_is_refused_before_any_run(tmp_path):
 def test_float_written_without_a_dot_is_refused(tmp_path):
     path = write_sweep(tmp_path / "s.yaml", {**widths([2]), "optim.lr": "{values: [1e-3, 1.0e-2]}"})
     with pytest.raises(UserError, match=r"optim.lr value '1e-3' is a string in YAML; write it as 1.0e-03"):
-        controller.validate_sweep(controller.load_sweep_yaml(path), path)
+        validate_sweep(load_sweep_yaml(path), path)
 
 
 def test_schema_violations_and_bad_values_are_one_line(tmp_path):
     bad_method = write_sweep(tmp_path / "m.yaml", widths([2]), method="gird")
     with pytest.raises(UserError, match="gird"):
-        controller.validate_sweep(controller.load_sweep_yaml(bad_method), bad_method)
+        validate_sweep(load_sweep_yaml(bad_method), bad_method)
     bad_value = write_sweep(tmp_path / "v.yaml", {**widths([2]), "data.k": "{value: 20}"})
     with pytest.raises(UserError, match=r"data.k=20 > data.n=8"):
-        controller.validate_sweep(controller.load_sweep_yaml(bad_value), bad_value)
+        validate_sweep(load_sweep_yaml(bad_value), bad_value)
     with pytest.raises(UserError, match="sweep 'nosuchid' not found"):
-        controller.run_agent("nosuchid", str(tmp_path / "wandb"))
+        run_agent("nosuchid", str(tmp_path / "wandb"))
 
 
 def cli(capsys, *argv) -> tuple[int, str]:
@@ -94,10 +99,10 @@ def test_sweeps_that_would_fail_late_are_refused_up_front(tmp_path, capsys):
 
 def test_command_expansion_matches_wandb_agent():
     cfg = {"command": ["${env}", "${interpreter}", "-m", "harness", "train", "${args_no_hyphens}"]}
-    argv = controller.expand_command(cfg, {"task": "sparse_parity", "optim.lr": 0.001, "model.width": 8}, "x.json")
+    argv = expand_command(cfg, {"task": "sparse_parity", "optim.lr": 0.001, "model.width": 8}, "x.json")
     assert argv == ["/usr/bin/env", "python", "-m", "harness", "train", "task=sparse_parity", "optim.lr=0.001",
                     "model.width=8"]
-    program = controller.expand_command({"program": "train.py"}, {"a": 1}, "x.json")
+    program = expand_command({"program": "train.py"}, {"a": 1}, "x.json")
     assert program == ["/usr/bin/env", "python", "train.py", "--a=1"]
 
 
@@ -112,7 +117,7 @@ def test_local_sweep_runs_the_grid_with_one_consistent_config(tmp_path):
     # Nested as in a plain run (contract C8), beside the flat keys wandb.init injects for the sweep's
     # own parameters (the engine reads them back); named from the one key the sweep varies
     # (HARNESS_SWEEP_VARIED, set by the controller), not from every parameter.
-    rf = runstore.read_run_file(os.path.join(runs.loc[0, "path"], f"run-{runs.loc[0, 'id']}.wandb"))
+    rf = read_run_file(os.path.join(runs.loc[0, "path"], f"run-{runs.loc[0, 'id']}.wandb"))
     width = rf.config["model"]["width"]
     assert rf.config["model.width"] == width and rf.config["model"]["depth"] == 1 and "model.depth" not in rf.config
     assert rf.name == f"sparse_parity[width={width}]"
@@ -132,7 +137,7 @@ def test_local_sweep_runs_the_grid_with_one_consistent_config(tmp_path):
 def test_a_crashing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     # width 0 passes the type check but the model refuses it inside the run: exit code != 0.
     path = write_sweep(tmp_path / "s.yaml", widths([2, 3]))
-    sweep_id = controller.create_local_sweep(path, "wandb")
+    sweep_id = create_local_sweep(path, "wandb")
     cfg_path = f"wandb/sweep-{sweep_id}/sweep.yaml"
     cfg = yaml.safe_load(open(cfg_path))
     cfg["parameters"]["model.width"]["values"] = [2, -1, 3]  # as if edited after validation
@@ -167,48 +172,48 @@ def test_the_controller_never_starts_a_grid_point_that_already_ran():
     # again, 46 times, before): the controller compares points itself and stops instead.
     cfg = {"method": "grid", "parameters": {"task": {"value": "sparse_parity"}, "model.width": {"values": [2, 3]}}}
     state = {"runs": [{"id": "a", "state": "finished", "params": {"task": "sparse_parity", "model": {"width": 2}}}]}
-    with pytest.raises(controller.RepeatedPoint, match="grid point .* again, which run a already holds"):
-        controller.next_params(cfg, state)
+    with pytest.raises(RepeatedPoint, match="grid point .* again, which run a already holds"):
+        next_params(cfg, state)
     state["runs"][0]["params"] = {"task": "sparse_parity", "model.width": 2}
-    assert controller.next_params(cfg, state) == {"task": "sparse_parity", "model.width": 3}
+    assert next_params(cfg, state) == {"task": "sparse_parity", "model.width": 3}
 
 
 def test_varied_keys_and_threads_per_run(monkeypatch):
     cfg = {"parameters": {"task": {"value": "x"}, "seed": {"values": [0, 1]}, "optim.lr": {"min": 0.1, "max": 1.0},
                           "model": {"parameters": {"width": {"values": [2, 4]}, "depth": {"values": [1]}}}}}
-    assert controller.varied_keys(cfg) == ["seed", "optim.lr", "model.width"]
-    assert controller.grid_size({"parameters": {"a": {"values": [1, 2, 3]}, "b": {"min": 1, "max": 2}}}) == 6
-    from harness.resources import available_cpus
+    assert varied_keys(cfg) == ["seed", "optim.lr", "model.width"]
+    assert grid_size({"parameters": {"a": {"values": [1, 2, 3]}, "b": {"min": 1, "max": 2}}}) == 6
+    from harness.config.resources import available_cpus
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    env = controller._run_env(cfg, "s", "r", "p.yaml", "wandb", workers=2)
+    env = run_env(cfg, "s", "r", "p.yaml", "wandb", workers=2)
     assert env["OMP_NUM_THREADS"] == str(max(1, available_cpus() // 2))
     assert env["HARNESS_SWEEP_VARIED"] == "seed,optim.lr,model.width" and env["WANDB_RUN_ID"] == "r"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # set by the user: passed on as is
-    assert controller._run_env(cfg, "s", "r", "p.yaml", "wandb", workers=2)["OMP_NUM_THREADS"] == "3"
+    assert run_env(cfg, "s", "r", "p.yaml", "wandb", workers=2)["OMP_NUM_THREADS"] == "3"
 
 
 def test_available_cpus_follows_the_affinity_mask():
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no CPU affinity API on this platform")
-    code = "from harness.resources import available_cpus; print(available_cpus())"
+    code = "from harness.config.resources import available_cpus; print(available_cpus())"
     one = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert one.stdout.strip() == "1"  # os.cpu_count() would still say every core of the machine
 
 
 def test_run_cap_counts_the_whole_sweep_not_each_agent(tmp_path):
     path = write_sweep(tmp_path / "s.yaml", widths([2, 3, 4]), extra="run_cap: 2\n")
-    sweep_id = controller.create_local_sweep(path, "wandb")
-    first = controller.Agent(sweep_id, "wandb", workers=1, count=None)
+    sweep_id = create_local_sweep(path, "wandb")
+    first = Agent(sweep_id, "wandb", workers=1, count=None)
     assert first.claim()[2] == 1 and first.claim()[2] == 2 and first.claim() is None
-    second = controller.Agent(sweep_id, "wandb", workers=1, count=None)  # another agent, same sweep
+    second = Agent(sweep_id, "wandb", workers=1, count=None)  # another agent, same sweep
     assert second.claim() is None
     assert len(json.load(open(f"wandb/sweep-{sweep_id}/state.json"))["runs"]) == 2
 
 
 def test_a_corrupt_state_file_is_one_line_with_the_way_back(tmp_path):
     path = write_sweep(tmp_path / "s.yaml", widths([2, 3]), extra="run_cap: 1\n")
-    sweep_id = controller.create_local_sweep(path, "wandb")
-    controller.Agent(sweep_id, "wandb", workers=1, count=None).claim()  # a second write: .bak exists
+    sweep_id = create_local_sweep(path, "wandb")
+    Agent(sweep_id, "wandb", workers=1, count=None).claim()  # a second write: .bak exists
     state = f"wandb/sweep-{sweep_id}/state.json"
     with open(state, "w") as f:
         f.write('{"runs": [')  # cut mid-write by a full disk
@@ -223,7 +228,7 @@ def test_a_corrupt_state_file_is_one_line_with_the_way_back(tmp_path):
 
 def test_a_worker_that_cannot_start_its_run_makes_the_agent_fail(tmp_path):
     path = write_sweep(tmp_path / "s.yaml", widths([2, 3]))
-    sweep_id = controller.create_local_sweep(path, "wandb")
+    sweep_id = create_local_sweep(path, "wandb")
     cfg_path = f"wandb/sweep-{sweep_id}/sweep.yaml"
     cfg = yaml.safe_load(open(cfg_path))
     cfg["command"] = ["no-such-program-here", "${args}"]  # as if edited, or PATH changed, after validation
@@ -237,7 +242,7 @@ def test_a_worker_that_cannot_start_its_run_makes_the_agent_fail(tmp_path):
 
 def test_two_agents_share_a_sweep_without_overlap(tmp_path):
     path = write_sweep(tmp_path / "s.yaml", widths([2, 3, 4, 5]))
-    sweep_id = controller.create_local_sweep(path, "wandb")
+    sweep_id = create_local_sweep(path, "wandb")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     agents = [subprocess.Popen([sys.executable, "-m", "harness", "agent", sweep_id], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
@@ -251,7 +256,7 @@ def test_two_agents_share_a_sweep_without_overlap(tmp_path):
 
 def test_sigkilled_sweep_resumes_without_rerunning_a_finished_point(tmp_path):
     path = write_sweep(tmp_path / "s.yaml", widths([2, 3, 4]))
-    sweep_id = controller.create_local_sweep(path, "wandb")
+    sweep_id = create_local_sweep(path, "wandb")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     agent = subprocess.Popen([sys.executable, "-m", "harness", "agent", sweep_id], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -295,7 +300,7 @@ def test_sigterm_to_the_controller_preempts_and_the_next_agent_resumes_the_point
     # the same run id, it resumes from last.ckpt, and the history has every evaluation exactly once.
     params = {**widths([2]), "trainer.steps": "{value: 4000}", "trainer.eval_every": "{value: 100}",
               "trainer.ckpt_every": "{value: 100}"}
-    sweep_id = controller.create_local_sweep(write_sweep(tmp_path / "s.yaml", params), "wandb")
+    sweep_id = create_local_sweep(write_sweep(tmp_path / "s.yaml", params), "wandb")
     agent = subprocess.Popen([sys.executable, "-m", "harness", "agent", sweep_id], env=dict(os.environ, OMP_NUM_THREADS="1"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
@@ -317,7 +322,7 @@ def test_sigterm_to_the_controller_preempts_and_the_next_agent_resumes_the_point
     hist = runstore.load_history("wandb", run_ids=[run_id], keys=["val/loss"]).dropna(subset=["val/loss"])
     assert sorted(hist["step"]) == list(range(0, 4001, 100))  # continuous: none missing, none twice
     # Resumed, not restarted: the first file was preempted at a checkpoint, the second starts after it.
-    first, second = (runstore.read_run_file(p) for p in sorted(glob.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")))
+    first, second = (read_run_file(p) for p in sorted(glob.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")))
     assert first.exit_code == 143 and first.preempting and second.exit_code == 0
     stopped = first.history["trainer/global_step"].max()
     assert 100 <= stopped < 4000 and second.history["trainer/global_step"].min() > 100

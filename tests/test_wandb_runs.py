@@ -15,12 +15,14 @@ import pytest
 import torch
 import yaml
 
-from harness import events, tracking
-from harness.callbacks import CurvesRecorder, EmergenceCallback, GrokkingCallback
-from harness.config import load_config
+from harness import events
+from harness.config.run import load_config
 from harness.errors import UserError
 from harness.runstore import load_curves, load_history, load_runs
-from harness.train import train
+from harness.training import tracking
+from harness.training.curves import CurvesRecorder
+from harness.training.detectors import EmergenceCallback, GrokkingCallback
+from harness.training.train import train
 from tests.conftest import TINY, harness
 
 LEET = os.path.join(os.path.dirname(sys.executable), "wandb")

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
-import importlib.metadata
 import math
 import os
 from dataclasses import dataclass, field
@@ -17,17 +15,13 @@ from typing import Any, ClassVar, Iterable, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from harness.errors import ConfigError  # noqa: F401  (re-exported: tasks raise it)
-from harness.resources import DATA_DIR_ENV, data_root
+from harness.config.registry import config_class, tasks
+from harness.config.resources import DATA_DIR_ENV, data_root
+from harness.errors import ConfigError
 
-# Tasks register themselves as entry points (group "harness.tasks", name -> module, see pyproject.toml),
-# so the harness names no task: a new task, here or in another package, is one line in its own
-# pyproject. Modules are imported lazily: the Pythia task pulls in transformers.
-TASK_GROUP = "harness.tasks"
 # Lightning's precision strings (lightning.fabric.connector), checked before a run is created.
 PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64", "32", "16", "bf16",
               "transformer-engine", "transformer-engine-float16")
-
 
 
 @dataclass
@@ -140,29 +134,6 @@ def _check_optim(o: Any) -> None:
             raise ConfigError(f"optim.{name}={getattr(o, name)}: Adam's betas lie in [0, 1)")
     if hasattr(o, "eps") and not o.eps > 0:
         raise ConfigError(f"optim.eps={o.eps}: must be > 0")
-
-
-@functools.cache
-def tasks() -> dict[str, importlib.metadata.EntryPoint]:
-    """Registered tasks, name -> entry point (its value is the task's module)."""
-    found = {ep.name: ep for ep in importlib.metadata.entry_points(group=TASK_GROUP)}
-    if not found:
-        raise ConfigError(f"no tasks registered (entry point group {TASK_GROUP!r}): install the project with "
-                          "`pip install -e .`")
-    return dict(sorted(found.items()))
-
-
-def task_module(name: str):
-    registry = tasks()
-    if name not in registry:
-        close = difflib.get_close_matches(str(name), registry, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise ConfigError(f"unknown task {name!r}; {hint}valid tasks: {', '.join(registry)}")
-    return registry[name].load()
-
-
-def config_class(task: str) -> type:
-    return task_module(task).Config
 
 
 def valid_keys(cls_or_obj: Any, prefix: str = "") -> list[str]:

@@ -28,7 +28,7 @@ and optionally:
                                           parameters in the environment; its run config is logged again
 
 This module runs the loop (one backward for all members, StackedAdamW), opens one W&B run per
-member (`reinit="create_new"`) through harness.tracking, and gives each member what `harness train`
+member (`reinit="create_new"`) through harness.training.tracking, and gives each member what `harness train`
 gives one run: the step axis (C2), typed events (C3), curves (C4), exit states and resume (C5),
 model artifact (C7), nested config and name (C8). A member whose loss is not finite fails alone.
 """
@@ -49,10 +49,13 @@ import torch
 import wandb
 from torch.optim.adamw import adamw  # torch.optim.AdamW's functional form
 
-from harness import checkpoint, tracking
-from harness.callbacks import CurvesRecorder
-from harness.config import ConfigError, RunConfig, flatten, load_config, task_module, to_dict
-from harness.train import NonFiniteLoss, check_finite
+from harness.config.registry import task_module
+from harness.config.run import RunConfig, flatten, load_config, to_dict
+from harness.errors import ConfigError
+from harness.training import checkpoint
+from harness.training import tracking
+from harness.training.curves import CurvesRecorder
+from harness.training.train import NonFiniteLoss, check_finite
 
 PACKED_CKPT = "packed.pt"  # a member's resume point, in its checkpoint directory (beside a solo last.ckpt)
 
@@ -116,7 +119,7 @@ class StackedAdamW:
     member's state is its slice. Equal to the single-tensor AdamW a solo run uses up to rounding
     (tests/test_packed.py). `step(active)` skips members outside the boolean mask `active`: a failed
     member's parameters and moments stay as they were while the others go on. All members share one
-    step count: a block only ever holds members at the same step (harness.packed.train_packed).
+    step count: a block only ever holds members at the same step (harness.members.packed.train_packed).
     """
 
     def __init__(self, params: list[torch.Tensor], lr: torch.Tensor, weight_decay: torch.Tensor,
@@ -252,7 +255,7 @@ class Member:
 @contextlib.contextmanager
 def _as_solo_run(member: "Member"):
     """Open member i's run with the environment a solo run of the sweep has: WANDB_RUN_ID and
-    WANDB_SWEEP_PARAM_PATH (read by harness.tracking), and the same two in wandb's process-wide
+    WANDB_SWEEP_PARAM_PATH (read by harness.training.tracking), and the same two in wandb's process-wide
     settings, which wandb.init reads them from: under a sweep it ignores an `id` argument (the agent's
     WANDB_RUN_ID wins) and puts the sweep parameters file into run.config, as for a `wandb agent` run."""
     from wandb.sdk import wandb_setup
@@ -370,7 +373,7 @@ def train_packed(members: list[Member]) -> list[Member]:
                 _end(m, "failed", 1, f"{type(e).__name__}: {e}")
         raise
     finally:
-        wandb.teardown()  # returns once every run file has its exit record (see harness.train._finish)
+        wandb.teardown()  # returns once every run file has its exit record (see harness.training.train._finish)
     return members
 
 
@@ -451,7 +454,7 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
         torch.save(state, m.ckpt_path + ".tmp")  # renamed into place: a kill mid-write leaves the old one
         os.replace(m.ckpt_path + ".tmp", m.ckpt_path)
 
-    if step == 0:  # the step-0 evaluation, as harness.callbacks.EvalAtStart gives a solo run (not on resume)
+    if step == 0:  # the step-0 evaluation, as harness.training.evaluation.EvalAtStart gives a solo run (not on resume)
         evaluate_members()
     while step < t.steps and any(alive):
         if sigterm.set:
@@ -489,7 +492,7 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
 # ---- the command -----------------------------------------------------------------------------------
 
 def members_from_spec(spec: dict) -> list[Member]:
-    """A block file (written by harness.packed_agent): {"members": [{"overrides": [...], "run_id": ...,
+    """A block file (written by harness.sweep.packed_agent): {"members": [{"overrides": [...], "run_id": ...,
     "param_path": ...}, ...]}; every config is validated before any run starts."""
     members = []
     for i, entry in enumerate(spec["members"]):
@@ -516,11 +519,8 @@ def run_spec(path: str) -> int:
             with open(tmp, "w") as f:
                 json.dump(results, f, default=str)
             os.replace(tmp, spec["results"])
-    from harness.cli import _json_safe
-
     for m in members:
-        print(json.dumps(_json_safe({"_run_id": m.run_id, "_state": m.state, **m.summary}), default=str,
-                         allow_nan=False), flush=True)
+        print(tracking.result_line({"_run_id": m.run_id, "_state": m.state, **m.summary}), flush=True)
     if any(m.state == "preempted" for m in members):
         return checkpoint.PREEMPTED_EXIT
     return 0 if all(m.state == "finished" for m in members) else 1

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from harness.wandb_file import DECODER_VERSION
+from harness.runstore.decoder import DECODER_VERSION
 
 CACHE_DIR = ".harness-cache"
 FORMAT = 3  # of the entries themselves (1 was pickle, 2 parquet)

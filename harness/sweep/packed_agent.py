@@ -5,7 +5,7 @@ Everything else is harness.controller's Agent: the same state.json under the sam
 run ids, parameter files and environment per run, preempted points first (a block of preempted
 points is relaunched together, same ids, and resumes from each member's packed checkpoint), SIGTERM
 forwarded, killed agents reaped. Each member is recorded in state.json by its own outcome, read
-from the block's results file (written by harness.packed.run_spec); a block process that died
+from the block's results file (written by harness.members.packed.run_spec); a block process that died
 without one (SIGKILL) records every member by the process's exit code, as a solo run would be.
 """
 from __future__ import annotations
@@ -18,10 +18,12 @@ import sys
 import threading
 import time
 
-from harness import controller
-from harness.controller import _read_state, _reap, _write_state, flat_parameters, next_params
+from harness.config.resources import available_cpus
 from harness.errors import UserError
-from harness.resources import available_cpus
+from harness.sweep.agent import Agent, die_with_parent, run_env
+from harness.sweep.engine import next_params
+from harness.sweep.spec import flat_parameters
+from harness.sweep.state import read_state, reap, write_state
 from wandb.sdk.lib.runid import generate_id
 
 MAX_SKIPPED = 10000  # grid points looked past in one claim while filling a block
@@ -47,7 +49,7 @@ def sweep_task(cfg: dict) -> str:
 
 def check_pack(cfg: dict, pack: int) -> str:
     """One line before anything starts: --pack needs M >= 1 and a task that packs. Returns the task."""
-    from harness.packed import packable_keys
+    from harness.members.packed import packable_keys
 
     if pack < 1:
         raise UserError(f"--pack {pack}: the number of grid points trained together, an integer >= 1")
@@ -57,7 +59,7 @@ def check_pack(cfg: dict, pack: int) -> str:
     return task
 
 
-class PackedAgent(controller.Agent):
+class PackedAgent(Agent):
     def __init__(self, sweep_id: str, wandb_dir: str | None, workers: int, count: int | None, pack: int):
         super().__init__(sweep_id, wandb_dir, workers, count)
         self.pack = pack
@@ -66,7 +68,7 @@ class PackedAgent(controller.Agent):
         self.busy_lock = threading.Lock()
 
     def _signature(self, params: dict) -> str:
-        from harness.packed import pack_signature
+        from harness.members.packed import pack_signature
 
         return pack_signature(self.task, params)
 
@@ -77,8 +79,8 @@ class PackedAgent(controller.Agent):
         In a grid, points that do not pack with the block are looked past and left open for a later
         claim; with random or bayes the first such point ends the block."""
         with self.lock:
-            state = _read_state(self.path)
-            _reap(state)
+            state = read_state(self.path)
+            reap(state)
             if self.stopping.is_set() or (self.count is not None and self.started >= self.count):
                 return None
             room = self.pack if self.count is None else min(self.pack, self.count - self.started)
@@ -119,11 +121,11 @@ class PackedAgent(controller.Agent):
                 block.append((run, False))
             state["runs"] = [r for r in state["runs"] if not any(r is x for x in skipped)]
             if not block:
-                _write_state(self.path, state)
+                write_state(self.path, state)
                 return None
             for run, _ in block:
                 run.update(state="running", host=socket.gethostname(), agent_pid=os.getpid(), started=time.time())
-            _write_state(self.path, state)
+            write_state(self.path, state)
             self.started += len(block)
             with self.busy_lock:
                 self.busy += 1
@@ -149,7 +151,7 @@ class PackedAgent(controller.Agent):
         spec_path = os.path.abspath(os.path.join(self.path, f"pack-{tag}.json"))
         with open(spec_path, "w") as f:
             json.dump({"members": members, "results": results}, f, indent=1)
-        env = controller._run_env(self.cfg, self.sweep_id, "", "", self.root, self.workers)
+        env = run_env(self.cfg, self.sweep_id, "", "", self.root, self.workers)
         for key in ("WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH"):  # per member, set by the packed process
             env.pop(key, None)
         argv = [sys.executable, "-m", "harness", "train-packed", spec_path]
@@ -158,7 +160,7 @@ class PackedAgent(controller.Agent):
                 if self.stopping.is_set():
                     return {r["id"]: 143 for r in runs}
                 proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        preexec_fn=controller._die_with_parent if sys.platform == "linux" else None)
+                                        preexec_fn=die_with_parent if sys.platform == "linux" else None)
                 self.procs[tag] = proc
             try:
                 code = proc.wait()

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from harness.config import RunConfig, to_dict
+from harness.config.run import RunConfig, to_dict
 
 LAST = "last.ckpt"
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
@@ -104,7 +104,7 @@ class StepCheckpoint(Checkpoint):
 def save_model(run, module: L.LightningModule, cfg: RunConfig, step: int) -> str:
     """The final weights as artifact `model-<run id>` (type model): `model.pt` holds the pure
     nn.Module's state_dict and the resolved config (contract C7)."""
-    from harness import tracking
+    from harness.training import tracking
 
     name = f"model-{run.id}"
     with tempfile.TemporaryDirectory() as tmp:

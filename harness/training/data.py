@@ -60,7 +60,7 @@ class DeviceDataModule(L.LightningDataModule):
     With `steps_per_batch` K > 1 each training batch is a list of K batches, one per optimizer
     step (the module then optimizes manually); K = 1 hands over the batch itself. `train_batch`
     draws from torch's global RNG, which is seeded per Lightning batch (see the module docstring);
-    `seed` is the run's seed (set by harness.train).
+    `seed` is the run's seed (set by harness.training.train).
     """
 
     n_val_batches = 1

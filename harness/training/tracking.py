@@ -1,14 +1,17 @@
 """W&B run lifecycle: mode (online/offline), naming, config, summaries, artifacts."""
 from __future__ import annotations
 
+import json
+import math
 import os
 from typing import Any
 
 import wandb
 import yaml
 
-from harness.config import ConfigError, RunConfig, flatten, to_dict
-from harness.wandb_mode import has_credentials, resolve_mode  # noqa: F401  (re-exported)
+from harness.config.run import RunConfig, flatten, to_dict
+from harness.errors import ConfigError
+from harness.wandb_mode import resolve_mode
 
 def sweep_parameters() -> dict[str, Any]:
     """The parameters `wandb agent` (or the local controller) handed to this run, if any."""
@@ -98,7 +101,7 @@ def define_metrics(run) -> None:
 
 
 def init_run(cfg: RunConfig, overrides: list[str] | None = None, job_type: str = "train", **init_kwargs):
-    """`init_kwargs` go to wandb.init as they are: a packed process (harness.packed) passes each
+    """`init_kwargs` go to wandb.init as they are: a packed process (harness.members.packed) passes each
     member's `id` and `reinit="create_new"`, so several runs stay open in one process."""
     mode = resolve_mode(cfg.wandb.mode)
     kwargs: dict[str, Any] = dict(
@@ -134,6 +137,22 @@ def _plain(v):
         items = v._as_dict() if hasattr(v, "_as_dict") else v
         return {k: _plain(x) for k, x in items.items()}
     return v
+
+
+def result_line(summary: dict) -> str:
+    """The JSON line a run prints last on stdout (the local controller reads it from the run's log).
+    Strict JSON: a NaN or infinity would be a bare NaN token that JSON readers reject."""
+    return json.dumps(_json_safe(summary), default=str, allow_nan=False)
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def log_artifact(run, path: str, name: str, type_: str, metadata: dict | None = None,

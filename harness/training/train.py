@@ -18,11 +18,14 @@ from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities import rank_zero_only
 
-from harness import checkpoint, tracking
-from harness.callbacks import EvalAtStart, FinalEval
-from harness.config import ConfigError, RunConfig, task_module
-from harness.data import DeviceDataModule
-from harness.progress import StepProgressBar, enabled as progress_enabled
+from harness.config.registry import task_module
+from harness.config.run import RunConfig
+from harness.errors import ConfigError
+from harness.training import checkpoint
+from harness.training import tracking
+from harness.training.data import DeviceDataModule
+from harness.training.evaluation import EvalAtStart, FinalEval
+from harness.training.progress import StepProgressBar, enabled as progress_enabled
 
 
 @dataclass
@@ -149,7 +152,7 @@ def make_trainer(cfg: RunConfig, logger, callbacks: list) -> L.Trainer:
         # On SLURM, Lightning's auto-requeue (SIGUSR1 -> hpc checkpoint + scontrol requeue) would be a
         # second resume mechanism beside harness/checkpoint.py; SIGTERM + `#SBATCH --requeue` is ours.
         plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
-        # True only so that harness.checkpoint.StepCheckpoint (a Checkpoint) is allowed; Lightning
+        # True only so that harness.training.checkpoint.StepCheckpoint (a Checkpoint) is allowed; Lightning
         # adds no ModelCheckpoint of its own when one is present.
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
         enable_model_summary=False,
@@ -164,7 +167,7 @@ def make_trainer(cfg: RunConfig, logger, callbacks: list) -> L.Trainer:
 def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] | None:
     """Fit (or evaluate) one run; return its summary, or None on a DDP rank other than 0.
 
-    Raises harness.checkpoint.Preempted when SIGTERM stopped training (the run is finished with
+    Raises harness.training.checkpoint.Preempted when SIGTERM stopped training (the run is finished with
     exit code 143, last.ckpt written), NonFiniteLoss when a loss became NaN/inf (exit code 1).
     Returns only once wandb has written the run file's exit record.
     """

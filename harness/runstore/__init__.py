@@ -1,0 +1,237 @@
+"""One API for logged runs, from W&B or from offline run files, as pandas DataFrames.
+
+    runs = load_runs("wandb")                      # a local wandb directory
+    runs = load_runs("me/quanta", sweep="abc123")  # a W&B project (entity/project)
+    runs = load_runs("wandb", filters={"config.model.width": {"$gte": 16}})  # W&B's filter language
+    hist = load_history("wandb", run_ids=runs.id, keys=["val/loss"])
+
+Offline, nothing is dropped or altered silently: a run file that cannot be read is skipped and
+listed (`table.attrs["errors"]`, and on stderr); a damaged one is loaded without its damaged
+records and marked `corrupt`; a cache that cannot be written or read is reported once and
+bypassed (`table.attrs["warnings"]`). What the store does in each case: DESIGN.md.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from harness.runstore import cache as run_cache
+from harness.runstore import filters as run_filters
+from harness.runstore.cache import CACHE_DIR
+from harness.runstore.local import SourceError, _Local, is_local, load_local, run_files, wandb_dir
+from harness.runstore.remote import _api, load_wandb
+
+__all__ = ["load_runs", "load_history", "load_curves", "artifact_files", "to_parquet", "load_local", "load_wandb",
+           "SourceError", "is_local", "wandb_dir", "run_files", "CACHE_DIR"]
+W_AND_B_PATH = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _check_sweep(metas: list[dict], sweep: str | None, source: str) -> list[dict]:
+    if sweep is None:
+        return metas
+    chosen = [m for m in metas if m["sweep"] == sweep]
+    if not chosen:
+        known = sorted({m["sweep"] for m in metas if m["sweep"]})
+        raise SourceError(f"sweep {sweep!r} has no runs in {source}; sweeps there: {', '.join(known) or 'none'}")
+    return chosen
+
+
+# -- the public API -----------------------------------------------------------------------------
+
+_RUN_COLUMNS = ("id", "name", "state", "sweep", "project", "group", "job_type", "tags", "path",
+                "truncated", "corrupt", "n_files")
+
+
+def _table(metas: list[dict]) -> pd.DataFrame:
+    rows = []
+    for m in metas:
+        row = {k: m[k] for k in _RUN_COLUMNS if k in m}
+        row.update({f"config.{k}": v for k, v in m["config"].items()})
+        row.update(_summary_columns(m["summary"]))
+        rows.append(row)
+    if not rows:  # no run (or none matches): still the table's columns
+        return pd.DataFrame(columns=list(_RUN_COLUMNS))
+    return run_cache.typed(pd.DataFrame(rows))
+
+
+def _summary_columns(summary: dict, prefix: str = "summary.") -> dict:
+    """A nested summary value becomes dotted columns, as in the W&B UI: `val/loss` declared with
+    summary "min,last" -> summary.val/loss.min, summary.val/loss.last. W&B media (a dict with
+    `_type`, e.g. a Table) and lists stay one text column."""
+    out = {}
+    for k, v in summary.items():
+        if isinstance(v, dict) and "_type" not in v:
+            out.update(_summary_columns(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if not isinstance(v, (dict, list)) else str(v)
+    return out
+
+
+def _resolve(source: str):
+    if is_local(source):
+        return "local"
+    if W_AND_B_PATH.match(source):
+        return "wandb"
+    raise SourceError(f"SOURCE {source!r} is neither a local wandb directory nor a W&B path entity/project")
+
+
+def load_runs(source: str, sweep: str | None = None, filters: dict | None = None) -> pd.DataFrame:
+    """One row per run: id, name, state, sweep, project, group, job_type, tags, path, truncated,
+    corrupt, n_files (offline), config.*, summary.*. `filters`: W&B's MongoDB-style filter
+    (harness/runstore/filters.py says what works offline). attrs: "errors" (run files skipped),
+    "warnings"."""
+    if _resolve(source) == "local":
+        local = _Local(source)
+        metas = _check_sweep(local.runs(), sweep, source)
+        if filters is not None:
+            run_filters.check(filters, metas)
+            metas = [m for m in metas if run_filters.matches(filters, m)]
+        table = _table(metas)
+        table.attrs["errors"], table.attrs["warnings"] = local.errors, local.warnings
+    else:
+        table = _table(load_wandb(source, sweep, filters))
+        table.attrs["errors"], table.attrs["warnings"] = [], []
+    return table
+
+
+def load_history(source: str, run_ids: Iterable[str] | None = None, sweep: str | None = None,
+                 keys: list[str] | None = None) -> pd.DataFrame:
+    """Full-resolution history, one row per logged step: run_id, step, metric columns."""
+    ids = None if run_ids is None else set(run_ids)
+    frames, owners = [], []
+    if _resolve(source) == "local":
+        local = _Local(source)
+        chosen = [m["id"] for m in _check_sweep(local.runs(), sweep, source) if ids is None or m["id"] in ids]
+        tables = local.tables(chosen)
+        if tables is not None and any(t is not None for t in tables):
+            return _history_from_tables(chosen, tables, keys)
+        for run_id in chosen:
+            frames.append(_select(local.history(run_id), keys))
+            owners.append(run_id)
+    else:
+        for m in load_wandb(source, sweep):
+            if ids is None or m["id"] in ids:
+                wanted = None if keys is None else list(keys) + ["trainer/global_step", "_step"]
+                h = pd.DataFrame.from_records(list(m["_run"].scan_history(keys=wanted)))
+                if len(h):
+                    h["step"] = h["trainer/global_step"] if "trainer/global_step" in h else h["_step"]
+                frames.append(_select(run_cache.typed(h), keys))
+                owners.append(m["id"])
+    if not frames:
+        return pd.DataFrame(columns=["run_id", "step", *(keys or [])])
+    # One copy (the concat; the frames may be this process's memo, never modified), then run_id and
+    # step moved to the front without copying the float columns.
+    hist = run_cache.typed(pd.concat(frames, ignore_index=True))  # a column some runs lack: still numeric
+    hist.insert(0, "run_id", np.repeat(np.array(owners, dtype=object), [len(f) for f in frames]))
+    if "step" in hist:
+        hist.insert(1, "step", hist.pop("step"))
+    return hist
+
+
+def _history_from_tables(run_ids: list[str], tables: list, keys: list[str] | None) -> pd.DataFrame:
+    """What the run-by-run path of load_history gives, from the runs' cached Arrow tables."""
+    import pyarrow as pa
+
+    parts, owners = [], []
+    for run_id, t in zip(run_ids, tables):
+        if t is None:
+            continue
+        if keys is not None:
+            present = [k for k in keys if k in t.column_names]
+            t = t.select(["step", *present]) if present else t.select(["step"]).slice(0, 0)
+        parts.append(t)
+        owners.append(run_id)
+    hist = pa.concat_tables(parts, promote_options="default").to_pandas(ignore_metadata=True, use_threads=False)
+    hist.insert(0, "run_id", np.repeat(np.array(owners, dtype=object), [t.num_rows for t in parts]))
+    if keys is not None:
+        present = [k for k in keys if k in hist.columns]
+        hist = hist.dropna(subset=present, how="all").reset_index(drop=True) if present else hist.iloc[0:0]
+    hist = run_cache.typed(hist)
+    hist.insert(1, "step", hist.pop("step"))
+    return hist
+
+
+def _select(hist: pd.DataFrame, keys: list[str] | None) -> pd.DataFrame:
+    if keys is None or not len(hist):
+        return hist if len(hist) else pd.DataFrame(columns=["step"])
+    present = [k for k in keys if k in hist.columns]
+    sub = hist[["step", *present]]
+    return sub.dropna(subset=present, how="all") if present else sub.iloc[0:0]
+
+
+def artifact_files(source: str, run_id: str, artifact_type: str) -> dict[str, str]:
+    """{path in artifact: local file} for the artifacts of one type that a run logged."""
+    if _resolve(source) == "local":
+        metas, _, _ = load_local(source)
+        for m in metas:
+            if m["id"] == run_id:
+                files = {}
+                for a in m["artifacts"]:
+                    if a["type"] == artifact_type:
+                        files.update(a["files"])
+                return files
+        raise SourceError(f"run {run_id!r} not found in {source}")
+    run = _api().run(f"{source}/{run_id}")
+    files = {}
+    for art in run.logged_artifacts():
+        if art.type == artifact_type:
+            root = art.download()
+            for entry in art.manifest.entries:
+                files[entry] = os.path.join(root, entry)
+    return files
+
+
+def to_parquet(table: pd.DataFrame, path: str) -> None:
+    # A summary column can still mix types (a string in one run, a number in another): store such
+    # columns as text rather than fail.
+    out = table.copy()
+    for c in out.columns:
+        if out[c].dtype == object and out[c].map(type).nunique() > 1:
+            out[c] = out[c].map(lambda v: None if v is None else str(v))
+    out.to_parquet(path, index=False)
+
+
+def load_curves(source: str, name: str, run_ids: Iterable[str] | None = None,
+                sweep: str | None = None) -> pd.DataFrame:
+    """Per-item curves (contract C4): `<name>.parquet` of each run's `curves` artifact, e.g. name
+    "subtask" (sparse parity: loss, acc per subtask) or "fourier" (modular addition: power, key per
+    frequency), as one frame: run_id, step (int64), item (int64), one float64 column per metric.
+
+    Runs without that file (crashed before the end of fit, or another task) are left out and listed
+    in `frame.attrs["missing"]` and on stderr. A resumed run's last artifact wins. Offline, a file
+    is found where the artifact recorded it, or in the run directory's curves/ (a moved wandb dir).
+    """
+    file = f"{name}.parquet"
+    wanted = None if run_ids is None else list(dict.fromkeys(run_ids))
+    paths: dict[str, str | None] = {}
+    if _resolve(source) == "local":
+        metas, _, _ = load_local(source)
+        by_id = {m["id"]: m for m in _check_sweep(metas, sweep, source)}
+        for rid in wanted if wanted is not None else list(by_id):
+            if rid not in by_id:
+                raise SourceError(f"run {rid!r} not found in {source}" + (f" (sweep {sweep})" if sweep else ""))
+            files: dict[str, str] = {}
+            for a in by_id[rid]["artifacts"]:
+                if a["type"] == "curves":
+                    files.update(a["files"])
+            moved = os.path.join(by_id[rid]["path"], "curves", file)
+            path = files.get(file)
+            paths[rid] = path if path and os.path.exists(path) else (moved if file in files and os.path.exists(moved) else None)
+    else:
+        ids = wanted if wanted is not None else list(load_runs(source, sweep=sweep)["id"])
+        paths = {rid: artifact_files(source, rid, "curves").get(file) for rid in ids}
+    missing = [rid for rid, p in paths.items() if p is None]
+    if missing:
+        print(f"runstore: {len(missing)} run(s) have no curves {file}: {', '.join(missing[:10])}"
+              + (" ..." if len(missing) > 10 else ""), file=sys.stderr)
+    frames = [pd.read_parquet(p).assign(run_id=rid) for rid, p in paths.items() if p is not None]
+    out = (pd.concat(frames, ignore_index=True) if frames
+           else pd.DataFrame({"step": pd.Series(dtype="int64"), "item": pd.Series(dtype="int64"), "run_id": pd.Series(dtype=str)}))
+    out = out[["run_id", "step", "item", *[c for c in out.columns if c not in ("run_id", "step", "item")]]]
+    out.attrs["missing"] = missing
+    return out

@@ -1,0 +1,42 @@
+"""The local controller's entry points: create a sweep from its YAML, and run an agent on it (one run a
+process, or with `--pack` several grid points trained in one process)."""
+from __future__ import annotations
+
+import os
+
+import yaml
+from wandb.sdk.lib.runid import generate_id
+
+from harness.errors import UserError
+from harness.sweep.agent import Agent
+from harness.sweep.spec import check_stops, load_sweep_yaml, validate_sweep
+from harness.sweep.state import wandb_root, write_state
+
+
+def create_local_sweep(yaml_path: str, wandb_dir: str | None = None, count: int | None = None,
+                       will_run: bool = False) -> str:
+    """Validate and create a local sweep; with `will_run`, also refuse one that would never stop."""
+    cfg = load_sweep_yaml(yaml_path)
+    validate_sweep(cfg, yaml_path)
+    if will_run:
+        check_stops(cfg, count)  # before the directory exists: a refused sweep leaves nothing behind
+    sweep_id = generate_id(8)
+    path = os.path.join(wandb_root(wandb_dir), f"sweep-{sweep_id}")
+    os.makedirs(path)
+    with open(os.path.join(path, "sweep.yaml"), "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    write_state(path, {"sweep_id": sweep_id, "source": os.path.abspath(yaml_path), "runs": []})
+    return sweep_id
+
+def run_agent(sweep_id: str, wandb_dir: str | None = None, workers: int | None = None, count: int | None = None,
+              pack: int | None = None) -> int:
+    """Run (or join, or resume) a local sweep until its grid is exhausted or `count` runs started.
+    `pack`: each worker trains up to that many grid points in one process (harness.sweep.packed_agent).
+    `workers` None: 1, or with `pack` harness.sweep.packed_agent.default_workers()."""
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: the number of runs in parallel, an integer >= 1")
+    if pack is not None:
+        from harness.sweep.packed_agent import PackedAgent, default_workers
+
+        return PackedAgent(sweep_id, wandb_dir, workers or default_workers(), count, pack).run()
+    return Agent(sweep_id, wandb_dir, workers or 1, count).run()
