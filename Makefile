@@ -31,7 +31,8 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q -m ''
 
-# The dependency direction of DESIGN.md (tasks -> harness; analysis -> harness.runstore + pure helpers;
-# harness -> nothing above it); also part of `make test`. Lists every violating import.
+# The architecture of DESIGN.md (tasks -> harness; analysis -> harness.runstore + pure helpers; harness ->
+# nothing above it; each room of harness/ -> only the rooms below it; no import circles; no task -> task);
+# also part of `make test`. Lists every violating import and circle.
 layering: setup
 	$(PY) tests/test_layering.py

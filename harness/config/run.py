@@ -42,7 +42,7 @@ class TrainerConfig:
     progress_bar: Optional[bool] = None
     # Save the resume point (last.ckpt) every N optimizer steps; 0 = only when SIGTERM stops the run.
     ckpt_every: int = 0
-    # last.ckpt lives in <ckpt_dir>/<run id>/; None = <wandb root>/checkpoints (harness/checkpoint.py).
+    # last.ckpt lives in <ckpt_dir>/<run id>/; None = <wandb root>/checkpoints (harness/training/checkpoint.py).
     ckpt_dir: Optional[str] = None
 
     def batch_steps(self) -> int:

@@ -1,7 +1,7 @@
 """The local controller with `--pack M` (issue 14): each worker claims up to M open grid points that
 the task can pack together and trains them in one `harness train-packed` process.
 
-Everything else is harness.controller's Agent: the same state.json under the same lock, the same
+Everything else is harness.sweep.agent's Agent: the same state.json under the same lock, the same
 run ids, parameter files and environment per run, preempted points first (a block of preempted
 points is relaunched together, same ids, and resumes from each member's packed checkpoint), SIGTERM
 forwarded, killed agents reaped. Each member is recorded in state.json by its own outcome, read

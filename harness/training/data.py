@@ -6,7 +6,7 @@ tensors already on the device, in `on_after_batch_transfer`.
 
 Resumable and shardable by construction: training batch i (counted in Lightning batches from the
 start of the run) is drawn after seeding torch's RNG from (run seed, rank, i). A run resumed at
-step s (harness/checkpoint.py) starts its counter at s / steps_per_batch and so draws exactly the
+step s (harness/training/checkpoint.py) starts its counter at s / steps_per_batch and so draws exactly the
 batches the uninterrupted run would have drawn, with no RNG state in the checkpoint; DDP ranks draw
 different batches.
 """

@@ -132,7 +132,7 @@ class StepLogger(WandbLogger):
 
 def make_trainer(cfg: RunConfig, logger, callbacks: list) -> L.Trainer:
     t = cfg.trainer
-    bar = progress_enabled(t.progress_bar)  # counts optimizer steps (harness/progress.py)
+    bar = progress_enabled(t.progress_bar)  # counts optimizer steps (harness/training/progress.py)
     trainer = L.Trainer(
         max_steps=t.steps,
         max_epochs=-1,
@@ -150,7 +150,7 @@ def make_trainer(cfg: RunConfig, logger, callbacks: list) -> L.Trainer:
         # progress bar has started when the step-0 evaluation runs.
         callbacks=[FinalEval(), *callbacks, *([StepProgressBar()] if bar else []), EvalAtStart()],
         # On SLURM, Lightning's auto-requeue (SIGUSR1 -> hpc checkpoint + scontrol requeue) would be a
-        # second resume mechanism beside harness/checkpoint.py; SIGTERM + `#SBATCH --requeue` is ours.
+        # second resume mechanism beside harness/training/checkpoint.py; SIGTERM + `#SBATCH --requeue` is ours.
         plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
         # True only so that harness.training.checkpoint.StepCheckpoint (a Checkpoint) is allowed; Lightning
         # adds no ModelCheckpoint of its own when one is present.
