@@ -28,6 +28,7 @@ def create_local_sweep(yaml_path: str, wandb_dir: str | None = None, count: int 
     write_state(path, {"sweep_id": sweep_id, "source": os.path.abspath(yaml_path), "runs": []})
     return sweep_id
 
+
 def run_agent(sweep_id: str, wandb_dir: str | None = None, workers: int | None = None, count: int | None = None,
               pack: int | None = None) -> int:
     """Run (or join, or resume) a local sweep until its grid is exhausted or `count` runs started.

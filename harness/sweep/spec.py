@@ -156,6 +156,7 @@ def check_stops(cfg: dict, count: int | None) -> None:
     if cfg.get("method", "grid") != "grid" and count is None and cfg.get("run_cap") is None:
         raise UserError(f"method {cfg.get('method')!r} never runs out of parameters: give --count N or run_cap")
 
+
 def sweeps_package():
     import warnings
 

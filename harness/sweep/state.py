@@ -31,6 +31,7 @@ def sweep_dir(sweep_id: str, wandb_dir: str | None) -> str:
         raise UserError(f"sweep {sweep_id!r} not found in {root} (local sweeps there: {', '.join(known) or 'none'})")
     return path
 
+
 def read_state(path: str) -> dict:
     file = os.path.join(path, "state.json")
     try:

@@ -13,6 +13,7 @@ from harness.config.run import RunConfig, flatten, to_dict
 from harness.errors import ConfigError
 from harness.wandb_mode import resolve_mode
 
+
 def sweep_parameters() -> dict[str, Any]:
     """The parameters `wandb agent` (or the local controller) handed to this run, if any."""
     path = os.environ.get("WANDB_SWEEP_PARAM_PATH")
