@@ -58,7 +58,7 @@ def test_read_only_wandb_directory_still_loads(read_only, capsys):
 
 
 def test_unwritable_cache_path_is_a_warning_not_a_lost_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(runstore, "PARALLEL_MIN_FILES", 2)  # the worker processes' path
+    monkeypatch.setattr(runstore_local, "PARALLEL_MIN_FILES", 2)  # the worker processes' path
     for i in range(3):
         make_run(tmp_path, steps=5, name=f"r{i}")
     (tmp_path / "file").write_text("")
@@ -244,7 +244,7 @@ def test_one_run_that_breaks_every_reader_does_not_stop_the_load(tmp_path, monke
             raise KeyError("boom")
         return real(path, *args, **kwargs)
     monkeypatch.setattr(runstore_local, "read_run_file", picky)
-    monkeypatch.setattr(runstore, "read_with_leet", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("leet too")))
+    monkeypatch.setattr(runstore_local, "read_with_leet", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("leet too")))
     table = runstore.load_runs(str(tmp_path / "wandb"))
     assert list(table["name"]) == ["a"]
     assert len(table.attrs["errors"]) == 1 and "RuntimeError: leet too" in table.attrs["errors"][0]

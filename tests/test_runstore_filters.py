@@ -8,6 +8,7 @@ import wandb
 
 from harness import runstore
 from harness.runstore import filters as run_filters
+from harness.runstore import remote
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_online_filters_go_to_wandb_unchanged(monkeypatch):
         def runs(self, path, filters=None):
             seen.update(path=path, filters=filters)
             return []
-    monkeypatch.setattr(runstore, "_api", lambda: Api())
+    monkeypatch.setattr(remote, "api", lambda: Api())
     f = {"$or": [{"config.model.width": {"$regex": "1.*"}}, {"summary_metrics.x": {"$nor": []}}]}
     runstore.load_runs("me/proj", filters=f)
     assert seen == {"path": "me/proj", "filters": f}

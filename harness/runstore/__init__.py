@@ -24,7 +24,8 @@ from harness.runstore import cache as run_cache
 from harness.runstore import filters as run_filters
 from harness.runstore.cache import CACHE_DIR
 from harness.runstore.local import SourceError, _Local, is_local, load_local, run_files, wandb_dir
-from harness.runstore.remote import _api, load_wandb
+from harness.runstore import remote
+from harness.runstore.remote import load_wandb
 
 __all__ = ["load_runs", "load_history", "load_curves", "artifact_files", "to_parquet", "load_local", "load_wandb",
            "SourceError", "is_local", "wandb_dir", "run_files", "CACHE_DIR"]
@@ -176,7 +177,7 @@ def artifact_files(source: str, run_id: str, artifact_type: str) -> dict[str, st
                         files.update(a["files"])
                 return files
         raise SourceError(f"run {run_id!r} not found in {source}")
-    run = _api().run(f"{source}/{run_id}")
+    run = remote.api().run(f"{source}/{run_id}")
     files = {}
     for art in run.logged_artifacts():
         if art.type == artifact_type:

@@ -5,7 +5,8 @@ from harness.config.run import flatten
 from harness.runstore.local import SourceError
 
 
-def _api():
+def api():
+    """The official client (a function, so that tests can stand in for the server)."""
     import wandb
 
     return wandb.Api(timeout=60)
@@ -16,7 +17,7 @@ def load_wandb(source: str, sweep: str | None = None, filters: dict | None = Non
     if sweep:
         f["sweep"] = sweep
     try:
-        runs = list(_api().runs(source, filters=f or None))
+        runs = list(api().runs(source, filters=f or None))
     except Exception as e:  # the client raises several types (CommError, ValueError, HTTPError)
         raise SourceError(f"{source!r} is neither a wandb directory nor a reachable W&B project: {e}".splitlines()[0]) from None
     metas = []
