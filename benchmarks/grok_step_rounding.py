@@ -1,4 +1,4 @@
-"""How much does one float32 ulp move a PAIR run's grokking step? (README, Many small runs at once)
+"""How much does one float32 ulp move a PAIR run's grokking step? (docs/packing.md)
 
     python benchmarks/grok_step_rounding.py SEED [SEED ...]
 

@@ -148,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--count", type=int, default=None, help="stop after this many runs")
     s.add_argument("--no-run", action="store_true", help="with --local: create the sweep only")
     s.add_argument("--pack", type=int, default=None, metavar="M",
-                   help="with --local: train up to M grid points of a task that packs in one process (README)")
+                   help="with --local: train up to M grid points of a task that packs in one process (docs/packing.md)")
     s.add_argument("--wandb-dir", default=None, help="local wandb directory (default $WANDB_DIR/wandb, else ./wandb)")
     s.add_argument("--project", default=None)
     s.add_argument("--entity", default=None)

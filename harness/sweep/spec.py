@@ -88,7 +88,7 @@ def _check_command(cfg: dict, path: str) -> None:
     command = [str(c) for c in cfg.get("command", DEFAULT_COMMAND)]
     if "${program}" in command:
         raise UserError(f"{path}: command {command} runs `python ${{program}}`, but the harness is a module: "
-                        "write command: [${env}, ${interpreter}, -m, harness, train, ${args_no_hyphens}]")
+                        "write command: [\"${env}\", \"${interpreter}\", -m, harness, train, \"${args_no_hyphens}\"]")
     macros = [c for c in command if c.startswith("${args")]
     if not macros:
         raise UserError(f"{path}: command {command} passes no parameters; add ${{args_no_hyphens}}")
