@@ -32,7 +32,7 @@ from harness import quanta_stats as qs
 from harness.config.registry import config_class, task_module
 from harness.config.run import RunConfig, TrainerConfig
 from harness.errors import ConfigError
-from harness.training import tracking
+from harness.training import checkpoint, tracking
 from harness.training.data import DeviceDataModule
 from harness.training.logs import write_summary
 from harness.training.train import Job
@@ -197,7 +197,8 @@ def model_artifact(cfg: Config) -> tuple[str, dict]:
     if path is None or not os.path.exists(path):
         raise ConfigError(f"model.artifact={m.artifact!r}: run has no model artifact with model.pt in {source} "
                           f"(found: {', '.join(files) or 'none'}); train it with model.save=true")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    # A downloaded or shared file: read weights-only (harness.training.checkpoint.load), never unpickled.
+    blob = checkpoint.load(path, f"model.artifact={m.artifact!r}:")
     if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
         raise ConfigError(f"model.artifact={m.artifact!r}: {path} is not a C7 model.pt (state_dict + config)")
     return path, blob

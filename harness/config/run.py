@@ -22,6 +22,7 @@ from harness.errors import ConfigError
 # Lightning's precision strings (lightning.fabric.connector), checked before a run is created.
 PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64", "32", "16", "bf16",
               "transformer-engine", "transformer-engine-float16")
+RESUME_MODES = ("auto", "never")  # trainer.resume (harness/training/checkpoint.py)
 
 
 @dataclass
@@ -44,6 +45,9 @@ class TrainerConfig:
     ckpt_every: int = 0
     # last.ckpt lives in <ckpt_dir>/<run id>/; None = <wandb root>/checkpoints (harness/training/checkpoint.py).
     ckpt_dir: Optional[str] = None
+    # auto: continue this run id's last.ckpt if its run config equals this one (else a one-line error),
+    # refuse an id whose run finished; never: train the run id from step 0, ignoring what it left.
+    resume: str = "auto"
 
     def batch_steps(self) -> int:
         """steps_per_batch, reduced so that evaluations, checkpoints and the end fall on batch boundaries."""
@@ -89,6 +93,8 @@ class RunConfig:
             raise ConfigError(f"trainer.devices={t.devices}, trainer.threads={t.threads}: need >= 1 and >= 0")
         if t.ckpt_every < 0:
             raise ConfigError(f"trainer.ckpt_every={t.ckpt_every}: need >= 0 (0 = checkpoint only on SIGTERM)")
+        if t.resume not in RESUME_MODES:
+            raise ConfigError(f"trainer.resume={t.resume!r}: valid values are {', '.join(RESUME_MODES)}")
         if t.devices > 1 and t.strategy not in ("auto", "ddp"):
             # Only the "ddp" launcher re-runs `harness train` per rank, so that rank 0 alone owns the
             # W&B run; spawn/fork would need the run object pickled into each worker.

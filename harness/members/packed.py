@@ -358,7 +358,7 @@ def train_packed(members: list[Member]) -> list[Member]:
             _open_run(m)
             path = m.ckpt_path
             if os.path.isfile(path):
-                m.resume = torch.load(path, map_location="cpu", weights_only=False)
+                m.resume = checkpoint.load(path, f"packed resume point of run {m.run.id}")
                 m.start_step = int(m.resume["step"])
                 m.run.summary["trainer/resumed_from_step"] = m.start_step
         groups: dict[int, list[Member]] = {}

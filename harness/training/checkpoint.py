@@ -1,24 +1,165 @@
-"""Resume points, preemption and the final weights (contracts C5, C7).
+"""Resume points, preemption, run identity and the final weights (contracts C5, C7).
 
 A run's resume point is `last.ckpt` in its checkpoint directory. It is written every
 `trainer.ckpt_every` optimizer steps and when SIGTERM stops training; a run started again with the
 same WANDB_RUN_ID finds it and continues (`trainer.fit(ckpt_path=...)`), into the same W&B run.
+
+A run id names one run: `last.ckpt` records the run config it was written for and is resumed only
+by a run with an equal config; a run that completes leaves `finished.json` beside it, and its id is
+then refused (`resume_point`). Every torch file read back goes through `load` (weights only).
 """
 from __future__ import annotations
 
+import datetime
+import json
 import os
+import pickle
 import tempfile
+import zipfile
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from harness.config.run import RunConfig, to_dict
+from harness.config.run import RunConfig, flatten, to_dict
+from harness.errors import UserError
+from harness.training import tracking
 
 LAST = "last.ckpt"
+FINISHED = "finished.json"  # written when a run completes: its id is not trained again
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 RESUME_ENV = "HARNESS_RESUME_FROM"  # rank 0's decision, inherited by the DDP ranks it launches
+
+
+class UnreadableFile(UserError):
+    """A torch file that is refused (it would run code when unpickled) or cannot be read: one line, exit 2."""
+
+
+class ResumeRefused(UserError):
+    """The run id names another run (other config) or a finished one: one line, exit 2, nothing written."""
+
+
+def load(path: str, what: str) -> Any:
+    """Read a torch file the harness did not write in this process: a model artifact, a resume
+    point, a packed block's state. Such a file may come from a W&B download or a shared directory,
+    and unpickling runs whatever an object's __reduce__ names, so only torch's weights-only unpickler
+    reads it (tensors, numbers, strings, containers: all the harness writes). The one home for this."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # what the weights-only unpickler raises
+        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported global" in ln), None)
+        if why:  # an object other than tensors and plain values: loading it would call its code
+            raise UnreadableFile(f"{what} {path}: refused, it holds Python objects that loading would execute "
+                                 f"({why[:200]}); the harness writes only tensors and plain values") from None
+        raise UnreadableFile(f"{what} {path}: not a readable torch file ({_first_line(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UnreadableFile(f"{what} {path}: not a readable torch file ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    # torch's weights-only message is a paragraph around the reason (e.g. "Unsupported operand 110")
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    reason = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file", "Check the doc"))]
+    return (reason or lines or [type(e).__name__])[0][:200]
+
+
+def identity(cfg: RunConfig) -> dict[str, Any]:
+    """The run config a resume point belongs to: every key of the logged config (tracking.run_config),
+    flat; plumbing (where and how it ran: wandb.*, threads, progress bar, ckpt_dir, resume) may differ."""
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if not tracking.is_plumbing(k)}
+
+
+def _differences(saved: dict, now: dict) -> str:
+    keys = sorted(k for k in set(saved) | set(now) if saved.get(k, "<absent>") != now.get(k, "<absent>"))
+    shown = ", ".join(f"{k} ({saved.get(k, '<absent>')!r} there, {now.get(k, '<absent>')!r} here)" for k in keys[:6])
+    return shown + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+
+def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[str | None, int | None]:
+    """(last.ckpt to resume, its step), or (None, None) for a fresh start. Decided before a W&B run
+    exists, so that a refusal writes nothing: ResumeRefused when `run_id` names a finished run or a
+    resume point of another config (a leftover WANDB_RUN_ID, a job re-submitted with new values).
+    trainer.resume=never: a fresh start under this id; what the id left is removed."""
+    if not run_id:
+        return None, None  # wandb makes a new id: nothing can be there
+    directory = ckpt_dir(cfg, run_id)
+    done, path = os.path.join(directory, FINISHED), resume_path(directory)
+    if cfg.trainer.resume == "never":
+        for old in (done, path):
+            if old and os.path.exists(old):
+                os.remove(old)
+        return None, None
+    if os.path.exists(done):
+        info = _read_json(done)
+        raise ResumeRefused(
+            f"run {run_id} already finished (step {info.get('step', '?')}, {info.get('finished_at', '?')}; "
+            f"{done}): a run id names one run, so it is not trained again; unset WANDB_RUN_ID (or give a new "
+            "one) for a new run, or pass trainer.resume=never to train this id again from step 0")
+    if path is None:
+        return None, None
+    state = load(path, f"resume point of run {run_id}")
+    saved = (state.get("callbacks") or {}).get(StepCheckpoint.__name__, {}).get("config")
+    if not isinstance(saved, dict):
+        raise ResumeRefused(f"resume point {path} records no run config (written by an older harness), so it "
+                            "cannot be matched to this run; pass trainer.resume=never to start this id from step 0")
+    now = identity(cfg)
+    if saved != now:
+        raise ResumeRefused(f"run {run_id}'s resume point {path} belongs to another run config: "
+                            f"{_differences(saved, now)}; give this run a new WANDB_RUN_ID (or unset it), "
+                            "or pass trainer.resume=never to start this id again from step 0")
+    return path, int(state["global_step"])
+
+
+def mark_finished(cfg: RunConfig, run_id: str, step: int) -> None:
+    """`finished.json` in the run's checkpoint directory: the id is done (resume_point refuses it)."""
+    directory = ckpt_dir(cfg, run_id)
+    os.makedirs(directory, exist_ok=True)
+    info = {"run_id": run_id, "step": step, "config": identity(cfg),
+            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    path = os.path.join(directory, FINISHED)
+    with open(path + ".tmp", "w") as f:
+        json.dump(info, f, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def merge_summaries(before: dict, now: dict) -> dict:
+    """{metric: {aggregate: value}} of a run's two parts (before the resume point, after it) as
+    one run's: min of the mins, max of the maxes, the first first, the last last. W&B computes
+    each part's aggregates from that part's history only (a resumed run starts them afresh)."""
+    out: dict[str, dict] = {}
+    for key in set(before) | set(now):
+        a, b = before.get(key) or {}, now.get(key) or {}
+        merged = {**a, **b}
+        for agg, pick in (("min", min), ("max", max)):
+            if agg in a and agg in b:
+                merged[agg] = pick(a[agg], b[agg])
+        if "first" in a:
+            merged["first"] = a["first"]
+        out[key] = merged
+    return out
+
+
+def summaries(run) -> dict:
+    """The aggregates (tracking.SUMMARIES) in a live run's summary, as plain dicts."""
+    if run is None:
+        return {}
+    current, out = tracking.summary_dict(run), {}
+    for key in tracking.SUMMARIES:
+        value = current.get(key)
+        if isinstance(value, dict):
+            out[key] = {k: v for k, v in value.items() if isinstance(v, (int, float))}
+    return out
 
 
 class Preempted(Exception):
@@ -60,12 +201,29 @@ class StepCheckpoint(Checkpoint):
     when Lightning raises SIGTERMException, at the end of a batch and its evaluation, on every rank
     at the same batch (Lightning broadcasts the signal). Writes go to a temporary file renamed into
     place, so a kill mid-write never leaves a broken resume point.
+
+    It also carries what identifies and summarises the run (its state_dict): the run config, and
+    the summary aggregates (best val/loss, ...) of the part of the run before the resume point,
+    which `restore_summaries` merges into the resumed run's summary.
     """
 
-    def __init__(self, directory: str, every: int, eval_every: int):
+    def __init__(self, directory: str, every: int, eval_every: int, config: dict | None = None, run=None):
         self.directory, self.every, self.eval_every = directory, every, eval_every
         self.path = os.path.join(directory, LAST)
         self.saved_step: int | None = None
+        self.config, self.run = config, run
+        self.before: dict = {}  # the aggregates of the run's earlier parts, from the resume point
+
+    def state_dict(self) -> dict:
+        return {"config": self.config, "summary": merge_summaries(self.before, summaries(self.run))}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.before = state.get("summary") or {}
+
+    def restore_summaries(self, run) -> None:
+        """Put the whole run's aggregates into the summary of this part (called before it finishes)."""
+        if self.before:
+            run.summary.update(merge_summaries(self.before, summaries(run)))
 
     def _due(self, trainer: L.Trainer) -> bool:
         step = trainer.global_step

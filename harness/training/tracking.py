@@ -27,7 +27,7 @@ def sweep_parameters() -> dict[str, Any]:
 
 # Config keys that say where and how a run ran, not what it computed: kept out of the logged config
 # (and out of run names). The sweep engine may still inject one as a flat key (see run_config).
-PLUMBING = ("wandb", "data_dir", "trainer.threads", "trainer.progress_bar", "trainer.ckpt_dir")
+PLUMBING = ("wandb", "data_dir", "trainer.threads", "trainer.progress_bar", "trainer.ckpt_dir", "trainer.resume")
 VARIED_ENV = "HARNESS_SWEEP_VARIED"  # comma-separated keys a sweep varies (set by the local controller)
 
 
@@ -92,13 +92,18 @@ def default_name(cfg: RunConfig, overrides: list[str]) -> str:
     return f"{cfg.task}" + (f"[{short}]" if short else "")
 
 
+# The summary aggregates W&B keeps beside the last value. A resumed run carries them over from its
+# checkpoint (harness.training.checkpoint.merge_summaries), so each must be mergeable: min, max, first, last.
+SUMMARIES = {"val/loss": "min,last", "val/acc": "max,last"}
+
+
 def define_metrics(run) -> None:
     """The step axis (contract C2): every metric is plotted against trainer/global_step (optimizer
     steps completed), and the summary keeps the best validation values beside the last ones."""
     run.define_metric("trainer/global_step")
     run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
-    run.define_metric("val/loss", summary="min,last")
-    run.define_metric("val/acc", summary="max,last")
+    for key, aggregates in SUMMARIES.items():
+        run.define_metric(key, summary=aggregates)
 
 
 def init_run(cfg: RunConfig, overrides: list[str] | None = None, job_type: str = "train", **init_kwargs):

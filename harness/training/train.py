@@ -173,6 +173,9 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
     """
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
+    ckpt_path, resumed_step = None, None
+    if rank_zero_only.rank == 0:  # before anything is written: a refused run id leaves no trace
+        ckpt_path, resumed_step = checkpoint.resume_point(cfg, os.environ.get("WANDB_RUN_ID"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     job: Job = task_module(cfg.task).build(cfg)
     _check_shardable(cfg, job)
@@ -184,13 +187,14 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
     run = tracking.init_run(cfg, overrides, job_type="train" if job.stage == "fit" else "eval")
     step = 0
     try:
-        callbacks, ckpt_path, saver = list(job.callbacks), None, None
+        callbacks, saver = list(job.callbacks), None
+        if job.stage != "fit" or run.id != os.environ.get("WANDB_RUN_ID", run.id):
+            ckpt_path = None  # nothing to resume (evaluation), or not the id resume_point checked
         if job.stage == "fit":
-            directory = checkpoint.ckpt_dir(cfg, run.id)
-            ckpt_path = checkpoint.resume_path(directory)
-            if ckpt_path:  # read now: the resumed fit overwrites last.ckpt
-                run.summary["trainer/resumed_from_step"] = _ckpt_step(ckpt_path)
-            saver = checkpoint.StepCheckpoint(directory, cfg.trainer.ckpt_every, cfg.trainer.eval_every)
+            if ckpt_path:
+                run.summary["trainer/resumed_from_step"] = resumed_step
+            saver = checkpoint.StepCheckpoint(checkpoint.ckpt_dir(cfg, run.id), cfg.trainer.ckpt_every,
+                                              cfg.trainer.eval_every, checkpoint.identity(cfg), run)
             callbacks.append(saver)
         logger = StepLogger(experiment=run, log_model=False)
         run.summary.update(job.summary)
@@ -200,8 +204,8 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
         with _environ({"WANDB_RUN_ID": run.id, checkpoint.RESUME_ENV: ckpt_path or ""}, cfg.trainer.devices > 1):
             try:
                 if job.stage == "fit":
-                    # weights_only=False: the checkpoint is this run's own, holding callback state.
-                    trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=ckpt_path, weights_only=False)
+                    # weights_only: resume_point has matched the file to this run, but not its bytes.
+                    trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=ckpt_path, weights_only=True)
                 else:
                     trainer.validate(job.module, datamodule=job.datamodule, verbose=False)
             except BaseException:
@@ -211,6 +215,9 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
                 step = trainer.global_step
         if job.stage == "fit" and getattr(getattr(cfg, "model", None), "save", False):
             run.summary["model/artifact"] = checkpoint.save_model(run, job.module, cfg, step)
+        if saver is not None:
+            saver.restore_summaries(run)
+        checkpoint.mark_finished(cfg, run.id, step)
         summary = tracking.summary_dict(run)
         summary["_run_id"], summary["_run_dir"] = run.id, run.dir
         _finish(run, 0)
@@ -218,6 +225,8 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
     except SIGTERMException:
         # SLURM preemption, a sweep's early stop, the local controller: StepCheckpoint has saved
         # last.ckpt (fit); W&B is told the run is being preempted, not that it failed.
+        if saver is not None:
+            saver.restore_summaries(run)
         run.mark_preempting()
         _finish(run, checkpoint.PREEMPTED_EXIT)
         raise checkpoint.Preempted(step, saver.path if saver else None, run.id) from None
@@ -234,11 +243,12 @@ def _train_other_rank(cfg: RunConfig, job: Job) -> None:
     """DDP rank > 0: the same fit without a W&B run (rank 0 logs); it checkpoints with rank 0
     (trainer.save_checkpoint synchronises all ranks) and resumes from rank 0's decision."""
     run_id = os.environ.get("WANDB_RUN_ID") or f"rank{rank_zero_only.rank}"
-    saver = checkpoint.StepCheckpoint(checkpoint.ckpt_dir(cfg, run_id), cfg.trainer.ckpt_every, cfg.trainer.eval_every)
+    saver = checkpoint.StepCheckpoint(checkpoint.ckpt_dir(cfg, run_id), cfg.trainer.ckpt_every, cfg.trainer.eval_every,
+                                      checkpoint.identity(cfg))
     trainer = make_trainer(cfg, False, [*job.callbacks, saver])
     try:
         trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=os.environ.get(checkpoint.RESUME_ENV) or None,
-                    weights_only=False)
+                    weights_only=True)
     except SIGTERMException:
         raise checkpoint.Preempted(trainer.global_step, None, run_id) from None
 
@@ -265,10 +275,6 @@ def _check_shardable(cfg: RunConfig, job: Job) -> None:
     if reason:
         raise ConfigError(f"trainer.devices={n}: {reason}, so every rank would see the same data; "
                           "use trainer.devices=1")
-
-
-def _ckpt_step(path: str) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
 @contextlib.contextmanager
