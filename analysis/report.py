@@ -128,73 +128,101 @@ def _anchor(title: str) -> str:
     return re.sub(r"[^a-z0-9 -]", "", title.lower()).strip().replace(" ", "-")
 
 
-def _inline(text: str, out: str) -> str:
-    t = html.escape(text, quote=False)
-    t = IMG.sub(lambda m: _img(m.group(1), m.group(2), out), t)
-    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
-    t = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", t)
-    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', t)
+# Run names, tags, config values and sweep names reach the markdown (the studies' lists, tables and
+# headings), and a shared W&B project lets anyone choose them: the HTML is rendered by a real
+# CommonMark parser with raw HTML off (everything is escaped), links only to http(s) or in-page
+# anchors, images only from the PNGs this report wrote inside its output directory (embedded), and
+# a Content-Security-Policy that allows no script and no request at all.
+SAFE_LINK = re.compile(r"^(https?://|#)", re.I)
+SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 
-def _img(alt: str, src: str, out: str) -> str:
-    path = os.path.join(out, src)
-    if not os.path.exists(path):
-        return f'<img alt="{alt}" src="{src}">'
-    with open(path, "rb") as f:
-        data = base64.b64encode(f.read()).decode()
-    svg = os.path.splitext(src)[0] + ".svg"
-    link = f' (<a href="{svg}">SVG</a>)' if os.path.exists(os.path.join(out, svg)) else ""
-    return (f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{alt}{link}</figcaption></figure>")
+def _written_png(src: str, out: str, allowed: set[str]) -> str | None:
+    """The real path of image `src` if it is one of the PNGs the report wrote (`allowed`) inside `out`."""
+    from urllib.parse import unquote
+
+    src = unquote(src)
+    if not src or SCHEME.match(src) or os.path.isabs(src) or src.startswith(("\\", "//")):
+        return None
+    root = os.path.realpath(out)
+    path = os.path.realpath(os.path.join(root, src))
+    if path not in allowed or not path.startswith(root + os.sep) or not path.lower().endswith(".png"):
+        return None
+    try:
+        with open(path, "rb") as f:
+            return path if f.read(8) == PNG_MAGIC else None
+    except OSError:
+        return None
 
 
-def to_html(md: str, out: str, title: str = "Analysis report") -> str:
-    """The subset of markdown the studies write: headings, tables, lists, images, paragraphs."""
-    body, para, i = [], [], 0
-    lines = md.split("\n")
+def _parser(out: str, allowed: set[str]):
+    from markdown_it import MarkdownIt
+    from markdown_it.token import Token
 
-    def flush():
-        if para:
-            body.append("<p>" + " ".join(_inline(p, out) for p in para) + "</p>")
-            para.clear()
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
 
-    while i < len(lines):
-        line = lines[i]
-        if m := re.match(r"^(#{1,6}) (.*)", line):
-            flush()
-            n = len(m.group(1))
-            body.append(f'<h{n} id="{_anchor(m.group(2))}">{_inline(m.group(2), out)}</h{n}>')
-        elif line.startswith("|"):
-            flush()
-            rows = []
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append(lines[i])
-                i += 1
-            i -= 1
-            cells = [[c.strip() for c in re.split(r"(?<!\\)\|", r.strip())[1:-1]] for r in rows]
-            head, rest = cells[0], [c for c in cells[1:] if not all(re.fullmatch(r":?-+:?", x) for x in c)]
-            body.append("<table><tr>" + "".join(f"<th>{_inline(c, out)}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{_inline(c.replace(chr(92) + '|', '|'), out)}</td>" for c in r)
-                                  + "</tr>" for r in rest) + "</table>")
-        elif line.startswith("- "):
-            flush()
-            items = []
-            while i < len(lines) and lines[i].startswith("- "):
-                items.append(f"<li>{_inline(lines[i][2:], out)}</li>")
-                i += 1
-            i -= 1
-            body.append("<ul>" + "".join(items) + "</ul>")
-        elif not line.strip():
-            flush()
-        else:
-            para.append(line)
-        i += 1
-    flush()
+    def sanitize(state) -> None:
+        """Drop links that are not http(s) or in-page (their text stays, as text) and images that
+        are not the report's own PNGs (their alt text stays, as text)."""
+        for block in state.tokens:
+            if block.type != "inline" or not block.children:
+                continue
+            kept, skip_close = [], False
+            for tok in block.children:
+                if tok.type == "link_open" and not SAFE_LINK.match(tok.attrGet("href") or ""):
+                    skip_close = True
+                    continue
+                if tok.type == "link_close" and skip_close:
+                    skip_close = False
+                    continue
+                if tok.type == "image":
+                    path = _written_png(tok.attrGet("src") or "", out, allowed)
+                    if path is None:
+                        text = Token("text", "", 0)
+                        text.content = tok.content
+                        kept.append(text)
+                        continue
+                    tok.meta["path"] = path
+                kept.append(tok)
+            block.children = kept
+
+    md.core.ruler.push("sanitize", sanitize)
+
+    def image(self, tokens, idx, options, env) -> str:
+        tok = tokens[idx]
+        alt = html.escape(tok.content, quote=True)
+        with open(tok.meta["path"], "rb") as f:
+            data = base64.b64encode(f.read()).decode()
+        svg = tok.meta["path"][:-4] + ".svg"
+        link = ""
+        if os.path.isfile(svg):
+            rel = os.path.relpath(svg, os.path.realpath(out)).replace(os.sep, "/")
+            link = f' (<a href="{html.escape(rel, quote=True)}">SVG</a>)'
+        return (f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{alt}{link}</figcaption></figure>")
+
+    def heading_open(self, tokens, idx, options, env) -> str:
+        anchor = _anchor(tokens[idx + 1].content) if idx + 1 < len(tokens) else ""
+        return f'<{tokens[idx].tag} id="{html.escape(anchor, quote=True)}">'
+
+    md.add_render_rule("image", image)
+    md.add_render_rule("heading_open", heading_open)
+    return md
+
+
+def to_html(md: str, out: str, title: str = "Analysis report", images: list[str] | None = None) -> str:
+    """report.md as a self-contained page. `images`: the PNGs the report wrote (embedded where the
+    markdown shows them); any other image is dropped (its alt text kept)."""
+    allowed = {os.path.realpath(p) for p in images or []}
+    body = _parser(out, allowed).render(md)
     style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em;line-height:1.4}"
              "table{border-collapse:collapse;margin:1em 0;font-size:90%}td,th{border:1px solid #ccc;padding:2px 6px}"
              "img{max-width:100%}figure{margin:1em 0}code{background:#f4f4f4}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return (f'<!doctype html><html><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            f"<title>{html.escape(title)}</title><style>{style}</style></head><body>\n{body}</body></html>\n")
 
 
 # ---------------------------------------------------------------- W&B
@@ -310,12 +338,12 @@ def build(source: str, sweep: str | None, out: str, log: bool | None = None, stu
         raise UserError(f"no study applies to the {len(runs)} runs in {source}"
                         + (f" (sweep {sweep})" if sweep else "") + f"; tasks found: {dict(tasks) or 'none'}; "
                         f"studies: {', '.join(study_name(m) for m in modules)}")
-    overview(sections, out)
+    head = overview(sections, out)
     md = combine(sections, problems, source, sweep, out, dict(tasks))
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(md)
     with open(os.path.join(out, "report.html"), "w") as f:
-        f.write(to_html(md, out))
+        f.write(to_html(md, out, images=[p for s in sections for p in s.plots] + ([head] if head else [])))
     logged = {}
     if log and sections:
         import wandb
