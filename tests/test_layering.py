@@ -36,8 +36,10 @@ HARNESS_ROOMS = {
     "harness.training": (*PURE, "harness.config"),
     "harness.members": (*PURE, "harness.config", "harness.training"),
     "harness.sweep": (*PURE, "harness.config", "harness.members"),
+    # `harness sweep --dry-run`: lists a sweep's runs and times its costliest point in child processes.
+    "harness.dry_run": (*PURE, "harness.config", "harness.sweep", "harness.runstore"),
     "harness.cli": (*PURE, "harness.config", "harness.training", "harness.members", "harness.sweep",
-                    "harness.runstore"),
+                    "harness.runstore", "harness.dry_run"),
     "harness.__main__": ("harness.cli",),
 }
 # Each packable task and its hand-vectorised `_packed` twin import each other: removed by the one-trainer
