@@ -53,9 +53,10 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         from harness.dry_run import dry_run
 
-        if args.estimate_steps < 1:
-            raise UserError(f"--estimate-steps {args.estimate_steps}: optimizer steps timed, an integer >= 1")
-        return dry_run(args.yaml, args.workers, args.pack, args.count, args.estimate_steps)
+        if args.estimate_steps < 0:
+            raise UserError(f"--estimate-steps {args.estimate_steps}: optimizer steps timed, an integer >= 1 "
+                            "(0: list the runs only)")
+        return dry_run(args.yaml, args.workers, args.pack, args.count, args.estimate_steps, args.estimate_steps > 0)
     from harness.sweep.local import create_local_sweep, run_agent
     from harness.sweep.spec import load_sweep_yaml
     from harness.sweep.wandb_sweep import create_wandb_sweep
@@ -161,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
                    help="print the runs it would start, the grid and an estimate of its wall time on this machine "
                         "(unpacked and with --pack), timed on a few steps of the costliest point; creates no sweep")
     s.add_argument("--estimate-steps", type=int, default=50, metavar="K",
-                   help="with --dry-run: optimizer steps timed on the costliest point (default 50)")
+                   help="with --dry-run: optimizer steps timed on the costliest point (default 50; 0: list the runs only)")
     s.add_argument("--project", default=None)
     s.add_argument("--entity", default=None)
     s.set_defaults(fn=cmd_sweep)
