@@ -23,7 +23,7 @@ from harness.config.registry import config_class
 from harness.config.run import flatten, valid_keys
 from harness.errors import UserError
 from harness.sweep import plan
-from harness.sweep.spec import load_sweep_yaml, validate_sweep, varied_keys
+from harness.sweep.spec import flat_parameters, load_sweep_yaml, validate_sweep, varied_keys
 
 DEFAULT_TIMING_STEPS = 50
 
@@ -40,8 +40,8 @@ def describe_sweep(path: str, count: int | None = None) -> tuple[dict, str, list
     if points is None:
         n = count or cfg.get("run_cap")
         lines.append(f"runs: drawn by W&B's {cfg.get('method')} engine while the sweep runs; "
-                     f"{n if n else 'no --count or run_cap: it would not stop'}")
-        lines += [f"  {k}: {spec}" for k, spec in plan.flat_parameters(cfg.get("parameters") or {}).items()
+                     f"{f'{n} runs (--count or run_cap)' if n else 'no --count or run_cap: it would not stop'}")
+        lines += [f"  {k}: {spec}" for k, spec in flat_parameters(cfg.get("parameters") or {}).items()
                   if k in varied]
     else:
         if count is not None:
@@ -59,9 +59,8 @@ def describe_sweep(path: str, count: int | None = None) -> tuple[dict, str, list
 
 def _steps_of(task: str, point: dict) -> tuple[int, int, int]:
     """(trainer.steps, trainer.eval_every, optimizer steps per Lightning batch) of a point."""
-    from harness.config.run import check_overrides, load_config
+    from harness.config.run import load_config
 
-    check_overrides(task, {k: v for k, v in flatten(point).items() if k != "task"})
     cfg = load_config([f"task={task}"] + [f"{k}={v}" for k, v in flatten(point).items() if k != "task"])
     return cfg.trainer.steps, cfg.trainer.eval_every, cfg.trainer.batch_steps()
 
@@ -132,7 +131,7 @@ def time_packed(cfg: dict, task: str, point: dict, k: int, batch: int, members: 
     params.update({key: {"value": v} for key, v in _timing_overrides(task, k, batch).items()})
     seed = int(flatten(point).get("seed", 0))
     params["seed"] = {"values": list(range(seed, seed + members))}
-    sweep = {"method": "grid", "command": cfg.get("command"), "parameters": params}
+    sweep = {"method": "grid", "command": cfg["command"], "parameters": params}  # validation required one
     with tempfile.TemporaryDirectory(prefix="harness-dry-run-") as tmp:
         path = os.path.join(tmp, "timing.yaml")
         with open(path, "w") as f:
