@@ -11,11 +11,12 @@ def cmd_train(args) -> int:
     """Exit codes (contract C6): 0 finished, 2 bad input, 143 preempted (SIGTERM; resumable),
     1 anything else, a non-finite loss included."""
     from harness.config.run import load_config
+
+    cfg = load_config(args.overrides)  # bad input is refused before torch and Lightning load
     from harness.training.checkpoint import Preempted
     from harness.training.tracking import result_line
     from harness.training.train import NonFiniteLoss, train
 
-    cfg = load_config(args.overrides)
     try:
         summary = train(cfg, args.overrides)
     except Preempted as e:
@@ -40,15 +41,22 @@ def cmd_config(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from harness.config.registry import tasks
+    from harness.config.registry import tasks, training_module_name
 
     for name, ep in tasks().items():
-        print(f"{name:18s} {ep.value}")
+        print(f"{name:18s} {training_module_name(name):28s} config: {ep.value}")
     print("\nkeys and defaults of one: harness train task=NAME --cfg", file=sys.stderr)
     return 0
 
 
 def cmd_sweep(args) -> int:
+    if args.dry_run:
+        from harness.dry_run import dry_run
+
+        if args.estimate_steps < 0:
+            raise UserError(f"--estimate-steps {args.estimate_steps}: optimizer steps timed, an integer >= 1 "
+                            "(0: list the runs only)")
+        return dry_run(args.yaml, args.workers, args.pack, args.count, args.estimate_steps, args.estimate_steps > 0)
     from harness.sweep.local import create_local_sweep, run_agent
     from harness.sweep.spec import load_sweep_yaml
     from harness.sweep.wandb_sweep import create_wandb_sweep
@@ -150,6 +158,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--pack", type=int, default=None, metavar="M",
                    help="with --local: train up to M grid points of a task that packs in one process (docs/packing.md)")
     s.add_argument("--wandb-dir", default=None, help="local wandb directory (default $WANDB_DIR/wandb, else ./wandb)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the runs it would start, the grid and an estimate of its wall time on this machine "
+                        "(unpacked and with --pack), timed on a few steps of the costliest point; creates no sweep")
+    s.add_argument("--estimate-steps", type=int, default=50, metavar="K",
+                   help="with --dry-run: optimizer steps timed on the costliest point (default 50; 0: list the runs only)")
     s.add_argument("--project", default=None)
     s.add_argument("--entity", default=None)
     s.set_defaults(fn=cmd_sweep)
@@ -179,8 +192,10 @@ def _hyphenated_overrides(argv: list[str]) -> list[str]:
     if argv[:1] != ["train"]:
         return argv
     own = {"--cfg", "--help"}
-    return argv[:1] + [a[2:] if a.startswith("--") and "=" in a and a.split("=", 1)[0] not in own else a
-                       for a in argv[1:]]
+    rest = [a[2:] if a.startswith("--") and "=" in a and a.split("=", 1)[0] not in own else a for a in argv[1:]]
+    # argparse takes no positional after an option: `train task=X --cfg model.width=8` would be refused.
+    flags = [a for a in rest if a in ("--cfg", "-h", "--help")]
+    return argv[:1] + [a for a in rest if a not in flags] + flags
 
 
 def main(argv: list[str] | None = None) -> None:
