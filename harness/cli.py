@@ -40,10 +40,10 @@ def cmd_config(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from harness.config.registry import tasks
+    from harness.config.registry import tasks, training_module_name
 
     for name, ep in tasks().items():
-        print(f"{name:18s} {ep.value}")
+        print(f"{name:18s} {training_module_name(name):28s} config: {ep.value}")
     print("\nkeys and defaults of one: harness train task=NAME --cfg", file=sys.stderr)
     return 0
 

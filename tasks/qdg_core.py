@@ -29,9 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import ConfigError
-
-DEFAULT_EXCLUDE = ("layernorm", "embed")
-
+from tasks.configs.quanta_discovery import DEFAULT_EXCLUDE
 
 # -- parameters ----------------------------------------------------------------------------------
 

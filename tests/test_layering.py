@@ -5,10 +5,13 @@ inside a function; `from package import module` counts as an import of the modul
   analysis.*; harness imports neither tasks nor analysis;
 - rooms: each room of harness/ imports only the rooms below it (HARNESS_ROOMS);
 - no import circles among project modules (strongly connected components of the import graph);
-- a task never reaches another task: a registered task module (pyproject's "harness.tasks" entry
-  points) may import harness and the helper modules in tasks/ (those not registered, e.g. tasks.lm),
-  never another registered task, and no task names another task to the registry
-  (`task_module("pythia_eval")`, `config_class("...")`, entry points).
+- a task never reaches another task: a task is its config module (pyproject's "harness.tasks" entry
+  points, tasks/configs/NAME.py) and the training module that config names (TRAINING); either may
+  import harness and the helper modules in tasks/ (e.g. tasks.lm), never a module of another task, and
+  no task names another task to the registry (`task_module("pythia_eval")`, `config_class("...")`,
+  entry points);
+- a config module (tasks/configs/) imports only harness.config, the pure helpers and other config
+  modules, so that `--cfg`, `harness tasks` and sweep validation load no torch (also run in a subprocess).
 """
 import ast
 import os
@@ -43,12 +46,32 @@ ALLOWED_CIRCLES = [{"tasks.sparse_parity", "tasks.sparse_parity_packed"},
                    {"tasks.modular_addition", "tasks.modular_addition_packed"},
                    {"tasks.mnist_omnigrok", "tasks.mnist_omnigrok_packed"}]
 REGISTRY_CALLS = ("task_module", "config_class")
+CONFIGS = "tasks.configs"
+CONFIG_MAY_USE = (*PURE, "harness.config", CONFIGS)
+HEAVY = ("torch", "lightning", "transformers")
 
 
-def registered_tasks() -> set[str]:
-    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+def training_module(config_path: str) -> str | None:
+    """The TRAINING = "module" a config module names (read from its source, nothing imported)."""
+    with open(config_path) as f:
+        for node in ast.parse(f.read()).body:
+            if (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["TRAINING"]
+                    and isinstance(node.value, ast.Constant)):
+                return node.value.value
+    return None
+
+
+def registered_tasks(root: str = REPO) -> dict[str, str]:
+    """Module -> task name, for each task's config module (the entry point) and its training module."""
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)["project"]
-    return set(project.get("entry-points", {}).get("harness.tasks", {}).values())
+    owner = {}
+    for name, module in project.get("entry-points", {}).get("harness.tasks", {}).items():
+        owner[module] = name
+        path = os.path.join(root, *module.split(".")) + ".py"
+        if os.path.exists(path) and training_module(path):
+            owner[training_module(path)] = name
+    return owner
 
 
 def project_modules(root: str = REPO) -> dict[str, str]:
@@ -148,8 +171,14 @@ def room(module: str) -> str:
     return ".".join(parts[:2])
 
 
-def allowed(package: str, module_name: str, target: str, tasks: set[str] = frozenset()) -> bool:
+def allowed(package: str, module_name: str, target: str, tasks: dict[str, str] | None = None) -> bool:
+    tasks = tasks or {}
     top = target.split(".")[0]
+    if module_name.startswith(CONFIGS + "."):  # a task's config: light, and only configs of its own
+        if top not in PACKAGES:
+            return top not in HEAVY
+        if not any(target == m or target.startswith(m + ".") for m in CONFIG_MAY_USE) and target != "tasks":
+            return False
     if top not in PACKAGES:
         return True  # the standard library and third-party packages
     if package == "harness":
@@ -162,8 +191,9 @@ def allowed(package: str, module_name: str, target: str, tasks: set[str] = froze
             return top == "harness"
         if target == "tasks":  # `from tasks import x` also yields tasks.x, checked below
             return True
-        imported = ".".join(target.split(".")[:2])  # tasks.module (target may be tasks.module.name)
-        return imported == module_name or imported not in tasks or module_name not in tasks
+        depth = 3 if target.startswith(CONFIGS + ".") else 2  # tasks.module or tasks.configs.module
+        imported = ".".join(target.split(".")[:depth])  # (target may be tasks.module.name)
+        return imported not in tasks or module_name not in tasks or tasks[imported] == tasks[module_name]
     if package == "analysis":
         return top == "analysis" or target == "harness" or any(
             target == m or target.startswith(m + ".") for m in ANALYSIS_MAY_USE)
@@ -205,9 +235,19 @@ def test_the_checker_catches_each_kind_of_violation():
     assert not allowed("harness", "harness.config.run", "tasks.sparse_parity")
     assert not allowed("harness", "harness.training.train", "analysis.fourier")
     assert not allowed("tasks", "tasks.modular_addition", "analysis.fourier")
-    registered = {"tasks.pythia_suite", "tasks.pythia_eval", "tasks.modular_addition"}
+    registered = {"tasks.pythia_suite": "pythia_suite", "tasks.pythia_eval": "pythia_eval",
+                  "tasks.configs.pythia_eval": "pythia_eval", "tasks.modular_addition": "modular_addition"}
     assert not allowed("tasks", "tasks.pythia_suite", "tasks.pythia_eval.Config", registered)
+    assert not allowed("tasks", "tasks.pythia_suite", "tasks.configs.pythia_eval.Config", registered)
+    assert allowed("tasks", "tasks.pythia_eval", "tasks.configs.pythia_eval.Config", registered)
     assert allowed("tasks", "tasks.pythia_eval", "tasks.lm", registered)
+    assert allowed("tasks", "tasks.configs.pythia_eval", "tasks.configs.lm", registered)
+    assert allowed("tasks", "tasks.configs.pythia_eval", "harness.config.run", registered)
+    assert not allowed("tasks", "tasks.configs.pythia_eval", "tasks.lm", registered)  # torch, through a helper
+    assert not allowed("tasks", "tasks.configs.sparse_parity", "harness.training.nn", registered)
+    assert not allowed("tasks", "tasks.configs.sparse_parity", "torch.nn", registered)
+    registered["tasks.configs.pythia_suite"] = "pythia_suite"
+    assert not allowed("tasks", "tasks.configs.pythia_suite", "tasks.configs.pythia_eval", registered)
     assert allowed("tasks", "tasks.modular_addition", "tasks.modular_addition_packed.PackedModular", registered)
     assert not allowed("analysis", "analysis.grokking", "harness.training.detectors")
     assert not allowed("analysis", "analysis.common", "harness.config.run")
@@ -246,11 +286,21 @@ def test_imports_follow_the_architecture():
     assert not bad, "imports against the architecture (DESIGN.md):\n" + "\n".join(bad)
 
 
+def test_every_task_names_its_training_module():
+    owner = registered_tasks()
+    configs = [m for m in owner if m.startswith(CONFIGS + ".")]
+    assert configs and len(owner) == 2 * len(configs), owner  # each config names a training module
+
+
 def test_light_rooms_import_no_torch():
-    # `harness tasks`, `harness runs`, sweep validation and notebooks that load runs stay light.
+    # `harness tasks`, `harness runs`, sweep validation and notebooks that load runs stay light; so do
+    # the task configs (`--cfg`), each loaded and validated through the registry.
     code = ("import sys, harness.cli, harness.config.run, harness.config.registry, harness.runstore, "
             "harness.sweep.spec, harness.sweep.local\n"
-            "print(' '.join(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))")
+            "from harness.config.registry import tasks\n"
+            "from harness.config.run import load_config\n"
+            "[load_config([f'task={t}']) for t in tasks()]\n"
+            f"print(' '.join(m for m in {HEAVY} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == ""
 

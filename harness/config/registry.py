@@ -1,21 +1,27 @@
-"""The task registry: tasks are the entry points of group "harness.tasks" (name -> module), loaded by name."""
+"""The task registry: tasks are the entry points of group "harness.tasks" (name -> the task's config
+module), loaded by name; the config module names the training module, imported only when a run starts."""
 from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import importlib.metadata
+from types import ModuleType
 
 from harness.errors import ConfigError
 
 # Tasks register themselves as entry points (group "harness.tasks", name -> module, see pyproject.toml),
 # so the harness names no task: a new task, here or in another package, is one line in its own
-# pyproject. Modules are imported lazily: the Pythia task pulls in transformers.
+# pyproject. The entry point is the task's config module, which imports neither torch nor Lightning
+# (it holds `Config` and `TRAINING`, the name of the module with build(cfg)): `harness tasks`,
+# `--cfg` and sweep validation read configs in a fraction of a second; torch, Lightning and (for
+# the language-model tasks) transformers load only when a run starts.
 TASK_GROUP = "harness.tasks"
 
 
 @functools.cache
 def tasks() -> dict[str, importlib.metadata.EntryPoint]:
-    """Registered tasks, name -> entry point (its value is the task's module)."""
+    """Registered tasks, name -> entry point (its value is the task's config module)."""
     found = {ep.name: ep for ep in importlib.metadata.entry_points(group=TASK_GROUP)}
     if not found:
         raise ConfigError(f"no tasks registered (entry point group {TASK_GROUP!r}): install the project with "
@@ -23,7 +29,8 @@ def tasks() -> dict[str, importlib.metadata.EntryPoint]:
     return dict(sorted(found.items()))
 
 
-def task_module(name: str):
+def config_module(name: str) -> ModuleType:
+    """The task's config module (light): `Config`, and `TRAINING`, the module that builds its runs."""
     registry = tasks()
     if name not in registry:
         close = difflib.get_close_matches(str(name), registry, n=1)
@@ -33,4 +40,14 @@ def task_module(name: str):
 
 
 def config_class(task: str) -> type:
-    return task_module(task).Config
+    return config_module(task).Config
+
+
+def training_module_name(task: str) -> str:
+    return config_module(task).TRAINING
+
+
+def task_module(name: str) -> ModuleType:
+    """The task's training module (build(cfg) -> Job, and for packing tasks build_packed, PACKABLE):
+    imports torch and Lightning."""
+    return importlib.import_module(training_module_name(name))

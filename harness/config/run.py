@@ -102,8 +102,17 @@ class RunConfig:
             _check_optim(optim)
 
 
+# Names every Lightning 2.x registers (checked against the installed Lightning in
+# tests/test_startup.py): these pass without importing Lightning, so `--cfg` and sweep validation stay
+# light; any other name is looked up in Lightning's own registries.
+KNOWN_ACCELERATORS = ("auto", "gpu", "cpu", "cuda", "mps", "tpu")
+KNOWN_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "single_device")
+
+
 def _check_lightning_names(t: TrainerConfig) -> None:
     """trainer.accelerator and trainer.strategy against Lightning's registries, before a run is created."""
+    if t.accelerator in KNOWN_ACCELERATORS and t.strategy in KNOWN_STRATEGIES:
+        return
     from lightning.pytorch.accelerators import AcceleratorRegistry
     from lightning.pytorch.strategies import StrategyRegistry
 
