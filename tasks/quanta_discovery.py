@@ -37,7 +37,7 @@ from harness.training.logs import write_summary
 from harness.training.train import Job
 from tasks import lm
 from tasks import qdg_core as core
-from tasks.configs.quanta_discovery import Config
+from tasks.configs.quanta_discovery import Config, too_many_samples
 
 ARTIFACT_TYPE = "quanta"
 
@@ -129,7 +129,8 @@ def lm_samples(cfg: Config, model: nn.Module, tok, source_cfg: lm.LMSource) -> d
             docs[i] = ids
             yield i, ids, loss
 
-    chosen, passing = core.select_tokens(stream(), s.max_loss, s.drop_repeated_trigrams, s.stride, s.n)
+    # samples.n=0: every token that passes, read only until one more than samples.max_n has passed
+    chosen, passing = core.select_tokens(stream(), s.max_loss, s.drop_repeated_trigrams, s.stride, s.n or s.max_n + 1)
     if s.n and len(chosen) < s.n:
         raise ConfigError(f"samples.n={s.n} but only {len(chosen)} tokens pass the selection (loss < "
                           f"samples.max_loss={s.max_loss}, drop_repeated_trigrams={s.drop_repeated_trigrams}, every "
@@ -201,6 +202,9 @@ class QuantaDiscovery(L.Callback):
             samples = parity_samples(cfg, model, self.get_data(), device)
             source = core.MLPGrads(model, params, samples.pop("x"), samples.pop("y"))
         n = source.n
+        if n > cfg.samples.max_n:  # samples.n=0: every sample that passed, and more passed than the bound
+            raise ConfigError(too_many_samples(f"samples.n={cfg.samples.n} chose every sample that passes", n,
+                                               cfg.samples.max_n))
         counts = sorted(set(cfg.cluster.counts))
         n_sub = len(np.unique(samples["subtask"])) if "subtask" in samples else 0
         counts = sorted(set(counts) | {m * n_sub for m in cfg.cluster.subtask_multiples if n_sub})

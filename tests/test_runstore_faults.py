@@ -6,7 +6,6 @@ import os
 import random
 import re
 import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -15,7 +14,7 @@ from harness import runstore
 from harness.runstore import cache as run_cache
 from harness.runstore import decoder as wandb_file
 from harness.runstore import local as runstore_local
-from harness.runstore.decoder import BLOCK, read_run_file
+from harness.runstore.decoder import BLOCK, CHUNK, HEADER, read_run_file
 from tests.conftest import harness
 from tests.test_run_files import make_run
 
@@ -138,6 +137,7 @@ def test_entry_for_another_decoder_version_is_not_served(tmp_path, monkeypatch):
     meta_file = [e for e in _entries(root) if e.endswith(".json")][0]
     entry = json.load(open(meta_file))
     entry["meta"]["summary"]["final"] = -1.0  # what an older decoder might have produced
+    entry["crc32"] = run_cache._content_crc(entry)  # written whole, checksum and all
     json.dump(entry, open(meta_file, "w"))
     runstore_local._MEMO.clear()
     assert runstore.load_runs(root).loc[0, "summary.final"] == -1.0  # same version: served
@@ -179,16 +179,37 @@ def test_one_flipped_digit_is_reported_not_returned(tmp_path, capsys):
     assert 7.1001 not in hist["loss"].tolist() and 1.1001 not in hist["loss"].tolist()
 
 
+def _chunk_payloads(data: bytes) -> list[tuple[int, int]]:
+    """(offset, length) of every chunk's payload, walking the blocks as the decoder does."""
+    pos, out = HEADER.size, []
+    while pos + CHUNK.size <= len(data):
+        if BLOCK - pos % BLOCK < CHUNK.size:  # block trailer
+            pos += BLOCK - pos % BLOCK
+            continue
+        _, length, kind = CHUNK.unpack_from(data, pos)
+        if kind == 0:
+            break
+        out.append((pos + CHUNK.size, length))
+        pos += CHUNK.size + length
+    return out
+
+
 def test_two_hundred_flipped_bytes_flag_the_run(tmp_path):
     path = make_run(tmp_path, steps=300)
     good = read_run_file(path)
     data = bytearray(open(path, "rb").read())
+    # One byte flipped in the payload of each of 200 chunks, no two of them adjacent: each fails its
+    # checksum and is followed by a valid chunk, so each is exactly one loss (random file offsets
+    # could land two in one chunk, or in a length field that drops the rest of a block: 19 losses
+    # once). The first and last 10 chunks (the run, config and exit records) are left whole.
+    chunks = _chunk_payloads(bytes(data))
+    assert len(chunks) > 420  # 300 history records and the rest
     rng = random.Random(0)
-    for pos in rng.sample(range(100, len(data) - 100), 200):
-        data[pos] ^= 0xFF
+    for start, length in rng.sample([c for c in chunks[10:-10:2] if c[1] > 0], 200):
+        data[start + rng.randrange(length)] ^= 0xFF
     open(path, "wb").write(bytes(data))
     rf = read_run_file(path)
-    assert len(rf.damage) >= 20 and 0 < len(rf.history) < 300
+    assert len(rf.damage) == 200 and 0 < len(rf.history) < 300
     kept = good.history.set_index("_step").loc[rf.history["_step"]]
     pd.testing.assert_frame_equal(rf.history.set_index("_step"), kept)
     table = runstore.load_runs(str(tmp_path / "wandb"))

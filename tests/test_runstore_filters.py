@@ -69,11 +69,16 @@ def test_run_fields_logic_and_exists(runs_dir):
     assert names(runs_dir, {"$and": [{"config.model.width": {"$gte": 16}}, {"group": {"$in": ["g1", "g2"]}}]}) \
         == ["w16", "w32"]
     assert names(runs_dir, {}) == ["w8", "w16", "w32", "w64"]
+    assert names(runs_dir, {"group": {"$exists": False}}) == ["w64"]  # a run without a group
+    assert names(runs_dir, {"display_name": {"$regex": "^w(8|16)$"}}) == ["w8", "w16"]
+    assert names(runs_dir, {"tags": {"$regex": "^bi"}}) == ["w16", "w64"]
 
 
 @pytest.mark.parametrize("filters, message", [
     ({"config.model.widht": 16}, "filter key 'config.model.widht': no run has it; did you mean 'config.model.width'?"),
-    ({"config.model.width": {"$regex": "1.*"}}, "filter operator '$regex' (on 'config.model.width') is not supported"),
+    ({"config.model.width": {"$regex": "1.*", "$options": "i"}},
+     "filter operator '$options' (on 'config.model.width') is not supported"),
+    ({"display_name": {"$regex": "w[8"}}, "filter display_name: $regex 'w[8' is not a valid regular expression"),
     ({"$nor": [{"state": "finished"}]}, "filter operator '$nor' is not supported offline"),
     ({"summary.val/loss": {"$lt": 1}}, "W&B spells summary keys 'summary_metrics.val/loss'"),
     ({"hostname": "x"}, "filter key 'hostname': use config.KEY, summary_metrics.KEY or one of state"),

@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Iterable, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from harness.config.limits import check_limits
+from harness.config.overrides import nested_overrides
 from harness.config.registry import config_class, tasks
 from harness.config.resources import DATA_DIR_ENV, data_root
 from harness.errors import ConfigError
@@ -79,6 +81,7 @@ class RunConfig:
     def validate(self) -> None:
         """Cross-field checks a type cannot express; raise ConfigError. Tasks extend this."""
         _check_finite(self)
+        check_limits(self)
         t = self.trainer
         if t.steps < (1 if self.fits else 0) or t.eval_every <= 0 or t.log_every <= 0 or t.steps_per_batch <= 0:
             raise ConfigError(
@@ -185,34 +188,38 @@ def split_task(overrides: Iterable[str]) -> tuple[str, list[str]]:
 
 
 def load_config(overrides: Iterable[str]) -> RunConfig:
-    """Task defaults <- overrides (`a.b=value`, values parsed as YAML), validated."""
+    """Task defaults <- overrides (`a.b=value`, each value read by its key's type:
+    harness.config.overrides), validated."""
     task, overrides = split_task(overrides)
-    cls = config_class(task)
-    schema = OmegaConf.structured(cls)
-    try:
-        merged = OmegaConf.merge(schema, OmegaConf.from_dotlist(overrides))
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise ConfigError(_explain(e, cls, task)) from None
+    cfg = _merge(task, overrides)
     cfg.validate()
     return cfg
+
+
+def _merge(task: str, overrides: list[str]) -> RunConfig:
+    cls = config_class(task)
+    values = nested_overrides(cls, overrides)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(values))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, cls, task)) from None
 
 
 def check_overrides(task: str, overrides: dict[str, Any], cross_field: bool = True) -> None:
     """Validate a {dotted key: value} mapping against a task's schema (used for sweep parameters).
 
-    `cross_field=False` checks keys and types only (one parameter alone may be valid only
-    together with the others, e.g. data.n=8 with a smaller data.n_tasks).
+    `cross_field=False` checks keys, types and each value's limits only (one parameter alone may be
+    valid only together with the others, e.g. data.n=8 with a smaller data.n_tasks).
     """
-    cls = config_class(task)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.from_dotlist(
-            [f"{k}={_dotlist_value(v)}" for k, v in overrides.items()]))
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise ConfigError(_explain(e, cls, task)) from None
+    # Each value as the run will read it: rendered as wandb's ${args_no_hyphens} renders it
+    # (f"{param}={value}"), then parsed by the key's type, as `harness train` parses it.
+    cfg = _merge(task, [f"{k}={_dotlist_value(v)}" for k, v in overrides.items()])
     if cross_field:
         cfg.validate()
+    else:
+        _check_finite(cfg)
+        check_limits(cfg)
 
 
 def _dotlist_value(v: Any) -> str:

@@ -123,6 +123,10 @@ def load_history(source: str, run_ids: Iterable[str] | None = None, sweep: str |
                     h["step"] = h["trainer/global_step"] if "trainer/global_step" in h else h["_step"]
                 frames.append(_select(run_cache.typed(h), keys))
                 owners.append(m["id"])
+    # A run without rows adds none, but its empty frame would make pandas turn the other runs'
+    # int64 columns (_step) into float64; the cached Arrow path above keeps int64.
+    kept = [(f, o) for f, o in zip(frames, owners) if len(f)]
+    frames, owners = [f for f, _ in kept], [o for _, o in kept]
     if not frames:
         return pd.DataFrame(columns=["run_id", "step", *(keys or [])])
     # One copy (the concat; the frames may be this process's memo, never modified), then run_id and

@@ -7,9 +7,13 @@ Arrow IPC rather than parquet: reading 200 histories of 2,000 x 104 took 2.9 s o
 An entry is named by a hash of the run file's absolute path, size, mtime and the decoder's version,
 and its JSON repeats those fields, which are checked on every read: a changed file, a newer decoder
 or a foreign or corrupt entry is never served; the caller is told why and decodes the file again.
+Every record is checksummed: the JSON carries the CRC-32 of its own content (one digit changed in a
+summary value is caught) and of the Arrow file. Entries are written to a temporary file and renamed;
+a write that fails (a full disk) removes what it wrote.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +27,7 @@ import pyarrow.ipc as ipc
 from harness.runstore.decoder import DECODER_VERSION
 
 CACHE_DIR = ".harness-cache"
-FORMAT = 3  # of the entries themselves (1 was pickle, 2 parquet)
+FORMAT = 4  # of the entries themselves (1 was pickle, 2 parquet, 3 JSON without its own checksum)
 CACHE_ENV = "HARNESS_CACHE_DIR"  # a writable cache elsewhere, for read-only or full wandb directories
 _COLUMN_TYPES = (pa.types.is_int64, pa.types.is_float64, pa.types.is_boolean, pa.types.is_string,
                  pa.types.is_large_string, pa.types.is_null)
@@ -34,7 +38,16 @@ class BadEntry(Exception):
 
 
 def cache_dir(wandb_root: str) -> str:
-    return os.environ.get(CACHE_ENV) or os.path.join(wandb_root, CACHE_DIR)
+    # Absolute: the history file named in a meta stays valid after the caller changes directory.
+    return os.path.abspath(os.environ.get(CACHE_ENV) or os.path.join(wandb_root, CACHE_DIR))
+
+
+def _content_crc(entry: dict) -> int:
+    """CRC-32 of an entry's content (all but its own checksum) as json.dumps spells it: a parsed
+    entry keeps its keys' order, so it spells the same text it was parsed from, whatever changed
+    the file's spacing; a changed value changes the text."""
+    body = {k: v for k, v in entry.items() if k != "crc32"}
+    return zlib.crc32(json.dumps(body).encode())
 
 
 def identity(path: str, st: os.stat_result) -> dict:
@@ -61,6 +74,8 @@ def read_meta(root: str, ident: dict) -> dict | None:
         raise BadEntry(f"{path}: not a run-store cache entry")
     if any(entry.get(k) != v for k, v in ident.items()):
         raise BadEntry(f"{path}: written for another file, file version or decoder version")
+    if entry.get("crc32") != _content_crc(entry):
+        raise BadEntry(f"{path}: its checksum does not match its content")
     meta = entry["meta"]
     meta["_json_columns"] = entry.get("json_columns", [])
     meta["_history_file"] = path[:-5] + ".arrow" if entry.get("rows") else None
@@ -109,7 +124,6 @@ def write(root: str, ident: dict, meta: dict, hist: pd.DataFrame) -> dict:
     Returns what `read_meta` adds to a meta read back, so a caller can drop the history it holds."""
     os.makedirs(root, exist_ok=True)
     name = os.path.join(root, entry_name(ident))
-    tmp = f".{os.getpid()}.tmp"
     dtypes = hist.dtypes
     json_columns = [c for c, t in dtypes.items() if t == object]
     bools = [c for c, t in dtypes.items() if isinstance(t, pd.BooleanDtype)]
@@ -125,17 +139,33 @@ def write(root: str, ident: dict, meta: dict, hist: pd.DataFrame) -> dict:
         with ipc.new_file(sink, table.schema) as writer:  # uncompressed: reading is a copy
             writer.write_table(table)
         data = sink.getvalue()
-        with open(name + ".arrow" + tmp, "wb") as f:
-            f.write(data)
-        os.replace(name + ".arrow" + tmp, name + ".arrow")
+        _replace(name + ".arrow", data)
     entry = dict(ident, rows=len(hist), json_columns=json_columns,
                  history_crc32=zlib.crc32(data) if len(hist) else None,
                  meta={k: v for k, v in meta.items() if not k.startswith("_")})
-    with open(name + ".json" + tmp, "w", encoding="utf-8") as f:
-        json.dump(entry, f)
-    os.replace(name + ".json" + tmp, name + ".json")
+    entry["crc32"] = _content_crc(entry)
+    try:
+        _replace(name + ".json", json.dumps(entry).encode("utf-8"))
+    except BaseException:  # no history file without the entry that names it
+        with contextlib.suppress(OSError):
+            os.remove(name + ".arrow")
+        raise
     return {"_json_columns": json_columns, "_history_file": name + ".arrow" if len(hist) else None,
             "_history_crc32": entry["history_crc32"]}
+
+
+def _replace(path: str, data: bytes) -> None:
+    """Write `path` atomically (a temporary file renamed over it); on failure (ENOSPC, EIO) the
+    temporary file is removed and the error raised."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def probe(root: str) -> str | None:

@@ -3,19 +3,28 @@
 `Api().runs(path, filters=...)` takes a MongoDB query over the run's fields, spelled as W&B spells
 them: `config.model.width` (a nested config key, dotted), `summary_metrics.val/loss`, `state`,
 `tags`, `group`, `sweep`, `display_name`, `job_type`. Offline the same filter is applied here, with
-the operators the local runs need: $eq $ne $gt $gte $lt $lte $in $nin $exists $and $or. Anything
-else is refused with a one-line error before any run is chosen, and so is a key that no run has (a
-typo would otherwise select every run, or none), with the nearest keys as suggestions.
+the operators the local runs need: $eq $ne $gt $gte $lt $lte $in $nin $exists $regex $and $or.
+Anything else is refused with a one-line error before any run is chosen, and so is a key that no run
+has (a typo would otherwise select every run, or none), with the nearest keys as suggestions; except
+under `$exists` alone, whose question is whether runs have the key (`{"summary_metrics.error":
+{"$exists": false}}` is every run when none has it). A run field without a value (no sweep, no
+group) does not exist, as on W&B: `{"sweep": {"$exists": false}}` is the runs outside any sweep.
+`$regex` searches a string (or a list's strings) with Python's `re`, as MongoDB's `$regex` does with
+PCRE (the same syntax for the common cases: classes, anchors, alternation, repetition).
 """
 from __future__ import annotations
 
 import difflib
 import numbers
+import re
 from typing import Any
 
 from harness.errors import UserError
 
-FIELD_OPS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists")
+FIELD_OPS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists", "$regex")
+# MongoDB nests documents at most 100 levels deep (its BSON limit); deeper $and/$or would only
+# exhaust Python's recursion limit here.
+MAX_DEPTH = 100
 LOGIC_OPS = ("$and", "$or")
 RUN_FIELDS = {"state": "state", "tags": "tags", "group": "group", "sweep": "sweep",
               "display_name": "name", "job_type": "job_type"}
@@ -47,7 +56,8 @@ def value(meta: dict, key: str) -> Any:
         return _lookup(meta["config"], key[len("config."):])
     if key.startswith("summary_metrics."):
         return _lookup(meta["summary"], key[len("summary_metrics."):])
-    return meta.get(RUN_FIELDS[key], _MISSING)
+    found = meta.get(RUN_FIELDS[key])
+    return _MISSING if found is None or found == "" else found  # no sweep, no group: absent
 
 
 def _keys(metas: list[dict]) -> set[str]:
@@ -69,34 +79,57 @@ def _keys(metas: list[dict]) -> set[str]:
 def check(filters: Any, metas: list[dict]) -> None:
     """Raise FilterError (one line) unless `filters` uses only what `matches` applies exactly."""
     if not isinstance(filters, dict):
-        raise FilterError(f"filters must be a dict (a MongoDB query, as W&B's Api().runs takes), got {filters!r}")
+        raise FilterError(f"filters must be a dict (a MongoDB query, as W&B's Api().runs takes), got {_short(filters)}")
     known = _keys(metas) if metas else None
-    _check(filters, known)
+    _check(filters, known, 1)
 
 
-def _check(query: dict, known: set[str] | None) -> None:
+def _check(query: dict, known: set[str] | None, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise FilterError(f"filter nested more than {MAX_DEPTH} levels deep ($and/$or); MongoDB and W&B "
+                          f"take at most {MAX_DEPTH}")
     for key, cond in query.items():
         if key in LOGIC_OPS:
             if not isinstance(cond, list) or not cond or not all(isinstance(q, dict) for q in cond):
-                raise FilterError(f"filter {key} takes a non-empty list of filters, got {cond!r}")
+                raise FilterError(f"filter {key} takes a non-empty list of filters, got {_short(cond)}")
             for q in cond:
-                _check(q, known)
+                _check(q, known, depth + 1)
             continue
         if key.startswith("$"):
             raise FilterError(f"filter operator {key!r} is not supported offline; supported: "
                               f"{', '.join(LOGIC_OPS + FIELD_OPS)}")
-        _check_key(key, known)
+        only_exists = isinstance(cond, dict) and set(cond) == {"$exists"}
+        _check_key(key, None if only_exists else known)
         if isinstance(cond, dict) and any(k.startswith("$") for k in cond):
             for op, arg in cond.items():
                 if op not in FIELD_OPS:
                     raise FilterError(f"filter operator {op!r} (on {key!r}) is not supported offline; "
                                       f"supported: {', '.join(FIELD_OPS)}")
                 if op in ("$in", "$nin") and not isinstance(arg, (list, tuple)):
-                    raise FilterError(f"filter {key}: {op} takes a list, got {arg!r}")
+                    raise FilterError(f"filter {key}: {op} takes a list, got {_short(arg)}")
                 if op == "$exists" and not isinstance(arg, bool):
-                    raise FilterError(f"filter {key}: $exists takes true or false, got {arg!r}")
+                    raise FilterError(f"filter {key}: $exists takes true or false, got {_short(arg)}")
                 if op in ("$gt", "$gte", "$lt", "$lte") and not (_number(arg) or isinstance(arg, str)):
-                    raise FilterError(f"filter {key}: {op} takes a number or a string, got {arg!r}")
+                    raise FilterError(f"filter {key}: {op} takes a number or a string, got {_short(arg)}")
+                if op == "$regex":
+                    _compile(key, arg)
+
+
+def _compile(key: str, pattern: Any) -> re.Pattern:
+    if not isinstance(pattern, str):
+        raise FilterError(f"filter {key}: $regex takes a pattern string, got {_short(pattern)}")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise FilterError(f"filter {key}: $regex {_short(pattern)} is not a valid regular expression ({e})") from None
+
+
+def _short(v: Any) -> str:
+    try:
+        text = repr(v)
+    except RecursionError:  # a value nested thousands deep
+        return f"a {type(v).__name__} nested too deep to show"
+    return text if len(text) <= 80 else text[:60] + "..." + text[-10:]
 
 
 def _check_key(key: str, known: set[str] | None) -> None:
@@ -144,6 +177,10 @@ def _field(have: Any, op: str, arg: Any) -> bool:
         return not any(_eq(value_, a) for a in arg)
     if op == "$exists":
         return present == arg
+    if op == "$regex":
+        pattern = _compile("", arg)
+        texts = have if isinstance(have, list) else [have]  # an array matches if an element does
+        return any(isinstance(t, str) and pattern.search(t) is not None for t in texts)
     return present and _order(have, op, arg)
 
 

@@ -59,7 +59,7 @@ def run_env(cfg: dict, sweep_id: str, run_id: str, param_path: str, root: str, w
 def _last_json(log_path: str) -> dict:
     try:
         with open(log_path) as f:
-            lines = [l for l in f.read().splitlines() if l.startswith("{")]
+            lines = [line for line in f.read().splitlines() if line.startswith("{")]
         return json.loads(lines[-1]) if lines else {}
     except (OSError, ValueError):
         return {}
@@ -161,11 +161,15 @@ class Agent:
             write_state(self.path, state)
         value = summary.get(self.metric)
         shown = f" {self.metric}={value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
-        log = f"{self.path}/{run_id}.log"
+        log = self.log_of(run_id)
         status = {"finished": "finished", "preempted": f"preempted (exit {code}; relaunched first by the next agent)"
                   }.get(outcome, f"FAILED (exit {code}; log {log})")
         self.say(f"run {run_id} {status} in {seconds:.0f}s{shown}")
         return outcome
+
+    def log_of(self, run_id: str) -> str:
+        """The log that holds what a run printed (a packed agent's members: their block's log)."""
+        return os.path.join(self.path, f"{run_id}.log")
 
     # -- runs --
 

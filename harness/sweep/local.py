@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 
-import yaml
 from wandb.sdk.lib.runid import generate_id
 
 from harness.errors import UserError
 from harness.sweep.agent import Agent
 from harness.sweep.spec import check_stops, load_sweep_yaml, validate_sweep
-from harness.sweep.state import wandb_root, write_state
+from harness.sweep.state import create_sweep_dir, wandb_root
 
 
 def create_local_sweep(yaml_path: str, wandb_dir: str | None = None, count: int | None = None,
@@ -21,11 +20,7 @@ def create_local_sweep(yaml_path: str, wandb_dir: str | None = None, count: int 
     if will_run:
         check_stops(cfg, count)  # before the directory exists: a refused sweep leaves nothing behind
     sweep_id = generate_id(8)
-    path = os.path.join(wandb_root(wandb_dir), f"sweep-{sweep_id}")
-    os.makedirs(path)
-    with open(os.path.join(path, "sweep.yaml"), "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
-    write_state(path, {"sweep_id": sweep_id, "source": os.path.abspath(yaml_path), "runs": []})
+    create_sweep_dir(wandb_root(wandb_dir), sweep_id, cfg, os.path.abspath(yaml_path))
     return sweep_id
 
 

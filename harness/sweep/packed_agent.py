@@ -19,7 +19,7 @@ import threading
 import time
 
 from harness.config.resources import available_cpus
-from harness.errors import UserError
+from harness.errors import ConfigError, UserError
 from harness.sweep.agent import Agent, die_with_parent, run_env
 from harness.sweep.engine import next_params
 from harness.sweep.spec import flat_parameters
@@ -66,11 +66,41 @@ class PackedAgent(Agent):
         self.task = check_pack(self.cfg, pack)
         self.busy = 0  # workers training a block now (counted from the claim, under busy_lock)
         self.busy_lock = threading.Lock()
+        self.pack_logs: dict[str, str] = {}  # run id -> the log of the block it was trained in
 
     def _signature(self, params: dict) -> str:
         from harness.members.packed import pack_signature
 
-        return pack_signature(self.task, params)
+        # A member's run name may differ within a block (the packed process opens each member's run
+        # with its own name; harness.members.packed's block check lets wandb.name differ too).
+        return pack_signature(self.task, {k: v for k, v in params.items() if k != "wandb.name"})
+
+    def log_of(self, run_id: str) -> str:
+        return self.pack_logs.get(run_id) or super().log_of(run_id)
+
+    @staticmethod
+    def _overrides(run: dict) -> list[str]:
+        """The key=value arguments wandb would put on a solo run's command line (${args_no_hyphens})."""
+        from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+        return sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in run["params"].items()}})[
+            "args_no_hyphens"]
+
+    def refuse_invalid(self, runs: list[dict]) -> dict[str, int]:
+        """Members whose config the packed process would refuse (a sweep created before a check
+        existed, or its sweep.yaml edited): each fails alone, exit 2 and its one-line error in its
+        log, as a solo run would, instead of failing every member of the block."""
+        from harness.config.run import load_config
+
+        refused = {}
+        for run in runs:
+            try:
+                load_config(self._overrides(run))
+            except ConfigError as e:
+                with open(super().log_of(run["id"]), "a") as f:
+                    f.write(f"harness: error: {e}\n")
+                refused[run["id"]] = 2
+        return refused
 
     def claim_block(self) -> list[tuple[dict, bool, int]] | None:
         """[(run record, resumed?, k)] for up to `pack` compatible points, or None when done.
@@ -134,7 +164,6 @@ class PackedAgent(Agent):
 
     def launch_block(self, runs: list[dict]) -> dict[str, int]:
         """Run one packed process for `runs`; return each member's exit code (0, 1 or 143)."""
-        from wandb.sdk.launch.sweeps import utils as sweep_utils
         from wandb.sdk.lib import config_util
 
         tag = runs[0]["id"]
@@ -142,9 +171,8 @@ class PackedAgent(Agent):
         for run in runs:
             param_path = os.path.abspath(os.path.join(self.path, f"config-{run['id']}.yaml"))
             config_util.save_config_file_from_dict(param_path, {k: {"value": v} for k, v in run["params"].items()})
-            # The key=value arguments wandb would put on a solo run's command line (${args_no_hyphens}).
-            args = sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in run["params"].items()}})
-            members.append({"run_id": run["id"], "overrides": args["args_no_hyphens"], "param_path": param_path})
+            members.append({"run_id": run["id"], "overrides": self._overrides(run), "param_path": param_path})
+            self.pack_logs[run["id"]] = os.path.join(self.path, f"pack-{tag}.log")
         results = os.path.abspath(os.path.join(self.path, f"pack-{tag}.results.json"))
         if os.path.exists(results):
             os.remove(results)
@@ -195,7 +223,9 @@ class PackedAgent(Agent):
                 runs = [run for run, _, _ in block]
                 t0 = time.time()
                 try:
-                    codes = self.launch_block(runs)
+                    codes = self.refuse_invalid(runs)
+                    healthy = [run for run in runs if run["id"] not in codes]
+                    codes.update(self.launch_block(healthy) if healthy else {})
                 except BaseException:
                     for run in runs:
                         self.record(run["id"], 1, time.time() - t0)

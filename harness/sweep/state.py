@@ -3,11 +3,14 @@ parameters, state, host and agent), written atomically with the previous state k
 agents share it under the file lock `state.lock`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import threading
+
+import yaml
 
 from harness.errors import UserError
 
@@ -49,15 +52,41 @@ def read_state(path: str) -> dict:
 
 
 def write_state(path: str, state: dict) -> None:
-    """Atomic replace; the previous state (read and parsed under the same lock) is kept as state.json.bak."""
+    """Atomic replace; the previous state (read and parsed under the same lock) is kept as state.json.bak.
+    A write that fails (a full disk) leaves the previous state.json and no temporary file."""
     file = os.path.join(path, "state.json")
     tag = f"{os.getpid()}.{threading.get_ident()}"
-    if os.path.exists(file):
-        shutil.copyfile(file, f"{file}.bak.{tag}")
-        os.replace(f"{file}.bak.{tag}", file + ".bak")
-    with open(f"{file}.{tag}", "w") as f:
-        json.dump(state, f, indent=1)
-    os.replace(f"{file}.{tag}", file)
+    try:
+        if os.path.exists(file):
+            shutil.copyfile(file, f"{file}.bak.{tag}")
+            os.replace(f"{file}.bak.{tag}", file + ".bak")
+        with open(f"{file}.{tag}", "w") as f:
+            json.dump(state, f, indent=1)
+        os.replace(f"{file}.{tag}", file)
+    except BaseException:
+        for tmp in (f"{file}.bak.{tag}", f"{file}.{tag}"):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        raise
+
+
+def create_sweep_dir(root: str, sweep_id: str, cfg: dict, source: str) -> str:
+    """`<root>/sweep-<id>/` with sweep.yaml and an empty state.json, whole or not at all: a write that
+    fails (a full disk, a read-only directory) removes the directory and is one line."""
+    path = os.path.join(root, f"sweep-{sweep_id}")
+    created = False
+    try:
+        os.makedirs(path)  # FileExistsError for an id already taken: never removed below
+        created = True
+        with open(os.path.join(path, "sweep.yaml"), "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+        write_state(path, {"sweep_id": sweep_id, "source": source, "runs": []})
+    except OSError as e:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise UserError(f"cannot create the sweep in {root} ({type(e).__name__}: {e.strerror or e}); "
+                        "free space or choose another --wandb-dir / WANDB_DIR") from None
+    return path
 
 
 def _alive(pid: int) -> bool:

@@ -46,7 +46,10 @@ class DataConfig:  # language models: documents, read by tasks.lm (as pythia_eva
 
 @dataclass
 class SamplesConfig:
-    n: int = 10000  # samples to cluster (0 = every one that passes)
+    n: int = 10000  # samples to cluster (0 = every one that passes, up to max_n)
+    # Refuse more samples than this (raise it to ask for more): the n x n similarity and spectral
+    # clustering's copies of it take ~20 n^2 bytes (1.9 GB at 10,000; 7.5 GB at 20,000): `sim_bytes`.
+    max_n: int = 10000
     max_loss: float = 0.1  # nats: keep samples the model predicts well (the paper: 0.1)
     drop_repeated_trigrams: bool = True  # LMs: drop tokens whose trigram appeared earlier in the doc (induction)
     stride: int = 50  # LMs: every stride-th token that passes (the paper: 50)
@@ -113,6 +116,10 @@ class Config(RunConfig):
             raise ConfigError("model.source=artifact needs model.artifact=RUN_ID (the run that logged the model)")
         if m.source == "train" and not self.train.get("task"):
             raise ConfigError("model.source=train needs train.task=NAME and that task's keys as train.KEY=VALUE")
+        if s.max_n < 2:
+            raise ConfigError(f"samples.max_n={s.max_n}: the most samples to cluster, an integer >= 2")
+        if s.n > s.max_n:
+            raise ConfigError(too_many_samples(f"samples.n={s.n}", s.n, s.max_n))
         if s.n < 0 or s.stride < 1 or s.context_tokens < 0:
             raise ConfigError(f"samples.n={s.n}, samples.stride={s.stride}, samples.context_tokens={s.context_tokens}: "
                               "need >= 0, >= 1, >= 0")
@@ -126,3 +133,15 @@ class Config(RunConfig):
         if too_many:
             raise ConfigError(f"cluster.counts={list(c.counts)}: {too_many} not below samples.n={s.n} "
                               "(spectral clustering needs fewer clusters than samples)")
+
+
+def sim_bytes(n: int) -> int:
+    """Memory the n x n similarity takes: the float32 matrix (4 n^2 bytes), the float64 copy that
+    sklearn's SpectralClustering validates it into and the Laplacian it builds from that (8 n^2 each)."""
+    return 20 * n * n
+
+
+def too_many_samples(what: str, n: int, max_n: int) -> str:
+    return (f"{what}: {n} samples > samples.max_n={max_n}; the {n} x {n} similarity and spectral clustering's "
+            f"copies of it take ~{sim_bytes(n) / 2**30:.1f} GiB (20 n^2 bytes); lower samples.n or raise "
+            f"samples.max_n to {n} to ask for it")
