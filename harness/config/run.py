@@ -44,6 +44,10 @@ class TrainerConfig:
     ckpt_every: int = 0
     # last.ckpt lives in <ckpt_dir>/<run id>/; None = <wandb root>/checkpoints (harness/training/checkpoint.py).
     ckpt_dir: Optional[str] = None
+    # Log every saved last.ckpt as W&B artifact checkpoint-<run id>, so that another machine can resume from it.
+    log_checkpoints: bool = False
+    # Resume from a checkpoint: a local last.ckpt or artifact directory, a run id or an artifact name (W&B, online).
+    resume_from: Optional[str] = None
 
     def batch_steps(self) -> int:
         """steps_per_batch, reduced so that evaluations, checkpoints and the end fall on batch boundaries."""
