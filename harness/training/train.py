@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from harness.config.registry import task_module
 from harness.config.run import RunConfig
 from harness.errors import ConfigError
-from harness.training import checkpoint
+from harness.training import artifacts, checkpoint
 from harness.training import tracking
 from harness.training.data import DeviceDataModule
 from harness.training.evaluation import EvalAtStart, FinalEval
@@ -175,6 +175,8 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
         torch.set_num_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     job: Job = task_module(cfg.task).build(cfg)
+    if job.stage == "fit" and getattr(getattr(cfg, "model", None), "save", False):  # every rank: it saves collectively
+        job.callbacks.append(artifacts.ModelArtifact(cfg))
     _check_shardable(cfg, job)
     if isinstance(job.datamodule, DeviceDataModule):
         job.datamodule.seed = cfg.seed
@@ -187,11 +189,11 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
         callbacks, ckpt_path, saver = list(job.callbacks), None, None
         if job.stage == "fit":
             directory = checkpoint.ckpt_dir(cfg, run.id)
-            ckpt_path = checkpoint.resume_path(directory)
+            ckpt_path = checkpoint.resume_path(directory) or artifacts.resume_point(cfg, run, directory)
             if ckpt_path:  # read now: the resumed fit overwrites last.ckpt
                 run.summary["trainer/resumed_from_step"] = _ckpt_step(ckpt_path)
             saver = checkpoint.StepCheckpoint(directory, cfg.trainer.ckpt_every, cfg.trainer.eval_every)
-            callbacks.append(saver)
+            callbacks += [saver, *([artifacts.CheckpointArtifacts(saver)] if cfg.trainer.log_checkpoints else [])]
         logger = StepLogger(experiment=run, log_model=False)
         run.summary.update(job.summary)
         trainer = make_trainer(cfg, logger, callbacks)
@@ -209,8 +211,6 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
                 raise
             finally:
                 step = trainer.global_step
-        if job.stage == "fit" and getattr(getattr(cfg, "model", None), "save", False):
-            run.summary["model/artifact"] = checkpoint.save_model(run, job.module, cfg, step)
         summary = tracking.summary_dict(run)
         summary["_run_id"], summary["_run_dir"] = run.id, run.dir
         _finish(run, 0)
