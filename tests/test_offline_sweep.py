@@ -238,10 +238,15 @@ def test_resume_from_a_logged_checkpoint_artifact_dir(sweep, tmp_path):
 
 # ---- point 3: notebooks --------------------------------------------------------------------------
 
-def test_summary_table_is_a_dataframe_and_load_table_reads_it(sweep):
+def test_summary_table_is_a_dataframe_and_load_table_reads_it(sweep, monkeypatch):
     runs = sweep["runs"]
     items = runs["summary.emergence/items"].iloc[0]
     assert isinstance(items, pd.DataFrame)
+    # the same from the cache, from another directory by a relative path (run paths are kept absolute)
+    monkeypatch.chdir(sweep["root"])
+    cached = runstore.load_runs("wandb", sweep=sweep["id"])
+    assert all(os.path.isabs(p) for p in cached["path"])
+    pd.testing.assert_frame_equal(cached["summary.emergence/items"].iloc[0], items)
     assert list(items.columns) == ["item", "step", "reached", "final_loss"] and len(items) == 4
     assert items["final_loss"].dtype == float and items["reached"].dtype == bool
     again = runstore.load_table(sweep["wandb"], runs["id"].iloc[0], "emergence/items")

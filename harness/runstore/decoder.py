@@ -30,7 +30,7 @@ CHUNK = struct.Struct("<IHB")
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-DECODER_VERSION = 3  # bump whenever a change here changes what a run file decodes to: it keys the cache
+DECODER_VERSION = 4  # bump whenever a change here changes what a run file decodes to: it keys the cache
 _TYPE_CRC = [zlib.crc32(bytes([t])) for t in range(256)]  # each chunk's checksum starts with its type byte
 _VERIFY = True  # off only in benchmarks/bench_runstore.py, to measure what verifying costs
 

@@ -93,7 +93,7 @@ def _digest(rf: RunFile, path: str) -> tuple[dict, pd.DataFrame]:
         "group": rf.group or None,
         "job_type": rf.job_type or None,
         "tags": list(rf.tags),
-        "path": os.path.dirname(path),
+        "path": os.path.dirname(os.path.abspath(path)),  # absolute: the cache serves it from any directory
         "start_time": rf.start_time,
         "exit_code": rf.exit_code,
         "preempting": rf.preempting,
