@@ -1,4 +1,4 @@
-"""The `harness` command: train, sweep, agent, runs, tasks."""
+"""The `harness` command: train, sweep, agent, runs, sync, tasks."""
 from __future__ import annotations
 
 import argparse
@@ -70,7 +70,8 @@ def cmd_sweep(args) -> int:
             from harness.sweep.packed_agent import check_pack
 
             check_pack(load_sweep_yaml(args.yaml), args.pack)
-        sweep_id = create_local_sweep(args.yaml, args.wandb_dir, count=args.count, will_run=not args.no_run)
+        sweep_id = create_local_sweep(args.yaml, args.wandb_dir, count=args.count, will_run=not args.no_run,
+                                      project=args.project, entity=args.entity)
         print(sweep_id, flush=True)
         if args.no_run:
             return 0
@@ -114,7 +115,7 @@ def cmd_runs(args) -> int:
         if args.output.endswith(".parquet"):
             runstore.to_parquet(table, args.output)
         else:
-            table.to_csv(args.output, index=False)
+            runstore.exportable(table).to_csv(args.output, index=False)
         print(f"{len(table)} runs -> {args.output}", file=sys.stderr)
     else:
         cols = [c for c in ("id", "name", "state", "sweep") if c in table.columns]
@@ -130,6 +131,13 @@ def cmd_runs(args) -> int:
         print(f"harness runs: {corrupt} run(s) marked corrupt (damaged records dropped; column 'corrupt')",
               file=sys.stderr)
     return 1 if errors and not len(table) else 0
+
+
+def cmd_sync(args) -> int:
+    """`harness sync SOURCE [--sweep ID]`: `wandb sync` of the chosen runs' directories (harness.runstore.upload)."""
+    from harness.runstore import upload
+
+    return upload.sync(upload.plan(args.source, args.sweep, args.project, args.entity), dry_run=args.dry_run)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -163,8 +171,8 @@ def parser() -> argparse.ArgumentParser:
                         "(unpacked and with --pack), timed on a few steps of the costliest point; creates no sweep")
     s.add_argument("--estimate-steps", type=int, default=50, metavar="K",
                    help="with --dry-run: optimizer steps timed on the costliest point (default 50; 0: list the runs only)")
-    s.add_argument("--project", default=None)
-    s.add_argument("--entity", default=None)
+    s.add_argument("--project", default=None, help="W&B project of the sweep and its runs (default: the YAML's)")
+    s.add_argument("--entity", default=None, help="W&B entity (default: the YAML's, else yours)")
     s.set_defaults(fn=cmd_sweep)
 
     a = sub.add_parser("agent", help="join or resume a sweep (local id, or entity/project/id on W&B)")
@@ -184,6 +192,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--sweep", default=None)
     r.add_argument("-o", "--output", default=None, help=".csv or .parquet")
     r.set_defaults(fn=cmd_runs)
+
+    y = sub.add_parser("sync", help="upload offline runs to W&B: harness sync wandb --sweep ID (wandb sync underneath)")
+    y.add_argument("source", help="a local wandb directory")
+    y.add_argument("--sweep", default=None, help="only this sweep's runs (a local sweep id)")
+    y.add_argument("--project", default=None, help="override the project the runs recorded")
+    y.add_argument("--entity", default=None, help="override the entity")
+    y.add_argument("--dry-run", action="store_true", help="print the runs, their project and group, and the command")
+    y.set_defaults(fn=cmd_sync)
     return p
 
 

@@ -73,9 +73,11 @@ def _inner_config(train: dict, trainer: TrainerConfig | None) -> RunConfig:
 
 
 def model_artifact(cfg: Config) -> tuple[str, dict]:
-    """(path of model.pt, its contents) of run `model.artifact`; a missing one is one line, before
-    any gradient."""
+    """(path of the model file, {"state_dict", "config"}) of run `model.artifact`: its `model.ckpt`
+    (a Lightning checkpoint, harness.training.artifacts) or an older run's `model.pt`; a missing or
+    foreign one is one line, before any gradient. Read with torch.load(weights_only=True) only."""
     from harness import runstore
+    from harness.training.artifacts import MODEL_FILE, read_model
 
     m = cfg.model
     source = m.artifact_source or os.path.join(os.environ.get("WANDB_DIR") or cfg.wandb.dir or ".", "wandb")
@@ -83,15 +85,15 @@ def model_artifact(cfg: Config) -> tuple[str, dict]:
         files = runstore.artifact_files(source, m.artifact, "model")
     except runstore.SourceError as e:
         raise ConfigError(f"model.artifact={m.artifact!r}: {e}") from None
-    path = files.get("model.pt")
-    if path is None or not os.path.exists(path):
-        raise ConfigError(f"model.artifact={m.artifact!r}: run has no model artifact with model.pt in {source} "
+    path = next((files[f] for f in (MODEL_FILE, "model.pt") if f in files and os.path.exists(files[f])), None)
+    if path is None:
+        raise ConfigError(f"model.artifact={m.artifact!r}: run has no model artifact with {MODEL_FILE} in {source} "
                           f"(found: {', '.join(files) or 'none'}); train it with model.save=true")
-    # A downloaded or shared file: read weights-only (harness.training.checkpoint.load), never unpickled.
-    blob = checkpoint.load(path, f"model.artifact={m.artifact!r}:")
-    if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
-        raise ConfigError(f"model.artifact={m.artifact!r}: {path} is not a C7 model.pt (state_dict + config)")
-    return path, blob
+    try:
+        return path, read_model(path)
+    except Exception as e:  # noqa: BLE001 - an unpickling refusal, a damaged file: one line either way
+        raise ConfigError(f"model.artifact={m.artifact!r}: {path} is not a model checkpoint "
+                          f"(state_dict + config): {str(e).splitlines()[0][:200]}") from None
 
 
 def _trained_job(blob_config: dict) -> tuple[RunConfig, Job]:

@@ -21,7 +21,8 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("HARNESS_DATA_DIR", DATA)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no test may reach for the Hugging Face hub
-    for var in ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH"):
+    for var in ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH", "WANDB_PROJECT", "WANDB_ENTITY",
+                "WANDB_RUN_GROUP", "WANDB_TAGS", "HARNESS_SWEEP_ID", "HARNESS_SWEEP_PARAM_PATH", "HARNESS_SWEEP_METRIC"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
     yield tmp_path

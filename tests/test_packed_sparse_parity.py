@@ -232,10 +232,10 @@ def test_packed_width_members_log_what_their_solo_runs_log(solo_and_packed):
         assert steps[0] == steps[1] == list(range(0, 601, 20))
         train_steps = [sorted(h[(h["run_id"] == r) & h["train/loss"].notna()][STEP].astype(int)) for r in (s["_run_id"], p.run_id)]
         assert train_steps[0] == train_steps[1] and train_steps[0]
-    # the model artifact is the solo model's state_dict (keys and shapes)
-    sd = torch.load(runstore.artifact_files(root, packed[1].run_id, "model")["model.pt"], weights_only=False)
+    # the model artifact holds the solo run's model.ckpt layout (LightningModule keys, under `model.`)
+    sd = torch.load(runstore.artifact_files(root, packed[1].run_id, "model")["model.ckpt"], weights_only=True)
     assert {k: tuple(v.shape) for k, v in sd["state_dict"].items()} == \
-        {"net.0.weight": (12, 16), "net.0.bias": (12,), "net.2.weight": (2, 12), "net.2.bias": (2,)}
+        {"model.net.0.weight": (12, 16), "model.net.0.bias": (12,), "model.net.2.weight": (2, 12), "model.net.2.bias": (2,)}
     # its own weights only, not views into the whole block's storage
     assert all(v.is_contiguous() and v.untyped_storage().nbytes() == v.numel() * v.element_size()
                for v in sd["state_dict"].values())

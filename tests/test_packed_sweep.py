@@ -13,6 +13,7 @@ import pytest
 
 from conftest import harness, write_sweep
 from harness import runstore
+from harness.runstore.decoder import read_run_file
 from harness.cli import main
 from harness.sweep.local import create_local_sweep
 
@@ -53,6 +54,10 @@ def test_pack_trains_compatible_points_in_one_process_each_its_own_run(tmp_path)
         assert row["name"] == f"modular_addition[seed={r['params']['seed']},steps={r['params']['trainer.steps']}]"
         assert row["summary.grok/last_step"] == r["params"]["trainer.steps"]
         assert "val/loss" in r["summary"]  # the sweep metric reached state.json, as for a solo run
+        # a member is a local sweep's run like a solo one: grouped and tagged by the sweep, config nested only
+        rf = read_run_file(os.path.join(row["path"], f"run-{r['id']}.wandb"))
+        assert rf.group == f"sweep-{sweep_id}" and rf.tags == [f"sweep-{sweep_id}"] and not rf.sweep_id
+        assert not [k for k in rf.config if "." in k] and rf.config["seed"] == r["params"]["seed"]
 
 
 @pytest.mark.slow

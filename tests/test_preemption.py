@@ -17,6 +17,7 @@ from harness import runstore
 from harness.config.run import load_config
 from harness.runstore.decoder import read_run_file
 from harness.training.checkpoint import PREEMPTED_EXIT, Preempted
+from harness.training.artifacts import read_model
 from harness.training.train import train
 
 STEP = "trainer/global_step"
@@ -181,8 +182,9 @@ def test_final_weights_are_a_model_artifact(offline):
     run_id = summary["_run_id"]
     assert summary["model/artifact"] == f"model-{run_id}"
     files = runstore.artifact_files(str(offline / "wandb"), run_id, "model")
-    assert list(files) == ["model.pt"]
-    saved = torch.load(files["model.pt"], weights_only=False)
+    assert list(files) == ["model.ckpt"]  # a Lightning checkpoint (harness.training.artifacts)
+    assert torch.load(files["model.ckpt"], weights_only=True)["global_step"] == 60
+    saved = read_model(files["model.ckpt"])
     assert saved["config"]["model"]["width"] == load_config(TINY).model.width
     assert saved["config"]["trainer"]["steps"] == 60
     # A pure nn.Module's state_dict: it loads into the task's MLP.

@@ -114,12 +114,12 @@ def test_local_sweep_runs_the_grid_with_one_consistent_config(tmp_path):
     assert len(runs) == 3 and set(runs["state"]) == {"finished"}
     assert sorted(runs["config.model.width"]) == [2, 4, 8]
     assert set(runs["sweep"]) == {sweep_id}
-    # Nested as in a plain run (contract C8), beside the flat keys wandb.init injects for the sweep's
-    # own parameters (the engine reads them back); named from the one key the sweep varies
-    # (HARNESS_SWEEP_VARIED, set by the controller), not from every parameter.
+    # Nested as in a plain run (contract C8), and only nested: no flat `model.width` beside it (a local
+    # sweep's parameters file is not WANDB_SWEEP_PARAM_PATH, which wandb.init would copy in); named
+    # from the one key the sweep varies (HARNESS_SWEEP_VARIED, set by the controller).
     rf = read_run_file(os.path.join(runs.loc[0, "path"], f"run-{runs.loc[0, 'id']}.wandb"))
     width = rf.config["model"]["width"]
-    assert rf.config["model.width"] == width and rf.config["model"]["depth"] == 1 and "model.depth" not in rf.config
+    assert rf.config["model"]["depth"] == 1 and not [k for k in rf.config if "." in k]
     assert rf.name == f"sparse_parity[width={width}]"
     # The environment wandb agent sets reached the run: its id is the one the controller chose.
     state = json.load(open(f"wandb/sweep-{sweep_id}/state.json"))

@@ -50,6 +50,10 @@ class TrainerConfig:
     # auto: continue this run id's last.ckpt if its run config equals this one (else a one-line error),
     # refuse an id whose run finished; never: train the run id from step 0, ignoring what it left.
     resume: str = "auto"
+    # Log every saved last.ckpt as W&B artifact checkpoint-<run id>, so that another machine can resume from it.
+    log_checkpoints: bool = False
+    # Resume from a checkpoint: a local last.ckpt or artifact directory, a run id or an artifact name (W&B, online).
+    resume_from: Optional[str] = None
 
     def batch_steps(self) -> int:
         """steps_per_batch, reduced so that evaluations, checkpoints and the end fall on batch boundaries."""

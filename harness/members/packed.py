@@ -52,7 +52,7 @@ from torch.optim.adamw import adamw  # torch.optim.AdamW's functional form
 from harness.config.registry import task_module
 from harness.config.run import RunConfig, flatten, load_config, to_dict
 from harness.errors import ConfigError
-from harness.training import checkpoint
+from harness.training import artifacts, checkpoint
 from harness.training import tracking
 from harness.training.curves import CurvesRecorder
 from harness.training.train import NonFiniteLoss, check_finite
@@ -238,7 +238,7 @@ class Member:
     cfg: RunConfig
     overrides: list[str]
     run_id: str | None = None
-    param_path: str | None = None  # the sweep parameters file (WANDB_SWEEP_PARAM_PATH of a solo run)
+    param_path: str | None = None  # the sweep parameters file (HARNESS_SWEEP_PARAM_PATH of a solo run)
     run: Any = None
     state: str = "running"  # running | finished | failed | preempted
     error: str | None = None
@@ -254,27 +254,29 @@ class Member:
 
 @contextlib.contextmanager
 def _as_solo_run(member: "Member"):
-    """Open member i's run with the environment a solo run of the sweep has: WANDB_RUN_ID and
-    WANDB_SWEEP_PARAM_PATH (read by harness.training.tracking), and the same two in wandb's process-wide
-    settings, which wandb.init reads them from: under a sweep it ignores an `id` argument (the agent's
-    WANDB_RUN_ID wins) and puts the sweep parameters file into run.config, as for a `wandb agent` run."""
+    """Open member i's run with the environment a solo run of a local sweep has: WANDB_RUN_ID (also in
+    wandb's process-wide settings, which wandb.init reads it from) and HARNESS_SWEEP_PARAM_PATH (read
+    by harness.training.tracking; not WANDB_SWEEP_PARAM_PATH, which would put every parameter into
+    the config a second time as a flat key: harness.sweep.agent.local_sweep_env)."""
     from wandb.sdk import wandb_setup
 
     settings = wandb_setup.singleton().settings
-    values = {"WANDB_RUN_ID": ("run_id", member.run_id), "WANDB_SWEEP_PARAM_PATH": ("sweep_param_path", member.param_path)}
-    saved = {env: (os.environ.get(env), getattr(settings, attr)) for env, (attr, _) in values.items()}
+    values = {"WANDB_RUN_ID": ("run_id", member.run_id), "HARNESS_SWEEP_PARAM_PATH": (None, member.param_path)}
+    saved = {env: (os.environ.get(env), getattr(settings, attr) if attr else None) for env, (attr, _) in values.items()}
     for env, (attr, value) in values.items():
         if value:
             os.environ[env] = value
         else:
             os.environ.pop(env, None)
-        setattr(settings, attr, value)
+        if attr:
+            setattr(settings, attr, value)
     try:
         yield
     finally:
         for env, (attr, _) in values.items():
             before_env, before_setting = saved[env]
-            setattr(settings, attr, before_setting)
+            if attr:
+                setattr(settings, attr, before_setting)
             if before_env is None:
                 os.environ.pop(env, None)
             else:
@@ -484,7 +486,7 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
         m.run.summary.update(block.final_summary(i, m.run, seconds, cpu, step - step0))
         m.curves.write(m.run)
         if getattr(getattr(m.cfg, "model", None), "save", False):
-            m.run.summary["model/artifact"] = checkpoint.save_model(
+            m.run.summary["model/artifact"] = artifacts.save_model(
                 m.run, SimpleNamespace(model=block.member_model(i)), m.cfg, step)
         _end(m, "finished", 0)
 

@@ -3,7 +3,8 @@
     runs = load_runs("wandb")                      # a local wandb directory
     runs = load_runs("me/quanta", sweep="abc123")  # a W&B project (entity/project)
     runs = load_runs("wandb", filters={"config.model.width": {"$gte": 16}})  # W&B's filter language
-    hist = load_history("wandb", run_ids=runs.id, keys=["val/loss"])
+    hist = load_history("wandb", run_ids=runs.id, keys=["val/loss"])   # one row per (run, step)
+    items = load_table("wandb", runs.id[0], "emergence/items")   # a summary wandb.Table as a DataFrame
 
 Offline, nothing is dropped or altered silently: a run file that cannot be read is skipped and
 listed (`table.attrs["errors"]`, and on stderr); a damaged one is loaded without its damaged
@@ -12,9 +13,11 @@ bypassed (`table.attrs["warnings"]`). What the store does in each case: DESIGN.m
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
+import tempfile
 from typing import Iterable
 
 import numpy as np
@@ -27,8 +30,8 @@ from harness.runstore.local import SourceError, _Local, is_local, load_local, ru
 from harness.runstore import remote
 from harness.runstore.remote import load_wandb
 
-__all__ = ["load_runs", "load_history", "load_curves", "artifact_files", "to_parquet", "load_local", "load_wandb",
-           "SourceError", "is_local", "wandb_dir", "run_files", "CACHE_DIR"]
+__all__ = ["load_runs", "load_history", "load_table", "load_curves", "artifact_files", "to_parquet", "load_local",
+           "load_wandb", "SourceError", "is_local", "wandb_dir", "run_files", "CACHE_DIR"]
 W_AND_B_PATH = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -48,29 +51,91 @@ _RUN_COLUMNS = ("id", "name", "state", "sweep", "project", "group", "job_type", 
                 "truncated", "corrupt", "n_files")
 
 
-def _table(metas: list[dict]) -> pd.DataFrame:
+def _table(metas: list[dict], local: bool = False) -> pd.DataFrame:
     rows = []
     for m in metas:
         row = {k: m[k] for k in _RUN_COLUMNS if k in m}
         row.update({f"config.{k}": v for k, v in m["config"].items()})
-        row.update(_summary_columns(m["summary"]))
+        row.update(_summary_columns(m["summary"], run_dir=m["path"] if local else None))
         rows.append(row)
     if not rows:  # no run (or none matches): still the table's columns
         return pd.DataFrame(columns=list(_RUN_COLUMNS))
     return run_cache.typed(pd.DataFrame(rows))
 
 
-def _summary_columns(summary: dict, prefix: str = "summary.") -> dict:
+TABLE_TYPES = ("table-file", "table")  # how a wandb.Table is referenced from a summary
+
+
+def _is_table(v) -> bool:
+    return isinstance(v, dict) and v.get("_type") in TABLE_TYPES and isinstance(v.get("path"), str)
+
+
+def _summary_columns(summary: dict, prefix: str = "summary.", run_dir: str | None = None) -> dict:
     """A nested summary value becomes dotted columns, as in the W&B UI: `val/loss` declared with
-    summary "min,last" -> summary.val/loss.min, summary.val/loss.last. W&B media (a dict with
-    `_type`, e.g. a Table) and lists stay one text column."""
+    summary "min,last" -> summary.val/loss.min, summary.val/loss.last. A wandb.Table becomes a
+    DataFrame (offline: read from the run's files/media/table/...json; from W&B: the reference
+    dict, which `load_table` downloads). Other W&B media (a dict with `_type`) and lists stay
+    one value."""
     out = {}
     for k, v in summary.items():
-        if isinstance(v, dict) and "_type" not in v:
-            out.update(_summary_columns(v, f"{prefix}{k}."))
+        if _is_table(v):
+            out[f"{prefix}{k}"] = _read_table_file(run_dir, v, k) if run_dir else v
+        elif isinstance(v, dict) and "_type" not in v:
+            out.update(_summary_columns(v, f"{prefix}{k}.", run_dir))
         else:
-            out[f"{prefix}{k}"] = v if not isinstance(v, (dict, list)) else str(v)
+            out[f"{prefix}{k}"] = v
     return out
+
+
+def _table_frame(path: str) -> pd.DataFrame:
+    """A wandb.Table's JSON file ({"columns": [...], "data": [[...], ...]}) as a DataFrame."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("columns"), list) or not isinstance(data.get("data"), list):
+        raise ValueError(f"{path}: not a wandb.Table file (no columns and data)")
+    return run_cache.typed(pd.DataFrame(data["data"], columns=data["columns"]))
+
+
+def _read_table_file(run_dir: str, ref: dict, key: str) -> pd.DataFrame | None:
+    """The Table a summary value references, from an offline run directory; None (with a warning)
+    if its file is missing or broken. The path is the run file's (untrusted): it must stay inside
+    the run's files/ directory."""
+    files = os.path.realpath(os.path.join(run_dir, "files"))
+    path = os.path.realpath(os.path.join(files, ref["path"]))
+    try:
+        if os.path.commonpath([files, path]) != files:
+            raise ValueError(f"table path {ref['path']!r} leaves the run's files/ directory")
+        return _table_frame(path)
+    except (OSError, ValueError) as e:
+        print(f"runstore: warning: summary {key} of {run_dir}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return None
+
+
+def load_table(source: str, run_id: str, key: str) -> pd.DataFrame:
+    """A summary wandb.Table of one run as a DataFrame (e.g. key "emergence/items", or its column
+    name "summary.emergence/items"): offline from the run's media file, from W&B by downloading it."""
+    key = key.removeprefix("summary.")
+    if _resolve(source) == "local":
+        local = _Local(source)
+        meta = next((m for m in local.runs() if m["id"] == run_id), None)
+        if meta is None:
+            raise SourceError(f"run {run_id!r} not found in {source}")
+        ref = meta["summary"].get(key)
+        if not _is_table(ref):
+            raise SourceError(f"run {run_id}: summary {key!r} is not a Table (tables: "
+                              f"{', '.join(k for k, v in meta['summary'].items() if _is_table(v)) or 'none'})")
+        frame = _read_table_file(meta["path"], ref, key)
+        if frame is None:
+            raise SourceError(f"run {run_id}: the file of summary {key!r} cannot be read ({ref['path']})")
+        return frame
+    run = remote.api().run(f"{source}/{run_id}")
+    ref = getattr(run.summary, "_json_dict", None) or dict(run.summary)
+    ref = ref.get(key)
+    if not _is_table(ref):
+        raise SourceError(f"run {run_id}: summary {key!r} is not a Table")
+    with tempfile.TemporaryDirectory() as tmp:
+        run.file(ref["path"]).download(root=tmp, replace=True)
+        return _table_frame(os.path.join(tmp, ref["path"]))
 
 
 def _resolve(source: str):
@@ -92,7 +157,7 @@ def load_runs(source: str, sweep: str | None = None, filters: dict | None = None
         if filters is not None:
             run_filters.check(filters, metas)
             metas = [m for m in metas if run_filters.matches(filters, m)]
-        table = _table(metas)
+        table = _table(metas, local=True)
         table.attrs["errors"], table.attrs["warnings"] = local.errors, local.warnings
     else:
         table = _table(load_wandb(source, sweep, filters))
@@ -101,8 +166,33 @@ def load_runs(source: str, sweep: str | None = None, filters: dict | None = None
 
 
 def load_history(source: str, run_ids: Iterable[str] | None = None, sweep: str | None = None,
-                 keys: list[str] | None = None) -> pd.DataFrame:
-    """Full-resolution history, one row per logged step: run_id, step, metric columns."""
+                 keys: list[str] | None = None, long: bool = False) -> pd.DataFrame:
+    """Full-resolution history: run_id, step, one column per metric, one row per (run, step), train
+    and evaluation metrics of the same step side by side (wandb writes them as separate rows).
+    `long=True`: the tidy form instead, one row per (run_id, step, metric) with its value (NaN-free;
+    W&B's own `_step`, `_runtime`, `_timestamp` and the step axis itself left out)."""
+    hist = _load_history(source, run_ids, sweep, keys)
+    hist = _one_row_per_step(hist)
+    return _long_form(hist) if long else hist
+
+
+def _one_row_per_step(hist: pd.DataFrame) -> pd.DataFrame:
+    if not len(hist) or "step" not in hist or not hist.duplicated(["run_id", "step"]).any():
+        return hist
+    # first() takes each column's first non-missing value of the step: rows of one step never log the
+    # same metric twice (a resumed run's files are joined without repeats: harness.runstore.local).
+    out = hist.groupby(["run_id", "step"], sort=False, as_index=False, dropna=False).first()
+    return run_cache.typed(out)
+
+
+def _long_form(hist: pd.DataFrame) -> pd.DataFrame:
+    values = [c for c in hist.columns if c not in ("run_id", "step", "trainer/global_step") and not c.startswith("_")]
+    out = hist.melt(id_vars=["run_id", "step"], value_vars=values, var_name="metric", value_name="value")
+    return out.dropna(subset=["value"]).sort_values(["run_id", "step", "metric"], kind="stable").reset_index(drop=True)
+
+
+def _load_history(source: str, run_ids: Iterable[str] | None, sweep: str | None,
+                  keys: list[str] | None) -> pd.DataFrame:
     ids = None if run_ids is None else set(run_ids)
     frames, owners = [], []
     if _resolve(source) == "local":
@@ -191,10 +281,20 @@ def artifact_files(source: str, run_id: str, artifact_type: str) -> dict[str, st
     return files
 
 
+def exportable(table: pd.DataFrame) -> pd.DataFrame:
+    """The runs table for a file: a Table cell (a DataFrame) as its JSON text (orient "split")."""
+    out = table.copy()
+    for c in out.columns:
+        if out[c].dtype == object and out[c].map(lambda v: isinstance(v, pd.DataFrame)).any():
+            out[c] = out[c].map(lambda v: v.to_json(orient="split", index=False) if isinstance(v, pd.DataFrame)
+                                else None if v is None else json.dumps(v, default=str))
+    return out
+
+
 def to_parquet(table: pd.DataFrame, path: str) -> None:
     # A summary column can still mix types (a string in one run, a number in another): store such
     # columns as text rather than fail.
-    out = table.copy()
+    out = exportable(table)
     for c in out.columns:
         if out[c].dtype == object and out[c].map(type).nunique() > 1:
             out[c] = out[c].map(lambda v: None if v is None else str(v))

@@ -30,7 +30,7 @@ CHUNK = struct.Struct("<IHB")
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-DECODER_VERSION = 2  # bump whenever a change here changes what a run file decodes to: it keys the cache
+DECODER_VERSION = 4  # bump whenever a change here changes what a run file decodes to: it keys the cache
 _TYPE_CRC = [zlib.crc32(bytes([t])) for t in range(256)]  # each chunk's checksum starts with its type byte
 _VERIFY = True  # off only in benchmarks/bench_runstore.py, to measure what verifying costs
 
@@ -563,7 +563,7 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
             elif kind == "artifact":
                 a = rec.artifact
                 out.artifacts.append({
-                    "name": a.name, "type": a.type,
+                    "name": a.name, "type": a.type, "aliases": list(a.aliases), "metadata": a.metadata,
                     "files": {e.path: e.local_path for e in a.manifest.contents},
                 })
             elif kind == "exit":

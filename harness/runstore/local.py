@@ -76,16 +76,24 @@ def _state(meta: dict, mtime: float) -> str:
     return "preempted" if meta["preempting"] else "crashed"
 
 
+SWEEP_TAG = "sweep-"  # a local sweep's runs are tagged sweep-<id> (harness.sweep.agent.local_sweep_env)
+
+
+def sweep_of(sweep_id: str | None, tags) -> str | None:
+    """A run's sweep: the W&B sweep id it ran under, else the local sweep its tag names."""
+    return sweep_id or next((t[len(SWEEP_TAG):] for t in tags or () if t.startswith(SWEEP_TAG)), None)
+
+
 def _digest(rf: RunFile, path: str) -> tuple[dict, pd.DataFrame]:
     meta = {
         "id": rf.run_id or os.path.basename(path)[4:-6],
         "name": rf.name,
-        "sweep": rf.sweep_id or None,
+        "sweep": sweep_of(rf.sweep_id, rf.tags),
         "project": rf.project,
         "group": rf.group or None,
         "job_type": rf.job_type or None,
         "tags": list(rf.tags),
-        "path": os.path.dirname(os.path.abspath(path)),  # cached: valid from any working directory
+        "path": os.path.dirname(os.path.abspath(path)),  # absolute: the cache serves it from any directory
         "start_time": rf.start_time,
         "exit_code": rf.exit_code,
         "preempting": rf.preempting,

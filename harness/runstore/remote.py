@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from harness.config.run import flatten
-from harness.runstore.local import SourceError
+from harness.runstore.local import SWEEP_TAG, SourceError, sweep_of
 
 
 def api():
@@ -14,10 +14,10 @@ def api():
 
 def load_wandb(source: str, sweep: str | None = None, filters: dict | None = None) -> list[dict]:
     f = dict(filters or {})  # passed to W&B unchanged: the server applies its own filter language
-    if sweep:
-        f["sweep"] = sweep
     try:
-        runs = list(api().runs(source, filters=f or None))
+        runs = list(api().runs(source, filters={**f, "sweep": sweep} if sweep else f or None))
+        if sweep and not runs:  # a local sweep, uploaded (`harness sync`): its runs carry tag sweep-<id>
+            runs = list(api().runs(source, filters={**f, "tags": {"$in": [SWEEP_TAG + sweep]}}))
     except Exception as e:  # the client raises several types (CommError, ValueError, HTTPError)
         raise SourceError(f"{source!r} is neither a wandb directory nor a reachable W&B project: {e}".splitlines()[0]) from None
     metas = []
@@ -25,7 +25,7 @@ def load_wandb(source: str, sweep: str | None = None, filters: dict | None = Non
         summary = getattr(r.summary, "_json_dict", None) or dict(r.summary)
         metas.append({
             "id": r.id, "name": r.name, "state": r.state,
-            "sweep": r.sweep.id if getattr(r, "sweep", None) else None,
+            "sweep": sweep_of(r.sweep.id if getattr(r, "sweep", None) else None, getattr(r, "tags", None)),
             "project": r.project, "group": getattr(r, "group", None), "job_type": getattr(r, "job_type", None),
             "tags": list(getattr(r, "tags", None) or []), "path": "/".join(r.path),
             "truncated": False, "corrupt": False,

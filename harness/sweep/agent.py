@@ -1,7 +1,7 @@
 """A local agent: worker threads that claim grid points under the sweep's file lock and run each as
-`wandb agent` would (its argv, WANDB_SWEEP_ID, WANDB_RUN_ID, WANDB_SWEEP_PARAM_PATH), so a run cannot
-tell the two apart; SIGTERM is forwarded, preempted points are relaunched first, and a sweep killed
-at any point resumes without re-running a finished grid point.
+`wandb agent` would (its argv, WANDB_RUN_ID, the parameters file), in the sweep's project, grouped and
+tagged by the sweep (local_sweep_env); SIGTERM is forwarded, preempted points are relaunched first,
+and a sweep killed at any point resumes without re-running a finished grid point.
 """
 from __future__ import annotations
 
@@ -45,10 +45,37 @@ def threads_per_run(workers: int) -> int:
     return max(1, available_cpus() // workers)
 
 
+def local_sweep_env(cfg: dict, sweep_id: str) -> dict[str, str]:
+    """What tells a run of a local sweep where it belongs (harness.training.tracking reads it).
+
+    No WANDB_SWEEP_ID: no W&B server knows this sweep, and under one wandb.init ignores the project
+    ("Ignoring project ... when running a sweep": the runs landed in "uncategorized") and `wandb sync`
+    would send the runs to an unknown sweep. Instead: the YAML's project and entity (W&B's variables,
+    which harness.training.tracking lets win over the config, as a sweep's project wins under
+    `wandb agent`), group `<sweep name>-<id>` and tag `sweep-<id>` (the run store selects a local
+    sweep's runs by that tag), and the parameters file under the harness's own name: under
+    WANDB_SWEEP_PARAM_PATH wandb.init would copy every parameter into the config as a flat dotted
+    key beside the nested tree (`model.width` twice), which only W&B's server engine needs.
+    """
+    env = {"HARNESS_SWEEP_ID": sweep_id, "WANDB_RUN_GROUP": f"{cfg.get('name') or 'sweep'}-{sweep_id}",
+           "WANDB_TAGS": ",".join(t for t in (os.environ.get("WANDB_TAGS", ""), f"sweep-{sweep_id}") if t),
+           "HARNESS_SWEEP_VARIED": ",".join(varied_keys(cfg))}
+    for key, var in (("project", "WANDB_PROJECT"), ("entity", "WANDB_ENTITY")):
+        if cfg.get(key):
+            env[var] = str(cfg[key])
+    metric = cfg.get("metric") or {}
+    if metric.get("name"):  # the sweep's metric chooses a run's `best` model (harness.training.artifacts)
+        env["HARNESS_SWEEP_METRIC"] = f"{metric['name']}:{metric.get('goal', 'minimize')}"
+    return env
+
+
 def run_env(cfg: dict, sweep_id: str, run_id: str, param_path: str, root: str, workers: int) -> dict:
     env = dict(os.environ)
-    env.update(WANDB_SWEEP_ID=sweep_id, WANDB_RUN_ID=run_id, WANDB_SWEEP_PARAM_PATH=param_path,
-               WANDB_DIR=os.path.dirname(os.path.abspath(root)), HARNESS_SWEEP_VARIED=",".join(varied_keys(cfg)))
+    for var in ("WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH", "HARNESS_SWEEP_METRIC"):  # never a stale outer sweep's
+        env.pop(var, None)
+    env.update(local_sweep_env(cfg, sweep_id))
+    env.update(WANDB_RUN_ID=run_id, HARNESS_SWEEP_PARAM_PATH=param_path,
+               WANDB_DIR=os.path.dirname(os.path.abspath(root)))
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("OMP_NUM_THREADS", str(threads_per_run(workers)))  # one set by the user wins
     # `python` in the command must be this environment's interpreter, as if it were activated.

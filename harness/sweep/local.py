@@ -13,10 +13,17 @@ from harness.sweep.state import create_sweep_dir, wandb_root
 
 
 def create_local_sweep(yaml_path: str, wandb_dir: str | None = None, count: int | None = None,
-                       will_run: bool = False) -> str:
-    """Validate and create a local sweep; with `will_run`, also refuse one that would never stop."""
+                       will_run: bool = False, project: str | None = None, entity: str | None = None) -> str:
+    """Validate and create a local sweep; with `will_run`, also refuse one that would never stop.
+    `project`/`entity` (`--project`/`--entity`) override the YAML's, as for `wandb sweep`: the
+    sweep's copy of the YAML holds them, and every run of it logs there (harness.sweep.agent)."""
     cfg = load_sweep_yaml(yaml_path)
     validate_sweep(cfg, yaml_path)
+    for key, value in (("project", project), ("entity", entity)):
+        if value is not None:
+            if not value.strip() or "/" in value:
+                raise UserError(f"--{key} {value!r}: a W&B {key} name (no '/', not empty)")
+            cfg[key] = value
     if will_run:
         check_stops(cfg, count)  # before the directory exists: a refused sweep leaves nothing behind
     sweep_id = generate_id(8)

@@ -180,7 +180,7 @@ class PackedAgent(Agent):
         with open(spec_path, "w") as f:
             json.dump({"members": members, "results": results}, f, indent=1)
         env = run_env(self.cfg, self.sweep_id, "", "", self.root, self.workers)
-        for key in ("WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH"):  # per member, set by the packed process
+        for key in ("WANDB_RUN_ID", "HARNESS_SWEEP_PARAM_PATH"):  # per member, set by the packed process
             env.pop(key, None)
         argv = [sys.executable, "-m", "harness", "train-packed", spec_path]
         with open(os.path.join(self.path, f"pack-{tag}.log"), "a") as log:

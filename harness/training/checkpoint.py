@@ -1,4 +1,4 @@
-"""Resume points, preemption, run identity and the final weights (contracts C5, C7).
+"""Resume points, preemption, run identity (contracts C5, C7); the final weights: harness.training.artifacts.
 
 A run's resume point is `last.ckpt` in its checkpoint directory. It is written every
 `trainer.ckpt_every` optimizer steps and when SIGTERM stops training; a run started again with the
@@ -14,7 +14,6 @@ import datetime
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from typing import Any
 
@@ -258,17 +257,3 @@ class StepCheckpoint(Checkpoint):
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
             self.save(trainer)
 
-
-def save_model(run, module: L.LightningModule, cfg: RunConfig, step: int) -> str:
-    """The final weights as artifact `model-<run id>` (type model): `model.pt` holds the pure
-    nn.Module's state_dict and the resolved config (contract C7)."""
-    from harness.training import tracking
-
-    name = f"model-{run.id}"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.pt")
-        state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
-        torch.save({"state_dict": state, "config": to_dict(cfg)}, path)
-        # policy "mutable" copies the file into wandb's staging area now, before tmp goes away.
-        tracking.log_artifact(run, path, name, "model", metadata={"step": step, "task": cfg.task})
-    return name

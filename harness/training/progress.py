@@ -18,12 +18,12 @@ from tqdm import tqdm
 def enabled(setting: bool | None) -> bool:
     """`trainer.progress_bar`: None means on for an interactive terminal and off under a sweep.
 
-    Under a sweep (WANDB_SWEEP_ID, set by `wandb agent` and the local controller) a run's output
+    Under a sweep (WANDB_SWEEP_ID, set by `wandb agent`; HARNESS_SWEEP_ID, by the local controller) a run's output
     is a log file: a bar there is thousands of carriage returns.
     """
     if setting is not None:
         return setting
-    return sys.stderr.isatty() and "WANDB_SWEEP_ID" not in os.environ
+    return sys.stderr.isatty() and not ({"WANDB_SWEEP_ID", "HARNESS_SWEEP_ID"} & set(os.environ))
 
 
 class StepProgressBar(ProgressBar):

@@ -14,9 +14,12 @@ from harness.errors import ConfigError
 from harness.wandb_mode import resolve_mode
 
 
+PARAM_ENV = "HARNESS_SWEEP_PARAM_PATH"  # the local controller's parameters file (harness.sweep.agent)
+
+
 def sweep_parameters() -> dict[str, Any]:
     """The parameters `wandb agent` (or the local controller) handed to this run, if any."""
-    path = os.environ.get("WANDB_SWEEP_PARAM_PATH")
+    path = os.environ.get(PARAM_ENV) or os.environ.get("WANDB_SWEEP_PARAM_PATH")
     if not path or not os.path.exists(path):
         return {}
     with open(path) as f:
@@ -27,7 +30,8 @@ def sweep_parameters() -> dict[str, Any]:
 
 # Config keys that say where and how a run ran, not what it computed: kept out of the logged config
 # (and out of run names). The sweep engine may still inject one as a flat key (see run_config).
-PLUMBING = ("wandb", "data_dir", "trainer.threads", "trainer.progress_bar", "trainer.ckpt_dir", "trainer.resume")
+PLUMBING = ("wandb", "data_dir", "trainer.threads", "trainer.progress_bar", "trainer.ckpt_dir", "trainer.resume",
+            "trainer.log_checkpoints", "trainer.resume_from")
 VARIED_ENV = "HARNESS_SWEEP_VARIED"  # comma-separated keys a sweep varies (set by the local controller)
 
 
@@ -47,11 +51,13 @@ def _drop(d: dict, dotted: str) -> None:
 def run_config(cfg: RunConfig) -> dict:
     """The config to log: the science and the schedule, nested, in one shape for every run.
 
-    Under a sweep, wandb.init also puts each sweep parameter into run.config as a flat dotted key
-    (`model.width`): W&B's sweep engine reads the parameters back from there (grid search skips the
-    points it finds), so those keys stay. The nested tree logged here holds every key as well, so
-    `config.model.width` filters sweep and plain runs alike (W&B's filters do not match dotted key
-    names, wandb/wandb#3087), and the run store maps both spellings onto one column.
+    Under a W&B sweep (`wandb agent`), wandb.init also puts each sweep parameter into run.config as
+    a flat dotted key (`model.width`): W&B's sweep engine reads the parameters back from there (grid
+    search skips the points it finds), so those keys stay. A local sweep's runs get their parameters
+    under HARNESS_SWEEP_PARAM_PATH, which wandb does not read: their config is the nested tree alone.
+    The nested tree holds every key, so `config.model.width` filters sweep and plain runs alike
+    (W&B's filters do not match dotted key names, wandb/wandb#3087), and the run store maps both
+    spellings onto one column.
     """
     nested = to_dict(cfg)
     flat = flatten(nested)
@@ -109,16 +115,44 @@ def define_metrics(run) -> None:
         run.define_metric(key, summary=aggregates)
 
 
+def wandb_base_dir(cfg: RunConfig) -> str:
+    """Where wandb puts `wandb/`: $WANDB_DIR, else `wandb.dir`, else the current directory."""
+    return os.environ.get("WANDB_DIR") or cfg.wandb.dir or "."
+
+
+STAGING_VARS = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache", "WANDB_ARTIFACT_DIR": "artifacts"}
+_STAGING_SET: set[str] = set()  # the variables this process set itself (it moves them with the run's dir)
+
+
+def stage_under(root: str) -> None:
+    """wandb stages artifact files under WANDB_DATA_DIR (`<it>/artifacts/staging`), caches them under
+    WANDB_CACHE_DIR and downloads to WANDB_ARTIFACT_DIR; unset, the first two are in the home
+    directory (~/.local/share/wandb, ~/.cache/wandb), where cluster quotas fill and a read-only home
+    fails the run. Each one the user did not set goes under `root` (the run's `wandb/` directory),
+    beside the runs whose offline artifacts point into it (for `wandb sync`)."""
+    for var, sub in STAGING_VARS.items():
+        if var not in os.environ or var in _STAGING_SET:
+            os.environ[var] = os.path.join(os.path.abspath(root), sub)
+            _STAGING_SET.add(var)
+
+
 def init_run(cfg: RunConfig, overrides: list[str] | None = None, job_type: str = "train", **init_kwargs):
     """`init_kwargs` go to wandb.init as they are: a packed process (harness.members.packed) passes each
-    member's `id` and `reinit="create_new"`, so several runs stay open in one process."""
+    member's `id` and `reinit="create_new"`, so several runs stay open in one process.
+
+    WANDB_PROJECT and WANDB_ENTITY, when set, win over `wandb.project`/`wandb.entity`, as a sweep's
+    project wins under `wandb agent` (the local controller sets them from the sweep's YAML);
+    WANDB_TAGS are added to `wandb.tags`; WANDB_RUN_GROUP is wandb's own default for `wandb.group`."""
     mode = resolve_mode(cfg.wandb.mode)
+    base = wandb_base_dir(cfg)
+    stage_under(os.path.join(base, "wandb"))
+    env_tags = [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]
     kwargs: dict[str, Any] = dict(
-        project=cfg.wandb.project,
-        entity=cfg.wandb.entity,
+        project=os.environ.get("WANDB_PROJECT") or cfg.wandb.project,
+        entity=os.environ.get("WANDB_ENTITY") or cfg.wandb.entity,
         group=cfg.wandb.group,
         job_type=job_type,
-        tags=list(cfg.wandb.tags) or None,
+        tags=list(dict.fromkeys([*cfg.wandb.tags, *env_tags])) or None,
         name=cfg.wandb.name or default_name(cfg, overrides or []),
         config=run_config(cfg),
         mode="offline" if mode == "dryrun" else mode,

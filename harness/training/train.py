@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from harness.config.registry import task_module
 from harness.config.run import RunConfig
 from harness.errors import ConfigError
-from harness.training import checkpoint
+from harness.training import artifacts, checkpoint
 from harness.training import tracking
 from harness.training.data import DeviceDataModule
 from harness.training.evaluation import EvalAtStart, FinalEval
@@ -178,6 +178,8 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
         ckpt_path, resumed_step = checkpoint.resume_point(cfg, os.environ.get("WANDB_RUN_ID"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     job: Job = task_module(cfg.task).build(cfg)
+    if job.stage == "fit" and getattr(getattr(cfg, "model", None), "save", False):  # every rank: it saves collectively
+        job.callbacks.append(artifacts.ModelArtifact(cfg))
     _check_shardable(cfg, job)
     if isinstance(job.datamodule, DeviceDataModule):
         job.datamodule.seed = cfg.seed
@@ -191,11 +193,16 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
         if job.stage != "fit" or run.id != os.environ.get("WANDB_RUN_ID", run.id):
             ckpt_path = None  # nothing to resume (evaluation), or not the id resume_point checked
         if job.stage == "fit":
+            directory = checkpoint.ckpt_dir(cfg, run.id)
+            if not ckpt_path:  # trainer.resume_from: a file, a downloaded artifact, or (online) a run id
+                ckpt_path = artifacts.resume_point(cfg, run, directory)
+                if ckpt_path:  # read now: the resumed fit overwrites last.ckpt
+                    resumed_step = int(checkpoint.load(ckpt_path, "trainer.resume_from:")["global_step"])
             if ckpt_path:
                 run.summary["trainer/resumed_from_step"] = resumed_step
-            saver = checkpoint.StepCheckpoint(checkpoint.ckpt_dir(cfg, run.id), cfg.trainer.ckpt_every,
-                                              cfg.trainer.eval_every, checkpoint.identity(cfg), run)
-            callbacks.append(saver)
+            saver = checkpoint.StepCheckpoint(directory, cfg.trainer.ckpt_every, cfg.trainer.eval_every,
+                                              checkpoint.identity(cfg), run)
+            callbacks += [saver, *([artifacts.CheckpointArtifacts(saver)] if cfg.trainer.log_checkpoints else [])]
         logger = StepLogger(experiment=run, log_model=False)
         run.summary.update(job.summary)
         trainer = make_trainer(cfg, logger, callbacks)
@@ -213,8 +220,6 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
                 raise
             finally:
                 step = trainer.global_step
-        if job.stage == "fit" and getattr(getattr(cfg, "model", None), "save", False):
-            run.summary["model/artifact"] = checkpoint.save_model(run, job.module, cfg, step)
         if saver is not None:
             saver.restore_summaries(run)
         checkpoint.mark_finished(cfg, run.id, step)
