@@ -75,7 +75,7 @@ def _inner_config(train: dict, trainer: TrainerConfig | None) -> RunConfig:
 def model_artifact(cfg: Config) -> tuple[str, dict]:
     """(path of the model file, {"state_dict", "config"}) of run `model.artifact`: its `model.ckpt`
     (a Lightning checkpoint, harness.training.artifacts) or an older run's `model.pt`; a missing or
-    foreign one is one line, before any gradient. Read with torch.load(weights_only=True) only."""
+    foreign one is one line, before any gradient. Read weights-only (harness.training.checkpoint.load)."""
     from harness import runstore
     from harness.training.artifacts import MODEL_FILE, read_model
 

@@ -45,9 +45,9 @@ def test_a_planted_model_artifact_is_refused_and_runs_nothing(offline):
     args = [a for a in TINY if not a.startswith("trainer.steps=")] + ["trainer.steps=20"]
     s = train(load_config(args), args)
     root = str(offline / "wandb")
-    model_pt = runstore.artifact_files(root, s["_run_id"], "model")["model.pt"]
+    model_pt = runstore.artifact_files(root, s["_run_id"], "model")["model.ckpt"]
     real = torch.load(model_pt, weights_only=True)  # the harness's own file loads weights-only
-    assert set(real) == {"state_dict", "config"}
+    assert {"state_dict", "config", "global_step"} <= set(real)
     marker = offline / "PWNED-model"
     plant(model_pt, marker, real)
 
@@ -88,7 +88,7 @@ def test_a_file_that_is_not_a_torch_file_is_one_line(offline):
 
 
 # Every way to turn bytes into code: none may remain outside checkpoint.load (weights_only=True).
-UNSAFE = re.compile(r"weights_only\s*=\s*False|\bpickle\.loads?\(|\byaml\.(unsafe_)?load\(|yaml\.Loader|"
+UNSAFE = re.compile(r"weights_only\s*=\s*False|\bpickle\.loads?\(|\byaml\.(unsafe_)?load\((?![^)]*Loader=yaml\.BaseLoader\))|yaml\.Loader|"
                     r"\bdill\b|\bmarshal\.loads?\(|allow_pickle\s*=\s*True|read_pickle\(|(?<![\w.])(eval|exec)\(")
 
 
@@ -113,5 +113,5 @@ def test_no_unsafe_load_site_is_left():
 def test_the_site_scanner_finds_what_it_looks_for(tmp_path):
     for bad in ("torch.load(p, weights_only=False)", "pickle.load(f)", "yaml.load(f)", "eval(s)", "exec(code)"):
         assert UNSAFE.search(bad) or "torch.load(" in bad, bad
-    for fine in ("model.eval()", "yaml.safe_load(f)", "trainer.validate(x)"):
+    for fine in ("model.eval()", "yaml.safe_load(f)", "yaml.load(t, Loader=yaml.BaseLoader)", "trainer.validate(x)"):
         assert not UNSAFE.search(fine), fine
