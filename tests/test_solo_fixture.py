@@ -17,7 +17,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fixtures.make_solo_runs import FIXTURE, record  # noqa: E402
+from fixtures.make_solo_runs import FIXTURE, record
 
 with open(FIXTURE) as f:
     EXPECTED = json.load(f)
