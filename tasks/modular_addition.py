@@ -25,7 +25,7 @@ from harness.training.curves import CurvesRecorder, set_eval_arrays
 from harness.training.data import DeviceDataModule
 from harness.training.detectors import GrokkingCallback
 from harness.training.logs import TrainLossLog, log_eval, wandb_run, write_summary
-from harness.training.nn import n_params, weight_norm  # noqa: F401  (part of this task's API)
+from harness.training.nn import n_params, weight_norm
 from harness.training.train import Job, train_steps
 from tasks.fourier import cached_directions, fourier_power, key_frequencies
 
