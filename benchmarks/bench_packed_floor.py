@@ -41,8 +41,7 @@ def main() -> None:
 
     from harness.config.run import load_config
     from harness.members.packed import block_optimizer, block_step
-    from tasks.modular_addition import ModularData, loss_fn, make_model
-    from tasks.modular_addition import PackedModular
+    from tasks.modular_addition import ModularData, PackedModular, loss_fn, make_model
 
     cfgs = [load_config(("task=modular_addition", f"seed={s}")) for s in range(args.members)]
 
