@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from harness.errors import ConfigError, UserError
@@ -10,6 +11,7 @@ from harness.errors import ConfigError, UserError
 def cmd_train(args) -> int:
     """Exit codes (contract C6): 0 finished, 2 bad input, 143 preempted (SIGTERM; resumable),
     1 anything else, a non-finite loss included."""
+    from harness.config.results import RESULT_ENV, entry, write_results
     from harness.config.run import load_config
 
     cfg = load_config(args.overrides)  # bad input is refused before torch and Lightning load
@@ -17,19 +19,41 @@ def cmd_train(args) -> int:
     from harness.training.tracking import result_line
     from harness.training.train import NonFiniteLoss, train
 
+    resumed_block = _packed_member(cfg, args.overrides)
+    if resumed_block is not None:
+        return resumed_block
+    result_file = os.environ.get(RESULT_ENV)
     try:
         summary = train(cfg, args.overrides)
     except Preempted as e:
         print(f"harness: {e}", file=sys.stderr, flush=True)
+        write_results(result_file, {e.run_id: entry("preempted")})
         return e.exit_code
     except NonFiniteLoss as e:
         print(f"harness: error: {e}", file=sys.stderr, flush=True)
         return 1
     if summary is None:  # a DDP rank other than 0: rank 0 prints the run's line
         return 0
+    # The controller reads the result file (harness.config.results); the line is for people and scripts.
+    write_results(result_file, {summary["_run_id"]: entry("finished", {k: v for k, v in summary.items()
+                                                                       if not k.startswith("_")})})
     sys.stdout.flush()
     print(result_line(summary), flush=True)
     return 0
+
+
+def _packed_member(cfg, overrides) -> int | None:
+    """A run preempted inside a packed block (its checkpoint directory holds packed.pt and no
+    last.ckpt) resumes from it as a block of one, into the same W&B run; None: train as usual."""
+    from harness.config.results import RESULT_ENV
+    from harness.members.packed import Member, packed_resume_point, run_members
+
+    run_id = os.environ.get("WANDB_RUN_ID")
+    if not packed_resume_point(cfg, run_id):
+        return None
+    print(f"harness: run {run_id} resumes from its packed checkpoint (a block of one)", file=sys.stderr, flush=True)
+    return run_members([Member(0, cfg, list(overrides), run_id, os.environ.get("WANDB_SWEEP_PARAM_PATH"))],
+                       os.environ.get(RESULT_ENV))
 
 
 def cmd_config(args) -> int:

@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.errors import ConfigError
+from harness.members.packed_loss import member_cross_entropy
 from harness.training.curves import CurvesRecorder, set_eval_arrays
 from harness.training.data import DeviceDataModule
 from harness.training.detectors import GrokkingCallback
 from harness.training.logs import TrainLossLog, log_eval, wandb_run, write_summary
-from harness.training.nn import n_params, weight_norm  # noqa: F401  (part of this task's API)
+from harness.training.nn import n_params, weight_norm
 from harness.training.train import Job, train_steps
 from tasks.configs.modular_addition import Config
 from tasks.fourier import cached_directions, fourier_power, key_frequencies
@@ -88,7 +90,6 @@ class ModularData(DeviceDataModule):
         return self.tensors(device)
 
 
-# ---------------------------------------------------------------- models
 
 TRUNC_STD = 0.87962566103423978  # std of a standard normal cut at +-2
 
@@ -100,65 +101,127 @@ def _trunc_normal_(w: torch.Tensor, std: float, rescale: bool) -> torch.Tensor:
     return nn.init.trunc_normal_(w, 0.0, sigma, -2 * sigma, 2 * sigma)
 
 
-class PairMLP(nn.Module):
-    """PAIR's MLP: one embedding E [p, d] for both inputs and the output.
+def _pick(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows idx[m, j] of each member's table [M, rows, k] -> [M, n, k], in one index_select over the
+    members' stacked rows: its backward is an index_add, several times cheaper on a CPU than the
+    accumulating index_put that `t[a]` costs in backward (the largest single cost of a PAIR step)."""
+    m, rows = table.shape[0], table.shape[1]
+    offset = (torch.arange(m, device=idx.device) * rows)[:, None]
+    return table.reshape(m * rows, -1).index_select(0, (idx + offset).flatten()).view(m, idx.shape[1], -1)
 
-    The linear maps are applied to E once per token ([p, hidden], [hidden, p]) and then gathered,
-    which is the same function as embedding first but ~20x fewer flops for a 500-d embedding.
-    """
 
-    def __init__(self, p: int, embed_dim: int, hidden: int, activation: str = "relu", bias: bool = False):
+class _Members(nn.Module):
+    """A model of M members whose parameters are stacked along a leading member dimension (a single
+    run is M = 1). forward(a, b): pairs [M, n] -> logits [M, n, p], each member on its own pairs; a
+    single run may pass [n] and gets [n, p]. `member(i)` is member i as a model of one whose parameters
+    are views of its slices (evaluation, the model artifact: no copy)."""
+
+    def __init__(self, activation: str, **weights: torch.Tensor | None):
         super().__init__()
-        self.embed = nn.Parameter(torch.randn(p, embed_dim))  # E, N(0, 1) as nn.Embedding
-        self.w_in = nn.Linear(embed_dim, hidden, bias=bias)
-        self.w_out = nn.Linear(hidden, embed_dim, bias=bias)
-        self.act = ACTIVATIONS[activation]
+        self.activation, self.act = activation, ACTIVATIONS[activation]
+        for name, w in weights.items():
+            self.register_parameter(name, None if w is None else nn.Parameter(w))
 
-    def token_inputs(self) -> torch.Tensor:  # [p, hidden]: what each token adds to the hidden layer
-        return self.embed @ self.w_in.weight.T
+    @property
+    def members(self) -> int:
+        return self.embed.shape[0]
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [n], [n] -> [n, p]
-        t = self.token_inputs()
-        h = t[a] + t[b]
-        h = self.act(h if self.w_in.bias is None else h + self.w_in.bias)  # [n, hidden]
-        logits = h @ (self.w_out.weight.T @ self.embed.T)  # [n, p]
-        return logits if self.w_out.bias is None else logits + self.w_out.bias @ self.embed.T
+    def member(self, i: int) -> _Members:
+        return type(self)(self.activation, **{n: None if p is None else p.data[i:i + 1]
+                                              for n, p in self._parameters.items()})
 
-
-class ConcatMLP(nn.Module):
-    def __init__(self, p: int, embed_dim: int, hidden: int, activation: str = "relu", bias: bool = False):
-        super().__init__()
-        self.embed = nn.Embedding(p, embed_dim)
-        self.w_in = nn.Linear(2 * embed_dim, hidden, bias=bias)
-        self.unembed = nn.Linear(hidden, p, bias=bias)
-        self.act = ACTIVATIONS[activation]
-
-    def token_inputs(self) -> torch.Tensor:  # [p, 2 * hidden]: the a-part and the b-part side by side
-        d = self.embed.embedding_dim
-        w = self.w_in.weight
-        e = self.embed.weight
-        return torch.cat([e @ w[:, :d].T, e @ w[:, d:].T], 1)
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [n], [n] -> [n, p]
-        h = self.act(self.w_in(torch.cat([self.embed(a), self.embed(b)], 1)))
-        return self.unembed(h)
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.dim() == 1:
+            return self.logits(a[None], b[None])[0]
+        return self.logits(a, b)
 
 
-def make_model(cfg: Config) -> nn.Module:
-    m = cfg.model
-    model = (PairMLP if m.name == "pair_mlp" else ConcatMLP)(cfg.data.p, m.embed_dim, m.hidden, m.activation, m.bias)
+class PairMLP(_Members):
+    """PAIR's MLP: one embedding E for both inputs and the output, per member
+    logits = E W_out act(W_in (E[a] + E[b])). Parameters: embed [M, p, d], w_in [M, hidden, d], w_out
+    [M, d, hidden], and with model.bias b_in [M, hidden], b_out [M, d].
+
+    The linear maps are applied to E once per token and then gathered (the same function as embedding
+    first, ~20x fewer flops for a 500-d embedding), the token inputs and the readout W_out^T E^T in one
+    batched product; the token rows are picked with _pick."""
+
+    def token_inputs(self) -> torch.Tensor:  # [M, p, hidden]: what each token adds to the hidden layer
+        return self.embed @ self.w_in.transpose(1, 2)
+
+    def logits(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        hidden = self.w_in.shape[1]
+        # token_inputs (transposed) and the readout W_out^T E^T in one product: [M, 2h, d] @ [M, d, p]
+        both = torch.bmm(torch.cat([self.w_in, self.w_out.transpose(1, 2)], 1), self.embed.transpose(1, 2))
+        t = both[:, :hidden].transpose(1, 2)  # [M, p, hidden]
+        h = _pick(t, a) + _pick(t, b)
+        h = self.act(h if self.b_in is None else h + self.b_in[:, None])  # [M, n, hidden]
+        out = torch.bmm(h, both[:, hidden:])  # [M, n, p]
+        return out if self.b_out is None else out + torch.bmm(self.b_out[:, None], self.embed.transpose(1, 2))
+
+
+class ConcatMLP(_Members):
+    """logits = U act(W [E[a]; E[b]]), a free unembedding U. Parameters: embed [M, p, d], w_in
+    [M, hidden, 2d], unembed [M, p, hidden], and with model.bias b_in [M, hidden], b_out [M, p]."""
+
+    def token_inputs(self) -> torch.Tensor:  # [M, p, 2 * hidden]: the a-part and the b-part side by side
+        d = self.embed.shape[2]
+        e, w = self.embed, self.w_in
+        return torch.cat([e @ w[:, :, :d].transpose(1, 2), e @ w[:, :, d:].transpose(1, 2)], 2)
+
+    def logits(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([_pick(self.embed, a), _pick(self.embed, b)], 2)  # [M, n, 2d]
+        h = torch.bmm(x, self.w_in.transpose(1, 2))
+        h = self.act(h if self.b_in is None else h + self.b_in[:, None])
+        out = torch.bmm(h, self.unembed.transpose(1, 2))  # [M, n, p]
+        return out if self.b_out is None else out + self.b_out[:, None]
+
+
+def _initial_weights(cfg: Config) -> dict[str, torch.Tensor | None]:
+    """One member's initial weights, drawn by the same random calls in the same order as the
+    single-run modules before issue 20 (nn.Linear's and nn.Embedding's own initialisers), so a run's
+    numbers stay what they were; then the Haiku initialisers (model.init) and model.init_scale."""
+    m, p = cfg.model, cfg.data.p
+    if m.name == "pair_mlp":
+        embed = torch.randn(p, m.embed_dim)  # N(0, 1), as nn.Embedding
+        lin_in, lin_out = nn.Linear(m.embed_dim, m.hidden, bias=m.bias), nn.Linear(m.hidden, m.embed_dim, bias=m.bias)
+        names = ("embed", "w_in", "b_in", "w_out", "b_out")
+    else:
+        embed = nn.Embedding(p, m.embed_dim).weight
+        lin_in, lin_out = nn.Linear(2 * m.embed_dim, m.hidden, bias=m.bias), nn.Linear(m.hidden, p, bias=m.bias)
+        names = ("embed", "w_in", "b_in", "unembed", "b_out")
+    values = (embed, lin_in.weight, lin_in.bias, lin_out.weight, lin_out.bias)
+    weights = {n: None if w is None else w.detach().clone() for n, w in zip(names, values)}
     with torch.no_grad():
-        if m.init == "haiku":
-            for name, w in model.named_parameters():
-                if name.endswith("bias"):
+        for name, w in weights.items():
+            if w is None:
+                continue
+            if m.init == "haiku":
+                if name.startswith("b_"):
                     w.zero_()
-                elif name.startswith("embed"):  # [p, embed_dim]: Haiku's fan_in is p
+                elif name == "embed":  # [p, embed_dim]: Haiku's fan_in is p
                     _trunc_normal_(w, math.sqrt(2 / w.shape[0]), rescale=True)
                 else:
                     _trunc_normal_(w, 1 / math.sqrt(w.shape[1]), rescale=False)
-        for w in model.parameters():
             w.mul_(m.init_scale)
-    return model
+    return weights
+
+
+def make_model(cfg: Config, members: list[Config] | None = None) -> _Members:
+    """The task's model for `members` (default: the single run `cfg`), each member's weights drawn as
+    its single run draws them: the caller seeds a single run (harness.training.train); members are
+    seeded here, each with its own seed, before its draws."""
+    if members is None:
+        per_member = [_initial_weights(cfg)]
+    else:
+        import lightning as L
+
+        per_member = []
+        for c in members:
+            L.seed_everything(c.seed, workers=True, verbose=False)  # as harness.training.train, before build
+            per_member.append(_initial_weights(c))
+    stacked = {n: None if per_member[0][n] is None else torch.stack([w[n] for w in per_member])
+               for n in per_member[0]}
+    return (PairMLP if cfg.model.name == "pair_mlp" else ConcatMLP)(cfg.model.activation, **stacked)
 
 
 # ---------------------------------------------------------------- loss and diagnostics
@@ -181,8 +244,8 @@ def _grid(p: int, symmetric: bool, device: str) -> tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tensors: dict, cfg: Config) -> dict[str, torch.Tensor]:
-    """Every metric of one evaluation as 0-d tensors; shared by the Lightning module, the packed
-    block and the plain-loop benchmark so that all do the same work.
+    """Every metric of one evaluation of a model of one member as 0-d tensors; shared by the Lightning
+    module, the packed block and the plain-loop benchmark so that all do the same work.
 
     One forward over the whole (a, b) grid; each split's logits are its rows of it (the same
     per-row products as a forward on the split's pairs)."""
@@ -198,7 +261,7 @@ def evaluate(model: nn.Module, tensors: dict, cfg: Config) -> dict[str, torch.Te
         out[f"{split}/acc"] = (logits.argmax(1) == y).float().mean()
     out["model/weight_norm"] = weight_norm(model)
 
-    power = fourier_power(model.token_inputs())  # [p // 2]
+    power = fourier_power(model.token_inputs()[0])  # [p // 2] (a model of one member)
     keys = key_frequencies(power, e.key_mass, e.max_keys)
     out["fourier/n_keys"] = torch.tensor(float(len(keys)))
     out["fourier/key_power"] = power[[k - 1 for k in keys]].sum()
@@ -273,7 +336,7 @@ class FinalFourier(L.Callback):
 
 def final_fourier_values(keys: list[int], power: torch.Tensor | None, seconds: float, cpu: float, steps: int,
                          table: bool) -> dict:
-    """FinalFourier's summary values (also written by the packed path, tasks/modular_addition_packed.py)."""
+    """FinalFourier's summary values (also written for packed members, PackedModular.final_summary)."""
     values = {
         "fourier/key_freqs": ",".join(str(k) for k in sorted(keys)),
         "perf/train_seconds": seconds,
@@ -290,17 +353,6 @@ def final_fourier_values(keys: list[int], power: torch.Tensor | None, seconds: f
     return values
 
 
-# Packed runs (harness.members.packed, issue 14): keys whose values may differ between the members of one
-# packed process; every other key must be equal. The stacked model is in tasks/modular_addition_packed.py.
-PACKABLE = ("seed", "data.train_fraction", "data.split_seed", "optim.lr", "optim.weight_decay", "model.init_scale")
-
-
-def build_packed(cfgs: list[Config]):
-    from tasks.modular_addition_packed import PackedModular
-
-    return PackedModular(cfgs)
-
-
 def build(cfg: Config) -> Job:
     model = make_model(cfg)
     data = ModularData(cfg)
@@ -311,3 +363,108 @@ def build(cfg: Config) -> Job:
         summary={"model/params": n_params(model), "data/n_train": len(data.split["train"][1]),
                  "data/n_val": len(data.split["val"][1]), "loss_units": "nats"},
     )
+
+
+# ---------------------------------------------------------------- many members in one process
+
+# Packed runs (harness.members.packed, issue 14): keys whose values may differ between the members of one
+# packed process; every other key must be equal.
+PACKABLE = ("seed", "data.train_fraction", "data.split_seed", "optim.lr", "optim.weight_decay", "model.init_scale")
+DTYPES = {"32-true": torch.float32, "32": torch.float32, "64-true": torch.float64, "64": torch.float64}
+
+
+class PackedModular:
+    """M members of one sweep in the task's own model (make_model with a member dimension), for
+    harness.members.packed's loop. Each member's weights are its single run's; training runs the model
+    on each member's train pairs padded to the largest train set, a member's loss the mean over its own
+    pairs (padding masked), so its gradient is its single run's. Evaluation runs the task's `evaluate`
+    on `model.member(i)`, whose parameters are views of the member's slices."""
+
+    def __init__(self, cfgs: list[Config]):
+        self.cfgs = cfgs
+        t = cfgs[0].trainer
+        dtype = DTYPES.get(t.precision)
+        if dtype is None:
+            raise ConfigError(f"trainer.precision={t.precision!r}: packed runs train in {' or '.join(DTYPES)}")
+        cuda = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda" if cuda else "cpu")
+        # Initialised in float32 as the single run, then cast as Lightning casts it for 64-true.
+        self.model = make_model(cfgs[0], members=cfgs).to(dtype=dtype, device=self.device)
+        self.views = [self.model.member(i) for i in range(len(cfgs))]
+        self.data = [ModularData(cfg) for cfg in cfgs]
+        o = [c.optim for c in cfgs]
+        self.lr = torch.tensor([x.lr for x in o], dtype=torch.float64)
+        self.weight_decay = torch.tensor([x.weight_decay for x in o], dtype=torch.float64)
+        self.betas, self.eps = (o[0].beta1, o[0].beta2), o[0].eps
+        self.loss_kind, self.p = cfgs[0].optim.loss, cfgs[0].data.p
+        self.batch_size = cfgs[0].data.batch_size
+        # As the single run: full batch logs no training loss (train/loss at each evaluation says it all).
+        self.train_loss_key = "train/batch_loss" if self.batch_size else None
+        train = [d.tensors(self.device)["train"] for d in self.data]
+        self.n_train = torch.tensor([len(y) for _, _, y in train])
+        n_max = int(self.n_train.max())
+
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            return F.pad(x, (0, n_max - len(x)))
+
+        self.a = torch.stack([pad(a) for a, _, _ in train])  # [M, n_max]; padding points at pair (0, 0)
+        self.b = torch.stack([pad(b) for _, b, _ in train])
+        self.y = torch.stack([pad(y) for _, _, y in train])
+        self.mask = (torch.arange(n_max)[None, :] < self.n_train[:, None]).to(self.device)
+        self.n_train = self.n_train.to(self.device)
+        self.grok = [GrokkingCallback(c.eval.threshold, c.eval.max_delay) for c in cfgs]
+        self.keys: list[list[int]] = [[] for _ in cfgs]
+        self.power: list[torch.Tensor | None] = [None] * len(cfgs)
+        if self.batch_size:
+            self._gen = torch.Generator().manual_seed(cfgs[0].seed)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.named_parameters())
+
+    def losses(self, step: int) -> torch.Tensor:
+        a, b, y, mask, n = self.a, self.b, self.y, self.mask, self.n_train
+        if self.batch_size and self.batch_size < int(n.min()):
+            # Sampled batches: each member draws from its own train set (the single runs' draws differ
+            # anyway; exactness is claimed for full batch, the PAIR setting).
+            idx = (torch.rand(len(n), self.batch_size, generator=self._gen).to(self.device) * n[:, None]).long()
+            a, b, y = a.gather(1, idx), b.gather(1, idx), y.gather(1, idx)
+            mask, n = torch.ones_like(idx, dtype=torch.bool), torch.full_like(n, self.batch_size)
+        weight = mask / n[:, None]  # each member's own mean over its own pairs
+        return member_cross_entropy(self.model(a, b), y, weight / self.p if self.loss_kind == "ce_over_p" else weight)
+
+    def evaluate(self, i: int, step: int) -> tuple[dict[str, float], dict]:
+        cfg = self.cfgs[i]
+        out = evaluate(self.views[i], self.data[i].tensors(self.device), cfg)
+        self.keys[i], self.power[i] = out.pop("_keys"), out.pop("_power")
+        arrays = {}
+        if cfg.eval.log_spectrum:
+            is_key = torch.zeros_like(self.power[i])
+            is_key[[k - 1 for k in self.keys[i]]] = 1.0
+            arrays["fourier"] = {"power": self.power[i].cpu().double().numpy(), "key": is_key.cpu().double().numpy()}
+        names = list(out)
+        metrics = dict(zip(names, torch.stack([out[k].detach().double().reshape(()) for k in names]).tolist()))
+        self.grok[i].observe(step, metrics.get("train/acc"), metrics.get("val/acc"))
+        return metrics, arrays
+
+    def static_summary(self, i: int) -> dict:
+        d = self.data[i]
+        return {"model/params": n_params(self.views[i]), "data/n_train": len(d.split["train"][1]),
+                "data/n_val": len(d.split["val"][1]), "loss_units": "nats"}
+
+    def final_summary(self, i: int, run, seconds: float, cpu: float, steps: int) -> dict:
+        return {**self.grok[i].summary(),
+                **final_fourier_values(self.keys[i], self.power[i], seconds, cpu, steps, table=True)}
+
+    def member_model(self, i: int):
+        return self.views[i]
+
+    def member_state(self, i: int) -> dict:
+        return {"grok": self.grok[i].state_dict(), "keys": self.keys[i], "power": self.power[i]}
+
+    def load_member_state(self, i: int, state: dict) -> None:
+        self.grok[i].load_state_dict(state["grok"])
+        self.keys[i], self.power[i] = state["keys"], state["power"]
+
+
+def build_packed(cfgs: list[Config]) -> PackedModular:
+    return PackedModular(cfgs)

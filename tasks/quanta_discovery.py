@@ -31,7 +31,7 @@ from harness import quanta_stats as qs
 from harness.config.registry import config_class, task_module
 from harness.config.run import RunConfig, TrainerConfig
 from harness.errors import ConfigError
-from harness.training import checkpoint, tracking
+from harness.training import tracking
 from harness.training.data import DeviceDataModule
 from harness.training.logs import write_summary
 from harness.training.train import Job

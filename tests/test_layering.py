@@ -42,10 +42,10 @@ HARNESS_ROOMS = {
                     "harness.runstore", "harness.dry_run"),
     "harness.__main__": ("harness.cli",),
 }
-# Each packable task and its hand-vectorised `_packed` twin import each other: removed by the one-trainer
-# redesign (issue 20), which gives each task one model with a member dimension. No other circle is allowed.
+# Sparse parity and Omnigrok and their hand-vectorised `_packed` twins import each other: removed by the
+# one-trainer redesign (issue 20), which gives each task one model with a member dimension (modular addition
+# has it). No other circle is allowed.
 ALLOWED_CIRCLES = [{"tasks.sparse_parity", "tasks.sparse_parity_packed"},
-                   {"tasks.modular_addition", "tasks.modular_addition_packed"},
                    {"tasks.mnist_omnigrok", "tasks.mnist_omnigrok_packed"}]
 REGISTRY_CALLS = ("task_module", "config_class")
 CONFIGS = "tasks.configs"
@@ -250,7 +250,7 @@ def test_the_checker_catches_each_kind_of_violation():
     assert not allowed("tasks", "tasks.configs.sparse_parity", "torch.nn", registered)
     registered["tasks.configs.pythia_suite"] = "pythia_suite"
     assert not allowed("tasks", "tasks.configs.pythia_suite", "tasks.configs.pythia_eval", registered)
-    assert allowed("tasks", "tasks.modular_addition", "tasks.modular_addition_packed.PackedModular", registered)
+    assert allowed("tasks", "tasks.modular_addition", "tasks.fourier.key_frequencies", registered)
     assert not allowed("analysis", "analysis.grokking", "harness.training.detectors")
     assert not allowed("analysis", "analysis.common", "harness.config.run")
     assert allowed("analysis", "analysis.pythia", "harness.config.resources")

@@ -133,12 +133,33 @@ def test_pair_mlp_equals_embedding_first_and_is_symmetric():
     torch.manual_seed(0)
     m = ma.make_model(cfg)
     with torch.no_grad():
-        m.w_in.bias.normal_()
-        m.w_out.bias.normal_()
+        m.b_in.normal_()
+        m.b_out.normal_()
     a, b = torch.tensor([0, 3, 10]), torch.tensor([4, 3, 1])
-    naive = m.w_out(torch.relu(m.w_in(m.embed[a] + m.embed[b]))) @ m.embed.T
+    e, w_in, w_out = m.embed[0], m.w_in[0], m.w_out[0]
+    naive = (torch.relu((e[a] + e[b]) @ w_in.T + m.b_in[0]) @ w_out.T + m.b_out[0]) @ e.T
     assert torch.allclose(m(a, b), naive, atol=1e-5)
     assert torch.allclose(m(a, b), m(b, a))
+
+
+def test_members_of_one_model_equal_their_single_runs():
+    """A model of M members (make_model with members) holds each member's single-run weights, and its
+    forward on [M, n] pairs is each member's single forward, for both models."""
+    for name in ("pair_mlp", "concat_mlp"):
+        cfgs = [cfg_of(f"model.name={name}", "data.p=11", "model.embed_dim=8", "model.hidden=5", "model.bias=true",
+                       f"seed={s}", f"model.init_scale={x}") for s, x in ((0, 1.0), (1, 0.5), (2, 2.0))]
+        block = ma.make_model(cfgs[0], members=cfgs)
+        a, b = torch.tensor([[0, 3, 10], [1, 2, 3], [4, 4, 9]]), torch.tensor([[4, 3, 1], [0, 0, 0], [10, 2, 5]])
+        logits = block(a, b)
+        assert logits.shape == (3, 3, 11)
+        for i, cfg in enumerate(cfgs):
+            torch.manual_seed(cfg.seed)
+            single = ma.make_model(cfg)
+            assert all(torch.equal(p, q) for p, q in zip(single.parameters(), block.member(i).parameters()))
+            assert torch.allclose(single(a[i], b[i]), logits[i], atol=1e-6)
+        with torch.no_grad():  # a member's view shares its slice's storage
+            block.embed[1].zero_()
+        assert float(block.member(1).embed.abs().sum()) == 0
 
 
 def test_haiku_init_is_the_pair_notebooks():
@@ -148,14 +169,14 @@ def test_haiku_init_is_the_pair_notebooks():
     # cut at 2 unscaled sigmas. Linear: TruncatedNormal(1/sqrt(fan_in)), cut at 2 sigma, not rescaled.
     assert m.embed.std().item() == pytest.approx(math.sqrt(2 / 67), rel=0.02)
     assert m.embed.abs().max().item() <= 2 * math.sqrt(2 / 67) / 0.87962566103423978 + 1e-6
-    assert m.w_in.weight.std().item() == pytest.approx(0.8796 / math.sqrt(500), rel=0.05)
-    assert m.w_out.weight.abs().max().item() <= 2 / math.sqrt(24) + 1e-6
+    assert m.w_in.std().item() == pytest.approx(0.8796 / math.sqrt(500), rel=0.05)
+    assert m.w_out.abs().max().item() <= 2 / math.sqrt(24) + 1e-6
     assert ma.weight_norm(m).item() == pytest.approx(37.4, rel=0.03)  # the notebook logs 37.39 at step 0
     half = ma.make_model(cfg_of("model.init_scale=0.5"))
     assert ma.weight_norm(half).item() == pytest.approx(37.4 / 2, rel=0.03)
     concat = ma.make_model(cfg_of("model.name=concat_mlp", "model.embed_dim=16", "model.hidden=32"))
     assert concat(torch.tensor([1, 2]), torch.tensor([3, 4])).shape == (2, 67)
-    assert concat.token_inputs().shape == (67, 64)
+    assert concat.token_inputs().shape == (1, 67, 64)
 
 
 # ---- config errors -----------------------------------------------------------------------------

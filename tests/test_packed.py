@@ -17,7 +17,7 @@ from harness.errors import ConfigError
 from harness.members.packed import Member, StackedAdamW, check_members, train_packed
 from harness.training.train import train
 from tasks.modular_addition import loss_fn, make_model, ModularData
-from tasks.modular_addition_packed import PackedModular
+from tasks.modular_addition import PackedModular
 
 STEP = "trainer/global_step"
 # p=11, a 16-d embedding, 8 hidden units: a member step is well under a millisecond.
@@ -130,9 +130,9 @@ def test_packed_training_losses_equal_solo_for_100_steps_in_float64(model):
 def test_packed_training_losses_stay_within_float32_rounding_of_solo_over_1000_steps():
     # Batched kernels and the fused optimizer round differently from the solo step, and training
     # amplifies rounding. The floor: the same solo run with its initial weights moved by one float32
-    # ulp drifts by 8.4e-4, 4.5e-3 and 7.5e-3 relative over these 1000 steps (the losses fall to
+    # ulp drifts by 1.1e-3, 8.8e-3 and 2.8e-3 relative over these 1000 steps (the losses fall to
     # ~1e-3, where the noise is a larger share), so the issue's 1e-3 is below what float32 allows
-    # here. Measured packed vs solo: 1.1e-3, 6.3e-3, 8.1e-3; a wrong gradient or update is >> 1e-2.
+    # here. Measured packed vs solo: 9.2e-4, 1.0e-2, 4.8e-7; a wrong gradient or update is >> 1e-2.
     members = cfgs(("seed=0",), ("seed=1", "optim.lr=0.003", "optim.weight_decay=0.3"),
                    ("seed=2", "data.train_fraction=0.6", "model.init_scale=0.5"), steps=1000)
     block, packed = packed_losses(members, 1000)
@@ -182,9 +182,12 @@ def test_packed_member_logs_what_its_solo_run_logs(solo_and_packed):
         assert list(ha) == list(hb) == list(range(0, 601, 20))
     # float32: batched kernels round differently and training amplifies it. Measured: 2e-7 over the
     # first 100 steps for both; over 600 steps 1.2e-2 for the member at lr 1e-2 (it groks: val/loss
-    # rises 2x, then falls to 0.03, where float32 noise is a larger share) and below 1e-3 for the one
-    # at the PAIR lr 1e-3. The grokking steps agree (next test).
-    for s, p, bound in zip(solo, packed, (5e-2, 1e-3)):
+    # rises 2x, then falls to 0.03, where float32 noise is a larger share) and, for the one at the PAIR
+    # lr 1e-3 (val/loss rising from 3.2 to 10.8 while it memorises), below 1e-3 with the solo model of
+    # before issue 20 and 1.8e-3 since the solo run uses the task's one model (batched products,
+    # index_select): rounding that moves with the order of the sums; a wrong gradient or update is
+    # >> 1e-2. The grokking steps agree (next test).
+    for s, p, bound in zip(solo, packed, (5e-2, 4e-3)):
         ha, hb = run_history(root, s["_run_id"], "val/loss"), run_history(root, p.run_id, "val/loss")
         assert rel([hb[k] for k in (20, 40, 60, 80, 100)], [ha[k] for k in (20, 40, 60, 80, 100)]) < 1e-5
         assert rel(list(hb.values()), list(ha.values())) < bound

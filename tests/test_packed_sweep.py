@@ -129,3 +129,40 @@ def test_sigkill_of_the_controller_reopens_every_unfinished_member(tmp_path):
     assert sorted((r["state"], r["params"]["seed"]) for r in state["runs"]) == [
         ("finished", 0), ("finished", 1), ("killed", 0), ("killed", 1)]  # both points ran again, once
     assert sorted(r["id"] for r in state["runs"] if r["state"] == "killed") == killed
+
+
+RESUMABLE = ["task=modular_addition", "data.p=11", "model.embed_dim=16", "model.hidden=8", "trainer.eval_every=20",
+             "trainer.steps=200", "trainer.ckpt_every=100", "trainer.progress_bar=false", "trainer.threads=1"]
+
+
+def _summary(proc) -> dict:
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def _train_block(run_id: str, tmp_path):
+    spec = tmp_path / f"block-{run_id}.json"
+    spec.write_text(json.dumps({"members": [{"overrides": RESUMABLE, "run_id": run_id}]}))
+    return harness("train-packed", str(spec))
+
+
+def test_a_point_preempted_in_a_block_resumes_alone_and_a_solo_point_in_a_block(tmp_path):
+    """Issue 18 point 7: a run's resume point is honoured whichever way it is started again. The
+    resume points are the step-100 checkpoints (trainer.ckpt_every) that a 200-step run leaves."""
+    ckpts = tmp_path / "wandb" / "checkpoints"
+    # packed.pt, then `harness train` with the same run id: a block of one, from step 100
+    first = _summary(_train_block("packedfirst", tmp_path))
+    assert os.listdir(ckpts / "packedfirst") == ["packed.pt"]
+    again = harness("train", *RESUMABLE, env={"WANDB_RUN_ID": "packedfirst"})
+    assert "resumes from its packed checkpoint" in again.stderr
+    resumed = _summary(again)
+    assert resumed["trainer/resumed_from_step"] == 100
+    assert resumed["val/loss"]["last"] == first["val/loss"]["last"]  # the same trajectory, bit for bit
+    assert os.listdir(ckpts / "packedfirst") == ["packed.pt"]  # one format per run: no last.ckpt beside it
+
+    # last.ckpt, then a block holding that run id: it continues as the solo run it was
+    solo = _summary(harness("train", *RESUMABLE, env={"WANDB_RUN_ID": "solofirst"}))
+    assert os.listdir(ckpts / "solofirst") == ["last.ckpt"]
+    block = _summary(_train_block("solofirst", tmp_path))
+    assert block["trainer/resumed_from_step"] == 100
+    assert block["val/loss"]["last"] == solo["val/loss"]["last"]
+    assert os.listdir(ckpts / "solofirst") == ["last.ckpt"]

@@ -124,6 +124,14 @@ def test_local_sweep_runs_the_grid_with_one_consistent_config(tmp_path):
     # The environment wandb agent sets reached the run: its id is the one the controller chose.
     state = json.load(open(f"wandb/sweep-{sweep_id}/state.json"))
     assert {r["id"] for r in state["runs"]} == set(runs["id"])
+    # The controller learnt each run's metric from the result file the run wrote (not from its log):
+    # the best val/loss of the run's own W&B summary (the sweep's metric, goal minimize).
+    for r in state["runs"]:
+        with open(f"wandb/sweep-{sweep_id}/{r['id']}.result.json") as f:
+            result = json.load(f)[r["id"]]
+        assert result["state"] == "finished" and result["exitcode"] == 0
+        best = runs.set_index("id").loc[r["id"], "summary.val/loss.min"]
+        assert r["summary"] == {"val/loss": result["summary"]["val/loss"]["min"]} and r["summary"]["val/loss"] == best
     # harness runs exports the same table.
     harness("runs", "wandb", "--sweep", sweep_id, "-o", "runs.csv")
     harness("runs", "wandb", "--sweep", sweep_id, "-o", "runs.parquet")

@@ -50,6 +50,7 @@ import wandb
 from torch.optim.adamw import adamw  # torch.optim.AdamW's functional form
 
 from harness.config.registry import task_module
+from harness.config import results
 from harness.config.run import RunConfig, flatten, load_config, to_dict
 from harness.errors import ConfigError
 from harness.training import artifacts, checkpoint
@@ -350,11 +351,57 @@ def check_members(cfgs: list[RunConfig]) -> None:
         raise ConfigError(f"trainer.devices={t.devices}: a packed block runs in one process on one device")
 
 
+def solo_resume_point(cfg: RunConfig, run_id: str | None) -> str | None:
+    """A member's `last.ckpt` when it was preempted as a solo run (and has no packed.pt since)."""
+    if not run_id:
+        return None
+    directory = checkpoint.ckpt_dir(cfg, run_id)
+    if os.path.isfile(os.path.join(directory, PACKED_CKPT)):
+        return None
+    return checkpoint.resume_path(directory)
+
+
+def packed_resume_point(cfg: RunConfig, run_id: str | None) -> str | None:
+    """A run's `packed.pt` when it was preempted inside a block and has no solo `last.ckpt` since:
+    `harness train` then resumes it as a block of one (issue 18 point 7)."""
+    if not run_id:
+        return None
+    directory = checkpoint.ckpt_dir(cfg, run_id)
+    path = os.path.join(directory, PACKED_CKPT)
+    return path if os.path.isfile(path) and checkpoint.resume_path(directory) is None else None
+
+
+def _train_solo(member: Member) -> None:
+    """A member whose resume point is a solo run's last.ckpt continues as that solo run (Lightning's
+    resume), with the environment a solo run of the sweep has; its outcome is recorded as a member's."""
+    from harness.training.train import train
+
+    with _as_solo_run(member):
+        try:
+            member.summary = train(member.cfg, member.overrides) or {}
+            member.state = "finished"
+        except checkpoint.Preempted:
+            member.state = "preempted"
+        except NonFiniteLoss as e:
+            member.state, member.error = "failed", str(e)
+
+
 def train_packed(members: list[Member]) -> list[Member]:
     """Train the members as one block; every member ends finished, failed or preempted (its W&B run
     finished with exit code 0, 1 or 143). Members resumed at different steps are trained as separate
-    blocks, one after the other. Returns the members; wandb has written every run file on return."""
+    blocks, one after the other; a member whose resume point is a solo run's last.ckpt resumes as
+    that solo run. Returns the members; wandb has written every run file on return."""
     check_members([m.cfg for m in members])
+    for m in members:
+        if solo_resume_point(m.cfg, m.run_id):
+            _train_solo(m)
+    members_left = [m for m in members if m.state == "running"]
+    if members_left:
+        _train_blocks(members_left)
+    return members
+
+
+def _train_blocks(members: list[Member]) -> None:
     try:
         for m in members:
             _open_run(m)
@@ -376,7 +423,6 @@ def train_packed(members: list[Member]) -> list[Member]:
         raise
     finally:
         wandb.teardown()  # returns once every run file has its exit record (see harness.training.train._finish)
-    return members
 
 
 def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
@@ -510,17 +556,17 @@ def run_spec(path: str) -> int:
     Exit status: 0 all finished, 143 preempted by SIGTERM, 1 a member failed."""
     with open(path) as f:
         spec = json.load(f)
-    members = members_from_spec(spec)
+    return run_members(members_from_spec(spec), spec.get("results"))
+
+
+def run_members(members: list[Member], results_path: str | None = None) -> int:
+    """Train the members, write their outcomes to `results_path` (if given), print one JSON line per
+    member; the exit status of run_spec."""
     try:
         train_packed(members)
     finally:
-        results = {m.run_id: {"state": m.state, "exitcode": {"finished": 0, "preempted": 143}.get(m.state, 1),
-                              "summary": m.summary, "error": m.error} for m in members if m.run_id}
-        if spec.get("results"):
-            tmp = spec["results"] + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(results, f, default=str)
-            os.replace(tmp, spec["results"])
+        results.write_results(results_path, {m.run_id: results.entry(m.state, m.summary, m.error)
+                                             for m in members if m.run_id})
     for m in members:
         print(tracking.result_line({"_run_id": m.run_id, "_state": m.state, **m.summary}), flush=True)
     if any(m.state == "preempted" for m in members):

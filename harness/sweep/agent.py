@@ -19,6 +19,7 @@ import yaml
 from filelock import FileLock
 
 from harness.config.resources import available_cpus
+from harness.config.results import RESULT_ENV, read_results, result_path
 from harness.errors import UserError
 from harness.sweep.engine import expand_command, next_params
 from harness.sweep.spec import check_stops, grid_size, varied_keys
@@ -76,20 +77,13 @@ def run_env(cfg: dict, sweep_id: str, run_id: str, param_path: str, root: str, w
     env.update(local_sweep_env(cfg, sweep_id))
     env.update(WANDB_RUN_ID=run_id, HARNESS_SWEEP_PARAM_PATH=param_path,
                WANDB_DIR=os.path.dirname(os.path.abspath(root)))
+    if run_id:  # where the run writes its result (a packed block is told its block's file instead)
+        env[RESULT_ENV] = result_path(os.path.join(os.path.abspath(root), f"sweep-{sweep_id}"), run_id)
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("OMP_NUM_THREADS", str(threads_per_run(workers)))  # one set by the user wins
     # `python` in the command must be this environment's interpreter, as if it were activated.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env
-
-
-def _last_json(log_path: str) -> dict:
-    try:
-        with open(log_path) as f:
-            lines = [line for line in f.read().splitlines() if line.startswith("{")]
-        return json.loads(lines[-1]) if lines else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def _outcome(code: int) -> str:
@@ -167,8 +161,12 @@ class Agent:
             k = 1 + [r["id"] for r in state["runs"] if r["state"] != "killed"].index(run["id"])
             return run, resumed, k
 
-    def record(self, run_id: str, code: int, seconds: float) -> str:
-        summary = _last_json(os.path.join(self.path, f"{run_id}.log"))
+    def record(self, run_id: str, code: int, seconds: float, summary: dict | None = None) -> str:
+        """The run's outcome into state.json: its state by exit code, its sweep metric from the result
+        file it wrote (harness.config.results), or from `summary` where the caller has read it."""
+        if summary is None:
+            summary = (read_results(result_path(self.path, run_id)).get(run_id) or {}).get("summary") or {}
+        summary = dict(summary)
         if isinstance(summary.get(self.metric), dict):
             # Declared with summary "min,last" / "max,last" (val/loss, val/acc: contract C2), the
             # metric is {"min": ..., "last": ...}: the engine gets the best value, as W&B's engine

@@ -19,6 +19,7 @@ import threading
 import time
 
 from harness.config.resources import available_cpus
+from harness.config.results import read_results
 from harness.errors import ConfigError, UserError
 from harness.sweep.agent import Agent, die_with_parent, run_env
 from harness.sweep.engine import next_params
@@ -162,8 +163,8 @@ class PackedAgent(Agent):
             order = [r["id"] for r in state["runs"] if r["state"] != "killed"]
             return [(run, resumed, 1 + order.index(run["id"])) for run, resumed in block]
 
-    def launch_block(self, runs: list[dict]) -> dict[str, int]:
-        """Run one packed process for `runs`; return each member's exit code (0, 1 or 143)."""
+    def launch_block(self, runs: list[dict]) -> tuple[dict[str, int], dict[str, dict]]:
+        """Run one packed process for `runs`; return each member's exit code (0, 1 or 143) and summary."""
         from wandb.sdk.lib import config_util
 
         tag = runs[0]["id"]
@@ -186,7 +187,7 @@ class PackedAgent(Agent):
         with open(os.path.join(self.path, f"pack-{tag}.log"), "a") as log:
             with self.procs_lock:
                 if self.stopping.is_set():
-                    return {r["id"]: 143 for r in runs}
+                    return {r["id"]: 143 for r in runs}, {}
                 proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         preexec_fn=die_with_parent if sys.platform == "linux" else None)
                 self.procs[tag] = proc
@@ -195,20 +196,16 @@ class PackedAgent(Agent):
             finally:
                 with self.procs_lock:
                     self.procs.pop(tag, None)
-        try:
-            with open(results) as f:
-                outcome = json.load(f)
-        except (OSError, ValueError):
-            outcome = {}
-        codes = {}
+        outcome = read_results(results)  # each member's, from the block (harness.members.packed.run_members)
+        codes, summaries = {}, {}
         for run in runs:
             entry = outcome.get(run["id"])
             codes[run["id"]] = entry["exitcode"] if entry else code
-            if entry:  # the line Agent.record reads the sweep metric from, as from a solo run's log
+            summaries[run["id"]] = (entry or {}).get("summary") or {}
+            if entry:  # a pointer for whoever reads the member's log
                 with open(os.path.join(self.path, f"{run['id']}.log"), "a") as f:
                     f.write(f"packed in block {tag} (log pack-{tag}.log)\n")
-                    f.write(json.dumps(entry.get("summary") or {}, default=str) + "\n")
-        return codes
+        return codes, summaries
 
     def worker(self) -> None:
         try:
@@ -223,9 +220,11 @@ class PackedAgent(Agent):
                 runs = [run for run, _, _ in block]
                 t0 = time.time()
                 try:
-                    codes = self.refuse_invalid(runs)
+                    codes, summaries = self.refuse_invalid(runs), {}
                     healthy = [run for run in runs if run["id"] not in codes]
-                    codes.update(self.launch_block(healthy) if healthy else {})
+                    if healthy:
+                        launched, summaries = self.launch_block(healthy)
+                        codes.update(launched)
                 except BaseException:
                     for run in runs:
                         self.record(run["id"], 1, time.time() - t0)
@@ -234,7 +233,8 @@ class PackedAgent(Agent):
                     with self.busy_lock:
                         self.busy -= 1
                 for run in runs:
-                    self.outcomes.append(self.record(run["id"], codes[run["id"]], time.time() - t0))
+                    self.outcomes.append(self.record(run["id"], codes[run["id"]], time.time() - t0,
+                                                     summaries.get(run["id"], {})))
         except BaseException as e:
             self.errors.append(f"{type(e).__name__}: {e}")
             self.stopping.set()

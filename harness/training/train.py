@@ -14,18 +14,17 @@ import wandb
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from harness.config.registry import task_module
 from harness.config.run import RunConfig
 from harness.errors import ConfigError
-from harness.training import artifacts, checkpoint
-from harness.training import tracking
+from harness.training import artifacts, checkpoint, tracking
 from harness.training.data import DeviceDataModule
 from harness.training.evaluation import EvalAtStart, FinalEval
-from harness.training.progress import StepProgressBar, enabled as progress_enabled
+from harness.training.progress import StepProgressBar
+from harness.training.progress import enabled as progress_enabled
 
 
 @dataclass
@@ -59,7 +58,11 @@ def backward(module: L.LightningModule, loss: torch.Tensor) -> None:
 
 
 def optimizer_step(module: L.LightningModule, opt) -> None:
-    """`opt.step()` of a LightningOptimizer, keeping its step count (global_step), without hooks."""
+    """`opt.step()` of a LightningOptimizer, keeping its step count (global_step), without hooks.
+
+    `_on_before_step`/`_on_after_step` are Lightning's private step counters (what LightningOptimizer.step
+    calls around the strategy's step): pyproject.toml pins lightning below the next minor release and
+    tests/test_lightning_private.py fails when they move. Without them only the slower public step."""
     if _plain_steps(module) and hasattr(opt, "_on_before_step") and hasattr(opt, "_on_after_step"):
         opt._on_before_step()
         opt.optimizer.step()
@@ -263,8 +266,8 @@ def _end_other_ranks(trainer: L.Trainer) -> None:
     the ranks Lightning launched have nothing left to do, and one caught in a collective would wait
     for rank 0 forever (seen here after SIGTERM: Lightning broadcasts from its signal handler). End
     them, as Lightning itself does on Ctrl-C."""
-    launcher = trainer.strategy.launcher
-    if isinstance(launcher, _SubprocessScriptLauncher):
+    launcher = trainer.strategy.launcher  # None in one process; kill() is every launcher's interface
+    if launcher is not None:
         launcher.kill(signal.SIGKILL)
 
 
