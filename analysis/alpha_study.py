@@ -93,7 +93,7 @@ def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, history: pd.DataFrame | 
 def plot(result: dict, out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax_leg) = plt.subplots(2, 1, figsize=(6, 6.2), gridspec_kw={"height_ratios": [4.3, 1.9]})
+    fig, (ax, ax_leg) = plt.subplots(2, 1, figsize=(6, 5.6), gridspec_kw={"height_ratios": [4.3, 1.3]})
     grid = np.linspace(0.05, max(0.85, max(r["zipf_alpha"] for r in result["groups"]) + 0.05), 50)
     ax.plot(grid, grid, "-", color="C0", alpha=0.4, label="asymptotic theory alpha_N = alpha")
     ax.plot(grid, grid / (grid + 1), "-", color="C1", alpha=0.4, label="asymptotic theory alpha_D = alpha/(alpha+1)")
