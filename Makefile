@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 export HARNESS_DATA_DIR ?= $(abspath ../shared/data)
 OUT ?= out
 WORKERS ?= 2
+PACK ?= 15
 
 .PHONY: setup run test test-all layering
 
@@ -18,11 +19,12 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
-# The main job: the offline sparse-parity width sweep, then its scaling analysis.
+# The main job: the offline sparse-parity width sweep (10 widths x 3 seeds, packed: two single-threaded
+# processes of 15 runs each, docs/packing.md), then its scaling analysis.
 run: setup
 	mkdir -p $(OUT)
 	WANDB_MODE=offline $(VENV)/bin/harness sweep sweeps/sparse_parity_width_smoke.yaml --local \
-		--workers $(WORKERS) --wandb-dir $(OUT)/wandb | tail -n 1 > $(OUT)/sweep_id
+		--workers $(WORKERS) --pack $(PACK) --wandb-dir $(OUT)/wandb | tail -n 1 > $(OUT)/sweep_id
 	$(PY) -m analysis.scaling $(OUT)/wandb --sweep $$(cat $(OUT)/sweep_id) --out $(OUT)/scaling
 
 test: setup

@@ -2,7 +2,10 @@
 
 The fit is on log L with the log-sum-exp form (log L = LSE(a_i - alpha_i log x_i, e), A_i = exp(a_i),
 E = exp(e)), a Huber loss (delta 1e-3), and scipy's L-BFGS-B from a grid of initial values;
-intervals come from a bootstrap over data points.
+intervals come from a bootstrap over data points, or over seeds within each x (`strata`: a cluster
+bootstrap that keeps the design's x values and resamples what varies between seeds). Every resample
+is fitted from a grid of starting points (`_boot_grid`), never from the full-data optimum: starting
+there would pull each resample towards the full-data answer and narrow the interval.
 
 `scipy.optimize.least_squares(loss="huber", f_scale=delta)` minimises the same cost (for |r| <= delta
 both are r^2/2, beyond it delta |r| - delta^2/2). It is not used because it builds and factors a
@@ -117,6 +120,37 @@ def _grid(d: int, logL: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def _boot_grid(d: int, logL: np.ndarray) -> list[np.ndarray]:
+    """Starting points of every bootstrap resample: 4 corners of the grid per term (coefficient,
+    exponent, offset: small and large exponents, E ~ 0 and E just below the smallest loss) against the
+    full grid's 48; tests/test_fits.py checks they reach the full grid's optimum."""
+    e_low, e_high = -8.0, float(np.min(logL)) - 0.1
+    corners = [(5.0, 0.5, e_low), (10.0, 0.5, e_high), (0.0, 0.1, e_high), (10.0, 1.0, e_low)]
+    return [np.array([a] * d + [al] * d + [e]) for a, al, e in corners]
+
+
+def resample_indices(n: int, strata, rng: np.random.Generator) -> np.ndarray:
+    """One bootstrap resample of n points: over all points (strata None), or within each stratum
+    (the same number of points from each, drawn with replacement among its own)."""
+    if strata is None:
+        return rng.integers(0, n, n)
+    strata = np.asarray(strata)
+    out = []
+    for s in np.unique(strata):
+        members = np.flatnonzero(strata == s)
+        out.append(members[rng.integers(0, len(members), len(members))])
+    return np.sort(np.concatenate(out))
+
+
+def _check_strata(strata, n: int):
+    if strata is None:
+        return None
+    strata = np.asarray(strata)
+    if strata.shape != (n,):
+        raise FitError(f"strata must label each of the {n} points, got shape {strata.shape}")
+    return strata
+
+
 def _fit_once(logX, logL, delta, inits) -> tuple[np.ndarray, float]:
     from threadpoolctl import threadpool_limits
 
@@ -163,15 +197,17 @@ def _check_inits(inits, d: int) -> list[np.ndarray]:
 
 
 def fit_scaling_law(X, L, delta: float = 1e-3, n_bootstrap: int = 200, ci: float = 0.95,
-                    seed: int = 0, inits=None) -> Fit:
+                    seed: int = 0, inits=None, strata=None) -> Fit:
     """Fit L = E + sum_i A_i X[:, i]^-alpha_i. X: [n] or [n, d] positive; L: [n] positive.
 
     `n_bootstrap`: 0 = no intervals, else >= 2 resamples (percentile intervals at level `ci`).
-    `inits`: starting points [k, 2d+1] (list or ndarray; default a grid). Problems the numbers hide
+    `inits`: starting points [k, 2d+1] (list or ndarray; default a grid). `strata`: a label per point
+    (e.g. its x): resample within each label (seeds within widths) instead of over all points. Problems the numbers hide
     (an exponent on its bound, an interval of zero width, E that vanishes) are warned about
     (`FitWarning`) and listed in `fit.warnings`.
     """
     X, L = _check_inputs(X, L)
+    strata = _check_strata(strata, len(L))
     if n_bootstrap and n_bootstrap < 2:
         raise FitError(f"n_bootstrap={n_bootstrap}: an interval needs >= 2 resamples (0 = no intervals)")
     logX, logL = np.log(X), np.log(L)
@@ -184,18 +220,20 @@ def fit_scaling_law(X, L, delta: float = 1e-3, n_bootstrap: int = 200, ci: float
         rng = np.random.default_rng(seed)
         samples = []
         for _ in range(n_bootstrap):
-            idx = rng.integers(0, len(L), len(L))
+            idx = resample_indices(len(L), strata, rng)
             if len(np.unique(idx)) < 3:
                 continue
-            # Start from the full-data optimum: a whole grid per resample costs 100x and moves nothing.
-            th, _ = _fit_once(logX[idx], logL[idx], delta, [theta])
+            th, _ = _fit_once(logX[idx], logL[idx], delta, _boot_grid(d, logL[idx]))
             samples.append(th)
         if len(samples) < 2:
             raise FitError(f"only {len(samples)} of {n_bootstrap} bootstrap resamples had >= 3 distinct points "
                            f"({len(L)} points): too few to form an interval")
         s = np.array(samples)
         lo, hi = (1 - ci) / 2 * 100, (1 + ci) / 2 * 100
-        pct = lambda v: (float(np.percentile(v, lo)), float(np.percentile(v, hi)))
+
+        def pct(v):
+            return float(np.percentile(v, lo)), float(np.percentile(v, hi))
+
         fit.E_ci = pct(np.exp(s[:, -1]))
         fit.A_ci = [pct(np.exp(s[:, i])) for i in range(d)]
         fit.alpha_ci = [pct(s[:, d + i]) for i in range(d)]
@@ -239,10 +277,12 @@ class LogLogFit:
     n_bootstrap: int
 
 
-def fit_loglog(x, L, n_bootstrap: int = 200, ci: float = 0.95, seed: int = 0) -> LogLogFit:
+def fit_loglog(x, L, n_bootstrap: int = 200, ci: float = 0.95, seed: int = 0, strata=None) -> LogLogFit:
     """Plain log-log linear regression of L on x (the quantization-model paper's fit, in bits there:
-    the unit moves the intercept only, never the slope). Interval: bootstrap over points."""
+    the unit moves the intercept only, never the slope). Interval: bootstrap over points, or over
+    seeds within each stratum (`strata`, e.g. the x of each point)."""
     X, L = _check_inputs(x, L)
+    strata = _check_strata(strata, len(L))
     if X.shape[1] != 1:
         raise FitError(f"fit_loglog takes one x variable, got {X.shape[1]}")
     if n_bootstrap and n_bootstrap < 2:
@@ -254,7 +294,7 @@ def fit_loglog(x, L, n_bootstrap: int = 200, ci: float = 0.95, seed: int = 0) ->
         rng = np.random.default_rng(seed)
         slopes = []
         for _ in range(n_bootstrap):
-            idx = rng.integers(0, len(L), len(L))
+            idx = resample_indices(len(L), strata, rng)
             if len(np.unique(lx[idx])) < 2:
                 continue
             slopes.append(-np.polyfit(lx[idx], ly[idx], 1)[0])

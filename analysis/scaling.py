@@ -2,9 +2,15 @@
 
     python -m analysis.scaling SOURCE [--sweep ID] --out DIR
 
-Writes DIR/scaling.json (alpha_N, alpha_N_ci, the paper's plain log-log alpha_N_plain, E, A, n_runs,
-the theory alpha, per run the subtasks learned), DIR/quanta_vs_params.png (per-subtask drops beside the
-mean loss and its fit), DIR/loss_vs_params.png, DIR/learned_vs_params.png and DIR/report.md.
+Prints, each labelled, the measured alpha_N (the paper's plain log-log fit of the loss in bits, and the
+offset fit E + A N^-alpha), the quantization model's prediction for the runs' own design
+(analysis.design: alpha_N_design) and the asymptotic alpha, with intervals over seeds (a cluster
+bootstrap: every width kept, its seeds resampled), and warnings naming the runs (fewer than 5
+widths, E on its bound, runs still learning at the end: analysis.fit_checks).
+Writes DIR/scaling.json (alpha_N and alpha_N_primary, alpha_N_plain, alpha_N_offset, alpha_N_design,
+each with _ci; E, A, the theory alpha, warnings, per run its seed and the subtasks learned),
+DIR/quanta_vs_params.png, DIR/loss_vs_params.png, DIR/learned_vs_params.png (analysis.scaling_plots,
+in bits) and DIR/report.md.
 """
 from __future__ import annotations
 
@@ -14,10 +20,11 @@ import os
 import numpy as np
 import pandas as pd
 
-from analysis import plots as P
 from analysis.common import final_metric_column, main_guard, parse_args, write_outputs
+from analysis.design import N_KEY, design_alpha, design_alpha_ci, design_frequencies, predicted_loss, run_frequencies
+from analysis.fit_checks import few_x, offset_on_bound, still_learning, still_learning_warning
+from analysis.fits import FitError, fit_loglog, fit_power_law
 from analysis.study import Section, has_task, numbers, task_runs
-from analysis.fits import fit_loglog, fit_power_law
 from harness.errors import UserError
 
 X_KEY = "summary.model/params"
@@ -84,19 +91,26 @@ def convergence_slope(first_step: dict[int, int], run: pd.Series) -> float | Non
     """Slope of log(step a subtask is first learned) against log(its frequency p_t), over the subtasks
     learned after step 0 (>= 3 needed). The quantization model predicts ~ -1 (steps ~ 1/p_t).
     p_t ~ (t + offset)^-(zipf_alpha + 1), t = 1..n_tasks, from the run's config."""
-    a, n = run.get("config.data.zipf_alpha"), run.get("config.data.n_tasks")
-    off = run.get("config.data.offset", 0.0)
     pts = [(i, t) for i, t in first_step.items() if t > 0]
-    if a is None or n is None or pd.isna(a) or pd.isna(n) or len(pts) < 3:
+    p = run_frequencies(run)
+    if p is None or len(pts) < 3:
         return None
-    off = 0.0 if off is None or pd.isna(off) else float(off)
-    p = (np.arange(1, int(n) + 1) + off) ** -(float(a) + 1)
-    p /= p.sum()
     i, t = np.array(pts, float).T
     return float(np.polyfit(np.log(p[i.astype(int)]), np.log(t), 1)[0])
 
 
-def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, curves: pd.DataFrame | None = None) -> dict:
+SEED_KEY = "config.seed"
+
+
+def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, curves: pd.DataFrame | None = None,
+            history: pd.DataFrame | None = None) -> dict:
+    """Fit alpha_N over the finished runs of one data budget and one Zipf exponent; beside it the
+    quantization model's prediction for this design (analysis.design) and the asymptotic alpha.
+
+    Intervals: a cluster bootstrap that keeps every width and resamples its seeds (its runs) with
+    replacement, so they measure what varies between seeds; with one run per width that is no
+    interval (a warning says so). `history` (run_id, step, val/loss, val/n_learned) feeds the
+    still-learning check; None skips it."""
     good, bad = select_runs(runs)
     if len(good) < 3:
         raise UserError(f"need >= 3 finished runs to fit a scaling law, found {len(good)} "
@@ -110,41 +124,83 @@ def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, curves: pd.DataFrame | N
                         f"D = {_d_label(good)} (data.n_train_samples in this source: {Ds[:6]}"
                         f"{' ...' if len(Ds) > 6 else ''}): runs varying D at a fixed width are data scaling, "
                         "see analysis.data_scaling")
-    good = good.sort_values(X_KEY)
+    if SEED_KEY not in good:
+        good = good.assign(**{SEED_KEY: np.nan})
+    good = good.sort_values([X_KEY, SEED_KEY])
+    ids = good["id"].tolist()
     x = good[X_KEY].astype(float).to_numpy()
     y = good[final_metric_column(good, LOSS)].astype(float).to_numpy()
-    fit = fit_power_law(x, y, n_bootstrap=n_bootstrap)
+    runs_per_x = good.groupby(X_KEY)["id"].count()
+    # One run per size: resampling within sizes would change nothing, so points are resampled.
+    strata = x if runs_per_x.min() >= 2 else None
+    fit = fit_power_law(x, y, n_bootstrap=n_bootstrap, strata=strata)
     # The paper's own fit: a straight line in log-log, loss in bits, no offset.
-    plain = fit_loglog(x, y / math.log(2), n_bootstrap=n_bootstrap)
+    plain = fit_loglog(x, y / math.log(2), n_bootstrap=n_bootstrap, strata=strata)
+    design = design_prediction(good, x, n_bootstrap, strata)
     theory = sorted(set(good[THEORY_KEY].astype(float))) if THEORY_KEY in good else []
     learned = good["summary.emergence/n_learned"].astype(float).tolist() if "summary.emergence/n_learned" in good else []
     per_run = subtask_learning(curves, good)
     for rid, info in per_run.items():
         info["convergence_slope"] = convergence_slope(info["first_step"], good[good["id"] == rid].iloc[0])
-    below = (good["summary.emergence/n_below_end"].astype(float).tolist()
-             if "summary.emergence/n_below_end" in good else [None] * len(good))
+    below = (good[N_KEY].astype(float).tolist() if N_KEY in good else [None] * len(good))
+    labels = {i: f"width {w} seed {s}" for i, w, s in zip(ids, good.get("config.model.width", x), good[SEED_KEY])}
+    checks = [few_x(x, ids, "parameter counts"), offset_on_bound(fit.E, y, ids)]
+    if strata is None:
+        checks.append(f"one run per width (runs {', '.join(ids)}): the interval resamples widths, not seeds, and "
+                      "cannot say how much a width's loss varies between seeds; train >= 3 seeds per width")
+    flagged = still_learning(history[history["run_id"].isin(ids)]) if history is not None and len(history) else []
+    checks.append(still_learning_warning(flagged, labels))
+    e_bound = offset_on_bound(fit.E, y, ids) is not None
+    primary = "plain" if e_bound else "offset"
     return {
-        "alpha_N": fit.alpha[0],
-        "alpha_N_ci": list(fit.alpha_ci[0]) if fit.alpha_ci else None,
+        "alpha_N": plain.alpha if e_bound else fit.alpha[0],
+        "alpha_N_ci": (list(plain.alpha_ci) if plain.alpha_ci else None) if e_bound
+        else (list(fit.alpha_ci[0]) if fit.alpha_ci else None),
+        "alpha_N_primary": primary,
         "alpha_N_plain": plain.alpha, "alpha_N_plain_ci": list(plain.alpha_ci) if plain.alpha_ci else None,
+        "alpha_N_offset": fit.alpha[0], "alpha_N_offset_ci": list(fit.alpha_ci[0]) if fit.alpha_ci else None,
+        "alpha_N_design": design.get("alpha"), "alpha_N_design_ci": design.get("ci"),
+        "design_note": design.get("note"),
+        "interval": (f"cluster bootstrap over seeds: every width kept, its runs resampled with replacement "
+                     f"({fit.n_bootstrap} resamples, percentile 95%)") if strata is not None
+        else f"bootstrap over runs ({fit.n_bootstrap} resamples, percentile 95%; one run per width)",
+        "runs_per_width": {str(int(k)): int(v) for k, v in runs_per_x.items()},
         "n_bootstrap": fit.n_bootstrap, "fit_warnings": fit.warnings,
-        "convergence_slope_largest": (per_run.get(good["id"].iloc[-1]) or {}).get("convergence_slope"),
+        "warnings": [w for w in checks if w],
+        "still_learning": flagged,
+        "convergence_slope_largest": (per_run.get(ids[-1]) or {}).get("convergence_slope"),
         "E": fit.E, "E_ci": list(fit.E_ci) if fit.E_ci else None,
-        "A": fit.A[0],
+        "A": fit.A[0], "plain_intercept_bits": plain.intercept,
         "theory_alpha": theory[0] if len(theory) == 1 else theory,
-        "n_runs": len(good),
+        "n_runs": len(good), "n_widths": int(n_sizes),
         "excluded_runs": [{"id": r.id, "state": r.state} for r in bad.itertuples()],
         "data_budget": _d_label(good), "zipf_alphas_in_source": alphas,
         "other_data_runs": [{"id": i, "n_train_samples": int(d) if pd.notna(d) else 0}
                             for i, d in zip(other_data["id"], other_data.get(D_KEY, [0] * len(other_data)))],
-        "points": [{"id": i, "width": w, "params": p, "loss": l, "n_learned": n, "n_below_end": b,
+        "points": [{"id": i, "width": w, "seed": None if pd.isna(sd) else int(sd), "params": p, "loss": loss,
+                    "n_learned": n, "n_below_end": b, "predicted_loss": pl,
                     **({k: per_run[i][k] for k in ("learned", "below_end", "top_ranks", "final_loss", "first_step",
                                                     "convergence_slope")}
                        if i in per_run else {})}
-                   for i, w, p, l, n, b in zip(good["id"], good.get("config.model.width", [None] * len(good)), x, y,
-                                               learned or [None] * len(good), below)],
+                   for i, w, sd, p, loss, n, b, pl in zip(ids, good.get("config.model.width", [None] * len(good)),
+                                                       good[SEED_KEY], x, y, learned or [None] * len(good), below,
+                                                       design.get("predicted", [None] * len(good)))],
         "loss_units": "nats",
     }
+
+
+def design_prediction(good: pd.DataFrame, x: np.ndarray, n_bootstrap: int, strata) -> dict:
+    """alpha_N predicted for these runs' own design from the subtasks each learned (analysis.design),
+    with its interval over the same resamples as the plain fit; or a note why there is none."""
+    if N_KEY not in good or good[N_KEY].isna().any():
+        return {"note": f"no {N_KEY} on every run: no design prediction"}
+    try:
+        p = design_frequencies(good)
+        n = good[N_KEY].astype(float).to_numpy()
+        return {"alpha": design_alpha(x, n, p), "ci": design_alpha_ci(x, n, p, strata, n_bootstrap),
+                "predicted": predicted_loss(n, p).tolist()}
+    except FitError as e:
+        return {"note": f"no design prediction: {e}"}
 
 
 def one_alpha(runs: pd.DataFrame) -> tuple[pd.DataFrame, float | None, list[float]]:
@@ -166,105 +222,54 @@ def _d_label(runs: pd.DataFrame) -> str:
 
 
 def plot(result: dict, out_dir: str) -> list[str]:
-    import matplotlib
+    from analysis.scaling_plots import plot as draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = result["points"]
-    x = np.array([p["params"] for p in pts], float)
-    y = np.array([p["loss"] for p in pts], float)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.loglog(x, y, "o", label="runs (final test loss)")
-    xs = np.logspace(np.log10(x.min()), np.log10(x.max()), 100)
-    E, A, a = result["E"], result["A"], result["alpha_N"]
-    lo, hi = result["alpha_N_ci"] or (a, a)
-    ax.loglog(xs, E + A * xs ** -a, "-", label=f"fit: {E:.3g} + {A:.3g} N^-{a:.3f} (95% CI {lo:.2f}..{hi:.2f})")
-    theory = result["theory_alpha"]
-    if isinstance(theory, float):
-        # Slope of the reducible loss predicted by the quantization model: alpha_N = alpha.
-        anchor = (y[0] - E) * (xs / x[0]) ** -theory + E if y[0] > E else None
-        if anchor is not None:
-            ax.loglog(xs, anchor, "--", color="gray", label=f"theory slope alpha_N = alpha = {theory}")
-    P.log_axis(ax, "x", "parameters N")
-    P.log_axis(ax, "y", "final test loss (nats)")
-    ax.set_title("Multitask sparse parity: loss vs parameters")
-    ax.legend(fontsize=7)
-    paths = [os.path.join(out_dir, "loss_vs_params.png")]
-    P.save(fig, paths[0])  # PNG + SVG
-    if any(p["n_learned"] is not None for p in pts):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(x, [p["n_learned"] for p in pts], "o-", label="one point per run")
-        P.log_axis(ax, "x", "parameters N")
-        P.count_axis(ax, "y", "subtasks learned (count; loss < threshold)")
-        ax.set_title("Quanta learned vs parameters")
-        ax.legend(fontsize=7)
-        paths.append(os.path.join(out_dir, "learned_vs_params.png"))
-        P.save(fig, paths[-1])
-    if all("final_loss" in p for p in pts):
-        paths.insert(0, plot_quanta(result, os.path.join(out_dir, "quanta_vs_params.png")))
-    return paths
+    return draw(result, out_dir)
 
 
-def plot_quanta(result: dict, path: str, extra: int = 3) -> str:
-    """Left: every subtask's final loss against parameters, coloured by frequency rank: each drops
-    sharply at the size that learns it. Right: the mean (frequency-weighted) loss and its fit."""
-    import matplotlib.pyplot as plt
+def comparison_lines(result: dict) -> list[str]:
+    """Measured, design-predicted and asymptotic alpha_N, each labelled (printed and in the report)."""
+    def ci(c):
+        return f" (95% CI {c[0]:.3f} .. {c[1]:.3f})" if c else ""
 
-    pts = result["points"]
-    x = np.array([p["params"] for p in pts], float)
-    per = np.array([p["final_loss"] for p in pts], float)  # [runs, subtasks]
-    ever = sorted({i for p in pts for i in p["learned"]})
-    # Every subtask some size learned, and the next `extra` by frequency (not yet learned anywhere).
-    shown = list(range(min(per.shape[1], max(10, (ever[-1] + 1 + extra) if ever else 0))))
-    fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 4.2))
-    cmap = plt.get_cmap("viridis")
-    for i in shown:
-        a0.plot(x, per[:, i] / math.log(2), "-", color=cmap(i / max(len(shown) - 1, 1)), lw=1.2, alpha=0.9)
-    a0.axhline(result.get("threshold_bits", 0.1), color="k", ls=":", lw=1, label="learned below this")
-    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(1, len(shown)))
-    fig.colorbar(sm, ax=a0, label="subtask frequency rank (1 = most frequent)")
-    a0.set_xscale("log")
-    P.log_axis(a0, "x", "parameters N")
-    a0.set_ylabel("final test loss of each subtask (bits)")
-    a0.set_title(f"Per-subtask loss: {len(shown)} most frequent subtasks")
-    a0.legend(fontsize=7, loc="lower left")
-    y = np.array([p["loss"] for p in pts], float)
-    a1.plot(x, y, "o", label="mean test loss (frequency-weighted)")
-    xs = np.logspace(np.log10(x.min()), np.log10(x.max()), 100)
-    E, A, a = result["E"], result["A"], result["alpha_N"]
-    lo, hi = result["alpha_N_ci"] or (a, a)
-    a1.plot(xs, E + A * xs ** -a, "-", label=f"fit {E:.2g} + {A:.3g} N^-{a:.2f} (95% CI {lo:.2f}..{hi:.2f})")
-    P.log_axis(a1, "x", "parameters N")
-    P.log_axis(a1, "y", "mean test loss (nats)")
-    a1.set_title("Mean loss: a power law made of those drops")
-    a1.legend(fontsize=7)
-    P.save(fig, path)
-    return path
+    out = [f"measured alpha_N (plain log-log fit, the paper's) = {result['alpha_N_plain']:.3f}"
+           + ci(result.get("alpha_N_plain_ci")),
+           f"measured alpha_N (offset fit E + A N^-alpha) = {result['alpha_N_offset']:.3f}"
+           + ci(result.get("alpha_N_offset_ci")) + f", E = {result['E']:.3g} nats",
+           (f"design-predicted alpha_N (this design's frequencies, each run's learned count) = "
+            f"{result['alpha_N_design']:.3f}" + ci(result.get("alpha_N_design_ci")))
+           if result.get("alpha_N_design") is not None else f"design-predicted alpha_N: {result.get('design_note')}",
+           f"asymptotic alpha_N (infinitely many subtasks) = alpha = {result['theory_alpha']}"]
+    return out
 
 
 def report(result: dict, source: str, sweep: str | None, plots: list[str]) -> str:
-    lo, hi = result["alpha_N_ci"] or (math.nan, math.nan)
+    primary = ("the plain log-log fit (the offset fit's E sits on its bound: that model is mis-specified here)"
+               if result.get("alpha_N_primary") == "plain" else "the offset fit")
     lines = [
         "# Sparse parity: parameter scaling", "",
-        f"Source: `{source}`" + (f", sweep `{sweep}`" if sweep else "") + f"; {result['n_runs']} finished runs.", "",
-        f"- fitted alpha_N = **{result['alpha_N']:.3f}** (95% bootstrap CI {lo:.3f} .. {hi:.3f})",
-        f"- irreducible loss E = {result['E']:.4f} nats, A = {result['A']:.4g}",
-        f"- the paper's plain log-log fit (loss in bits, no offset): alpha_N = {result['alpha_N_plain']:.3f}"
-        + (" (95% CI {:.3f} .. {:.3f})".format(*result["alpha_N_plain_ci"]) if result.get("alpha_N_plain_ci") else ""),
-        f"- theory (quantization model): alpha_N = alpha = {result['theory_alpha']}; "
-        "the paper measured ~0.33 at alpha = 0.4 at full scale",
-        f"- bootstrap: {result.get('n_bootstrap', 0)} resamples of the runs",
+        f"Source: `{source}`" + (f", sweep `{sweep}`" if sweep else "") + f"; {result['n_runs']} finished runs, "
+        f"{result.get('n_widths', '?')} widths, runs per width: {result.get('runs_per_width')}.", "",
+        f"- alpha_N = **{result['alpha_N']:.3f}**, from {primary}",
     ]
-    lines += [f"- warning: {w}" for w in result.get("fit_warnings", [])]
-    lines += ["", "| width | params | final test loss (nats) | learned (ever) | below threshold at end "
-              "| subtasks learned (0 = most frequent) | the most frequent ones? |", "|---|---|---|---|---|---|---|"]
+    lines += [f"- {line}" for line in comparison_lines(result)]
+    lines += [f"- intervals: {result.get('interval')}",
+              "- the design prediction: L_pred(n) = ln 2 * sum_{k>n} p_k for the n subtasks a run learned "
+              "(emergence/n_below_end), fitted against N by the same plain log-log line; the paper measured "
+              "~0.33 at alpha = 0.4 with 500 subtasks"]
+    lines += [f"- warning: {w}" for w in result.get("warnings", []) + result.get("fit_warnings", [])]
+    lines += ["", "| width | seed | params | final test loss (nats) | learned (ever) | below threshold at end "
+              "| predicted loss (nats) | subtasks learned (0 = most frequent) | the most frequent ones? |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
         learned = "" if p["n_learned"] is None else int(p["n_learned"])
         below = "" if p.get("n_below_end") is None else int(p["n_below_end"])
+        pred = "" if p.get("predicted_loss") is None else f"{p['predicted_loss']:.4f}"
+        seed = "" if p.get("seed") is None else p["seed"]
         which = ", ".join(map(str, p["learned"])) if "learned" in p else "(no per-subtask curves)"
         order = "" if "top_ranks" not in p else ("yes" if p["top_ranks"] else "no")
-        lines.append(f"| {p['width']} | {int(p['params'])} | {p['loss']:.4f} | {learned} | {below} | {which} | {order} |")
+        lines.append(f"| {p['width']} | {seed} | {int(p['params'])} | {p['loss']:.4f} | {learned} | {below} | {pred} "
+                     f"| {which} | {order} |")
     lines += _order_summary(result["points"])
     if len(result.get("zipf_alphas_in_source") or []) > 1:
         lines += ["", f"Fitted at zipf_alpha = {result['theory_alpha']} only; the source has "
@@ -290,7 +295,7 @@ def _order_summary(points: list[dict]) -> list[str]:
     nested = sum(set(a["learned"]) <= set(b["learned"]) for a, b in zip(pts, pts[1:]))
     out = ["", f"Frequency order: in {top} of {len(pts)} runs the learned subtasks are exactly the most "
            f"frequent ones; {nested} of {len(pts) - 1} steps up in size keep every subtask the smaller model learned."]
-    big = max(pts, key=lambda p: p["params"])
+    big = max(pts, key=lambda p: (p["params"], -(p.get("seed") or 0)))  # the largest width, its first seed
     steps = big.get("first_step") or {}
     if big.get("convergence_slope") is not None:
         out.append(f"Convergence time against frequency (largest model): log(first step below threshold) = "
@@ -317,16 +322,30 @@ def _curves(source: str, sweep: str | None, runs: pd.DataFrame) -> pd.DataFrame 
         return None
 
 
+def _history(source: str, sweep: str | None, runs: pd.DataFrame) -> pd.DataFrame | None:
+    """val/loss and val/n_learned of the finished runs over steps (the still-learning check)."""
+    from harness.runstore import load_history
+
+    ids = list(runs.loc[runs["state"] == "finished", "id"])
+    return load_history(source, run_ids=ids, sweep=sweep, keys=["val/loss", "val/n_learned"]) if ids else None
+
+
 def main(argv: list[str] | None = None) -> dict:
     from harness.runstore import load_runs
 
     args = parse_args("scaling", argv, lambda p: p.add_argument("--bootstrap", type=int, default=200))
     runs = task_runs(load_runs(args.source, sweep=args.sweep), "sparse_parity")  # not analysis runs
-    result = analyze(runs, n_bootstrap=args.bootstrap, curves=_curves(args.source, args.sweep, runs))
+    result = analyze(runs, n_bootstrap=args.bootstrap, curves=_curves(args.source, args.sweep, runs),
+                     history=_history(args.source, args.sweep, runs))
     os.makedirs(args.out, exist_ok=True)
     plots = plot(result, args.out)
     write_outputs(args.out, "scaling", result, report(result, args.source, args.sweep, plots))
-    print(f"alpha_N = {result['alpha_N']:.3f}  CI {result['alpha_N_ci']}  (n_runs={result['n_runs']})")
+    print(f"{result['n_runs']} runs, runs per width {result['runs_per_width']}; intervals: {result['interval']}")
+    for line in comparison_lines(result):
+        print(line)
+    print(f"alpha_N = {result['alpha_N']:.3f}  CI {result['alpha_N_ci']}  ({result['alpha_N_primary']} fit is primary)")
+    for w in result["warnings"]:
+        print(f"warning: {w}")
     print(f"plot: {plots[0]}\nreport: {os.path.join(args.out, 'report.md')}")
     return result
 
@@ -340,12 +359,13 @@ def run(source: str, sweep: str | None, out: str) -> Section:
     from harness.runstore import load_runs
 
     runs = task_runs(load_runs(source, sweep=sweep), "sparse_parity")
-    result = analyze(runs, curves=_curves(source, sweep, runs))
+    result = analyze(runs, curves=_curves(source, sweep, runs), history=_history(source, sweep, runs))
     os.makedirs(out, exist_ok=True)
     paths = plot(result, out)
     md = report(result, source, sweep, paths)
     write_outputs(out, "scaling", result, md)
-    fitted = {k: result[k] for k in ("alpha_N", "alpha_N_ci", "E", "E_ci", "A", "n_runs", "theory_alpha")}
+    fitted = {k: result[k] for k in ("alpha_N", "alpha_N_ci", "alpha_N_plain", "alpha_N_plain_ci", "alpha_N_design",
+                                     "alpha_N_design_ci", "E", "E_ci", "A", "n_runs", "theory_alpha")}
     return Section("scaling", "Sparse parity: parameter scaling", md, out, paths,
                    {"points": pd.DataFrame(result["points"])}, numbers(fitted), [p["id"] for p in result["points"]])
 

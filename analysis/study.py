@@ -146,7 +146,13 @@ def sparse_parity_study(module, source: str, sweep: str | None, out: str, n_boot
     from harness.runstore import load_runs
 
     runs = task_runs(load_runs(source, sweep=sweep), "sparse_parity")
-    result = module.analyze(runs, n_bootstrap=n_bootstrap)
+    kw = {}
+    if getattr(module, "HISTORY_KEYS", None):  # the still-learning check reads the runs' histories
+        from harness.runstore import load_history
+
+        ids = list(runs.loc[runs["state"] == "finished", "id"])
+        kw["history"] = load_history(source, run_ids=ids, sweep=sweep, keys=module.HISTORY_KEYS) if ids else None
+    result = module.analyze(runs, n_bootstrap=n_bootstrap, **kw)
     os.makedirs(out, exist_ok=True)
     paths = module.plot(result, out)
     md = module.report(result, source, sweep, paths)

@@ -10,6 +10,15 @@ import numpy as np
 REFERENCE_SLOPE = -1.083  # the reference line of the paper's rank-frequency figure
 
 
+def zipf_frequencies(n_tasks: int, zipf_alpha: float, offset: float = 0.0) -> np.ndarray:
+    """Subtask frequencies of multitask sparse parity, p_t proportional to (t + offset)^-(zipf_alpha + 1),
+    t = 1..n_tasks: [n_tasks], float64, summing to 1. The one home of the formula: the task draws its
+    batches from it, and the analyses (design predictions, convergence times) read it from here."""
+    t = np.arange(1, int(n_tasks) + 1, dtype=np.float64) + float(offset)
+    p = t ** -(float(zipf_alpha) + 1)
+    return p / p.sum()
+
+
 def sizes(labels) -> np.ndarray:
     """Cluster sizes, largest first (rank 1 = the largest cluster)."""
     _, counts = np.unique(np.asarray(labels), return_counts=True)

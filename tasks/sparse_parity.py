@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.quanta_stats import zipf_frequencies
 from harness.training.curves import CurvesRecorder, set_eval_arrays
 from harness.training.data import DeviceDataModule
 from harness.training.detectors import EmergenceCallback
@@ -23,10 +24,9 @@ from tasks.configs.sparse_parity import Config
 
 
 def frequencies(n_tasks: int, zipf_alpha: float, offset: float = 0.0) -> torch.Tensor:
-    """p_t proportional to (t + offset)^-(zipf_alpha + 1), t = 1..n_tasks: [n_tasks], float64."""
-    t = torch.arange(1, n_tasks + 1, dtype=torch.float64) + offset
-    p = t ** -(zipf_alpha + 1)
-    return p / p.sum()
+    """p_t proportional to (t + offset)^-(zipf_alpha + 1), t = 1..n_tasks: [n_tasks], float64
+    (harness.quanta_stats.zipf_frequencies, which the analyses share)."""
+    return torch.from_numpy(zipf_frequencies(n_tasks, zipf_alpha, offset))
 
 
 def random_subsets(n_tasks: int, n: int, k: int, generator: torch.Generator) -> torch.Tensor:

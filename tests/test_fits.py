@@ -1,4 +1,3 @@
-import json
 import math
 
 import numpy as np
@@ -254,3 +253,86 @@ def test_scaling_fits_one_zipf_alpha():
     assert result["n_runs"] == 4 and result["theory_alpha"] == 0.4 and result["alpha_N"] == pytest.approx(0.4, abs=0.01)
     assert result["zipf_alphas_in_source"] == [0.4, 0.8]
     assert "zipf_alpha = 0.4 only" in scaling.report(result, "src", None, [])
+
+
+def test_bootstrap_resamples_start_from_the_grid_never_from_the_full_data_optimum(monkeypatch):
+    from analysis import fits
+
+    N = np.repeat(np.logspace(3, 5, 6), 3)
+    L = (0.05 + 20 * N ** -0.4) * np.exp(np.random.default_rng(0).normal(0, 0.03, N.size))
+    starts = []
+    real = fits._fit_once
+    monkeypatch.setattr(fits, "_fit_once", lambda lx, ll, d, inits: starts.append(np.array(inits)) or real(lx, ll, d, inits))
+    fit = fits.fit_power_law(N, L, n_bootstrap=5, strata=N)
+    full = np.array([math.log(fit.A[0]), fit.alpha[0], math.log(fit.E)])
+    assert len(starts) == 6 and len(starts[0]) == len(fits._grid(1, np.log(L)))
+    for s in starts[1:]:  # every resample: the bootstrap grid, not the optimum
+        assert len(s) >= 4 and not any(np.allclose(row, full, atol=1e-6) for row in s)
+
+
+def test_the_bootstrap_grid_reaches_the_full_grids_optimum():
+    from analysis.fits import _boot_grid, _fit_once, _grid
+
+    rng = np.random.default_rng(3)
+    N = np.repeat(np.logspace(3, 5, 10), 3)
+    for E in (0.0, 0.02, 0.2):
+        logL = np.log((E + 20 * N ** -0.5) * np.exp(rng.normal(0, 0.05, N.size)))
+        _, full = _fit_once(np.log(N)[:, None], logL, 1e-3, _grid(1, logL))
+        _, thin = _fit_once(np.log(N)[:, None], logL, 1e-3, _boot_grid(1, logL))
+        assert thin == pytest.approx(full, rel=1e-6)
+
+
+def test_resampling_within_strata_keeps_every_x_and_its_count():
+    from analysis.fits import fit_loglog, resample_indices
+
+    x = np.repeat([1.0, 2.0, 4.0, 8.0], [3, 3, 2, 3])
+    idx = resample_indices(len(x), x, np.random.default_rng(0))
+    assert list(np.bincount(np.searchsorted([1, 2, 4, 8], x[idx]))) == [3, 3, 2, 3]
+    # Seeds that agree within each x: the seed-level interval has no width, the point bootstrap has.
+    L = 3 * np.repeat([1.0, 2.0, 4.0, 8.0], 3) ** -0.5 * np.repeat([1.0, 1.1, 0.9, 1.0], 3)
+    xs = np.repeat([1.0, 2.0, 4.0, 8.0], 3)
+    lo, hi = fit_loglog(xs, L, n_bootstrap=50, strata=xs).alpha_ci
+    assert hi - lo == pytest.approx(0, abs=1e-12)
+    lo, hi = fit_loglog(xs, L, n_bootstrap=50).alpha_ci
+    assert hi - lo > 0.01
+
+
+def test_scaling_over_seeds_prints_the_design_prediction_and_warns_naming_the_runs(tmp_path):
+    from analysis.design import design_alpha
+    from harness.quanta_stats import zipf_frequencies
+
+    p = zipf_frequencies(100, 0.4)
+    counts = {8: [1, 1, 2], 16: [3, 4, 3], 32: [6, 7, 6], 64: [12, 11, 13]}  # 4 widths x 3 seeds
+    rows = []
+    for w, ns in counts.items():
+        for seed, n in enumerate(ns):
+            # A loss that steepens in log-log (no floor to find): the offset fit's E goes to its bound.
+            params = 115 * w + 2
+            rows.append({"id": f"w{w}s{seed}", "state": "finished", "config.seed": seed, "config.model.width": w,
+                         "config.data.zipf_alpha": 0.4, "config.data.n_tasks": 100, "config.data.offset": 0.0,
+                         "summary.model/params": params,
+                         "summary.val/loss.last": 20 * params ** -0.4 * math.exp(-params / 4000 + 0.02 * seed),
+                         "summary.emergence/n_below_end": n, "summary.emergence/n_learned": n})
+    runs = pd.DataFrame(rows)
+    steps = np.arange(17) * 250
+    hist = pd.concat([pd.DataFrame({"run_id": r["id"], "step": steps, "val/n_learned": 3,
+                                    "val/loss": 0.3 * np.exp(-steps / 1000) + 0.05 if r["id"] == "w64s1" else 0.3})
+                      for r in rows])
+    result = scaling.analyze(runs, n_bootstrap=50, history=hist)
+    assert result["runs_per_width"] == {str(115 * w + 2): 3 for w in counts}
+    assert "cluster bootstrap over seeds" in result["interval"]
+    x = runs["summary.model/params"].to_numpy(float)
+    n = runs["summary.emergence/n_below_end"].to_numpy(float)
+    assert result["alpha_N_design"] == pytest.approx(design_alpha(x, n, p))
+    assert result["alpha_N_primary"] == "plain" and result["alpha_N"] == result["alpha_N_plain"]
+    w = " | ".join(result["warnings"])
+    assert "only 4 distinct parameter counts" in w and "w8s0" in w
+    assert "sits on its bound 0" in w and "mis-specified" in w
+    assert "1 run(s) still learning" in w and "width 64 seed 1 (w64s1)" in w
+    assert [pt["seed"] for pt in result["points"][:3]] == [0, 1, 2]
+    plots = scaling.plot(result, str(tmp_path))
+    assert all(open(path, "rb").read(4) == b"\x89PNG" for path in plots)
+    md = scaling.report(result, "src", "s", plots)
+    assert "| width | seed |" in md and "| 8 | 0 | 922 |" in md
+    assert f"design-predicted alpha_N (this design's frequencies, each run's learned count) = {result['alpha_N_design']:.3f}" in md
+    assert "asymptotic alpha_N (infinitely many subtasks) = alpha = 0.4" in md
