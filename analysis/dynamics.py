@@ -307,7 +307,8 @@ def plot(result: dict, out_dir: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(5.8, 4.2))
         pos = s > 0  # step 0 has no place on a log axis: its loss is printed in the legend instead
         label = "mean test loss" + (f" (step 0: {y[~pos][0]:.3f})" if (~pos).any() else "")
-        for i, per in enumerate(se.get("per_run", {}).values()):  # each seed, faint, under the mean
+        per_runs = list(se.get("per_run", {}).values()) if se["n_runs"] > 1 else []
+        for i, per in enumerate(per_runs):  # each seed, faint, under the mean
             ps, pl = np.array(per["steps"], float), np.array(per["loss"], float)
             ax.plot(ps[ps > 0], pl[ps > 0], "-", lw=0.7, alpha=0.4, color="gray",
                     label="single seeds" if i == 0 else None)
