@@ -301,6 +301,21 @@ def fit_sigmoid(x, Y, interval: str = "curvature", n_boot: int = 200, level: flo
     return SigmoidFit(*(_out(single, v) for v in vals), interval=interval)
 
 
+def midpoint_text(midpoint: float, x_first: float, x_last: float, fmt: str = "{:.3g}", short: bool = False) -> str:
+    """A fitted midpoint for a report. Outside the evaluated range [x_first, x_last] it is an
+    extrapolation of the sigmoid, not an observation: said so, with the bound the data give."""
+    m = fmt.format(midpoint)
+    if not np.isfinite(midpoint):
+        return "-"
+    if midpoint < x_first:
+        return f"< {fmt.format(x_first)} (extrapolated: {m})" if short else \
+            f"< {fmt.format(x_first)} (before the first evaluation; fit extrapolates {m})"
+    if midpoint > x_last:
+        return f"> {fmt.format(x_last)} (extrapolated: {m})" if short else \
+            f"> {fmt.format(x_last)} (after the last evaluation; fit extrapolates {m})"
+    return m
+
+
 def sigmoid(x, midpoint, width, start, end):
     """The fitted curve, for plots: start + (end - start) * sigmoid in log10 x."""
     s = np.asarray(width) / WIDTH_PER_SCALE

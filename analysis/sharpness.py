@@ -169,37 +169,45 @@ class Mirage:
 
 
 def mirage_check(x, continuous, thresholded, window: float = WINDOW, sudden: float = SUDDEN,
-                 min_change: float = 0.2) -> Mirage:
+                 min_change: float = 0.2, log_floor: float = 0.0) -> Mirage:
     """Schaeffer et al. 2023: is a jump in a thresholded metric also a jump in the continuous metric
     it is computed from, at the same place? Per curve:
     - flat: the thresholded metric changes by less than `min_change` (nothing to explain);
     - gradual: it changes, but less than `sudden` of it inside any window;
     - unresolved: its largest change is one gap between evaluations wider than the window;
-    - emergent: the continuous metric also makes >= `sudden` of its total change inside that window;
+    - emergent: the continuous metric also makes >= `sudden` of its total change inside a window where
+      the thresholded metric jumps (one holding at least half of its largest window change);
     - mirage: it does not (the jump is the threshold's doing);
     - metric-dependent: emergent judged on the loss and mirage on the log-loss, or the reverse.
     Judging the continuous metric where the thresholded one jumps, rather than anywhere, keeps a
-    power-law loss (its largest linear change always at the smallest x) from counting as a jump."""
+    power-law loss (its largest linear change always at the smallest x) from counting as a jump.
+    `log_floor` > 0 floors the log-loss at that share of the curve's largest value (off by default:
+    exact match over L tokens turns on where the per-token loss is ~1/L, far below its start). Where
+    a loss estimate is noise near zero, its log swings by decades after the jump and the verdict
+    reads metric-dependent: that is the log-loss saying the data do not settle it."""
     u, C, single = _family(x, continuous)
     _, T, _ = _family(x, thresholded)
     if C.shape != T.shape:
         raise ValueError(f"continuous {C.shape} and thresholded {T.shape} metrics must have the same shape")
     if len(u) < 2:
         raise ValueError(f"need >= 2 evaluations, got {len(u)}")
-    jt, best, resolved, (t0, t1), _ = _sharp(u, T, window)
-    rows = np.arange(len(T))
+    jt, _, resolved, (t0, t1), t_share = _sharp(u, T, window)
     jc = _sharp(u, C, window)[0]
+    # the windows where the thresholded metric jumps: at least half its largest window change (a step
+    # sharper than the sampling is split between neighbouring windows, each holding part of it)
+    at_jump = t_share >= 0.5 * jt[:, None]
 
     def located(M):
         rng = _range(M)
-        ch = _changes(u, M, t0, t1)[rows, best]
         with np.errstate(all="ignore"):
-            return np.where(rng > 0, ch / rng, 0.0)
+            share = np.where(rng[:, None] > 0, _changes(u, M, t0, t1) / rng[:, None], 0.0)
+        return np.where(at_jump, share, 0.0).max(1)
 
     share = located(C)
     pos = np.all(np.isfinite(C) <= (C > 0), 1)  # every evaluated value > 0: the log is defined
     with np.errstate(all="ignore"):
-        share_log = np.where(pos, located(np.log(np.where(C > 0, C, np.nan))), np.nan)
+        floor = log_floor * np.nanmax(np.where(C > 0, C, np.nan), 1, keepdims=True)
+        share_log = np.where(pos, located(np.log(np.maximum(np.where(C > 0, C, np.nan), floor))), np.nan)
     change = np.nan_to_num(_range(T), nan=0.0)
 
     def verdict(s):
