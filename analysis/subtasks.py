@@ -297,14 +297,16 @@ def plot_emergence_steps(table: pd.DataFrame, path: str) -> list[str]:
 def plot_sharpness(table: pd.DataFrame, path: str) -> list[str]:
     fig, ax = plots.figure(6, 4)
     bins = np.linspace(0, 1, 21)
-    ax.hist(table["jump_loss"], bins=bins, alpha=0.6, color="C0", label="loss (continuous)")
-    ax.hist(table["jump_thresholded"], bins=bins, alpha=0.6, color="C1",
+    moving = table[table["verdict"] != "flat"]  # a flat curve's range is noise: any jump fraction is meaningless
+    ax.hist(moving["jump_loss"], bins=bins, alpha=0.6, color="C0", label="loss (continuous)")
+    ax.hist(moving["jump_thresholded"], bins=bins, alpha=0.6, color="C1",
             label=f"{table['thresholded'].iloc[0]} (thresholded)")
     ax.axvline(em.SUDDEN, color="k", ls="--", lw=1, label=f"sudden at >= {em.SUDDEN}")
     ax.set_xlabel("jump fraction: largest share of the change within 0.1 decade of steps")
     plots.count_axis(ax, "y", "subtask curves (count)")
-    ax.set_title("Sharpness: sudden vs gradual")
-    ax.legend(fontsize=7)
+    ax.set_title(f"Sharpness of the {len(moving)} curves whose thresholded metric moves "
+                 f"({len(table) - len(moving)} flat left out)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
     return plots.save(fig, path)
 
 
