@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis import emergence as em
 from analysis import dynamics_plots
+from analysis import emergence as em
 from analysis.censored import lognormal_aft
 from analysis.common import main_guard, parse_args, write_outputs
 from analysis.fits import FitError, fit_power_law

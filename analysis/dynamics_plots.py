@@ -10,6 +10,7 @@ import pandas as pd
 
 from analysis import plots as P
 
+
 def plot_convergence(pts: pd.DataFrame, cv: dict, path: str) -> str:
     """Each subtask of each seed: its learning step as the interval between two evaluations (a bar),
     never-learned ones as triangles at the budget; the censored fit over every subtask's frequency,

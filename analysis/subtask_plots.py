@@ -8,6 +8,7 @@ import pandas as pd
 from analysis import emergence as em
 from analysis import plots
 
+
 def _colours(n):
     import matplotlib
 

@@ -212,7 +212,7 @@ def summarise(table: pd.DataFrame, size: pd.DataFrame | None) -> tuple[dict, pd.
     agg = agg.reset_index()
     largest = table[table["params"] == table["params"].max()]
     res = {
-        "n_runs": int(table["run_id"].nunique()), "n_curves": int(len(table)),
+        "n_runs": int(table["run_id"].nunique()), "n_curves": len(table),
         "learned_share": float(table["learned"].mean()),
         # quanta: frequent (low index) subtasks are learned first
         "spearman_item_vs_t_learned_largest": _spearman(largest["item"], largest["t_learned"].where(largest["learned"])),
@@ -243,42 +243,42 @@ def _f(v, fmt="{:.3g}"):
 def report(res: dict, agg: pd.DataFrame, size: pd.DataFrame | None, note: str, excluded: list[str],
            plot_names: list[str], jumps: pd.DataFrame | None = None) -> str:
     lines = ["# Sparse parity: per-subtask emergence", "",
-             f"{res['n_curves']} subtask curves from {res['n_runs']} finished runs ({note}). "
+             (f"{res['n_curves']} subtask curves from {res['n_runs']} finished runs ({note}). "
              "Learned = first evaluation with the subtask's test loss below the run's threshold "
              "(right-censored at the last evaluation when never). Sigmoid: loss = a + b sigmoid((log10 step - m)/s), "
              "midpoint 10^m, width = 10-90% of the drop in decades, 95% curvature intervals. Sharpness: the "
              "largest share of a curve's change within 0.1 decade of steps (sudden >= 0.5); unresolved when that "
              "change is one gap between evaluations wider than 0.1 decade. Mirage check (Schaeffer et al. 2023): "
              "the thresholded metric jumps while the loss, where it jumps, does not; judged on the loss and on "
-             "the log-loss, metric-dependent when they disagree.", ""]
+             "the log-loss, metric-dependent when they disagree."), ""]
     if excluded:
         lines += ["Excluded runs (not finished): " + ", ".join(excluded), ""]
     lines += [f"- share of subtask curves learned: {res['learned_share']:.3f}",
-              f"- Spearman(subtask index, step learned) in the largest model: "
-              f"{_f(res['spearman_item_vs_t_learned_largest'], '{:.2f}')} (> 0: frequent subtasks first)"]
+              (f"- Spearman(subtask index, step learned) in the largest model: "
+              f"{_f(res['spearman_item_vs_t_learned_largest'], '{:.2f}')} (> 0: frequent subtasks first)")]
     if "n_mirage" in res:
         bl, bg = res["n_by_loss"], res["n_by_logloss"]
-        lines += [f"- verdicts: {res['n_emergent']} emergent (loss and thresholded metric both jump), "
+        lines += [(f"- verdicts: {res['n_emergent']} emergent (loss and thresholded metric both jump), "
                   f"{res['n_mirage']} mirage (only the thresholded metric jumps), {res['n_metric_dependent']} "
                   f"metric-dependent (loss and log-loss disagree), {res['n_unresolved']} unresolved (the jump lies "
                   f"between two evaluations further apart than the window), {res['n_gradual']} gradual, "
-                  f"{res['n_flat']} flat",
-                  f"  (on the loss alone: {bl['emergent']} emergent / {bl['mirage']} mirage; on the log-loss alone: "
-                  f"{bg['emergent']} emergent / {bg['mirage']} mirage)",
-                  f"- median sigmoid midpoint {_f(res['median_midpoint_step'])} steps, median width "
-                  f"{_f(res['median_width_decades'], '{:.2f}')} decades (detected fits inside the range)"]
+                  f"{res['n_flat']} flat"),
+                  (f"  (on the loss alone: {bl['emergent']} emergent / {bl['mirage']} mirage; on the log-loss alone: "
+                  f"{bg['emergent']} emergent / {bg['mirage']} mirage)"),
+                  (f"- median sigmoid midpoint {_f(res['median_midpoint_step'])} steps, median width "
+                  f"{_f(res['median_width_decades'], '{:.2f}')} decades (detected fits inside the range)")]
     if size is not None:
         sj = res["size_jumps"]
-        lines += [f"- across sizes: {res['size_fits']} subtasks with a detected transition in N; "
+        lines += [(f"- across sizes: {res['size_fits']} subtasks with a detected transition in N; "
                   f"Spearman(subtask index, midpoint N) = {_f(res['spearman_item_vs_midpoint_N'], '{:.2f}')}; "
                   f"final loss against N: {sj['sudden']} sudden, {sj['unresolved']} unresolved (largest drop between "
                   f"two sizes further apart than 0.1 decade), {sj['gradual']} gradual, {sj['flat']} flat (final loss moves < "
-                  f"{FLAT_NATS:.2f} nats)"]
+                  f"{FLAT_NATS:.2f} nats)")]
     if jumps is not None:
-        lines += [f"- jump fraction of each subtask's loss averaged over seeds ({int(jumps['seeds'].min())}-"
+        lines += [(f"- jump fraction of each subtask's loss averaged over seeds ({int(jumps['seeds'].min())}-"
                   f"{int(jumps['seeds'].max())} per size), 95% seed-bootstrap intervals (basic): median "
                   f"{jumps['jump'].median():.2f}, median interval width {(jumps['jump_hi'] - jumps['jump_lo']).median():.2f}. "
-                  "With under ~10 seeds these intervals undercover (0.79 measured at 5 seeds, tests/test_emergence.py)."]
+                  "With under ~10 seeds these intervals undercover (0.79 measured at 5 seeds, tests/test_emergence.py).")]
     cols = ["params", "width", "runs", "curves", "learned_share", "median_t_learned"]
     extra = [c for c in ("sudden_loss_share", "emergent", "mirage", "metric_dependent", "unresolved", "gradual", "flat")
              if c in agg]

@@ -32,7 +32,7 @@ def test_sigmoid_recovers_midpoints_and_widths_with_calibrated_curvature_interva
 
 
 def test_one_curve_and_the_bootstrap_interval_agree_with_the_truth():
-    mid, width, Y = _family(n=12, seed=1)
+    mid, _width, Y = _family(n=12, seed=1)
     f = em.fit_sigmoid(X, Y[0], interval="bootstrap", n_boot=100)
     assert np.ndim(f.midpoint) == 0 and f.interval == "bootstrap"
     assert f.midpoint_ci[0] <= mid[0] <= f.midpoint_ci[1]
@@ -58,7 +58,7 @@ def test_no_transition_is_not_detected_and_one_beyond_the_range_is_out_of_range(
     late = em.fit_sigmoid(X, em.sigmoid(X, 3e5, 1.5, 1.0, 0.0) + noise)  # only the start of the drop is seen
     assert late.detected and not late.in_range
     assert late.midpoint_ci[0] > 1e4
-    mid, width, Y = _family(n=20)
+    _mid, _width, Y = _family(n=20)
     assert em.fit_sigmoid(X, Y).detected.all()
 
 
@@ -181,7 +181,7 @@ def test_seed_bootstrap_basic_interval_beats_the_percentile_one_with_few_seeds()
 
 
 def test_jump_fraction_separates_sudden_from_gradual():
-    mid, width, Y = _family(n=50, noise=0.0)
+    _mid, _width, Y = _family(n=50, noise=0.0)
     sharp = em.sigmoid(X, 1e3, 0.05, 1.0, 0.0)
     power = 2.0 * X ** -0.3
     assert em.jump_fraction(X, sharp) > 0.9
@@ -189,7 +189,7 @@ def test_jump_fraction_separates_sudden_from_gradual():
     assert np.all(em.jump_fraction(X, Y) < em.SUDDEN)  # widths >= 0.3 decade are gradual at 0.1-decade windows
 
 
-BPL_TRUTH = dict(a=0.05, b=5.0, c0=0.05, c1=1.0, d1=1e3, f1=0.2)
+BPL_TRUTH = {"a": 0.05, "b": 5.0, "c0": 0.05, "c1": 1.0, "d1": 1e3, "f1": 0.2}
 
 
 def _bpl_fit(seed, n_boot):
