@@ -341,10 +341,10 @@ def applies(runs: pd.DataFrame) -> bool:
 def run(source: str, sweep: str | None, out: str) -> Section:
     """The analysis.report hook (analysis/study.py)."""
     result, paths, md = analyse(source, sweep, out)
-    fitted = {"alpha_S": result["step_exponent"]["alpha_S"], "alpha_S_ci": result["step_exponent"]["alpha_S_ci"],
-              **{f"convergence_slope_{name}": (fit or {}).get("slope")
-                 for name, fit in (("censored", result["convergence"]["censored_fit"]),
-                                   ("learned_only", result["convergence"]["learned_only_fit"]))}}
+    fitted = {"alpha_S": result["step_exponent"]["alpha_S"], "alpha_S_ci": result["step_exponent"]["alpha_S_ci"]}
+    for name in ("censored", "learned_only"):  # the W&B summary: both slopes, each with its interval
+        fit = result["convergence"][f"{name}_fit"] or {}
+        fitted[f"convergence_slope_{name}"], fitted[f"convergence_slope_{name}_ci"] = fit.get("slope"), fit.get("slope_ci")
     tables = {"convergence": pd.DataFrame(result["convergence"]["points"])}
     for key in ("vs_N", "vs_D"):
         if result["learned"][key]:

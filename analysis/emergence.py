@@ -333,6 +333,7 @@ class BrokenPowerLawFit:
     d1: float     # break point (x units): the emergence point
     f1: float     # break sharpness (smaller = sharper)
     ci: dict      # name -> (lo, hi), bootstrap percentile
+    ci_basic: dict  # name -> (lo, hi), basic (reverse-percentile) bootstrap, in log for positive parameters
     rmse_log: float
     n_boot: int
 
@@ -395,5 +396,12 @@ def fit_broken_power_law(x, y, n_boot: int = 100, level: float = 0.95, seed: int
 
     p, pb = natural(best.x), natural(B)
     ci = {k: tuple(np.percentile(pb[k], q)) for k in p}
-    return BrokenPowerLawFit(**{k: float(v) for k, v in p.items()}, ci=ci,
+    logged = {"a", "b", "d1", "f1"}  # fitted in log: reflect there
+
+    def basic(k):
+        t, b = (np.log(p[k]), np.log(pb[k])) if k in logged else (p[k], pb[k])
+        lo, hi = 2 * t - np.percentile(b, q[::-1])
+        return tuple(np.exp([lo, hi])) if k in logged else (lo, hi)
+
+    return BrokenPowerLawFit(**{k: float(v) for k, v in p.items()}, ci=ci, ci_basic={k: basic(k) for k in p},
                              rmse_log=float(np.sqrt(np.mean(res ** 2))), n_boot=n_boot)
