@@ -280,8 +280,8 @@ def report(res: dict, agg: pd.DataFrame, size: pd.DataFrame | None, note: str, e
                   f"{jumps['jump'].median():.2f}, median interval width {(jumps['jump_hi'] - jumps['jump_lo']).median():.2f}. "
                   "With under ~10 seeds these intervals undercover (0.79 measured at 5 seeds, tests/test_emergence.py).")]
     else:
-        lines += ["- jump fractions without intervals: one run per model size (a seed bootstrap needs >= 2 seeds "
-                  "at a size)"]
+        lines += [("- jump fractions without intervals: one run per model size (a seed bootstrap needs >= 2 seeds "
+                  "at a size)")]
     cols = ["params", "width", "runs", "curves", "learned_share", "median_t_learned"]
     extra = [c for c in ("sudden_loss_share", "emergent", "mirage", "metric_dependent", "unresolved", "gradual", "flat")
              if c in agg]
