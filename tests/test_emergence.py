@@ -209,9 +209,12 @@ def test_broken_power_law_recovers_the_break():
 
 @pytest.mark.slow
 def test_broken_power_law_bootstrap_interval_coverage():
-    """200 draws (binomial sd 1.5% at 95%, 2.8% at 80%): enough to tell 95% coverage from 80%."""
-    hits = [f.ci["d1"][0] <= 1e3 <= f.ci["d1"][1] for f in (_bpl_fit(s, 100) for s in range(200))]
-    assert np.mean(hits) >= 0.9, np.mean(hits)
+    """200 draws (binomial sd 1.5% at 95%, 2.8% at 80%): enough to tell 95% coverage from 80%.
+    Measured: the basic interval 0.925, the percentile one 0.900 (the 10 draws of the earlier test: 8)."""
+    fits = [_bpl_fit(s, 100) for s in range(200)]
+    basic = np.mean([f.ci["d1"][0] <= 1e3 <= f.ci["d1"][1] for f in fits])
+    percentile = np.mean([f.ci_percentile["d1"][0] <= 1e3 <= f.ci_percentile["d1"][1] for f in fits])
+    assert basic >= 0.9 and percentile >= 0.85, (basic, percentile)
 
 
 def test_bad_input_is_one_clear_error():
