@@ -4,11 +4,14 @@
 
 - the step exponent: mean test loss (`val/loss`, frequency-weighted) against step for the largest
   runs, L = E + A t^-alpha_S fitted over the tail of training (analysis.fits);
-- convergence time against frequency: the step at which each subtask's test loss first falls below
-  the run's threshold (the curves artifact, contract C4), against the subtask's frequency p_t, as a
-  log-log slope with a bootstrap interval. The quantization model predicts steps ~ 1/p_t (slope
-  ~ -1; the paper finds about that). Subtasks never learned are censored (left out, counted), those
-  already below the threshold at step 0 too (no place on a log axis);
+- convergence time against frequency: when each subtask's test loss first falls below the run's
+  threshold (the curves artifact, contract C4) against its frequency p_t. The step is known only to
+  lie between two evaluations, and subtasks never learned only to need more than the budget: a
+  log-normal accelerated-failure-time fit of log step on log p_t with each step interval-censored and
+  the unlearned right-censored (analysis.censored), profile-likelihood interval; printed beside the
+  learned-only least-squares slope (which drops the slow, rare subtasks and so flattens the slope).
+  References: the quantization model's -1 (steps ~ 1/p_t) and the paper's fitted -0.81. Subtasks
+  below the threshold already at step 0 are counted, not fitted (no place on a log axis);
 - learned quanta (`emergence/n_learned`, `emergence/n_below_end`) against parameters N (runs at one
   data budget) and against training samples D (finite-data runs at one width).
 
@@ -24,10 +27,13 @@ import sys
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
-from analysis import plots as P
+from analysis import dynamics_plots
+from analysis import emergence as em
+from analysis.censored import lognormal_aft
 from analysis.common import main_guard, parse_args, write_outputs
-from analysis.fits import FitError, fit_loglog, fit_power_law
+from analysis.fits import FitError, fit_power_law
 from analysis.scaling import one_alpha
 from analysis.study import Section, has_task, numbers, task_runs
 from harness.errors import UserError
@@ -83,7 +89,10 @@ def step_exponent(hist: pd.DataFrame, n_bootstrap: int) -> dict:
     h = hist.dropna(subset=["val/loss"]).groupby(["run_id", "step"], as_index=False)["val/loss"].last()
     mean = h.groupby("step")["val/loss"].mean().sort_index()
     steps, loss = mean.index.to_numpy(float), mean.to_numpy(float)
+    per_run = {rid: {"steps": g["step"].astype(int).tolist(), "loss": g["val/loss"].tolist()}
+               for rid, g in h.sort_values("step").groupby("run_id")}
     out = {"steps": steps.astype(int).tolist(), "mean_loss": loss.tolist(), "n_runs": int(h["run_id"].nunique()),
+           "per_run": per_run,
            "alpha_S": None, "alpha_S_ci": None, "E": None, "A": None, "fit_warnings": []}
     if not len(steps):
         out["note"] = "no val/loss history"
@@ -107,8 +116,11 @@ def step_exponent(hist: pd.DataFrame, n_bootstrap: int) -> dict:
 
 
 def convergence_steps(curves: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (run, subtask): p_t, the first evaluated step below the run's threshold (NaN:
-    never, censored), and whether it was already below at step 0."""
+    """One row per (run, subtask): p_t and when its test loss first fell below the run's threshold,
+    as an interval (lo, hi] between two evaluations: `step` = hi, the first evaluation below (NaN:
+    never, right-censored at lo = the last evaluated step); lo = the evaluation before (0 when the
+    first evaluation after step 0 is already below: left-censored). `at_start`: below already at step
+    0 (no time to learn on a log axis: counted, not fitted)."""
     rows = []
     by_id = runs.set_index("id")
     for rid, c in curves.groupby("run_id"):
@@ -118,35 +130,62 @@ def convergence_steps(curves: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
         p = frequencies(run)
         if p is None:
             continue
-        thr = threshold(run)
         wide = c.pivot_table(index="step", columns="item", values="loss").sort_index()  # [steps, items]
-        below = wide.to_numpy() < thr
-        steps = wide.index.to_numpy()
+        steps = wide.index.to_numpy(float)
+        cross = em.threshold_crossing(steps, wide.to_numpy().T - threshold(run), 0.0)  # per item
+        at_start = cross.reached & (cross.x <= 0)
         for j, item in enumerate(wide.columns):
-            hit = np.flatnonzero(below[:, j])
-            first = float(steps[hit[0]]) if len(hit) else np.nan
-            rows.append({"run_id": rid, "item": int(item), "p": float(p[int(item)]), "step": first,
-                         "at_start": bool(len(hit) and steps[hit[0]] == 0)})
-    return pd.DataFrame(rows, columns=["run_id", "item", "p", "step", "at_start"])
+            learned = bool(cross.reached[j])
+            rows.append({"run_id": rid, "item": int(item), "p": float(p[int(item)]),
+                         "step": float(cross.x[j]) if learned else np.nan,
+                         "lo": max(float(cross.lo[j]), 0.0), "hi": float(cross.hi[j]),
+                         "learned": learned, "at_start": bool(at_start[j])})
+    return pd.DataFrame(rows, columns=["run_id", "item", "p", "step", "lo", "hi", "learned", "at_start"])
 
 
-def convergence_slope(conv: pd.DataFrame, n_bootstrap: int) -> dict:
-    """Slope of log(first step below threshold) against log p_t, pooled over the runs given, and per run."""
-    ok = conv["step"].notna() & ~conv["at_start"].astype(bool)
-    out = {"n_subtasks": int(len(conv)), "n_used": int(ok.sum()), "n_censored": int(conv["step"].isna().sum()),
-           "n_at_start": int(conv["at_start"].astype(bool).sum()), "slope": None, "slope_ci": None,
-           "per_run": {}}
-    used = conv[ok]
-    for rid, g in used.groupby("run_id"):
-        if g["p"].nunique() >= 3:
-            out["per_run"][rid] = float(np.polyfit(np.log(g["p"]), np.log(g["step"]), 1)[0])
-    if used["p"].nunique() < 3:
-        out["note"] = f"{used['p'].nunique()} learned subtasks with distinct frequencies: need >= 3 for a slope"
-        return out
-    fit = fit_loglog(used["p"].to_numpy(), used["step"].to_numpy(), n_bootstrap=n_bootstrap)
-    # fit_loglog fits log step = c - alpha log p: the slope is -alpha
-    out.update(slope=-fit.alpha, slope_ci=[-fit.alpha_ci[1], -fit.alpha_ci[0]] if fit.alpha_ci else None,
-               intercept=fit.intercept)
+REFERENCE = {"paper_fit": -0.81, "theory": -1.0}  # Michaud et al.'s fitted slope on their figure; steps ~ 1/p_t
+METHOD = ("log-normal accelerated-failure-time regression of log(step) on log(p_t), maximum likelihood with each "
+          "learning step interval-censored between two evaluations and never-learned subtasks right-censored at "
+          "the last evaluated step (analysis.censored.lognormal_aft); 95% profile-likelihood interval")
+
+
+def _ols(p: np.ndarray, t: np.ndarray, level: float = 0.95) -> dict | None:
+    """Learned-only least squares of log t on log p with its t-interval (scipy.stats.linregress)."""
+    if len(np.unique(p)) < 3:
+        return None
+    r = stats.linregress(np.log(p), np.log(t))
+    q = stats.t.ppf(0.5 + level / 2, len(p) - 2) * r.stderr
+    return {"slope": float(r.slope), "slope_ci": [float(r.slope - q), float(r.slope + q)],
+            "intercept": float(r.intercept), "n": len(p),
+            "interval": "95% t-interval of ordinary least squares"}
+
+
+def _aft(g: pd.DataFrame, interval: bool = True) -> dict | None:
+    try:
+        f = lognormal_aft(np.log(g["p"].to_numpy()), g["lo"].to_numpy(), g["hi"].to_numpy(), interval=interval)
+    except ValueError:
+        return None
+    return {"slope": f.slope, "slope_ci": list(f.slope_ci), "slope_se": f.slope_se, "intercept": f.intercept,
+            "sigma": f.sigma, "n": f.n, "n_interval": f.n_interval, "n_left_censored": f.n_left,
+            "n_right_censored": f.n_right, "converged": f.converged, "interval": "95% profile likelihood"}
+
+
+def convergence_slope(conv: pd.DataFrame) -> dict:
+    """Slope of log(learning step) against log p_t, pooled over the runs given (seeds of the largest
+    size) and per run: the censored fit (every subtask) beside learned-only least squares."""
+    at_start = conv["at_start"].astype(bool)
+    use = conv[~at_start]
+    learned = use[use["learned"].astype(bool)]
+    out = {"method": METHOD, "n_subtasks": len(conv), "n_learned": len(learned),
+           "n_censored": int((~use["learned"].astype(bool)).sum()), "n_at_start": int(at_start.sum()),
+           "censored_fit": _aft(use) if len(use) else None,
+           "learned_only_fit": _ols(learned["p"].to_numpy(), learned["step"].to_numpy()),
+           "reference": dict(REFERENCE), "per_run": {}}
+    for rid, g in use.groupby("run_id"):
+        c, o = _aft(g, interval=False), _ols(g.loc[g["learned"], "p"].to_numpy(), g.loc[g["learned"], "step"].to_numpy())
+        out["per_run"][rid] = {"censored": c and c["slope"], "learned_only": o and o["slope"]}
+    if out["censored_fit"] is None:
+        out["note"] = f"{len(learned)} learned subtasks: too few for a censored fit (need >= 3 events at >= 2 frequencies)"
     return out
 
 
@@ -203,7 +242,7 @@ def analyze(source: str, sweep: str | None, runs: pd.DataFrame, n_bootstrap: int
                     "width": _num(big, "config.model.width").iloc[0]},
         "zipf_alpha": alpha, "zipf_alphas_in_source": alphas,
         "step_exponent": step_exponent(hist, n_bootstrap),
-        "convergence": {**convergence_slope(conv, n_bootstrap),
+        "convergence": {**convergence_slope(conv),
                         "points": conv.replace({np.nan: None}).to_dict("records")},
         "learned": learned_counts(good),
         "excluded_runs": [{"id": r["id"], "state": r["state"]} for _, r in runs[runs["state"] != "finished"].iterrows()],
@@ -211,74 +250,14 @@ def analyze(source: str, sweep: str | None, runs: pd.DataFrame, n_bootstrap: int
     }
 
 
-# ---------------------------------------------------------------- plots and report
-
-def plot(result: dict, out_dir: str) -> list[str]:
-    import matplotlib.pyplot as plt
-
-    paths = []
-    se = result["step_exponent"]
-    s, y = np.array(se["steps"], float), np.array(se["mean_loss"], float)
-    if len(s):
-        fig, ax = plt.subplots(figsize=(5.8, 4.2))
-        pos = s > 0  # step 0 has no place on a log axis: its loss is printed in the legend instead
-        label = "mean test loss" + (f" (step 0: {y[~pos][0]:.3f})" if (~pos).any() else "")
-        ax.plot(s[pos], y[pos], "o-", ms=3, label=label)
-        if se["alpha_S"] is not None:
-            xs = np.geomspace(se["fit_from_step"], s.max(), 100)
-            lo, hi = se["alpha_S_ci"] or (se["alpha_S"],) * 2
-            ax.plot(xs, se["E"] + se["A"] * xs ** -se["alpha_S"], "-",
-                    label=f"fit {se['E']:.3g} + {se['A']:.3g} t^-{se['alpha_S']:.2f} (95% CI {lo:.2f}..{hi:.2f})")
-        P.log_axis(ax, "x", "optimizer step t")
-        P.log_axis(ax, "y", "test loss (nats)")
-        lg = result["largest"]
-        ax.set_title(f"Largest runs ({lg['params']} params, D {lg['D']}, {se['n_runs']} run(s))", fontsize=9)
-        ax.legend(fontsize=7)
-        path = os.path.join(out_dir, "loss_vs_step.png")
-        P.save(fig, path)
-        paths.append(path)
-    cv = result["convergence"]
-    pts = pd.DataFrame(cv["points"], columns=["run_id", "item", "p", "step", "at_start"])
-    used = pts[pts["step"].notna() & ~pts["at_start"].astype(bool)]
-    if len(used):
-        fig, ax = plt.subplots(figsize=(5.8, 4.2))
-        ax.plot(used["p"], used["step"], "o", ms=4, label=f"subtasks learned ({len(used)})")
-        if cv["slope"] is not None:
-            ps = np.geomspace(used["p"].min(), used["p"].max(), 50)
-            lo, hi = cv["slope_ci"] or (cv["slope"],) * 2
-            ax.plot(ps, np.exp(cv["intercept"]) * ps ** cv["slope"], "-",
-                    label=f"slope {cv['slope']:.2f} (95% CI {lo:.2f}..{hi:.2f})")
-            i = used["p"].idxmax()  # the theory line (slope -1) through the most frequent learned subtask
-            ax.plot(ps, used.loc[i, "step"] * (ps / used.loc[i, "p"]) ** -1.0, "--", color="gray", label="theory: slope -1")
-        P.log_axis(ax, "x", "subtask frequency p_t")
-        P.log_axis(ax, "y", "first step below threshold")
-        ax.set_title(f"Convergence time vs frequency ({cv['n_censored']} never learned, censored)", fontsize=9)
-        ax.legend(fontsize=7)
-        path = os.path.join(out_dir, "convergence_vs_frequency.png")
-        P.save(fig, path)
-        paths.append(path)
-    lc = result["learned"]
-    for key, x, xlabel, name, at in (("vs_N", "params", "parameters N", "learned_vs_N.png", f"D {lc['N_at_D']}"),
-                                     ("vs_D", "D", "training samples D", "learned_vs_D.png", f"width {lc['D_at_width']}")):
-        rows = pd.DataFrame(lc[key])
-        if not len(rows):
-            continue
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        ax.plot(rows[x], rows["n_learned"], "o-", label="ever below threshold")
-        if rows["n_below_end"].notna().any():
-            ax.plot(rows[x], rows["n_below_end"], "x--", label="below it at the end")
-        P.log_axis(ax, "x", xlabel)
-        P.count_axis(ax, "y", "subtasks learned (count)")
-        ax.set_title(f"Learned quanta vs {xlabel.split()[-1]} ({at})", fontsize=9)
-        ax.legend(fontsize=7)
-        path = os.path.join(out_dir, name)
-        P.save(fig, path)
-        paths.append(path)
-    return paths
-
+# ---------------------------------------------------------------- report
 
 def _ci(v) -> str:
     return f" (95% CI {v[0]:.2f} .. {v[1]:.2f})" if v else ""
+
+
+def _f2(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def report(result: dict, source: str, sweep: str | None, plots: list[str]) -> str:
@@ -295,16 +274,24 @@ def report(result: dict, source: str, sweep: str | None, plots: list[str]) -> st
     else:
         lines.append(f"- step exponent: not fitted ({se.get('note', 'no fit')})")
     lines += [f"- warning (step fit): {w}" for w in se["fit_warnings"]]
-    if cv["slope"] is not None:
-        lines.append(f"- convergence time vs frequency: log(first step below threshold) = c + **{cv['slope']:.2f}** "
-                     f"log p_t{_ci(cv['slope_ci'])} over {cv['n_used']} learned subtasks (the quantization model: "
-                     "-1, steps ~ 1/p_t)")
+    cf, of = cv["censored_fit"], cv["learned_only_fit"]
+    lines.append(f"- convergence time vs frequency, log(learning step) = c + slope log p_t (the quantization model: "
+                 f"{REFERENCE['theory']:g}, steps ~ 1/p_t; the paper's fit on its figure: {REFERENCE['paper_fit']:g}); "
+                 f"{cv['n_learned']} subtasks learned, {cv['n_censored']} never learned:")
+    if cf:
+        lines.append(f"  - censored fit, every subtask: slope **{cf['slope']:.2f}**{_ci(cf['slope_ci'])}, scatter "
+                     f"sigma {cf['sigma']:.2f} in log steps ({cf['n_interval']} learned between two evaluations, "
+                     f"{cf['n_left_censored']} by the first evaluation after step 0, {cf['n_right_censored']} "
+                     "right-censored at the last evaluated step); method: " + cv["method"])
     else:
-        lines.append(f"- convergence time vs frequency: no slope ({cv.get('note', 'no per-subtask curves')})")
-    lines.append(f"  ({cv['n_censored']} of {cv['n_subtasks']} subtasks never below the threshold: censored, left out; "
-                 f"{cv['n_at_start']} below it already at step 0: left out)")
+        lines.append(f"  - censored fit: none ({cv.get('note', 'no per-subtask curves')})")
+    if of:
+        lines.append(f"  - learned-only least squares (first evaluation below the threshold; selects on the outcome, "
+                     f"for comparison): slope {of['slope']:.2f}{_ci(of['slope_ci'])} over {of['n']} subtasks")
+    lines.append(f"  ({cv['n_at_start']} subtasks below the threshold already at step 0: counted, not fitted)")
     if cv["per_run"]:
-        lines.append("  per run: " + ", ".join(f"{k} {v:.2f}" for k, v in cv["per_run"].items()))
+        lines.append("  per run (censored / learned-only): " + ", ".join(
+            f"{k} {_f2(v['censored'])} / {_f2(v['learned_only'])}" for k, v in cv["per_run"].items()))
     for key, x, what in (("vs_N", "params", f"parameters (D {lc['N_at_D']})"),
                          ("vs_D", "D", f"training samples (width {lc['D_at_width']})")):
         if lc[key]:
@@ -328,7 +315,7 @@ def _runs(source: str, sweep: str | None) -> pd.DataFrame:
 def analyse(source: str, sweep: str | None, out: str, n_bootstrap: int = 200) -> tuple[dict, list[str], str]:
     result = analyze(source, sweep, _runs(source, sweep), n_bootstrap=n_bootstrap)
     os.makedirs(out, exist_ok=True)
-    paths = plot(result, out)
+    paths = dynamics_plots.plot(result, out)
     md = report(result, source, sweep, paths)
     write_outputs(out, STUDY, result, md)
     return result, paths, md
@@ -338,7 +325,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(STUDY, argv, lambda p: p.add_argument("--bootstrap", type=int, default=200))
     result, _, _ = analyse(args.source, args.sweep, args.out, args.bootstrap)
     se, cv = result["step_exponent"], result["convergence"]
-    print(f"alpha_S = {se['alpha_S']}  CI {se['alpha_S_ci']}  convergence slope {cv['slope']}  CI {cv['slope_ci']}")
+    print(f"alpha_S = {se['alpha_S']}  CI {se['alpha_S_ci']}")
+    for name in ("censored_fit", "learned_only_fit"):
+        f = cv[name] or {}
+        print(f"convergence slope, {name.replace('_', ' ')}: {f.get('slope')}  95% CI {f.get('slope_ci')}")
+    print(f"  ({cv['n_learned']} learned, {cv['n_censored']} censored; paper's fit {REFERENCE['paper_fit']}, "
+          f"theory {REFERENCE['theory']})")
     return result
 
 
@@ -349,9 +341,10 @@ def applies(runs: pd.DataFrame) -> bool:
 def run(source: str, sweep: str | None, out: str) -> Section:
     """The analysis.report hook (analysis/study.py)."""
     result, paths, md = analyse(source, sweep, out)
-    fitted = {"alpha_S": result["step_exponent"]["alpha_S"], "alpha_S_ci": result["step_exponent"]["alpha_S_ci"],
-              "convergence_slope": result["convergence"]["slope"],
-              "convergence_slope_ci": result["convergence"]["slope_ci"]}
+    fitted = {"alpha_S": result["step_exponent"]["alpha_S"], "alpha_S_ci": result["step_exponent"]["alpha_S_ci"]}
+    for name in ("censored", "learned_only"):  # the W&B summary: both slopes, each with its interval
+        fit = result["convergence"][f"{name}_fit"] or {}
+        fitted[f"convergence_slope_{name}"], fitted[f"convergence_slope_{name}_ci"] = fit.get("slope"), fit.get("slope_ci")
     tables = {"convergence": pd.DataFrame(result["convergence"]["points"])}
     for key in ("vs_N", "vs_D"):
         if result["learned"][key]:

@@ -83,7 +83,8 @@ def run_emergence(hist: pd.DataFrame, continuous: str, thresholded: str, thresho
         "run_id": C.index, "t_cross": cross.x, "reached": cross.reached, "t_lo": cross.lo, "t_hi": cross.hi,
         "midpoint": fit.midpoint, "mid_lo": fit.midpoint_ci[:, 0], "mid_hi": fit.midpoint_ci[:, 1],
         "width_decades": fit.width, "width_lo": fit.width_ci[:, 0], "width_hi": fit.width_ci[:, 1],
-        "detected": fit.detected, "resolved": fit.resolved,
+        "detected": fit.detected, "resolved": fit.resolved, "in_range": fit.in_range,
+        "first_step": x[0], "last_step": x[-1],
         "jump_" + continuous: mir.sharp_continuous, "jump_" + thresholded: mir.sharp_thresholded,
         "verdict": mir.verdict,
     }).replace({np.inf: np.nan, -np.inf: np.nan})
@@ -94,18 +95,23 @@ def emergence_markdown(table: pd.DataFrame, continuous: str, thresholded: str, t
     if table.empty:
         return ""
 
+    from analysis import emergence as em
+
     def f(v, fmt="{:.3g}"):
         return "-" if v is None or not isinstance(v, (int, float)) or not math.isfinite(v) else fmt.format(v)
 
     lines = ["", "## Emergence of each run (analysis.emergence)", "",
              f"{thresholded} against log step: first evaluation at >= {threshold} (censored: never, at the last "
              f"step), sigmoid midpoint and 10-90% width with 95% curvature intervals, and the mirage check against "
-             f"{continuous} (mirage: {thresholded} jumps within 0.1 decade of steps while {continuous} does not).", "",
+             f"{continuous} (mirage: {thresholded} jumps within 0.1 decade of steps while {continuous} does not there; "
+             f"unresolved: the jump lies between two evaluations further apart; metric-dependent: {continuous} and "
+             f"its log disagree). A midpoint outside the evaluated steps is the fit's extrapolation, marked.", "",
              f"| run | first step >= {threshold} | sigmoid midpoint [95%] | width (decades) [95%] | verdict |",
              "|---|---|---|---|---|"]
     for r in table.itertuples():
         cross = f"{r.t_cross:.0f}" if r.reached else f"never (censored at {r.t_cross:.0f})"
-        mid = (f"{f(r.midpoint)} [{f(r.mid_lo)}, {f(r.mid_hi)}]" if r.detected else "no transition")
+        mid = (f"{f(r.midpoint)} [{f(r.mid_lo)}, {f(r.mid_hi)}]" if r.in_range  # outside: an extrapolation, marked
+               else em.midpoint_text(r.midpoint, r.first_step, r.last_step)) if r.detected else "no transition"
         width = f"{f(r.width_decades, '{:.2f}')} [{f(r.width_lo, '{:.2f}')}, {f(r.width_hi, '{:.2f}')}]" if r.detected else "-"
         lines.append(f"| {r.run_id} | {cross} | {mid} | {width} | {r.verdict} |")
     return "\n".join(lines) + "\n"

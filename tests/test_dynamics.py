@@ -34,13 +34,13 @@ def test_step_exponent_is_fitted_over_the_tail_of_the_mean_over_seeds():
     assert few["alpha_S"] is None and "need >= 5" in few["note"]
 
 
-def test_convergence_step_slope_against_frequency_with_censoring():
+def test_convergence_steps_are_intervals_with_censoring_and_both_slopes_are_reported():
     p = dynamics.frequencies(pd.Series(run_rows(1)[0]))
     assert p.sum() == pytest.approx(1) and p[0] / p[1] == pytest.approx(2 ** 1.4)
     steps = np.arange(0, 4001, 100)
     rows = []
     for rid, c in (("r0", 60.0), ("r1", 80.0)):
-        t_learn = c / p  # steps ~ 1/p_t: slope -1 (rounded up to the evaluation grid)
+        t_learn = c / p  # steps ~ 1/p_t: slope -1 (seen at the next evaluation)
         for item in range(20):
             for s in steps:
                 below = s >= t_learn[item] or (rid == "r0" and item == 5)  # r0's subtask 5: below at step 0
@@ -48,14 +48,54 @@ def test_convergence_step_slope_against_frequency_with_censoring():
     runs = pd.DataFrame(run_rows(2))
     conv = dynamics.convergence_steps(pd.DataFrame(rows), runs)
     assert len(conv) == 40 and conv["at_start"].sum() == 1
-    never = int(conv["step"].isna().sum())
-    assert never == sum(int((c / p > 4000).sum()) for c in (60.0, 80.0)) and never > 0  # censored, not dropped silently
-    res = dynamics.convergence_slope(conv, n_bootstrap=100)
-    assert res["n_at_start"] == 1 and res["n_censored"] == never and res["n_used"] == 40 - 1 - never
-    assert res["slope"] == pytest.approx(-1.0, abs=0.08)
-    lo, hi = res["slope_ci"]
-    assert lo <= res["slope"] <= hi and hi - lo < 0.3
-    assert set(res["per_run"]) == {"r0", "r1"} and all(v == pytest.approx(-1, abs=0.1) for v in res["per_run"].values())
+    never = int((~conv["learned"]).sum())
+    assert never == sum(int((c / p > 4000).sum()) for c in (60.0, 80.0)) and never > 0
+    cens = conv[~conv["learned"]]
+    assert (cens["lo"] == 4000).all() and np.isinf(cens["hi"]).all() and cens["step"].isna().all()  # right-censored
+    got = conv[conv["learned"] & ~conv["at_start"]]
+    assert ((got["hi"] - got["lo"]) == 100).all() and (got["hi"] == got["step"]).all()  # one evaluation gap
+    t_true = np.where(got["run_id"] == "r0", 60.0, 80.0) / got["p"]
+    assert ((got["lo"] < t_true) & (t_true <= got["hi"])).all()
+    res = dynamics.convergence_slope(conv)
+    assert res["n_at_start"] == 1 and res["n_censored"] == never and res["n_learned"] == 40 - 1 - never
+    cf, of = res["censored_fit"], res["learned_only_fit"]
+    assert cf["n_right_censored"] == never and cf["n"] == 39
+    assert cf["slope"] == pytest.approx(-1.0, abs=0.05) and cf["slope_ci"][0] < -1 < cf["slope_ci"][1]
+    assert of["slope"] == pytest.approx(-1.0, abs=0.08) and of["slope_ci"][0] < of["slope"] < of["slope_ci"][1]
+    assert res["reference"] == {"paper_fit": -0.81, "theory": -1.0} and "interval-censored" in res["method"]
+    assert set(res["per_run"]) == {"r0", "r1"}
+    assert all(v["censored"] == pytest.approx(-1, abs=0.1) for v in res["per_run"].values())
+
+
+def _censored_draw(seed, sigma=0.6, budget=3000, every=100, seeds=3):
+    """Subtasks of 3 seeds with log t = log(3 / p_t) + sigma eps (slope -1 exactly), seen on an
+    evaluation grid every `every` steps, never learned past `budget` (right-censored)."""
+    rng = np.random.default_rng(seed)
+    p = np.tile(dynamics.frequencies(pd.Series({**run_rows(1)[0], "config.data.n_tasks": 100})), seeds)
+    t = 3.0 / p * np.exp(rng.normal(0, sigma, p.size))
+    grid = np.arange(every, budget + 1, every)
+    k = np.searchsorted(grid, t)
+    learned = t <= budget
+    hi = np.where(learned, grid[np.minimum(k, len(grid) - 1)], np.inf)
+    lo = np.where(learned, np.where(k > 0, grid[np.maximum(k - 1, 0)], 0.0), budget)
+    return pd.DataFrame({"run_id": np.repeat([f"s{i}" for i in range(seeds)], p.size // seeds), "item": 0, "p": p,
+                         "step": np.where(learned, hi, np.nan), "lo": lo, "hi": hi, "learned": learned,
+                         "at_start": False})
+
+
+def test_censored_fit_recovers_slope_minus_one_where_the_learned_only_fit_is_biased():
+    for seed in range(3):
+        conv = _censored_draw(seed)
+        share = 1 - conv["learned"].mean()
+        assert 0.25 < share < 0.4, share  # ~30% never learned within the budget
+        res = dynamics.convergence_slope(conv)
+        cf, of = res["censored_fit"], res["learned_only_fit"]
+        assert abs(cf["slope"] + 1) < 0.1 and abs(cf["slope"] + 1) < 3 * cf["slope_se"], cf
+        lo, hi = cf["slope_ci"]
+        assert lo < cf["slope"] < hi and 0.1 < hi - lo < 0.25  # profile interval ~ +-2 standard errors
+        # dropping the slow (rare) subtasks flattens the learned-only slope, far outside its own interval
+        assert of["slope"] > -0.75 and of["slope_ci"][0] > -0.8, of  # measured -0.62 .. -0.67
+        assert cf["n_right_censored"] == res["n_censored"] == int((~conv["learned"]).sum())
 
 
 def test_learned_quanta_against_N_at_one_data_budget_and_against_D_at_one_width():
@@ -91,6 +131,7 @@ def test_the_report_runs_the_dynamics_data_and_alpha_studies():
 def test_dynamics_of_real_runs_from_step_0(offline):
     """Three tiny widths trained for real: history and curves start at step 0, the CLI writes its outputs."""
     from conftest import TINY
+
     from harness.config.run import load_config
     from harness.training.train import train
 
@@ -104,7 +145,8 @@ def test_dynamics_of_real_runs_from_step_0(offline):
     assert len(pts) == 4 and set(pts["run_id"]) == {ids[-1]}
     assert [r["params"] for r in result["learned"]["vs_N"]] == sorted(r["params"] for r in result["learned"]["vs_N"])
     assert len(result["learned"]["vs_N"]) == 3
-    assert json.load(open(os.path.join(out, "dynamics.json")))["largest"]["ids"] == [ids[-1]]
+    with open(os.path.join(out, "dynamics.json")) as f:
+        assert json.load(f)["largest"]["ids"] == [ids[-1]]
     assert os.path.exists(os.path.join(out, "loss_vs_step.svg")) and os.path.exists(os.path.join(out, "report.md"))
 
 

@@ -67,10 +67,17 @@ def test_report_finds_studies_writes_md_html_and_logs_analysis_runs(generated, t
     assert len(seen) == 30
     err = np.abs(np.log10(seen["midpoint"] / (100 * (seen["item"] + 1))))  # the generator jitters it by 0.05 decade (sd)
     assert err.max() < 0.2 and err.median() < 0.06
-    # loss and accuracy drop together: never a mirage; sudden (emergent) for most at 0.1-decade windows
-    # (10-90% width 0.13 decade: near the 0.5 line, so some read gradual)
+    # loss and accuracy drop together: never a mirage. Drops before step 1000 fall between evaluations
+    # 200 steps apart, > 0.1 decade there: unresolved. Later ones are sudden in the loss (emergent on it
+    # for most: 10-90% width 0.13 decade, near the 0.5 line); in the log-loss the logistic's tail
+    # stretches the drop, so the two metrics disagree: metric-dependent, never "emergent" on one alone
     assert seen["detected"].all() and not (seen["verdict"] == "mirage").any()
-    assert (seen["verdict"] == "emergent").mean() > 0.6
+    early = seen["midpoint"] < 760  # evaluations at 600 and 800 are 0.125 decade apart
+    assert early.sum() >= 5 and (seen.loc[early, "verdict"] == "unresolved").mean() >= 0.8
+    late = seen[~early & (seen["verdict"] != "gradual")]
+    assert len(late) >= 10 and (late["verdict_loss"] == "emergent").mean() > 0.6
+    assert late["verdict"].isin(["emergent", "metric-dependent", "unresolved"]).all()
+    assert late["verdict"].isin(["emergent", "metric-dependent"]).mean() > 0.9
     assert (t.loc[~expect, "verdict"] == "flat").all()
 
     # the analysis run, read back from the same offline directory
