@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from analysis import grokking as ga
+from figure_checks import legends_overlapping_axes
 
 STEPS = np.array([0, 50, 100, 200, 400, 800, 1600, 3200, 6400])
 
@@ -35,23 +36,6 @@ def synthetic(val_mids: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 RUNS = {(1.0, 0): 3000, (1.0, 1): 2000, (1.0, 2): 5000, (0.0, 0): np.inf, (0.0, 1): np.inf, (0.0, 2): np.inf}
-
-
-def legends_overlapping_axes(fig) -> list[str]:
-    """Titles of axes whose data area a legend (of any axes, or of the figure) overlaps."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)  # the figure was saved and closed: draw it again on its own canvas
-    canvas.draw()
-    renderer = canvas.get_renderer()
-    legends = [leg for ax in fig.axes for leg in [ax.get_legend()] if leg] + list(fig.legends)
-    out = []
-    for leg in legends:
-        box = leg.get_window_extent(renderer)
-        for ax in fig.axes:
-            if ax.get_visible() and box.overlaps(ax.get_window_extent(renderer)):
-                out.append(ax.get_title() or "untitled")
-    return out
 
 
 def test_threshold_convention_is_named_in_json_and_report():
