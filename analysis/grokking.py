@@ -197,6 +197,12 @@ def _label(rec: dict, keys: list[str]) -> str:
     return ", ".join(f"{k.split('.')[-1]}={rec.get(k)}" for k in keys if k != "seed") or "all runs"
 
 
+def _run_label(rec: dict, keys: list[str]) -> str:
+    """A run: its configuration and its seed ("seed 3" when only the seed varies)."""
+    label = _label(rec, keys)
+    return f"seed {rec.get('seed')}" if label == "all runs" else f"{label}, seed {rec.get('seed')}"
+
+
 def _seed_key(r: dict):
     return (r.get("seed") is None, r.get("seed") if r.get("seed") is not None else 0)
 
@@ -296,7 +302,7 @@ def plot_spectrum(result: dict, curves: pd.DataFrame, path: str, max_runs: int =
         spec = final_spectrum(curves, r["id"])
         if len(spec):
             ax.plot(spec["k"], spec["power"], marker="o", ms=2, lw=1, color=f"C{i % 10}",
-                    label=f"{_label(r, result['varied_keys'])}, seed {r.get('seed')}: keys {r['key_freqs']}")
+                    label=f"{_run_label(r, result['varied_keys'])}: keys {r['key_freqs']}")
     title = "final embedding Fourier power (one line per run)"
     if len(result["runs"]) > len(runs):
         title += f"; {len(runs)} of {len(result['runs'])} runs shown"
@@ -365,7 +371,7 @@ def report(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in result["runs"] if r["phase"] not in ("grokking", "comprehension")]
     lines += ["", f"Runs that did not generalise (val acc < {th:g} at every evaluation): "
-              + (", ".join(f"{_label(r, keys)} seed {r.get('seed')}" for r in failed) or "none") + "."]
+              + (", ".join(_run_label(r, keys) for r in failed) or "none") + "."]
     if result["problems"]:
         lines += ["", "Problems:"] + [f"- {p}" for p in result["problems"]]
     lines += ["", "Plots: curves.png (one panel per configuration, one line per seed), progress.png, spectrum.png, "
