@@ -109,3 +109,15 @@ def test_json_written_by_the_cli_path_holds_the_threshold(tmp_path):
     write_outputs(str(tmp_path), ga.STUDY, result, ga.report(result))
     back = json.loads((tmp_path / "grokking.json").read_text())
     assert back["threshold"] == 0.9 and back["max_delay"] == 500 and "t_val" in back["runs"][0]
+
+
+def test_run_emergence_table_names_each_runs_seed():
+    from analysis.study import emergence_markdown, run_emergence
+
+    runs, hist = synthetic(RUNS)
+    hist = hist.assign(**{"val/loss": 5.0 - 4.0 * hist["val/acc"]})
+    table = run_emergence(hist, "val/loss", "val/acc", 0.9)
+    table.insert(1, "seed", table["run_id"].map(dict(zip(runs["id"], runs["config.seed"]))))
+    md = emergence_markdown(table, "val/loss", "val/acc", 0.9)
+    assert "| run | seed | first step >= 0.9 |" in md
+    assert "| r1 | 1 | 3200 |" in md  # wd 1, seed 1 crosses 0.9 at step 3200
