@@ -233,7 +233,7 @@ def plot_size(res: dict, fit: dict, out: str) -> None:
     slope = fit.get("loglog_slope")
     if slope is not None:
         anchor = np.exp(np.mean(np.log(pts["mean_loss_aligned"])) - slope * np.mean(np.log(pts["params_nonembedding"])))
-        a.plot(n, anchor * n ** slope, ":", color="0.4", label=f"plain log-log fit, alpha={-slope:.3f}")
+        a.plot(n, anchor * n ** slope, ":", color="0.4", label=f"plain log-log fit, alpha={-slope:.3g}")
     log_axis(a, "x", label="non-embedding parameters N")
     a.set_ylabel("mean loss (nats)")
     a.set_title(f"these models; reference (Pythia, Michaud et al.): alpha_N ~ {REFERENCE_ALPHA_N}", fontsize=8)
