@@ -120,7 +120,9 @@ def short_data_note(setup: pd.DataFrame) -> str:
     parts = []
     for (split, prec), g in setup.groupby(["split", "precision"], dropna=False):
         sizes = "/".join(f"{int(n):,}" for n in sorted(set(g["n_train"].dropna())))
-        parts.append((f"offline stand-in split (train: the first {sizes} of the 10k MNIST test images, test: the rest)"
+        tests = "/".join(f"{int(n):,}" for n in sorted(set(g["n_test"].dropna())))
+        parts.append((f"offline stand-in split (train: the first {sizes} of the 10k MNIST test images, test: "
+                      f"{tests or '?'} of the others)"
                       if split == "offline" else f"{split} split (train: first {sizes} training images)") + f", {prec}")
     return "; ".join(parts) + (". Paper: first 1,000 training images, all 10k test images, float64, seed 0"
                                " (report.md says more).")
