@@ -196,14 +196,14 @@ def landscape_runs(runs: pd.DataFrame, hist: pd.DataFrame) -> pd.DataFrame:
 def landscape_table(per_run: pd.DataFrame) -> pd.DataFrame:
     """One row per (n_train, alpha): the mean over seeds of each value, its standard error (`<value>_se`,
     NaN for one seed), the number of seeds and which."""
+    from analysis.study import mean_se
+
     rows = []
     for (n, a), g in per_run.groupby(["n_train", "alpha"]):
         row = {"n_train": int(n), "alpha": float(a), "n_seeds": len(g),
                "seeds": sorted(int(v) for v in g["seed"].dropna())}
         for v in VALUES:
-            x = g[v].astype(float)
-            row[v] = float(x.mean())
-            row[v + "_se"] = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else math.nan
+            row[v], row[v + "_se"], _ = mean_se(g[v].astype(float))
         rows.append(row)
     if not rows:
         return pd.DataFrame(columns=["n_train", "alpha"])
