@@ -1,19 +1,28 @@
 """Grokking of modular arithmetic: when each run learns, its phase, and the phase diagram.
 
-    python -m analysis.grokking SOURCE [--sweep ID] --out DIR [--max-delay 1000]
+    python -m analysis.grokking SOURCE [--sweep ID] --out DIR [--threshold 0.99] [--max-delay 1000]
 
-Writes DIR/grokking.json (one record per run: the config keys the runs vary, t_train99, t_val99,
-delay, phase, final weight norm, key frequencies), DIR/curves.png (train/val accuracy against step on a
-log axis, t_val99 marked), DIR/progress.png (weight norm, restricted and excluded loss against step),
-DIR/spectrum.png (final Fourier power of the embedding, from each run's curves artifact),
-DIR/phase.png (weight decay against train fraction coloured by phase) and DIR/report.md. Runs are
-those of task modular_addition in SOURCE.
+Writes DIR/grokking.json (the threshold and its convention; one record per run: seed, the config
+keys the runs vary, t_train and t_val (first evaluated step with train / validation accuracy >=
+the threshold), delay, phase, final weight norm, key frequencies), DIR/curves.png (train/val
+accuracy against step on a log axis, one panel per configuration, one line per seed, t_val marked),
+DIR/progress.png (weight norm, restricted and excluded loss against step), DIR/spectrum.png (final
+Fourier power of the embedding, from each run's curves artifact), DIR/phase.png (weight decay
+against train fraction coloured by phase, one square per seed) and DIR/report.md. Runs are those of
+task modular_addition in SOURCE.
+
+The threshold: 0.99 (the default) is Power et al.'s t_train99 / t_val99, and what the task's
+GrokkingCallback logs by default (`eval.threshold`); Liu et al.'s phase diagrams ("Towards
+Understanding Grokking", code: ejmichaud/grokking-squared, phase_diagram_plot/phase_diagram.ipynb
+and plot_pd.ipynb, "steps to train/test acc >= 0.9") use 0.9, with grokking = a delay of more than
+1e3 steps (phase_diagram_plot/simple_phase_diagram.ipynb). `--threshold 0.9` gives their phases.
 """
 from __future__ import annotations
 
 import math
 import os
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import matplotlib
 import matplotlib.patches
@@ -24,8 +33,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.common import main_guard, parse_args, write_outputs  # noqa: E402
-from analysis.plots import save  # noqa: E402
+from analysis.plots import log_axis, save  # noqa: E402
 from harness.events import PHASES, grokking_phase  # noqa: E402,F401  (PHASES: re-exported)
+
+if TYPE_CHECKING:
+    from analysis.study import Section
 
 STUDY = "grokking"
 TASK = "modular_addition"
@@ -33,6 +45,9 @@ CURVES = ["train/acc", "val/acc", "train/loss", "val/loss", "model/weight_norm",
           "val/restricted_loss", "train/excluded_loss", "fourier/n_keys", "fourier/key_power"]
 # Config keys that name a run but are not the science: never "varied keys".
 IGNORED = ("config.wandb.", "config.trainer.threads", "config.trainer.progress_bar", "config.data_dir")
+POWER_THRESHOLD = 0.99  # Power et al. 2022: t_train99 / t_val99; the default here and in the task
+LIU_THRESHOLD = 0.9  # Liu et al. 2022's phase diagrams (grokking-squared, phase_diagram_plot/*.ipynb)
+LIU_MAX_DELAY = 1000  # their comprehension / grokking boundary (simple_phase_diagram.ipynb: 1e3 steps)
 PHASE_COLOURS = {"comprehension": "tab:green", "grokking": "tab:purple",
                  "memorization": "tab:orange", "confusion": "tab:gray"}
 
@@ -49,6 +64,15 @@ def first_step_at_least(steps, values, threshold: float) -> int | None:
 
 def classify(t_train: int | None, t_val: int | None, max_delay: int) -> str:
     return grokking_phase(t_train, t_val, max_delay)
+
+
+def threshold_note(threshold: float, max_delay: int) -> str:
+    """One line that says which convention a threshold and delay are, so a reader can compare."""
+    conv = {POWER_THRESHOLD: "Power et al.'s t_99; Liu et al.'s phase diagrams use 0.9",
+            LIU_THRESHOLD: "Liu et al.'s phase diagrams; Power et al.'s t_99 uses 0.99"}.get(
+        threshold, "neither Power et al.'s 0.99 nor Liu et al.'s 0.9")
+    return (f"accuracy >= {threshold:g} ({conv}); grokking = validation later than training by more than "
+            f"{max_delay} steps (Liu et al.: {LIU_MAX_DELAY})")
 
 
 def varied_keys(runs: pd.DataFrame) -> list[str]:
@@ -130,10 +154,10 @@ def run_record(run: pd.Series, hist: pd.DataFrame, keys: list[str], threshold: f
     if not keys_final and curves is not None:  # a run without a summary (crashed): its last evaluation
         spec = final_spectrum(curves, run["id"])
         keys_final = [int(k) for k in spec.loc[spec["key"], "k"]]
-    rec = {"id": run["id"], "name": run["name"], "state": run["state"]}
-    rec.update({k: run.get(f"config.{k}") for k in keys})
+    rec = {"id": run["id"], "name": run["name"], "state": run["state"], "seed": _num(run.get("config.seed"))}
+    rec.update({k: run.get(f"config.{k}") for k in keys if k != "seed"})
     rec.update({
-        "t_train99": t_train, "t_val99": t_val,
+        "t_train": t_train, "t_val": t_val,
         "delay": None if t_train is None or t_val is None else t_val - t_train,
         "phase": classify(t_train, t_val, max_delay),
         "last_step": int(last["step"]),
@@ -162,77 +186,146 @@ def analyse(runs: pd.DataFrame, hist: pd.DataFrame, threshold: float = 0.99,
     records.sort(key=lambda r: [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
                                 for v in (r.get(k) for k in keys)])
     return {"varied_keys": keys, "threshold": threshold, "max_delay": max_delay,
-            "runs": records, "problems": problems,
+            "threshold_note": threshold_note(threshold, max_delay), "runs": records, "problems": problems,
             "phase_counts": dict(Counter(r["phase"] for r in records))}
 
 
 # ---------------------------------------------------------------- plots
 
 def _label(rec: dict, keys: list[str]) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={rec.get(k)}" for k in keys) or rec["name"]
+    """The configuration of a run without its seed ("all runs" when only the seed varies)."""
+    return ", ".join(f"{k.split('.')[-1]}={rec.get(k)}" for k in keys if k != "seed") or "all runs"
 
 
-def plot_curves(result: dict, hist: pd.DataFrame, path: str, max_runs: int = 12) -> None:
-    recs = result["runs"][:max_runs]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, r in enumerate(recs):
-        h = hist[hist["run_id"] == r["id"]].dropna(subset=["val/acc"]).sort_values("step")
-        c = f"C{i % 10}"
-        ax.plot(h["step"], h["train/acc"], color=c, ls="--", lw=1)
-        ax.plot(h["step"], h["val/acc"], color=c, lw=1.5, label=_label(r, result["varied_keys"]))
-        if r["t_val99"] is not None:
-            ax.axvline(r["t_val99"], color=c, ls=":", lw=1)
-    ax.set(xscale="log", xlabel="step", ylabel="accuracy (dashed: train, solid: val; dotted: t_val99)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+def _run_label(rec: dict, keys: list[str]) -> str:
+    """A run: its configuration and its seed ("seed 3" when only the seed varies)."""
+    label = _label(rec, keys)
+    return f"seed {rec.get('seed')}" if label == "all runs" else f"{label}, seed {rec.get('seed')}"
+
+
+def _seed_key(r: dict):
+    return (r.get("seed") is None, r.get("seed") if r.get("seed") is not None else 0)
+
+
+def config_groups(records: list[dict], keys: list[str]) -> list[tuple[str, list[dict]]]:
+    """Runs grouped by every varied key but the seed, in record order: [(label, runs by seed)]."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(tuple(repr(r.get(k)) for k in keys if k != "seed"), []).append(r)
+    return [(_label(rs[0], keys), sorted(rs, key=_seed_key)) for rs in groups.values()]
+
+
+def _run_hist(hist: pd.DataFrame, run_id: str) -> pd.DataFrame:
+    """One run's evaluations at steps > 0: step 0 has no place on a log axis."""
+    h = hist[hist["run_id"] == run_id].dropna(subset=["val/acc"]).sort_values("step")
+    return h[h["step"] > 0]
+
+
+def plot_curves(result: dict, hist: pd.DataFrame, path: str, max_panels: int = 12):
+    """One panel per configuration; in it one train (dashed) and one validation (solid) line per seed,
+    coloured by seed, the threshold and each seed's t_val marked. Seeds are never averaged here: a mean
+    of curves that jump at different steps is a smooth curve no seed followed."""
+    from matplotlib.lines import Line2D
+
+    from analysis.study import legend_outside, suptitle
+
+    groups = config_groups(result["runs"], result["varied_keys"])
+    shown, th = groups[:max_panels], result["threshold"]
+    ncols = max(1, min(len(shown), 3))
+    nrows = max(1, math.ceil(len(shown) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols + 1.8, 2.8 * nrows + 0.6), squeeze=False, sharey=True)
+    seeds = sorted({r.get("seed") for _, rs in shown for r in rs}, key=lambda s: (s is None, s or 0))
+    colour = {s: f"C{i % 10}" for i, s in enumerate(seeds)}
+    for ax, (label, rs) in zip(axes.flat, shown):
+        for r in rs:
+            h, c = _run_hist(hist, r["id"]), colour[r.get("seed")]
+            ax.plot(h["step"], h["train/acc"], color=c, ls="--", lw=1)
+            ax.plot(h["step"], h["val/acc"], color=c, lw=1.5)
+            if r["t_val"] is not None:
+                ax.plot([r["t_val"]], [th], marker="o", ms=6, mfc="none", color=c, ls="")
+        ax.axhline(th, color="0.5", lw=0.8, ls=":")
+        log_axis(ax, "x", label="optimizer step")
+        ax.set_title(f"{label} (n={len(rs)} seed{'s' if len(rs) > 1 else ''})", fontsize=8)
+    for ax in axes.flat[len(shown):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy")
+    handles = [Line2D([], [], color=colour[s], label=f"seed {s}") for s in seeds] + [
+        Line2D([], [], color="k", ls="--", lw=1, label="train"), Line2D([], [], color="k", lw=1.5, label="validation"),
+        Line2D([], [], color="0.5", ls=":", label=f"threshold {th:g}"),
+        Line2D([], [], color="k", marker="o", mfc="none", ls="", label=f"t_val (val acc >= {th:g})")]
+    legend_outside(axes[0][ncols - 1], handles=handles)
+    title = threshold_note(th, result["max_delay"])
+    if len(groups) > len(shown):
+        title += f"\n{len(shown)} of {len(groups)} configurations shown; all in grokking.json"
+    suptitle(fig, title)
     save(fig, path, dpi=110)  # PNG + SVG
+    return fig
 
 
-def plot_progress(result: dict, hist: pd.DataFrame, path: str, max_runs: int = 12) -> None:
-    recs = result["runs"][:max_runs]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for i, r in enumerate(recs):
-        h = hist[hist["run_id"] == r["id"]].dropna(subset=["val/acc"]).sort_values("step")
-        for ax, key in zip(axes, ["model/weight_norm", "val/restricted_loss", "train/excluded_loss"]):
-            if key in h:
-                ax.plot(h["step"], h[key], color=f"C{i % 10}", lw=1, label=_label(r, result["varied_keys"]))
-    for ax, title in zip(axes, ["total L2 weight norm", "restricted loss (val, key freqs only)",
-                                "excluded loss (train, key freqs removed)"]):
-        ax.set(xscale="log", xlabel="step", title=title)
+def plot_progress(result: dict, hist: pd.DataFrame, path: str, max_groups: int = 10):
+    """Weight norm and Nanda et al.'s progress measures: one line per run (seed), coloured by
+    configuration, the legend naming each configuration with its number of seeds."""
+    from matplotlib.lines import Line2D
+
+    from analysis.study import legend_outside
+
+    groups = config_groups(result["runs"], result["varied_keys"])[:max_groups]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    keys = ["model/weight_norm", "val/restricted_loss", "train/excluded_loss"]
+    for i, (label, rs) in enumerate(groups):
+        for r in rs:
+            h = _run_hist(hist, r["id"])
+            for ax, key in zip(axes, keys):
+                if key in h:
+                    ax.plot(h["step"], h[key], color=f"C{i % 10}", lw=1, alpha=0.8)
+    for ax, title, ylabel in zip(axes, ["total L2 weight norm", "restricted loss (val, key freqs only)",
+                                        "excluded loss (train, key freqs removed)"],
+                                 ["L2 norm of all parameters", "cross-entropy (nats)", "cross-entropy (nats)"]):
+        ax.set(ylabel=ylabel, title=title)
+        log_axis(ax, "x", label="optimizer step")
     for ax in axes[1:]:
-        ax.set_yscale("log")
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
+        log_axis(ax, "y")
+    handles = [Line2D([], [], color=f"C{i % 10}", label=f"{label} (n={len(rs)} seed{'s' if len(rs) > 1 else ''})")
+               for i, (label, rs) in enumerate(groups)]
+    legend_outside(axes[-1], handles=handles, title="one line per seed")
     save(fig, path, dpi=110)  # PNG + SVG
+    return fig
 
 
-def plot_spectrum(result: dict, curves: pd.DataFrame, path: str, max_runs: int = 12) -> None:
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for i, r in enumerate(result["runs"][:max_runs]):
+def plot_spectrum(result: dict, curves: pd.DataFrame, path: str, max_runs: int = 12):
+    from analysis.study import legend_outside
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    runs = result["runs"][:max_runs]
+    for i, r in enumerate(runs):
         spec = final_spectrum(curves, r["id"])
         if len(spec):
             ax.plot(spec["k"], spec["power"], marker="o", ms=2, lw=1, color=f"C{i % 10}",
-                    label=f"{_label(r, result['varied_keys'])}: keys {r['key_freqs']}")
-    ax.set(xlabel="frequency k", ylabel="share of embedding power", title="final embedding Fourier power")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
+                    label=f"{_run_label(r, result['varied_keys'])}: keys {r['key_freqs']}")
+    title = "final embedding Fourier power (one line per run)"
+    if len(result["runs"]) > len(runs):
+        title += f"; {len(runs)} of {len(result['runs'])} runs shown"
+    ax.set(xlabel="frequency k", ylabel="share of embedding power", title=title)
+    if ax.get_legend_handles_labels()[0]:
+        legend_outside(ax)
     save(fig, path, dpi=110)  # PNG + SVG
+    return fig
 
 
-def plot_phase(result: dict, path: str, x: str = "data.train_fraction", y: str = "optim.weight_decay"
-               ) -> bool:
+def plot_phase(result: dict, path: str, x: str = "data.train_fraction", y: str = "optim.weight_decay"):
     """Liu et al.'s phase diagram on a categorical grid: one square per run (seeds side by side),
-    one panel per learning rate when the runs vary it."""
+    one panel per learning rate when the runs vary it. Returns the figure, or None without the keys."""
     recs = [r for r in result["runs"] if r.get(x) is not None and r.get(y) is not None]
     if not recs:
-        return False
+        return None
     panels = sorted({r.get("optim.lr") for r in recs}, key=lambda v: (v is None, v))
     xs, ys = sorted({r[x] for r in recs}), sorted({r[y] for r in recs})
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 0.9 * len(xs) * len(panels), 1.5 + 0.5 * len(ys)),
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 + 0.9 * len(xs) * len(panels), 1.9 + 0.5 * len(ys)),
                              squeeze=False)
     for ax, lr in zip(axes[0], panels):
         cells: dict[tuple, list] = {}
-        for r in recs:
+        for r in sorted(recs, key=_seed_key):
             if r.get("optim.lr") == lr:
                 cells.setdefault((xs.index(r[x]), ys.index(r[y])), []).append(r["phase"])
         for (i, j), phases in cells.items():
@@ -244,35 +337,45 @@ def plot_phase(result: dict, path: str, x: str = "data.train_fraction", y: str =
         ax.set(xlabel=x, ylabel=y, xlim=(-0.6, len(xs) - 0.4), ylim=(-0.6, len(ys) - 0.4),
                title=f"lr={lr}" if lr is not None else "")
     handles = [matplotlib.patches.Patch(color=c, label=p) for p, c in PHASE_COLOURS.items()]
-    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
-    fig.tight_layout()
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1),
+                       title="one square per seed", title_fontsize=7)
+    from analysis.study import suptitle
+
+    suptitle(fig, f"phases at {threshold_note(result.get('threshold', POWER_THRESHOLD), result.get('max_delay', 1000))}",
+             fontsize=7)
     save(fig, path, dpi=110)  # PNG + SVG
-    return True
+    return fig
 
 
 # ---------------------------------------------------------------- report
 
 def report(result: dict) -> str:
-    keys = result["varied_keys"]
+    keys = [k for k in result["varied_keys"] if k != "seed"]
+    th = result["threshold"]
     lines = [f"# Grokking of modular arithmetic ({len(result['runs'])} runs)", "",
-             f"Threshold {result['threshold']} (Power et al.), comprehension when validation follows "
-             f"training within {result['max_delay']} steps. Phases: {result['phase_counts']}.", ""]
-    head = keys + ["t_train99", "t_val99", "delay", "phase", "final val acc", "weight norm (peak -> final)",
-                   "key freqs"]
+             f"Threshold: {result['threshold_note']}. t_train / t_val: first evaluated step with train / "
+             f"validation accuracy >= {th:g} (`--threshold 0.9` gives Liu et al.'s phases). "
+             f"Phases: {result['phase_counts']}.", ""]
+    head = keys + ["seed", f"t_train (acc >= {th:g})", f"t_val (acc >= {th:g})", "delay", "phase",
+                   "final val acc", "weight norm (peak -> final)", "key freqs"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["runs"]:
         norm = f"{r['peak_weight_norm'] or 0:.1f} -> {r['final_weight_norm'] or 0:.1f}"
-        cells = [str(r.get(k)) for k in keys] + [str(r["t_train99"]), str(r["t_val99"]), str(r["delay"]),
+        never = f"never (censored at {r['last_step']})"
+        cells = [str(r.get(k)) for k in keys] + [str(r.get("seed")),
+                                                 never if r["t_train"] is None else str(r["t_train"]),
+                                                 never if r["t_val"] is None else str(r["t_val"]),
+                                                 "-" if r["delay"] is None else str(r["delay"]),
                                                  r["phase"], f"{r['final_val_acc']:.3f}", norm,
                                                  str(r["key_freqs"])]
         lines.append("| " + " | ".join(cells) + " |")
-    failed = [r for r in result["runs"] if r["phase"] != "grokking" and r["phase"] != "comprehension"]
-    lines += ["", f"Runs that did not generalise (val acc < {result['threshold']}): "
-              + (", ".join(_label(r, keys) for r in failed) or "none") + "."]
+    failed = [r for r in result["runs"] if r["phase"] not in ("grokking", "comprehension")]
+    lines += ["", f"Runs that did not generalise (val acc < {th:g} at every evaluation): "
+              + (", ".join(_run_label(r, keys) for r in failed) or "none") + "."]
     if result["problems"]:
         lines += ["", "Problems:"] + [f"- {p}" for p in result["problems"]]
-    lines += ["", "Plots: curves.png, progress.png, spectrum.png, phase.png (when the runs vary weight "
-              "decay and train fraction)."]
+    lines += ["", "Plots: curves.png (one panel per configuration, one line per seed), progress.png, spectrum.png, "
+              "phase.png (when the runs vary weight decay and train fraction; one square per seed)."]
     return "\n".join(lines) + "\n"
 
 
@@ -281,8 +384,14 @@ def main(argv: list[str] | None = None) -> None:
     from harness.errors import UserError
 
     args = parse_args(STUDY, argv, extra=lambda p: (
-        p.add_argument("--threshold", type=float, default=0.99),
-        p.add_argument("--max-delay", type=int, default=1000)))
+        p.add_argument("--threshold", type=float, default=POWER_THRESHOLD,
+                       help=f"accuracy that counts as reached: {POWER_THRESHOLD} = Power et al.'s t_99 (default), "
+                            f"{LIU_THRESHOLD} = Liu et al.'s phase diagrams"),
+        p.add_argument("--max-delay", type=int, default=LIU_MAX_DELAY,
+                       help="steps from t_train to t_val still counted as comprehension (Liu et al.: 1000)")))
+    if not 0 < args.threshold <= 1 or args.max_delay < 0:
+        raise UserError(f"--threshold {args.threshold}, --max-delay {args.max_delay}: need 0 < threshold <= 1 "
+                        f"(Power et al. {POWER_THRESHOLD}, Liu et al. {LIU_THRESHOLD}) and max-delay >= 0")
     runs = runstore.load_runs(args.source, sweep=args.sweep)
     if "config.task" in runs:
         runs = runs[runs["config.task"] == TASK].reset_index(drop=True)
@@ -299,6 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     plot_spectrum(result, curves, os.path.join(args.out, "spectrum.png"))
     plot_phase(result, os.path.join(args.out, "phase.png"))
     write_outputs(args.out, STUDY, result, report(result))
+    print(f"grokking: {len(result['runs'])} runs, {result['threshold_note']}; phases {result['phase_counts']}")
 
 
 def applies(runs: pd.DataFrame) -> bool:
@@ -314,10 +424,11 @@ def run(source: str, sweep: str | None, out: str) -> "Section":
     result, md, plots = run_cli(main, STUDY, source, sweep, out)
     recs = pd.DataFrame(result["runs"])
     summary = {f"phase/{k}": v for k, v in result["phase_counts"].items()}
-    summary.update(numbers({"n_runs": len(recs), "threshold": result["threshold"]}))
+    summary.update(numbers({"n_runs": len(recs), "threshold": result["threshold"], "max_delay": result["max_delay"]}))
     tables = {"runs": recs.astype({c: str for c in recs.columns if recs[c].map(type).eq(list).any()})}
     ids = list(recs["id"]) if len(recs) else []
-    md = add_run_emergence(source, ids, result["threshold"], md, tables, summary)
+    seeds = {r["id"]: r.get("seed") for r in result["runs"]}
+    md = add_run_emergence(source, ids, result["threshold"], md, tables, summary, seeds)
     return Section(STUDY, "Grokking of modular arithmetic", md, out, plots, tables, summary, ids)
 
 

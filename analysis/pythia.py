@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+from typing import TYPE_CHECKING
 
 import matplotlib
-import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -23,9 +23,13 @@ import pandas as pd  # noqa: E402
 
 from analysis import tokens as tk  # noqa: E402
 from analysis.common import main_guard, parse_args, write_outputs  # noqa: E402
-from analysis.plots import save  # noqa: E402
+from analysis.plots import log_axis, save  # noqa: E402
+from analysis.study import legend_outside  # noqa: E402
 from harness.config.resources import data_root  # noqa: E402
 from harness.errors import UserError  # noqa: E402
+
+if TYPE_CHECKING:
+    from analysis.study import Section
 
 STUDY = "pythia"
 ARTIFACT = "per_token_losses"
@@ -210,42 +214,51 @@ def plot_curves(ax, res: dict, xlabel: str, max_per_class: int = 40, seed: int =
         rows = np.flatnonzero(cls == c)
         for i in rng.choice(rows, min(len(rows), max_per_class), replace=False) if len(rows) else []:
             ax.plot(x, losses[i], color=COLORS[c], alpha=0.5 if c != "other" else 0.3, lw=0.8)
-        ax.plot([], [], color=COLORS[c], label=f"{c} ({res['class_fractions'][c]:.1%})")
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel(xlabel)
+        ax.plot([], [], color=COLORS[c], label=f"{c} ({res['class_fractions'][c]:.1%} of tokens)")
+    log_axis(ax, "x", label=xlabel)
     ax.set_ylabel("per-token loss (nats)")
-    ax.legend(fontsize=8)
+    ax.set_title(f"one line per token (at most {max_per_class} per class, drawn at random)", fontsize=8)
+    legend_outside(ax)
 
 
 def plot_size(res: dict, fit: dict, out: str) -> None:
     pts = pd.DataFrame(res["points"])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.semilogx(pts["params_nonembedding"], pts["mean_loss_aligned"], "o", label="mean per-token loss")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2))
+    a.plot(pts["params_nonembedding"], pts["mean_loss_aligned"], "o", label=f"mean per-token loss ({len(pts)} models)")
+    # The fitted curves span the fitted models only: nothing drawn beyond the data.
     n = np.geomspace(pts["params_nonembedding"].min(), pts["params_nonembedding"].max(), 50)
     f = fit.get("fit") or {}
     if all(k in f for k in ("E", "A", "alpha")):
-        a.semilogx(n, f["E"] + f["A"] * n ** -f["alpha"], "-", label=f"E + A N^-{f['alpha']:.3f}")
-    a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    a.set_xlabel("non-embedding parameters N")
+        a.plot(n, f["E"] + f["A"] * n ** -f["alpha"], "-", label=f"fit E + A N^-alpha, alpha={f['alpha']:.3f}")
+    slope = fit.get("loglog_slope")
+    if slope is not None:
+        anchor = np.exp(np.mean(np.log(pts["mean_loss_aligned"])) - slope * np.mean(np.log(pts["params_nonembedding"])))
+        a.plot(n, anchor * n ** slope, ":", color="0.4", label=f"plain log-log fit, alpha={-slope:.3g}")
+    log_axis(a, "x", label="non-embedding parameters N")
     a.set_ylabel("mean loss (nats)")
-    a.legend(fontsize=8)
+    a.set_title(f"these models; reference (Pythia, Michaud et al.): alpha_N ~ {REFERENCE_ALPHA_N}", fontsize=8)
+    legend_outside(a)
     plot_curves(b, res, "non-embedding parameters N")
     fig.tight_layout()
     save(fig, os.path.join(out, "scaling.png"), dpi=120)  # PNG + SVG
+    return fig
 
 
 def plot_checkpoints(res: dict, out: str) -> None:
     pts = pd.DataFrame(res["points"])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot(pts["step"].clip(lower=1), pts["mean_loss_aligned"], "o-")
-    a.set_xscale("log")
-    a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    a.set_xlabel("training step")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2))
+    later = pts[pts["step"] > 0]
+    a.plot(later["step"], later["mean_loss_aligned"], "o-", label="mean per-token loss (one model)")
+    for _, p in pts[pts["step"] <= 0].iterrows():  # step 0 has no place on a log axis: a level, labelled
+        a.axhline(p["mean_loss_aligned"], color="0.5", ls="--", lw=0.8,
+                  label=f"step 0 (initialisation): {p['mean_loss_aligned']:.2f}")
+    log_axis(a, "x", label="training step")
     a.set_ylabel("mean loss (nats)")
+    legend_outside(a)
     plot_curves(b, res, "training step")
     fig.tight_layout()
     save(fig, os.path.join(out, "checkpoints.png"), dpi=120)  # PNG + SVG
+    return fig
 
 
 def _examples_md(ex: dict) -> list[str]:

@@ -91,7 +91,7 @@ def run_emergence(hist: pd.DataFrame, continuous: str, thresholded: str, thresho
 
 
 def emergence_markdown(table: pd.DataFrame, continuous: str, thresholded: str, threshold: float) -> str:
-    """A report subsection for run_emergence's table."""
+    """A report subsection for run_emergence's table (with its `seed` column when it has one)."""
     if table.empty:
         return ""
 
@@ -105,16 +105,45 @@ def emergence_markdown(table: pd.DataFrame, continuous: str, thresholded: str, t
              f"step), sigmoid midpoint and 10-90% width with 95% curvature intervals, and the mirage check against "
              f"{continuous} (mirage: {thresholded} jumps within 0.1 decade of steps while {continuous} does not there; "
              f"unresolved: the jump lies between two evaluations further apart; metric-dependent: {continuous} and "
-             f"its log disagree). A midpoint outside the evaluated steps is the fit's extrapolation, marked.", "",
-             f"| run | first step >= {threshold} | sigmoid midpoint [95%] | width (decades) [95%] | verdict |",
-             "|---|---|---|---|---|"]
+             f"its log disagree). A midpoint outside the evaluated steps is the fit's extrapolation, marked.", ""]
+    seeded = "seed" in table  # which draw each row is, when the caller knows the runs' seeds
+    head = ["run"] + (["seed"] if seeded else []) + [f"first step >= {threshold}", "sigmoid midpoint [95%]",
+                                                      "width (decades) [95%]", "verdict"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.itertuples():
         cross = f"{r.t_cross:.0f}" if r.reached else f"never (censored at {r.t_cross:.0f})"
         mid = (f"{f(r.midpoint)} [{f(r.mid_lo)}, {f(r.mid_hi)}]" if r.in_range  # outside: an extrapolation, marked
                else em.midpoint_text(r.midpoint, r.first_step, r.last_step)) if r.detected else "no transition"
         width = f"{f(r.width_decades, '{:.2f}')} [{f(r.width_lo, '{:.2f}')}, {f(r.width_hi, '{:.2f}')}]" if r.detected else "-"
-        lines.append(f"| {r.run_id} | {cross} | {mid} | {width} | {r.verdict} |")
+        seed = ([str(r.seed) if pd.notna(r.seed) else "-"] if seeded else [])
+        lines.append("| " + " | ".join([str(r.run_id)] + seed + [cross, mid, width, str(r.verdict)]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def legend_outside(ax, **kw):
+    """A legend right of the axes, never over the data (matplotlib's loc="best" still covers crowded
+    curves). tight_layout (analysis.plots.save) makes room for it."""
+    kw.setdefault("fontsize", 7)
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kw)
+
+
+def suptitle(fig, text: str, fontsize: float = 8) -> None:
+    """A figure title wrapped to the figure's width (a long line is cut off at the edges otherwise)."""
+    import textwrap
+
+    width = max(30, int(fig.get_figwidth() * 72 / (fontsize * 0.6)))  # characters that fit (points / char width)
+    fig.suptitle("\n".join(textwrap.fill(part, width) for part in text.split("\n")), fontsize=fontsize)
+
+
+def mean_se(values) -> tuple[float, float, int]:
+    """(mean, standard error, n) of the finite values: the SE is NaN for one value (no spread to show)."""
+    import numpy as np
+
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if not len(v):
+        return math.nan, math.nan, 0
+    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
+    return float(v.mean()), se, len(v)
 
 
 def run_cli(main, study: str, source: str, sweep: str | None, out: str) -> tuple[dict, str, list[str]]:
@@ -128,9 +157,10 @@ def run_cli(main, study: str, source: str, sweep: str | None, out: str) -> tuple
 
 
 def add_run_emergence(source: str, run_ids: list[str], threshold: float, md: str,
-                      tables: dict, summary: dict) -> str:
+                      tables: dict, summary: dict, seeds: dict | None = None) -> str:
     """Validation accuracy beside validation loss for each run (a jump, or a mirage of the threshold):
-    adds the table and verdict counts to `tables` / `summary`, returns `md` with the subsection."""
+    adds the table and verdict counts to `tables` / `summary`, returns `md` with the subsection.
+    `seeds` (run id -> seed) adds a seed column, so that each row says which draw it is."""
     if not run_ids:
         return md
     from harness import runstore
@@ -138,6 +168,8 @@ def add_run_emergence(source: str, run_ids: list[str], threshold: float, md: str
     hist = runstore.load_history(source, run_ids=run_ids, keys=["val/loss", "val/acc"])
     table = run_emergence(hist, "val/loss", "val/acc", threshold)
     if len(table):
+        if seeds:
+            table.insert(1, "seed", table["run_id"].map(seeds))
         md += emergence_markdown(table, "val/loss", "val/acc", threshold)
         tables["emergence"] = table
         summary.update({f"verdict/{k}": int(v) for k, v in table["verdict"].value_counts().items()})

@@ -200,7 +200,8 @@ def test_analysis_cli_on_real_runs(runs, tmp_path):
     assert [r["alpha"] for r in result["landscape"]] == [0.3, 3.0]
     assert set(result["lu_shape"]) == {"200"}
     assert (out / "curves.png").stat().st_size > 0 and (out / "lu.png").stat().st_size > 0
-    assert "t_train99" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "t_train (acc >= 0.99)" in md and "offline stand-in split" in md and len(result["landscape_runs"]) == 2
 
 
 def test_analysis_rejects_a_source_without_omnigrok_runs(tmp_path):

@@ -246,7 +246,7 @@ def test_short_full_batch_run_memorises_and_logs_everything(env):
     ga.main([str(env), "--out", str(out)])
     result = json.loads((out / "grokking.json").read_text())
     (rec,) = result["runs"]
-    assert rec["t_train99"] == s["grok/t_train99"] and rec["phase"] == s["grok/phase"]
+    assert rec["t_train"] == s["grok/t_train99"] and rec["phase"] == s["grok/phase"] and result["threshold"] == 0.99
     assert rec["key_freqs"] == keys and rec["summary_agrees"]
     for name in ("curves.png", "progress.png", "spectrum.png", "report.md"):
         assert (out / name).stat().st_size > 0, name
