@@ -20,14 +20,19 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The main job: the offline sparse-parity width sweep (10 widths x 3 seeds, packed: two single-threaded
-# processes of 15 runs each, docs/packing.md), then its scaling analysis.
+# processes of 15 runs each, docs/packing.md), then its scaling analysis and its training dynamics
+# (convergence time against frequency, never-learned subtasks censored).
 run: setup
 	mkdir -p $(OUT)
 	WANDB_MODE=offline $(VENV)/bin/harness sweep sweeps/sparse_parity_width_smoke.yaml --local \
 		--workers $(WORKERS) --pack $(PACK) --wandb-dir $(OUT)/wandb | tail -n 1 > $(OUT)/sweep_id
 	$(PY) -m analysis.scaling $(OUT)/wandb --sweep $$(cat $(OUT)/sweep_id) --out $(OUT)/scaling
+	$(PY) -m analysis.dynamics $(OUT)/wandb --sweep $$(cat $(OUT)/sweep_id) --out $(OUT)/dynamics
 
+# Lint and format first (configured in pyproject.toml; `ruff format .` fixes the format), then the suite.
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 test-all: setup

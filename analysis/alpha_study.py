@@ -9,6 +9,7 @@ interval and the paper's plain log-log fit. Plots both against alpha with the th
 alpha_N = alpha and alpha_D = alpha/(alpha+1) and the paper's measured values at alpha = 0.4
 (alpha_N ~ 0.33, alpha_D ~ 0.31). Writes DIR/alpha_study.json, DIR/exponents_vs_alpha.png, DIR/report.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,10 +45,16 @@ def _fit(g: pd.DataFrame, x: np.ndarray, y: np.ndarray, n_bootstrap: int) -> dic
         plain = fit_loglog(x, y / math.log(2), n_bootstrap=n_bootstrap, strata=strata)
     except FitError as e:
         return {"error": str(e)}
-    out = {"alpha": f.alpha[0], "ci": list(f.alpha_ci[0]) if f.alpha_ci else None, "plain": plain.alpha,
-           "plain_ci": list(plain.alpha_ci) if plain.alpha_ci else None, "n_runs": len(x),
-           "warnings": f.warnings + [w for w in (few_x(x, g["id"]), offset_on_bound(f.E, y, g["id"])) if w],
-           "design": None, "design_ci": None}
+    out = {
+        "alpha": f.alpha[0],
+        "ci": list(f.alpha_ci[0]) if f.alpha_ci else None,
+        "plain": plain.alpha,
+        "plain_ci": list(plain.alpha_ci) if plain.alpha_ci else None,
+        "n_runs": len(x),
+        "warnings": f.warnings + [w for w in (few_x(x, g["id"]), offset_on_bound(f.E, y, g["id"])) if w],
+        "design": None,
+        "design_ci": None,
+    }
     if N_KEY in g and g[N_KEY].notna().all():
         try:
             p, n = design_frequencies(g), g[N_KEY].astype(float).to_numpy()
@@ -63,7 +70,9 @@ def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, history: pd.DataFrame | 
     need = ["config.data.zipf_alpha", "config.data.n_train_samples", "summary.model/params"]
     missing = [c for c in need if c not in runs]
     if missing or not len(runs):
-        raise UserError(f"no sparse-parity runs with {', '.join(need)} ({len(runs)} runs; missing: {', '.join(missing) or 'none'})")
+        raise UserError(
+            f"no sparse-parity runs with {', '.join(need)} ({len(runs)} runs; missing: {', '.join(missing) or 'none'})"
+        )
     fin = runs["state"] == "finished"
     excluded = [{"id": r["id"], "state": r["state"]} for _, r in runs[~fin].iterrows()]
     good = runs[fin]
@@ -72,21 +81,47 @@ def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, history: pd.DataFrame | 
     for a, g in good.groupby(good["config.data.zipf_alpha"].astype(float)):
         D = pd.to_numeric(g["config.data.n_train_samples"], errors="coerce").fillna(0)
         inf, finite = g[D == 0], g[D > 0]
-        n_fit = _fit(inf, inf["summary.model/params"].astype(float).to_numpy(), inf[last].astype(float).to_numpy(),
-                     n_bootstrap) if len(inf) and last in inf else {"error": "no infinite-data runs"}
-        bound = [r["id"] for r in still_learning(history[history["run_id"].isin(finite["id"])])] \
-            if history is not None and len(history) and len(finite) else []
+        n_fit = (
+            _fit(
+                inf,
+                inf["summary.model/params"].astype(float).to_numpy(),
+                inf[last].astype(float).to_numpy(),
+                n_bootstrap,
+            )
+            if len(inf) and last in inf
+            else {"error": "no infinite-data runs"}
+        )
+        bound = (
+            [r["id"] for r in still_learning(history[history["run_id"].isin(finite["id"])])]
+            if history is not None and len(history) and len(finite)
+            else []
+        )
         finite = finite[~finite["id"].isin(bound)]
-        d_fit = _fit(finite, D[finite.index].astype(float).to_numpy(), finite[low].astype(float).to_numpy(),
-                     n_bootstrap) if len(finite) and low in finite else {"error": "no finite-data runs"}
+        d_fit = (
+            _fit(finite, D[finite.index].astype(float).to_numpy(), finite[low].astype(float).to_numpy(), n_bootstrap)
+            if len(finite) and low in finite
+            else {"error": "no finite-data runs"}
+        )
         if bound:
             d_fit["step_bound_not_fitted"] = bound
-        rows.append({"zipf_alpha": float(a), "alpha_N": n_fit, "alpha_D": d_fit,
-                     "alpha_N_design": n_fit.get("design"), "alpha_D_design": d_fit.get("design"),
-                     "theory_alpha_N": float(a), "theory_alpha_D": float(a) / (float(a) + 1)})
+        rows.append(
+            {
+                "zipf_alpha": float(a),
+                "alpha_N": n_fit,
+                "alpha_D": d_fit,
+                "alpha_N_design": n_fit.get("design"),
+                "alpha_D_design": d_fit.get("design"),
+                "theory_alpha_N": float(a),
+                "theory_alpha_D": float(a) / (float(a) + 1),
+            }
+        )
     if not any("alpha" in r["alpha_N"] or "alpha" in r["alpha_D"] for r in rows):
-        raise UserError("no alpha group has >= 3 usable runs of one kind (widths at D = 0, or several D): "
-                        + "; ".join(f"alpha={r['zipf_alpha']}: N {r['alpha_N'].get('error')}, D {r['alpha_D'].get('error')}" for r in rows))
+        raise UserError(
+            "no alpha group has >= 3 usable runs of one kind (widths at D = 0, or several D): "
+            + "; ".join(
+                f"alpha={r['zipf_alpha']}: N {r['alpha_N'].get('error')}, D {r['alpha_D'].get('error')}" for r in rows
+            )
+        )
     return {"groups": rows, "paper": PAPER, "excluded_runs": excluded, "n_runs": int(fin.sum())}
 
 
@@ -131,24 +166,39 @@ def _cell(f: dict) -> str:
     ci = lambda c: " [{:.2f}, {:.2f}]".format(*c) if c else ""  # noqa: E731
     design = f"; design-predicted {f['design']:.3f}{ci(f['design_ci'])}" if f.get("design") is not None else ""
     bound = f"; {len(f['step_bound_not_fitted'])} step-bound not fitted" if f.get("step_bound_not_fitted") else ""
-    return (f"measured plain {f['plain']:.3f}{ci(f['plain_ci'])}, offset {f['alpha']:.3f}{ci(f['ci'])}{design} "
-            f"({f['n_runs']} runs{bound})")
+    return (
+        f"measured plain {f['plain']:.3f}{ci(f['plain_ci'])}, offset {f['alpha']:.3f}{ci(f['ci'])}{design} "
+        f"({f['n_runs']} runs{bound})"
+    )
 
 
 def report(result: dict, source: str, sweep: str | None, plots: list[str]) -> str:
-    lines = ["# Sparse parity: exponents against alpha", "",
-             f"Source: `{source}`" + (f", sweep `{sweep}`" if sweep else "") + f"; {result['n_runs']} finished runs.", "",
-             "| alpha | alpha_N [95% CI] | asymptotic alpha_N | alpha_D [95% CI] | asymptotic alpha_D |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "# Sparse parity: exponents against alpha",
+        "",
+        f"Source: `{source}`" + (f", sweep `{sweep}`" if sweep else "") + f"; {result['n_runs']} finished runs.",
+        "",
+        "| alpha | alpha_N [95% CI] | asymptotic alpha_N | alpha_D [95% CI] | asymptotic alpha_D |",
+        "|---|---|---|---|---|",
+    ]
     for r in result["groups"]:
-        lines.append(f"| {r['zipf_alpha']:g} | {_cell(r['alpha_N'])} | {r['theory_alpha_N']:.3f} | "
-                     f"{_cell(r['alpha_D'])} | {r['theory_alpha_D']:.3f} |")
-    lines += ["", f"The paper measured alpha_N ~ {PAPER['alpha_N']} and alpha_D ~ {PAPER['alpha_D']} at alpha = {PAPER['alpha']} "
-              "(plain log-log fits, 500 subtasks). Design-predicted: the quantization model's exponent for these runs' "
-              "own design, L_pred(n) = ln 2 * sum_{k>n} p_k from each run's learned count, by the same plain fit "
-              "(analysis.design); asymptotic: infinitely many subtasks."]
-    warns = [f"alpha={r['zipf_alpha']:g} {k}: {w}" for r in result["groups"] for k in ("alpha_N", "alpha_D")
-             for w in r[k].get("warnings", [])]
+        lines.append(
+            f"| {r['zipf_alpha']:g} | {_cell(r['alpha_N'])} | {r['theory_alpha_N']:.3f} | "
+            f"{_cell(r['alpha_D'])} | {r['theory_alpha_D']:.3f} |"
+        )
+    lines += [
+        "",
+        f"The paper measured alpha_N ~ {PAPER['alpha_N']} and alpha_D ~ {PAPER['alpha_D']} at alpha = {PAPER['alpha']} "
+        "(plain log-log fits, 500 subtasks). Design-predicted: the quantization model's exponent for these runs' "
+        "own design, L_pred(n) = ln 2 * sum_{k>n} p_k from each run's learned count, by the same plain fit "
+        "(analysis.design); asymptotic: infinitely many subtasks.",
+    ]
+    warns = [
+        f"alpha={r['zipf_alpha']:g} {k}: {w}"
+        for r in result["groups"]
+        for k in ("alpha_N", "alpha_D")
+        for w in r[k].get("warnings", [])
+    ]
     lines += [f"- warning: {w}" for w in warns]
     if result["excluded_runs"]:
         lines += ["", "Excluded runs: " + ", ".join(f"{r['id']} ({r['state']})" for r in result["excluded_runs"])]
@@ -160,8 +210,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(STUDY, argv, lambda p: p.add_argument("--bootstrap", type=int, default=200))
     _, result, _, _ = sparse_parity_study(sys.modules[__name__], args.source, args.sweep, args.out, args.bootstrap)
     for r in result["groups"]:
-        print(f"alpha={r['zipf_alpha']:g}: alpha_N {_cell(r['alpha_N'])}, asymptotic {r['theory_alpha_N']:.3f}; "
-              f"alpha_D {_cell(r['alpha_D'])}, asymptotic {r['theory_alpha_D']:.3f}")
+        print(
+            f"alpha={r['zipf_alpha']:g}: alpha_N {_cell(r['alpha_N'])}, asymptotic {r['theory_alpha_N']:.3f}; "
+            f"alpha_D {_cell(r['alpha_D'])}, asymptotic {r['theory_alpha_D']:.3f}"
+        )
         for k in ("alpha_N", "alpha_D"):
             for w in r[k].get("warnings", []):
                 print(f"warning: alpha={r['zipf_alpha']:g} {k}: {w}")
@@ -171,25 +223,51 @@ def main(argv: list[str] | None = None) -> dict:
 def applies(runs: pd.DataFrame) -> bool:
     """Sparse-parity runs at two or more Zipf exponents (one alpha is analysis.scaling / data_scaling)."""
     sp = task_runs(runs, "sparse_parity")
-    return "config.data.zipf_alpha" in sp and pd.to_numeric(sp["config.data.zipf_alpha"], errors="coerce").nunique() >= 2
+    return (
+        "config.data.zipf_alpha" in sp and pd.to_numeric(sp["config.data.zipf_alpha"], errors="coerce").nunique() >= 2
+    )
 
 
 def run(source: str, sweep: str | None, out: str) -> Section:
     """The analysis.report hook (analysis/study.py)."""
     runs, result, paths, md = sparse_parity_study(sys.modules[__name__], source, sweep, out)
-    table = pd.DataFrame([{"zipf_alpha": r["zipf_alpha"], "theory_alpha_N": r["theory_alpha_N"],
-                           "theory_alpha_D": r["theory_alpha_D"],
-                           **{f"{k}{suffix}": r[k].get(field) for k in ("alpha_N", "alpha_D")
-                              for suffix, field in (("", "alpha"), ("_plain", "plain"), ("_design", "design"),
-                                                    ("_n_runs", "n_runs"))}}
-                          for r in result["groups"]])
-    fitted = {f"alpha={r['zipf_alpha']:g}/{k}": {"value": r[k]["alpha"], "ci": r[k]["ci"], "plain": r[k]["plain"],
-                                                 "plain_ci": r[k]["plain_ci"], "design": r[k].get("design"),
-                                                 "design_ci": r[k].get("design_ci")}
-              for r in result["groups"] for k in ("alpha_N", "alpha_D") if "alpha" in r[k]}
+    table = pd.DataFrame(
+        [
+            {
+                "zipf_alpha": r["zipf_alpha"],
+                "theory_alpha_N": r["theory_alpha_N"],
+                "theory_alpha_D": r["theory_alpha_D"],
+                **{
+                    f"{k}{suffix}": r[k].get(field)
+                    for k in ("alpha_N", "alpha_D")
+                    for suffix, field in (
+                        ("", "alpha"),
+                        ("_plain", "plain"),
+                        ("_design", "design"),
+                        ("_n_runs", "n_runs"),
+                    )
+                },
+            }
+            for r in result["groups"]
+        ]
+    )
+    fitted = {
+        f"alpha={r['zipf_alpha']:g}/{k}": {
+            "value": r[k]["alpha"],
+            "ci": r[k]["ci"],
+            "plain": r[k]["plain"],
+            "plain_ci": r[k]["plain_ci"],
+            "design": r[k].get("design"),
+            "design_ci": r[k].get("design_ci"),
+        }
+        for r in result["groups"]
+        for k in ("alpha_N", "alpha_D")
+        if "alpha" in r[k]
+    }
     ids = list(runs.loc[runs["state"] == "finished", "id"])
-    return Section(STUDY, "Sparse parity: exponents against alpha", md, out, paths, {"groups": table},
-                   numbers(fitted), ids)
+    return Section(
+        STUDY, "Sparse parity: exponents against alpha", md, out, paths, {"groups": table}, numbers(fitted), ids
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ it; statsmodels has no interval-censored regression and scipy.stats none at all.
 few lines of scipy.stats.norm (logcdf/logsf, stable in both tails) maximised by scipy.optimize, and
 tests/test_dynamics.py checks it recovers a known slope from interval-binned, censored times.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,11 +28,11 @@ from scipy.special import log_ndtr
 
 @dataclass
 class AFTFit:
-    slope: float            # b1: d log T / d x
-    slope_ci: tuple         # profile-likelihood interval at `level`
-    slope_se: float         # from the inverse Hessian of the log-likelihood
-    intercept: float        # b0
-    sigma: float            # scatter of log T around the line
+    slope: float  # b1: d log T / d x
+    slope_ci: tuple  # profile-likelihood interval at `level`
+    slope_se: float  # from the inverse Hessian of the log-likelihood
+    intercept: float  # b0
+    sigma: float  # scatter of log T around the line
     loglik: float
     n: int
     n_exact: int
@@ -114,8 +115,9 @@ def _maximise(f, start):
     convergence (a flat direction, a step into a region where the likelihood underflows)."""
     r = optimize.minimize(f, start, jac=True, method="BFGS", options={"gtol": 1e-6})
     if not r.success:
-        nm = optimize.minimize(lambda t: f(t)[0], r.x, method="Nelder-Mead",
-                               options={"maxiter": 4000, "xatol": 1e-7, "fatol": 1e-9})
+        nm = optimize.minimize(
+            lambda t: f(t)[0], r.x, method="Nelder-Mead", options={"maxiter": 4000, "xatol": 1e-7, "fatol": 1e-9}
+        )
         if nm.fun <= r.fun:
             return nm
     return r
@@ -128,8 +130,9 @@ def lognormal_aft(x, lo, hi, level: float = 0.95, interval: bool = True) -> AFTF
     d = _Data(x, lo, hi)
     n_obs = int(d.exact.sum() + d.inter.sum() + d.left.sum())
     if n_obs < 3 or len(np.unique(d.x[~d.right])) < 2:
-        raise ValueError(f"{n_obs} events at {len(np.unique(d.x[~d.right]))} distinct x: need >= 3 events at >= 2 x "
-                         "for a slope")
+        raise ValueError(
+            f"{n_obs} events at {len(np.unique(d.x[~d.right]))} distinct x: need >= 3 events at >= 2 x for a slope"
+        )
 
     def nll(th):
         v, g = d.loglik(*th)
@@ -144,15 +147,18 @@ def lognormal_aft(x, lo, hi, level: float = 0.95, interval: bool = True) -> AFTF
     se = float(np.sqrt(cov[1, 1])) if cov[1, 1] > 0 else float("nan")
     bounds = [-np.inf, np.inf]
     if interval:
+
         def profile(b1):  # max over (b0, log sigma) at fixed slope
             def f(t):
                 v, g = nll([t[0], b1, t[1]])
                 return v, g[[0, 2]]
+
             return -_maximise(f, np.array([th[0] + (th[1] - b1) * d.x.mean(), th[2]])).fun
 
         crit = stats.chi2.ppf(level, 1) / 2
         step = se if np.isfinite(se) and se > 0 else 0.1
         for k, sign in enumerate((-1, 1)):
+
             def gap(b1):  # < 0 inside the interval
                 return ll_max - profile(b1) - crit
 
@@ -161,10 +167,21 @@ def lognormal_aft(x, lo, hi, level: float = 0.95, interval: bool = True) -> AFTF
                 far, n = th[1] + sign * step * 2 ** (n + 2), n + 1
             if gap(far) >= 0:
                 bounds[k] = optimize.brentq(gap, th[1], far, xtol=1e-3 * step)
-    return AFTFit(slope=float(th[1]), slope_ci=(float(bounds[0]), float(bounds[1])), slope_se=se,
-                  intercept=float(th[0]), sigma=float(np.exp(th[2])), loglik=float(ll_max), n=len(d.x),
-                  n_exact=int(d.exact.sum()), n_interval=int(d.inter.sum()), n_left=int(d.left.sum()),
-                  n_right=int(d.right.sum()), level=level, converged=bool(fit.success))
+    return AFTFit(
+        slope=float(th[1]),
+        slope_ci=(float(bounds[0]), float(bounds[1])),
+        slope_se=se,
+        intercept=float(th[0]),
+        sigma=float(np.exp(th[2])),
+        loglik=float(ll_max),
+        n=len(d.x),
+        n_exact=int(d.exact.sum()),
+        n_interval=int(d.inter.sum()),
+        n_left=int(d.left.sum()),
+        n_right=int(d.right.sum()),
+        level=level,
+        converged=bool(fit.success),
+    )
 
 
 def _hessian(grad, th, h: float = 1e-5):

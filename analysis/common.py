@@ -1,4 +1,5 @@
 """What every `python -m analysis.<study> SOURCE [--sweep ID] --out DIR` shares."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import json
 import math
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

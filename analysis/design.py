@@ -12,6 +12,7 @@ tail (100 subtasks) makes the loss fall faster than the infinite Zipf law as n a
 that is why this prediction sits above alpha. Pure numpy; the frequencies come from
 harness.quanta_stats (the task draws its batches from the same function).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,11 +44,14 @@ def design_frequencies(runs: pd.DataFrame) -> np.ndarray:
     if missing or not len(runs):
         raise FitError(f"no design to predict from: missing {', '.join(missing) or 'runs'}")
     off = runs["config.data.offset"] if "config.data.offset" in runs else pd.Series(0.0, index=runs.index)
-    designs = {(int(n), float(a), float(0.0 if pd.isna(o) else o))
-               for n, a, o in zip(runs[keys[0]], runs[keys[1]], off)}
+    designs = {
+        (int(n), float(a), float(0.0 if pd.isna(o) else o)) for n, a, o in zip(runs[keys[0]], runs[keys[1]], off)
+    }
     if len(designs) != 1:
-        raise FitError(f"runs of {len(designs)} designs (n_tasks, zipf_alpha, offset): {sorted(designs)}; "
-                       "predict each design separately")
+        raise FitError(
+            f"runs of {len(designs)} designs (n_tasks, zipf_alpha, offset): {sorted(designs)}; "
+            "predict each design separately"
+        )
     return zipf_frequencies(*designs.pop())
 
 
@@ -64,15 +68,18 @@ def design_alpha(x, n_learned, p: np.ndarray) -> float:
     """Negated slope of log L_pred(n_r) against log x_r (least squares): the predicted exponent."""
     x, L = np.asarray(x, float), predicted_loss(n_learned, p)
     if np.any(L <= 0):
-        raise FitError(f"{int(np.sum(L <= 0))} run(s) learned every one of the {len(p)} subtasks: the predicted "
-                       "loss is 0 and has no logarithm")
+        raise FitError(
+            f"{int(np.sum(L <= 0))} run(s) learned every one of the {len(p)} subtasks: the predicted "
+            "loss is 0 and has no logarithm"
+        )
     if len(np.unique(x)) < 2:
         raise FitError(f"need >= 2 distinct x values for a slope, got {len(np.unique(x))}")
     return float(-np.polyfit(np.log(x), np.log(L), 1)[0])
 
 
-def design_alpha_ci(x, n_learned, p: np.ndarray, strata=None, n_bootstrap: int = 200, ci: float = 0.95,
-                    seed: int = 0) -> tuple[float, float] | None:
+def design_alpha_ci(
+    x, n_learned, p: np.ndarray, strata=None, n_bootstrap: int = 200, ci: float = 0.95, seed: int = 0
+) -> tuple[float, float] | None:
     """Percentile interval of design_alpha over the same resamples as fits.fit_loglog with the same
     `strata` and `seed` (seeds within each x when strata = x): the scatter the counts bring."""
     if not n_bootstrap:

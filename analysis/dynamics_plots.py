@@ -1,6 +1,7 @@
 """The figures of analysis.dynamics: loss against step (seeds faint under their mean), convergence
 step against frequency (each seed's evaluation intervals, censored subtasks, both fits over what they
 fitted, the reference slopes), learned quanta against N and D (mean +- s.e. over seeds)."""
+
 from __future__ import annotations
 
 import os
@@ -24,33 +25,71 @@ def plot_convergence(pts: pd.DataFrame, cv: dict, path: str) -> str:
         m = markers[i % len(markers)]
         got = g[g["learned"].astype(bool)]
         top = got["hi"].to_numpy(float)
-        bottom = np.where(got["lo"] > 0, got["lo"], top / 2)  # left-censored: the bar runs down off its first evaluation
+        bottom = np.where(
+            got["lo"] > 0, got["lo"], top / 2
+        )  # left-censored: the bar runs down off its first evaluation
         mid = np.sqrt(top * bottom)
-        ax.errorbar(got["p"], mid, yerr=[mid - bottom, top - mid], fmt=m, ms=3.5, lw=0.8, alpha=0.75, color=f"C{i % 10}",
-                    label=f"run {rid}: learned in (lo, hi] ({len(got)})")
+        ax.errorbar(
+            got["p"],
+            mid,
+            yerr=[mid - bottom, top - mid],
+            fmt=m,
+            ms=3.5,
+            lw=0.8,
+            alpha=0.75,
+            color=f"C{i % 10}",
+            label=f"run {rid}: learned in (lo, hi] ({len(got)})",
+        )
         cens = g[~g["learned"].astype(bool)]
         if len(cens):
-            ax.plot(cens["p"], cens["lo"], "^", ms=5, mfc="none", color=f"C{i % 10}",
-                    label=f"run {rid}: never learned, censored at step {int(cens['lo'].max())} ({len(cens)})")
+            ax.plot(
+                cens["p"],
+                cens["lo"],
+                "^",
+                ms=5,
+                mfc="none",
+                color=f"C{i % 10}",
+                label=f"run {rid}: never learned, censored at step {int(cens['lo'].max())} ({len(cens)})",
+            )
     cf, of = cv["censored_fit"], cv["learned_only_fit"]
     if cf:
         ps = np.geomspace(pts["p"].min(), pts["p"].max(), 50)
-        ax.plot(ps, np.exp(cf["intercept"]) * ps ** cf["slope"], "-", color="k", lw=1.6,
-                label=f"censored fit: slope {cf['slope']:.2f} [{cf['slope_ci'][0]:.2f}, {cf['slope_ci'][1]:.2f}]")
+        ax.plot(
+            ps,
+            np.exp(cf["intercept"]) * ps ** cf["slope"],
+            "-",
+            color="k",
+            lw=1.6,
+            label=f"censored fit: slope {cf['slope']:.2f} [{cf['slope_ci'][0]:.2f}, {cf['slope_ci'][1]:.2f}]",
+        )
         p0 = np.exp(np.mean(np.log(ps[[0, -1]])))
         t0 = np.exp(cf["intercept"]) * p0 ** cf["slope"]
         for (name, b), ls in zip(cv["reference"].items(), (":", "-.")):
-            ax.plot(ps, t0 * (ps / p0) ** b, ls, color="gray", lw=1.2,
-                    label=f"{'paper fit' if name == 'paper_fit' else 'theory'}: slope {b:g} (through the censored fit)")
+            ax.plot(
+                ps,
+                t0 * (ps / p0) ** b,
+                ls,
+                color="gray",
+                lw=1.2,
+                label=f"{'paper fit' if name == 'paper_fit' else 'theory'}: slope {b:g} (through the censored fit)",
+            )
     if of:
         got = pts[pts["learned"].astype(bool)]
         ps = np.geomspace(got["p"].min(), got["p"].max(), 50)
-        ax.plot(ps, np.exp(of["intercept"]) * ps ** of["slope"], "--", color="C3", lw=1.4,
-                label=f"learned only (OLS): slope {of['slope']:.2f} [{of['slope_ci'][0]:.2f}, {of['slope_ci'][1]:.2f}]")
+        ax.plot(
+            ps,
+            np.exp(of["intercept"]) * ps ** of["slope"],
+            "--",
+            color="C3",
+            lw=1.4,
+            label=f"learned only (OLS): slope {of['slope']:.2f} [{of['slope_ci'][0]:.2f}, {of['slope_ci'][1]:.2f}]",
+        )
     P.log_axis(ax, "x", "subtask frequency p_t (share of training samples)")
     P.log_axis(ax, "y", "optimizer steps until subtask loss < threshold")
-    ax.set_title(f"Convergence time vs frequency: {cv['n_learned']} learned, {cv['n_censored']} censored "
-                 f"(95% intervals)", fontsize=9)
+    ax.set_title(
+        f"Convergence time vs frequency: {cv['n_learned']} learned, {cv['n_censored']} censored (95% intervals)",
+        fontsize=9,
+    )
     ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     P.save(fig, path)
     return path
@@ -69,15 +108,20 @@ def plot(result: dict, out_dir: str) -> list[str]:
         per_runs = list(se.get("per_run", {}).values()) if se["n_runs"] > 1 else []
         for i, per in enumerate(per_runs):  # each seed, faint, under the mean
             ps, pl = np.array(per["steps"], float), np.array(per["loss"], float)
-            ax.plot(ps[ps > 0], pl[ps > 0], "-", lw=0.7, alpha=0.4, color="gray",
-                    label="single seeds" if i == 0 else None)
+            ax.plot(
+                ps[ps > 0], pl[ps > 0], "-", lw=0.7, alpha=0.4, color="gray", label="single seeds" if i == 0 else None
+            )
         label = label.replace("mean test loss", f"mean test loss over {se['n_runs']} seed(s)")
         ax.plot(s[pos], y[pos], "o-", ms=3, label=label)
         if se["alpha_S"] is not None:
             xs = np.geomspace(se["fit_from_step"], s.max(), 100)
             lo, hi = se["alpha_S_ci"] or (se["alpha_S"],) * 2
-            ax.plot(xs, se["E"] + se["A"] * xs ** -se["alpha_S"], "-",
-                    label=f"fit {se['E']:.3g} + {se['A']:.3g} t^-{se['alpha_S']:.2f} (95% CI {lo:.2f}..{hi:.2f})")
+            ax.plot(
+                xs,
+                se["E"] + se["A"] * xs ** -se["alpha_S"],
+                "-",
+                label=f"fit {se['E']:.3g} + {se['A']:.3g} t^-{se['alpha_S']:.2f} (95% CI {lo:.2f}..{hi:.2f})",
+            )
         P.log_axis(ax, "x", "optimizer step t")
         P.log_axis(ax, "y", "test loss (nats)")
         lg = result["largest"]
@@ -92,22 +136,35 @@ def plot(result: dict, out_dir: str) -> list[str]:
     if len(pts):
         paths.append(plot_convergence(pts, cv, os.path.join(out_dir, "convergence_vs_frequency.png")))
     lc = result["learned"]
-    for key, x, xlabel, name, at in (("vs_N", "params", "parameters N", "learned_vs_N.png", f"D {lc['N_at_D']}"),
-                                     ("vs_D", "D", "training samples D", "learned_vs_D.png", f"width {lc['D_at_width']}")):
+    for key, x, xlabel, name, at in (
+        ("vs_N", "params", "parameters N", "learned_vs_N.png", f"D {lc['N_at_D']}"),
+        ("vs_D", "D", "training samples D", "learned_vs_D.png", f"width {lc['D_at_width']}"),
+    ):
         rows = pd.DataFrame(lc[key])
         if not len(rows):
             continue
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        for col, mark, what in (("n_learned", "o", "ever below threshold"), ("n_below_end", "x", "below it at the end")):
+        for col, mark, what in (
+            ("n_learned", "o", "ever below threshold"),
+            ("n_below_end", "x", "below it at the end"),
+        ):
             if rows[col].isna().all():
                 continue
             g = rows.groupby(x)[col]  # seeds aggregated: mean and standard error per x, each seed a faint dot
             m, se, n = g.mean(), g.sem().fillna(0.0), g.size()
             ax.plot(rows[x], rows[col], mark, ms=3, alpha=0.35, color="C0" if mark == "o" else "C1")
-            ax.errorbar(m.index, m, yerr=se, fmt=mark + ("-" if mark == "o" else "--"), ms=5, capsize=2,
-                        color="C0" if mark == "o" else "C1",
-                        label=f"{what}: mean +- s.e. over {n.min()}-{n.max()} seed(s)" if n.min() != n.max()
-                        else f"{what}: mean +- s.e. over {n.min()} seed(s)")
+            ax.errorbar(
+                m.index,
+                m,
+                yerr=se,
+                fmt=mark + ("-" if mark == "o" else "--"),
+                ms=5,
+                capsize=2,
+                color="C0" if mark == "o" else "C1",
+                label=f"{what}: mean +- s.e. over {n.min()}-{n.max()} seed(s)"
+                if n.min() != n.max()
+                else f"{what}: mean +- s.e. over {n.min()} seed(s)",
+            )
         P.log_axis(ax, "x", xlabel)
         P.count_axis(ax, "y", "subtasks learned (count)")
         ax.set_title(f"Learned quanta vs {xlabel.split()[-1]} ({at}; dots: single seeds)", fontsize=9)

@@ -17,6 +17,7 @@ NaN marks a point a curve was not evaluated at. Every function takes one curve (
   here): how sudden a change is, whether the sampling resolves it, and whether a sudden thresholded
   metric is a mirage of a smooth loss (judged on the loss and the log-loss).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,12 +64,13 @@ def _out(single: bool, v):
 
 # ---------------------------------------------------------------- threshold crossing
 
+
 @dataclass
 class Crossing:
-    x: np.ndarray        # x at the first evaluation past the threshold; if never, the last evaluated x
+    x: np.ndarray  # x at the first evaluation past the threshold; if never, the last evaluated x
     reached: np.ndarray  # bool: False = right-censored at x
-    lo: np.ndarray       # the event lies in (lo, hi]: lo = last evaluated x before it (-inf: past at the first)
-    hi: np.ndarray       # = x when reached, +inf when censored
+    lo: np.ndarray  # the event lies in (lo, hi]: lo = last evaluated x before it (-inf: past at the first)
+    hi: np.ndarray  # = x when reached, +inf when censored
 
 
 def threshold_crossing(x, Y, threshold: float, below: bool = True, sustained: bool = False) -> Crossing:
@@ -113,19 +115,20 @@ def fraction_emerged(values, reached) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- sigmoid in log x
 
+
 @dataclass
 class SigmoidFit:
-    midpoint: np.ndarray      # x at half the rise, 10^m
-    midpoint_ci: np.ndarray   # [.., 2]
-    width: np.ndarray         # decades of x from 10% to 90% of the rise
-    width_ci: np.ndarray      # [.., 2]
-    start: np.ndarray         # y far left (a)
-    end: np.ndarray           # y far right (a + b)
+    midpoint: np.ndarray  # x at half the rise, 10^m
+    midpoint_ci: np.ndarray  # [.., 2]
+    width: np.ndarray  # decades of x from 10% to 90% of the rise
+    width_ci: np.ndarray  # [.., 2]
+    start: np.ndarray  # y far left (a)
+    end: np.ndarray  # y far right (a + b)
     rmse: np.ndarray
-    resolved: np.ndarray      # width >= the sampling gap around the midpoint (else: a step, width unresolved)
-    in_range: np.ndarray      # midpoint inside the evaluated x range (else the transition is not observed)
-    detected: np.ndarray      # F-test against a constant, p < DETECT_P (else: no transition, midpoint meaningless)
-    interval: str             # "curvature" or "bootstrap"
+    resolved: np.ndarray  # width >= the sampling gap around the midpoint (else: a step, width unresolved)
+    in_range: np.ndarray  # midpoint inside the evaluated x range (else the transition is not observed)
+    detected: np.ndarray  # F-test against a constant, p < DETECT_P (else: no transition, midpoint meaningless)
+    interval: str  # "curvature" or "bootstrap"
 
 
 def _sig(z):
@@ -141,7 +144,7 @@ def _grid_init(u, Y, W, s_grid, m_grid, chunk: int = 2048):
     mm, ss = mm.ravel(), ss.ravel()
     out = np.empty((len(Y), 4))
     for c in range(0, len(Y), chunk):
-        w, y = W[c:c + chunk], Y[c:c + chunk]
+        w, y = W[c : c + chunk], Y[c : c + chunk]
         S0 = w.sum(1, keepdims=True)
         T0 = (w * y).sum(1, keepdims=True)
         Q = (w * y * y).sum(1, keepdims=True)
@@ -153,17 +156,17 @@ def _grid_init(u, Y, W, s_grid, m_grid, chunk: int = 2048):
         sse = Q - a * T0 - b * T1
         k = np.argmin(np.where(np.isfinite(sse), sse, np.inf), 1)
         r = np.arange(len(y))
-        out[c:c + chunk] = np.stack([a[r, k], b[r, k], mm[k], np.log(ss[k])], 1)
+        out[c : c + chunk] = np.stack([a[r, k], b[r, k], mm[k], np.log(ss[k])], 1)
     return out
 
 
 def _model(u, th):
-    a, b, m, ls = (th[:, i:i + 1] for i in range(4))
+    a, b, m, ls = (th[:, i : i + 1] for i in range(4))
     return a + b * _sig((u[None, :] - m) / np.exp(ls))
 
 
 def _model_jac(u, th):
-    a, b, m, ls = (th[:, i:i + 1] for i in range(4))
+    a, b, m, ls = (th[:, i : i + 1] for i in range(4))
     s = np.exp(ls)
     z = (u[None, :] - m) / s
     g = _sig(z)
@@ -214,8 +217,7 @@ def _lm(u, Y, W, th, lo, hi, iters: int = 40):
     return th, cur
 
 
-def fit_sigmoid(x, Y, interval: str = "curvature", n_boot: int = 200, level: float = 0.95,
-                seed: int = 0) -> SigmoidFit:
+def fit_sigmoid(x, Y, interval: str = "curvature", n_boot: int = 200, level: float = 0.95, seed: int = 0) -> SigmoidFit:
     """y = a + b * sigmoid((log10 x - m) / s), every curve of the family at once (b < 0: a drop).
 
     Intervals. "curvature" (default): cov = sigma^2 (J^T J)^-1 at the optimum, sigma^2 = SSE / (n - 4),
@@ -232,9 +234,15 @@ def fit_sigmoid(x, Y, interval: str = "curvature", n_boot: int = 200, level: flo
     if interval not in ("curvature", "bootstrap"):
         raise ValueError(f"interval={interval!r}: use 'curvature' or 'bootstrap'")
     if len(Y) > CHUNK:  # blocks of curves keep the [curves, x, 4] work arrays in cache
-        parts = [fit_sigmoid(x, Y[c:c + CHUNK], interval, n_boot, level, seed) for c in range(0, len(Y), CHUNK)]
-        return SigmoidFit(*(np.concatenate([getattr(p, f) for p in parts]) for f in SigmoidFit.__dataclass_fields__
-                            if f != "interval"), interval=interval)
+        parts = [fit_sigmoid(x, Y[c : c + CHUNK], interval, n_boot, level, seed) for c in range(0, len(Y), CHUNK)]
+        return SigmoidFit(
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in SigmoidFit.__dataclass_fields__
+                if f != "interval"
+            ),
+            interval=interval,
+        )
     u = _log10x(x)
     if len(u) < 5:
         raise ValueError(f"a sigmoid has 4 parameters: need >= 5 points per curve, got {len(u)}")
@@ -297,7 +305,7 @@ def fit_sigmoid(x, Y, interval: str = "curvature", n_boot: int = 200, level: flo
     width_ci = np.where(resolved[:, None], width_ci, np.stack([np.zeros_like(gap), np.maximum(width_ci[:, 1], gap)], 1))
     in_range = (m >= u[0]) & (m <= u[-1])
     rmse = np.sqrt(sse / np.maximum(n, 1))
-    vals = (10 ** m, 10 ** m_ci, width, width_ci, th[:, 0], th[:, 0] + th[:, 1], rmse, resolved, in_range, detected)
+    vals = (10**m, 10**m_ci, width, width_ci, th[:, 0], th[:, 0] + th[:, 1], rmse, resolved, in_range, detected)
     return SigmoidFit(*(_out(single, v) for v in vals), interval=interval)
 
 
@@ -308,11 +316,17 @@ def midpoint_text(midpoint: float, x_first: float, x_last: float, fmt: str = "{:
     if not np.isfinite(midpoint):
         return "-"
     if midpoint < x_first:
-        return f"< {fmt.format(x_first)} (extrapolated: {m})" if short else \
-            f"< {fmt.format(x_first)} (before the first evaluation; fit extrapolates {m})"
+        return (
+            f"< {fmt.format(x_first)} (extrapolated: {m})"
+            if short
+            else f"< {fmt.format(x_first)} (before the first evaluation; fit extrapolates {m})"
+        )
     if midpoint > x_last:
-        return f"> {fmt.format(x_last)} (extrapolated: {m})" if short else \
-            f"> {fmt.format(x_last)} (after the last evaluation; fit extrapolates {m})"
+        return (
+            f"> {fmt.format(x_last)} (extrapolated: {m})"
+            if short
+            else f"> {fmt.format(x_last)} (after the last evaluation; fit extrapolates {m})"
+        )
     return m
 
 
@@ -324,15 +338,16 @@ def sigmoid(x, midpoint, width, start, end):
 
 # ---------------------------------------------------------------- smoothly broken power law
 
+
 @dataclass
 class BrokenPowerLawFit:
-    a: float      # limit for large x
+    a: float  # limit for large x
     b: float
-    c0: float     # slope before the break: y - a ~ x^-c0
-    c1: float     # extra slope after it: y - a ~ x^-(c0 + c1)
-    d1: float     # break point (x units): the emergence point
-    f1: float     # break sharpness (smaller = sharper)
-    ci: dict      # name -> (lo, hi): basic (reverse-percentile) bootstrap, in log for positive parameters
+    c0: float  # slope before the break: y - a ~ x^-c0
+    c1: float  # extra slope after it: y - a ~ x^-(c0 + c1)
+    d1: float  # break point (x units): the emergence point
+    f1: float  # break sharpness (smaller = sharper)
+    ci: dict  # name -> (lo, hi): basic (reverse-percentile) bootstrap, in log for positive parameters
     ci_percentile: dict  # name -> (lo, hi): percentile bootstrap (covered d1 in 0.900 of 200 draws, ci 0.925)
     rmse_log: float
     n_boot: int
@@ -341,7 +356,7 @@ class BrokenPowerLawFit:
 def broken_power_law(x, a, b, c0, c1, d1, f1):
     """Caballero et al. 2022, eq. 1 with one break: y = a + b x^-c0 (1 + (x/d1)^(1/f1))^(-c1 f1)."""
     x = np.asarray(x, float)
-    return a + b * x ** -c0 * (1 + (x / d1) ** (1 / f1)) ** (-c1 * f1)
+    return a + b * x**-c0 * (1 + (x / d1) ** (1 / f1)) ** (-c1 * f1)
 
 
 def _bpl_log(theta, lx):
@@ -379,8 +394,12 @@ def fit_broken_power_law(x, y, n_boot: int = 100, level: float = 0.95, seed: int
     if n_boot < 2:
         raise ValueError(f"n_boot={n_boot}: need >= 2 bootstrap resamples for an interval")
     la0 = ly.min() + np.log(0.5)  # the limit a starts below the smallest value
-    starts = [np.array([la0, ly[0] + 0.3 * lx[0], 0.3, c1, ld, np.log(f)])
-              for ld in np.linspace(lx[0], lx[-1], 7) for f in (0.1, 0.5) for c1 in (0.5, 2.0)]
+    starts = [
+        np.array([la0, ly[0] + 0.3 * lx[0], 0.3, c1, ld, np.log(f)])
+        for ld in np.linspace(lx[0], lx[-1], 7)
+        for f in (0.1, 0.5)
+        for c1 in (0.5, 2.0)
+    ]
     best = _bpl_fit(lx, ly, starts)
     res = ly - _bpl_log(best.x, lx)
     rng = np.random.default_rng(seed)
@@ -405,5 +424,10 @@ def fit_broken_power_law(x, y, n_boot: int = 100, level: float = 0.95, seed: int
         lo, hi = 2 * t - np.percentile(b, q[::-1])
         return tuple(np.exp([lo, hi])) if k in logged else (lo, hi)
 
-    return BrokenPowerLawFit(**{k: float(v) for k, v in p.items()}, ci={k: basic(k) for k in p}, ci_percentile=ci,
-                             rmse_log=float(np.sqrt(np.mean(res ** 2))), n_boot=n_boot)
+    return BrokenPowerLawFit(
+        **{k: float(v) for k, v in p.items()},
+        ci={k: basic(k) for k in p},
+        ci_percentile=ci,
+        rmse_log=float(np.sqrt(np.mean(res**2))),
+        n_boot=n_boot,
+    )

@@ -6,6 +6,7 @@
 - a run still learning in the last 10% of its steps: its final loss is not the loss of its size or
   data budget but of its step budget, and the exponent through it is biased low.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,10 @@ def few_x(x, ids, name: str = "x", minimum: int = MIN_DISTINCT_X) -> str | None:
     distinct = sorted({float(v) for v in x})
     if len(distinct) >= minimum:
         return None
-    return (f"only {len(distinct)} distinct {name} values ({', '.join(f'{v:.4g}' for v in distinct)}; "
-            f"{minimum} or more are needed to tell a power law from a bend) in runs {', '.join(map(str, ids))}")
+    return (
+        f"only {len(distinct)} distinct {name} values ({', '.join(f'{v:.4g}' for v in distinct)}; "
+        f"{minimum} or more are needed to tell a power law from a bend) in runs {', '.join(map(str, ids))}"
+    )
 
 
 def offset_on_bound(E: float, losses, ids) -> str | None:
@@ -33,13 +36,20 @@ def offset_on_bound(E: float, losses, ids) -> str | None:
         return None
     ids = list(map(str, ids))
     runs = ", ".join(ids) if len(ids) <= 8 else f"all {len(ids)} fitted ({', '.join(ids[:3])}, ...)"
-    return (f"E = {E:.3g} sits on its bound 0 in the fit over runs {runs}: the offset model "
-            "L = E + A x^-alpha is mis-specified for these data (no irreducible loss is seen), so the plain "
-            "log-log fit is primary and the offset fit's E interval means nothing")
+    return (
+        f"E = {E:.3g} sits on its bound 0 in the fit over runs {runs}: the offset model "
+        "L = E + A x^-alpha is mis-specified for these data (no irreducible loss is seen), so the plain "
+        "log-log fit is primary and the offset fit's E interval means nothing"
+    )
 
 
-def still_learning(hist: pd.DataFrame, loss: str = "val/loss", count: str | None = "val/n_learned",
-                   last: float = LAST_FRACTION, min_drop: float = MIN_DROP) -> list[dict]:
+def still_learning(
+    hist: pd.DataFrame,
+    loss: str = "val/loss",
+    count: str | None = "val/n_learned",
+    last: float = LAST_FRACTION,
+    min_drop: float = MIN_DROP,
+) -> list[dict]:
     """Runs whose loss still fell beyond its noise, or whose learned count still rose, in the last
     `last` fraction of their steps. `hist`: run_id, step, `loss`, and `count` if logged.
 
@@ -77,8 +87,15 @@ def still_learning(hist: pd.DataFrame, loss: str = "val/loss", count: str | None
                 why.append(f"loss {L[i0]:.4g} -> {L[-1]:.4g} ({-np.expm1(-drop):.1%}; noise {noise:.1%})")
             if rising:
                 why.append(f"learned {n_pair[0]:g} -> {n_pair[1]:g}")
-            out.append({"id": rid, "steps": (int(steps[i0]), int(end)), "loss": (float(L[i0]), float(L[-1])),
-                        "n": n_pair, "why": f"steps {int(steps[i0])}-{int(end)}: " + "; ".join(why)})
+            out.append(
+                {
+                    "id": rid,
+                    "steps": (int(steps[i0]), int(end)),
+                    "loss": (float(L[i0]), float(L[-1])),
+                    "n": n_pair,
+                    "why": f"steps {int(steps[i0])}-{int(end)}: " + "; ".join(why),
+                }
+            )
     return out
 
 
@@ -87,7 +104,10 @@ def still_learning_warning(flagged: list[dict], labels: dict | None = None) -> s
     if not flagged:
         return None
     labels = labels or {}
-    runs = "; ".join(f"{labels[r['id']] + ' (' + r['id'] + ')' if r['id'] in labels else r['id']}: {r['why']}"
-                     for r in flagged)
-    return (f"{len(flagged)} run(s) still learning in the last {LAST_FRACTION:.0%} of their steps (their final "
-            f"loss is bound by the step budget, not by size or data): {runs}")
+    runs = "; ".join(
+        f"{labels[r['id']] + ' (' + r['id'] + ')' if r['id'] in labels else r['id']}: {r['why']}" for r in flagged
+    )
+    return (
+        f"{len(flagged)} run(s) still learning in the last {LAST_FRACTION:.0%} of their steps (their final "
+        f"loss is bound by the step budget, not by size or data): {runs}"
+    )

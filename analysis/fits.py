@@ -14,6 +14,7 @@ the closed-form gradient below with L-BFGS-B is several times faster on these sm
 
 Also here: the plain log-log linear regression (no offset) that Michaud et al. report, `fit_loglog`.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -98,7 +99,7 @@ def _names(d: int) -> list[tuple[str, str]]:
 def _objective(theta: np.ndarray, logX: np.ndarray, logL: np.ndarray, delta: float):
     """Huber loss of log-space residuals and its exact gradient (numerical ones cost 10x)."""
     d = logX.shape[1]
-    a, alpha, e = theta[:d], theta[d:2 * d], theta[-1]
+    a, alpha, e = theta[:d], theta[d : 2 * d], theta[-1]
     terms = np.concatenate([a[None, :] - alpha[None, :] * logX, np.full((len(logL), 1), e)], axis=1)
     lse = logsumexp(terms, axis=1)  # [n]
     r = lse - logL
@@ -163,9 +164,16 @@ def _fit_many(logX, logL, delta, inits) -> tuple[np.ndarray, float]:
     bounds = [(None, None)] * d + [ALPHA_BOUNDS] * d + [(None, None)]
     best, best_loss = None, np.inf
     for theta0 in inits:
-        res = minimize(_objective, theta0, args=(logX, logL, delta), jac=True, method="L-BFGS-B", bounds=bounds,
-                       # Huber sums here are ~1e-4: scipy's default gtol (1e-5) would stop at the start.
-                       options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 2000})
+        res = minimize(
+            _objective,
+            theta0,
+            args=(logX, logL, delta),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=bounds,
+            # Huber sums here are ~1e-4: scipy's default gtol (1e-5) would stop at the start.
+            options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 2000},
+        )
         if res.fun < best_loss:
             best, best_loss = res.x, res.fun
     return best, best_loss
@@ -180,24 +188,30 @@ def _check_inputs(X, L) -> tuple[np.ndarray, np.ndarray]:
     bad = ~np.isfinite(X).all(1) | ~np.isfinite(L)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise FitError(f"non-finite input at point {i} (x={X[i].tolist()}, loss={L[i]}): {int(bad.sum())} of "
-                       f"{len(L)} points are NaN or inf; drop or fix them first")
+        raise FitError(
+            f"non-finite input at point {i} (x={X[i].tolist()}, loss={L[i]}): {int(bad.sum())} of "
+            f"{len(L)} points are NaN or inf; drop or fix them first"
+        )
     if np.any(X <= 0) or np.any(L <= 0):
-        raise FitError("scaling-law fits need positive x and positive losses "
-                       f"(min x {X.min():.4g}, min loss {L.min():.4g})")
+        raise FitError(
+            f"scaling-law fits need positive x and positive losses (min x {X.min():.4g}, min loss {L.min():.4g})"
+        )
     return X, L
 
 
 def _check_inits(inits, d: int) -> list[np.ndarray]:
     arr = np.atleast_2d(np.asarray(inits, float))
     if arr.ndim != 2 or arr.shape[1] != 2 * d + 1 or not len(arr) or not np.isfinite(arr).all():
-        raise FitError(f"inits must be finite starting points of length 2*d+1 = {2 * d + 1} "
-                       f"(a_1..a_d, alpha_1..alpha_d, e); got shape {np.shape(inits)}")
+        raise FitError(
+            f"inits must be finite starting points of length 2*d+1 = {2 * d + 1} "
+            f"(a_1..a_d, alpha_1..alpha_d, e); got shape {np.shape(inits)}"
+        )
     return list(arr)
 
 
-def fit_scaling_law(X, L, delta: float = 1e-3, n_bootstrap: int = 200, ci: float = 0.95,
-                    seed: int = 0, inits=None, strata=None) -> Fit:
+def fit_scaling_law(
+    X, L, delta: float = 1e-3, n_bootstrap: int = 200, ci: float = 0.95, seed: int = 0, inits=None, strata=None
+) -> Fit:
     """Fit L = E + sum_i A_i X[:, i]^-alpha_i. X: [n] or [n, d] positive; L: [n] positive.
 
     `n_bootstrap`: 0 = no intervals, else >= 2 resamples (percentile intervals at level `ci`).
@@ -214,8 +228,9 @@ def fit_scaling_law(X, L, delta: float = 1e-3, n_bootstrap: int = 200, ci: float
     d = X.shape[1]
     starts = _grid(d, logL) if inits is None else _check_inits(inits, d)
     theta, loss = _fit_once(logX, logL, delta, starts)
-    fit = Fit(E=float(np.exp(theta[-1])), A=np.exp(theta[:d]).tolist(), alpha=theta[d:2 * d].tolist(),
-              loss=loss, n=len(L))
+    fit = Fit(
+        E=float(np.exp(theta[-1])), A=np.exp(theta[:d]).tolist(), alpha=theta[d : 2 * d].tolist(), loss=loss, n=len(L)
+    )
     if n_bootstrap:
         rng = np.random.default_rng(seed)
         samples = []
@@ -226,8 +241,10 @@ def fit_scaling_law(X, L, delta: float = 1e-3, n_bootstrap: int = 200, ci: float
             th, _ = _fit_once(logX[idx], logL[idx], delta, _boot_grid(d, logL[idx]))
             samples.append(th)
         if len(samples) < 2:
-            raise FitError(f"only {len(samples)} of {n_bootstrap} bootstrap resamples had >= 3 distinct points "
-                           f"({len(L)} points): too few to form an interval")
+            raise FitError(
+                f"only {len(samples)} of {n_bootstrap} bootstrap resamples had >= 3 distinct points "
+                f"({len(L)} points): too few to form an interval"
+            )
         s = np.array(samples)
         lo, hi = (1 - ci) / 2 * 100, (1 + ci) / 2 * 100
 
@@ -255,8 +272,10 @@ def _warn_if_degenerate(fit: Fit, L: np.ndarray) -> None:
         cis = ([] if vanishing_E else [("E", fit.E_ci)]) + list(zip(names, fit.alpha_ci))
         flat = [n for n, (lo, hi) in cis if hi - lo <= 1e-9 * max(1.0, abs(hi))]
         if flat:
-            fit.warnings.append(f"zero-width interval for {', '.join(flat)} ({fit.n} points for "
-                                f"{1 + 2 * len(fit.A)} parameters): every resample fits exactly; the interval means nothing")
+            fit.warnings.append(
+                f"zero-width interval for {', '.join(flat)} ({fit.n} points for "
+                f"{1 + 2 * len(fit.A)} parameters): every resample fits exactly; the interval means nothing"
+            )
     for w in fit.warnings:
         warnings.warn(w, FitWarning, stacklevel=3)
 

@@ -17,6 +17,7 @@ Understanding Grokking", code: ejmichaud/grokking-squared, phase_diagram_plot/ph
 and plot_pd.ipynb, "steps to train/test acc >= 0.9") use 0.9, with grokking = a delay of more than
 1e3 steps (phase_diagram_plot/simple_phase_diagram.ipynb). `--threshold 0.9` gives their phases.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,18 +42,32 @@ if TYPE_CHECKING:
 
 STUDY = "grokking"
 TASK = "modular_addition"
-CURVES = ["train/acc", "val/acc", "train/loss", "val/loss", "model/weight_norm",
-          "val/restricted_loss", "train/excluded_loss", "fourier/n_keys", "fourier/key_power"]
+CURVES = [
+    "train/acc",
+    "val/acc",
+    "train/loss",
+    "val/loss",
+    "model/weight_norm",
+    "val/restricted_loss",
+    "train/excluded_loss",
+    "fourier/n_keys",
+    "fourier/key_power",
+]
 # Config keys that name a run but are not the science: never "varied keys".
 IGNORED = ("config.wandb.", "config.trainer.threads", "config.trainer.progress_bar", "config.data_dir")
 POWER_THRESHOLD = 0.99  # Power et al. 2022: t_train99 / t_val99; the default here and in the task
 LIU_THRESHOLD = 0.9  # Liu et al. 2022's phase diagrams (grokking-squared, phase_diagram_plot/*.ipynb)
 LIU_MAX_DELAY = 1000  # their comprehension / grokking boundary (simple_phase_diagram.ipynb: 1e3 steps)
-PHASE_COLOURS = {"comprehension": "tab:green", "grokking": "tab:purple",
-                 "memorization": "tab:orange", "confusion": "tab:gray"}
+PHASE_COLOURS = {
+    "comprehension": "tab:green",
+    "grokking": "tab:purple",
+    "memorization": "tab:orange",
+    "confusion": "tab:gray",
+}
 
 
 # ---------------------------------------------------------------- pure helpers
+
 
 def first_step_at_least(steps, values, threshold: float) -> int | None:
     """First step whose value is >= threshold (None: never): Power et al.'s t_train99 / t_val99."""
@@ -68,11 +83,14 @@ def classify(t_train: int | None, t_val: int | None, max_delay: int) -> str:
 
 def threshold_note(threshold: float, max_delay: int) -> str:
     """One line that says which convention a threshold and delay are, so a reader can compare."""
-    conv = {POWER_THRESHOLD: "Power et al.'s t_99; Liu et al.'s phase diagrams use 0.9",
-            LIU_THRESHOLD: "Liu et al.'s phase diagrams; Power et al.'s t_99 uses 0.99"}.get(
-        threshold, "neither Power et al.'s 0.99 nor Liu et al.'s 0.9")
-    return (f"accuracy >= {threshold:g} ({conv}); grokking = validation later than training by more than "
-            f"{max_delay} steps (Liu et al.: {LIU_MAX_DELAY})")
+    conv = {
+        POWER_THRESHOLD: "Power et al.'s t_99; Liu et al.'s phase diagrams use 0.9",
+        LIU_THRESHOLD: "Liu et al.'s phase diagrams; Power et al.'s t_99 uses 0.99",
+    }.get(threshold, "neither Power et al.'s 0.99 nor Liu et al.'s 0.9")
+    return (
+        f"accuracy >= {threshold:g} ({conv}); grokking = validation later than training by more than "
+        f"{max_delay} steps (Liu et al.: {LIU_MAX_DELAY})"
+    )
 
 
 def varied_keys(runs: pd.DataFrame) -> list[str]:
@@ -81,7 +99,7 @@ def varied_keys(runs: pd.DataFrame) -> list[str]:
     for c in runs.columns:
         if c.startswith("config.") and not c.startswith(IGNORED):
             if runs[c].dropna().map(repr).nunique() > 1:  # a key added to the schema later is NaN in older runs
-                out.append(c[len("config."):])
+                out.append(c[len("config.") :])
     return sorted(out)
 
 
@@ -98,8 +116,9 @@ def final_spectrum(curves: pd.DataFrame, run_id: str) -> pd.DataFrame:
     if c.empty:
         return pd.DataFrame(columns=["k", "power", "key"])
     last = c[c["step"] == c["step"].max()].sort_values("item")
-    return pd.DataFrame({"k": last["item"].to_numpy() + 1, "power": last["power"].to_numpy(),
-                         "key": last["key"].to_numpy() > 0.5})
+    return pd.DataFrame(
+        {"k": last["item"].to_numpy() + 1, "power": last["power"].to_numpy(), "key": last["key"].to_numpy() > 0.5}
+    )
 
 
 def merge_rows(hist: pd.DataFrame) -> pd.DataFrame:
@@ -129,6 +148,7 @@ def _num(v):
 
 # ---------------------------------------------------------------- records
 
+
 def _summary_event(run: pd.Series, name: str):
     """(present, step or None) of a typed event in one row of the runs table (harness.events)."""
     value, reached = run.get(f"summary.{name}"), run.get(f"summary.{name}/reached")
@@ -138,8 +158,14 @@ def _summary_event(run: pd.Series, name: str):
     return True, (int(value) if reached else None)
 
 
-def run_record(run: pd.Series, hist: pd.DataFrame, keys: list[str], threshold: float,
-               max_delay: int, curves: pd.DataFrame | None = None) -> dict:
+def run_record(
+    run: pd.Series,
+    hist: pd.DataFrame,
+    keys: list[str],
+    threshold: float,
+    max_delay: int,
+    curves: pd.DataFrame | None = None,
+) -> dict:
     """One run's numbers; t_* recomputed from history so that a crashed run (no summary) still
     counts, and checked against the summary the callback wrote when there is one."""
     h = hist.sort_values("step")
@@ -156,22 +182,31 @@ def run_record(run: pd.Series, hist: pd.DataFrame, keys: list[str], threshold: f
         keys_final = [int(k) for k in spec.loc[spec["key"], "k"]]
     rec = {"id": run["id"], "name": run["name"], "state": run["state"], "seed": _num(run.get("config.seed"))}
     rec.update({k: run.get(f"config.{k}") for k in keys if k != "seed"})
-    rec.update({
-        "t_train": t_train, "t_val": t_val,
-        "delay": None if t_train is None or t_val is None else t_val - t_train,
-        "phase": classify(t_train, t_val, max_delay),
-        "last_step": int(last["step"]),
-        "final_train_acc": float(last["train/acc"]), "final_val_acc": float(last["val/acc"]),
-        "final_weight_norm": _num(last.get("model/weight_norm")),
-        "peak_weight_norm": _num(h["model/weight_norm"].max()) if "model/weight_norm" in h else None,
-        "key_freqs": keys_final,
-        "summary_agrees": not has_summary or summary_t == t_val,
-    })
+    rec.update(
+        {
+            "t_train": t_train,
+            "t_val": t_val,
+            "delay": None if t_train is None or t_val is None else t_val - t_train,
+            "phase": classify(t_train, t_val, max_delay),
+            "last_step": int(last["step"]),
+            "final_train_acc": float(last["train/acc"]),
+            "final_val_acc": float(last["val/acc"]),
+            "final_weight_norm": _num(last.get("model/weight_norm")),
+            "peak_weight_norm": _num(h["model/weight_norm"].max()) if "model/weight_norm" in h else None,
+            "key_freqs": keys_final,
+            "summary_agrees": not has_summary or summary_t == t_val,
+        }
+    )
     return rec
 
 
-def analyse(runs: pd.DataFrame, hist: pd.DataFrame, threshold: float = 0.99,
-            max_delay: int = 1000, curves: pd.DataFrame | None = None) -> dict:
+def analyse(
+    runs: pd.DataFrame,
+    hist: pd.DataFrame,
+    threshold: float = 0.99,
+    max_delay: int = 1000,
+    curves: pd.DataFrame | None = None,
+) -> dict:
     keys = varied_keys(runs)
     records, problems = [], []
     for _, run in runs.iterrows():
@@ -180,17 +215,26 @@ def analyse(runs: pd.DataFrame, hist: pd.DataFrame, threshold: float = 0.99,
             problems.append(f"{run['id']} ({run['name']}, {run['state']}): no history")
             continue
         if run["state"] != "finished":
-            problems.append(f"{run['id']} ({run['name']}): state {run['state']}, counted up to step "
-                            f"{int(h['step'].max())}")
+            problems.append(
+                f"{run['id']} ({run['name']}): state {run['state']}, counted up to step {int(h['step'].max())}"
+            )
         records.append(run_record(run, h, keys, threshold, max_delay, curves))
-    records.sort(key=lambda r: [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
-                                for v in (r.get(k) for k in keys)])
-    return {"varied_keys": keys, "threshold": threshold, "max_delay": max_delay,
-            "threshold_note": threshold_note(threshold, max_delay), "runs": records, "problems": problems,
-            "phase_counts": dict(Counter(r["phase"] for r in records))}
+    records.sort(
+        key=lambda r: [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in (r.get(k) for k in keys)]
+    )
+    return {
+        "varied_keys": keys,
+        "threshold": threshold,
+        "max_delay": max_delay,
+        "threshold_note": threshold_note(threshold, max_delay),
+        "runs": records,
+        "problems": problems,
+        "phase_counts": dict(Counter(r["phase"] for r in records)),
+    }
 
 
 # ---------------------------------------------------------------- plots
+
 
 def _label(rec: dict, keys: list[str]) -> str:
     """The configuration of a run without its seed ("all runs" when only the seed varies)."""
@@ -246,14 +290,16 @@ def plot_curves(result: dict, hist: pd.DataFrame, path: str, max_panels: int = 1
         ax.axhline(th, color="0.5", lw=0.8, ls=":")
         log_axis(ax, "x", label="optimizer step")
         ax.set_title(f"{label} (n={len(rs)} seed{'s' if len(rs) > 1 else ''})", fontsize=8)
-    for ax in axes.flat[len(shown):]:
+    for ax in axes.flat[len(shown) :]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy")
     handles = [Line2D([], [], color=colour[s], label=f"seed {s}") for s in seeds] + [
-        Line2D([], [], color="k", ls="--", lw=1, label="train"), Line2D([], [], color="k", lw=1.5, label="validation"),
+        Line2D([], [], color="k", ls="--", lw=1, label="train"),
+        Line2D([], [], color="k", lw=1.5, label="validation"),
         Line2D([], [], color="0.5", ls=":", label=f"threshold {th:g}"),
-        Line2D([], [], color="k", marker="o", mfc="none", ls="", label=f"t_val (val acc >= {th:g})")]
+        Line2D([], [], color="k", marker="o", mfc="none", ls="", label=f"t_val (val acc >= {th:g})"),
+    ]
     legend_outside(axes[0][ncols - 1], handles=handles)
     title = threshold_note(th, result["max_delay"])
     if len(groups) > len(shown):
@@ -273,21 +319,25 @@ def plot_progress(result: dict, hist: pd.DataFrame, path: str, max_groups: int =
     groups = config_groups(result["runs"], result["varied_keys"])[:max_groups]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     keys = ["model/weight_norm", "val/restricted_loss", "train/excluded_loss"]
-    for i, (label, rs) in enumerate(groups):
+    for i, (_label, rs) in enumerate(groups):
         for r in rs:
             h = _run_hist(hist, r["id"])
             for ax, key in zip(axes, keys):
                 if key in h:
                     ax.plot(h["step"], h[key], color=f"C{i % 10}", lw=1, alpha=0.8)
-    for ax, title, ylabel in zip(axes, ["total L2 weight norm", "restricted loss (val, key freqs only)",
-                                        "excluded loss (train, key freqs removed)"],
-                                 ["L2 norm of all parameters", "cross-entropy (nats)", "cross-entropy (nats)"]):
+    for ax, title, ylabel in zip(
+        axes,
+        ["total L2 weight norm", "restricted loss (val, key freqs only)", "excluded loss (train, key freqs removed)"],
+        ["L2 norm of all parameters", "cross-entropy (nats)", "cross-entropy (nats)"],
+    ):
         ax.set(ylabel=ylabel, title=title)
         log_axis(ax, "x", label="optimizer step")
     for ax in axes[1:]:
         log_axis(ax, "y")
-    handles = [Line2D([], [], color=f"C{i % 10}", label=f"{label} (n={len(rs)} seed{'s' if len(rs) > 1 else ''})")
-               for i, (label, rs) in enumerate(groups)]
+    handles = [
+        Line2D([], [], color=f"C{i % 10}", label=f"{label} (n={len(rs)} seed{'s' if len(rs) > 1 else ''})")
+        for i, (label, rs) in enumerate(groups)
+    ]
     legend_outside(axes[-1], handles=handles, title="one line per seed")
     save(fig, path, dpi=110)  # PNG + SVG
     return fig
@@ -301,8 +351,15 @@ def plot_spectrum(result: dict, curves: pd.DataFrame, path: str, max_runs: int =
     for i, r in enumerate(runs):
         spec = final_spectrum(curves, r["id"])
         if len(spec):
-            ax.plot(spec["k"], spec["power"], marker="o", ms=2, lw=1, color=f"C{i % 10}",
-                    label=f"{_run_label(r, result['varied_keys'])}: keys {r['key_freqs']}")
+            ax.plot(
+                spec["k"],
+                spec["power"],
+                marker="o",
+                ms=2,
+                lw=1,
+                color=f"C{i % 10}",
+                label=f"{_run_label(r, result['varied_keys'])}: keys {r['key_freqs']}",
+            )
     title = "final embedding Fourier power (one line per run)"
     if len(result["runs"]) > len(runs):
         title += f"; {len(runs)} of {len(result['runs'])} runs shown"
@@ -321,8 +378,9 @@ def plot_phase(result: dict, path: str, x: str = "data.train_fraction", y: str =
         return None
     panels = sorted({r.get("optim.lr") for r in recs}, key=lambda v: (v is None, v))
     xs, ys = sorted({r[x] for r in recs}), sorted({r[y] for r in recs})
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 + 0.9 * len(xs) * len(panels), 1.9 + 0.5 * len(ys)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(2.6 + 0.9 * len(xs) * len(panels), 1.9 + 0.5 * len(ys)), squeeze=False
+    )
     for ax, lr in zip(axes[0], panels):
         cells: dict[tuple, list] = {}
         for r in sorted(recs, key=_seed_key):
@@ -334,48 +392,86 @@ def plot_phase(result: dict, path: str, x: str = "data.train_fraction", y: str =
                 ax.scatter(i + dx, j, marker="s", s=60, color=PHASE_COLOURS[phase])
         ax.set_xticks(range(len(xs)), [str(v) for v in xs])
         ax.set_yticks(range(len(ys)), [str(v) for v in ys])
-        ax.set(xlabel=x, ylabel=y, xlim=(-0.6, len(xs) - 0.4), ylim=(-0.6, len(ys) - 0.4),
-               title=f"lr={lr}" if lr is not None else "")
+        ax.set(
+            xlabel=x,
+            ylabel=y,
+            xlim=(-0.6, len(xs) - 0.4),
+            ylim=(-0.6, len(ys) - 0.4),
+            title=f"lr={lr}" if lr is not None else "",
+        )
     handles = [matplotlib.patches.Patch(color=c, label=p) for p, c in PHASE_COLOURS.items()]
-    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1),
-                       title="one square per seed", title_fontsize=7)
+    axes[0][-1].legend(
+        handles=handles,
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1),
+        title="one square per seed",
+        title_fontsize=7,
+    )
     from analysis.study import suptitle
 
-    suptitle(fig, f"phases at {threshold_note(result.get('threshold', POWER_THRESHOLD), result.get('max_delay', 1000))}",
-             fontsize=7)
+    suptitle(
+        fig,
+        f"phases at {threshold_note(result.get('threshold', POWER_THRESHOLD), result.get('max_delay', 1000))}",
+        fontsize=7,
+    )
     save(fig, path, dpi=110)  # PNG + SVG
     return fig
 
 
 # ---------------------------------------------------------------- report
 
+
 def report(result: dict) -> str:
     keys = [k for k in result["varied_keys"] if k != "seed"]
     th = result["threshold"]
-    lines = [f"# Grokking of modular arithmetic ({len(result['runs'])} runs)", "",
-             f"Threshold: {result['threshold_note']}. t_train / t_val: first evaluated step with train / "
-             f"validation accuracy >= {th:g} (`--threshold 0.9` gives Liu et al.'s phases). "
-             f"Phases: {result['phase_counts']}.", ""]
-    head = keys + ["seed", f"t_train (acc >= {th:g})", f"t_val (acc >= {th:g})", "delay", "phase",
-                   "final val acc", "weight norm (peak -> final)", "key freqs"]
+    lines = [
+        f"# Grokking of modular arithmetic ({len(result['runs'])} runs)",
+        "",
+        f"Threshold: {result['threshold_note']}. t_train / t_val: first evaluated step with train / "
+        f"validation accuracy >= {th:g} (`--threshold 0.9` gives Liu et al.'s phases). "
+        f"Phases: {result['phase_counts']}.",
+        "",
+    ]
+    head = keys + [
+        "seed",
+        f"t_train (acc >= {th:g})",
+        f"t_val (acc >= {th:g})",
+        "delay",
+        "phase",
+        "final val acc",
+        "weight norm (peak -> final)",
+        "key freqs",
+    ]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["runs"]:
         norm = f"{r['peak_weight_norm'] or 0:.1f} -> {r['final_weight_norm'] or 0:.1f}"
         never = f"never (censored at {r['last_step']})"
-        cells = [str(r.get(k)) for k in keys] + [str(r.get("seed")),
-                                                 never if r["t_train"] is None else str(r["t_train"]),
-                                                 never if r["t_val"] is None else str(r["t_val"]),
-                                                 "-" if r["delay"] is None else str(r["delay"]),
-                                                 r["phase"], f"{r['final_val_acc']:.3f}", norm,
-                                                 str(r["key_freqs"])]
+        cells = [str(r.get(k)) for k in keys] + [
+            str(r.get("seed")),
+            never if r["t_train"] is None else str(r["t_train"]),
+            never if r["t_val"] is None else str(r["t_val"]),
+            "-" if r["delay"] is None else str(r["delay"]),
+            r["phase"],
+            f"{r['final_val_acc']:.3f}",
+            norm,
+            str(r["key_freqs"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in result["runs"] if r["phase"] not in ("grokking", "comprehension")]
-    lines += ["", f"Runs that did not generalise (val acc < {th:g} at every evaluation): "
-              + (", ".join(_run_label(r, keys) for r in failed) or "none") + "."]
+    lines += [
+        "",
+        f"Runs that did not generalise (val acc < {th:g} at every evaluation): "
+        + (", ".join(_run_label(r, keys) for r in failed) or "none")
+        + ".",
+    ]
     if result["problems"]:
         lines += ["", "Problems:"] + [f"- {p}" for p in result["problems"]]
-    lines += ["", "Plots: curves.png (one panel per configuration, one line per seed), progress.png, spectrum.png, "
-              "phase.png (when the runs vary weight decay and train fraction; one square per seed)."]
+    lines += [
+        "",
+        "Plots: curves.png (one panel per configuration, one line per seed), progress.png, spectrum.png, "
+        "phase.png (when the runs vary weight decay and train fraction; one square per seed).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -383,15 +479,30 @@ def main(argv: list[str] | None = None) -> None:
     from harness import runstore
     from harness.errors import UserError
 
-    args = parse_args(STUDY, argv, extra=lambda p: (
-        p.add_argument("--threshold", type=float, default=POWER_THRESHOLD,
-                       help=f"accuracy that counts as reached: {POWER_THRESHOLD} = Power et al.'s t_99 (default), "
-                            f"{LIU_THRESHOLD} = Liu et al.'s phase diagrams"),
-        p.add_argument("--max-delay", type=int, default=LIU_MAX_DELAY,
-                       help="steps from t_train to t_val still counted as comprehension (Liu et al.: 1000)")))
+    args = parse_args(
+        STUDY,
+        argv,
+        extra=lambda p: (
+            p.add_argument(
+                "--threshold",
+                type=float,
+                default=POWER_THRESHOLD,
+                help=f"accuracy that counts as reached: {POWER_THRESHOLD} = Power et al.'s t_99 (default), "
+                f"{LIU_THRESHOLD} = Liu et al.'s phase diagrams",
+            ),
+            p.add_argument(
+                "--max-delay",
+                type=int,
+                default=LIU_MAX_DELAY,
+                help="steps from t_train to t_val still counted as comprehension (Liu et al.: 1000)",
+            ),
+        ),
+    )
     if not 0 < args.threshold <= 1 or args.max_delay < 0:
-        raise UserError(f"--threshold {args.threshold}, --max-delay {args.max_delay}: need 0 < threshold <= 1 "
-                        f"(Power et al. {POWER_THRESHOLD}, Liu et al. {LIU_THRESHOLD}) and max-delay >= 0")
+        raise UserError(
+            f"--threshold {args.threshold}, --max-delay {args.max_delay}: need 0 < threshold <= 1 "
+            f"(Power et al. {POWER_THRESHOLD}, Liu et al. {LIU_THRESHOLD}) and max-delay >= 0"
+        )
     runs = runstore.load_runs(args.source, sweep=args.sweep)
     if "config.task" in runs:
         runs = runs[runs["config.task"] == TASK].reset_index(drop=True)
@@ -417,7 +528,7 @@ def applies(runs: pd.DataFrame) -> bool:
     return has_task(runs, "modular_addition")
 
 
-def run(source: str, sweep: str | None, out: str) -> "Section":
+def run(source: str, sweep: str | None, out: str) -> Section:
     """The analysis.report hook (analysis/study.py): this module's CLI, then its outputs as a Section."""
     from analysis.study import Section, add_run_emergence, numbers, run_cli
 

@@ -15,6 +15,7 @@ What the runs are, said in the report and the JSON (`data_note`): the paper's MN
 stand-in trains on the first 1,000 of the 10k test images and evaluates on the other 9,000; the smoke
 sweeps run float32. Numbers from the stand-in are not the paper's numbers.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,10 @@ METRICS = ["train/loss", "train/acc", "val/loss", "val/acc", "model/weight_norm"
 # The loss of the MSE runs as logged (tasks/mnist_omnigrok.py, summary `loss_units`): the mean over the
 # 10 one-hot outputs, as nn.MSELoss trains. The paper's landscape code reports the sum over them (10x).
 LOSS_LABEL = {"mse per output": "MSE (mean over 10 one-hot outputs)", "nats": "cross-entropy (nats)"}
-PAPER = ("the paper's run (KindXiaoming/Omnigrok, mnist/grokking/mnist-grokking.ipynb): train on the first 1,000 "
-         "of the 60,000 MNIST training images, evaluate on all 10,000 test images, float64, seed 0")
+PAPER = (
+    "the paper's run (KindXiaoming/Omnigrok, mnist/grokking/mnist-grokking.ipynb): train on the first 1,000 "
+    "of the 60,000 MNIST training images, evaluate on all 10,000 test images, float64, seed 0"
+)
 
 
 def _cfg(runs: pd.DataFrame, key: str, default=None) -> pd.Series:
@@ -81,14 +84,17 @@ def run_setup(runs: pd.DataFrame) -> pd.DataFrame:
     """What each run was trained and evaluated on: kind, split (as resolved: summary data/source),
     n_train, n_test, precision, seed."""
     fixed = _cfg(runs, "optim.fixed_norm", False).map(_is_true)
-    return pd.DataFrame({
-        "kind": np.where(fixed, "landscape", "grokking"),
-        "split": _col(runs, "summary.data/source", "config.data.split").astype(str),
-        "n_train": _col(runs, "summary.data/n_train", "config.data.n_train").map(_int),
-        "n_test": _col(runs, "summary.data/n_test").map(_int),
-        "precision": _col(runs, "config.trainer.precision").map(_precision),
-        "seed": _col(runs, "config.seed"),
-    }, index=runs.index)
+    return pd.DataFrame(
+        {
+            "kind": np.where(fixed, "landscape", "grokking"),
+            "split": _col(runs, "summary.data/source", "config.data.split").astype(str),
+            "n_train": _col(runs, "summary.data/n_train", "config.data.n_train").map(_int),
+            "n_test": _col(runs, "summary.data/n_test").map(_int),
+            "precision": _col(runs, "config.trainer.precision").map(_precision),
+            "seed": _col(runs, "config.seed"),
+        },
+        index=runs.index,
+    )
 
 
 def data_note(setup: pd.DataFrame) -> str:
@@ -96,22 +102,32 @@ def data_note(setup: pd.DataFrame) -> str:
     if setup.empty:
         return ""
     parts = []
-    for (kind, split, n_tr, n_te, prec), g in setup.groupby(["kind", "split", "n_train", "n_test", "precision"],
-                                                            dropna=False):
+    for (kind, split, n_tr, n_te, prec), g in setup.groupby(
+        ["kind", "split", "n_train", "n_test", "precision"], dropna=False
+    ):
         seeds = sorted({int(v) for v in g["seed"].dropna()})
         n_tr_s = "?" if n_tr is None or pd.isna(n_tr) else f"{int(n_tr):,}"
         n_te_s = "?" if n_te is None or pd.isna(n_te) else f"{int(n_te):,}"
-        what = (f"the offline stand-in split (trained on the first {n_tr_s} of the 10,000 MNIST test images, "
-                f"evaluated on {n_te_s} of the others)" if split == "offline" else
-                f"the standard split (trained on the first {n_tr_s} MNIST training images, evaluated on {n_te_s} "
-                "test images)" if split == "standard" else f"split {split} ({n_tr_s} training, {n_te_s} test images)")
-        parts.append(f"{len(g)} {kind} run(s) on {what}, {prec}, seed{'s' if len(seeds) != 1 else ''} "
-                     f"{', '.join(map(str, seeds)) or '?'}")
+        what = (
+            f"the offline stand-in split (trained on the first {n_tr_s} of the 10,000 MNIST test images, "
+            f"evaluated on {n_te_s} of the others)"
+            if split == "offline"
+            else f"the standard split (trained on the first {n_tr_s} MNIST training images, evaluated on {n_te_s} "
+            "test images)"
+            if split == "standard"
+            else f"split {split} ({n_tr_s} training, {n_te_s} test images)"
+        )
+        parts.append(
+            f"{len(g)} {kind} run(s) on {what}, {prec}, seed{'s' if len(seeds) != 1 else ''} "
+            f"{', '.join(map(str, seeds)) or '?'}"
+        )
     note = "; ".join(parts) + f". Compare {PAPER}."
     if (setup["split"] == "offline").any():
-        note += (" The stand-in trains and tests on images of the test split alone (whose first 5,000 images come "
-                 "from NIST's SD-3 writers and the rest from SD-1's, which the MNIST page calls harder), so its "
-                 "accuracies and steps are not the paper's and are not expected to match them.")
+        note += (
+            " The stand-in trains and tests on images of the test split alone (whose first 5,000 images come "
+            "from NIST's SD-3 writers and the rest from SD-1's, which the MNIST page calls harder), so its "
+            "accuracies and steps are not the paper's and are not expected to match them."
+        )
     return note
 
 
@@ -121,15 +137,27 @@ def short_data_note(setup: pd.DataFrame) -> str:
     for (split, prec), g in setup.groupby(["split", "precision"], dropna=False):
         sizes = "/".join(f"{int(n):,}" for n in sorted(set(g["n_train"].dropna())))
         tests = "/".join(f"{int(n):,}" for n in sorted(set(g["n_test"].dropna())))
-        parts.append((f"offline stand-in split (train: the first {sizes} of the 10k MNIST test images, test: "
-                      f"{tests or '?'} of the others)"
-                      if split == "offline" else f"{split} split (train: first {sizes} training images)") + f", {prec}")
-    return "; ".join(parts) + (". Paper: first 1,000 training images, all 10k test images, float64, seed 0"
-                               " (report.md says more).")
+        parts.append(
+            (
+                f"offline stand-in split (train: the first {sizes} of the 10k MNIST test images, test: "
+                f"{tests or '?'} of the others)"
+                if split == "offline"
+                else f"{split} split (train: first {sizes} training images)"
+            )
+            + f", {prec}"
+        )
+    return "; ".join(parts) + (
+        ". Paper: first 1,000 training images, all 10k test images, float64, seed 0 (report.md says more)."
+    )
 
 
-def grokking_table(runs: pd.DataFrame, hist: pd.DataFrame, train_threshold: float = 0.99,
-                   val_threshold: float = 0.8, max_delay: int = 1000) -> pd.DataFrame:
+def grokking_table(
+    runs: pd.DataFrame,
+    hist: pd.DataFrame,
+    train_threshold: float = 0.99,
+    val_threshold: float = 0.8,
+    max_delay: int = 1000,
+) -> pd.DataFrame:
     """One row per grokking run: when train accuracy reached `train_threshold`, when test accuracy
     first reached `val_threshold`, the delay between them, the phase from these (Liu et al.'s four,
     harness.events.grokking_phase), and final accuracies and norms."""
@@ -143,21 +171,29 @@ def grokking_table(runs: pd.DataFrame, hist: pd.DataFrame, train_threshold: floa
         t_tr = first_step_at_least(h, "train/acc", train_threshold)
         t_va = first_step_at_least(h, "val/acc", val_threshold)
         last = h.iloc[-1]
-        rows.append({
-            "id": r["id"], "name": r["name"], "init_scale": float(r.get("config.model.init_scale", math.nan)),
-            "seed": r.get("config.seed"), "split": r.get("summary.data/source", r.get("config.data.split")),
-            "n_train": _int(r.get("summary.data/n_train", r.get("config.data.n_train"))),
-            "n_test": _int(r.get("summary.data/n_test")),
-            "precision": r.get("config.trainer.precision"), "weight_decay": r.get("config.optim.weight_decay"),
-            "steps": int(last["step"]), "t_train": t_tr, "t_val": t_va,
-            "delay": None if t_tr is None or t_va is None else t_va - t_tr,
-            "final_train_acc": float(last.get("train/acc", math.nan)),
-            "final_val_acc": float(last.get("val/acc", math.nan)),
-            "first_norm": float(h["model/weight_norm"].dropna().iloc[0]) if "model/weight_norm" in h else math.nan,
-            "final_norm": float(last.get("model/weight_norm", math.nan)),
-            "phase": grokking_phase(t_tr, t_va, max_delay),
-            "phase_logged": r.get("summary.grok/phase"),  # the run's own, at its eval.* thresholds
-        })
+        rows.append(
+            {
+                "id": r["id"],
+                "name": r["name"],
+                "init_scale": float(r.get("config.model.init_scale", math.nan)),
+                "seed": r.get("config.seed"),
+                "split": r.get("summary.data/source", r.get("config.data.split")),
+                "n_train": _int(r.get("summary.data/n_train", r.get("config.data.n_train"))),
+                "n_test": _int(r.get("summary.data/n_test")),
+                "precision": r.get("config.trainer.precision"),
+                "weight_decay": r.get("config.optim.weight_decay"),
+                "steps": int(last["step"]),
+                "t_train": t_tr,
+                "t_val": t_va,
+                "delay": None if t_tr is None or t_va is None else t_va - t_tr,
+                "final_train_acc": float(last.get("train/acc", math.nan)),
+                "final_val_acc": float(last.get("val/acc", math.nan)),
+                "first_norm": float(h["model/weight_norm"].dropna().iloc[0]) if "model/weight_norm" in h else math.nan,
+                "final_norm": float(last.get("model/weight_norm", math.nan)),
+                "phase": grokking_phase(t_tr, t_va, max_delay),
+                "phase_logged": r.get("summary.grok/phase"),  # the run's own, at its eval.* thresholds
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -168,8 +204,16 @@ def _int(v):
         return None
 
 
-VALUES = ["train_loss", "val_loss", "train_acc", "val_acc", "final_train_loss", "final_val_loss",
-          "final_train_acc", "final_val_acc"]
+VALUES = [
+    "train_loss",
+    "val_loss",
+    "train_acc",
+    "val_acc",
+    "final_train_loss",
+    "final_val_loss",
+    "final_train_acc",
+    "final_val_acc",
+]
 
 
 def landscape_runs(runs: pd.DataFrame, hist: pd.DataFrame) -> pd.DataFrame:
@@ -181,15 +225,22 @@ def landscape_runs(runs: pd.DataFrame, hist: pd.DataFrame) -> pd.DataFrame:
         if h.empty:
             raise ValueError(f"run {r['id']} ({r['name']}) has no evaluation history")
         last = h.iloc[-1]
-        rows.append({
-            "id": r["id"], "seed": r.get("config.seed"),
-            "n_train": int(r.get("summary.data/n_train", r.get("config.data.n_train"))),
-            "alpha": float(r["config.model.init_scale"]),
-            "train_loss": h["train/loss"].min(), "val_loss": h["val/loss"].min(),
-            "train_acc": h["train/acc"].max(), "val_acc": h["val/acc"].max(),
-            "final_train_loss": last["train/loss"], "final_val_loss": last["val/loss"],
-            "final_train_acc": last["train/acc"], "final_val_acc": last["val/acc"],
-        })
+        rows.append(
+            {
+                "id": r["id"],
+                "seed": r.get("config.seed"),
+                "n_train": int(r.get("summary.data/n_train", r.get("config.data.n_train"))),
+                "alpha": float(r["config.model.init_scale"]),
+                "train_loss": h["train/loss"].min(),
+                "val_loss": h["val/loss"].min(),
+                "train_acc": h["train/acc"].max(),
+                "val_acc": h["val/acc"].max(),
+                "final_train_loss": last["train/loss"],
+                "final_val_loss": last["val/loss"],
+                "final_train_acc": last["train/acc"],
+                "final_val_acc": last["val/acc"],
+            }
+        )
     return pd.DataFrame(rows, columns=["id", "seed", "n_train", "alpha"] + VALUES)
 
 
@@ -200,8 +251,12 @@ def landscape_table(per_run: pd.DataFrame) -> pd.DataFrame:
 
     rows = []
     for (n, a), g in per_run.groupby(["n_train", "alpha"]):
-        row = {"n_train": int(n), "alpha": float(a), "n_seeds": len(g),
-               "seeds": sorted(int(v) for v in g["seed"].dropna())}
+        row = {
+            "n_train": int(n),
+            "alpha": float(a),
+            "n_seeds": len(g),
+            "seeds": sorted(int(v) for v in g["seed"].dropna()),
+        }
         for v in VALUES:
             row[v], row[v + "_se"], _ = mean_se(g[v].astype(float))
         rows.append(row)
@@ -219,8 +274,10 @@ def lu_shape(table: pd.DataFrame) -> dict:
         best = g.loc[g["val_loss"].idxmin()]
         top = g.iloc[-1]
         out[int(n)] = {
-            "alpha_best_val_loss": float(best["alpha"]), "best_val_loss": float(best["val_loss"]),
-            "alpha_max": float(top["alpha"]), "val_loss_at_alpha_max": float(top["val_loss"]),
+            "alpha_best_val_loss": float(best["alpha"]),
+            "best_val_loss": float(best["val_loss"]),
+            "alpha_max": float(top["alpha"]),
+            "val_loss_at_alpha_max": float(top["val_loss"]),
             "train_loss_at_alpha_max": float(top["train_loss"]),
             "val_loss_rise": float(top["val_loss"] / best["val_loss"]),
             "train_loss_at_alpha_min": float(g.iloc[0]["train_loss"]),
@@ -255,9 +312,11 @@ def plot_curves(gtable: pd.DataFrame, hist: pd.DataFrame, path: str, th: dict, n
     ax_norm.set(ylabel="L2 norm of all parameters", title="total parameter norm")
     for ax in (ax_acc, ax_norm):
         log_axis(ax, "x", label="optimizer step")
-    handles += [Line2D([], [], color="0.5", ls="-.", label=f"train threshold {th['train']:g}"),
-                Line2D([], [], color="0.5", ls=":", label=f"test threshold {th['val']:g}"),
-                Line2D([], [], color="k", marker="o", mfc="none", ls="", label="first step past a threshold")]
+    handles += [
+        Line2D([], [], color="0.5", ls="-.", label=f"train threshold {th['train']:g}"),
+        Line2D([], [], color="0.5", ls=":", label=f"test threshold {th['val']:g}"),
+        Line2D([], [], color="k", marker="o", mfc="none", ls="", label="first step past a threshold"),
+    ]
     legend_outside(ax_norm, handles=handles, title="one line per run")
     suptitle(fig, note)
     save(fig, path, dpi=120)  # PNG + SVG
@@ -277,9 +336,17 @@ def plot_lu(table: pd.DataFrame, path: str, loss_label: str, note: str = ""):
         for ax, what in ((ax_loss, "loss"), (ax_acc, "acc")):
             for split, ls, marker in (("train", "--", "."), ("val", "-", "o")):
                 col = f"{split}_{what}"
-                ax.errorbar(g["alpha"], g[col], yerr=g[col + "_se"].fillna(0.0), color=f"C{i}", ls=ls, marker=marker,
-                            capsize=2, label=f"{'train' if split == 'train' else 'test'}, n_train={n} "
-                                             f"(mean of {seeds} seed{'s' if seeds != '1' else ''})")
+                ax.errorbar(
+                    g["alpha"],
+                    g[col],
+                    yerr=g[col + "_se"].fillna(0.0),
+                    color=f"C{i}",
+                    ls=ls,
+                    marker=marker,
+                    capsize=2,
+                    label=f"{'train' if split == 'train' else 'test'}, n_train={n} "
+                    f"(mean of {seeds} seed{'s' if seeds != '1' else ''})",
+                )
     ax_loss.set(ylabel=f"{loss_label}\nbest over training", title="LU: train loss L, test loss U")
     ax_acc.set(ylabel="accuracy, best over training", title="accuracy")
     for ax in (ax_loss, ax_acc):
@@ -315,45 +382,71 @@ def report(result: dict) -> str:
         lines += [f"Skipped runs (not finished): {', '.join(result['skipped_runs'])}", ""]
     if result["grokking"]:
         tr, va = th["train"], th["val"]
-        lines += ["## Grokking runs", "",
-                  f"t_train: first evaluated step with train accuracy >= {tr:g} (Power et al.'s 0.99; Liu et al.'s "
-                  f"phase diagrams use 0.9: `--train-threshold 0.9`); t_val: first with test accuracy >= {va:g} (MNIST "
-                  f"test accuracy stays below 0.99). Phase (Liu et al.'s four) from these, grokking = t_val later than "
-                  f"t_train by more than {th['max_delay']} steps. Censored: never reached by the last step.", "",
-                  f"| alpha | wd | seed | split | precision | steps | t_train (acc >= {tr:g}) | t_val (acc >= {va:g}) | "
-                  "delay | phase | final train acc | final test acc | norm first eval -> final |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Grokking runs",
+            "",
+            f"t_train: first evaluated step with train accuracy >= {tr:g} (Power et al.'s 0.99; Liu et al.'s "
+            f"phase diagrams use 0.9: `--train-threshold 0.9`); t_val: first with test accuracy >= {va:g} (MNIST "
+            f"test accuracy stays below 0.99). Phase (Liu et al.'s four) from these, grokking = t_val later than "
+            f"t_train by more than {th['max_delay']} steps. Censored: never reached by the last step.",
+            "",
+            f"| alpha | wd | seed | split | precision | steps | t_train (acc >= {tr:g}) | t_val (acc >= {va:g}) | "
+            "delay | phase | final train acc | final test acc | norm first eval -> final |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in result["grokking"]:
-            lines.append(f"| {r['init_scale']:g} | {r['weight_decay']} | {r['seed']} | {r['split']} | "
-                         f"{_precision(r['precision'])} | {r['steps']} | {_step(r['t_train'], r['steps'])} | "
-                         f"{_step(r['t_val'], r['steps'])} | {_step(r['delay'])} | {r['phase']} | "
-                         f"{_fmt(r['final_train_acc'])} | {_fmt(r['final_val_acc'])} | "
-                         f"{r['first_norm']:.1f} -> {r['final_norm']:.1f} |")
+            lines.append(
+                f"| {r['init_scale']:g} | {r['weight_decay']} | {r['seed']} | {r['split']} | "
+                f"{_precision(r['precision'])} | {r['steps']} | {_step(r['t_train'], r['steps'])} | "
+                f"{_step(r['t_val'], r['steps'])} | {_step(r['delay'])} | {r['phase']} | "
+                f"{_fmt(r['final_train_acc'])} | {_fmt(r['final_val_acc'])} | "
+                f"{r['first_norm']:.1f} -> {r['final_norm']:.1f} |"
+            )
         lines += ["", "![curves](curves.png)", ""]
     if result["landscape"]:
-        lines += ["## LU landscape (fixed weight norm)", "", f"Loss: {result['loss_label']}.", "",
-                  "| n_train | alpha of least test loss | least test loss | test loss at alpha max | "
-                  "rise | train loss at alpha max | train loss at alpha min |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## LU landscape (fixed weight norm)",
+            "",
+            f"Loss: {result['loss_label']}.",
+            "",
+            "| n_train | alpha of least test loss | least test loss | test loss at alpha max | "
+            "rise | train loss at alpha max | train loss at alpha min |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for n, s in result["lu_shape"].items():
-            lines.append(f"| {n} | {s['alpha_best_val_loss']:g} | {s['best_val_loss']:.4f} | "
-                         f"{s['val_loss_at_alpha_max']:.4f} (alpha {s['alpha_max']:g}) | {s['val_loss_rise']:.2f}x | "
-                         f"{s['train_loss_at_alpha_max']:.2e} | {s['train_loss_at_alpha_min']:.2e} |")
-        lines += ["", "Best over training (min loss, max accuracy): mean ± standard error over the seeds listed "
-                  "(no ± for one seed); every run is in omnigrok.json (`landscape_runs`).", "",
-                  "| n_train | alpha | seeds | train loss | test loss | train acc | test acc |",
-                  "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {n} | {s['alpha_best_val_loss']:g} | {s['best_val_loss']:.4f} | "
+                f"{s['val_loss_at_alpha_max']:.4f} (alpha {s['alpha_max']:g}) | {s['val_loss_rise']:.2f}x | "
+                f"{s['train_loss_at_alpha_max']:.2e} | {s['train_loss_at_alpha_min']:.2e} |"
+            )
+        lines += [
+            "",
+            "Best over training (min loss, max accuracy): mean ± standard error over the seeds listed "
+            "(no ± for one seed); every run is in omnigrok.json (`landscape_runs`).",
+            "",
+            "| n_train | alpha | seeds | train loss | test loss | train acc | test acc |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in result["landscape"]:
-            lines.append(f"| {r['n_train']} | {r['alpha']:g} | {', '.join(map(str, r['seeds']))} | "
-                         f"{_pm(r['train_loss'], r['train_loss_se'], '{:.2e}')} | "
-                         f"{_pm(r['val_loss'], r['val_loss_se'], '{:.4f}')} | "
-                         f"{_pm(r['train_acc'], r['train_acc_se'], '{:.3f}')} | "
-                         f"{_pm(r['val_acc'], r['val_acc_se'], '{:.3f}')} |")
+            lines.append(
+                f"| {r['n_train']} | {r['alpha']:g} | {', '.join(map(str, r['seeds']))} | "
+                f"{_pm(r['train_loss'], r['train_loss_se'], '{:.2e}')} | "
+                f"{_pm(r['val_loss'], r['val_loss_se'], '{:.4f}')} | "
+                f"{_pm(r['train_acc'], r['train_acc_se'], '{:.3f}')} | "
+                f"{_pm(r['val_acc'], r['val_acc_se'], '{:.3f}')} |"
+            )
         lines += ["", "![LU](lu.png)", ""]
     return "\n".join(lines) + "\n"
 
 
-def analyse(runs: pd.DataFrame, hist: pd.DataFrame, out_dir: str, val_threshold: float = 0.8,
-            train_threshold: float = 0.99, max_delay: int = 1000) -> dict:
+def analyse(
+    runs: pd.DataFrame,
+    hist: pd.DataFrame,
+    out_dir: str,
+    val_threshold: float = 0.8,
+    train_threshold: float = 0.99,
+    max_delay: int = 1000,
+) -> dict:
     """Everything but the loading: runs and history frames in, outputs written, result returned."""
     runs = runs[_cfg(runs, "task") == "mnist_omnigrok"]
     if runs.empty:
@@ -376,8 +469,12 @@ def analyse(runs: pd.DataFrame, hist: pd.DataFrame, out_dir: str, val_threshold:
     if len(ltable):
         plot_lu(ltable, os.path.join(out_dir, "lu.png"), loss_label, short_data_note(setup[fixed]))
     result = {
-        "thresholds": th, "val_threshold": val_threshold, "data_note": note, "paper_setup": PAPER,
-        "loss_label": loss_label, "skipped_runs": skipped,
+        "thresholds": th,
+        "val_threshold": val_threshold,
+        "data_note": note,
+        "paper_setup": PAPER,
+        "loss_label": loss_label,
+        "skipped_runs": skipped,
         "grokking": gtable.replace({np.nan: None}).to_dict("records"),
         "landscape": ltable.to_dict("records"),
         "landscape_runs": per_run.to_dict("records"),
@@ -391,14 +488,31 @@ def main(argv: list[str] | None = None) -> None:
     from harness.errors import UserError
     from harness.runstore import load_history, load_runs
 
-    args = parse_args(STUDY, argv, extra=lambda p: (
-        p.add_argument("--train-threshold", type=float, default=0.99,
-                       help="train accuracy that counts as fitted: 0.99 = Power et al. (default), 0.9 = Liu et al.'s "
-                            "phase diagrams"),
-        p.add_argument("--val-threshold", type=float, default=0.8,
-                       help="test accuracy that counts as generalised (MNIST stays below 0.99; default 0.8)"),
-        p.add_argument("--max-delay", type=int, default=1000,
-                       help="steps from t_train to t_val still counted as comprehension (Liu et al.: 1000)")))
+    args = parse_args(
+        STUDY,
+        argv,
+        extra=lambda p: (
+            p.add_argument(
+                "--train-threshold",
+                type=float,
+                default=0.99,
+                help="train accuracy that counts as fitted: 0.99 = Power et al. (default), 0.9 = Liu et al.'s "
+                "phase diagrams",
+            ),
+            p.add_argument(
+                "--val-threshold",
+                type=float,
+                default=0.8,
+                help="test accuracy that counts as generalised (MNIST stays below 0.99; default 0.8)",
+            ),
+            p.add_argument(
+                "--max-delay",
+                type=int,
+                default=1000,
+                help="steps from t_train to t_val still counted as comprehension (Liu et al.: 1000)",
+            ),
+        ),
+    )
     for name, v in (("--train-threshold", args.train_threshold), ("--val-threshold", args.val_threshold)):
         if not 0 < v <= 1:
             raise UserError(f"{name} {v}: an accuracy in (0, 1] (Power et al. 0.99, Liu et al. 0.9)")
@@ -410,8 +524,10 @@ def main(argv: list[str] | None = None) -> None:
         result = analyse(runs, hist, args.out, args.val_threshold, args.train_threshold, args.max_delay)
     except ValueError as e:
         raise UserError(str(e)) from None
-    print(f"omnigrok: {len(result['grokking'])} grokking runs (train acc >= {args.train_threshold:g}, test acc >= "
-          f"{args.val_threshold:g}), {len(result['landscape_runs'])} landscape runs. {result['data_note']}")
+    print(
+        f"omnigrok: {len(result['grokking'])} grokking runs (train acc >= {args.train_threshold:g}, test acc >= "
+        f"{args.val_threshold:g}), {len(result['landscape_runs'])} landscape runs. {result['data_note']}"
+    )
 
 
 def applies(runs: pd.DataFrame) -> bool:
@@ -420,15 +536,20 @@ def applies(runs: pd.DataFrame) -> bool:
     return has_task(runs, "mnist_omnigrok")
 
 
-def run(source: str, sweep: str | None, out: str) -> "Section":
+def run(source: str, sweep: str | None, out: str) -> Section:
     """The analysis.report hook (analysis/study.py): this module's CLI, then its outputs as a Section."""
     from analysis.study import Section, add_run_emergence, numbers, run_cli
 
     result, md, plots = run_cli(main, STUDY, source, sweep, out)
     tables = {k: pd.DataFrame(result[k]) for k in ("grokking", "landscape", "landscape_runs") if result[k]}
     ids = [r["id"] for r in result["grokking"] + result["landscape_runs"]]
-    summary = numbers({"lu_shape": result["lu_shape"], "n_grokking_runs": len(result["grokking"]),
-                       "n_landscape_runs": len(result["landscape"])})
+    summary = numbers(
+        {
+            "lu_shape": result["lu_shape"],
+            "n_grokking_runs": len(result["grokking"]),
+            "n_landscape_runs": len(result["landscape"]),
+        }
+    )
     grok_ids = [r["id"] for r in result["grokking"] if "id" in r]  # test accuracy beside test loss
     seeds = {r["id"]: r["seed"] for r in result["grokking"]}
     md = add_run_emergence(source, grok_ids, result["val_threshold"], md, tables, summary, seeds)

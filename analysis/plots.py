@@ -6,6 +6,7 @@ axes. Pure matplotlib (Agg); no harness import.
     count_axis(ax, "y", label="subtasks learned (count)")
     save(fig, "out/x.png")     # writes out/x.png and out/x.svg
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,7 @@ def log_axis(ax, which: str = "x", label: str | None = None, lo: float | None = 
     axis = ax.xaxis if which == "x" else ax.yaxis
     (ax.set_xscale if which == "x" else ax.set_yscale)("log")
     if lo is None or hi is None:
-        lo, hi = (ax.get_xlim() if which == "x" else ax.get_ylim())
+        lo, hi = ax.get_xlim() if which == "x" else ax.get_ylim()
     span = math.log10(hi / lo) if lo and hi and lo > 0 and hi > lo else 3.0
     subs = (1.0, 2.0, 5.0) if span < 2 else (1.0,)
     axis.set_major_locator(mticker.LogLocator(base=10, subs=subs, numticks=12))

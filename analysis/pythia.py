@@ -8,6 +8,7 @@ revisions): fits mean loss against non-embedding parameters, classifies each tok
 monogenic or polygenic, and finds the scale at which each token is learned. Writes DIR/pythia.json,
 DIR/scaling.png, DIR/tokens.png, DIR/checkpoints.png and DIR/report.md.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,12 @@ REFERENCE_ALPHA_N = 0.083  # Michaud et al., Pythia 19m .. 6.4b (v0), step143000
 
 def _options(p):
     t = tk.Thresholds()
-    p.add_argument("--mono-high", type=float, default=t.mono_high, help="monogenic: loss above this before the drop (nats)")
-    p.add_argument("--mono-low", type=float, default=t.mono_low, help="monogenic: loss below this from the drop on (nats)")
+    p.add_argument(
+        "--mono-high", type=float, default=t.mono_high, help="monogenic: loss above this before the drop (nats)"
+    )
+    p.add_argument(
+        "--mono-low", type=float, default=t.mono_low, help="monogenic: loss below this from the drop on (nats)"
+    )
     p.add_argument("--poly-slope", type=float, default=t.poly_slope, help="polygenic: slope of loss vs ln N below this")
     p.add_argument("--poly-r2", type=float, default=t.poly_r2, help="polygenic: R^2 of that line above this")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json for decoding (default: the runs' own)")
@@ -48,6 +53,7 @@ def _options(p):
 
 
 # -- runs -> models ------------------------------------------------------------------------------
+
 
 def _col(runs: pd.DataFrame, key: str) -> pd.Series:
     return runs[key] if key in runs else pd.Series([None] * len(runs), index=runs.index)
@@ -58,12 +64,17 @@ def select_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
     runs = runs[_col(runs, "config.task") == "pythia_eval"]
     if runs.empty:
         raise UserError("no pythia_eval runs in this source (or sweep)")
-    excluded = [{"id": r.id, "name": r.name, "state": r.state, "reason": f"run {r.state}"}
-                for r in runs.itertuples() if r.state != "finished"]
+    excluded = [
+        {"id": r.id, "name": r.name, "state": r.state, "reason": f"run {r.state}"}
+        for r in runs.itertuples()
+        if r.state != "finished"
+    ]
     bad = {(r["config.model.name"], r["config.model.revision"]) for _, r in runs.iterrows() if r["state"] != "finished"}
     keep = runs[[(n, v) not in bad for n, v in zip(runs["config.model.name"], runs["config.model.revision"])]]
     for _, r in runs[(runs["state"] == "finished") & ~runs.index.isin(keep.index)].iterrows():
-        excluded.append({"id": r["id"], "name": r["name"], "state": r["state"], "reason": "another shard of this model failed"})
+        excluded.append(
+            {"id": r["id"], "name": r["name"], "state": r["state"], "reason": "another shard of this model failed"}
+        )
     return keep, excluded
 
 
@@ -90,15 +101,19 @@ def models(runs: pd.DataFrame) -> pd.DataFrame:
         indices = set(g["config.data.shard_index"].astype(int)) if "config.data.shard_index" in g else {0}
         step = re.fullmatch(r"step(\d+)", str(rev))
         tokens = g["summary.eval/tokens"].astype(float)
-        rows.append({
-            "model": name, "revision": rev, "runs": list(g["id"]),
-            "params_nonembedding": float(g["summary.model/params_nonembedding"].iloc[0]),
-            "params": float(g["summary.model/params"].iloc[0]),
-            "step": int(step.group(1)) if step else None,
-            "mean_loss_summary": float((g["summary.eval/mean_loss"].astype(float) * tokens).sum() / tokens.sum()),
-            "tokens": int(tokens.sum()),
-            "complete_shards": len(shards) == 1 and indices == set(range(shards.pop())),
-        })
+        rows.append(
+            {
+                "model": name,
+                "revision": rev,
+                "runs": list(g["id"]),
+                "params_nonembedding": float(g["summary.model/params_nonembedding"].iloc[0]),
+                "params": float(g["summary.model/params"].iloc[0]),
+                "step": int(step.group(1)) if step else None,
+                "mean_loss_summary": float((g["summary.eval/mean_loss"].astype(float) * tokens).sum() / tokens.sum()),
+                "tokens": int(tokens.sum()),
+                "complete_shards": len(shards) == 1 and indices == set(range(shards.pop())),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -120,6 +135,7 @@ def axes(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 # -- fits ----------------------------------------------------------------------------------------
 
+
 def fit_mean_loss(n: np.ndarray, loss: np.ndarray, bootstrap: int) -> dict:
     """L(N) = E + A N^-alpha (Chinchilla approach 3, analysis.fits), and the plain log-log slope."""
     from analysis.fits import fit_power_law
@@ -130,15 +146,24 @@ def fit_mean_loss(n: np.ndarray, loss: np.ndarray, bootstrap: int) -> dict:
         out["fit_note"] = f"{len(n)} models: E + A N^-alpha needs >= 3"
         return out
     f = fit_power_law(n, loss, n_bootstrap=bootstrap)
-    out["fit"] = {"E": f.E, "A": f.A[0], "alpha": f.alpha[0], "n": f.n, "E_ci": f.E_ci,
-                  "A_ci": f.A_ci[0] if f.A_ci else None, "alpha_ci": f.alpha_ci[0] if f.alpha_ci else None}
+    out["fit"] = {
+        "E": f.E,
+        "A": f.A[0],
+        "alpha": f.alpha[0],
+        "n": f.n,
+        "E_ci": f.E_ci,
+        "A_ci": f.A_ci[0] if f.A_ci else None,
+        "alpha_ci": f.alpha_ci[0] if f.alpha_ci else None,
+    }
     return out
 
 
 # -- one axis ------------------------------------------------------------------------------------
 
-def analyse_axis(source: str, runs: pd.DataFrame, points: pd.DataFrame, scale_col: str, t: tk.Thresholds,
-                 decode, n_examples: int) -> dict:
+
+def analyse_axis(
+    source: str, runs: pd.DataFrame, points: pd.DataFrame, scale_col: str, t: tk.Thresholds, decode, n_examples: int
+) -> dict:
     """Align the points' per-token losses and classify every token (runs: indexed by run id)."""
     frames = []
     for _, p in points.iterrows():
@@ -152,9 +177,16 @@ def analyse_axis(source: str, runs: pd.DataFrame, points: pd.DataFrame, scale_co
     cls = tk.classify(losses[:, usable], scale[usable], t)
     mean = losses.mean(0)
     res = {
-        "points": [{**{k: _plain(v) for k, v in row.items() if k != "runs"}, "runs": row["runs"],
-                    "mean_loss_aligned": float(m)} for row, m in zip(points.to_dict("records"), mean)],
-        "n_tokens": int(len(index)), "n_docs": int(index["doc"].nunique()),
+        "points": [
+            {
+                **{k: _plain(v) for k, v in row.items() if k != "runs"},
+                "runs": row["runs"],
+                "mean_loss_aligned": float(m),
+            }
+            for row, m in zip(points.to_dict("records"), mean)
+        ],
+        "n_tokens": int(len(index)),
+        "n_docs": int(index["doc"].nunique()),
         "class_fractions": tk.fractions(cls["class"]),
         "class_counts": {c: int((cls["class"] == c).sum()) for c in tk.CLASSES},
         "drop_histogram": tk.emergence_histogram(cls["drop"].to_numpy(), scale[usable]),
@@ -169,13 +201,22 @@ def examples(index: pd.DataFrame, losses: np.ndarray, cls: pd.DataFrame, decode,
     mono = np.flatnonzero(cls["class"].to_numpy() == "monogenic")
     # Sharpest drops first: largest loss fall across the drop.
     fall = np.array([losses[i, cls["drop"].iat[i] - 1] - losses[i, cls["drop"].iat[i]] for i in mono])
-    picks = {"monogenic": mono[np.argsort(-fall)][:n] if len(mono) else mono,
-             "polygenic": np.flatnonzero(cls["class"].to_numpy() == "polygenic")}
+    picks = {
+        "monogenic": mono[np.argsort(-fall)][:n] if len(mono) else mono,
+        "polygenic": np.flatnonzero(cls["class"].to_numpy() == "polygenic"),
+    }
     picks["polygenic"] = picks["polygenic"][np.argsort(cls["slope"].to_numpy()[picks["polygenic"]])][:n]
     for name, rows in picks.items():
-        out[name] = [{**tk.context(index, int(i), decode), "losses": [round(float(x), 4) for x in losses[i]],
-                      "drop": int(cls["drop"].iat[i]), "slope": float(cls["slope"].iat[i]), "r2": float(cls["r2"].iat[i])}
-                     for i in rows]
+        out[name] = [
+            {
+                **tk.context(index, int(i), decode),
+                "losses": [round(float(x), 4) for x in losses[i]],
+                "drop": int(cls["drop"].iat[i]),
+                "slope": float(cls["slope"].iat[i]),
+                "r2": float(cls["r2"].iat[i]),
+            }
+            for i in rows
+        ]
     return out
 
 
@@ -233,7 +274,7 @@ def plot_size(res: dict, fit: dict, out: str) -> None:
     slope = fit.get("loglog_slope")
     if slope is not None:
         anchor = np.exp(np.mean(np.log(pts["mean_loss_aligned"])) - slope * np.mean(np.log(pts["params_nonembedding"])))
-        a.plot(n, anchor * n ** slope, ":", color="0.4", label=f"plain log-log fit, alpha={-slope:.3g}")
+        a.plot(n, anchor * n**slope, ":", color="0.4", label=f"plain log-log fit, alpha={-slope:.3g}")
     log_axis(a, "x", label="non-embedding parameters N")
     a.set_ylabel("mean loss (nats)")
     a.set_title(f"these models; reference (Pythia, Michaud et al.): alpha_N ~ {REFERENCE_ALPHA_N}", fontsize=8)
@@ -250,8 +291,13 @@ def plot_checkpoints(res: dict, out: str) -> None:
     later = pts[pts["step"] > 0]
     a.plot(later["step"], later["mean_loss_aligned"], "o-", label="mean per-token loss (one model)")
     for _, p in pts[pts["step"] <= 0].iterrows():  # step 0 has no place on a log axis: a level, labelled
-        a.axhline(p["mean_loss_aligned"], color="0.5", ls="--", lw=0.8,
-                  label=f"step 0 (initialisation): {p['mean_loss_aligned']:.2f}")
+        a.axhline(
+            p["mean_loss_aligned"],
+            color="0.5",
+            ls="--",
+            lw=0.8,
+            label=f"step 0 (initialisation): {p['mean_loss_aligned']:.2f}",
+        )
     log_axis(a, "x", label="training step")
     a.set_ylabel("mean loss (nats)")
     legend_outside(a)
@@ -267,8 +313,11 @@ def _examples_md(ex: dict) -> list[str]:
         if not items:
             lines.append(f"No {c} tokens at these thresholds.\n")
             continue
-        lines += [f"**{c}** (context, then the [token]; losses from the smallest model / earliest step):\n",
-                  "| doc:pos | context [token] | losses (nats) |", "|---|---|---|"]
+        lines += [
+            f"**{c}** (context, then the [token]; losses from the smallest model / earliest step):\n",
+            "| doc:pos | context [token] | losses (nats) |",
+            "|---|---|---|",
+        ]
         for e in items:
             text = (e["context"][-80:] + f"[{e['token']}]").replace("|", "\\|").replace("\n", "⏎")
             lines.append(f"| {e['doc']}:{e['pos']} | `{text}` | {', '.join(f'{x:.2f}' for x in e['losses'])} |")
@@ -278,23 +327,35 @@ def _examples_md(ex: dict) -> list[str]:
 
 def report(result: dict) -> str:
     t = result["thresholds"]
-    lines = [f"# Token-level scaling ({result['source']}" + (f", sweep {result['sweep']}" if result["sweep"] else "") + ")\n",
-             f"Thresholds: monogenic = loss > {t['mono_high']} nats for every smaller model and < {t['mono_low']} "
-             f"from the drop on; polygenic = slope of loss vs ln N < {t['poly_slope']} with R^2 > {t['poly_r2']}.\n"]
+    lines = [
+        f"# Token-level scaling ({result['source']}"
+        + (f", sweep {result['sweep']}" if result["sweep"] else "")
+        + ")\n",
+        f"Thresholds: monogenic = loss > {t['mono_high']} nats for every smaller model and < {t['mono_low']} "
+        f"from the drop on; polygenic = slope of loss vs ln N < {t['poly_slope']} with R^2 > {t['poly_r2']}.\n",
+    ]
     if result["excluded"]:
         lines.append("Excluded runs: " + ", ".join(f"{e['id']} ({e['reason']})" for e in result["excluded"]) + "\n")
     for axis, title in (("size", "Model size"), ("checkpoints", "Training checkpoints")):
         res = result.get(axis)
         if not res:
-            lines.append(f"## {title}\n\nNo {axis} axis in these runs (needs >= 2 models at one revision, or "
-                         "one model at >= 2 stepN revisions).\n")
+            lines.append(
+                f"## {title}\n\nNo {axis} axis in these runs (needs >= 2 models at one revision, or "
+                "one model at >= 2 stepN revisions).\n"
+            )
             continue
-        lines += [f"## {title}\n", f"{res['n_tokens']} tokens in {res['n_docs']} documents, aligned across "
-                  f"{len(res['points'])} {'models' if axis == 'size' else 'checkpoints'}.\n",
-                  "| model | revision | non-emb. params | mean loss (aligned) | tokens (summary) |", "|---|---|---|---|---|"]
+        lines += [
+            f"## {title}\n",
+            f"{res['n_tokens']} tokens in {res['n_docs']} documents, aligned across "
+            f"{len(res['points'])} {'models' if axis == 'size' else 'checkpoints'}.\n",
+            "| model | revision | non-emb. params | mean loss (aligned) | tokens (summary) |",
+            "|---|---|---|---|---|",
+        ]
         for p in res["points"]:
-            lines.append(f"| {os.path.basename(str(p['model']).rstrip('/'))} | {p['revision']} | {p['params_nonembedding']:.4g} "
-                         f"| {p['mean_loss_aligned']:.4f} | {p['tokens']} |")
+            lines.append(
+                f"| {os.path.basename(str(p['model']).rstrip('/'))} | {p['revision']} | {p['params_nonembedding']:.4g} "
+                f"| {p['mean_loss_aligned']:.4f} | {p['tokens']} |"
+            )
         lines.append("")
         if axis == "size":
             f = res["fit"]
@@ -302,28 +363,44 @@ def report(result: dict) -> str:
             if f.get("fit"):
                 ff = f["fit"]
                 ci = lambda v: f" [{v[0]:.4g}, {v[1]:.4g}]" if v else ""  # noqa: E731
-                lines.append(f"Fit L = E + A N^-alpha ({ff['n']} models, 95% bootstrap intervals): "
-                             f"alpha_N = {ff['alpha']:.4f}{ci(ff['alpha_ci'])}, E = {ff['E']:.4f}{ci(ff['E_ci'])}, "
-                             f"A = {ff['A']:.4g}{ci(ff['A_ci'])}.")
+                lines.append(
+                    f"Fit L = E + A N^-alpha ({ff['n']} models, 95% bootstrap intervals): "
+                    f"alpha_N = {ff['alpha']:.4f}{ci(ff['alpha_ci'])}, E = {ff['E']:.4f}{ci(ff['E_ci'])}, "
+                    f"A = {ff['A']:.4g}{ci(ff['A_ci'])}."
+                )
             else:
                 lines.append(f["fit_note"] + ".")
             lines.append(f"Reference (Pythia, Michaud et al.): alpha_N ~ {REFERENCE_ALPHA_N}. Plot: scaling.png.\n")
         else:
             lines.append("Plot: checkpoints.png.\n")
         fr, cn = res["class_fractions"], res["class_counts"]
-        lines += ["| class | tokens | fraction |", "|---|---|---|"] + [
-            f"| {c} | {cn[c]} | {fr[c]:.4f} |" for c in tk.CLASSES] + [""]
+        lines += (
+            ["| class | tokens | fraction |", "|---|---|---|"]
+            + [f"| {c} | {cn[c]} | {fr[c]:.4f} |" for c in tk.CLASSES]
+            + [""]
+        )
         hist = ", ".join(f"{h['scale']:.4g}: {h['count']}" for h in res["drop_histogram"] if h["scale"] is not None)
-        learned = ", ".join(f"{h['scale']:.4g}: {h['count']}" for h in res["learned_histogram"] if h["scale"] is not None)
-        lines += [f"Monogenic drops at each scale: {hist or 'none'}.",
-                  f"Tokens learned (loss < {t['mono_low']} from this scale on) at each scale: {learned}; never: "
-                  f"{res['learned_histogram'][-1]['count']}.\n"]
+        learned = ", ".join(
+            f"{h['scale']:.4g}: {h['count']}" for h in res["learned_histogram"] if h["scale"] is not None
+        )
+        lines += [
+            f"Monogenic drops at each scale: {hist or 'none'}.",
+            f"Tokens learned (loss < {t['mono_low']} from this scale on) at each scale: {learned}; never: "
+            f"{res['learned_histogram'][-1]['count']}.\n",
+        ]
         lines += _examples_md(res["examples"])
     return "\n".join(lines) + "\n"
 
 
-def analyse(source: str, sweep: str | None, t: tk.Thresholds, tokenizer: str | None, n_examples: int,
-            bootstrap: int, out_dir: str) -> dict:
+def analyse(
+    source: str,
+    sweep: str | None,
+    t: tk.Thresholds,
+    tokenizer: str | None,
+    n_examples: int,
+    bootstrap: int,
+    out_dir: str,
+) -> dict:
     from harness import runstore
 
     try:
@@ -334,15 +411,25 @@ def analyse(source: str, sweep: str | None, t: tk.Thresholds, tokenizer: str | N
     table = models(runs)
     found = axes(table)
     if not found:
-        raise UserError(f"{len(table)} model(s) found: need >= 2 models at one revision or one model at >= 2 stepN revisions")
+        raise UserError(
+            f"{len(table)} model(s) found: need >= 2 models at one revision or one model at >= 2 stepN revisions"
+        )
     decode = decoder(runs, tokenizer)
-    result = {"source": source, "sweep": sweep, "thresholds": t.__dict__, "excluded": excluded,
-              "models": table.to_dict("records"), "reference_alpha_N": REFERENCE_ALPHA_N}
+    result = {
+        "source": source,
+        "sweep": sweep,
+        "thresholds": t.__dict__,
+        "excluded": excluded,
+        "models": table.to_dict("records"),
+        "reference_alpha_N": REFERENCE_ALPHA_N,
+    }
     os.makedirs(out_dir, exist_ok=True)
     if "size" in found:
         res = analyse_axis(source, by_id, found["size"], "params_nonembedding", t, decode, n_examples)
         pts = pd.DataFrame(res["points"])
-        res["fit"] = fit_mean_loss(pts["params_nonembedding"].to_numpy(float), pts["mean_loss_aligned"].to_numpy(float), bootstrap)
+        res["fit"] = fit_mean_loss(
+            pts["params_nonembedding"].to_numpy(float), pts["mean_loss_aligned"].to_numpy(float), bootstrap
+        )
         plot_size(res, res["fit"], out_dir)
         result["size"] = res
     if "checkpoints" in found:
@@ -368,7 +455,7 @@ def applies(runs: pd.DataFrame) -> bool:
     return has_task(runs, "pythia_eval")
 
 
-def run(source: str, sweep: str | None, out: str) -> "Section":
+def run(source: str, sweep: str | None, out: str) -> Section:
     """The analysis.report hook (analysis/study.py): this module's CLI, then its outputs as a Section."""
     from analysis.study import Section, numbers, run_cli
 
@@ -377,8 +464,16 @@ def run(source: str, sweep: str | None, out: str) -> "Section":
     for axis in ("size", "checkpoints"):
         if result.get(axis):
             tables[f"{axis}_points"] = pd.DataFrame(result[axis]["points"])
-            summary.update(numbers({axis: {"class_fractions": result[axis]["class_fractions"],
-                                           "fit": (result[axis].get("fit") or {}).get("fit") or {}}}))
+            summary.update(
+                numbers(
+                    {
+                        axis: {
+                            "class_fractions": result[axis]["class_fractions"],
+                            "fit": (result[axis].get("fit") or {}).get("fit") or {},
+                        }
+                    }
+                )
+            )
     ids = [i for m in result["models"] for i in m["runs"]]
     return Section(STUDY, "Token-level scaling (Pythia)", md, out, plots, tables, summary, ids)
 

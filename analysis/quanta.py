@@ -8,6 +8,7 @@ for language models the largest clusters with example contexts, the predicted to
 for planted quanta (sparse parity) the adjusted Rand index and purity against the true subtasks and
 a confusion table of clusters x subtasks. Writes DIR/quanta.json, the plots and DIR/report.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,9 @@ ARTIFACT = "quanta"
 def _options(p):
     p.add_argument("--examples", type=int, default=6, help="example contexts per cluster (LMs)")
     p.add_argument("--clusters", type=int, default=8, help="largest clusters shown (LMs) / rows of the confusion table")
-    p.add_argument("--count", type=int, default=0, help="cluster count for examples and tables (0: the one nearest 400)")
+    p.add_argument(
+        "--count", type=int, default=0, help="cluster count for examples and tables (0: the one nearest 400)"
+    )
 
 
 def _files(source: str, run: pd.Series) -> dict[str, str]:
@@ -51,7 +54,9 @@ def _files(source: str, run: pd.Series) -> dict[str, str]:
     return out
 
 
-def analyse_run(files: dict[str, str], run: pd.Series, count: int = 0, n_clusters_shown: int = 8, n_examples: int = 6) -> dict:
+def analyse_run(
+    files: dict[str, str], run: pd.Series, count: int = 0, n_clusters_shown: int = 8, n_examples: int = 6
+) -> dict:
     samples = pd.read_parquet(files["samples.parquet"])
     clusters = pd.read_parquet(files["clusters.parquet"])
     meta = json.load(open(files["result.json"]))
@@ -61,10 +66,18 @@ def analyse_run(files: dict[str, str], run: pd.Series, count: int = 0, n_cluster
     labels = {k: clusters[clusters["n_clusters"] == k].sort_values("sample")["label"].to_numpy() for k in counts}
     per = {k: qs.sizes(v) for k, v in labels.items()}
     env = qs.envelope(list(per.values()))
-    out = {"id": run["id"], "name": run.get("name"), "kind": meta.get("kind"), "signed": meta.get("signed"),
-           "n_samples": int(len(samples)), "counts": counts,
-           "per_count": {str(k): {"sizes": per[k].tolist()} for k in counts},
-           "envelope": env.tolist(), "fit": qs.fit_slope(env, fit_min, fit_max), "reference_slope": qs.REFERENCE_SLOPE}
+    out = {
+        "id": run["id"],
+        "name": run.get("name"),
+        "kind": meta.get("kind"),
+        "signed": meta.get("signed"),
+        "n_samples": int(len(samples)),
+        "counts": counts,
+        "per_count": {str(k): {"sizes": per[k].tolist()} for k in counts},
+        "envelope": env.tolist(),
+        "fit": qs.fit_slope(env, fit_min, fit_max),
+        "reference_slope": qs.REFERENCE_SLOPE,
+    }
     show = count if count in labels else min(counts, key=lambda k: abs(k - 400))
     out["shown_count"] = show
     if "subtask" in samples:
@@ -75,15 +88,27 @@ def analyse_run(files: dict[str, str], run: pd.Series, count: int = 0, n_cluster
         out["best"] = {"n_clusters": best, **{m: out["per_count"][str(best)][m] for m in ("ari", "purity")}}
         out["n_subtasks"] = int(len(np.unique(true)))
         cl, subs, table = qs.confusion(true, labels[best])
-        out["confusion"] = {"n_clusters": best, "clusters": cl.tolist(), "subtasks": subs.tolist(), "counts": table.tolist()}
+        out["confusion"] = {
+            "n_clusters": best,
+            "clusters": cl.tolist(),
+            "subtasks": subs.tolist(),
+            "counts": table.tolist(),
+        }
     if "context" in samples:
         lab = labels[show]
         top = []
         for c in [int(c) for c in pd.Series(lab).value_counts().index[:n_clusters_shown]]:
             rows = samples[lab == c].head(n_examples)
-            top.append({"cluster": c, "size": int((lab == c).sum()),
-                        "examples": [{"context": r.context, "target": r.target, "doc": int(r.doc), "pos": int(r.pos)}
-                                     for r in rows.itertuples()]})
+            top.append(
+                {
+                    "cluster": c,
+                    "size": int((lab == c).sum()),
+                    "examples": [
+                        {"context": r.context, "target": r.target, "doc": int(r.doc), "pos": int(r.pos)}
+                        for r in rows.itertuples()
+                    ],
+                }
+            )
         out["top_clusters"] = top
     return out
 
@@ -101,11 +126,22 @@ def plot_run(r: dict, out: str) -> str:
     f = r["fit"]
     if np.isfinite(f["slope"]):
         x = np.arange(f["rank_min"], f["rank_max"] + 1)
-        ax.plot(x, np.exp(f["intercept"]) * x ** f["slope"], color="red",
-                label=f"fit ranks {f['rank_min']}-{f['rank_max']}: {f['slope']:.2f} [{f['slope_lo']:.2f}, {f['slope_hi']:.2f}]")
-    ax.plot(ranks, env[0] * ranks ** qs.REFERENCE_SLOPE, color="black", ls=":", label=f"reference slope {qs.REFERENCE_SLOPE}")
-    ax.set(xscale="log", yscale="log", xlabel="cluster rank", ylabel="cluster size (samples)",
-           title=f"rank-frequency, run {r['id']} ({r['n_samples']} samples)")
+        ax.plot(
+            x,
+            np.exp(f["intercept"]) * x ** f["slope"],
+            color="red",
+            label=f"fit ranks {f['rank_min']}-{f['rank_max']}: {f['slope']:.2f} [{f['slope_lo']:.2f}, {f['slope_hi']:.2f}]",
+        )
+    ax.plot(
+        ranks, env[0] * ranks**qs.REFERENCE_SLOPE, color="black", ls=":", label=f"reference slope {qs.REFERENCE_SLOPE}"
+    )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="cluster rank",
+        ylabel="cluster size (samples)",
+        title=f"rank-frequency, run {r['id']} ({r['n_samples']} samples)",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(out, f"rank_frequency_{r['id']}.png")
@@ -119,29 +155,44 @@ def _md_escape(text: str) -> str:
 
 
 def report(result: dict, source: str, sweep: str | None, plots: dict[str, str]) -> str:
-    lines = ["# Quanta discovery from gradients\n",
-             f"Source: `{source}`" + (f", sweep `{sweep}`" if sweep else "") + f"; {len(result['runs'])} runs. Reference "
-             f"rank-frequency slope {qs.REFERENCE_SLOPE} (the paper's figure; its envelope fit gave about -1.24).\n"]
+    lines = [
+        "# Quanta discovery from gradients\n",
+        f"Source: `{source}`" + (f", sweep `{sweep}`" if sweep else "") + f"; {len(result['runs'])} runs. Reference "
+        f"rank-frequency slope {qs.REFERENCE_SLOPE} (the paper's figure; its envelope fit gave about -1.24).\n",
+    ]
     for r in result["runs"]:
         f = r["fit"]
-        lines.append(f"## Run {r['id']} ({r['name']}): {r['kind']}, {r['n_samples']} samples, "
-                     f"{'signed' if r['signed'] else 'sign-invariant'} similarity\n")
-        lines.append(f"Cluster counts {r['counts']}. Envelope slope over ranks {f['rank_min']}-{f['rank_max']} "
-                     f"({f['n_ranks']} ranks): {f['slope']:.3f} [{f['slope_lo']:.3f}, {f['slope_hi']:.3f}]\n")
+        lines.append(
+            f"## Run {r['id']} ({r['name']}): {r['kind']}, {r['n_samples']} samples, "
+            f"{'signed' if r['signed'] else 'sign-invariant'} similarity\n"
+        )
+        lines.append(
+            f"Cluster counts {r['counts']}. Envelope slope over ranks {f['rank_min']}-{f['rank_max']} "
+            f"({f['n_ranks']} ranks): {f['slope']:.3f} [{f['slope_lo']:.3f}, {f['slope_hi']:.3f}]\n"
+        )
         lines.append(f"![rank-frequency]({os.path.basename(plots[r['id']])})\n")
         if "best" in r:
             lines.append("| clusters | ARI | purity |\n|---|---|---|")
-            lines += [f"| {k} | {r['per_count'][str(k)]['ari']:.3f} | {r['per_count'][str(k)]['purity']:.3f} |" for k in r["counts"]]
+            lines += [
+                f"| {k} | {r['per_count'][str(k)]['ari']:.3f} | {r['per_count'][str(k)]['purity']:.3f} |"
+                for k in r["counts"]
+            ]
             c = r["confusion"]
-            lines.append(f"\nConfusion table at {c['n_clusters']} clusters (rows: clusters by size; columns: true subtasks):\n")
+            lines.append(
+                f"\nConfusion table at {c['n_clusters']} clusters (rows: clusters by size; columns: true subtasks):\n"
+            )
             lines.append("| cluster | " + " | ".join(f"subtask {s}" for s in c["subtasks"]) + " |")
             lines.append("|---" * (len(c["subtasks"]) + 1) + "|")
-            lines += [f"| {cl} | " + " | ".join(str(v) for v in row) + " |" for cl, row in zip(c["clusters"], c["counts"])]
+            lines += [
+                f"| {cl} | " + " | ".join(str(v) for v in row) + " |" for cl, row in zip(c["clusters"], c["counts"])
+            ]
             lines.append("")
         for t in r.get("top_clusters", []):
             lines.append(f"### Cluster {t['cluster']} ({t['size']} tokens, {r['shown_count']} clusters)\n")
             for e in t["examples"]:
-                lines.append(f"- `…{_md_escape(e['context'][-160:])}`**<mark>{_md_escape(e['target'])}</mark>** (doc {e['doc']}, pos {e['pos']})")
+                lines.append(
+                    f"- `…{_md_escape(e['context'][-160:])}`**<mark>{_md_escape(e['target'])}</mark>** (doc {e['doc']}, pos {e['pos']})"
+                )
             lines.append("")
     if result["excluded"]:
         lines.append("## Runs not analysed\n")
@@ -149,17 +200,24 @@ def report(result: dict, source: str, sweep: str | None, plots: dict[str, str]) 
     return "\n".join(lines) + "\n"
 
 
-def analyse(source: str, sweep: str | None, out: str, count: int = 0, clusters: int = 8, examples: int = 6) -> tuple[dict, dict, str]:
+def analyse(
+    source: str, sweep: str | None, out: str, count: int = 0, clusters: int = 8, examples: int = 6
+) -> tuple[dict, dict, str]:
     from harness.runstore import load_runs
 
     runs = task_runs(load_runs(source, sweep=sweep), TASK)
     if runs.empty:
         raise UserError(f"no {TASK} runs in {source}" + (f" (sweep {sweep})" if sweep else ""))
-    excluded = [{"id": r["id"], "name": r["name"], "reason": f"run {r['state']}"} for _, r in runs.iterrows()
-                if r["state"] != "finished"]
+    excluded = [
+        {"id": r["id"], "name": r["name"], "reason": f"run {r['state']}"}
+        for _, r in runs.iterrows()
+        if r["state"] != "finished"
+    ]
     done = runs[runs["state"] == "finished"]
     if done.empty:
-        raise UserError(f"no finished {TASK} run in {source}: {', '.join(e['id'] + ' ' + e['reason'] for e in excluded)}")
+        raise UserError(
+            f"no finished {TASK} run in {source}: {', '.join(e['id'] + ' ' + e['reason'] for e in excluded)}"
+        )
     os.makedirs(out, exist_ok=True)
     result = {"runs": [], "excluded": excluded, "reference_slope": qs.REFERENCE_SLOPE}
     plots = {}
@@ -184,8 +242,16 @@ def run(source: str, sweep: str | None, out: str) -> Section:
     result, plots, md = analyse(source, sweep, out)
     fitted = {f"{r['id']}/slope": r["fit"]["slope"] for r in result["runs"]}
     fitted.update({f"{r['id']}/ari": r["best"]["ari"] for r in result["runs"] if "best" in r})
-    return Section(STUDY, "Quanta discovery from gradients", md, out, list(plots.values()), {},
-                   numbers(fitted), [r["id"] for r in result["runs"]])
+    return Section(
+        STUDY,
+        "Quanta discovery from gradients",
+        md,
+        out,
+        list(plots.values()),
+        {},
+        numbers(fitted),
+        [r["id"] for r in result["runs"]],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

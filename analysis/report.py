@@ -9,6 +9,7 @@ writes DIR/report.md and a self-contained DIR/report.html (PNGs embedded, SVG tw
 config lists the analysed run ids, holding the plots as images, the fit points as tables and the
 fitted numbers in its summary; offline it is written into SOURCE's wandb directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("source", help="W&B path entity/project, or a local wandb directory")
     p.add_argument("--sweep", default=None, help="sweep id to select runs from")
     p.add_argument("--out", default="out/report", help="output directory")
-    p.add_argument("--log", action=argparse.BooleanOptionalAction, default=None,
-                   help="log each analysis as a W&B run of job_type analysis (default: on when W&B is online)")
+    p.add_argument(
+        "--log",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="log each analysis as a W&B run of job_type analysis (default: on when W&B is online)",
+    )
     p.add_argument("--studies", default=None, help="comma-separated study names to run (default: all that apply)")
     return p.parse_args(argv)
 
@@ -74,8 +79,9 @@ def rebase(md: str, prefix: str) -> str:
     """A study's report.md inside the combined one: headings one level down, relative links under
     the study's directory."""
     md = re.sub(r"^(#{1,5}) ", r"#\1 ", md, flags=re.M)
-    return IMG.sub(lambda m: m.group(0) if re.match(r"^(\w+:|/)", m.group(2))
-                   else f"![{m.group(1)}]({prefix}/{m.group(2)})", md)
+    return IMG.sub(
+        lambda m: m.group(0) if re.match(r"^(\w+:|/)", m.group(2)) else f"![{m.group(1)}]({prefix}/{m.group(2)})", md
+    )
 
 
 def overview(sections: list[Section], out: str) -> str | None:
@@ -103,11 +109,18 @@ def overview(sections: list[Section], out: str) -> str | None:
     return path
 
 
-def combine(sections: list[Section], problems: list[str], source: str, sweep: str | None, out: str,
-            runs_by_task: dict) -> str:
-    lines = ["# Analysis report", "",
-             f"Source `{source}`" + (f", sweep `{sweep}`" if sweep else "") + f"; written {time.strftime('%Y-%m-%d %H:%M')}.",
-             "Runs by task: " + (", ".join(f"{t} {n}" for t, n in runs_by_task.items()) or "none") + ".", ""]
+def combine(
+    sections: list[Section], problems: list[str], source: str, sweep: str | None, out: str, runs_by_task: dict
+) -> str:
+    lines = [
+        "# Analysis report",
+        "",
+        f"Source `{source}`"
+        + (f", sweep `{sweep}`" if sweep else "")
+        + f"; written {time.strftime('%Y-%m-%d %H:%M')}.",
+        "Runs by task: " + (", ".join(f"{t} {n}" for t, n in runs_by_task.items()) or "none") + ".",
+        "",
+    ]
     lines += [f"- [{s.title}](#{_anchor(s.title)})" for s in sections]
     if any(s.plots for s in sections):
         lines += ["", "![overview.png](overview.png)"]
@@ -200,8 +213,9 @@ def _parser(out: str, allowed: set[str]):
         if os.path.isfile(svg):
             rel = os.path.relpath(svg, os.path.realpath(out)).replace(os.sep, "/")
             link = f' (<a href="{html.escape(rel, quote=True)}">SVG</a>)'
-        return (f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{alt}{link}</figcaption></figure>")
+        return (
+            f'<figure><img alt="{alt}" src="data:image/png;base64,{data}"><figcaption>{alt}{link}</figcaption></figure>'
+        )
 
     def heading_open(self, tokens, idx, options, env) -> str:
         anchor = _anchor(tokens[idx + 1].content) if idx + 1 < len(tokens) else ""
@@ -217,15 +231,20 @@ def to_html(md: str, out: str, title: str = "Analysis report", images: list[str]
     markdown shows them); any other image is dropped (its alt text kept)."""
     allowed = {os.path.realpath(p) for p in images or []}
     body = _parser(out, allowed).render(md)
-    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em;line-height:1.4}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:90%}td,th{border:1px solid #ccc;padding:2px 6px}"
-             "img{max-width:100%}figure{margin:1em 0}code{background:#f4f4f4}")
-    return (f'<!doctype html><html><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-            f"<title>{html.escape(title)}</title><style>{style}</style></head><body>\n{body}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em;line-height:1.4}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:90%}td,th{border:1px solid #ccc;padding:2px 6px}"
+        "img{max-width:100%}figure{margin:1em 0}code{background:#f4f4f4}"
+    )
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        f"<title>{html.escape(title)}</title><style>{style}</style></head><body>\n{body}</body></html>\n"
+    )
 
 
 # ---------------------------------------------------------------- W&B
+
 
 def _wandb_root(source: str) -> str | None:
     """Where wandb.init(dir=...) puts the analysis run: beside the runs it read, when local."""
@@ -264,11 +283,24 @@ def log_section(sec: Section, source: str, sweep: str | None, runs, mode: str) -
     project = source.split("/")[1] if remote else (projects.most_common(1)[0][0] if projects else "quanta-harness")
     root = _wandb_root(source)
     run = wandb.init(
-        project=project, entity=source.split("/")[0] if remote else None, job_type="analysis",
-        name=f"analysis-{sec.study}", group=sweep, mode=mode, dir=root, tags=["analysis", sec.study],
-        config={"study": sec.study, "source": source, "sweep": sweep, "analysed_runs": list(sec.run_ids),
-                "n_analysed_runs": len(sec.run_ids)},
-        settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True), reinit="finish_previous")
+        project=project,
+        entity=source.split("/")[0] if remote else None,
+        job_type="analysis",
+        name=f"analysis-{sec.study}",
+        group=sweep,
+        mode=mode,
+        dir=root,
+        tags=["analysis", sec.study],
+        config={
+            "study": sec.study,
+            "source": source,
+            "sweep": sweep,
+            "analysed_runs": list(sec.run_ids),
+            "n_analysed_runs": len(sec.run_ids),
+        },
+        settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True),
+        reinit="finish_previous",
+    )
     if remote and mode == "online":
         # Lineage in the W&B graph: the analysed runs' artifacts (curves, models, per-token losses) as inputs.
         api = wandb.Api()
@@ -286,8 +318,9 @@ def log_section(sec: Section, source: str, sweep: str | None, runs, mode: str) -
             big[name] = df
     run.log(payload)
     if big:
-        art = wandb.Artifact(f"analysis-{sec.study}-{run.id}", type="analysis",
-                             metadata={"tables": {k: len(v) for k, v in big.items()}})
+        art = wandb.Artifact(
+            f"analysis-{sec.study}-{run.id}", type="analysis", metadata={"tables": {k: len(v) for k, v in big.items()}}
+        )
         for name, df in big.items():
             path = os.path.join(sec.out, f"{name}.table.parquet")
             df.to_parquet(path, index=False)
@@ -301,6 +334,7 @@ def log_section(sec: Section, source: str, sweep: str | None, runs, mode: str) -
 
 
 # ---------------------------------------------------------------- main
+
 
 def build(source: str, sweep: str | None, out: str, log: bool | None = None, studies: str | None = None) -> dict:
     from harness import runstore
@@ -332,12 +366,18 @@ def build(source: str, sweep: str | None, out: str, log: bool | None = None, stu
             traceback.print_exc()
             continue
         # CPU time beside wall time: on a shared machine the wall time measures the load as well
-        print(f"report: {sec.study} done ({time.time() - t:.1f} s, CPU {time.process_time() - cpu:.1f} s)", file=sys.stderr)
+        print(
+            f"report: {sec.study} done ({time.time() - t:.1f} s, CPU {time.process_time() - cpu:.1f} s)",
+            file=sys.stderr,
+        )
         sections.append(sec)
     if not sections and not problems:
-        raise UserError(f"no study applies to the {len(runs)} runs in {source}"
-                        + (f" (sweep {sweep})" if sweep else "") + f"; tasks found: {dict(tasks) or 'none'}; "
-                        f"studies: {', '.join(study_name(m) for m in modules)}")
+        raise UserError(
+            f"no study applies to the {len(runs)} runs in {source}"
+            + (f" (sweep {sweep})" if sweep else "")
+            + f"; tasks found: {dict(tasks) or 'none'}; "
+            f"studies: {', '.join(study_name(m) for m in modules)}"
+        )
     head = overview(sections, out)
     md = combine(sections, problems, source, sweep, out, dict(tasks))
     with open(os.path.join(out, "report.md"), "w") as f:
@@ -352,14 +392,18 @@ def build(source: str, sweep: str | None, out: str, log: bool | None = None, stu
             for sec in sections:
                 t = time.time()
                 logged[sec.study] = log_section(sec, source, sweep, runs, "offline" if mode == "dryrun" else mode)
-                print(f"report: logged {sec.study} as analysis run {logged[sec.study]} ({time.time() - t:.1f} s)",
-                      file=sys.stderr)
+                print(
+                    f"report: logged {sec.study} as analysis run {logged[sec.study]} ({time.time() - t:.1f} s)",
+                    file=sys.stderr,
+                )
         finally:
             # run.finish() returns before wandb-core has written the exit record; teardown waits for
             # it (as harness.training.train._finish does), so the runs are complete when this returns
             wandb.teardown()
-    print(f"report: wrote {out}/report.md and {out}/report.html ({len(sections)} studies, "
-          f"{time.time() - t0:.1f} s)", file=sys.stderr)
+    print(
+        f"report: wrote {out}/report.md and {out}/report.html ({len(sections)} studies, {time.time() - t0:.1f} s)",
+        file=sys.stderr,
+    )
     return {"sections": sections, "problems": problems, "failed": failed, "logged": logged}
 
 

@@ -12,6 +12,7 @@ each with _ci; E, A, the theory alpha, warnings, per run its seed and the subtas
 DIR/quanta_vs_params.png, DIR/loss_vs_params.png, DIR/learned_vs_params.png (analysis.scaling_plots,
 in bits) and DIR/report.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.common import final_metric_column, main_guard, parse_args, write_outputs
-from analysis.design import N_KEY, design_alpha, design_alpha_ci, design_frequencies, predicted_loss, run_frequencies
+from analysis.design import N_KEY, design_alpha, design_alpha_ci, design_frequencies, predicted_loss
 from analysis.fit_checks import few_x, offset_on_bound, still_learning, still_learning_warning
 from analysis.fits import FitError, fit_loglog, fit_power_law
 from analysis.study import Section, has_task, numbers, task_runs
@@ -38,8 +39,10 @@ def select_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     need = [X_KEY, y_key]
     missing = [k for k in need if k not in runs.columns]
     if missing or not len(runs):
-        raise UserError(f"no sparse-parity runs with {', '.join(need)} in this source "
-                        f"({len(runs)} runs; missing columns: {', '.join(missing) or 'none'})")
+        raise UserError(
+            f"no sparse-parity runs with {', '.join(need)} in this source "
+            f"({len(runs)} runs; missing columns: {', '.join(missing) or 'none'})"
+        )
     ok = (runs["state"] == "finished") & runs[X_KEY].notna() & runs[y_key].notna()
     return runs[ok].copy(), runs[~ok].copy()
 
@@ -81,29 +84,22 @@ def subtask_learning(curves: pd.DataFrame | None, good: pd.DataFrame) -> dict[st
         ever = [int(i) for i in wide.columns[(wide < thr).any(axis=0).to_numpy()]]
         end = [int(i) for i in wide.columns[(wide.iloc[-1] < thr).to_numpy()]]
         first = {int(i): int(wide.index[(wide[i] < thr).to_numpy()][0]) for i in ever}
-        out[rid] = {"learned": ever, "below_end": end, "first_step": first,
-                    "final_loss": wide.iloc[-1].to_numpy(float).tolist(),
-                    "top_ranks": ever == list(range(len(ever)))}  # learned = the most frequent ones
+        out[rid] = {
+            "learned": ever,
+            "below_end": end,
+            "first_step": first,
+            "final_loss": wide.iloc[-1].to_numpy(float).tolist(),
+            "top_ranks": ever == list(range(len(ever))),
+        }  # learned = the most frequent ones
     return out
-
-
-def convergence_slope(first_step: dict[int, int], run: pd.Series) -> float | None:
-    """Slope of log(step a subtask is first learned) against log(its frequency p_t), over the subtasks
-    learned after step 0 (>= 3 needed). The quantization model predicts ~ -1 (steps ~ 1/p_t).
-    p_t ~ (t + offset)^-(zipf_alpha + 1), t = 1..n_tasks, from the run's config."""
-    pts = [(i, t) for i, t in first_step.items() if t > 0]
-    p = run_frequencies(run)
-    if p is None or len(pts) < 3:
-        return None
-    i, t = np.array(pts, float).T
-    return float(np.polyfit(np.log(p[i.astype(int)]), np.log(t), 1)[0])
 
 
 SEED_KEY = "config.seed"
 
 
-def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, curves: pd.DataFrame | None = None,
-            history: pd.DataFrame | None = None) -> dict:
+def analyze(
+    runs: pd.DataFrame, n_bootstrap: int = 200, curves: pd.DataFrame | None = None, history: pd.DataFrame | None = None
+) -> dict:
     """Fit alpha_N over the finished runs of one data budget and one Zipf exponent; beside it the
     quantization model's prediction for this design (analysis.design) and the asymptotic alpha.
 
@@ -113,17 +109,21 @@ def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, curves: pd.DataFrame | N
     still-learning check; None skips it."""
     good, bad = select_runs(runs)
     if len(good) < 3:
-        raise UserError(f"need >= 3 finished runs to fit a scaling law, found {len(good)} "
-                        f"(states: {runs['state'].value_counts().to_dict()})")
+        raise UserError(
+            f"need >= 3 finished runs to fit a scaling law, found {len(good)} "
+            f"(states: {runs['state'].value_counts().to_dict()})"
+        )
     good, other_data = split_by_data(good)
     good, _, alphas = one_alpha(good)
     n_sizes = good[X_KEY].nunique()
     if n_sizes < 3:
         Ds = sorted({int(d) for d in pd.to_numeric(runs.get(D_KEY, pd.Series(dtype=float)), errors="coerce").dropna()})
-        raise UserError(f"need >= 3 model sizes at one data budget to fit alpha_N, found {n_sizes} at "
-                        f"D = {_d_label(good)} (data.n_train_samples in this source: {Ds[:6]}"
-                        f"{' ...' if len(Ds) > 6 else ''}): runs varying D at a fixed width are data scaling, "
-                        "see analysis.data_scaling")
+        raise UserError(
+            f"need >= 3 model sizes at one data budget to fit alpha_N, found {n_sizes} at "
+            f"D = {_d_label(good)} (data.n_train_samples in this source: {Ds[:6]}"
+            f"{' ...' if len(Ds) > 6 else ''}): runs varying D at a fixed width are data scaling, "
+            "see analysis.data_scaling"
+        )
     if SEED_KEY not in good:
         good = good.assign(**{SEED_KEY: np.nan})
     good = good.sort_values([X_KEY, SEED_KEY])
@@ -138,53 +138,87 @@ def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, curves: pd.DataFrame | N
     plain = fit_loglog(x, y / math.log(2), n_bootstrap=n_bootstrap, strata=strata)
     design = design_prediction(good, x, n_bootstrap, strata)
     theory = sorted(set(good[THEORY_KEY].astype(float))) if THEORY_KEY in good else []
-    learned = good["summary.emergence/n_learned"].astype(float).tolist() if "summary.emergence/n_learned" in good else []
+    learned = (
+        good["summary.emergence/n_learned"].astype(float).tolist() if "summary.emergence/n_learned" in good else []
+    )
     per_run = subtask_learning(curves, good)
-    for rid, info in per_run.items():
-        info["convergence_slope"] = convergence_slope(info["first_step"], good[good["id"] == rid].iloc[0])
-    below = (good[N_KEY].astype(float).tolist() if N_KEY in good else [None] * len(good))
+    below = good[N_KEY].astype(float).tolist() if N_KEY in good else [None] * len(good)
     labels = {i: f"width {w} seed {s}" for i, w, s in zip(ids, good.get("config.model.width", x), good[SEED_KEY])}
     checks = [few_x(x, ids, "parameter counts"), offset_on_bound(fit.E, y, ids)]
     if strata is None:
-        checks.append(f"one run per width (runs {', '.join(ids)}): the interval resamples widths, not seeds, and "
-                      "cannot say how much a width's loss varies between seeds; train >= 3 seeds per width")
+        checks.append(
+            f"one run per width (runs {', '.join(ids)}): the interval resamples widths, not seeds, and "
+            "cannot say how much a width's loss varies between seeds; train >= 3 seeds per width"
+        )
     flagged = still_learning(history[history["run_id"].isin(ids)]) if history is not None and len(history) else []
     checks.append(still_learning_warning(flagged, labels))
     e_bound = offset_on_bound(fit.E, y, ids) is not None
     primary = "plain" if e_bound else "offset"
     return {
         "alpha_N": plain.alpha if e_bound else fit.alpha[0],
-        "alpha_N_ci": (list(plain.alpha_ci) if plain.alpha_ci else None) if e_bound
+        "alpha_N_ci": (list(plain.alpha_ci) if plain.alpha_ci else None)
+        if e_bound
         else (list(fit.alpha_ci[0]) if fit.alpha_ci else None),
         "alpha_N_primary": primary,
-        "alpha_N_plain": plain.alpha, "alpha_N_plain_ci": list(plain.alpha_ci) if plain.alpha_ci else None,
-        "alpha_N_offset": fit.alpha[0], "alpha_N_offset_ci": list(fit.alpha_ci[0]) if fit.alpha_ci else None,
-        "alpha_N_design": design.get("alpha"), "alpha_N_design_ci": design.get("ci"),
+        "alpha_N_plain": plain.alpha,
+        "alpha_N_plain_ci": list(plain.alpha_ci) if plain.alpha_ci else None,
+        "alpha_N_offset": fit.alpha[0],
+        "alpha_N_offset_ci": list(fit.alpha_ci[0]) if fit.alpha_ci else None,
+        "alpha_N_design": design.get("alpha"),
+        "alpha_N_design_ci": design.get("ci"),
         "design_note": design.get("note"),
-        "interval": (f"cluster bootstrap over seeds: every width kept, its runs resampled with replacement "
-                     f"({fit.n_bootstrap} resamples, percentile 95%)") if strata is not None
+        "interval": (
+            f"cluster bootstrap over seeds: every width kept, its runs resampled with replacement "
+            f"({fit.n_bootstrap} resamples, percentile 95%)"
+        )
+        if strata is not None
         else f"bootstrap over runs ({fit.n_bootstrap} resamples, percentile 95%; one run per width)",
         "runs_per_width": {str(int(k)): int(v) for k, v in runs_per_x.items()},
-        "n_bootstrap": fit.n_bootstrap, "fit_warnings": fit.warnings,
+        "n_bootstrap": fit.n_bootstrap,
+        "fit_warnings": fit.warnings,
         "warnings": [w for w in checks if w],
         "still_learning": flagged,
-        "convergence_slope_largest": (per_run.get(ids[-1]) or {}).get("convergence_slope"),
-        "E": fit.E, "E_ci": list(fit.E_ci) if fit.E_ci else None,
-        "A": fit.A[0], "plain_intercept_bits": plain.intercept,
+        "E": fit.E,
+        "E_ci": list(fit.E_ci) if fit.E_ci else None,
+        "A": fit.A[0],
+        "plain_intercept_bits": plain.intercept,
         "theory_alpha": theory[0] if len(theory) == 1 else theory,
-        "n_runs": len(good), "n_widths": int(n_sizes),
+        "n_runs": len(good),
+        "n_widths": int(n_sizes),
         "excluded_runs": [{"id": r.id, "state": r.state} for r in bad.itertuples()],
-        "data_budget": _d_label(good), "zipf_alphas_in_source": alphas,
-        "other_data_runs": [{"id": i, "n_train_samples": int(d) if pd.notna(d) else 0}
-                            for i, d in zip(other_data["id"], other_data.get(D_KEY, [0] * len(other_data)))],
-        "points": [{"id": i, "width": w, "seed": None if pd.isna(sd) else int(sd), "params": p, "loss": loss,
-                    "n_learned": n, "n_below_end": b, "predicted_loss": pl,
-                    **({k: per_run[i][k] for k in ("learned", "below_end", "top_ranks", "final_loss", "first_step",
-                                                    "convergence_slope")}
-                       if i in per_run else {})}
-                   for i, w, sd, p, loss, n, b, pl in zip(ids, good.get("config.model.width", [None] * len(good)),
-                                                       good[SEED_KEY], x, y, learned or [None] * len(good), below,
-                                                       design.get("predicted", [None] * len(good)))],
+        "data_budget": _d_label(good),
+        "zipf_alphas_in_source": alphas,
+        "other_data_runs": [
+            {"id": i, "n_train_samples": int(d) if pd.notna(d) else 0}
+            for i, d in zip(other_data["id"], other_data.get(D_KEY, [0] * len(other_data)))
+        ],
+        "points": [
+            {
+                "id": i,
+                "width": w,
+                "seed": None if pd.isna(sd) else int(sd),
+                "params": p,
+                "loss": loss,
+                "n_learned": n,
+                "n_below_end": b,
+                "predicted_loss": pl,
+                **(
+                    {k: per_run[i][k] for k in ("learned", "below_end", "top_ranks", "final_loss", "first_step")}
+                    if i in per_run
+                    else {}
+                ),
+            }
+            for i, w, sd, p, loss, n, b, pl in zip(
+                ids,
+                good.get("config.model.width", [None] * len(good)),
+                good[SEED_KEY],
+                x,
+                y,
+                learned or [None] * len(good),
+                below,
+                design.get("predicted", [None] * len(good)),
+            )
+        ],
         "loss_units": "nats",
     }
 
@@ -197,8 +231,11 @@ def design_prediction(good: pd.DataFrame, x: np.ndarray, n_bootstrap: int, strat
     try:
         p = design_frequencies(good)
         n = good[N_KEY].astype(float).to_numpy()
-        return {"alpha": design_alpha(x, n, p), "ci": design_alpha_ci(x, n, p, strata, n_bootstrap),
-                "predicted": predicted_loss(n, p).tolist()}
+        return {
+            "alpha": design_alpha(x, n, p),
+            "ci": design_alpha_ci(x, n, p, strata, n_bootstrap),
+            "predicted": predicted_loss(n, p).tolist(),
+        }
     except FitError as e:
         return {"note": f"no design prediction: {e}"}
 
@@ -229,38 +266,55 @@ def plot(result: dict, out_dir: str) -> list[str]:
 
 def comparison_lines(result: dict) -> list[str]:
     """Measured, design-predicted and asymptotic alpha_N, each labelled (printed and in the report)."""
+
     def ci(c):
         return f" (95% CI {c[0]:.3f} .. {c[1]:.3f})" if c else ""
 
-    out = [f"measured alpha_N (plain log-log fit, the paper's) = {result['alpha_N_plain']:.3f}"
-           + ci(result.get("alpha_N_plain_ci")),
-           f"measured alpha_N (offset fit E + A N^-alpha) = {result['alpha_N_offset']:.3f}"
-           + ci(result.get("alpha_N_offset_ci")) + f", E = {result['E']:.3g} nats",
-           (f"design-predicted alpha_N (this design's frequencies, each run's learned count) = "
-            f"{result['alpha_N_design']:.3f}" + ci(result.get("alpha_N_design_ci")))
-           if result.get("alpha_N_design") is not None else f"design-predicted alpha_N: {result.get('design_note')}",
-           f"asymptotic alpha_N (infinitely many subtasks) = alpha = {result['theory_alpha']}"]
+    out = [
+        f"measured alpha_N (plain log-log fit, the paper's) = {result['alpha_N_plain']:.3f}"
+        + ci(result.get("alpha_N_plain_ci")),
+        f"measured alpha_N (offset fit E + A N^-alpha) = {result['alpha_N_offset']:.3f}"
+        + ci(result.get("alpha_N_offset_ci"))
+        + f", E = {result['E']:.3g} nats",
+        (
+            f"design-predicted alpha_N (this design's frequencies, each run's learned count) = "
+            f"{result['alpha_N_design']:.3f}" + ci(result.get("alpha_N_design_ci"))
+        )
+        if result.get("alpha_N_design") is not None
+        else f"design-predicted alpha_N: {result.get('design_note')}",
+        f"asymptotic alpha_N (infinitely many subtasks) = alpha = {result['theory_alpha']}",
+    ]
     return out
 
 
 def report(result: dict, source: str, sweep: str | None, plots: list[str]) -> str:
-    primary = ("the plain log-log fit (the offset fit's E sits on its bound: that model is mis-specified here)"
-               if result.get("alpha_N_primary") == "plain" else "the offset fit")
+    primary = (
+        "the plain log-log fit (the offset fit's E sits on its bound: that model is mis-specified here)"
+        if result.get("alpha_N_primary") == "plain"
+        else "the offset fit"
+    )
     lines = [
-        "# Sparse parity: parameter scaling", "",
+        "# Sparse parity: parameter scaling",
+        "",
         f"Source: `{source}`" + (f", sweep `{sweep}`" if sweep else "") + f"; {result['n_runs']} finished runs, "
-        f"{result.get('n_widths', '?')} widths, runs per width: {result.get('runs_per_width')}.", "",
+        f"{result.get('n_widths', '?')} widths, runs per width: {result.get('runs_per_width')}.",
+        "",
         f"- alpha_N = **{result['alpha_N']:.3f}**, from {primary}",
     ]
     lines += [f"- {line}" for line in comparison_lines(result)]
-    lines += [f"- intervals: {result.get('interval')}",
-              "- the design prediction: L_pred(n) = ln 2 * sum_{k>n} p_k for the n subtasks a run learned "
-              "(emergence/n_below_end), fitted against N by the same plain log-log line; the paper measured "
-              "~0.33 at alpha = 0.4 with 500 subtasks"]
+    lines += [
+        f"- intervals: {result.get('interval')}",
+        "- the design prediction: L_pred(n) = ln 2 * sum_{k>n} p_k for the n subtasks a run learned "
+        "(emergence/n_below_end), fitted against N by the same plain log-log line; the paper measured "
+        "~0.33 at alpha = 0.4 with 500 subtasks",
+    ]
     lines += [f"- warning: {w}" for w in result.get("warnings", []) + result.get("fit_warnings", [])]
-    lines += ["", "| width | seed | params | final test loss (nats) | learned (ever) | below threshold at end "
-              "| predicted loss (nats) | subtasks learned (0 = most frequent) | the most frequent ones? |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| width | seed | params | final test loss (nats) | learned (ever) | below threshold at end "
+        "| predicted loss (nats) | subtasks learned (0 = most frequent) | the most frequent ones? |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for p in result["points"]:
         learned = "" if p["n_learned"] is None else int(p["n_learned"])
         below = "" if p.get("n_below_end") is None else int(p["n_below_end"])
@@ -268,19 +322,30 @@ def report(result: dict, source: str, sweep: str | None, plots: list[str]) -> st
         seed = "" if p.get("seed") is None else p["seed"]
         which = ", ".join(map(str, p["learned"])) if "learned" in p else "(no per-subtask curves)"
         order = "" if "top_ranks" not in p else ("yes" if p["top_ranks"] else "no")
-        lines.append(f"| {p['width']} | {seed} | {int(p['params'])} | {p['loss']:.4f} | {learned} | {below} | {pred} "
-                     f"| {which} | {order} |")
+        lines.append(
+            f"| {p['width']} | {seed} | {int(p['params'])} | {p['loss']:.4f} | {learned} | {below} | {pred} "
+            f"| {which} | {order} |"
+        )
     lines += _order_summary(result["points"])
     if len(result.get("zipf_alphas_in_source") or []) > 1:
-        lines += ["", f"Fitted at zipf_alpha = {result['theory_alpha']} only; the source has "
-                  f"{result['zipf_alphas_in_source']} (analysis.alpha_study fits each)."]
+        lines += [
+            "",
+            f"Fitted at zipf_alpha = {result['theory_alpha']} only; the source has "
+            f"{result['zipf_alphas_in_source']} (analysis.alpha_study fits each).",
+        ]
     if result.get("other_data_runs"):
-        lines += ["", f"Fitted at data budget D = {result['data_budget']}; not fitted here (another D: data "
-                  "scaling, analysis.data_scaling): " + ", ".join(f"{r['id']} (D={r['n_train_samples']})"
-                                                                for r in result["other_data_runs"])]
+        lines += [
+            "",
+            f"Fitted at data budget D = {result['data_budget']}; not fitted here (another D: data "
+            "scaling, analysis.data_scaling): "
+            + ", ".join(f"{r['id']} (D={r['n_train_samples']})" for r in result["other_data_runs"]),
+        ]
     if result["excluded_runs"]:
-        lines += ["", "Excluded runs (not finished or missing metrics): "
-                  + ", ".join(f"{r['id']} ({r['state']})" for r in result["excluded_runs"])]
+        lines += [
+            "",
+            "Excluded runs (not finished or missing metrics): "
+            + ", ".join(f"{r['id']} ({r['state']})" for r in result["excluded_runs"]),
+        ]
     lines += [""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -293,20 +358,23 @@ def _order_summary(points: list[dict]) -> list[str]:
         return []
     top = sum(p["top_ranks"] for p in pts)
     nested = sum(set(a["learned"]) <= set(b["learned"]) for a, b in zip(pts, pts[1:]))
-    out = ["", f"Frequency order: in {top} of {len(pts)} runs the learned subtasks are exactly the most "
-           f"frequent ones; {nested} of {len(pts) - 1} steps up in size keep every subtask the smaller model learned."]
+    out = [
+        "",
+        f"Frequency order: in {top} of {len(pts)} runs the learned subtasks are exactly the most "
+        f"frequent ones; {nested} of {len(pts) - 1} steps up in size keep every subtask the smaller model learned.",
+    ]
     big = max(pts, key=lambda p: (p["params"], -(p.get("seed") or 0)))  # the largest width, its first seed
     steps = big.get("first_step") or {}
-    if big.get("convergence_slope") is not None:
-        out.append(f"Convergence time against frequency (largest model): log(first step below threshold) = "
-                   f"c + {big['convergence_slope']:.2f} log p_t over {len(steps)} subtasks (the paper: ~ -1, "
-                   "steps ~ 1/frequency).")
+    # The slope of log(learning step) against log p_t, with never-learned subtasks censored, is
+    # analysis.dynamics' (which `make run` runs too): a fit over the learned ones alone selects on the outcome.
     if len(steps) >= 3:
         ranks = np.array(sorted(steps), float)
         t = np.array([steps[i] for i in sorted(steps)], float)
         rho = pd.Series(ranks).corr(pd.Series(t), method="spearman")
-        out.append(f"In the largest model ({int(big['params'])} params) the step at which a subtask is first "
-                   f"learned rises with its rank: Spearman rho = {rho:.2f} over {len(steps)} subtasks.")
+        out.append(
+            f"In the largest model ({int(big['params'])} params) the step at which a subtask is first "
+            f"learned rises with its rank: Spearman rho = {rho:.2f} over {len(steps)} subtasks."
+        )
     return out
 
 
@@ -335,8 +403,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args("scaling", argv, lambda p: p.add_argument("--bootstrap", type=int, default=200))
     runs = task_runs(load_runs(args.source, sweep=args.sweep), "sparse_parity")  # not analysis runs
-    result = analyze(runs, n_bootstrap=args.bootstrap, curves=_curves(args.source, args.sweep, runs),
-                     history=_history(args.source, args.sweep, runs))
+    result = analyze(
+        runs,
+        n_bootstrap=args.bootstrap,
+        curves=_curves(args.source, args.sweep, runs),
+        history=_history(args.source, args.sweep, runs),
+    )
     os.makedirs(args.out, exist_ok=True)
     plots = plot(result, args.out)
     write_outputs(args.out, "scaling", result, report(result, args.source, args.sweep, plots))
@@ -364,10 +436,32 @@ def run(source: str, sweep: str | None, out: str) -> Section:
     paths = plot(result, out)
     md = report(result, source, sweep, paths)
     write_outputs(out, "scaling", result, md)
-    fitted = {k: result[k] for k in ("alpha_N", "alpha_N_ci", "alpha_N_plain", "alpha_N_plain_ci", "alpha_N_design",
-                                     "alpha_N_design_ci", "E", "E_ci", "A", "n_runs", "theory_alpha")}
-    return Section("scaling", "Sparse parity: parameter scaling", md, out, paths,
-                   {"points": pd.DataFrame(result["points"])}, numbers(fitted), [p["id"] for p in result["points"]])
+    fitted = {
+        k: result[k]
+        for k in (
+            "alpha_N",
+            "alpha_N_ci",
+            "alpha_N_plain",
+            "alpha_N_plain_ci",
+            "alpha_N_design",
+            "alpha_N_design_ci",
+            "E",
+            "E_ci",
+            "A",
+            "n_runs",
+            "theory_alpha",
+        )
+    }
+    return Section(
+        "scaling",
+        "Sparse parity: parameter scaling",
+        md,
+        out,
+        paths,
+        {"points": pd.DataFrame(result["points"])},
+        numbers(fitted),
+        [p["id"] for p in result["points"]],
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ analysis.emergence. Windows are measured in decades of x (log10).
   thresholded metric (accuracy, exact match) jumps? Judged on the loss and on its log; a verdict that
   differs between the two is "metric-dependent".
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -76,8 +77,8 @@ def _changes(u: np.ndarray, Y: np.ndarray, t0: np.ndarray, t1: np.ndarray) -> np
 @dataclass
 class Sharpness:
     fraction: np.ndarray  # largest share of the total change inside one window
-    start: np.ndarray     # x where that window starts
-    end: np.ndarray       # x where it ends
+    start: np.ndarray  # x where that window starts
+    end: np.ndarray  # x where it ends
     resolved: np.ndarray  # False: the largest change is one gap between evaluations wider than the window
 
 
@@ -115,8 +116,16 @@ def jump_fraction(x, Y, window: float = WINDOW):
     return sharpness(x, Y, window).fraction
 
 
-def jump_fraction_ci(x, samples, window: float = WINDOW, n_boot: int = 200, level: float = 0.95,
-                     paired: bool = True, method: str = "percentile", seed: int = 0):
+def jump_fraction_ci(
+    x,
+    samples,
+    window: float = WINDOW,
+    n_boot: int = 200,
+    level: float = 0.95,
+    paired: bool = True,
+    method: str = "percentile",
+    seed: int = 0,
+):
     """Jump fraction of the mean curve over samples, with a percentile bootstrap interval.
 
     samples [curves, n, x]: n replicates of each curve (test samples, or seeds). `paired`: one
@@ -157,19 +166,26 @@ def jump_fraction_ci(x, samples, window: float = WINDOW, n_boot: int = 200, leve
 
 @dataclass
 class Mirage:
-    verdict: np.ndarray             # see mirage_check
-    verdict_loss: np.ndarray        # judged on the continuous metric as given
-    verdict_log: np.ndarray         # judged on its log ("" where it has values <= 0)
-    sharp_continuous: np.ndarray    # jump fraction of the continuous metric (anywhere)
-    sharp_thresholded: np.ndarray   # jump fraction of the thresholded metric
-    resolved: np.ndarray            # the thresholded metric's largest change is resolved by the sampling
-    share_at_jump: np.ndarray       # share of the continuous metric's change inside the thresholded jump's window
-    share_at_jump_log: np.ndarray   # the same for its log (NaN where undefined)
+    verdict: np.ndarray  # see mirage_check
+    verdict_loss: np.ndarray  # judged on the continuous metric as given
+    verdict_log: np.ndarray  # judged on its log ("" where it has values <= 0)
+    sharp_continuous: np.ndarray  # jump fraction of the continuous metric (anywhere)
+    sharp_thresholded: np.ndarray  # jump fraction of the thresholded metric
+    resolved: np.ndarray  # the thresholded metric's largest change is resolved by the sampling
+    share_at_jump: np.ndarray  # share of the continuous metric's change inside the thresholded jump's window
+    share_at_jump_log: np.ndarray  # the same for its log (NaN where undefined)
     change_thresholded: np.ndarray  # total change of the thresholded metric (its units)
 
 
-def mirage_check(x, continuous, thresholded, window: float = WINDOW, sudden: float = SUDDEN,
-                 min_change: float = 0.2, log_floor: float = 0.0) -> Mirage:
+def mirage_check(
+    x,
+    continuous,
+    thresholded,
+    window: float = WINDOW,
+    sudden: float = SUDDEN,
+    min_change: float = 0.2,
+    log_floor: float = 0.0,
+) -> Mirage:
     """Schaeffer et al. 2023: is a jump in a thresholded metric also a jump in the continuous metric
     it is computed from, at the same place? Per curve:
     - flat: the thresholded metric changes by less than `min_change` (nothing to explain);
@@ -211,8 +227,13 @@ def mirage_check(x, continuous, thresholded, window: float = WINDOW, sudden: flo
     change = np.nan_to_num(_range(T), nan=0.0)
 
     def verdict(s):
-        return np.where(change < min_change, "flat", np.where(jt < sudden, "gradual", np.where(
-            ~resolved, "unresolved", np.where(s >= sudden, "emergent", "mirage"))))
+        return np.where(
+            change < min_change,
+            "flat",
+            np.where(
+                jt < sudden, "gradual", np.where(~resolved, "unresolved", np.where(s >= sudden, "emergent", "mirage"))
+            ),
+        )
 
     v_loss = verdict(share)
     v_log = np.where(pos, verdict(np.nan_to_num(share_log)), "")

@@ -11,6 +11,7 @@ the ids of the runs it analysed. The report stitches the sections into report.md
 with --log, logs each as a W&B run of job_type "analysis". A study that finds nothing to analyse
 raises harness.errors.UserError with one line; the report lists it and goes on.
 """
+
 from __future__ import annotations
 
 import glob
@@ -24,14 +25,14 @@ import pandas as pd
 
 @dataclass
 class Section:
-    study: str                      # short name: "scaling", "grokking", ...
+    study: str  # short name: "scaling", "grokking", ...
     title: str
-    markdown: str                   # the study's report.md; links relative to `out`
-    out: str                        # the directory the study wrote into
-    plots: list[str] = field(default_factory=list)          # PNG paths (SVG twins beside them)
+    markdown: str  # the study's report.md; links relative to `out`
+    out: str  # the directory the study wrote into
+    plots: list[str] = field(default_factory=list)  # PNG paths (SVG twins beside them)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # name -> fit points (a wandb.Table each)
     summary: dict[str, float] = field(default_factory=dict)  # fitted numbers (the analysis run's summary)
-    run_ids: list[str] = field(default_factory=list)         # the runs analysed (config + lineage)
+    run_ids: list[str] = field(default_factory=list)  # the runs analysed (config + lineage)
 
 
 def task_runs(runs: pd.DataFrame, task: str) -> pd.DataFrame:
@@ -79,15 +80,29 @@ def run_emergence(hist: pd.DataFrame, continuous: str, thresholded: str, thresho
     cross = em.threshold_crossing(x, T.to_numpy(), threshold, below=False)
     fit = em.fit_sigmoid(x, T.to_numpy())
     mir = em.mirage_check(x, C.to_numpy(), T.to_numpy())
-    return pd.DataFrame({
-        "run_id": C.index, "t_cross": cross.x, "reached": cross.reached, "t_lo": cross.lo, "t_hi": cross.hi,
-        "midpoint": fit.midpoint, "mid_lo": fit.midpoint_ci[:, 0], "mid_hi": fit.midpoint_ci[:, 1],
-        "width_decades": fit.width, "width_lo": fit.width_ci[:, 0], "width_hi": fit.width_ci[:, 1],
-        "detected": fit.detected, "resolved": fit.resolved, "in_range": fit.in_range,
-        "first_step": x[0], "last_step": x[-1],
-        "jump_" + continuous: mir.sharp_continuous, "jump_" + thresholded: mir.sharp_thresholded,
-        "verdict": mir.verdict,
-    }).replace({np.inf: np.nan, -np.inf: np.nan})
+    return pd.DataFrame(
+        {
+            "run_id": C.index,
+            "t_cross": cross.x,
+            "reached": cross.reached,
+            "t_lo": cross.lo,
+            "t_hi": cross.hi,
+            "midpoint": fit.midpoint,
+            "mid_lo": fit.midpoint_ci[:, 0],
+            "mid_hi": fit.midpoint_ci[:, 1],
+            "width_decades": fit.width,
+            "width_lo": fit.width_ci[:, 0],
+            "width_hi": fit.width_ci[:, 1],
+            "detected": fit.detected,
+            "resolved": fit.resolved,
+            "in_range": fit.in_range,
+            "first_step": x[0],
+            "last_step": x[-1],
+            "jump_" + continuous: mir.sharp_continuous,
+            "jump_" + thresholded: mir.sharp_thresholded,
+            "verdict": mir.verdict,
+        }
+    ).replace({np.inf: np.nan, -np.inf: np.nan})
 
 
 def emergence_markdown(table: pd.DataFrame, continuous: str, thresholded: str, threshold: float) -> str:
@@ -100,22 +115,41 @@ def emergence_markdown(table: pd.DataFrame, continuous: str, thresholded: str, t
     def f(v, fmt="{:.3g}"):
         return "-" if v is None or not isinstance(v, (int, float)) or not math.isfinite(v) else fmt.format(v)
 
-    lines = ["", "## Emergence of each run (analysis.emergence)", "",
-             f"{thresholded} against log step: first evaluation at >= {threshold} (censored: never, at the last "
-             f"step), sigmoid midpoint and 10-90% width with 95% curvature intervals, and the mirage check against "
-             f"{continuous} (mirage: {thresholded} jumps within 0.1 decade of steps while {continuous} does not there; "
-             f"unresolved: the jump lies between two evaluations further apart; metric-dependent: {continuous} and "
-             f"its log disagree). A midpoint outside the evaluated steps is the fit's extrapolation, marked.", ""]
+    lines = [
+        "",
+        "## Emergence of each run (analysis.emergence)",
+        "",
+        f"{thresholded} against log step: first evaluation at >= {threshold} (censored: never, at the last "
+        f"step), sigmoid midpoint and 10-90% width with 95% curvature intervals, and the mirage check against "
+        f"{continuous} (mirage: {thresholded} jumps within 0.1 decade of steps while {continuous} does not there; "
+        f"unresolved: the jump lies between two evaluations further apart; metric-dependent: {continuous} and "
+        f"its log disagree). A midpoint outside the evaluated steps is the fit's extrapolation, marked.",
+        "",
+    ]
     seeded = "seed" in table  # which draw each row is, when the caller knows the runs' seeds
-    head = ["run"] + (["seed"] if seeded else []) + [f"first step >= {threshold}", "sigmoid midpoint [95%]",
-                                                      "width (decades) [95%]", "verdict"]
+    head = (
+        ["run"]
+        + (["seed"] if seeded else [])
+        + [f"first step >= {threshold}", "sigmoid midpoint [95%]", "width (decades) [95%]", "verdict"]
+    )
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.itertuples():
         cross = f"{r.t_cross:.0f}" if r.reached else f"never (censored at {r.t_cross:.0f})"
-        mid = (f"{f(r.midpoint)} [{f(r.mid_lo)}, {f(r.mid_hi)}]" if r.in_range  # outside: an extrapolation, marked
-               else em.midpoint_text(r.midpoint, r.first_step, r.last_step)) if r.detected else "no transition"
-        width = f"{f(r.width_decades, '{:.2f}')} [{f(r.width_lo, '{:.2f}')}, {f(r.width_hi, '{:.2f}')}]" if r.detected else "-"
-        seed = ([str(r.seed) if pd.notna(r.seed) else "-"] if seeded else [])
+        mid = (
+            (
+                f"{f(r.midpoint)} [{f(r.mid_lo)}, {f(r.mid_hi)}]"
+                if r.in_range  # outside: an extrapolation, marked
+                else em.midpoint_text(r.midpoint, r.first_step, r.last_step)
+            )
+            if r.detected
+            else "no transition"
+        )
+        width = (
+            f"{f(r.width_decades, '{:.2f}')} [{f(r.width_lo, '{:.2f}')}, {f(r.width_hi, '{:.2f}')}]"
+            if r.detected
+            else "-"
+        )
+        seed = [str(r.seed) if pd.notna(r.seed) else "-"] if seeded else []
         lines.append("| " + " | ".join([str(r.run_id)] + seed + [cross, mid, width, str(r.verdict)]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -156,8 +190,9 @@ def run_cli(main, study: str, source: str, sweep: str | None, out: str) -> tuple
     return result, md, sorted(glob.glob(os.path.join(out, "*.png")))
 
 
-def add_run_emergence(source: str, run_ids: list[str], threshold: float, md: str,
-                      tables: dict, summary: dict, seeds: dict | None = None) -> str:
+def add_run_emergence(
+    source: str, run_ids: list[str], threshold: float, md: str, tables: dict, summary: dict, seeds: dict | None = None
+) -> str:
     """Validation accuracy beside validation loss for each run (a jump, or a mirage of the threshold):
     adds the table and verdict counts to `tables` / `summary`, returns `md` with the subsection.
     `seeds` (run id -> seed) adds a seed column, so that each row says which draw it is."""

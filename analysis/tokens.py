@@ -2,6 +2,7 @@
 token's loss curve as monogenic (one sharp drop at some scale) or polygenic (smooth decline in ln N),
 and find the scale at which each token is learned. Pure functions on arrays and parquet files.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ def read_losses(paths: list[str]) -> pd.DataFrame:
     """The rows of one model's per-token artifact (all its shards): doc, pos, token, loss."""
     if not paths:
         raise ValueError("no per-token loss files")
-    return pd.concat([pq.read_table(p, columns=["doc", "pos", "token", "loss"]).to_pandas() for p in paths],
-                     ignore_index=True)
+    return pd.concat(
+        [pq.read_table(p, columns=["doc", "pos", "token", "loss"]).to_pandas() for p in paths], ignore_index=True
+    )
 
 
 def keys(doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -55,10 +57,17 @@ def align(frames: list[pd.DataFrame]) -> tuple[pd.DataFrame, np.ndarray]:
         if token is None:
             token = tok[at]
         elif not np.array_equal(token, tok[at]):
-            raise ValueError(f"model {j} has different token ids at the same (doc, pos): the models do not share a tokenizer")
+            raise ValueError(
+                f"model {j} has different token ids at the same (doc, pos): the models do not share a tokenizer"
+            )
         losses[:, j] = loss[at]
-    index = pd.DataFrame({"doc": common >> POS_BITS, "pos": common & ((1 << POS_BITS) - 1),
-                          "token": token if token is not None else np.zeros(0, np.int64)})
+    index = pd.DataFrame(
+        {
+            "doc": common >> POS_BITS,
+            "pos": common & ((1 << POS_BITS) - 1),
+            "token": token if token is not None else np.zeros(0, np.int64),
+        }
+    )
     return index, losses
 
 
@@ -67,7 +76,7 @@ def line_fit(x: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     xc = x - x.mean()
     yc = losses - losses.mean(1, keepdims=True)
     slope = yc @ xc / (xc @ xc)
-    ss_tot = (yc ** 2).sum(1)
+    ss_tot = (yc**2).sum(1)
     ss_res = ((yc - slope[:, None] * xc[None, :]) ** 2).sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         r2 = np.where(ss_tot > 0, 1 - ss_res / ss_tot, 0.0)
@@ -104,8 +113,9 @@ def classify(losses: np.ndarray, scale: np.ndarray, t: Thresholds = Thresholds()
     slope, r2 = line_fit(np.log(scale), losses)
     poly = (drop < 0) & (slope < t.poly_slope) & (r2 > t.poly_r2)
     cls = np.where(drop >= 0, "monogenic", np.where(poly, "polygenic", "other"))
-    return pd.DataFrame({"class": cls, "drop": drop, "slope": slope, "r2": r2,
-                         "learned": learned_index(losses, t.mono_low)})
+    return pd.DataFrame(
+        {"class": cls, "drop": drop, "slope": slope, "r2": r2, "learned": learned_index(losses, t.mono_low)}
+    )
 
 
 def fractions(classes: pd.Series) -> dict[str, float]:
@@ -126,5 +136,10 @@ def context(index: pd.DataFrame, row: int, decode, width: int = 24) -> dict:
     same = index[(index["doc"] == doc) & (index["pos"] < pos) & (index["pos"] >= pos - width)].sort_values("pos")
     prefix = decode(same["token"].tolist())
     lead = "…" if pos - width <= 0 or len(same) < min(width, pos - 1) else ""
-    return {"doc": doc, "pos": pos, "token_id": int(index["token"].iat[row]),
-            "token": decode([int(index["token"].iat[row])]), "context": lead + prefix}
+    return {
+        "doc": doc,
+        "pos": pos,
+        "token_id": int(index["token"].iat[row]),
+        "token": decode([int(index["token"].iat[row])]),
+        "context": lead + prefix,
+    }

@@ -10,6 +10,7 @@ wall-clock rate, the CPU rate (steps per CPU-second of this process) is robust t
 taking the cores: for the harness, a sampling thread maps those timestamps to process CPU time. The
 end-to-end rate (whole call, start-up included) is printed too. Target: steady ratio <= 1.10.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,6 @@ import threading
 import time
 
 import numpy as np
-
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,9 +33,16 @@ from tasks import mnist_omnigrok as mo  # noqa: E402
 
 
 def overrides(args) -> list[str]:
-    return ["task=mnist_omnigrok", f"trainer.steps={args.steps}", f"trainer.eval_every={args.eval_every}",
-            f"trainer.log_every={args.log_every}", f"trainer.precision={args.precision}", "trainer.threads=1",
-            "trainer.progress_bar=false", f"model.init_scale={args.init_scale}"]
+    return [
+        "task=mnist_omnigrok",
+        f"trainer.steps={args.steps}",
+        f"trainer.eval_every={args.eval_every}",
+        f"trainer.log_every={args.log_every}",
+        f"trainer.precision={args.precision}",
+        "trainer.threads=1",
+        "trainer.progress_bar=false",
+        f"model.init_scale={args.init_scale}",
+    ]
 
 
 def rate(steps: list[int], times: list[float], skip: int) -> float:
@@ -75,8 +82,7 @@ def run_harness(args, wandb_dir: str) -> tuple[float, float, float]:
     h = load_history(wandb_dir, run_ids=[summary["_run_id"]], keys=["train/batch_loss", "_timestamp"])
     h = h.dropna(subset=["train/batch_loss"]).sort_values("step")
     steps, stamps = h["step"].tolist(), h["_timestamp"].tolist()
-    return (rate(steps, stamps, args.log_every), rate(steps, clock.cpu_at(stamps), args.log_every),
-            args.steps / wall)
+    return (rate(steps, stamps, args.log_every), rate(steps, clock.cpu_at(stamps), args.log_every), args.steps / wall)
 
 
 def run_plain(args) -> tuple[float, float, float]:
@@ -86,8 +92,9 @@ def run_plain(args) -> tuple[float, float, float]:
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
     dtype = torch.float64 if args.precision == "64-true" else torch.float32
-    arrays = mo.load_mnist(os.path.join(data_dir(cfg), cfg.data.folder), cfg.data.split, cfg.data.n_train,
-                           cfg.data.n_test)
+    arrays = mo.load_mnist(
+        os.path.join(data_dir(cfg), cfg.data.folder), cfg.data.split, cfg.data.n_train, cfg.data.n_test
+    )
     data = mo.MnistData(arrays, cfg.data.batch_size)
     t = data.tensors(torch.device("cpu"), dtype)
     model = mo.MLP(784, cfg.model.width, cfg.model.depth, 10).to(dtype)
@@ -99,8 +106,11 @@ def run_plain(args) -> tuple[float, float, float]:
     steps, times, cpus = [], [], []
     for step in range(1, args.steps + 1):
         idx = data.next_indices(step - 1, torch.device("cpu"))
-        x, y = ((t["x_train"], t["y_train"]) if idx is None
-                else (t["x_train"].index_select(0, idx), t["y_train"].index_select(0, idx)))
+        x, y = (
+            (t["x_train"], t["y_train"])
+            if idx is None
+            else (t["x_train"].index_select(0, idx), t["y_train"].index_select(0, idx))
+        )
         loss = mo.loss_fn(o.loss, model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -138,16 +148,21 @@ def main() -> None:
         for side in order:
             r = run_harness(args, wandb_dir) if side == "harness" else run_plain(args)
             results[side].append(r)
-            print(f"rep {rep} {side:8s} steady {r[0]:7.1f} steps/s, {r[1]:7.1f} steps/CPU-s; "
-                  f"end-to-end {r[2]:7.1f} steps/s", flush=True)
+            print(
+                f"rep {rep} {side:8s} steady {r[0]:7.1f} steps/s, {r[1]:7.1f} steps/CPU-s; "
+                f"end-to-end {r[2]:7.1f} steps/s",
+                flush=True,
+            )
     med = {side: [statistics.median(v[i] for v in rs) for i in (0, 1, 2)] for side, rs in results.items()}
     print(f"\n{args.steps} steps, batch 200, {args.precision}, 1 thread, median of {args.reps}:")
     print(f"{'':10s} {'steady steps/s':>15s} {'steady steps/CPU-s':>19s} {'end-to-end steps/s':>19s}")
     for side in ("plain", "harness"):
         print(f"{side:10s} {med[side][0]:15.1f} {med[side][1]:19.1f} {med[side][2]:19.1f}")
     ratios = [med["plain"][i] / med["harness"][i] for i in (0, 1, 2)]
-    print(f"ratio (plain / harness): steady wall {ratios[0]:.3f}x, steady CPU {ratios[1]:.3f}x, "
-          f"end-to-end {ratios[2]:.3f}x  (target: steady <= 1.10)")
+    print(
+        f"ratio (plain / harness): steady wall {ratios[0]:.3f}x, steady CPU {ratios[1]:.3f}x, "
+        f"end-to-end {ratios[2]:.3f}x  (target: steady <= 1.10)"
+    )
 
 
 if __name__ == "__main__":

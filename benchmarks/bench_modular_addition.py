@@ -8,6 +8,7 @@ load hits both alike; each figure is the median of `--repeats`. "loop" times the
 (first step to last evaluation; the harness side reports it as summary perf/steps_per_s); "end to end"
 adds what the harness does once per run (W&B init and finish, Trainer set-up).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ def plain(cfg) -> tuple[float, float, float]:
     model, data = make_model(cfg), ModularData(cfg)
     tensors = data.tensors("cpu")
     o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
-                            betas=(o.beta1, o.beta2), eps=o.eps)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps
+    )
     t0, c0 = time.perf_counter(), time.process_time()
     steps, every = cfg.trainer.steps, cfg.trainer.eval_every
     for step in range(1, steps + 1):
@@ -67,8 +69,13 @@ def main() -> None:
     a = p.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_DIR", tempfile.mkdtemp(prefix="bench_modadd_"))
-    args = ["task=modular_addition", f"trainer.steps={a.steps}", "trainer.threads=1",
-            "trainer.progress_bar=false", *a.overrides]
+    args = [
+        "task=modular_addition",
+        f"trainer.steps={a.steps}",
+        "trainer.threads=1",
+        "trainer.progress_bar=false",
+        *a.overrides,
+    ]
     cfg = load_config(args)
     torch.set_num_threads(cfg.trainer.threads)
     warm = [a for a in args if not a.startswith("trainer.steps=")] + ["trainer.steps=200"]  # a key once
@@ -78,21 +85,29 @@ def main() -> None:
     for i in range(a.repeats):
         res["plain"].append(plain(cfg))
         res["harness"].append(harness(cfg, args))
-        print(f"repeat {i + 1}: loop plain {res['plain'][-1][0]:.2f} s, harness {res['harness'][-1][0]:.2f} s; "
-              f"CPU plain {res['plain'][-1][2]:.2f} s, harness {res['harness'][-1][2]:.2f} s", file=sys.stderr, flush=True)
+        print(
+            f"repeat {i + 1}: loop plain {res['plain'][-1][0]:.2f} s, harness {res['harness'][-1][0]:.2f} s; "
+            f"CPU plain {res['plain'][-1][2]:.2f} s, harness {res['harness'][-1][2]:.2f} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     n = cfg.trainer.steps
     med = {side: [statistics.median(r[j] for r in runs) for j in (0, 1, 2)] for side, runs in res.items()}
-    print(f"modular addition p={cfg.data.p}, {cfg.model.name}, {n} steps, eval every "
-          f"{cfg.trainer.eval_every}, {cfg.trainer.threads} thread(s), median of {a.repeats}")
+    print(
+        f"modular addition p={cfg.data.p}, {cfg.model.name}, {n} steps, eval every "
+        f"{cfg.trainer.eval_every}, {cfg.trainer.threads} thread(s), median of {a.repeats}"
+    )
     print(f"{'':12}{'loop steps/s':>14}{'loop steps/CPU-s':>18}{'end-to-end steps/s':>20}")
     for side in ("plain", "harness"):
         m = med[side]
         print(f"{side:12}{n / m[0]:>14.1f}{n / m[2]:>18.1f}{n / m[1]:>20.1f}")
     # Load from other jobs swings from repeat to repeat: the ratio is the median of the paired ratios.
     r = [statistics.median(h[j] / p[j] for p, h in zip(res["plain"], res["harness"])) for j in (0, 2, 1)]
-    print(f"{'ratio':12}{r[0]:>13.3f}x{r[1]:>17.3f}x{r[2]:>19.3f}x   (harness time / plain time, median of "
-          f"paired repeats; target <= 1.10x)")
+    print(
+        f"{'ratio':12}{r[0]:>13.3f}x{r[1]:>17.3f}x{r[2]:>19.3f}x   (harness time / plain time, median of "
+        f"paired repeats; target <= 1.10x)"
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ figure (200k steps each, plus 201 evaluations of every width, timed once), with 
 the last line (`summary:`) gives both projections, their ratio and whether the packed figure fits in
 an hour. `--smoke-on-cpu` runs the same code on the CPU at tiny sizes (tests/test_packed_sparse_parity.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,12 @@ import time
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_SWEEPS = ["sweeps/modadd_pair_smoke.yaml", "sweeps/modadd_phase_smoke.yaml",
-                  "sweeps/sparse_parity_width_smoke.yaml", "sweeps/omnigrok_mnist_smoke.yaml"]
+DEFAULT_SWEEPS = [
+    "sweeps/modadd_pair_smoke.yaml",
+    "sweeps/modadd_phase_smoke.yaml",
+    "sweeps/sparse_parity_width_smoke.yaml",
+    "sweeps/omnigrok_mnist_smoke.yaml",
+]
 
 
 def harness(*args: str, env: dict) -> float:
@@ -56,8 +61,12 @@ def outcomes(root: str, varied: list[str]) -> dict:
     runs = runstore.load_runs(root)
     key = next((f"summary.{k}" for k in OUTCOMES if f"summary.{k}" in runs), None)
     points = runs[[f"config.{k}" for k in varied]].astype(str).agg(",".join, axis=1)
-    return {"n": len(runs), "finished": bool((runs["state"] == "finished").all()), "key": key,
-            "outcomes": sorted(zip(points, runs[key].astype(str))) if key else None}
+    return {
+        "n": len(runs),
+        "finished": bool((runs["state"] == "finished").all()),
+        "key": key,
+        "outcomes": sorted(zip(points, runs[key].astype(str))) if key else None,
+    }
 
 
 def cpu(args) -> None:
@@ -82,30 +91,77 @@ def cpu(args) -> None:
             with open(sweep, "w") as f:
                 yaml.safe_dump(cfg, f, sort_keys=False)
             tu = harness("sweep", sweep, "--local", "--workers", str(args.workers), "--wandb-dir", f"{tmp}/u", env=env)
-            tp = harness("sweep", sweep, "--local", "--pack", str(args.pack), *pack_workers, "--wandb-dir", f"{tmp}/p", env=env)
+            tp = harness(
+                "sweep", sweep, "--local", "--pack", str(args.pack), *pack_workers, "--wandb-dir", f"{tmp}/p", env=env
+            )
             varied = varied_keys(cfg)
             u, p = outcomes(f"{tmp}/u/wandb", varied), outcomes(f"{tmp}/p/wandb", varied)
         same = u["outcomes"] == p["outcomes"] and u["outcomes"] is not None
-        packed = f"--pack {args.pack}" + (f" --workers {args.pack_workers}" if args.pack_workers else " (default workers)")
-        print(f"{path}{f' (steps={args.steps})' if args.steps else ''}: {u['n']} runs; unpacked --workers "
-              f"{args.workers} {tu:.0f}s, packed {packed} {tp:.0f}s = {tp / tu:.2f}x; all finished: "
-              f"{u['finished'] and p['finished']}; same {u['key']} per point ({', '.join(varied)}): {same}", flush=True)
+        packed = f"--pack {args.pack}" + (
+            f" --workers {args.pack_workers}" if args.pack_workers else " (default workers)"
+        )
+        print(
+            f"{path}{f' (steps={args.steps})' if args.steps else ''}: {u['n']} runs; unpacked --workers "
+            f"{args.workers} {tu:.0f}s, packed {packed} {tp:.0f}s = {tp / tu:.2f}x; all finished: "
+            f"{u['finished'] and p['finished']}; same {u['key']} per point ({', '.join(varied)}): {same}",
+            flush=True,
+        )
 
 
-PAPER_WIDTHS = [9, 11, 13, 14, 17, 19, 22, 25, 29, 33, 38, 44, 50, 57, 66, 75, 86, 99, 113, 129, 148, 169, 194, 222,
-                254, 291, 333, 381, 436, 500]  # sweeps/sparse_parity_width.yaml: 30 log-spaced widths 10..500
+PAPER_WIDTHS = [
+    9,
+    11,
+    13,
+    14,
+    17,
+    19,
+    22,
+    25,
+    29,
+    33,
+    38,
+    44,
+    50,
+    57,
+    66,
+    75,
+    86,
+    99,
+    113,
+    129,
+    148,
+    169,
+    194,
+    222,
+    254,
+    291,
+    333,
+    381,
+    436,
+    500,
+]  # sweeps/sparse_parity_width.yaml: 30 log-spaced widths 10..500
 FULL_STEPS, EVAL_EVERY = 200_000, 1000  # the paper's figure: 200k steps, evaluated every 1000
 
 
 def width_sweep(args) -> list[tuple[str, ...]]:
     """The paper-scale width sweep (sweeps/sparse_parity_width.yaml), or a tiny one for --smoke-on-cpu."""
     if args.smoke_on_cpu:
-        data, widths, acc = ("data.n_tasks=20", "data.n=16", "data.k=3", "data.batch_size=256",
-                             "eval.test_per_task=20"), [4, 8, 16, 32], "cpu"
+        data, widths, acc = (
+            ("data.n_tasks=20", "data.n=16", "data.k=3", "data.batch_size=256", "eval.test_per_task=20"),
+            [4, 8, 16, 32],
+            "cpu",
+        )
     else:
         data, widths, acc = ("data.n_tasks=500", "data.n=100", "data.k=3", "data.batch_size=20000"), PAPER_WIDTHS, "gpu"
-    base = ("task=sparse_parity", "seed=0", "data.zipf_alpha=0.4", *data, f"trainer.accelerator={acc}",
-            "trainer.progress_bar=false", "model.save=false")
+    base = (
+        "task=sparse_parity",
+        "seed=0",
+        "data.zipf_alpha=0.4",
+        *data,
+        f"trainer.accelerator={acc}",
+        "trainer.progress_bar=false",
+        "model.save=false",
+    )
     return [base + (f"model.width={w}",) for w in widths]
 
 
@@ -142,8 +198,11 @@ def cuda(args) -> None:
     x_solo, y_solo = solo_data.train_batch(0, device)
     x_packed, y_packed = block.groups[0]["stream"].batch(0)
     equal = bool(torch.equal(x_solo, x_packed) and torch.equal(y_solo, y_packed))
-    print(f"packed block: {len(cfgs)} widths {widths[0]}..{widths[-1]} in {len(block.groups)} stream(s); built in "
-          f"{t_build:.1f}s; first batch on {x_packed.device}; batches equal to the solo run's: {equal}", flush=True)
+    print(
+        f"packed block: {len(cfgs)} widths {widths[0]}..{widths[-1]} in {len(block.groups)} stream(s); built in "
+        f"{t_build:.1f}s; first batch on {x_packed.device}; batches equal to the solo run's: {equal}",
+        flush=True,
+    )
     opt = block_optimizer(block)
     log_every = cfgs[0].trainer.log_every
     pending: list = []
@@ -173,7 +232,7 @@ def cuda(args) -> None:
             torch.cuda.set_sync_debug_mode("default")
     syncs = sum("synchroniz" in str(w.message) for w in caught)
     packed_peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0  # 0: no GPU (smoke run)
-    for repeat in range(2):  # the first moves the test sets to the device; the second is timed
+    for _repeat in range(2):  # the first moves the test sets to the device; the second is timed
         t0 = time.perf_counter()
         for i in range(len(cfgs)):
             block.evaluate(i, warmup + args.steps)
@@ -181,11 +240,14 @@ def cuda(args) -> None:
         eval_all = time.perf_counter() - t0  # one evaluation of every width (the same code a solo run runs)
     n_evals = FULL_STEPS // EVAL_EVERY + 1  # and one at step 0
     packed_total = packed_step * FULL_STEPS + eval_all * n_evals
-    print(f"packed: {packed_step * 1e3:.2f} ms/step over {args.steps} steps (after {warmup} warm-up), device syncs in "
-          f"the timed loop: {syncs} (train_packed reads losses every {log_every} steps); peak GPU memory "
-          f"{packed_peak:.2f} GiB; one evaluation of all widths {eval_all:.2f}s; projected {FULL_STEPS} steps + "
-          f"{n_evals} evaluations: {packed_total / 3600:.2f} h", flush=True)
-    del block, opt, pending
+    print(
+        f"packed: {packed_step * 1e3:.2f} ms/step over {args.steps} steps (after {warmup} warm-up), device syncs in "
+        f"the timed loop: {syncs} (train_packed reads losses every {log_every} steps); peak GPU memory "
+        f"{packed_peak:.2f} GiB; one evaluation of all widths {eval_all:.2f}s; projected {FULL_STEPS} steps + "
+        f"{n_evals} evaluations: {packed_total / 3600:.2f} h",
+        flush=True,
+    )
+    block = opt = pending = None  # free the packed block before the solo runs (not del: step() closes over them)
 
     # ---- unpacked: each width alone through the solo run's own Lightning training step ------------
     class Timer(L.Callback):
@@ -202,7 +264,7 @@ def cuda(args) -> None:
     solo_steps = max(10, -(-solo_steps // 10) * 10)
     solo_total, solo_peak = 0.0, 0.0
     per_width = []
-    for overrides, w in zip(sweep, widths):
+    for overrides, _w in zip(sweep, widths):
         n = solo_warm + solo_steps
         cfg = load_config(overrides + (f"trainer.steps={n}", f"trainer.eval_every={n}"))
         L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -219,15 +281,22 @@ def cuda(args) -> None:
         if gpu:
             solo_peak = max(solo_peak, torch.cuda.max_memory_allocated() / 2**30)
     solo_total += eval_all * n_evals  # the same evaluations, run by each width's own run
-    print("unpacked ms/step by width: " + ", ".join(f"{w}:{t * 1e3:.2f}" for w, t in zip(widths, per_width)), flush=True)
-    print(f"unpacked: {len(widths)} runs one after another, each timed for {solo_steps} steps (after {solo_warm}); "
-          f"peak GPU memory {solo_peak:.2f} GiB; projected {FULL_STEPS} steps + {n_evals} evaluations each: "
-          f"{solo_total / 3600:.2f} h", flush=True)
+    print(
+        "unpacked ms/step by width: " + ", ".join(f"{w}:{t * 1e3:.2f}" for w, t in zip(widths, per_width)), flush=True
+    )
+    print(
+        f"unpacked: {len(widths)} runs one after another, each timed for {solo_steps} steps (after {solo_warm}); "
+        f"peak GPU memory {solo_peak:.2f} GiB; projected {FULL_STEPS} steps + {n_evals} evaluations each: "
+        f"{solo_total / 3600:.2f} h",
+        flush=True,
+    )
     name = torch.cuda.get_device_name() if gpu else "CPU smoke run (tiny sizes, not the paper's)"
-    print(f"summary: {name}: the {len(widths)}-width sparse parity figure ({FULL_STEPS} steps) packed "
-          f"{packed_total / 3600:.2f} h, unpacked {solo_total / 3600:.2f} h, ratio {solo_total / packed_total:.1f}x; "
-          f"packed fits in an hour: {'yes' if packed_total <= 3600 else 'no'}; training loop + evaluations, W&B excluded",
-          flush=True)
+    print(
+        f"summary: {name}: the {len(widths)}-width sparse parity figure ({FULL_STEPS} steps) packed "
+        f"{packed_total / 3600:.2f} h, unpacked {solo_total / 3600:.2f} h, ratio {solo_total / packed_total:.1f}x; "
+        f"packed fits in an hour: {'yes' if packed_total <= 3600 else 'no'}; training loop + evaluations, W&B excluded",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -236,13 +305,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--pack", type=int, default=16)
-    ap.add_argument("--pack-workers", type=int, default=None, help="--workers of the packed sweep (default: the controller's, one per core on a CPU)")
+    ap.add_argument(
+        "--pack-workers",
+        type=int,
+        default=None,
+        help="--workers of the packed sweep (default: the controller's, one per core on a CPU)",
+    )
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--warmup", type=int, default=50, help="--device cuda: packed steps before timing")
-    ap.add_argument("--solo-steps", type=int, default=None,
-                    help="--device cuda: timed steps of each unpacked width (default 200; 10 with --smoke-on-cpu)")
-    ap.add_argument("--smoke-on-cpu", action="store_true",
-                    help="--device cuda: run the GPU benchmark's code on the CPU at tiny sizes (a check before GPU time)")
+    ap.add_argument(
+        "--solo-steps",
+        type=int,
+        default=None,
+        help="--device cuda: timed steps of each unpacked width (default 200; 10 with --smoke-on-cpu)",
+    )
+    ap.add_argument(
+        "--smoke-on-cpu",
+        action="store_true",
+        help="--device cuda: run the GPU benchmark's code on the CPU at tiny sizes (a check before GPU time)",
+    )
     args = ap.parse_args()
     if args.device == "cuda":
         args.steps = args.steps or 2000

@@ -16,6 +16,7 @@ logits are hundreds of nats apart, as for most of a 50k-step run):
 
 Prints each per member-step and the ratios packed / solo and floor / solo.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,9 @@ def main() -> None:
     model = make_model(cfg)
     a, b, y = ModularData(cfg).tensors("cpu")["train"]
     o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps
+    )
 
     def solo_step(_):
         loss = loss_fn(model(a, b), y, o.loss)
@@ -90,11 +93,16 @@ def main() -> None:
 
     cpu_ms(products, 20)
     floor = cpu_ms(products, args.steps) / args.members
-    print(f"PAIR step, CPU time of one thread per member-step, after {args.warmup} steps: solo {solo:.3f} ms, "
-          f"packed ({args.members} members) {packed:.3f} ms, floor (the packed step's matrix products) {floor:.3f} ms",
-          flush=True)
-    print(f"packed / solo = {packed / solo:.2f}x; floor / solo = {floor / solo:.2f}x "
-          f"(the best a packed seed study can do against the unpacked one on these cores, start-up aside)", flush=True)
+    print(
+        f"PAIR step, CPU time of one thread per member-step, after {args.warmup} steps: solo {solo:.3f} ms, "
+        f"packed ({args.members} members) {packed:.3f} ms, floor (the packed step's matrix products) {floor:.3f} ms",
+        flush=True,
+    )
+    print(
+        f"packed / solo = {packed / solo:.2f}x; floor / solo = {floor / solo:.2f}x "
+        f"(the best a packed seed study can do against the unpacked one on these cores, start-up aside)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

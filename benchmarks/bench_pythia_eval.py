@@ -15,6 +15,7 @@ the work on a CPU).
 Memory: peak RSS of the harness pipeline in a fresh process for N and 4N documents (pile_100 cycled):
 flat, because documents stream through `sort_buffer` at a time and rows leave in row groups.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,17 @@ def setup(args):
     tok = lm.Tokenizer(tokenizers.Tokenizer.from_file(os.path.join(root, "pythia", "tokenizer.json")))
     torch.manual_seed(0)
     model = make_model(SuiteModel(d_model=args.d_model, n_layers=args.layers), 50304).eval()
-    cfg = load_config(["task=pythia_eval", f"data_dir={root}", "data.source=pile/pile_100.jsonl",
-                       f"data.n_docs={args.docs}", f"data.context_length={args.context}",
-                       f"eval.batch_tokens={args.batch_tokens}", f"eval.head_chunk={args.head_chunk}"])
+    cfg = load_config(
+        [
+            "task=pythia_eval",
+            f"data_dir={root}",
+            "data.source=pile/pile_100.jsonl",
+            f"data.n_docs={args.docs}",
+            f"data.context_length={args.context}",
+            f"eval.batch_tokens={args.batch_tokens}",
+            f"eval.head_chunk={args.head_chunk}",
+        ]
+    )
     return tok, model, cfg, os.path.join(root, "pile", "pile_100.jsonl")
 
 
@@ -78,10 +87,10 @@ def head_only(model, tok, texts: list[str], context: int, chunk: int, tile: int)
             if len(ids) >= 2:
                 hidden = torch.randn(len(ids) - 1, weight.shape[1])
                 for s in range(0, len(hidden), chunk):
-                    h = hidden[s:s + chunk]
+                    h = hidden[s : s + chunk]
                     for v in range(0, weight.shape[0], tile):
-                        w = weight[v:v + tile]
-                        torch.mm(h, w.t(), out=buf.view(-1)[:len(h) * len(w)].view(len(h), len(w)))
+                        w = weight[v : v + tile]
+                        torch.mm(h, w.t(), out=buf.view(-1)[: len(h) * len(w)].view(len(h), len(w)))
                 n += len(ids) - 1
     return n
 
@@ -95,8 +104,12 @@ def harness(losses: lm.TokenLosses, cfg, tok, source: str, out_path: str) -> int
             loss = losses(ids, mask)
             real = mask[:, 1:].bool()
             pos = torch.arange(1, ids.shape[1]).expand_as(real)
-            writer.add(doc=b["doc"][:, None].expand_as(real)[real].numpy(), pos=pos[real].numpy(),
-                       token=ids[:, 1:][real].numpy(), loss=loss.numpy())
+            writer.add(
+                doc=b["doc"][:, None].expand_as(real)[real].numpy(),
+                pos=pos[real].numpy(),
+                token=ids[:, 1:][real].numpy(),
+                loss=loss.numpy(),
+            )
             n += len(loss)
     writer.close()
     return n
@@ -151,9 +164,23 @@ def memory_child(args) -> None:
 def memory(args, sizes: list[int]) -> list[dict]:
     out = []
     for docs in sizes:
-        argv = [sys.executable, __file__, "--memory-child", "--docs", str(docs), "--d-model", str(args.d_model),
-                "--layers", str(args.layers), "--context", str(args.context), "--batch-tokens", str(args.batch_tokens),
-                "--head-chunk", str(args.head_chunk)]
+        argv = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            "--docs",
+            str(docs),
+            "--d-model",
+            str(args.d_model),
+            "--layers",
+            str(args.layers),
+            "--context",
+            str(args.context),
+            "--batch-tokens",
+            str(args.batch_tokens),
+            "--head-chunk",
+            str(args.head_chunk),
+        ]
         proc = subprocess.run(argv, capture_output=True, text=True, check=True)
         out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return out
@@ -176,15 +203,25 @@ def main() -> None:
         return memory_child(args)
     s = speed(args)
     r = s["tokens_per_s"]
-    print(f"model d_model={args.d_model} layers={args.layers} vocab=50304, {args.docs} docs, {s['tokens']} tokens, 1 thread")
-    print(f"reference (1 doc/forward, grad): {r['reference']:8.0f} tokens/s   runs: {[round(x) for x in s['all']['reference']]}")
-    print(f"harness (batched, inference):    {r['harness']:8.0f} tokens/s   runs: {[round(x) for x in s['all']['harness']]}")
+    print(
+        f"model d_model={args.d_model} layers={args.layers} vocab=50304, {args.docs} docs, {s['tokens']} tokens, 1 thread"
+    )
+    print(
+        f"reference (1 doc/forward, grad): {r['reference']:8.0f} tokens/s   runs: {[round(x) for x in s['all']['reference']]}"
+    )
+    print(
+        f"harness (batched, inference):    {r['harness']:8.0f} tokens/s   runs: {[round(x) for x in s['all']['harness']]}"
+    )
     print(f"speed-up: {s['ratio']:.2f}x (target >= 3x)")
-    print(f"unembedding matmul alone (fastest schedule): {r['head']:5.0f} tokens/s: no exact float32 evaluation "
-          f"can beat the reference by more than {r['head'] / r['reference']:.2f}x on this machine")
+    print(
+        f"unembedding matmul alone (fastest schedule): {r['head']:5.0f} tokens/s: no exact float32 evaluation "
+        f"can beat the reference by more than {r['head'] / r['reference']:.2f}x on this machine"
+    )
     for m in memory(args, [args.memory_docs, 4 * args.memory_docs]):
-        print(f"peak RSS, {m['docs']:5d} docs / {m['tokens']:7d} tokens: {m['peak_rss_mib']:.0f} MiB "
-              f"(after loading the model: {m['after_setup_mib']:.0f} MiB)")
+        print(
+            f"peak RSS, {m['docs']:5d} docs / {m['tokens']:7d} tokens: {m['peak_rss_mib']:.0f} MiB "
+            f"(after loading the model: {m['after_setup_mib']:.0f} MiB)"
+        )
 
 
 if __name__ == "__main__":

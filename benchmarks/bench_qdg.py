@@ -15,6 +15,7 @@ of the blocked similarity at two sample counts.
 2. Memory. Exact blocked similarity of n per-sample MLP gradients (P ~ 25k) in a child process
    each: peak RSS growth (VmHWM) against the bound n x n float32 + resident gradient rows + one block.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,23 @@ def model(d: int, layers: int, seed: int = 0):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    cfg = GPTNeoXConfig(vocab_size=50304, hidden_size=d, num_hidden_layers=layers, num_attention_heads=max(1, d // 32),
-                        intermediate_size=4 * d, max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True)
+    cfg = GPTNeoXConfig(
+        vocab_size=50304,
+        hidden_size=d,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, d // 32),
+        intermediate_size=4 * d,
+        max_position_embeddings=2048,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+    )
     return GPTNeoXForCausalLM(cfg).eval()
 
 
 def documents(n: int, length: int) -> list[list[int]]:
-    data = os.environ.get("HARNESS_DATA_DIR") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+    data = os.environ.get("HARNESS_DATA_DIR") or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"
+    )
     tok, pile = os.path.join(data, "pythia", "tokenizer.json"), os.path.join(data, "pile", "pile_100.jsonl")
     if os.path.exists(tok) and os.path.exists(pile):
         import tokenizers
@@ -77,10 +88,14 @@ def speed(args) -> None:
         paper = torch.nn.functional.normalize(paper, dim=1)
         diff = (ours @ ours.T - paper @ paper.T).abs().max().item()
         per_doc = len(doc) / len(docs)
-        print(f"{len(doc)} tokens ({per_doc:.0f} per document of {args.length}), P={src.dim} parameters, "
-              f"GPT-NeoX d_model={args.d_model}, {args.layers} layers, {args.threads} thread(s):")
-        print(f"  paper (full-document forward+backward per token): {t_paper:.2f} s; "
-              f"shared forward + batched backward: {t_ours:.2f} s; max |C diff| = {diff:.2e}")
+        print(
+            f"{len(doc)} tokens ({per_doc:.0f} per document of {args.length}), P={src.dim} parameters, "
+            f"GPT-NeoX d_model={args.d_model}, {args.layers} layers, {args.threads} thread(s):"
+        )
+        print(
+            f"  paper (full-document forward+backward per token): {t_paper:.2f} s; "
+            f"shared forward + batched backward: {t_ours:.2f} s; max |C diff| = {diff:.2e}"
+        )
         print(f"  speed-up at {per_doc:.0f} tokens/document: {t_paper / t_ours:.1f}x")
 
 
@@ -88,8 +103,9 @@ def memory_child(n: int, block: int, resident_mb: int) -> None:
     """One measurement in a fresh process: VmHWM growth over the similarity computation."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 32), torch.nn.ReLU(),
-                              torch.nn.Linear(32, 2))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2)
+    )
     x, y = torch.randn(n, 64), torch.randint(0, 2, (n,))
     src = core.MLPGrads(net, core.select_params(net), x, y)
     src.grads(np.arange(block))  # warm-up: vmap compilation and allocator pools before the baseline
@@ -99,8 +115,19 @@ def memory_child(n: int, block: int, resident_mb: int) -> None:
     core.exact_similarity(src, block=block, max_grad_bytes=resident_mb << 20, stats=stats)
     dt = time.perf_counter() - t
     bound = 4 * n * n + (resident_mb << 20) + 2 * 4 * block * src.dim
-    print(json.dumps({"n": n, "P": src.dim, "peak_growth_mb": (_hwm() - base) / 2**20, "matrix_mb": 4 * n * n / 2**20,
-                      "bound_mb": bound / 2**20, "gradients_computed": stats["gradients_computed"], "seconds": dt}))
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "P": src.dim,
+                "peak_growth_mb": (_hwm() - base) / 2**20,
+                "matrix_mb": 4 * n * n / 2**20,
+                "bound_mb": bound / 2**20,
+                "gradients_computed": stats["gradients_computed"],
+                "seconds": dt,
+            }
+        )
+    )
 
 
 def _hwm() -> int:
@@ -113,13 +140,28 @@ def _hwm() -> int:
 
 def memory(args) -> None:
     for n in [int(v) for v in args.n.split(",")]:
-        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--block", str(args.block),
-                              "--resident-mb", str(args.resident_mb)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(n),
+                "--block",
+                str(args.block),
+                "--resident-mb",
+                str(args.resident_mb),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"n={r['n']:>6}: peak growth {r['peak_growth_mb']:.0f} MiB; n x n float32 {r['matrix_mb']:.0f} MiB; "
-              f"bound (matrix + {args.resident_mb} MiB resident rows + one {args.block}-row block) {r['bound_mb']:.0f} MiB; "
-              f"{'within' if r['peak_growth_mb'] <= r['bound_mb'] else 'ABOVE'} bound; {r['gradients_computed']} gradient "
-              f"rows computed (P={r['P']}) in {r['seconds']:.1f} s")
+        print(
+            f"n={r['n']:>6}: peak growth {r['peak_growth_mb']:.0f} MiB; n x n float32 {r['matrix_mb']:.0f} MiB; "
+            f"bound (matrix + {args.resident_mb} MiB resident rows + one {args.block}-row block) {r['bound_mb']:.0f} MiB; "
+            f"{'within' if r['peak_growth_mb'] <= r['bound_mb'] else 'ABOVE'} bound; {r['gradients_computed']} gradient "
+            f"rows computed (P={r['P']}) in {r['seconds']:.1f} s"
+        )
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ Then times the whole report as a user runs it (a subprocess: imports, run loadin
 plots, report.md/html): cold (run-store cache removed), cached, and cached with --log (offline).
 Target: < 60 s for 500 runs x 100 subtasks. Generation is not timed against the target.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,14 @@ def curves(width: int, seed: int, n_sub: int, steps: np.ndarray) -> pd.DataFrame
     drop = 1 / (1 + np.exp(-(s - mid) / 0.03))  # sudden: 10-90% within 0.13 decade of steps
     loss = math.log(2) * (1 - np.where(learned, drop, 0.0) * 0.995) + rng.normal(0, 0.004, drop.shape)
     acc = 0.5 + 0.5 * np.where(learned, drop, 0.0) + rng.normal(0, 0.01, drop.shape)
-    return pd.DataFrame({"step": np.repeat(steps[None, :], n_sub, 0).ravel().astype("int64"),
-                         "item": np.repeat(np.arange(n_sub), len(steps)).astype("int64"),
-                         "loss": np.abs(loss).ravel(), "acc": np.clip(acc, 0, 1).ravel()})
+    return pd.DataFrame(
+        {
+            "step": np.repeat(steps[None, :], n_sub, 0).ravel().astype("int64"),
+            "item": np.repeat(np.arange(n_sub), len(steps)).astype("int64"),
+            "loss": np.abs(loss).ravel(),
+            "acc": np.clip(acc, 0, 1).ravel(),
+        }
+    )
 
 
 def make_runs(jobs: list[tuple[int, int]], root: str, n_sub: int, n_evals: int) -> None:
@@ -55,24 +61,47 @@ def make_runs(jobs: list[tuple[int, int]], root: str, n_sub: int, n_evals: int) 
     os.makedirs(tmp, exist_ok=True)
     for width, seed in jobs:
         params = (n_sub + 32) * width + width + width * 2 + 2  # one hidden layer, n = 32 bits
-        cfg = {"task": "sparse_parity", "seed": seed, "model": {"width": int(width)},
-               "data": {"n_tasks": n_sub, "n": 32, "k": 3, "zipf_alpha": 0.4}, "eval": {"threshold_bits": 0.1},
-               "trainer": {"steps": int(steps[-1]), "eval_every": int(steps[1])}}
-        run = wandb.init(project="bench-report", config=cfg, job_type="train", name=f"sparse_parity[width={width},seed={seed}]",
-                         dir=root, settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True),
-                         reinit="finish_previous")
+        cfg = {
+            "task": "sparse_parity",
+            "seed": seed,
+            "model": {"width": int(width)},
+            "data": {"n_tasks": n_sub, "n": 32, "k": 3, "zipf_alpha": 0.4},
+            "eval": {"threshold_bits": 0.1},
+            "trainer": {"steps": int(steps[-1]), "eval_every": int(steps[1])},
+        }
+        run = wandb.init(
+            project="bench-report",
+            config=cfg,
+            job_type="train",
+            name=f"sparse_parity[width={width},seed={seed}]",
+            dir=root,
+            settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True),
+            reinit="finish_previous",
+        )
         run.define_metric("trainer/global_step")
         run.define_metric("*", step_metric="trainer/global_step")
         run.define_metric("val/loss", summary="min,last")
         c = curves(int(width), seed, n_sub, steps)
         thr = 0.1 * math.log(2)
         for st, g in c.groupby("step", sort=True):
-            run.log({"trainer/global_step": int(st), "val/loss": float(g["loss"].mean()), "val/acc": float(g["acc"].mean()),
-                     "emergence/n_below": int((g["loss"] < thr).sum())})
+            run.log(
+                {
+                    "trainer/global_step": int(st),
+                    "val/loss": float(g["loss"].mean()),
+                    "val/acc": float(g["acc"].mean()),
+                    "emergence/n_below": int((g["loss"] < thr).sum()),
+                }
+            )
         below = c.pivot(index="item", columns="step", values="loss") < thr
-        run.summary.update({"model/params": params, "emergence/n_learned": int(below.any(axis=1).sum()),
-                            "emergence/n_below_end": int(below.iloc[:, -1].sum()), "emergence/last_step": int(steps[-1]),
-                            "emergence/threshold_nats": thr})
+        run.summary.update(
+            {
+                "model/params": params,
+                "emergence/n_learned": int(below.any(axis=1).sum()),
+                "emergence/n_below_end": int(below.iloc[:, -1].sum()),
+                "emergence/last_step": int(steps[-1]),
+                "emergence/threshold_nats": thr,
+            }
+        )
         path = os.path.join(tmp, f"{run.id}-subtask.parquet")
         c.to_parquet(path, index=False)
         art = wandb.Artifact(f"curves-{run.id}", type="curves")
@@ -99,8 +128,13 @@ def generate(root: str, n_runs: int, n_sub: int, n_evals: int, procs: int) -> fl
 def timed_report(root: str, out: str, *extra: str) -> float:
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=REPO)
     t, r0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([sys.executable, "-m", "analysis.report", os.path.join(root, "wandb"), "--out", out, *extra],
-                          cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis.report", os.path.join(root, "wandb"), "--out", out, *extra],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     dt = time.time() - t
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
@@ -149,7 +183,9 @@ def main() -> None:
     print(f"report, cached: {warm:.1f} s")
     logged = timed_report(args.dir, out, "--log")
     print(f"report, cached, --log (offline analysis runs): {logged:.1f} s")
-    print(f"target < 60 s: {'met' if max(cold, logged) < 60 else 'NOT met'} (cold {cold:.1f} s, with --log {logged:.1f} s)")
+    print(
+        f"target < 60 s: {'met' if max(cold, logged) < 60 else 'NOT met'} (cold {cold:.1f} s, with --log {logged:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ interleaved (so load on the machine hits both alike); median of the repeats. Tar
 The harness side includes Lightning and W&B logging (offline); start-up (imports, wandb.init) is
 excluded on both sides: the clock runs from the first training step to the end of the last eval.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,12 @@ def plain_run(overrides: list[str]) -> float:
     L.seed_everything(cfg.seed, verbose=False)
     job = build(cfg)
     model, data, module = job.module.model, job.datamodule, job.module
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                            betas=(cfg.optim.beta1, cfg.optim.beta2))
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+    )
     cpu = torch.device("cpu")
     logged = []
     t0 = time.perf_counter()
@@ -88,10 +93,19 @@ def main() -> None:
     p.add_argument("--steps-per-batch", type=int, default=10)
     args = p.parse_args()
     torch.set_num_threads(1)
-    overrides = ["task=sparse_parity", "data.n_tasks=32", "data.n=32", "data.batch_size=4096",
-                 f"model.width={args.width}", f"trainer.steps={args.steps}", "trainer.eval_every=200",
-                 "trainer.progress_bar=false", "trainer.threads=1", f"wandb.dir={tempfile.mkdtemp()}",
-                 f"trainer.steps_per_batch={args.steps_per_batch}"]
+    overrides = [
+        "task=sparse_parity",
+        "data.n_tasks=32",
+        "data.n=32",
+        "data.batch_size=4096",
+        f"model.width={args.width}",
+        f"trainer.steps={args.steps}",
+        "trainer.eval_every=200",
+        "trainer.progress_bar=false",
+        "trainer.threads=1",
+        f"wandb.dir={tempfile.mkdtemp()}",
+        f"trainer.steps_per_batch={args.steps_per_batch}",
+    ]
     harness_s, plain_s = [], []
     for _ in range(args.repeats):
         plain_s.append(plain_run(overrides))

@@ -9,6 +9,7 @@ the harness's overhead beyond the floor (median of the paired differences) are p
 average. Target: overhead < 1 s. The tiny run trains `--steps` optimizer steps of a 4-subtask sparse
 parity model on one thread (a few ms of training): the rest of its time is start-up and shut-down.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,19 @@ run.finish()
 
 
 def tiny_run(steps: int) -> list[str]:
-    return ["task=sparse_parity", "data.n_tasks=4", "data.n=8", "data.k=2", "data.batch_size=256",
-            "eval.test_per_task=200", f"trainer.steps={steps}", f"trainer.eval_every={steps}",
-            "trainer.progress_bar=false", "trainer.threads=1", "model.width=8"]
+    return [
+        "task=sparse_parity",
+        "data.n_tasks=4",
+        "data.n=8",
+        "data.k=2",
+        "data.batch_size=256",
+        "eval.test_per_task=200",
+        f"trainer.steps={steps}",
+        f"trainer.eval_every={steps}",
+        "trainer.progress_bar=false",
+        "trainer.threads=1",
+        "model.width=8",
+    ]
 
 
 def wall(argv: list[str], env: dict) -> tuple[float, float]:
@@ -60,11 +71,12 @@ def main() -> None:
     args = p.parse_args()
     harness = [sys.executable, "-m", "harness", "train"]
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp,
-               "OMP_NUM_THREADS": "1"}
-        cases = {"floor (import torch+lightning+wandb, init, finish)": [sys.executable, "-c", FLOOR, tmp],
-                 f"harness train (tiny run, {args.steps} steps)": harness + tiny_run(args.steps),
-                 "harness train task=sparse_parity --cfg": harness + ["task=sparse_parity", "--cfg"]}
+        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp, "OMP_NUM_THREADS": "1"}
+        cases = {
+            "floor (import torch+lightning+wandb, init, finish)": [sys.executable, "-c", FLOOR, tmp],
+            f"harness train (tiny run, {args.steps} steps)": harness + tiny_run(args.steps),
+            "harness train task=sparse_parity --cfg": harness + ["task=sparse_parity", "--cfg"],
+        }
         for argv in cases.values():  # warm the file cache once; not timed
             wall(argv, env)
         print(f"load average before: {load()}  ({os.cpu_count()} CPUs)", flush=True)
@@ -75,18 +87,26 @@ def main() -> None:
                 w, c = wall(argv, env)
                 times[name].append(w)
                 cpu[name].append(c)
-            print(f"repeat {i + 1}: " + ", ".join(f"{times[n][-1]:.2f} s ({cpu[n][-1]:.2f} s CPU)" for n in cases)
-                  + f"  (load {load()})", flush=True)
+            print(
+                f"repeat {i + 1}: "
+                + ", ".join(f"{times[n][-1]:.2f} s ({cpu[n][-1]:.2f} s CPU)" for n in cases)
+                + f"  (load {load()})",
+                flush=True,
+            )
         print(f"load average after:  {load()}", flush=True)
     for name in cases:
         t, c = times[name], cpu[name]
-        print(f"{name:55s} wall median {statistics.median(t):6.2f} s (min {min(t):.2f}, max {max(t):.2f}); "
-              f"CPU median {statistics.median(c):6.2f} s  n={len(t)}")
+        print(
+            f"{name:55s} wall median {statistics.median(t):6.2f} s (min {min(t):.2f}, max {max(t):.2f}); "
+            f"CPU median {statistics.median(c):6.2f} s  n={len(t)}"
+        )
     floor, run = list(cases)[:2]
     for what, d in (("wall", times), ("CPU", cpu)):
         paired = [r - f for r, f in zip(d[run], d[floor])]
-        print(f"harness overhead beyond the floor ({what}): median {statistics.median(paired):+.2f} s "
-              f"(paired differences {', '.join(f'{x:+.2f}' for x in paired)}); target < 1 s")
+        print(
+            f"harness overhead beyond the floor ({what}): median {statistics.median(paired):+.2f} s "
+            f"(paired differences {', '.join(f'{x:+.2f}' for x in paired)}); target < 1 s"
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ AdamW, one thread) as built, and the same with every initial weight multiplied b
 seed 7 at 35.6k and 49.8k, seed 4 at 21.5k and 37.0k. Packed and solo runs round differently, so
 their grokking steps differ by as much over a long run.
 """
+
 from __future__ import annotations
 
 import sys
@@ -28,7 +29,9 @@ def grok_step(seed: int, nudge: float, steps: int = 50000) -> int | None:
     t = ModularData(cfg).tensors("cpu")
     (a, b, y), (va, vb, vy) = t["train"], t["val"]
     o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps
+    )
     for step in range(1, steps + 1):
         loss = loss_fn(model(a, b), y, o.loss)
         opt.zero_grad()
@@ -44,8 +47,11 @@ def grok_step(seed: int, nudge: float, steps: int = 50000) -> int | None:
 def main() -> None:
     torch.set_num_threads(1)
     for seed in [int(s) for s in sys.argv[1:]] or [7]:
-        print(f"seed {seed}: val acc 0.99 at {grok_step(seed, 0.0)} as built, at {grok_step(seed, 2.0 ** -23)} "
-              "with every initial weight moved by one ulp (None: not by 50k)", flush=True)
+        print(
+            f"seed {seed}: val acc 0.99 at {grok_step(seed, 0.0)} as built, at {grok_step(seed, 2.0**-23)} "
+            "with every initial weight moved by one ulp (None: not by 50k)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The `harness` command: train, sweep, agent, runs, sync, tasks."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,10 @@ def cmd_train(args) -> int:
     if summary is None:  # a DDP rank other than 0: rank 0 prints the run's line
         return 0
     # The controller reads the result file (harness.config.results); the line is for people and scripts.
-    write_results(result_file, {summary["_run_id"]: entry("finished", {k: v for k, v in summary.items()
-                                                                       if not k.startswith("_")})})
+    write_results(
+        result_file,
+        {summary["_run_id"]: entry("finished", {k: v for k, v in summary.items() if not k.startswith("_")})},
+    )
     sys.stdout.flush()
     print(result_line(summary), flush=True)
     return 0
@@ -52,8 +55,9 @@ def _packed_member(cfg, overrides) -> int | None:
     if not packed_resume_point(cfg, run_id):
         return None
     print(f"harness: run {run_id} resumes from its packed checkpoint (a block of one)", file=sys.stderr, flush=True)
-    return run_members([Member(0, cfg, list(overrides), run_id, os.environ.get("WANDB_SWEEP_PARAM_PATH"))],
-                       os.environ.get(RESULT_ENV))
+    return run_members(
+        [Member(0, cfg, list(overrides), run_id, os.environ.get("WANDB_SWEEP_PARAM_PATH"))], os.environ.get(RESULT_ENV)
+    )
 
 
 def cmd_config(args) -> int:
@@ -78,8 +82,10 @@ def cmd_sweep(args) -> int:
         from harness.dry_run import dry_run
 
         if args.estimate_steps < 0:
-            raise UserError(f"--estimate-steps {args.estimate_steps}: optimizer steps timed, an integer >= 1 "
-                            "(0: list the runs only)")
+            raise UserError(
+                f"--estimate-steps {args.estimate_steps}: optimizer steps timed, an integer >= 1 "
+                "(0: list the runs only)"
+            )
         return dry_run(args.yaml, args.workers, args.pack, args.count, args.estimate_steps, args.estimate_steps > 0)
     from harness.sweep.local import create_local_sweep, run_agent
     from harness.sweep.spec import load_sweep_yaml
@@ -94,8 +100,14 @@ def cmd_sweep(args) -> int:
             from harness.sweep.packed_agent import check_pack
 
             check_pack(load_sweep_yaml(args.yaml), args.pack)
-        sweep_id = create_local_sweep(args.yaml, args.wandb_dir, count=args.count, will_run=not args.no_run,
-                                      project=args.project, entity=args.entity)
+        sweep_id = create_local_sweep(
+            args.yaml,
+            args.wandb_dir,
+            count=args.count,
+            will_run=not args.no_run,
+            project=args.project,
+            entity=args.entity,
+        )
         print(sweep_id, flush=True)
         if args.no_run:
             return 0
@@ -103,8 +115,10 @@ def cmd_sweep(args) -> int:
         print(sweep_id, flush=True)
         return code
     if args.pack is not None:
-        raise UserError(f"--pack {args.pack} needs --local: packing is a local-controller feature (W&B's sweep "
-                        "server hands one run to each `wandb agent`)")
+        raise UserError(
+            f"--pack {args.pack} needs --local: packing is a local-controller feature (W&B's sweep "
+            "server hands one run to each `wandb agent`)"
+        )
     sweep_id = create_wandb_sweep(args.yaml, project=args.project, entity=args.entity)
     print(sweep_id, flush=True)
     return 0
@@ -116,8 +130,10 @@ def cmd_agent(args) -> int:
 
     if "/" in args.sweep_id:  # entity/project/id: a W&B sweep, run by W&B's own agent
         if args.pack is not None:
-            raise UserError(f"--pack {args.pack}: packing is a local-controller feature; W&B's sweep server hands "
-                            "one run to each `wandb agent`")
+            raise UserError(
+                f"--pack {args.pack}: packing is a local-controller feature; W&B's sweep server hands "
+                "one run to each `wandb agent`"
+            )
         return run_wandb_agent(args.sweep_id, args.count)
     return run_agent(args.sweep_id, args.wandb_dir, workers=args.workers, count=args.count, pack=args.pack)
 
@@ -149,11 +165,15 @@ def cmd_runs(args) -> int:
     errors = table.attrs.get("errors", [])
     corrupt = int(table["corrupt"].sum()) if "corrupt" in table else 0
     if errors:
-        print(f"harness runs: {len(errors)} run file(s) failed to load (listed above); "
-              f"{len(table)} run(s) loaded", file=sys.stderr)
+        print(
+            f"harness runs: {len(errors)} run file(s) failed to load (listed above); {len(table)} run(s) loaded",
+            file=sys.stderr,
+        )
     if corrupt:
-        print(f"harness runs: {corrupt} run(s) marked corrupt (damaged records dropped; column 'corrupt')",
-              file=sys.stderr)
+        print(
+            f"harness runs: {corrupt} run(s) marked corrupt (damaged records dropped; column 'corrupt')",
+            file=sys.stderr,
+        )
     return 1 if errors and not len(table) else 0
 
 
@@ -168,10 +188,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train one run: harness train task=sparse_parity model.width=64",
-                       epilog="tasks: `harness tasks`; every key of a task with its default, type and meaning: "
-                              "`harness train task=NAME --cfg`. --key=value (what wandb agent passes for "
-                              "${args}) is read as key=value.")
+    t = sub.add_parser(
+        "train",
+        help="train one run: harness train task=sparse_parity model.width=64",
+        epilog="tasks: `harness tasks`; every key of a task with its default, type and meaning: "
+        "`harness train task=NAME --cfg`. --key=value (what wandb agent passes for "
+        "${args}) is read as key=value.",
+    )
     t.add_argument("overrides", nargs="*", help="key=value config overrides (task=NAME first)")
     t.add_argument("--cfg", action="store_true", help="print the resolved config (defaults, types, comments) and exit")
     t.set_defaults(fn=cmd_train)
@@ -182,19 +205,36 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="validate a sweep YAML and create (and with --local, run) it")
     s.add_argument("yaml")
     s.add_argument("--local", action="store_true", help="run offline on this machine")
-    s.add_argument("--workers", type=int, default=None,
-                   help="runs (with --pack: packed processes) in parallel on this machine; default 1, with --pack "
-                        "one per CPU core without a GPU, else 1")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="runs (with --pack: packed processes) in parallel on this machine; default 1, with --pack "
+        "one per CPU core without a GPU, else 1",
+    )
     s.add_argument("--count", type=int, default=None, help="stop after this many runs")
     s.add_argument("--no-run", action="store_true", help="with --local: create the sweep only")
-    s.add_argument("--pack", type=int, default=None, metavar="M",
-                   help="with --local: train up to M grid points of a task that packs in one process (docs/packing.md)")
+    s.add_argument(
+        "--pack",
+        type=int,
+        default=None,
+        metavar="M",
+        help="with --local: train up to M grid points of a task that packs in one process (docs/packing.md)",
+    )
     s.add_argument("--wandb-dir", default=None, help="local wandb directory (default $WANDB_DIR/wandb, else ./wandb)")
-    s.add_argument("--dry-run", action="store_true",
-                   help="print the runs it would start, the grid and an estimate of its wall time on this machine "
-                        "(unpacked and with --pack), timed on a few steps of the costliest point; creates no sweep")
-    s.add_argument("--estimate-steps", type=int, default=50, metavar="K",
-                   help="with --dry-run: optimizer steps timed on the costliest point (default 50; 0: list the runs only)")
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the runs it would start, the grid and an estimate of its wall time on this machine "
+        "(unpacked and with --pack), timed on a few steps of the costliest point; creates no sweep",
+    )
+    s.add_argument(
+        "--estimate-steps",
+        type=int,
+        default=50,
+        metavar="K",
+        help="with --dry-run: optimizer steps timed on the costliest point (default 50; 0: list the runs only)",
+    )
     s.add_argument("--project", default=None, help="W&B project of the sweep and its runs (default: the YAML's)")
     s.add_argument("--entity", default=None, help="W&B entity (default: the YAML's, else yours)")
     s.set_defaults(fn=cmd_sweep)

@@ -7,6 +7,7 @@ point packed with M seeds through `harness sweep --local --pack M`. Their histor
 `_runtime`, which splits each into a fixed cost (start-up, wandb, shut-down), a training step and an
 evaluation; those extrapolate to the sweep's steps, evaluations and runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,10 +40,11 @@ def describe_sweep(path: str, count: int | None = None) -> tuple[dict, str, list
     lines.append("fixed: " + (" ".join(f"{k}={v}" for k, v in fixed.items()) or "(none)"))
     if points is None:
         n = count or cfg.get("run_cap")
-        lines.append(f"runs: drawn by W&B's {cfg.get('method')} engine while the sweep runs; "
-                     f"{f'{n} runs (--count or run_cap)' if n else 'no --count or run_cap: it would not stop'}")
-        lines += [f"  {k}: {spec}" for k, spec in flat_parameters(cfg.get("parameters") or {}).items()
-                  if k in varied]
+        lines.append(
+            f"runs: drawn by W&B's {cfg.get('method')} engine while the sweep runs; "
+            f"{f'{n} runs (--count or run_cap)' if n else 'no --count or run_cap: it would not stop'}"
+        )
+        lines += [f"  {k}: {spec}" for k, spec in flat_parameters(cfg.get("parameters") or {}).items() if k in varied]
     else:
         if count is not None:
             points = points[:count]
@@ -67,8 +69,13 @@ def _steps_of(task: str, point: dict) -> tuple[int, int, int]:
 
 def _timing_overrides(task: str, k: int, batch: int) -> dict:
     """K steps, evaluated at the start and the end, a train row per Lightning batch, no artifacts."""
-    out = {"trainer.steps": k, "trainer.eval_every": k, "trainer.log_every": batch,
-           "trainer.progress_bar": False, "trainer.ckpt_every": 0}
+    out = {
+        "trainer.steps": k,
+        "trainer.eval_every": k,
+        "trainer.log_every": batch,
+        "trainer.progress_bar": False,
+        "trainer.ckpt_every": 0,
+    }
     if "model.save" in valid_keys(config_class(task)):
         out["model.save"] = False
     return out
@@ -137,29 +144,49 @@ def time_packed(cfg: dict, task: str, point: dict, k: int, batch: int, members: 
         with open(path, "w") as f:
             yaml.safe_dump(sweep, f)
         wdir = os.path.join(tmp, "wandb")
-        argv = [sys.executable, "-m", "harness", "sweep", path, "--local", "--pack", str(members),
-                "--workers", "1", "--wandb-dir", wdir]
+        argv = [
+            sys.executable,
+            "-m",
+            "harness",
+            "sweep",
+            path,
+            "--local",
+            "--pack",
+            str(members),
+            "--workers",
+            "1",
+            "--wandb-dir",
+            wdir,
+        ]
         wall = _run(argv, _child_env(tmp, threads), f"{members} points packed")
         return _split(_history(wdir), wall, k)
 
 
-def estimate(cfg: dict, task: str, points: list[dict], workers: int, pack: int | None, pack_workers: int,
-             k: int) -> list[str]:
+def estimate(
+    cfg: dict, task: str, points: list[dict], workers: int, pack: int | None, pack_workers: int, k: int
+) -> list[str]:
     """Lines of the wall-time estimate, timed on the costliest point."""
     from harness.sweep.agent import threads_per_run
 
     top = plan.costliest(points)
     steps, eval_every, batch = _steps_of(task, top)
     k = max(batch, min(steps, k) // batch * batch)
-    lines = [f"estimate (timed on the costliest point, {k} steps: "
-             + " ".join(f"{key}={flatten(top).get(key)}" for key in varied_keys(cfg)) + "):"]
+    lines = [
+        f"estimate (timed on the costliest point, {k} steps: "
+        + " ".join(f"{key}={flatten(top).get(key)}" for key in varied_keys(cfg))
+        + "):"
+    ]
     solo = time_solo(task, top, k, batch, threads_per_run(workers))
     per_run = [solo.run_seconds(*_steps_of(task, p)[:2]) for p in points]
-    lines.append(f"  one run: {solo.fixed_s:.1f} s fixed (start-up, wandb, shut-down) + {solo.step_s * 1e3:.2f} ms/step "
-                 f"x {steps} steps + {solo.eval_s:.2f} s/eval; the costliest run {solo.run_seconds(steps, eval_every):.0f} s")
+    lines.append(
+        f"  one run: {solo.fixed_s:.1f} s fixed (start-up, wandb, shut-down) + {solo.step_s * 1e3:.2f} ms/step "
+        f"x {steps} steps + {solo.eval_s:.2f} s/eval; the costliest run {solo.run_seconds(steps, eval_every):.0f} s"
+    )
     total = plan.makespan(per_run, workers)
-    lines.append(f"  unpacked, --workers {workers}: {plan.hms(total)} ({total:.0f} s; each run counted at the "
-                 "costliest point's step time: an upper bound)")
+    lines.append(
+        f"  unpacked, --workers {workers}: {plan.hms(total)} ({total:.0f} s; each run counted at the "
+        "costliest point's step time: an upper bound)"
+    )
     m = pack or min(len(points), 8)
     try:
         packed = time_packed(cfg, task, top, k, batch, m, threads_per_run(pack_workers))
@@ -169,15 +196,20 @@ def estimate(cfg: dict, task: str, points: list[dict], workers: int, pack: int |
     block = packed.run_seconds(steps, eval_every)
     blocks = math.ceil(len(points) / m)
     total_p = plan.makespan([block] * blocks, pack_workers)
-    lines.append(f"  a packed block of {m}: {packed.fixed_s:.1f} s fixed + {packed.step_s * 1e3:.2f} ms/step "
-                 f"+ {packed.eval_s:.2f} s/eval = {block:.0f} s ({block / m:.0f} s a run)")
-    lines.append(f"  --pack {m}, --workers {pack_workers}: {plan.hms(total_p)} ({total_p:.0f} s; {blocks} blocks; "
-                 "points that do not share their unpackable keys need blocks of their own)")
+    lines.append(
+        f"  a packed block of {m}: {packed.fixed_s:.1f} s fixed + {packed.step_s * 1e3:.2f} ms/step "
+        f"+ {packed.eval_s:.2f} s/eval = {block:.0f} s ({block / m:.0f} s a run)"
+    )
+    lines.append(
+        f"  --pack {m}, --workers {pack_workers}: {plan.hms(total_p)} ({total_p:.0f} s; {blocks} blocks; "
+        "points that do not share their unpackable keys need blocks of their own)"
+    )
     return lines
 
 
-def dry_run(path: str, workers: int | None, pack: int | None, count: int | None, estimate_steps: int,
-            with_estimate: bool = True) -> int:
+def dry_run(
+    path: str, workers: int | None, pack: int | None, count: int | None, estimate_steps: int, with_estimate: bool = True
+) -> int:
     cfg, task, points, lines = describe_sweep(path, count)
     print("\n".join(lines), flush=True)
     if not with_estimate:
@@ -187,8 +219,11 @@ def dry_run(path: str, workers: int | None, pack: int | None, count: int | None,
         return 0
     from harness.sweep.packed_agent import default_workers
 
-    print("timing the costliest point (a few seconds of real runs, offline, in a temporary directory) ...",
-          file=sys.stderr, flush=True)
+    print(
+        "timing the costliest point (a few seconds of real runs, offline, in a temporary directory) ...",
+        file=sys.stderr,
+        flush=True,
+    )
     est = estimate(cfg, task, points, workers or 1, pack, workers or default_workers(), estimate_steps)
     print("\n".join(est), flush=True)
     print("no W&B run or sweep was created", file=sys.stderr)

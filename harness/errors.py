@@ -3,6 +3,7 @@
 They live here, below everything else in `harness`, so that any module (config, controller, run
 store, analysis) can raise them without importing the CLI that catches them.
 """
+
 from __future__ import annotations
 
 

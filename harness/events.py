@@ -10,9 +10,8 @@ survival analysis stores a time-to-event:
 so every event column is numeric (sortable and plottable in the W&B UI, a float or int dtype in
 pandas) and a censored run is never mistaken for one that got there at its last step.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import pandas as pd
 
@@ -24,13 +23,13 @@ REACHED = "/reached"
 PHASES = ("comprehension", "grokking", "memorization", "confusion")
 
 
-def event_fields(name: str, step: Optional[int], last_step: int) -> dict:
+def event_fields(name: str, step: int | None, last_step: int) -> dict:
     """{name: step, name/reached: True}, or {name: last_step, name/reached: False} if step is None."""
     reached = step is not None
     return {name: int(step if reached else last_step), name + REACHED: reached}
 
 
-def duration_fields(name: str, start: Optional[int], end: Optional[int], last_step: int) -> dict:
+def duration_fields(name: str, start: int | None, end: int | None, last_step: int) -> dict:
     """A duration from event `start` to event `end` (grok/delay = t_val99 - t_train99).
 
     Reached only when both happened. Otherwise the value is what was watched, a lower bound:
@@ -54,22 +53,24 @@ def read_event(table: pd.DataFrame, name: str, prefix: str = "summary.") -> tupl
     step = pd.to_numeric(table[col], errors="coerce")
     bad = table[col].notna() & step.isna()
     if bad.any():
-        raise UserError(f"column {col!r} holds non-numeric values ({table.loc[bad, col].iloc[0]!r}): "
-                        "runs logged before events were typed; re-run them")
+        raise UserError(
+            f"column {col!r} holds non-numeric values ({table.loc[bad, col].iloc[0]!r}): "
+            "runs logged before events were typed; re-run them"
+        )
     if flag not in table:
         raise UserError(f"no column {flag!r} beside {col!r}: cannot tell a reached event from a censored one")
     reached = table[flag].map(lambda v: v is True or v == 1 or str(v).lower() == "true").astype(bool)
     return step.astype(float), reached & step.notna()
 
 
-def reached_step(summary: dict, name: str) -> Optional[int]:
+def reached_step(summary: dict, name: str) -> int | None:
     """The step of event `name` in one run's summary dict, or None if it was never reached."""
     if not summary.get(name + REACHED):
         return None
     return int(summary[name])
 
 
-def grokking_phase(t_train: Optional[int], t_val: Optional[int], max_delay: int) -> str:
+def grokking_phase(t_train: int | None, t_val: int | None, max_delay: int) -> str:
     """Liu et al.'s four phases from the steps at which train and val reach the threshold."""
     if t_train is None:
         return "comprehension" if t_val is not None else "confusion"

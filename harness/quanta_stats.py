@@ -3,6 +3,7 @@ cluster sizes, their envelope over cluster counts and its log-log slope, and agr
 labels (adjusted Rand index, purity). Pure numpy/scipy/sklearn: the `quanta_discovery` task writes its
 summary with these and `analysis.quanta` recomputes its figures with the same code.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +31,7 @@ def envelope(size_lists: list[np.ndarray]) -> np.ndarray:
     top = max(len(s) for s in size_lists)
     out = np.zeros(top, dtype=np.int64)
     for s in size_lists:
-        out[:len(s)] = np.maximum(out[:len(s)], s)
+        out[: len(s)] = np.maximum(out[: len(s)], s)
     return out
 
 
@@ -49,13 +50,23 @@ def fit_slope(freqs: np.ndarray, rank_min: int = 101, rank_max: int = 1000, leve
     keep = (ranks >= rank_min) & (ranks <= hi) & (freqs > 0)
     out = {"rank_min": int(rank_min), "rank_max": int(hi), "n_ranks": int(keep.sum())}
     if keep.sum() < 3:
-        return {**out, "slope": float("nan"), "slope_lo": float("nan"), "slope_hi": float("nan"),
-                "intercept": float("nan")}
+        return {
+            **out,
+            "slope": float("nan"),
+            "slope_lo": float("nan"),
+            "slope_hi": float("nan"),
+            "intercept": float("nan"),
+        }
     x, y = np.log(ranks[keep]), np.log(freqs[keep])
     res = stats.linregress(x, y)
     half = stats.t.ppf(0.5 + level / 2, keep.sum() - 2) * res.stderr
-    return {**out, "slope": float(res.slope), "slope_lo": float(res.slope - half), "slope_hi": float(res.slope + half),
-            "intercept": float(res.intercept)}
+    return {
+        **out,
+        "slope": float(res.slope),
+        "slope_lo": float(res.slope - half),
+        "slope_hi": float(res.slope + half),
+        "intercept": float(res.intercept),
+    }
 
 
 def purity(true, pred) -> float:

@@ -2,6 +2,7 @@
 
 WANDB_MODE always wins; then the configured mode; then online iff credentials are configured.
 """
+
 from __future__ import annotations
 
 import netrc

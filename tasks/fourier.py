@@ -4,6 +4,7 @@ part and the rest. Pure torch; the modular-addition task computes them at every 
 the results (history, curves artifact), which is what analysis.grokking reads. Frequencies are the
 integers k = 1 .. p // 2 (k and p - k are the same real frequency); k = 0, the constant, is excluded.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,7 +49,7 @@ def key_frequencies(power: torch.Tensor, mass: float = 0.9, max_keys: int = 8) -
     order = torch.argsort(power, descending=True)
     cum = torch.cumsum(power[order], 0)
     n = int((cum < mass - 1e-12).sum()) + 1
-    return [int(k) + 1 for k in order[:min(n, max_keys, len(order))]]
+    return [int(k) + 1 for k in order[: min(n, max_keys, len(order))]]
 
 
 def sum_directions(p: int, keys: list[int], sign: int = 1, dtype=torch.float64) -> torch.Tensor:
@@ -70,8 +71,9 @@ def sum_directions(p: int, keys: list[int], sign: int = 1, dtype=torch.float64) 
     return torch.where(norms > 1e-9, u / norms.clamp_min(1e-12), torch.zeros_like(u))
 
 
-def restricted_excluded_logits(grid_logits: torch.Tensor, keys: list[int], sign: int = 1
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+def restricted_excluded_logits(
+    grid_logits: torch.Tensor, keys: list[int], sign: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Split logits over the full (a, b) grid [p * p, p] into the key-frequency part (plus the
     per-class mean) and the rest: (restricted, excluded), same shapes.
 

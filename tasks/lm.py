@@ -5,13 +5,14 @@ logits, and documents read from JSONL(.zst), a folder or a Hugging Face dataset.
 The loaders take any config with `model` (ModelConfig), `data` (DataConfig) and `data_dir`: a task's
 own run config, or an `LMSource`.
 """
+
 from __future__ import annotations
 
 import glob
 import io
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 VOCAB_SLACK = 128
 
 # -- model and tokenizer -------------------------------------------------------------------------
+
 
 def _local_path(path: str, cfg) -> str | None:
     if os.path.exists(path):
@@ -57,14 +59,20 @@ def load_model(cfg) -> nn.Module:
     local = local_model_dir(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            local or m.name, revision=None if local else m.revision, dtype=DTYPES[m.dtype],
-            local_files_only=bool(local) or _hub_offline())
+            local or m.name,
+            revision=None if local else m.revision,
+            dtype=DTYPES[m.dtype],
+            local_files_only=bool(local) or _hub_offline(),
+        )
     except (OSError, ValueError) as e:
         if local:
-            raise ConfigError(f"model.name={m.name!r}: the local directory holds no loadable causal LM "
-                              f"({str(e).splitlines()[0]})") from None
-        raise ConfigError(f"model.name={m.name!r} revision={m.revision!r} cannot be loaded: it needs the "
-                          "Hugging Face hub (unreachable or offline here) or a local model directory") from None
+            raise ConfigError(
+                f"model.name={m.name!r}: the local directory holds no loadable causal LM ({str(e).splitlines()[0]})"
+            ) from None
+        raise ConfigError(
+            f"model.name={m.name!r} revision={m.revision!r} cannot be loaded: it needs the "
+            "Hugging Face hub (unreachable or offline here) or a local model directory"
+        ) from None
     return model.eval()
 
 
@@ -92,38 +100,52 @@ def load_tokenizer(cfg) -> Tokenizer:
     if m.tokenizer:
         path = _local_path(m.tokenizer, cfg)
         if path is None or not os.path.isfile(path):
-            raise ConfigError(f"model.tokenizer={m.tokenizer!r} is not a tokenizer.json file (relative paths are under data_dir)")
+            raise ConfigError(
+                f"model.tokenizer={m.tokenizer!r} is not a tokenizer.json file (relative paths are under data_dir)"
+            )
         return Tokenizer(tokenizers.Tokenizer.from_file(path), m.add_special_tokens)
     from transformers import AutoTokenizer
 
     local = local_model_dir(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(local or m.name, revision=None if local else m.revision,
-                                            local_files_only=bool(local) or _hub_offline())
+        tok = AutoTokenizer.from_pretrained(
+            local or m.name, revision=None if local else m.revision, local_files_only=bool(local) or _hub_offline()
+        )
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.name={m.name!r} has no loadable tokenizer ({str(e).splitlines()[0]}); "
-                          "set model.tokenizer=PATH/tokenizer.json") from None
+        raise ConfigError(
+            f"model.name={m.name!r} has no loadable tokenizer ({str(e).splitlines()[0]}); "
+            "set model.tokenizer=PATH/tokenizer.json"
+        ) from None
     if getattr(tok, "backend_tokenizer", None) is None:
-        raise ConfigError(f"the tokenizer of {m.name!r} is not a fast tokenizer; set model.tokenizer=PATH/tokenizer.json")
+        raise ConfigError(
+            f"the tokenizer of {m.name!r} is not a fast tokenizer; set model.tokenizer=PATH/tokenizer.json"
+        )
     return Tokenizer(tok.backend_tokenizer, m.add_special_tokens)
 
 
 def check_vocab(model: nn.Module, tok: Tokenizer, names: str) -> None:
     rows = model.get_input_embeddings().num_embeddings
     if tok.size > rows or rows - tok.size > VOCAB_SLACK:
-        raise ConfigError(f"tokenizer and model do not match ({names}): the tokenizer has {tok.size} ids, "
-                          f"the model's embedding {rows} rows")
+        raise ConfigError(
+            f"tokenizer and model do not match ({names}): the tokenizer has {tok.size} ids, "
+            f"the model's embedding {rows} rows"
+        )
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:
     """(total, non-embedding): Pythia's convention drops the input and output embeddings."""
     total = sum(p.numel() for p in model.parameters())
-    emb = {id(p): p.numel() for mod in (model.get_input_embeddings(), model.get_output_embeddings())
-           if mod is not None for p in mod.parameters()}
+    emb = {
+        id(p): p.numel()
+        for mod in (model.get_input_embeddings(), model.get_output_embeddings())
+        if mod is not None
+        for p in mod.parameters()
+    }
     return total, total - sum(emb.values())
 
 
 # -- per-token losses ----------------------------------------------------------------------------
+
 
 class TokenLosses(nn.Module):
     """Cross-entropy (nats, float32) of every next-token prediction of a causal LM.
@@ -163,7 +185,7 @@ class TokenLosses(nn.Module):
         key = (dtype, device)
         if key not in self._buffers:
             self._buffers[key] = torch.empty(self.head_chunk * tile, dtype=dtype, device=device)
-        return self._buffers[key][:rows * cols].view(rows, cols)
+        return self._buffers[key][: rows * cols].view(rows, cols)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[batch, L] right-padded ids and mask -> losses of the real targets, row-major: [n_targets]."""
@@ -177,8 +199,9 @@ class TokenLosses(nn.Module):
         hidden, targets = hidden[:, :-1][real], targets[real]  # [n, d], [n]
         out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
         for s in range(0, len(targets), self.head_chunk):
-            out[s:s + self.head_chunk] = self._chunk_losses(hidden[s:s + self.head_chunk],
-                                                            targets[s:s + self.head_chunk])
+            out[s : s + self.head_chunk] = self._chunk_losses(
+                hidden[s : s + self.head_chunk], targets[s : s + self.head_chunk]
+            )
         return out
 
     def _chunk_losses(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -195,11 +218,11 @@ class TokenLosses(nn.Module):
         target = torch.empty(rows, device=device)
         index = torch.arange(rows, device=device)
         for v in range(0, vocab, tile):
-            w = weight[v:v + tile]
+            w = weight[v : v + tile]
             z = self._tile(weight.dtype, device, rows, len(w), tile)
             torch.mm(h, w.t(), out=z)
             if bias is not None:
-                z += bias[v:v + tile]
+                z += bias[v : v + tile]
             if z.dtype != torch.float32:
                 z = self._tile(torch.float32, device, rows, len(w), tile).copy_(z)
             here = (t >= v) & (t < v + len(w))
@@ -211,6 +234,7 @@ class TokenLosses(nn.Module):
 
 
 # -- documents -----------------------------------------------------------------------------------
+
 
 def iter_texts(source: str, text_key: str = "text", split: str = "test") -> Iterator[str]:
     """Documents of a JSONL(.zst) file, a folder of text files, or hf:NAME[:CONFIG], in order."""
@@ -240,8 +264,9 @@ def _iter_jsonl(path: str, text_key: str) -> Iterator[str]:
                 raise ConfigError(f"{path}: line {i + 1} is not JSON ({e.msg})") from None
             if not isinstance(doc, dict) or not isinstance(doc.get(text_key), str):
                 keys = ", ".join(doc) if isinstance(doc, dict) else type(doc).__name__
-                raise ConfigError(f"{path}: line {i + 1} has no string field {text_key!r} (found: {keys}); "
-                                  "set data.text_key")
+                raise ConfigError(
+                    f"{path}: line {i + 1} has no string field {text_key!r} (found: {keys}); set data.text_key"
+                )
             yield doc[text_key]
 
 
@@ -254,8 +279,10 @@ def _iter_hf(spec: str, text_key: str, split: str) -> Iterator[str]:
     try:
         ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
     except Exception as e:  # datasets raises many types for "not found / offline"; say which in one line
-        raise ConfigError(f"data.source=hf:{spec} split={split!r} cannot be loaded ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ConfigError(
+            f"data.source=hf:{spec} split={split!r} cannot be loaded ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     for doc in ds:
         if text_key not in doc:
             raise ConfigError(f"dataset {name}: no field {text_key!r} (found: {', '.join(doc)}); set data.text_key")

@@ -6,6 +6,7 @@ decay shrinks the weights back to the "Goldilocks" norm. With `optim.fixed_norm`
 is held at alpha times its standard-init value after every step: sweeping alpha draws the LU landscape
 (training loss an "L", test loss a "U" against the norm).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -42,6 +43,7 @@ OFFICIAL = {
 
 # ---- data ------------------------------------------------------------------------------------
 
+
 def _how_to_get(name: str) -> str:
     return f"get {name}.gz from {MIRROR} (or run with data.download=true on a machine that can reach it)"
 
@@ -66,11 +68,12 @@ def read_idx(path: str) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 3:
         raise ConfigError(f"MNIST file {path} is corrupt (not an IDX uint8 header): {_how_to_get(name)}")
     ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    body = raw[4 + 4 * ndim:]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = raw[4 + 4 * ndim :]
     if len(body) != int(np.prod(shape)):
-        raise ConfigError(f"MNIST file {path} is corrupt ({len(body)} data bytes for shape {shape}): "
-                          f"{_how_to_get(name)}")
+        raise ConfigError(
+            f"MNIST file {path} is corrupt ({len(body)} data bytes for shape {shape}): {_how_to_get(name)}"
+        )
     arr = np.frombuffer(body, dtype=np.uint8).reshape(shape)
     if ndim == 1 and arr.max(initial=0) > 9:
         raise ConfigError(f"MNIST file {path} is corrupt (label {arr.max()} > 9): {_how_to_get(name)}")
@@ -92,8 +95,9 @@ def download(folder: str, name: str) -> str:
     return path
 
 
-def load_mnist(folder: str, split: str = "auto", n_train: int = 1000, n_test: int = 0,
-               allow_download: bool = False) -> dict:
+def load_mnist(
+    folder: str, split: str = "auto", n_train: int = 1000, n_test: int = 0, allow_download: bool = False
+) -> dict:
     """{'x_train' uint8 [n_train, 784], 'y_train' [n_train], 'x_test', 'y_test', 'split'}."""
     files = {name: find_idx(folder, name) for name in OFFICIAL}
     have_train = files["train-images-idx3-ubyte"] and files["train-labels-idx1-ubyte"]
@@ -103,8 +107,9 @@ def load_mnist(folder: str, split: str = "auto", n_train: int = 1000, n_test: in
     for name in needed:
         if files[name] is None:
             if not allow_download:
-                raise ConfigError(f"MNIST file {os.path.join(folder, name)}.gz is missing "
-                                  f"(data.split={split}): {_how_to_get(name)}")
+                raise ConfigError(
+                    f"MNIST file {os.path.join(folder, name)}.gz is missing (data.split={split}): {_how_to_get(name)}"
+                )
             files[name] = download(folder, name)
     x_test = read_idx(files["t10k-images-idx3-ubyte"]).reshape(-1, 784)
     y_test = read_idx(files["t10k-labels-idx1-ubyte"])
@@ -113,13 +118,17 @@ def load_mnist(folder: str, split: str = "auto", n_train: int = 1000, n_test: in
         y_train = read_idx(files["train-labels-idx1-ubyte"])[:n_train]
     else:
         if n_train >= len(x_test):
-            raise ConfigError(f"data.n_train={n_train}: the offline split trains on part of the "
-                              f"{len(x_test)} test images and needs some left to evaluate on")
+            raise ConfigError(
+                f"data.n_train={n_train}: the offline split trains on part of the "
+                f"{len(x_test)} test images and needs some left to evaluate on"
+            )
         x_train, y_train = x_test[:n_train], y_test[:n_train]
         x_test, y_test = x_test[n_train:], y_test[n_train:]
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
-        raise ConfigError(f"MNIST files in {folder} disagree on the number of images and labels: "
-                          f"{_how_to_get('t10k-images-idx3-ubyte')}")
+        raise ConfigError(
+            f"MNIST files in {folder} disagree on the number of images and labels: "
+            f"{_how_to_get('t10k-images-idx3-ubyte')}"
+        )
     if n_test:
         x_test, y_test = x_test[:n_test], y_test[:n_test]
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "split": split}
@@ -147,8 +156,10 @@ class MnistData(DeviceDataModule):
 
     def tensors(self, device: torch.device, dtype: torch.dtype) -> dict:
         if (device, dtype) not in self._cache:
-            t = {k: (v.to(device=device, dtype=dtype) / 255 if k.startswith("x") else v.to(device).long())
-                 for k, v in self.cpu.items()}  # x: [n, 784] in [0, 1]; y: [n]
+            t = {
+                k: (v.to(device=device, dtype=dtype) / 255 if k.startswith("x") else v.to(device).long())
+                for k, v in self.cpu.items()
+            }  # x: [n, 784] in [0, 1]; y: [n]
             self._cache = {(device, dtype): t}
         return self._cache[(device, dtype)]
 
@@ -169,7 +180,7 @@ class MnistData(DeviceDataModule):
         epoch, slot = divmod(index, per_epoch)
         if self._perm is None or self._perm[0] != epoch:
             self._perm = (epoch, epoch_permutation(self.seed, self.rank, epoch, self.n_train, device))
-        return self._perm[1][slot * self.batch_size:(slot + 1) * self.batch_size]
+        return self._perm[1][slot * self.batch_size : (slot + 1) * self.batch_size]
 
     def train_batch(self, index: int, device):
         t = self.tensors(device, self._dtype())
@@ -185,6 +196,7 @@ class MnistData(DeviceDataModule):
 
 
 # ---- model -----------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def rescale_(model: nn.Module, target_norm: float) -> None:
@@ -211,16 +223,20 @@ class OmnigrokModule(L.LightningModule):
         self.automatic_optimization = False
 
     def training_step(self, batch, batch_idx):
-        train_steps(self, batch, lambda xy: loss_fn(self.cfg.optim.loss, self.model(xy[0]), xy[1]),
-                    after_step=(lambda: rescale_(self.model, self.target_norm)) if self.cfg.optim.fixed_norm else None)
+        train_steps(
+            self,
+            batch,
+            lambda xy: loss_fn(self.cfg.optim.loss, self.model(xy[0]), xy[1]),
+            after_step=(lambda: rescale_(self.model, self.target_norm)) if self.cfg.optim.fixed_norm else None,
+        )
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss and accuracy over a whole set, `eval.chunk` images per forward pass."""
         loss_sum, correct = x.new_zeros(()), x.new_zeros(())
         for s in range(0, len(y), self.cfg.eval.chunk):
-            out = self.model(x[s:s + self.cfg.eval.chunk])
-            yy = y[s:s + self.cfg.eval.chunk]
+            out = self.model(x[s : s + self.cfg.eval.chunk])
+            yy = y[s : s + self.cfg.eval.chunk]
             loss_sum += loss_fn(self.cfg.optim.loss, out, yy, reduction="none").sum()
             correct += (out.argmax(1) == yy).sum()
         return loss_sum / len(y), correct / len(y)
@@ -230,16 +246,22 @@ class OmnigrokModule(L.LightningModule):
         x_tr, y_tr, x_te, y_te = batch
         train_loss, train_acc = self.evaluate(x_tr, y_tr)
         val_loss, val_acc = self.evaluate(x_te, y_te)
-        return {"train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss,
-                "val/acc": val_acc, "model/weight_norm": weight_norm(self.model)}
+        return {
+            "train/loss": train_loss,
+            "train/acc": train_acc,
+            "val/loss": val_loss,
+            "val/acc": val_acc,
+            "model/weight_norm": weight_norm(self.model),
+        }
 
     def validation_step(self, batch, batch_idx):
         log_eval(self, self.measure(batch))
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        return torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
-                                 betas=(o.beta1, o.beta2))
+        return torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2)
+        )
 
 
 def load_data(cfg: Config) -> dict:
@@ -276,10 +298,15 @@ def build_packed(cfgs: list[Config]):
 
 
 def static_summary(cfg: Config, arrays: dict, n: int, standard_norm: float, init_norm: float) -> dict:
-    return {"data/source": arrays["split"], "data/n_train": len(arrays["y_train"]),
-            "data/n_test": len(arrays["y_test"]), "model/params": n,
-            "model/standard_norm": standard_norm, "model/init_norm": init_norm,
-            "loss_units": "mse per output" if cfg.optim.loss == "mse" else "nats"}
+    return {
+        "data/source": arrays["split"],
+        "data/n_train": len(arrays["y_train"]),
+        "data/n_test": len(arrays["y_test"]),
+        "model/params": n,
+        "model/standard_norm": standard_norm,
+        "model/init_norm": init_norm,
+        "loss_units": "mse per output" if cfg.optim.loss == "mse" else "nats",
+    }
 
 
 def grokking_callback(cfg: Config) -> GrokkingCallback:

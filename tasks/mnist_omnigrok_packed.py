@@ -12,6 +12,7 @@ a member's weights are rescaled to its initial norm after every step (`after_ste
 run's `rescale_`. Evaluation runs the task's own `OmnigrokModule.measure` on a solo MLP whose
 parameters are views of the member's slice.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,14 +20,23 @@ import torch.nn.functional as F
 
 from harness.errors import ConfigError
 from harness.training.nn import MLP, n_params
-from tasks.mnist_omnigrok import (Config, MnistData, OmnigrokModule, epoch_permutation, grokking_callback, load_data,
-                                  loss_fn, make_model, resolve_split, static_summary)
+from tasks.mnist_omnigrok import (
+    Config,
+    MnistData,
+    OmnigrokModule,
+    epoch_permutation,
+    grokking_callback,
+    load_data,
+    loss_fn,
+    make_model,
+    resolve_split,
+    static_summary,
+)
 
 DTYPES = {"32-true": torch.float32, "32": torch.float32, "64-true": torch.float64, "64": torch.float64}
 
 
 class PackedOmnigrok:
-
     def __init__(self, cfgs: list[Config]):
         import lightning as L
 
@@ -46,15 +56,21 @@ class PackedOmnigrok:
             self.models.append(model.to(dtype=dtype, device=self.device))
             self.norms.append((standard_norm, init_norm))
         names = [n for n, _ in self.models[0].named_parameters()]
-        self._params = {n: torch.stack([dict(x.named_parameters())[n].detach() for x in self.models]).requires_grad_()
-                        for n in names}
+        self._params = {
+            n: torch.stack([dict(x.named_parameters())[n].detach() for x in self.models]).requires_grad_()
+            for n in names
+        }
         # Each solo model's parameters become views of its member's slice: evaluation and the model
         # artifact see the current weights with no copy.
         for i, model in enumerate(self.models):
             for n, p in model.named_parameters():
                 p.data = self._params[n].data[i]
-        self.layers = [(self._params[f"net.{2 * k}.weight"], self._params[f"net.{2 * k}.bias"]) for k in range(m.depth + 1)]
-        self.modules = [OmnigrokModule(cfg, model, init_norm) for cfg, model, (_, init_norm) in zip(cfgs, self.models, self.norms)]
+        self.layers = [
+            (self._params[f"net.{2 * k}.weight"], self._params[f"net.{2 * k}.bias"]) for k in range(m.depth + 1)
+        ]
+        self.modules = [
+            OmnigrokModule(cfg, model, init_norm) for cfg, model, (_, init_norm) in zip(cfgs, self.models, self.norms)
+        ]
         o = [c.optim for c in cfgs]
         self.lr = torch.tensor([x.lr for x in o], dtype=torch.float64)
         self.weight_decay = torch.tensor([x.weight_decay for x in o], dtype=torch.float64)
@@ -80,7 +96,10 @@ class PackedOmnigrok:
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x [M, batch, 784], y [M, batch]: each member's training batch of optimizer step `step`, the
         slot of its seed's epoch permutation that MnistData.next_indices gives its solo run."""
-        x, y = self.data.tensors(self.device, self.dtype)["x_train"], self.data.tensors(self.device, self.dtype)["y_train"]
+        x, y = (
+            self.data.tensors(self.device, self.dtype)["x_train"],
+            self.data.tensors(self.device, self.dtype)["y_train"],
+        )
         n = len(self.seeds)
         if self.full_batch:
             return x.expand(n, *x.shape), y.expand(n, *y.shape)
@@ -91,7 +110,7 @@ class PackedOmnigrok:
             cached = self._perms.get(seed)
             if cached is None or cached[0] != epoch:
                 cached = self._perms[seed] = (epoch, epoch_permutation(seed, 0, epoch, n_train, self.device))
-            rows[seed] = cached[1][slot * bs:(slot + 1) * bs]
+            rows[seed] = cached[1][slot * bs : (slot + 1) * bs]
         idx = torch.cat([rows[s] for s in self.seeds])  # [M * batch]: one gather for all members
         return x.index_select(0, idx).view(n, bs, -1), y.index_select(0, idx).view(n, bs)
 

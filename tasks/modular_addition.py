@@ -6,6 +6,7 @@ Defaults are the PAIR explorable's run: p=67, symmetric pairs, 40% train, full b
 embedding, 24 ReLU units on h_a + h_b, no biases, AdamW lr 1e-3, wd 1.0, betas (0.9, 0.98), 50k steps,
 the notebook's Haiku initialisers and cross-entropy divided by p.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,6 +33,7 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "quadratic": 
 
 
 # ---------------------------------------------------------------- data
+
 
 def all_pairs(p: int, symmetric: bool) -> torch.Tensor:
     a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
@@ -60,16 +62,19 @@ class ModularData(DeviceDataModule):
         seed = cfg.seed if d.split_seed < 0 else d.split_seed
         perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))
         n_train = round(d.train_fraction * len(pairs))
-        self.split = {"train": (pairs[perm[:n_train]], labels[perm[:n_train]]),
-                      "val": (pairs[perm[n_train:]], labels[perm[n_train:]])}
+        self.split = {
+            "train": (pairs[perm[:n_train]], labels[perm[:n_train]]),
+            "val": (pairs[perm[n_train:]], labels[perm[n_train:]]),
+        }
         self._cache: dict = {}
 
     def tensors(self, device) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """{split: (a [n], b [n], y [n])} on `device`."""
         device = torch.device(device)
         if device not in self._cache:
-            self._cache = {device: {k: (x[:, 0].to(device), x[:, 1].to(device), y.to(device))
-                                    for k, (x, y) in self.split.items()}}
+            self._cache = {
+                device: {k: (x[:, 0].to(device), x[:, 1].to(device), y.to(device)) for k, (x, y) in self.split.items()}
+            }
         return self._cache[device]
 
     def train_batch(self, index: int, device):
@@ -88,7 +93,6 @@ class ModularData(DeviceDataModule):
 
     def val_batch(self, index: int, device):
         return self.tensors(device)
-
 
 
 TRUNC_STD = 0.87962566103423978  # std of a standard normal cut at +-2
@@ -127,8 +131,9 @@ class _Members(nn.Module):
         return self.embed.shape[0]
 
     def member(self, i: int) -> _Members:
-        return type(self)(self.activation, **{n: None if p is None else p.data[i:i + 1]
-                                              for n, p in self._parameters.items()})
+        return type(self)(
+            self.activation, **{n: None if p is None else p.data[i : i + 1] for n, p in self._parameters.items()}
+        )
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.dim() == 1:
@@ -219,12 +224,12 @@ def make_model(cfg: Config, members: list[Config] | None = None) -> _Members:
         for c in members:
             L.seed_everything(c.seed, workers=True, verbose=False)  # as harness.training.train, before build
             per_member.append(_initial_weights(c))
-    stacked = {n: None if per_member[0][n] is None else torch.stack([w[n] for w in per_member])
-               for n in per_member[0]}
+    stacked = {n: None if per_member[0][n] is None else torch.stack([w[n] for w in per_member]) for n in per_member[0]}
     return (PairMLP if cfg.model.name == "pair_mlp" else ConcatMLP)(cfg.model.activation, **stacked)
 
 
 # ---------------------------------------------------------------- loss and diagnostics
+
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
     loss = F.cross_entropy(logits, y)
@@ -283,6 +288,7 @@ def evaluate(model: nn.Module, tensors: dict, cfg: Config) -> dict[str, torch.Te
 
 # ---------------------------------------------------------------- Lightning
 
+
 class ModularModule(L.LightningModule):
     def __init__(self, cfg: Config, model: nn.Module, data: ModularData):
         super().__init__()
@@ -297,8 +303,12 @@ class ModularModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         # Full batch: train/loss at each evaluation says it all, so only minibatch runs log it per step.
-        train_steps(self, batch, lambda aby: loss_fn(self.model(aby[0], aby[1]), aby[2], self.cfg.optim.loss),
-                    log_loss=bool(self.cfg.data.batch_size))
+        train_steps(
+            self,
+            batch,
+            lambda aby: loss_fn(self.model(aby[0], aby[1]), aby[2], self.cfg.optim.loss),
+            log_loss=bool(self.cfg.data.batch_size),
+        )
 
     def validation_step(self, batch, batch_idx):
         metrics = evaluate(self.model, batch, self.cfg)
@@ -313,8 +323,9 @@ class ModularModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        return torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
-                                 betas=(o.beta1, o.beta2), eps=o.eps)
+        return torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps
+        )
 
 
 class FinalFourier(L.Callback):
@@ -329,13 +340,22 @@ class FinalFourier(L.Callback):
         self.seconds, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.cpu0
 
     def on_fit_end(self, trainer, pl_module):
-        write_summary(trainer, final_fourier_values(pl_module.keys, pl_module.power, self.seconds, self.cpu,
-                                                    trainer.global_step - self.step0,
-                                                    table=wandb_run(trainer) is not None))
+        write_summary(
+            trainer,
+            final_fourier_values(
+                pl_module.keys,
+                pl_module.power,
+                self.seconds,
+                self.cpu,
+                trainer.global_step - self.step0,
+                table=wandb_run(trainer) is not None,
+            ),
+        )
 
 
-def final_fourier_values(keys: list[int], power: torch.Tensor | None, seconds: float, cpu: float, steps: int,
-                         table: bool) -> dict:
+def final_fourier_values(
+    keys: list[int], power: torch.Tensor | None, seconds: float, cpu: float, steps: int, table: bool
+) -> dict:
     """FinalFourier's summary values (also written for packed members, PackedModular.final_summary)."""
     values = {
         "fourier/key_freqs": ",".join(str(k) for k in sorted(keys)),
@@ -349,7 +369,8 @@ def final_fourier_values(keys: list[int], power: torch.Tensor | None, seconds: f
         key_set = set(keys)
         values["fourier/spectrum"] = wandb.Table(
             columns=["k", "power", "key"],
-            data=[[k + 1, float(v), k + 1 in key_set] for k, v in enumerate(power.tolist())])
+            data=[[k + 1, float(v), k + 1 in key_set] for k, v in enumerate(power.tolist())],
+        )
     return values
 
 
@@ -360,8 +381,12 @@ def build(cfg: Config) -> Job:
         module=ModularModule(cfg, model, data),
         datamodule=data,
         callbacks=[GrokkingCallback(cfg.eval.threshold, cfg.eval.max_delay), FinalFourier(), CurvesRecorder()],
-        summary={"model/params": n_params(model), "data/n_train": len(data.split["train"][1]),
-                 "data/n_val": len(data.split["val"][1]), "loss_units": "nats"},
+        summary={
+            "model/params": n_params(model),
+            "data/n_train": len(data.split["train"][1]),
+            "data/n_val": len(data.split["val"][1]),
+            "loss_units": "nats",
+        },
     )
 
 
@@ -448,12 +473,18 @@ class PackedModular:
 
     def static_summary(self, i: int) -> dict:
         d = self.data[i]
-        return {"model/params": n_params(self.views[i]), "data/n_train": len(d.split["train"][1]),
-                "data/n_val": len(d.split["val"][1]), "loss_units": "nats"}
+        return {
+            "model/params": n_params(self.views[i]),
+            "data/n_train": len(d.split["train"][1]),
+            "data/n_val": len(d.split["val"][1]),
+            "loss_units": "nats",
+        }
 
     def final_summary(self, i: int, run, seconds: float, cpu: float, steps: int) -> dict:
-        return {**self.grok[i].summary(),
-                **final_fourier_values(self.keys[i], self.power[i], seconds, cpu, steps, table=True)}
+        return {
+            **self.grok[i].summary(),
+            **final_fourier_values(self.keys[i], self.power[i], seconds, cpu, steps, table=True),
+        }
 
     def member_model(self, i: int):
         return self.views[i]

@@ -7,12 +7,13 @@ across models that share a tokenizer. Rows go to parquet row groups as they are 
 W&B artifact of type `per_token_losses`; the run summary holds the mean loss, the token count and the
 total and non-embedding parameter counts.
 """
+
 from __future__ import annotations
 
 import ctypes
 import os
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 import lightning as L
 import numpy as np
@@ -26,22 +27,34 @@ from harness.training import tracking
 from harness.training.logs import write_summary
 from harness.training.train import Job
 from tasks.configs.pythia_eval import Config
-from tasks.lm import (TokenLosses, Tokenizer, check_vocab, iter_texts, load_model, load_tokenizer, param_counts,
-                      resolve_source)
+from tasks.lm import (
+    Tokenizer,
+    TokenLosses,
+    check_vocab,
+    iter_texts,
+    load_model,
+    load_tokenizer,
+    param_counts,
+    resolve_source,
+)
 
 ARTIFACT_TYPE = "per_token_losses"
 
 
-def pack(docs: list[tuple[int, list[int]]], batch_tokens: int, max_docs: int,
-         max_padding: float = 1.0) -> Iterator[list[tuple[int, list[int]]]]:
+def pack(
+    docs: list[tuple[int, list[int]]], batch_tokens: int, max_docs: int, max_padding: float = 1.0
+) -> Iterator[list[tuple[int, list[int]]]]:
     """Greedy batches of documents sorted by length: padded size <= batch_tokens, and no document
     shorter than (1 - max_padding) x the batch's longest, so padding stays under that share."""
     docs = sorted(docs, key=lambda d: -len(d[1]))
     batch: list = []
     for doc in docs:
         longest = len(batch[0][1]) if batch else 0
-        if batch and ((len(batch) + 1) * longest > batch_tokens or len(batch) == max_docs
-                      or len(doc[1]) < (1 - max_padding) * longest):
+        if batch and (
+            (len(batch) + 1) * longest > batch_tokens
+            or len(batch) == max_docs
+            or len(doc[1]) < (1 - max_padding) * longest
+        ):
             yield batch
             batch = []
         batch.append(doc)
@@ -54,8 +67,8 @@ def collate(batch: list[tuple[int, list[int]]]) -> dict[str, torch.Tensor]:
     ids = torch.zeros(n, width, dtype=torch.long)
     mask = torch.zeros(n, width, dtype=torch.long)
     for i, (_, toks) in enumerate(batch):
-        ids[i, :len(toks)] = torch.tensor(toks)
-        mask[i, :len(toks)] = 1
+        ids[i, : len(toks)] = torch.tensor(toks)
+        mask[i, : len(toks)] = 1
     return {"input_ids": ids, "attention_mask": mask, "doc": torch.tensor([d for d, _ in batch])}
 
 
@@ -165,8 +178,12 @@ class PythiaEval(L.LightningModule):
         self.count += loss.numel()
         self.n_docs += len(ids)
         if self.writer is not None:
-            self.writer.add(doc=doc[real].cpu().numpy(), pos=pos[real].cpu().numpy(),
-                            token=ids[:, 1:][real].cpu().numpy(), loss=loss.cpu().numpy())
+            self.writer.add(
+                doc=doc[real].cpu().numpy(),
+                pos=pos[real].cpu().numpy(),
+                token=ids[:, 1:][real].cpu().numpy(),
+                loss=loss.cpu().numpy(),
+            )
 
 
 class PerTokenArtifact(L.Callback):
@@ -184,8 +201,11 @@ class PerTokenArtifact(L.Callback):
             os.makedirs(out, exist_ok=True)
         self.out_dir = trainer.strategy.broadcast(out, 0)
         d = pl_module.cfg.data
-        pl_module.open_writer(os.path.join(self.out_dir, f"shard{d.shard_index:04d}-of{d.num_shards:04d}"
-                                                         f"-rank{trainer.global_rank:02d}.parquet"))
+        pl_module.open_writer(
+            os.path.join(
+                self.out_dir, f"shard{d.shard_index:04d}-of{d.num_shards:04d}-rank{trainer.global_rank:02d}.parquet"
+            )
+        )
 
     def on_validation_end(self, trainer, pl_module):
         pl_module.writer.close()
@@ -198,8 +218,13 @@ class PerTokenArtifact(L.Callback):
         summary = {"eval/mean_loss": total / count if count else float("nan"), "eval/tokens": count, "eval/docs": docs}
         write_summary(trainer, summary)
         run = trainer.logger.experiment
-        tracking.log_artifact(run, self.out_dir, f"{ARTIFACT_TYPE}-{run.id}", ARTIFACT_TYPE,
-                              metadata={**self.metadata, **summary, "columns": SCHEMA.names})
+        tracking.log_artifact(
+            run,
+            self.out_dir,
+            f"{ARTIFACT_TYPE}-{run.id}",
+            ARTIFACT_TYPE,
+            metadata={**self.metadata, **summary, "columns": SCHEMA.names},
+        )
 
 
 def bound_heap() -> None:
@@ -219,15 +244,27 @@ def bound_heap() -> None:
 
 def build(cfg: Config) -> Job:
     if cfg.data.shard_index >= cfg.data.num_shards:
-        raise ConfigError(f"data.shard_index={cfg.data.shard_index} with data.num_shards={cfg.data.num_shards}: "
-                          "need index < shards")
+        raise ConfigError(
+            f"data.shard_index={cfg.data.shard_index} with data.num_shards={cfg.data.num_shards}: need index < shards"
+        )
     bound_heap()
     model = load_model(cfg)
     tok = load_tokenizer(cfg)
     check_vocab(model, tok, f"model.name={cfg.model.name!r}, model.tokenizer={cfg.model.tokenizer or 'its own'!r}")
     total, non_emb = param_counts(model)
     data = PileDocs(cfg, tok)
-    summary = {"model/params": total, "model/params_nonembedding": non_emb, "model/name": cfg.model.name,
-               "model/revision": cfg.model.revision, "tokenizer/size": tok.size, "loss_units": "nats"}
-    return Job(module=PythiaEval(cfg, TokenLosses(model, cfg.eval.head_chunk, cfg.eval.mask_attention, cfg.eval.vocab_tile)), datamodule=data,
-               callbacks=[PerTokenArtifact(dict(summary))], stage="validate", summary=summary)
+    summary = {
+        "model/params": total,
+        "model/params_nonembedding": non_emb,
+        "model/name": cfg.model.name,
+        "model/revision": cfg.model.revision,
+        "tokenizer/size": tok.size,
+        "loss_units": "nats",
+    }
+    return Job(
+        module=PythiaEval(cfg, TokenLosses(model, cfg.eval.head_chunk, cfg.eval.mask_attention, cfg.eval.vocab_tile)),
+        datamodule=data,
+        callbacks=[PerTokenArtifact(dict(summary))],
+        stage="validate",
+        summary=summary,
+    )

@@ -6,6 +6,7 @@ the per-token analysis gets real (if small) scaling: `model.d_model` sets the si
 follow it. Documents [0, data.train_docs) are trained on; the rest are held out for evaluation.
 Checkpoints every `save_every` steps go to `<save_dir>/<name>/step<N>/`, the model's revisions.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,18 @@ def make_model(m: ModelConfig, vocab_rows: int) -> nn.Module:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     config = GPTNeoXConfig(
-        vocab_size=vocab_rows, hidden_size=m.d_model, num_hidden_layers=layers(m),
-        num_attention_heads=heads(m), intermediate_size=4 * m.d_model,
-        max_position_embeddings=m.context_length, rotary_pct=0.25, use_parallel_residual=True,
-        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+        vocab_size=vocab_rows,
+        hidden_size=m.d_model,
+        num_hidden_layers=layers(m),
+        num_attention_heads=heads(m),
+        intermediate_size=4 * m.d_model,
+        max_position_embeddings=m.context_length,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPTNeoXForCausalLM(config)
 
 
@@ -58,15 +67,17 @@ class PileWindows(DeviceDataModule):
         with open(os.path.join(root, d.source)) as f:
             texts = [json.loads(line)["text"] for line in f if line.strip()]
         if len(texts) <= d.train_docs:
-            raise ConfigError(f"data.train_docs={d.train_docs}: {d.source} has only {len(texts)} documents, none left to hold out")
+            raise ConfigError(
+                f"data.train_docs={d.train_docs}: {d.source} has only {len(texts)} documents, none left to hold out"
+            )
         eos = self.tok.token_to_id("<|endoftext|>")
 
         def stream(docs: list[str]) -> torch.Tensor:  # documents joined by <|endoftext|>: [n_tokens]
             ids = [t for e in self.tok.encode_batch(docs) for t in e.ids + [eos]]
             return torch.tensor(ids, dtype=torch.long)
 
-        self.train_ids = stream(texts[:d.train_docs])
-        val = stream(texts[d.train_docs:])
+        self.train_ids = stream(texts[: d.train_docs])
+        val = stream(texts[d.train_docs :])
         n = min(d.val_windows, len(val) // d.seq_len)
         self.val_ids = val[: n * d.seq_len].view(n, d.seq_len)  # [val_windows, seq_len]
         self.vocab_rows = padded_vocab(self.tok.get_vocab_size(with_added_tokens=True))
@@ -74,7 +85,7 @@ class PileWindows(DeviceDataModule):
     def train_batch(self, index: int, device):
         d = self.cfg.data
         starts = torch.randint(0, len(self.train_ids) - d.seq_len, (d.batch_size,))
-        return torch.stack([self.train_ids[s:s + d.seq_len] for s in starts.tolist()]).to(device)  # [b, seq_len]
+        return torch.stack([self.train_ids[s : s + d.seq_len] for s in starts.tolist()]).to(device)  # [b, seq_len]
 
     def val_batch(self, index: int, device):
         return self.val_ids.to(device)
@@ -100,8 +111,11 @@ class SuiteModule(L.LightningModule):
         # No weight decay on biases and layer norms (GPT-NeoX / nanoGPT convention).
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         rest = [p for p in self.model.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                                lr=o.lr, betas=(o.beta1, o.beta2))
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+        )
 
         def schedule(step: int) -> float:
             if step < o.warmup:
@@ -109,8 +123,10 @@ class SuiteModule(L.LightningModule):
             t = min(1.0, (step - o.warmup) / max(1, steps - o.warmup))
             return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-                                                   "interval": "step"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"},
+        }
 
 
 class SaveModel(L.Callback):
@@ -138,7 +154,16 @@ def build(cfg: Config) -> Job:
     total = sum(p.numel() for p in model.parameters())
     emb = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
     path = os.path.join(cfg.save_dir, model_name(cfg))
-    return Job(module=SuiteModule(cfg, model), datamodule=data, callbacks=[SaveModel(path, cfg.save_every)],
-               summary={"model/params": total, "model/params_nonembedding": total - emb,
-                        "model/layers": layers(cfg.model), "model/name": model_name(cfg),
-                        "data/train_tokens": len(data.train_ids), "loss_units": "nats"})
+    return Job(
+        module=SuiteModule(cfg, model),
+        datamodule=data,
+        callbacks=[SaveModel(path, cfg.save_every)],
+        summary={
+            "model/params": total,
+            "model/params_nonembedding": total - emb,
+            "model/layers": layers(cfg.model),
+            "model/name": model_name(cfg),
+            "data/train_tokens": len(data.train_ids),
+            "loss_units": "nats",
+        },
+    )

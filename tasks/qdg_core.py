@@ -18,10 +18,11 @@ group (the paper recomputed every block pair). Projected mode multiplies each gr
 seeded Gaussian matrix [P, dim] / sqrt(dim), generated chunk by chunk so it is never held whole,
 as TRAK projects per-example gradients; its error is measured against exact similarity on a sample.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -33,8 +34,10 @@ from tasks.configs.quanta_discovery import DEFAULT_EXCLUDE
 
 # -- parameters ----------------------------------------------------------------------------------
 
-def select_params(model: nn.Module, exclude: Iterable[str] = DEFAULT_EXCLUDE, include: str = "",
-                  drop_embeddings: bool = True) -> dict[str, nn.Parameter]:
+
+def select_params(
+    model: nn.Module, exclude: Iterable[str] = DEFAULT_EXCLUDE, include: str = "", drop_embeddings: bool = True
+) -> dict[str, nn.Parameter]:
     """Parameters whose name contains none of `exclude` (and matches the regex `include`, if set).
 
     `drop_embeddings` also drops the input and output embedding matrices by identity: the paper's
@@ -49,12 +52,17 @@ def select_params(model: nn.Module, exclude: Iterable[str] = DEFAULT_EXCLUDE, in
             mod = getattr(model, get, lambda: None)()
             if mod is not None:
                 skip |= {id(p) for p in mod.parameters()}
-    chosen = {n: p for n, p in model.named_parameters()
-              if not any(e in n for e in exclude) and id(p) not in skip and (not include or re.search(include, n))}
+    chosen = {
+        n: p
+        for n, p in model.named_parameters()
+        if not any(e in n for e in exclude) and id(p) not in skip and (not include or re.search(include, n))
+    }
     if not chosen:
         names = [n for n, _ in model.named_parameters()]
-        raise ConfigError(f"grad.include={include!r} with grad.exclude={list(exclude)} selects no parameter; "
-                          f"the model's parameters: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
+        raise ConfigError(
+            f"grad.include={include!r} with grad.exclude={list(exclude)} selects no parameter; "
+            f"the model's parameters: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"
+        )
     return chosen
 
 
@@ -63,6 +71,7 @@ def n_selected(params: dict[str, nn.Parameter]) -> int:
 
 
 # -- per-sample gradients ------------------------------------------------------------------------
+
 
 class GradSource:
     """n samples whose L2-normalised gradients come in blocks: `grads(indices) -> [b, P] float32`."""
@@ -82,8 +91,9 @@ def _normalise(g: torch.Tensor) -> torch.Tensor:
 class MLPGrads(GradSource):
     """Per-sample gradients of cross-entropy for a classifier: `torch.func.grad` under `vmap`."""
 
-    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], x: torch.Tensor, y: torch.Tensor,
-                 chunk: int = 1024):
+    def __init__(
+        self, model: nn.Module, params: dict[str, nn.Parameter], x: torch.Tensor, y: torch.Tensor, chunk: int = 1024
+    ):
         from torch.func import functional_call, grad, vmap
 
         self.model, self.x, self.y, self.chunk = model, x, y, chunk
@@ -101,7 +111,7 @@ class MLPGrads(GradSource):
     def grads(self, indices: np.ndarray) -> torch.Tensor:
         out = []
         for s in range(0, len(indices), self.chunk):
-            idx = torch.as_tensor(indices[s:s + self.chunk], device=self.device)
+            idx = torch.as_tensor(indices[s : s + self.chunk], device=self.device)
             g = self._grad(self.sel, self.x[idx], self.y[idx])  # {name: [b, *shape]}
             out.append(torch.cat([g[n].flatten(1) for n in self.names], 1))
         return _normalise(torch.cat(out))
@@ -115,8 +125,15 @@ class LMGrads(GradSource):
     batch x the document's activations).
     """
 
-    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], docs: dict[int, torch.Tensor],
-                 doc: np.ndarray, pos: np.ndarray, batch: int = 64):
+    def __init__(
+        self,
+        model: nn.Module,
+        params: dict[str, nn.Parameter],
+        docs: dict[int, torch.Tensor],
+        doc: np.ndarray,
+        pos: np.ndarray,
+        batch: int = 64,
+    ):
         self.model, self.docs, self.batch = model, docs, batch
         self.doc, self.pos = np.asarray(doc), np.asarray(pos)
         self.names, self.params = list(params), list(params.values())
@@ -142,7 +159,7 @@ class LMGrads(GradSource):
         """[m, P] raw (unnormalised) gradients of one document's tokens at `positions`."""
         ids = self.docs[d].to(self.device)
         where = torch.as_tensor(positions, device=self.device)
-        ids = ids[:int(where.max()) + 1]  # causal: nothing after the last selected token matters
+        ids = ids[: int(where.max()) + 1]  # causal: nothing after the last selected token matters
         with torch.enable_grad():
             losses = F.cross_entropy(self._logits(ids, where).float(), ids[where], reduction="none")  # [m]
             rows = []
@@ -151,8 +168,9 @@ class LMGrads(GradSource):
                 eye = torch.zeros(m, len(where), device=self.device)
                 eye[torch.arange(m), torch.arange(s, s + m)] = 1.0
                 last = s + self.batch >= len(where)
-                g = torch.autograd.grad(losses, self.params, grad_outputs=eye, is_grads_batched=True,
-                                        retain_graph=not last)
+                g = torch.autograd.grad(
+                    losses, self.params, grad_outputs=eye, is_grads_batched=True, retain_graph=not last
+                )
                 rows.append(torch.cat([x.flatten(1) for x in g], 1))
         return torch.cat(rows)
 
@@ -178,12 +196,18 @@ def paper_token_grad(model: nn.Module, params: dict[str, nn.Parameter], ids: tor
 
 # -- similarity ----------------------------------------------------------------------------------
 
+
 def _blocks(n: int, block: int) -> list[np.ndarray]:
     return [np.arange(s, min(n, s + block)) for s in range(0, n, block)]
 
 
-def exact_similarity(source: GradSource, block: int = 256, max_grad_bytes: int = 1 << 30,
-                     progress: Callable[[str], None] | None = None, stats: dict | None = None) -> np.ndarray:
+def exact_similarity(
+    source: GradSource,
+    block: int = 256,
+    max_grad_bytes: int = 1 << 30,
+    progress: Callable[[str], None] | None = None,
+    stats: dict | None = None,
+) -> np.ndarray:
     """C[i, j] = <g_i, g_j> of the normalised gradients: [n, n] float32.
 
     Gradient rows up to `max_grad_bytes` (at least one block) stay resident; each later block is
@@ -197,16 +221,16 @@ def exact_similarity(source: GradSource, block: int = 256, max_grad_bytes: int =
     per_group = max(1, int(max_grad_bytes // (4 * P * block)))
     computed = 0
     for g0 in range(0, len(blocks), per_group):
-        group = blocks[g0:g0 + per_group]
+        group = blocks[g0 : g0 + per_group]
         rows = np.concatenate(group)
         G = torch.empty(len(rows), P, device=source.device)  # [r, P], filled block by block (no 2x copy)
         at = 0
         for b in group:
-            G[at:at + len(b)] = source.grads(b)
+            G[at : at + len(b)] = source.grads(b)
             at += len(b)
         computed += len(rows)
         C[np.ix_(rows, rows)] = (G @ G.T).cpu().numpy()
-        for b in blocks[g0 + per_group:]:
+        for b in blocks[g0 + per_group :]:
             Gb = source.grads(b)  # [b, P]
             computed += len(b)
             part = (G @ Gb.T).cpu().numpy()
@@ -221,7 +245,9 @@ def exact_similarity(source: GradSource, block: int = 256, max_grad_bytes: int =
     return C
 
 
-def projection_chunks(P: int, dim: int, seed: int, device, chunk_bytes: int = 64 << 20) -> Iterator[tuple[slice, torch.Tensor]]:
+def projection_chunks(
+    P: int, dim: int, seed: int, device, chunk_bytes: int = 64 << 20
+) -> Iterator[tuple[slice, torch.Tensor]]:
     """The Gaussian projection [P, dim] / sqrt(dim), row chunk by row chunk, regenerated from the seed."""
     rows = max(1, chunk_bytes // (4 * dim))
     for i, s in enumerate(range(0, P, rows)):
@@ -261,15 +287,19 @@ class Subset(GradSource):
         return self.source.grads(self.idx[np.asarray(indices)])
 
 
-def projection_error(source: GradSource, C_proj: np.ndarray, n_check: int, block: int = 256, seed: int = 0,
-                     max_grad_bytes: int = 1 << 30) -> dict:
+def projection_error(
+    source: GradSource, C_proj: np.ndarray, n_check: int, block: int = 256, seed: int = 0, max_grad_bytes: int = 1 << 30
+) -> dict:
     """Max and RMS |C_proj - C_exact| over the off-diagonal entries among `n_check` random samples."""
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(source.n, size=min(n_check, source.n), replace=False))
     exact = exact_similarity(Subset(source, idx), block, max_grad_bytes)
     diff = np.abs(C_proj[np.ix_(idx, idx)] - exact)[~np.eye(len(idx), dtype=bool)]
-    return {"proj_error_max": float(diff.max()), "proj_error_rms": float(np.sqrt((diff ** 2).mean())),
-            "proj_error_samples": int(len(idx))}
+    return {
+        "proj_error_max": float(diff.max()),
+        "proj_error_rms": float(np.sqrt((diff**2).mean())),
+        "proj_error_samples": int(len(idx)),
+    }
 
 
 def affinity_(C: np.ndarray) -> np.ndarray:
@@ -294,6 +324,7 @@ def cluster(A: np.ndarray, counts: Iterable[int], n_init: int = 30, seed: int = 
 
 # -- language-model token selection --------------------------------------------------------------
 
+
 def repeated_trigrams(ids) -> np.ndarray:
     """[L] bool: True at j >= 2 when the trigram ids[j-2:j+1] (ending at j) occurred earlier in the doc."""
     seen, out = set(), np.zeros(len(ids), dtype=bool)
@@ -304,8 +335,13 @@ def repeated_trigrams(ids) -> np.ndarray:
     return out
 
 
-def select_tokens(docs: Iterable[tuple[int, list[int], np.ndarray]], max_loss: float, drop_repeated_trigrams: bool,
-                  stride: int, n: int) -> tuple[list[tuple[int, int, float]], int]:
+def select_tokens(
+    docs: Iterable[tuple[int, list[int], np.ndarray]],
+    max_loss: float,
+    drop_repeated_trigrams: bool,
+    stride: int,
+    n: int,
+) -> tuple[list[tuple[int, int, float]], int]:
     """The paper's token selection, streamed over documents in order.
 
     docs yields (doc id, ids [L], losses [L-1] of targets 1..L-1). Tokens with loss < max_loss,

@@ -13,6 +13,7 @@ Language models are loaded, tokenized and read with the LM toolkit the Pythia ev
 config (C7), as the harness itself does: that task's `build()` gives the pure nn.Module
 (`.module.model`) and the data module that holds the labelled test set.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,13 +45,22 @@ ARTIFACT_TYPE = "quanta"
 
 # -- models --------------------------------------------------------------------------------------
 
+
 def _lm_source(cfg: Config) -> lm.LMSource:
     """This run's model and documents, as the LM toolkit's loaders read them."""
     m, d = cfg.model, cfg.data
-    return lm.LMSource(data_dir=cfg.data_dir,
-                       model=lm.ModelConfig(name=m.name, revision=m.revision, dtype=m.dtype, tokenizer=m.tokenizer),
-                       data=lm.DataConfig(source=d.source, text_key=d.text_key, split=d.split, first_doc=d.first_doc,
-                                          n_docs=d.n_docs, context_length=d.context_length))
+    return lm.LMSource(
+        data_dir=cfg.data_dir,
+        model=lm.ModelConfig(name=m.name, revision=m.revision, dtype=m.dtype, tokenizer=m.tokenizer),
+        data=lm.DataConfig(
+            source=d.source,
+            text_key=d.text_key,
+            split=d.split,
+            first_doc=d.first_doc,
+            n_docs=d.n_docs,
+            context_length=d.context_length,
+        ),
+    )
 
 
 def _inner_config(train: dict, trainer: TrainerConfig | None) -> RunConfig:
@@ -87,13 +97,17 @@ def model_artifact(cfg: Config) -> tuple[str, dict]:
         raise ConfigError(f"model.artifact={m.artifact!r}: {e}") from None
     path = next((files[f] for f in (MODEL_FILE, "model.pt") if f in files and os.path.exists(files[f])), None)
     if path is None:
-        raise ConfigError(f"model.artifact={m.artifact!r}: run has no model artifact with {MODEL_FILE} in {source} "
-                          f"(found: {', '.join(files) or 'none'}); train it with model.save=true")
+        raise ConfigError(
+            f"model.artifact={m.artifact!r}: run has no model artifact with {MODEL_FILE} in {source} "
+            f"(found: {', '.join(files) or 'none'}); train it with model.save=true"
+        )
     try:
         return path, read_model(path)
     except Exception as e:  # noqa: BLE001 - an unpickling refusal, a damaged file: one line either way
-        raise ConfigError(f"model.artifact={m.artifact!r}: {path} is not a model checkpoint "
-                          f"(state_dict + config): {str(e).splitlines()[0][:200]}") from None
+        raise ConfigError(
+            f"model.artifact={m.artifact!r}: {path} is not a model checkpoint "
+            f"(state_dict + config): {str(e).splitlines()[0][:200]}"
+        ) from None
 
 
 def _trained_job(blob_config: dict) -> tuple[RunConfig, Job]:
@@ -107,6 +121,7 @@ def _trained_job(blob_config: dict) -> tuple[RunConfig, Job]:
 
 
 # -- samples -------------------------------------------------------------------------------------
+
 
 def lm_samples(cfg: Config, model: nn.Module, tok, source_cfg: lm.LMSource) -> dict:
     """The paper's token selection over documents in order: forward passes only, no gradient."""
@@ -134,23 +149,34 @@ def lm_samples(cfg: Config, model: nn.Module, tok, source_cfg: lm.LMSource) -> d
     # samples.n=0: every token that passes, read only until one more than samples.max_n has passed
     chosen, passing = core.select_tokens(stream(), s.max_loss, s.drop_repeated_trigrams, s.stride, s.n or s.max_n + 1)
     if s.n and len(chosen) < s.n:
-        raise ConfigError(f"samples.n={s.n} but only {len(chosen)} tokens pass the selection (loss < "
-                          f"samples.max_loss={s.max_loss}, drop_repeated_trigrams={s.drop_repeated_trigrams}, every "
-                          f"samples.stride={s.stride}-th of {passing}) in data.source={d.source!r}")
+        raise ConfigError(
+            f"samples.n={s.n} but only {len(chosen)} tokens pass the selection (loss < "
+            f"samples.max_loss={s.max_loss}, drop_repeated_trigrams={s.drop_repeated_trigrams}, every "
+            f"samples.stride={s.stride}-th of {passing}) in data.source={d.source!r}"
+        )
     doc, pos = np.array([c[0] for c in chosen]), np.array([c[1] for c in chosen])
     k = s.context_tokens
-    contexts = [tok.decode(docs[a][max(0, b - k):b]) for a, b in zip(doc, pos)]
+    contexts = [tok.decode(docs[a][max(0, b - k) : b]) for a, b in zip(doc, pos)]
     targets = [tok.decode([docs[a][b]]) for a, b in zip(doc, pos)]
-    return {"doc": doc, "pos": pos, "token": np.array([docs[a][b] for a, b in zip(doc, pos)]),
-            "loss": np.array([c[2] for c in chosen]), "context": contexts, "target": targets,
-            "docs": {a: torch.tensor(docs[a]) for a in np.unique(doc)}, "passing": passing}
+    return {
+        "doc": doc,
+        "pos": pos,
+        "token": np.array([docs[a][b] for a, b in zip(doc, pos)]),
+        "loss": np.array([c[2] for c in chosen]),
+        "context": contexts,
+        "target": targets,
+        "docs": {a: torch.tensor(docs[a]) for a in np.unique(doc)},
+        "passing": passing,
+    }
 
 
 def check_labelled(data, task: str) -> None:
     """QDG scores clusters against a task's planted labels: its data module must hold them."""
     if not all(hasattr(data, a) for a in ("test_tasks", "test_bits", "encode")):
-        raise ConfigError(f"a {task} model has no labelled test set that QDG can read (test_tasks, test_bits, "
-                          "encode); model.source=train/artifact supports sparse_parity models")
+        raise ConfigError(
+            f"a {task} model has no labelled test set that QDG can read (test_tasks, test_bits, "
+            "encode); model.source=train/artifact supports sparse_parity models"
+        )
 
 
 def parity_samples(cfg: Config, model: nn.Module, data, device) -> dict:
@@ -163,14 +189,23 @@ def parity_samples(cfg: Config, model: nn.Module, data, device) -> dict:
     order = np.random.default_rng(cfg.seed).permutation(ok)
     n = cfg.samples.n or len(order)
     if n > len(order):
-        raise ConfigError(f"samples.n={n} but only {len(order)} test samples have loss < samples.max_loss="
-                          f"{cfg.samples.max_loss} (the model has learned too little; train longer or lower samples.n)")
+        raise ConfigError(
+            f"samples.n={n} but only {len(order)} test samples have loss < samples.max_loss="
+            f"{cfg.samples.max_loss} (the model has learned too little; train longer or lower samples.n)"
+        )
     idx = np.sort(order[:n])
-    return {"x": x[idx], "y": y[idx], "subtask": tasks[idx].cpu().numpy(), "loss": loss[idx].cpu().numpy(),
-            "test_index": idx, "passing": len(order)}
+    return {
+        "x": x[idx],
+        "y": y[idx],
+        "subtask": tasks[idx].cpu().numpy(),
+        "loss": loss[idx].cpu().numpy(),
+        "test_index": idx,
+        "passing": len(order),
+    }
 
 
 # -- the run -------------------------------------------------------------------------------------
+
 
 class QuantaDiscovery(L.Callback):
     """Runs QDG once: after fit (a model this run trained) or after the (empty) validation loop."""
@@ -205,18 +240,25 @@ class QuantaDiscovery(L.Callback):
             source = core.MLPGrads(model, params, samples.pop("x"), samples.pop("y"))
         n = source.n
         if n > cfg.samples.max_n:  # samples.n=0: every sample that passed, and more passed than the bound
-            raise ConfigError(too_many_samples(f"samples.n={cfg.samples.n} chose every sample that passes", n,
-                                               cfg.samples.max_n))
+            raise ConfigError(
+                too_many_samples(f"samples.n={cfg.samples.n} chose every sample that passes", n, cfg.samples.max_n)
+            )
         counts = sorted(set(cfg.cluster.counts))
         n_sub = len(np.unique(samples["subtask"])) if "subtask" in samples else 0
         counts = sorted(set(counts) | {m * n_sub for m in cfg.cluster.subtask_multiples if n_sub})
         bad = [k for k in counts if k >= n]
         if bad:
-            raise ConfigError(f"cluster counts {bad} not below the {n} samples chosen (cluster.counts, "
-                              "cluster.subtask_multiples x subtasks); lower them or raise samples.n")
+            raise ConfigError(
+                f"cluster counts {bad} not below the {n} samples chosen (cluster.counts, "
+                "cluster.subtask_multiples x subtasks); lower them or raise samples.n"
+            )
         t1 = time.perf_counter()
-        summary: dict[str, Any] = {"qdg/n_samples": n, "qdg/n_params": source.dim, "qdg/passing": samples["passing"],
-                                   "qdg/seconds_select": t1 - t0}
+        summary: dict[str, Any] = {
+            "qdg/n_samples": n,
+            "qdg/n_params": source.dim,
+            "qdg/passing": samples["passing"],
+            "qdg/seconds_select": t1 - t0,
+        }
         g = cfg.sim
         stats: dict = {}
         if g.mode == "exact":
@@ -249,14 +291,17 @@ class QuantaDiscovery(L.Callback):
         os.makedirs(out, exist_ok=True)
         cols = {k: v for k, v in samples.items() if k != "passing"}
         pd.DataFrame({"sample": np.arange(len(cols["loss"])), **cols}).to_parquet(os.path.join(out, "samples.parquet"))
-        pd.DataFrame([(k, i, int(l)) for k, lab in labels.items() for i, l in enumerate(lab)],
-                     columns=["n_clusters", "sample", "label"]).to_parquet(os.path.join(out, "clusters.parquet"))
+        pd.DataFrame(
+            [(k, i, int(l)) for k, lab in labels.items() for i, l in enumerate(lab)],
+            columns=["n_clusters", "sample", "label"],
+        ).to_parquet(os.path.join(out, "clusters.parquet"))
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump({"kind": self.kind, "signed": self.cfg.sim.signed, **result}, f, default=float)
         if similarity is not None:
             np.save(os.path.join(out, "similarity.npy"), similarity)
-        tracking.log_artifact(run, out, f"{ARTIFACT_TYPE}-{run.id}", ARTIFACT_TYPE,
-                              metadata={"kind": self.kind, "counts": sorted(labels)})
+        tracking.log_artifact(
+            run, out, f"{ARTIFACT_TYPE}-{run.id}", ARTIFACT_TYPE, metadata={"kind": self.kind, "counts": sorted(labels)}
+        )
 
 
 def summarise(cfg: Config, labels: dict[int, np.ndarray], subtask) -> dict:
@@ -266,16 +311,27 @@ def summarise(cfg: Config, labels: dict[int, np.ndarray], subtask) -> dict:
     env = qs.envelope(list(per.values()))
     fit = qs.fit_slope(env, c.fit_rank_min, c.fit_rank_max)
     out = {"sizes": {str(k): v.tolist() for k, v in per.items()}, "envelope": env.tolist(), "fit": fit}
-    summary = {"qdg/slope": fit["slope"], "qdg/slope_lo": fit["slope_lo"], "qdg/slope_hi": fit["slope_hi"],
-               "qdg/fit_rank_min": fit["rank_min"], "qdg/fit_rank_max": fit["rank_max"]}
+    summary = {
+        "qdg/slope": fit["slope"],
+        "qdg/slope_lo": fit["slope_lo"],
+        "qdg/slope_hi": fit["slope_hi"],
+        "qdg/fit_rank_min": fit["rank_min"],
+        "qdg/fit_rank_max": fit["rank_max"],
+    }
     if subtask is not None:
         agree = {str(k): qs.agreement(subtask, v) for k, v in labels.items()}
         n_sub = len(np.unique(subtask))
         # The headline count: the first multiple of the true subtask count, else the first count.
         first = next((m * n_sub for m in c.subtask_multiples), min(labels))
         out["agreement"] = agree
-        summary.update({"qdg/n_subtasks": n_sub, "qdg/ari": agree[str(first)]["ari"],
-                        "qdg/purity": agree[str(first)]["purity"], "qdg/ari_clusters": first})
+        summary.update(
+            {
+                "qdg/n_subtasks": n_sub,
+                "qdg/ari": agree[str(first)]["ari"],
+                "qdg/purity": agree[str(first)]["purity"],
+                "qdg/ari_clusters": first,
+            }
+        )
     out["summary"] = summary
     return out
 
@@ -308,8 +364,13 @@ def build(cfg: Config) -> Job:
         total, non_emb = lm.param_counts(model)
         holder = _Holder(model)
         cb = QuantaDiscovery(cfg, "lm", "validate", lambda: holder.model, tok=tok, source_cfg=source_cfg)
-        return Job(module=holder, datamodule=_OneBatch(), callbacks=[cb], stage="validate",
-                   summary={"model/params": total, "model/params_nonembedding": non_emb, "qdg/kind": "lm"})
+        return Job(
+            module=holder,
+            datamodule=_OneBatch(),
+            callbacks=[cb],
+            stage="validate",
+            summary={"model/params": total, "model/params_nonembedding": non_emb, "qdg/kind": "lm"},
+        )
     if m.source == "artifact":
         _, blob = model_artifact(cfg)
         inner, job = _trained_job(blob["config"])
@@ -319,13 +380,26 @@ def build(cfg: Config) -> Job:
         core.select_params(net, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)
         holder = _Holder(net)
         cb = QuantaDiscovery(cfg, "parity", "validate", lambda: holder.model, lambda: job.datamodule)
-        return Job(module=holder, datamodule=_OneBatch(), callbacks=[cb], stage="validate",
-                   summary={"model/params": sum(p.numel() for p in net.parameters()), "qdg/kind": "parity",
-                            "qdg/model_task": inner.task})
+        return Job(
+            module=holder,
+            datamodule=_OneBatch(),
+            callbacks=[cb],
+            stage="validate",
+            summary={
+                "model/params": sum(p.numel() for p in net.parameters()),
+                "qdg/kind": "parity",
+                "qdg/model_task": inner.task,
+            },
+        )
     inner = _inner_config(cfg.train, cfg.trainer)
     job = task_module(inner.task).build(inner)
     check_labelled(job.datamodule, inner.task)
     core.select_params(job.module.model, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)
     cb = QuantaDiscovery(cfg, "parity", "fit", lambda: job.module.model, lambda: job.datamodule)
-    return Job(module=job.module, datamodule=job.datamodule, callbacks=[*job.callbacks, cb], stage="fit",
-               summary={**job.summary, "qdg/kind": "parity", "qdg/model_task": inner.task})
+    return Job(
+        module=job.module,
+        datamodule=job.datamodule,
+        callbacks=[*job.callbacks, cb],
+        stage="fit",
+        summary={**job.summary, "qdg/kind": "parity", "qdg/model_task": inner.task},
+    )

@@ -4,6 +4,7 @@ Input: `n_tasks` one-hot control bits + `n` uniform random data bits. Subtask t 
 k-subset S_t of the data bits (all subsets distinct); the label is the parity of x[S_t]. Subtask t is
 drawn with probability p_t proportional to t^-(zipf_alpha + 1), t = 1..n_tasks.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,8 +86,12 @@ class SparseParityData(DeviceDataModule):
     def _tensors(self, device: torch.device) -> dict:
         if device not in self._on_device:
             # cdf too: a host-to-device copy per batch would wait for the GPU at every step
-            t = {"subsets": self.subsets.to(device), "cdf": self.cdf.to(device), "test_tasks": self.test_tasks.to(device),
-                 "test_bits": self.test_bits.to(device)}
+            t = {
+                "subsets": self.subsets.to(device),
+                "cdf": self.cdf.to(device),
+                "test_tasks": self.test_tasks.to(device),
+                "test_bits": self.test_bits.to(device),
+            }
             if self.finite is not None:
                 t["train_tasks"], t["train_bits"] = (x.to(device) for x in self.finite)
             self._on_device = {device: t}
@@ -129,7 +134,7 @@ class SparseParityData(DeviceDataModule):
         if self._epoch_order is None or self._epoch_order[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch_order = (epoch, torch.randperm(D, generator=g))
-        return self._epoch_order[1][j * B:(j + 1) * B]
+        return self._epoch_order[1][j * B : (j + 1) * B]
 
     def shard_error(self) -> str | None:
         if self.cfg.data.n_train_samples:  # one process owns the epoch order of the D samples
@@ -161,7 +166,7 @@ class SparseParityModule(L.LightningModule):
         n_tasks, chunk = self.cfg.data.n_tasks, self.cfg.eval.chunk
         losses, correct = [], []
         for s in range(0, len(tasks), chunk):
-            x, y = self.data.encode(tasks[s:s + chunk], bits[s:s + chunk], self.device)
+            x, y = self.data.encode(tasks[s : s + chunk], bits[s : s + chunk], self.device)
             logits = self.model(x)
             losses.append(F.cross_entropy(logits, y, reduction="none"))
             correct.append((logits.argmax(1) == y).float())
@@ -178,13 +183,18 @@ class SparseParityModule(L.LightningModule):
 
     def val_metrics(self, loss: torch.Tensor, acc: torch.Tensor) -> dict[str, torch.Tensor]:
         """The history row of an evaluation from its per-subtask loss and accuracy (0-d tensors)."""
-        return {"val/loss": (self.p * loss).sum(), "val/acc": (self.p * acc).sum(),
-                "val/loss_uniform": loss.mean(), "val/n_learned": (loss < self.threshold_nats).sum()}
+        return {
+            "val/loss": (self.p * loss).sum(),
+            "val/acc": (self.p * acc).sum(),
+            "val/loss_uniform": loss.mean(),
+            "val/n_learned": (loss < self.threshold_nats).sum(),
+        }
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        return torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
-                                 betas=(o.beta1, o.beta2))
+        return torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2)
+        )
 
 
 # Packed runs (harness.members.packed, issue 14): members may differ in these keys (tasks/sparse_parity_packed.py).

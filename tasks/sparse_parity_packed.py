@@ -28,6 +28,7 @@ Depth > 1: each hidden-to-hidden layer is held as the members' weights flattened
 Evaluation is the task's own: SparseParityModule.per_subtask and val_metrics on member i's solo
 module, whose parameters are views of its slices, and its solo run's EmergenceCallback.
 """
+
 from __future__ import annotations
 
 import copy
@@ -67,7 +68,6 @@ class _Stream:
 
 
 class PackedSparseParity:
-
     def __init__(self, cfgs: list[Config]):
         self.cfgs = cfgs
         t, m0 = cfgs[0].trainer, cfgs[0].model
@@ -94,8 +94,10 @@ class PackedSparseParity:
         owner = torch.repeat_interleave(torch.arange(M), torch.tensor(widths))
         nets = [m.model.net for m in self.modules]
         last = 2 * self.depth  # index of the output Linear in MLP.net
-        P = {"net.0.weight": torch.cat([n[0].weight.detach() for n in nets]),
-             "net.0.bias": torch.cat([n[0].bias.detach() for n in nets])}
+        P = {
+            "net.0.weight": torch.cat([n[0].weight.detach() for n in nets]),
+            "net.0.bias": torch.cat([n[0].bias.detach() for n in nets]),
+        }
         axes = [MemberAxis(0, owner), MemberAxis(0, owner)]
         square_owner = torch.repeat_interleave(torch.arange(M), torch.tensor(widths) ** 2)
         for j in range(2, last, 2):  # depth > 1: hidden-to-hidden layers, [w_i, w_i] each, flattened
@@ -113,7 +115,7 @@ class PackedSparseParity:
         for i, net in enumerate(nets):
             rows = slice(self.offsets[i], self.offsets[i] + widths[i])
             net[0].weight.data, net[0].bias.data = D["net.0.weight"][rows], D["net.0.bias"][rows]
-            squares = slice(sum(w * w for w in widths[:i]), sum(w * w for w in widths[:i + 1]))
+            squares = slice(sum(w * w for w in widths[:i]), sum(w * w for w in widths[: i + 1]))
             for j in range(2, last, 2):
                 net[j].weight.data = D[f"net.{j}.weight"][squares].view(widths[i], widths[i])
                 net[j].bias.data = D[f"net.{j}.bias"][rows]
@@ -142,11 +144,16 @@ class PackedSparseParity:
             square_offsets = [sum(w * w for w in self.widths[:i]) for i in members]
             squares = torch.cat([torch.arange(o, o + self.widths[i] ** 2) for o, i in zip(square_offsets, members)])
             subset = len(members) < M
-            self.groups.append({
-                "members": members, "stream": _Stream(self.modules[members[0]].data, self.device, steps_per_batch, dtype),
-                "rows": rows.to(self.device) if subset else None, "idx": idx.to(self.device) if subset else None,
-                "squares": squares.to(self.device) if subset else None,
-                "widths": [self.widths[i] for i in members]})
+            self.groups.append(
+                {
+                    "members": members,
+                    "stream": _Stream(self.modules[members[0]].data, self.device, steps_per_batch, dtype),
+                    "rows": rows.to(self.device) if subset else None,
+                    "idx": idx.to(self.device) if subset else None,
+                    "squares": squares.to(self.device) if subset else None,
+                    "widths": [self.widths[i] for i in members],
+                }
+            )
         order = torch.tensor([i for g in self.groups for i in g["members"]])
         self._inverse = None if len(self.groups) == 1 else torch.argsort(order).to(self.device)
 
@@ -174,11 +181,14 @@ class PackedSparseParity:
                 wf, b = P[f"net.{j}.weight"], P[f"net.{j}.bias"]
                 if rows is not None:
                     wf, b = wf.index_select(0, g["squares"]), b.index_select(0, rows)
-                hs = [F.relu(F.linear(hk, wk.view(w, w), bk)) for hk, wk, bk, w in
-                      zip(hs, wf.split([w * w for w in widths]), b.split(widths), widths)]
+                hs = [
+                    F.relu(F.linear(hk, wk.view(w, w), bk))
+                    for hk, wk, bk, w in zip(hs, wf.split([w * w for w in widths]), b.split(widths), widths)
+                ]
             # Each member's output layer on its own hidden units (see the module docstring).
-            logits = torch.stack([torch.addmm(b, hk, wk) for hk, wk, b in
-                                  zip(hs, w2t.split(widths, 0), b2.unbind(0))])  # [m, B, 2]
+            logits = torch.stack(
+                [torch.addmm(b, hk, wk) for hk, wk, b in zip(hs, w2t.split(widths, 0), b2.unbind(0))]
+            )  # [m, B, 2]
             ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(m), reduction="none")
             out.append(ce.view(m, -1).mean(1))
         losses = out[0] if len(out) == 1 else torch.cat(out)
@@ -203,8 +213,9 @@ class PackedSparseParity:
         if em.first is not None:  # as EmergenceCallback.on_fit_end gives a solo run
             import wandb
 
-            values["emergence/items"] = wandb.Table(columns=["item", "step", "reached", f"final_{em.column}"],
-                                                    data=em.table_rows())
+            values["emergence/items"] = wandb.Table(
+                columns=["item", "step", "reached", f"final_{em.column}"], data=em.table_rows()
+            )
         return values
 
     def member_model(self, i: int):
@@ -220,4 +231,3 @@ class PackedSparseParity:
 
     def load_member_state(self, i: int, state: dict) -> None:
         self.emergence[i].load_state_dict(state["emergence"])
-

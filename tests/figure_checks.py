@@ -1,4 +1,5 @@
 """What a figure fit for a paper must not do, checked on the figure object (shared by the analysis tests)."""
+
 from __future__ import annotations
 
 

@@ -10,16 +10,26 @@ def runs_for(alpha, kind, values, start=0):
     for i, v in enumerate(values):
         params = 603 * (v if kind == "N" else 128) + 2
         D = v if kind == "D" else 0
-        rows.append({"id": f"{kind}{alpha}-{i}", "state": "finished", "config.data.zipf_alpha": alpha,
-                     "config.data.n_train_samples": D, "summary.model/params": params,
-                     "summary.val/loss.last": 0.01 + 20 * params ** -alpha if kind == "N" else 0.3,
-                     "summary.val/loss.min": 0.01 + 5 * max(D, 1) ** -(alpha / (alpha + 1))})
+        rows.append(
+            {
+                "id": f"{kind}{alpha}-{i}",
+                "state": "finished",
+                "config.data.zipf_alpha": alpha,
+                "config.data.n_train_samples": D,
+                "summary.model/params": params,
+                "summary.val/loss.last": 0.01 + 20 * params**-alpha if kind == "N" else 0.3,
+                "summary.val/loss.min": 0.01 + 5 * max(D, 1) ** -(alpha / (alpha + 1)),
+            }
+        )
     return rows
 
 
 def test_exponents_per_alpha_against_theory(tmp_path):
-    rows = runs_for(0.4, "N", [10, 20, 40, 80, 160]) + runs_for(0.4, "D", [1e4, 3e4, 1e5, 3e5]) \
+    rows = (
+        runs_for(0.4, "N", [10, 20, 40, 80, 160])
+        + runs_for(0.4, "D", [1e4, 3e4, 1e5, 3e5])
         + runs_for(0.8, "N", [10, 20, 40, 80])
+    )
     res = alpha_study.analyze(pd.DataFrame(rows), n_bootstrap=30)
     g = {r["zipf_alpha"]: r for r in res["groups"]}
     assert g[0.4]["alpha_N"]["alpha"] == pytest.approx(0.4, abs=0.02)
@@ -35,7 +45,9 @@ def test_each_alpha_gets_its_design_prediction():
     from harness.quanta_stats import zipf_frequencies
 
     rows = runs_for(0.4, "N", [10, 20, 40, 80, 160]) + runs_for(0.8, "N", [10, 20, 40, 80, 160])
-    runs = pd.DataFrame(rows).assign(**{"config.data.n_tasks": 50, "summary.emergence/n_below_end": [1, 2, 4, 7, 11] * 2})
+    runs = pd.DataFrame(rows).assign(
+        **{"config.data.n_tasks": 50, "summary.emergence/n_below_end": [1, 2, 4, 7, 11] * 2}
+    )
     res = alpha_study.analyze(runs, n_bootstrap=30)
     g = {r["zipf_alpha"]: r for r in res["groups"]}
     params = [603 * w + 2 for w in (10, 20, 40, 80, 160)]

@@ -1,4 +1,5 @@
 """The `harness` command as a new user meets it: tasks, --cfg, did-you-mean, one-line errors, progress."""
+
 import os
 
 import pytest
@@ -31,14 +32,17 @@ def test_cfg_prints_the_resolved_config_and_runs_nothing(capsys, tmp_path):
     assert not os.path.exists(tmp_path / "wandb")
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["model.widht=8"], "did you mean model.width?"),
-    (["optim.beta1=2.0"], "optim.beta1=2.0: Adam's betas lie in [0, 1)"),
-    (["optim.lr=nan"], "optim.lr=nan: must be a finite number"),
-    (["trainer.precision=banana"], "trainer.precision='banana': valid values are"),
-    (["trainer.steps=0"], "trainer.steps=0"),
-    (["model.width=8", "model.width=16"], "given twice"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["model.widht=8"], "did you mean model.width?"),
+        (["optim.beta1=2.0"], "optim.beta1=2.0: Adam's betas lie in [0, 1)"),
+        (["optim.lr=nan"], "optim.lr=nan: must be a finite number"),
+        (["trainer.precision=banana"], "trainer.precision='banana': valid values are"),
+        (["trainer.steps=0"], "trainer.steps=0"),
+        (["model.width=8", "model.width=16"], "given twice"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_before_any_run(capsys, tmp_path, argv, says):
     code, out, err = cli(capsys, "train", "task=sparse_parity", *argv)
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
@@ -47,8 +51,10 @@ def test_bad_input_is_one_line_exit_2_before_any_run(capsys, tmp_path, argv, say
 
 def test_progress_bar_counts_optimizer_steps(capsys):
     # 10 optimizer steps per Lightning batch: Lightning's own bar would count 6 batches.
-    cfg = load_config([o for o in TINY if not o.startswith("trainer.progress_bar")]
-                      + ["trainer.progress_bar=true", "trainer.steps_per_batch=10"])
+    cfg = load_config(
+        [o for o in TINY if not o.startswith("trainer.progress_bar")]
+        + ["trainer.progress_bar=true", "trainer.steps_per_batch=10"]
+    )
     train(cfg, [])
     frames = capsys.readouterr().err.replace("\r", "\n").splitlines()
     bars = [f for f in frames if f.startswith("train:")]

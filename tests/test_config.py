@@ -49,12 +49,20 @@ def test_valid_keys_are_dotted_leaves():
     assert "model" not in keys
 
 
-@pytest.mark.parametrize("override, named", [
-    ("optim.beta1=2.0", "optim.beta1=2.0"), ("optim.lr=nan", "optim.lr=nan"), ("optim.lr=0", "optim.lr=0"),
-    ("trainer.precision=banana", "trainer.precision='banana'"), ("trainer.steps=0", "trainer.steps=0"),
-    ("data.zipf_alpha=inf", "data.zipf_alpha=inf"), ("trainer.accelerator=gpuu", "trainer.accelerator='gpuu'"),
-    ("trainer.strategy=dpp", "trainer.strategy='dpp'"), ("optim.weight_decay=-1.0", "optim.weight_decay=-1.0"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("optim.beta1=2.0", "optim.beta1=2.0"),
+        ("optim.lr=nan", "optim.lr=nan"),
+        ("optim.lr=0", "optim.lr=0"),
+        ("trainer.precision=banana", "trainer.precision='banana'"),
+        ("trainer.steps=0", "trainer.steps=0"),
+        ("data.zipf_alpha=inf", "data.zipf_alpha=inf"),
+        ("trainer.accelerator=gpuu", "trainer.accelerator='gpuu'"),
+        ("trainer.strategy=dpp", "trainer.strategy='dpp'"),
+        ("optim.weight_decay=-1.0", "optim.weight_decay=-1.0"),
+    ],
+)
 def test_values_that_pass_the_type_check_but_are_invalid_are_one_line_errors(override, named):
     with pytest.raises(ConfigError) as e:
         load_config(["task=sparse_parity", override])
@@ -79,8 +87,12 @@ def test_hyphenated_overrides_from_wandb_agent_args_are_read_as_key_value():
 
 
 def test_unknown_key_suggests_the_nearest_keys():
-    for typo, meant in [("model.widht", "model.width"), ("widht", "model.width"), ("optim.lrr", "optim.lr"),
-                        ("trainer.step", "trainer.steps")]:
+    for typo, meant in [
+        ("model.widht", "model.width"),
+        ("widht", "model.width"),
+        ("optim.lrr", "optim.lr"),
+        ("trainer.step", "trainer.steps"),
+    ]:
         with pytest.raises(ConfigError) as e:
             load_config(["task=sparse_parity", f"{typo}=3"])
         assert f"did you mean {meant}" in str(e.value), str(e.value)
@@ -92,6 +104,7 @@ def test_tasks_come_from_the_entry_point_registry():
     from importlib.metadata import entry_points
 
     from harness.config.registry import tasks
+
     registered = {ep.name: ep.value for ep in entry_points(group="harness.tasks")}
     assert {n: ep.value for n, ep in tasks().items()} == registered
     assert {"sparse_parity", "modular_addition", "mnist_omnigrok", "pythia_eval", "pythia_suite"} <= set(registered)
@@ -99,6 +112,7 @@ def test_tasks_come_from_the_entry_point_registry():
 
 def test_describe_shows_values_defaults_types_and_comments():
     from harness.config.run import describe
+
     text = describe(load_config(["task=sparse_parity", "model.width=64"])).splitlines()
     line = next(l for l in text if l.startswith("model.width:"))
     assert line == "model.width: int = 64  (default 100)  # hidden units per layer"

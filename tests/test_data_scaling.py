@@ -6,10 +6,19 @@ from harness.errors import UserError
 
 
 def synthetic(Ds, alpha_D=0.3, states=None):
-    rows = [{"id": f"r{i}", "state": (states or {}).get(i, "finished"), "config.data.n_train_samples": D,
-             "config.data.zipf_alpha": 0.4, "config.model.width": 128,
-             "summary.val/loss.min": 0.02 + 5 * max(D, 1) ** -alpha_D, "summary.val/loss.last": 0.05 + 5 * max(D, 1) ** -alpha_D,
-             "summary.emergence/n_learned": i} for i, D in enumerate(Ds)]
+    rows = [
+        {
+            "id": f"r{i}",
+            "state": (states or {}).get(i, "finished"),
+            "config.data.n_train_samples": D,
+            "config.data.zipf_alpha": 0.4,
+            "config.model.width": 128,
+            "summary.val/loss.min": 0.02 + 5 * max(D, 1) ** -alpha_D,
+            "summary.val/loss.last": 0.05 + 5 * max(D, 1) ** -alpha_D,
+            "summary.emergence/n_learned": i,
+        }
+        for i, D in enumerate(Ds)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -18,8 +27,11 @@ def test_alpha_D_from_the_minimum_loss_against_theory(tmp_path):
     res = data_scaling.analyze(runs, n_bootstrap=40)
     assert res["alpha_D"] == pytest.approx(0.3, abs=0.01) and len(res["alpha_D_ci"]) == 2
     assert res["theory_alpha_D"] == pytest.approx(0.4 / 1.4) and res["n_runs"] == 5
-    assert {r["id"]: r["why"] for r in res["excluded_runs"]} == {"r3": "crashed", "r6": "infinite data (n_train_samples=0)"}
-    assert [p["min_loss"] for p in res["points"]][0] == pytest.approx(0.02 + 5 * 1e4 ** -0.3)
+    assert {r["id"]: r["why"] for r in res["excluded_runs"]} == {
+        "r3": "crashed",
+        "r6": "infinite data (n_train_samples=0)",
+    }
+    assert [p["min_loss"] for p in res["points"]][0] == pytest.approx(0.02 + 5 * 1e4**-0.3)
     md = data_scaling.report(res, "src", "s", data_scaling.plot(res, str(tmp_path)))
     assert "measured alpha_D (offset fit E + B D^-alpha) = 0.300" in md and "r3 (crashed)" in md and "0.286" in md
     assert "no history read" in md  # step-bound runs cannot be found without it
@@ -39,8 +51,13 @@ def test_step_bound_runs_are_drawn_and_listed_not_fitted_and_the_design_is_predi
     from harness.quanta_stats import zipf_frequencies
 
     Ds = [8e3, 1.6e4, 3.2e4, 6.4e4, 1.28e5, 2.56e5, 5.12e5]
-    runs = synthetic(Ds).assign(**{"config.data.n_tasks": 100, "config.data.offset": 0.0,
-                                   "summary.emergence/n_below_end": [2, 3, 5, 7, 10, 13, 14]})
+    runs = synthetic(Ds).assign(
+        **{
+            "config.data.n_tasks": 100,
+            "config.data.offset": 0.0,
+            "summary.emergence/n_below_end": [2, 3, 5, 7, 10, 13, 14],
+        }
+    )
     steps = np.arange(17) * 250
     hist = []
     for i, D in enumerate(Ds):  # the largest D still falls at the end; the others have turned up

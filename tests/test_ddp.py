@@ -1,16 +1,16 @@
 """DDP on CPU: one W&B run per training run, different data on each rank, a one-line error where
 a task's data cannot be split."""
+
 import glob
 import json
 import os
 
 import pytest
 import torch
-
 from conftest import TINY, harness
+
 from harness.config.run import load_config
 from harness.runstore.decoder import read_run_file
-from harness.training.data import DeviceDataModule
 
 
 class _Trainer:  # what DeviceDataModule reads from its trainer
@@ -54,22 +54,30 @@ def test_a_task_that_cannot_shard_says_so_in_one_line(offline):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "harness: error: trainer.devices=2: data.batch_size=0 is full batch (911 training pairs), so every "
-        "rank would see the same data; use trainer.devices=1"]
+        "rank would see the same data; use trainer.devices=1"
+    ]
     assert not os.path.exists(offline / "wandb")  # refused before a run was created
     proc = harness("train", *TINY, "trainer.devices=2", "trainer.strategy=ddp_spawn", check=False)
     assert proc.returncode == 2 and "use trainer.strategy=ddp" in proc.stderr
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="known bug, left open: Lightning 2.6 broadcasts from inside its SIGTERM handler, "
-                         "so under DDP a SIGTERM can leave both ranks waiting in mismatched collectives "
-                         "(4 of 7 tries passed here; the others hung)")
+@pytest.mark.skip(
+    reason="known bug, left open: Lightning 2.6 broadcasts from inside its SIGTERM handler, "
+    "so under DDP a SIGTERM can leave both ranks waiting in mismatched collectives "
+    "(4 of 7 tries passed here; the others hung)"
+)
 def test_sigterm_under_ddp_checkpoints_both_ranks_and_resumes(offline):
     from test_preemption import run_files, start_and_preempt
 
     args = [a for a in TINY if not a.startswith("trainer.steps=")] + [
-        "trainer.steps=400", "trainer.log_every=10", "trainer.ckpt_every=40",
-        "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
+        "trainer.steps=400",
+        "trainer.log_every=10",
+        "trainer.ckpt_every=40",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.accelerator=cpu",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_RUN_ID="ddp1")
     code, out, err = start_and_preempt(env, str(offline / "wandb" / "checkpoints" / "ddp1" / "last.ckpt"), args)
     assert code == 143 and out == "", err[-2000:]

@@ -1,4 +1,5 @@
 """The design prediction (analysis.design) and the fit warnings (analysis.fit_checks)."""
+
 import math
 
 import numpy as np
@@ -27,7 +28,8 @@ def test_predicted_loss_and_exponent_by_hand():
     p = zipf_frequencies(3, 1.0)
     # An unlearned subtask costs 1 bit (ln 2 nats): L_pred(n) = ln 2 * sum_{k>n} p_k.
     assert design.predicted_loss([0, 1, 2, 3], p) == pytest.approx(
-        [math.log(2), math.log(2) * 13 / 49, math.log(2) * 4 / 49, 0.0])
+        [math.log(2), math.log(2) * 13 / 49, math.log(2) * 4 / 49, 0.0]
+    )
     # Two runs at x = 1 and x = e learning 1 and 2 subtasks: slope ln(4/13) per unit of ln x.
     assert design.design_alpha([1.0, math.e], [1, 2], p) == pytest.approx(math.log(13 / 4))
     with pytest.raises(FitError, match="every one of the 3 subtasks"):
@@ -87,8 +89,13 @@ def test_still_learning_flags_falling_loss_and_rising_counts_not_a_noisy_plateau
     plateau = 0.3 * np.exp(rng.normal(0, 0.02, 17))  # 17 evaluations, 0..4000, flat with noise
     falling = 0.6 * np.exp(-np.arange(17) / 8)  # still falling steadily at the end
     counts_rise = np.r_[np.zeros(16), 1]  # a subtask learned at the last evaluation
-    hist = pd.concat([history("flat", plateau, np.full(17, 3)), history("fall", falling),
-                      history("jump", np.full(17, 0.3), counts_rise)])
+    hist = pd.concat(
+        [
+            history("flat", plateau, np.full(17, 3)),
+            history("fall", falling),
+            history("jump", np.full(17, 0.3), counts_rise),
+        ]
+    )
     flagged = {r["id"]: r for r in fit_checks.still_learning(hist)}
     assert set(flagged) == {"fall", "jump"}
     assert flagged["fall"]["steps"] == (3500, 4000)  # the last evaluation at or before 90% of 4000, to the end

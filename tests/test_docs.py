@@ -16,6 +16,7 @@ is executed or parsed, and every relative link points to a file (and heading) th
 
 `python tests/test_docs.py` prints the counts.
 """
+
 from __future__ import annotations
 
 import ast
@@ -38,8 +39,33 @@ LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|!\[[^\]]*\]\
 SHELL = {"bash", "sh", "shell", "console"}
 BUILTINS = {"export", "source", ".", "cd", "mkdir", "ls", "cat", "echo", "set", "unset"}
 # Programs outside the project: only `bash -n` checks them (counted as syntax-checked).
-EXTERNAL = {"git", "pip", "pip3", "sbatch", "srun", "squeue", "scancel", "nvidia-smi", "curl", "wget", "tar", "cp",
-            "mv", "rm", "head", "tail", "grep", "less", "open", "xdg-open", "jupyter", "tee", "watch", "du", "sort"}
+EXTERNAL = {
+    "git",
+    "pip",
+    "pip3",
+    "sbatch",
+    "srun",
+    "squeue",
+    "scancel",
+    "nvidia-smi",
+    "curl",
+    "wget",
+    "tar",
+    "cp",
+    "mv",
+    "rm",
+    "head",
+    "tail",
+    "grep",
+    "less",
+    "open",
+    "xdg-open",
+    "jupyter",
+    "tee",
+    "watch",
+    "du",
+    "sort",
+}
 CONTROL = {"|", "||", "&&", ";", "&"}
 PLACEHOLDER_SWEEP = {"SWEEP_ID", "ID", "abc123"}
 TINY_SWEEP = """name: docs-fixture
@@ -66,15 +92,16 @@ parameters:
 
 
 def doc_files() -> list[str]:
-    return [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "**", "*.md"),
-                                                                recursive=True))
+    return [os.path.join(REPO, "README.md")] + sorted(
+        glob.glob(os.path.join(REPO, "docs", "**", "*.md"), recursive=True)
+    )
 
 
 def blocks(path: str) -> list[tuple[str, str, int]]:
     """(language, text, line) of each fenced block."""
     with open(path) as f:
         text = f.read()
-    return [(m.group(1).lower(), m.group(2), text[:m.start()].count("\n") + 1) for m in FENCE.finditer(text)]
+    return [(m.group(1).lower(), m.group(2), text[: m.start()].count("\n") + 1) for m in FENCE.finditer(text)]
 
 
 def commands(block: str) -> list[str]:
@@ -138,6 +165,7 @@ class Counts:
 
 # ---- the harness command -----------------------------------------------------------------------
 
+
 def run_harness(argv: list[str]) -> tuple[int, str]:
     from harness.cli import main
 
@@ -172,8 +200,16 @@ def check_harness(argv: list[str], fixture: dict, tmp: str, where: str, counts: 
             counts.problems.append(f"{where}: `{text}` exited {code}: {out.strip()[-300:]}")
         return
     if sub == "runs" and "/" not in args.source:  # a local wandb directory: run it on the fixture
-        real = [fixture["dir"] if a == args.source else fixture["sweep"] if a in PLACEHOLDER_SWEEP
-                else os.path.join(tmp, os.path.basename(a)) if a == args.output else a for a in argv[1:]]
+        real = [
+            fixture["dir"]
+            if a == args.source
+            else fixture["sweep"]
+            if a in PLACEHOLDER_SWEEP
+            else os.path.join(tmp, os.path.basename(a))
+            if a == args.output
+            else a
+            for a in argv[1:]
+        ]
         code, out = run_harness(real)
         counts.executed.append(text)
         if code != 0:
@@ -202,14 +238,20 @@ def check_harness(argv: list[str], fixture: dict, tmp: str, where: str, counts: 
 
 # ---- other programs ----------------------------------------------------------------------------
 
+
 def project_sources(module_path: str) -> str:
     """A module's source and the sources of the project modules it imports (their flags may live there)."""
     with open(module_path) as f:
         text = f.read()
     sources = [text]
     for node in ast.walk(ast.parse(text)):
-        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
-            [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names = (
+            [node.module]
+            if isinstance(node, ast.ImportFrom) and node.module
+            else [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else []
+        )
         for name in names:
             path = os.path.join(REPO, *name.split(".")) + ".py"
             if name.split(".")[0] in ("harness", "analysis", "tasks", "benchmarks") and os.path.exists(path):
@@ -289,8 +331,10 @@ def check_shell_block(block: str, fixture: dict, tmp: str, where: str, counts: C
         elif program == "make":
             check_make(argv, where, counts)
         else:
-            counts.problems.append(f"{where}: `{' '.join(argv)}`: no check for program {program!r} "
-                                   "(add it to EXTERNAL or a check to tests/test_docs.py)")
+            counts.problems.append(
+                f"{where}: `{' '.join(argv)}`: no check for program {program!r} "
+                "(add it to EXTERNAL or a check to tests/test_docs.py)"
+            )
 
 
 def check_yaml(block: str, where: str, counts: Counts) -> None:
@@ -357,16 +401,23 @@ def make_fixture(tmp: str) -> dict:
         f.write(TINY_SWEEP)
     root = os.path.join(tmp, "wandb")
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    out = subprocess.run([sys.executable, "-m", "harness", "sweep", path, "--local", "--wandb-dir", root],
-                         capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "harness", "sweep", path, "--local", "--wandb-dir", root],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     return {"dir": root, "sweep": out.stdout.split()[-1]}
 
 
 def report(c: Counts) -> str:
-    return (f"commands executed {len(c.executed)}, commands parsed {len(c.parsed)}, commands only syntax-checked "
-            f"{len(c.syntax_only)}, shell blocks {c.shell_blocks}, "
-            f"YAML snippets parsed {c.yaml} (sweeps validated {c.sweeps_validated}), python blocks parsed {c.python}, "
-            f"links checked {c.links}")
+    return (
+        f"commands executed {len(c.executed)}, commands parsed {len(c.parsed)}, commands only syntax-checked "
+        f"{len(c.syntax_only)}, shell blocks {c.shell_blocks}, "
+        f"YAML snippets parsed {c.yaml} (sweeps validated {c.sweeps_validated}), python blocks parsed {c.python}, "
+        f"links checked {c.links}"
+    )
 
 
 def test_every_command_snippet_and_link_in_the_docs(tmp_path):
@@ -376,24 +427,27 @@ def test_every_command_snippet_and_link_in_the_docs(tmp_path):
     assert counts.executed and counts.parsed and counts.yaml and counts.links
 
 
-@pytest.mark.parametrize("snippet, finds", [
-    ("```yaml\ncommand: [${env}, ${interpreter}, -m, harness]\n```\n", "not valid YAML"),
-    ("```bash\nharness train task=sparse_parity model.widht=8\n```\n", "did you mean model.width"),
-    ("```bash\nharness sweep x.yaml --lcoal\n```\n", "refuses it"),
-    ("```bash\nharness train task=sparse_parity --cfg model.width=0\n```\n", "exited 2"),
-    ("```bash\npython -m analysis.scaling wandb --otu out\n```\n", "defines no --otu"),
-    ("```bash\nwandb agent --cuont 1 a/b/c\n```\n", "wandb refuses it"),
-    ("```bash\nmake runn\n```\n", "no target runn"),
-    ("```bash\nharness tasks | harnes runs wandb\n```\n", "no check for program 'harnes'"),
-    ("```bash\nfor x in; do\n```\n", "not valid shell"),
-    ("[a page](docs/nope.md) and [a heading](docs/runs.md#no-such-heading)\n", "does not exist"),
-    ("[a heading](docs/runs.md#no-such-heading)\n", "no heading #no-such-heading"),
-])
+@pytest.mark.parametrize(
+    "snippet, finds",
+    [
+        ("```yaml\ncommand: [${env}, ${interpreter}, -m, harness]\n```\n", "not valid YAML"),
+        ("```bash\nharness train task=sparse_parity model.widht=8\n```\n", "did you mean model.width"),
+        ("```bash\nharness sweep x.yaml --lcoal\n```\n", "refuses it"),
+        ("```bash\nharness train task=sparse_parity --cfg model.width=0\n```\n", "exited 2"),
+        ("```bash\npython -m analysis.scaling wandb --otu out\n```\n", "defines no --otu"),
+        ("```bash\nwandb agent --cuont 1 a/b/c\n```\n", "wandb refuses it"),
+        ("```bash\nmake runn\n```\n", "no target runn"),
+        ("```bash\nharness tasks | harnes runs wandb\n```\n", "no check for program 'harnes'"),
+        ("```bash\nfor x in; do\n```\n", "not valid shell"),
+        ("[a page](docs/nope.md) and [a heading](docs/runs.md#no-such-heading)\n", "does not exist"),
+        ("[a heading](docs/runs.md#no-such-heading)\n", "no heading #no-such-heading"),
+    ],
+)
 def test_the_checker_finds_each_kind_of_mistake(tmp_path, snippet, finds):
     page = tmp_path / "page.md"
     page.write_text(snippet)
     counts = Counts()
-    for lang, block, line in blocks(str(page)):
+    for lang, block, _line in blocks(str(page)):
         if lang in SHELL:
             check_shell_block(block, {}, str(tmp_path), "page.md", counts)
         elif lang == "yaml":

@@ -1,4 +1,5 @@
 """analysis.dynamics: the step exponent, convergence time against frequency, learned quanta vs N and D."""
+
 import json
 import math
 import os
@@ -12,9 +13,19 @@ from harness.errors import UserError
 
 
 def run_rows(n, **extra):
-    return [{"id": f"r{i}", "state": "finished", "config.task": "sparse_parity", "config.data.zipf_alpha": 0.4,
-             "config.data.n_tasks": 20, "config.data.offset": 0.0, "summary.emergence/threshold_nats": 0.1 * math.log(2),
-             **{k: v[i] for k, v in extra.items()}} for i in range(n)]
+    return [
+        {
+            "id": f"r{i}",
+            "state": "finished",
+            "config.task": "sparse_parity",
+            "config.data.zipf_alpha": 0.4,
+            "config.data.n_tasks": 20,
+            "config.data.offset": 0.0,
+            "summary.emergence/threshold_nats": 0.1 * math.log(2),
+            **{k: v[i] for k, v in extra.items()},
+        }
+        for i in range(n)
+    ]
 
 
 def test_step_exponent_is_fitted_over_the_tail_of_the_mean_over_seeds():
@@ -36,7 +47,7 @@ def test_step_exponent_is_fitted_over_the_tail_of_the_mean_over_seeds():
 
 def test_convergence_steps_are_intervals_with_censoring_and_both_slopes_are_reported():
     p = dynamics.frequencies(pd.Series(run_rows(1)[0]))
-    assert p.sum() == pytest.approx(1) and p[0] / p[1] == pytest.approx(2 ** 1.4)
+    assert p.sum() == pytest.approx(1) and p[0] / p[1] == pytest.approx(2**1.4)
     steps = np.arange(0, 4001, 100)
     rows = []
     for rid, c in (("r0", 60.0), ("r1", 80.0)):
@@ -78,9 +89,18 @@ def _censored_draw(seed, sigma=0.6, budget=3000, every=100, seeds=3):
     learned = t <= budget
     hi = np.where(learned, grid[np.minimum(k, len(grid) - 1)], np.inf)
     lo = np.where(learned, np.where(k > 0, grid[np.maximum(k - 1, 0)], 0.0), budget)
-    return pd.DataFrame({"run_id": np.repeat([f"s{i}" for i in range(seeds)], p.size // seeds), "item": 0, "p": p,
-                         "step": np.where(learned, hi, np.nan), "lo": lo, "hi": hi, "learned": learned,
-                         "at_start": False})
+    return pd.DataFrame(
+        {
+            "run_id": np.repeat([f"s{i}" for i in range(seeds)], p.size // seeds),
+            "item": 0,
+            "p": p,
+            "step": np.where(learned, hi, np.nan),
+            "lo": lo,
+            "hi": hi,
+            "learned": learned,
+            "at_start": False,
+        }
+    )
 
 
 def test_censored_fit_recovers_slope_minus_one_where_the_learned_only_fit_is_biased():
@@ -99,14 +119,26 @@ def test_censored_fit_recovers_slope_minus_one_where_the_learned_only_fit_is_bia
 
 
 def test_learned_quanta_against_N_at_one_data_budget_and_against_D_at_one_width():
-    runs = pd.DataFrame(run_rows(
-        7, **{"summary.model/params": [100, 400, 1600, 400, 400, 400, 100], "config.model.width": [1, 4, 16, 4, 4, 4, 1],
-              "config.data.n_train_samples": [0, 0, 0, 1000, 4000, 16000, 1000],
-              "summary.emergence/n_learned": [1, 3, 7, 1, 2, 4, 0], "summary.emergence/n_below_end": [1, 3, 6, 0, 2, 4, 0]}))
+    runs = pd.DataFrame(
+        run_rows(
+            7,
+            **{
+                "summary.model/params": [100, 400, 1600, 400, 400, 400, 100],
+                "config.model.width": [1, 4, 16, 4, 4, 4, 1],
+                "config.data.n_train_samples": [0, 0, 0, 1000, 4000, 16000, 1000],
+                "summary.emergence/n_learned": [1, 3, 7, 1, 2, 4, 0],
+                "summary.emergence/n_below_end": [1, 3, 6, 0, 2, 4, 0],
+            },
+        )
+    )
     lc = dynamics.learned_counts(runs)
     assert lc["N_at_D"] == "infinite" and [r["params"] for r in lc["vs_N"]] == [100, 400, 1600]
     assert [r["n_learned"] for r in lc["vs_N"]] == [1, 3, 7]
-    assert lc["D_at_width"] == 4 and [(r["D"], r["n_below_end"]) for r in lc["vs_D"]] == [(1000, 0), (4000, 2), (16000, 4)]
+    assert lc["D_at_width"] == 4 and [(r["D"], r["n_below_end"]) for r in lc["vs_D"]] == [
+        (1000, 0),
+        (4000, 2),
+        (16000, 4),
+    ]
     assert [r["id"] for r in dynamics.largest_runs(runs).to_dict("records")] == ["r2"]  # most params, then most data
 
 

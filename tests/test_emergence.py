@@ -1,4 +1,5 @@
 """analysis.emergence on synthetic curves whose midpoints, widths, censoring and mirages are known."""
+
 import numpy as np
 import pytest
 
@@ -64,13 +65,15 @@ def test_no_transition_is_not_detected_and_one_beyond_the_range_is_out_of_range(
 
 def test_threshold_crossing_with_censoring_and_interval():
     x = np.array([100, 200, 300, 400, 500.0])
-    Y = np.array([
-        [0.9, 0.5, 0.05, 0.04, 0.03],  # crosses at 300: in (200, 300]
-        [0.9, 0.8, 0.7, 0.6, 0.5],  # never: censored at 500
-        [0.9, 0.8, np.nan, np.nan, np.nan],  # stopped early: censored at 200
-        [0.05, 0.04, 0.5, 0.03, 0.02],  # past at the first evaluation, undone, past again
-        [0.9, np.nan, 0.05, 0.04, 0.03],  # 200 not evaluated: in (100, 300]
-    ])
+    Y = np.array(
+        [
+            [0.9, 0.5, 0.05, 0.04, 0.03],  # crosses at 300: in (200, 300]
+            [0.9, 0.8, 0.7, 0.6, 0.5],  # never: censored at 500
+            [0.9, 0.8, np.nan, np.nan, np.nan],  # stopped early: censored at 200
+            [0.05, 0.04, 0.5, 0.03, 0.02],  # past at the first evaluation, undone, past again
+            [0.9, np.nan, 0.05, 0.04, 0.03],  # 200 not evaluated: in (100, 300]
+        ]
+    )
     c = em.threshold_crossing(x, Y, 0.1)
     assert c.x.tolist() == [300, 500, 200, 100, 300]
     assert c.reached.tolist() == [True, False, False, True, True]
@@ -117,7 +120,7 @@ def test_exact_match_of_a_smooth_power_law_loss_is_a_mirage_in_95_percent_of_dra
 
 
 def test_a_true_step_in_loss_is_emergent_in_95_percent_of_draws():
-    loss, exact = _draws(em.sigmoid(N17, 10 ** 7.9, 0.05, 3.0, 0.05))
+    loss, exact = _draws(em.sigmoid(N17, 10**7.9, 0.05, 3.0, 0.05))
     m = em.mirage_check(N17, loss, exact, window=0.5)
     assert np.mean(m.verdict == "emergent") >= 0.95, dict(zip(*np.unique(m.verdict, return_counts=True)))
     assert np.all(m.resolved) and np.median(m.share_at_jump_log) > 0.5
@@ -125,14 +128,14 @@ def test_a_true_step_in_loss_is_emergent_in_95_percent_of_draws():
 
 def test_a_step_between_two_widths_further_apart_than_the_window_is_unresolved():
     widths = np.geomspace(1e6, 1e9, 21)  # 0.15 decade apart against the default 0.1-decade window
-    loss, exact = _draws(em.sigmoid(widths, 10 ** 7.575, 0.02, 3.0, 0.05))
+    loss, exact = _draws(em.sigmoid(widths, 10**7.575, 0.02, 3.0, 0.05))
     m = em.mirage_check(widths, loss, exact)
     assert np.mean(m.verdict == "unresolved") >= 0.95, dict(zip(*np.unique(m.verdict, return_counts=True)))
     s = em.sharpness(widths, loss[0])
-    assert s.fraction > 0.9 and not s.resolved and s.start < 10 ** 7.575 < s.end
+    assert s.fraction > 0.9 and not s.resolved and s.start < 10**7.575 < s.end
     # sampled 0.05 decade apart, the same step is resolved, and emergent
     fine = np.geomspace(1e6, 1e9, 61)
-    loss, exact = _draws(em.sigmoid(fine, 10 ** 7.575, 0.02, 3.0, 0.05), draws=20)
+    loss, exact = _draws(em.sigmoid(fine, 10**7.575, 0.02, 3.0, 0.05), draws=20)
     assert (em.mirage_check(fine, loss, exact).verdict == "emergent").all()
 
 
@@ -183,7 +186,7 @@ def test_seed_bootstrap_basic_interval_beats_the_percentile_one_with_few_seeds()
 def test_jump_fraction_separates_sudden_from_gradual():
     _mid, _width, Y = _family(n=50, noise=0.0)
     sharp = em.sigmoid(X, 1e3, 0.05, 1.0, 0.0)
-    power = 2.0 * X ** -0.3
+    power = 2.0 * X**-0.3
     assert em.jump_fraction(X, sharp) > 0.9
     assert em.jump_fraction(X, power) < 0.1
     assert np.all(em.jump_fraction(X, Y) < em.SUDDEN)  # widths >= 0.3 decade are gradual at 0.1-decade windows

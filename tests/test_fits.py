@@ -11,7 +11,7 @@ from tests.conftest import DATA
 
 def test_recovers_a_known_exponent_exactly_without_noise():
     N = np.logspace(3, 7, 25)
-    fit = fit_power_law(N, 0.5 + 30 * N ** -0.35, n_bootstrap=20)
+    fit = fit_power_law(N, 0.5 + 30 * N**-0.35, n_bootstrap=20)
     assert fit.alpha[0] == pytest.approx(0.35, abs=1e-3)
     assert fit.E == pytest.approx(0.5, rel=1e-3) and fit.A[0] == pytest.approx(30, rel=1e-2)
 
@@ -21,7 +21,7 @@ def test_bootstrap_interval_covers_the_true_exponent_under_noise():
     N, alpha = np.logspace(3, 7, 25), 0.35
     estimates, covered, widths = [], 0, []
     for seed in range(1, 6):
-        L = (0.5 + 30 * N ** -alpha) * np.exp(np.random.default_rng(seed).normal(0, 0.02, N.size))
+        L = (0.5 + 30 * N**-alpha) * np.exp(np.random.default_rng(seed).normal(0, 0.02, N.size))
         fit = fit_power_law(N, L, n_bootstrap=100, seed=seed)
         lo, hi = fit.alpha_ci[0]
         estimates.append(fit.alpha[0])
@@ -73,9 +73,13 @@ def test_chinchilla_grid_and_bootstrap_intervals():
     assert fit.n_bootstrap == 400 and not fit.warnings
     # 95% percentile intervals over 400 resamples of the 240 points (measured; Epoch's 4000 give the
     # same to the second digit). Every published estimate lies inside its interval.
-    for (lo, hi), ref, value in [(fit.E_ci, (1.770, 1.868), 1.817), (fit.A_ci[0], (299, 711), 482),
-                                 (fit.B_ci, (943, 5938), 2085), (fit.alpha_ci[0], (0.3194, 0.3709), 0.348),
-                                 (fit.beta_ci, (0.3262, 0.4165), 0.366)]:
+    for (lo, hi), ref, value in [
+        (fit.E_ci, (1.770, 1.868), 1.817),
+        (fit.A_ci[0], (299, 711), 482),
+        (fit.B_ci, (943, 5938), 2085),
+        (fit.alpha_ci[0], (0.3194, 0.3709), 0.348),
+        (fit.beta_ci, (0.3262, 0.4165), 0.366),
+    ]:
         assert lo == pytest.approx(ref[0], rel=0.02) and hi == pytest.approx(ref[1], rel=0.02)
         assert lo < value < hi
 
@@ -111,11 +115,11 @@ def test_non_finite_input_is_one_line_error(bad):
 
 def test_bootstrap_count_is_reported_and_fewer_than_two_refused():
     N = np.logspace(3, 6, 8)
-    fit = fit_power_law(N, 0.1 + 5 * N ** -0.4, n_bootstrap=7)
+    fit = fit_power_law(N, 0.1 + 5 * N**-0.4, n_bootstrap=7)
     assert fit.n_bootstrap == 7 and fit.params()["n_bootstrap"] == 7
-    assert fit_power_law(N, 0.1 + 5 * N ** -0.4, n_bootstrap=0).alpha_ci == []
+    assert fit_power_law(N, 0.1 + 5 * N**-0.4, n_bootstrap=0).alpha_ci == []
     with pytest.raises(ValueError, match="n_bootstrap=1: an interval needs >= 2 resamples"):
-        fit_power_law(N, 0.1 + 5 * N ** -0.4, n_bootstrap=1)
+        fit_power_law(N, 0.1 + 5 * N**-0.4, n_bootstrap=1)
 
 
 def test_degenerate_fits_warn():
@@ -130,12 +134,12 @@ def test_degenerate_fits_warn():
     # A pure power law: E vanishes.
     N = np.logspace(2, 5, 10)
     with pytest.warns(FitWarning, match="E = .* is ~0"):
-        fit_power_law(N, 3 * N ** -0.5, n_bootstrap=0)
+        fit_power_law(N, 3 * N**-0.5, n_bootstrap=0)
 
 
 def test_inits_accept_arrays_and_check_their_shape():
     N = np.logspace(3, 7, 12)
-    L = 0.5 + 30 * N ** -0.35
+    L = 0.5 + 30 * N**-0.35
     a = fit_power_law(N, L, n_bootstrap=0, inits=np.array([[3.0, 0.3, -0.5], [1.0, 1.0, 0.0]]))
     b = fit_power_law(N, L, n_bootstrap=0, inits=[np.array([3.0, 0.3, -0.5])])
     assert a.alpha[0] == pytest.approx(0.35, abs=1e-3) and b.alpha[0] == pytest.approx(0.35, abs=1e-3)
@@ -145,9 +149,9 @@ def test_inits_accept_arrays_and_check_their_shape():
 
 def test_one_term_fit_has_no_B():
     N = np.logspace(3, 7, 12)
-    fit = fit_power_law(N, 0.5 + 30 * N ** -0.35, n_bootstrap=0)
+    fit = fit_power_law(N, 0.5 + 30 * N**-0.35, n_bootstrap=0)
     with pytest.raises(AttributeError, match="two-term fit"):
-        fit.B
+        _ = fit.B
     assert set(fit.params()) >= {"E", "A", "alpha", "A_ci", "alpha_ci", "n_bootstrap"}
 
 
@@ -155,20 +159,30 @@ def test_loglog_fit_is_the_papers_plain_regression():
     from analysis.fits import fit_loglog
 
     N = np.logspace(2, 5, 10)
-    ll = fit_loglog(N, 3 * N ** -0.5 * np.exp(np.random.default_rng(0).normal(0, 0.01, 10)), n_bootstrap=100)
+    ll = fit_loglog(N, 3 * N**-0.5 * np.exp(np.random.default_rng(0).normal(0, 0.01, 10)), n_bootstrap=100)
     assert ll.alpha == pytest.approx(0.5, abs=0.01) and ll.intercept == pytest.approx(math.log(3), abs=0.05)
     lo, hi = ll.alpha_ci
     assert lo < 0.5 < hi and hi - lo < 0.05 and ll.n_bootstrap == 100
     # Bits or nats move only the intercept.
-    assert fit_loglog(N, 3 * N ** -0.5 / math.log(2), n_bootstrap=0).alpha == pytest.approx(0.5, abs=1e-9)
+    assert fit_loglog(N, 3 * N**-0.5 / math.log(2), n_bootstrap=0).alpha == pytest.approx(0.5, abs=1e-9)
 
 
 def synthetic_runs(widths, alpha=0.4, states=None):
     params = [603 * w + 2 for w in widths]
-    rows = [{"id": f"r{i}", "name": f"w{w}", "state": (states or {}).get(i, "finished"), "sweep": "s",
-             "config.model.width": w, "config.data.zipf_alpha": alpha, "summary.model/params": p,
-             "summary.val/loss": 0.05 + 20 * p ** -alpha, "summary.emergence/n_learned": i}
-            for i, (w, p) in enumerate(zip(widths, params))]
+    rows = [
+        {
+            "id": f"r{i}",
+            "name": f"w{w}",
+            "state": (states or {}).get(i, "finished"),
+            "sweep": "s",
+            "config.model.width": w,
+            "config.data.zipf_alpha": alpha,
+            "summary.model/params": p,
+            "summary.val/loss": 0.05 + 20 * p**-alpha,
+            "summary.emergence/n_learned": i,
+        }
+        for i, (w, p) in enumerate(zip(widths, params))
+    ]
     return pd.DataFrame(rows)
 
 
@@ -201,7 +215,9 @@ def test_scaling_report_names_the_subtasks_each_width_learned(tmp_path):
     for rid, ls in learned.items():
         for step in (0, 100, 200):
             for item in range(5):
-                loss = 0.69 if step == 0 or item not in ls else (0.01 if step == 200 else thr * 2 if item == 3 else 0.01)
+                loss = (
+                    0.69 if step == 0 or item not in ls else (0.01 if step == 200 else thr * 2 if item == 3 else 0.01)
+                )
                 rows.append({"run_id": rid, "step": step, "item": item, "loss": loss})
     result = scaling.analyze(runs, n_bootstrap=20, curves=pd.DataFrame(rows))
     pts = {p["id"]: p for p in result["points"]}
@@ -216,21 +232,14 @@ def test_scaling_report_names_the_subtasks_each_width_learned(tmp_path):
     assert "| 0, 1, 3 | no |" in md and "in 3 of 4 runs the learned subtasks are exactly the most frequent" in md
 
 
-def test_convergence_slope_is_minus_one_when_steps_go_as_one_over_frequency():
-    run = pd.Series({"config.data.zipf_alpha": 0.4, "config.data.n_tasks": 50, "config.data.offset": 2.0})
-    p = (np.arange(1, 51) + 2.0) ** -1.4
-    p /= p.sum()
-    first = {i: int(round(1e3 / p[i])) for i in range(12)}
-    assert scaling.convergence_slope(first, run) == pytest.approx(-1.0, abs=1e-3)
-    assert scaling.convergence_slope({0: 0, 1: 100}, run) is None  # fewer than 3 learned after step 0
-
-
 def test_scaling_fits_one_data_budget_and_lists_the_data_scaling_runs():
     from harness.errors import UserError
 
     # A width sweep at infinite data beside finite-D runs at one width: only the former is fitted.
     runs = synthetic_runs([10, 20, 40, 80, 160])
-    data = synthetic_runs([40, 40, 40]).assign(id=["d0", "d1", "d2"], **{"config.data.n_train_samples": [1000, 4000, 16000]})
+    data = synthetic_runs([40, 40, 40]).assign(
+        id=["d0", "d1", "d2"], **{"config.data.n_train_samples": [1000, 4000, 16000]}
+    )
     data["summary.val/loss"] = [0.5, 0.3, 0.2]  # one parameter count, three losses
     mixed = pd.concat([runs.assign(**{"config.data.n_train_samples": 0}), data], ignore_index=True)
     result = scaling.analyze(mixed, n_bootstrap=20)
@@ -247,8 +256,13 @@ def test_scaling_fits_one_data_budget_and_lists_the_data_scaling_runs():
 
 
 def test_scaling_fits_one_zipf_alpha():
-    runs = pd.concat([synthetic_runs([10, 20, 40, 80], alpha=0.4),
-                      synthetic_runs([10, 20, 40], alpha=0.8).assign(id=["a0", "a1", "a2"])], ignore_index=True)
+    runs = pd.concat(
+        [
+            synthetic_runs([10, 20, 40, 80], alpha=0.4),
+            synthetic_runs([10, 20, 40], alpha=0.8).assign(id=["a0", "a1", "a2"]),
+        ],
+        ignore_index=True,
+    )
     result = scaling.analyze(runs, n_bootstrap=20)
     assert result["n_runs"] == 4 and result["theory_alpha"] == 0.4 and result["alpha_N"] == pytest.approx(0.4, abs=0.01)
     assert result["zipf_alphas_in_source"] == [0.4, 0.8]
@@ -259,10 +273,12 @@ def test_bootstrap_resamples_start_from_the_grid_never_from_the_full_data_optimu
     from analysis import fits
 
     N = np.repeat(np.logspace(3, 5, 6), 3)
-    L = (0.05 + 20 * N ** -0.4) * np.exp(np.random.default_rng(0).normal(0, 0.03, N.size))
+    L = (0.05 + 20 * N**-0.4) * np.exp(np.random.default_rng(0).normal(0, 0.03, N.size))
     starts = []
     real = fits._fit_once
-    monkeypatch.setattr(fits, "_fit_once", lambda lx, ll, d, inits: starts.append(np.array(inits)) or real(lx, ll, d, inits))
+    monkeypatch.setattr(
+        fits, "_fit_once", lambda lx, ll, d, inits: starts.append(np.array(inits)) or real(lx, ll, d, inits)
+    )
     fit = fits.fit_power_law(N, L, n_bootstrap=5, strata=N)
     full = np.array([math.log(fit.A[0]), fit.alpha[0], math.log(fit.E)])
     assert len(starts) == 6 and len(starts[0]) == len(fits._grid(1, np.log(L)))
@@ -276,7 +292,7 @@ def test_the_bootstrap_grid_reaches_the_full_grids_optimum():
     rng = np.random.default_rng(3)
     N = np.repeat(np.logspace(3, 5, 10), 3)
     for E in (0.0, 0.02, 0.2):
-        logL = np.log((E + 20 * N ** -0.5) * np.exp(rng.normal(0, 0.05, N.size)))
+        logL = np.log((E + 20 * N**-0.5) * np.exp(rng.normal(0, 0.05, N.size)))
         _, full = _fit_once(np.log(N)[:, None], logL, 1e-3, _grid(1, logL))
         _, thin = _fit_once(np.log(N)[:, None], logL, 1e-3, _boot_grid(1, logL))
         assert thin == pytest.approx(full, rel=1e-6)
@@ -308,16 +324,36 @@ def test_scaling_over_seeds_prints_the_design_prediction_and_warns_naming_the_ru
         for seed, n in enumerate(ns):
             # A loss that steepens in log-log (no floor to find): the offset fit's E goes to its bound.
             params = 115 * w + 2
-            rows.append({"id": f"w{w}s{seed}", "state": "finished", "config.seed": seed, "config.model.width": w,
-                         "config.data.zipf_alpha": 0.4, "config.data.n_tasks": 100, "config.data.offset": 0.0,
-                         "summary.model/params": params,
-                         "summary.val/loss.last": 20 * params ** -0.4 * math.exp(-params / 4000 + 0.02 * seed),
-                         "summary.emergence/n_below_end": n, "summary.emergence/n_learned": n})
+            rows.append(
+                {
+                    "id": f"w{w}s{seed}",
+                    "state": "finished",
+                    "config.seed": seed,
+                    "config.model.width": w,
+                    "config.data.zipf_alpha": 0.4,
+                    "config.data.n_tasks": 100,
+                    "config.data.offset": 0.0,
+                    "summary.model/params": params,
+                    "summary.val/loss.last": 20 * params**-0.4 * math.exp(-params / 4000 + 0.02 * seed),
+                    "summary.emergence/n_below_end": n,
+                    "summary.emergence/n_learned": n,
+                }
+            )
     runs = pd.DataFrame(rows)
     steps = np.arange(17) * 250
-    hist = pd.concat([pd.DataFrame({"run_id": r["id"], "step": steps, "val/n_learned": 3,
-                                    "val/loss": 0.3 * np.exp(-steps / 1000) + 0.05 if r["id"] == "w64s1" else 0.3})
-                      for r in rows])
+    hist = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "run_id": r["id"],
+                    "step": steps,
+                    "val/n_learned": 3,
+                    "val/loss": 0.3 * np.exp(-steps / 1000) + 0.05 if r["id"] == "w64s1" else 0.3,
+                }
+            )
+            for r in rows
+        ]
+    )
     result = scaling.analyze(runs, n_bootstrap=50, history=hist)
     assert result["runs_per_width"] == {str(115 * w + 2): 3 for w in counts}
     assert "cluster bootstrap over seeds" in result["interval"]
@@ -334,5 +370,8 @@ def test_scaling_over_seeds_prints_the_design_prediction_and_warns_naming_the_ru
     assert all(open(path, "rb").read(4) == b"\x89PNG" for path in plots)
     md = scaling.report(result, "src", "s", plots)
     assert "| width | seed |" in md and "| 8 | 0 | 922 |" in md
-    assert f"design-predicted alpha_N (this design's frequencies, each run's learned count) = {result['alpha_N_design']:.3f}" in md
+    assert (
+        f"design-predicted alpha_N (this design's frequencies, each run's learned count) = {result['alpha_N_design']:.3f}"
+        in md
+    )
     assert "asymptotic alpha_N (infinitely many subtasks) = alpha = 0.4" in md

@@ -1,5 +1,6 @@
 """analysis.grokking on synthetic runs: the threshold convention (Power et al.'s 0.99 beside Liu et
 al.'s 0.9) labelled everywhere, and figures that keep seeds apart with legends off the data."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from figure_checks import legends_overlapping_axes
 
 from analysis import grokking as ga
-from figure_checks import legends_overlapping_axes
 
 STEPS = np.array([0, 50, 100, 200, 400, 800, 1600, 3200, 6400])
 
@@ -17,7 +18,9 @@ STEPS = np.array([0, 50, 100, 200, 400, 800, 1600, 3200, 6400])
 def sigmoid_acc(step_mid: float) -> np.ndarray:
     """Accuracy that rises from 0.01 to 1.0 around `step_mid` (in log step); 0.01 throughout if inf."""
     x = np.log10(np.maximum(STEPS, 1))
-    return 0.01 + 0.99 / (1 + np.exp(-(x - np.log10(step_mid)) * 12)) if np.isfinite(step_mid) else np.full(len(x), 0.01)
+    return (
+        0.01 + 0.99 / (1 + np.exp(-(x - np.log10(step_mid)) * 12)) if np.isfinite(step_mid) else np.full(len(x), 0.01)
+    )
 
 
 def synthetic(val_mids: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -26,12 +29,29 @@ def synthetic(val_mids: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     runs, rows = [], []
     for i, ((wd, seed), mid) in enumerate(val_mids.items()):
         rid = f"r{i}"
-        runs.append({"id": rid, "name": f"wd{wd}-s{seed}", "state": "finished", "config.task": "modular_addition",
-                     "config.seed": seed, "config.optim.weight_decay": wd, "config.data.train_fraction": 0.5})
+        runs.append(
+            {
+                "id": rid,
+                "name": f"wd{wd}-s{seed}",
+                "state": "finished",
+                "config.task": "modular_addition",
+                "config.seed": seed,
+                "config.optim.weight_decay": wd,
+                "config.data.train_fraction": 0.5,
+            }
+        )
         for s, tr, va in zip(STEPS, sigmoid_acc(100), sigmoid_acc(mid)):
-            rows.append({"run_id": rid, "step": int(s), "train/acc": tr, "val/acc": va,
-                         "model/weight_norm": 50.0 - s / 500, "val/restricted_loss": 1 + 1 / (1 + s),
-                         "train/excluded_loss": 2 + s / 1000})
+            rows.append(
+                {
+                    "run_id": rid,
+                    "step": int(s),
+                    "train/acc": tr,
+                    "val/acc": va,
+                    "model/weight_norm": 50.0 - s / 500,
+                    "val/restricted_loss": 1 + 1 / (1 + s),
+                    "train/excluded_loss": 2 + s / 1000,
+                }
+            )
     return pd.DataFrame(runs), pd.DataFrame(rows)
 
 
@@ -43,7 +63,10 @@ def test_threshold_convention_is_named_in_json_and_report():
     power = ga.analyse(runs, hist)  # default: Power et al.'s 0.99
     assert power["threshold"] == 0.99 and "Liu et al.'s phase diagrams use 0.9" in power["threshold_note"]
     liu = ga.analyse(runs, hist, threshold=ga.LIU_THRESHOLD)
-    assert "Liu et al.'s phase diagrams" in liu["threshold_note"] and "Power et al.'s t_99 uses 0.99" in liu["threshold_note"]
+    assert (
+        "Liu et al.'s phase diagrams" in liu["threshold_note"]
+        and "Power et al.'s t_99 uses 0.99" in liu["threshold_note"]
+    )
     # The lower threshold is reached no later, and can change the verdict: seed 0 of wd 1 ends at 0.981
     # validation accuracy, memorisation at 0.99 and grokking at 0.9.
     for p, lo in zip(power["runs"], liu["runs"]):
@@ -89,8 +112,9 @@ def test_progress_spectrum_phase_legends_sit_outside(tmp_path):
     labels = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
     assert sorted(labels) == ["weight_decay=0.0 (n=3 seeds)", "weight_decay=1.0 (n=3 seeds)"]
     assert "nats" in fig.axes[1].get_ylabel()
-    curves = pd.DataFrame({"run_id": "r0", "step": 6400, "item": np.arange(5), "power": np.full(5, 0.2),
-                           "key": [1, 0, 0, 0, 0]})
+    curves = pd.DataFrame(
+        {"run_id": "r0", "step": 6400, "item": np.arange(5), "power": np.full(5, 0.2), "key": [1, 0, 0, 0, 0]}
+    )
     fig = ga.plot_spectrum(result, curves, str(tmp_path / "spectrum.png"))
     assert legends_overlapping_axes(fig) == []
     for r in result["runs"]:  # the phase diagram needs a train fraction (not varied here)

@@ -13,16 +13,24 @@ inside a function; `from package import module` counts as an import of the modul
 - a config module (tasks/configs/) imports only harness.config, the pure helpers and other config
   modules, so that `--cfg`, `harness tasks` and sweep validation load no torch (also run in a subprocess).
 """
+
 import ast
 import os
 import subprocess
 import sys
+
 import tomllib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("harness", "tasks", "analysis")
-ANALYSIS_MAY_USE = ("harness.runstore", "harness.events", "harness.errors", "harness.quanta_stats",
-                    "harness.wandb_mode", "harness.config.resources")
+ANALYSIS_MAY_USE = (
+    "harness.runstore",
+    "harness.events",
+    "harness.errors",
+    "harness.quanta_stats",
+    "harness.wandb_mode",
+    "harness.config.resources",
+)
 # The rooms of harness/ and what each may import (besides itself). The pure helpers sit at the bottom;
 # config and runstore import neither torch nor Lightning (test_light_rooms_import_no_torch).
 PURE = ("harness.errors", "harness.events", "harness.quanta_stats", "harness.wandb_mode")
@@ -38,15 +46,24 @@ HARNESS_ROOMS = {
     "harness.sweep": (*PURE, "harness.config", "harness.members"),
     # `harness sweep --dry-run`: lists a sweep's runs and times its costliest point in child processes.
     "harness.dry_run": (*PURE, "harness.config", "harness.sweep", "harness.runstore"),
-    "harness.cli": (*PURE, "harness.config", "harness.training", "harness.members", "harness.sweep",
-                    "harness.runstore", "harness.dry_run"),
+    "harness.cli": (
+        *PURE,
+        "harness.config",
+        "harness.training",
+        "harness.members",
+        "harness.sweep",
+        "harness.runstore",
+        "harness.dry_run",
+    ),
     "harness.__main__": ("harness.cli",),
 }
 # Sparse parity and Omnigrok and their hand-vectorised `_packed` twins import each other: removed by the
 # one-trainer redesign (issue 20), which gives each task one model with a member dimension (modular addition
 # has it). No other circle is allowed.
-ALLOWED_CIRCLES = [{"tasks.sparse_parity", "tasks.sparse_parity_packed"},
-                   {"tasks.mnist_omnigrok", "tasks.mnist_omnigrok_packed"}]
+ALLOWED_CIRCLES = [
+    {"tasks.sparse_parity", "tasks.sparse_parity_packed"},
+    {"tasks.mnist_omnigrok", "tasks.mnist_omnigrok_packed"},
+]
 REGISTRY_CALLS = ("task_module", "config_class")
 CONFIGS = "tasks.configs"
 CONFIG_MAY_USE = (*PURE, "harness.config", CONFIGS)
@@ -57,8 +74,11 @@ def training_module(config_path: str) -> str | None:
     """The TRAINING = "module" a config module names (read from its source, nothing imported)."""
     with open(config_path) as f:
         for node in ast.parse(f.read()).body:
-            if (isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["TRAINING"]
-                    and isinstance(node.value, ast.Constant)):
+            if (
+                isinstance(node, ast.Assign)
+                and [getattr(t, "id", None) for t in node.targets] == ["TRAINING"]
+                and isinstance(node.value, ast.Constant)
+            ):
                 return node.value.value
     return None
 
@@ -100,7 +120,7 @@ def imports(source: str, module: str, is_package: bool, known) -> list[tuple[int
             base = node.module or ""
             if node.level:
                 anchor = module.split(".")
-                anchor = anchor[:len(anchor) - node.level + (1 if is_package else 0)]
+                anchor = anchor[: len(anchor) - node.level + (1 if is_package else 0)]
                 base = ".".join(anchor + ([base] if base else []))
             for a in node.names:
                 full = f"{base}.{a.name}"
@@ -197,8 +217,11 @@ def allowed(package: str, module_name: str, target: str, tasks: dict[str, str] |
         imported = ".".join(target.split(".")[:depth])  # (target may be tasks.module.name)
         return imported not in tasks or module_name not in tasks or tasks[imported] == tasks[module_name]
     if package == "analysis":
-        return top == "analysis" or target == "harness" or any(
-            target == m or target.startswith(m + ".") for m in ANALYSIS_MAY_USE)
+        return (
+            top == "analysis"
+            or target == "harness"
+            or any(target == m or target.startswith(m + ".") for m in ANALYSIS_MAY_USE)
+        )
     return True
 
 
@@ -225,8 +248,10 @@ def violations(root: str = REPO) -> list[str]:
             if not allowed(package, name, target, tasks):
                 found.append(f"{rel}:{line} imports {target}")
         if package == "tasks":
-            found += [f"{rel}:{line} reaches another task through the registry: {call}"
-                      for line, call in registry_reaches(source)]
+            found += [
+                f"{rel}:{line} reaches another task through the registry: {call}"
+                for line, call in registry_reaches(source)
+            ]
     for component in circles(import_graph(modules)):
         if component not in ALLOWED_CIRCLES:
             found.append("import circle: " + " <-> ".join(sorted(component)))
@@ -237,8 +262,12 @@ def test_the_checker_catches_each_kind_of_violation():
     assert not allowed("harness", "harness.config.run", "tasks.sparse_parity")
     assert not allowed("harness", "harness.training.train", "analysis.fourier")
     assert not allowed("tasks", "tasks.modular_addition", "analysis.fourier")
-    registered = {"tasks.pythia_suite": "pythia_suite", "tasks.pythia_eval": "pythia_eval",
-                  "tasks.configs.pythia_eval": "pythia_eval", "tasks.modular_addition": "modular_addition"}
+    registered = {
+        "tasks.pythia_suite": "pythia_suite",
+        "tasks.pythia_eval": "pythia_eval",
+        "tasks.configs.pythia_eval": "pythia_eval",
+        "tasks.modular_addition": "modular_addition",
+    }
     assert not allowed("tasks", "tasks.pythia_suite", "tasks.pythia_eval.Config", registered)
     assert not allowed("tasks", "tasks.pythia_suite", "tasks.configs.pythia_eval.Config", registered)
     assert allowed("tasks", "tasks.pythia_eval", "tasks.configs.pythia_eval.Config", registered)
@@ -273,14 +302,22 @@ def test_the_circle_finder_finds_circles():
 
 
 def test_the_graph_sees_imports_in_functions_and_from_package_import_module(tmp_path):
-    for rel, text in {"harness/__init__.py": "", "harness/cli.py": "def f():\n    from harness import packed\n",
-                      "harness/packed.py": "from harness.cli import g\n", "harness/sub/__init__.py": "",
-                      "harness/sub/a.py": "from . import b\n", "harness/sub/b.py": "from .a import x\n"}.items():
+    for rel, text in {
+        "harness/__init__.py": "",
+        "harness/cli.py": "def f():\n    from harness import packed\n",
+        "harness/packed.py": "from harness.cli import g\n",
+        "harness/sub/__init__.py": "",
+        "harness/sub/a.py": "from . import b\n",
+        "harness/sub/b.py": "from .a import x\n",
+    }.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
     graph = import_graph(project_modules(str(tmp_path)))
     assert graph["harness.cli"] == {"harness.packed"} and graph["harness.sub.a"] == {"harness.sub.b"}
-    assert sorted(map(sorted, circles(graph))) == [["harness.cli", "harness.packed"], ["harness.sub.a", "harness.sub.b"]]
+    assert sorted(map(sorted, circles(graph))) == [
+        ["harness.cli", "harness.packed"],
+        ["harness.sub.a", "harness.sub.b"],
+    ]
 
 
 def test_imports_follow_the_architecture():
@@ -297,12 +334,14 @@ def test_every_task_names_its_training_module():
 def test_light_rooms_import_no_torch():
     # `harness tasks`, `harness runs`, sweep validation and notebooks that load runs stay light; so do
     # the task configs (`--cfg`), each loaded and validated through the registry.
-    code = ("import sys, harness.cli, harness.config.run, harness.config.registry, harness.runstore, "
-            "harness.sweep.spec, harness.sweep.local\n"
-            "from harness.config.registry import tasks\n"
-            "from harness.config.run import load_config\n"
-            "[load_config([f'task={t}']) for t in tasks()]\n"
-            f"print(' '.join(m for m in {HEAVY} if m in sys.modules))")
+    code = (
+        "import sys, harness.cli, harness.config.run, harness.config.registry, harness.runstore, "
+        "harness.sweep.spec, harness.sweep.local\n"
+        "from harness.config.registry import tasks\n"
+        "from harness.config.run import load_config\n"
+        "[load_config([f'task={t}']) for t in tasks()]\n"
+        f"print(' '.join(m for m in {HEAVY} if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == ""
 

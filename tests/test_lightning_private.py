@@ -1,5 +1,6 @@
 """The private Lightning names the harness relies on still exist (pyproject.toml pins lightning below the
 next minor release because of them; this test says when a release moved them, before any run breaks)."""
+
 from __future__ import annotations
 
 import ast
@@ -35,11 +36,18 @@ class _Counting(L.LightningModule):
 
 
 def test_optimizer_step_counts_global_steps_through_the_private_hooks(tmp_path):
-    assert callable(getattr(LightningOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))])),
-                            "_on_before_step", None))
+    assert callable(
+        getattr(LightningOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))])), "_on_before_step", None)
+    )
     module = _Counting()
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module)
     assert trainer.global_step == 6  # 3 batches x 2 steps: the private counters were called
     assert abs(float(module.w) - (1 - 6 * 0.1)) < 1e-6  # and six SGD steps were taken
@@ -57,6 +65,11 @@ def test_no_private_lightning_import():
             for name in (f for f in files if f.endswith(".py")):
                 with open(os.path.join(dirpath, name)) as f:
                     tree = ast.parse(f.read())
-                private = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-                           and (n.module or "").startswith("lightning") for a in n.names if a.name.startswith("_")]
+                private = [
+                    a.name
+                    for n in ast.walk(tree)
+                    if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("lightning")
+                    for a in n.names
+                    if a.name.startswith("_")
+                ]
                 assert not private, f"{dirpath}/{name} imports private Lightning names {private}"

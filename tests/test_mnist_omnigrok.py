@@ -1,5 +1,6 @@
 """Omnigrok MNIST: IDX parsing on the real files, splits, config errors, real Lightning + offline W&B
 runs (init scale, fixed norm, a short run that learns), the analysis CLI and the sweep files."""
+
 from __future__ import annotations
 
 import glob
@@ -46,6 +47,7 @@ def write_idx(path: str, arr: np.ndarray) -> None:
 
 
 # ---- data --------------------------------------------------------------------------------------
+
 
 def test_idx_parse_real_test_split():
     images = mo.read_idx(os.path.join(MNIST, "t10k-images-idx3-ubyte.gz"))
@@ -100,12 +102,15 @@ def test_corrupt_files_are_one_line_errors(tmp_path):
         mo.read_idx(str(tmp_path / "t10k-images-idx3-ubyte"))
 
 
-@pytest.mark.parametrize("override, words", [
-    ("optim.loss=hinge", ["optim.loss='hinge'", "mse, ce"]),
-    ("data.split=train", ["data.split='train'", "auto, standard, offline"]),
-    ("model.init_scale=0.0", ["model.init_scale=0.0", "init_scale > 0"]),
-    ("model.widht=3", ["model.widht", "model.width"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("optim.loss=hinge", ["optim.loss='hinge'", "mse, ce"]),
+        ("data.split=train", ["data.split='train'", "auto, standard, offline"]),
+        ("model.init_scale=0.0", ["model.init_scale=0.0", "init_scale > 0"]),
+        ("model.widht=3", ["model.widht", "model.width"]),
+    ],
+)
 def test_bad_config_is_one_line(override, words):
     with pytest.raises(ConfigError) as e:
         load_config(["task=mnist_omnigrok", override])
@@ -121,6 +126,7 @@ def test_missing_data_dir_through_the_cli_path(env, tmp_path):
 
 # ---- model and training: four short real runs, shared by the tests below ----------------------
 
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     wandb_dir = tmp_path_factory.mktemp("wandb")
@@ -129,8 +135,13 @@ def runs(tmp_path_factory):
         mp.setenv("WANDB_DIR", str(wandb_dir))
         mp.setenv("HARNESS_DATA_DIR", DATA)
         mp.delenv("WANDB_SWEEP_PARAM_PATH", raising=False)
-        fixed = ["optim.fixed_norm=true", "optim.weight_decay=0.0", "data.n_train=200",
-                 "trainer.steps=60", "trainer.eval_every=30"]
+        fixed = [
+            "optim.fixed_norm=true",
+            "optim.weight_decay=0.0",
+            "data.n_train=200",
+            "trainer.steps=60",
+            "trainer.eval_every=30",
+        ]
         out = {
             "learn": run("model.init_scale=1.0", "trainer.steps=300", "trainer.eval_every=100"),
             "free": run("model.init_scale=3.0", "optim.weight_decay=1.0", "trainer.steps=40", "trainer.eval_every=20"),
@@ -169,13 +180,22 @@ def test_short_run_learns_and_records_split(runs):
 
 
 def test_float64_runs_on_device_tensors(env):
-    cfg = load_config(["task=mnist_omnigrok", "trainer.precision=64-true", "trainer.steps=5",
-                       "trainer.eval_every=5", "trainer.progress_bar=false", "data.n_test=100", "optim.loss=ce"])
+    cfg = load_config(
+        [
+            "task=mnist_omnigrok",
+            "trainer.precision=64-true",
+            "trainer.steps=5",
+            "trainer.eval_every=5",
+            "trainer.progress_bar=false",
+            "data.n_test=100",
+            "optim.loss=ce",
+        ]
+    )
     job = mo.build(cfg)
     trainer = make_trainer(cfg, logger=False, callbacks=job.callbacks)
     trainer.fit(job.module, datamodule=job.datamodule)
     assert job.module.model.net[0].weight.dtype == torch.float64
-    (device, dtype), = job.datamodule._cache
+    ((device, dtype),) = job.datamodule._cache
     assert dtype == torch.float64 and job.datamodule._cache[(device, dtype)]["x_train"].max() == 1.0
     assert 0 <= job.module.eval_metrics["val/acc"] <= 1 and trainer.global_step == 5
 
@@ -188,6 +208,7 @@ def test_minibatches_cover_each_epoch_once():
 
 
 # ---- analysis and sweeps -----------------------------------------------------------------------
+
 
 def test_analysis_cli_on_real_runs(runs, tmp_path):
     from analysis import omnigrok
@@ -208,15 +229,24 @@ def test_analysis_rejects_a_source_without_omnigrok_runs(tmp_path):
     from analysis import omnigrok
 
     with pytest.raises(ValueError, match="no mnist_omnigrok runs"):
-        omnigrok.analyse(pd.DataFrame({"id": ["a"], "state": ["finished"], "config.task": ["sparse_parity"]}),
-                         pd.DataFrame(columns=["run_id", "step"]), str(tmp_path))
+        omnigrok.analyse(
+            pd.DataFrame({"id": ["a"], "state": ["finished"], "config.task": ["sparse_parity"]}),
+            pd.DataFrame(columns=["run_id", "step"]),
+            str(tmp_path),
+        )
 
 
 def test_lu_shape_pure():
     from analysis.omnigrok import first_step_at_least, lu_shape
 
-    t = pd.DataFrame({"n_train": [100] * 4, "alpha": [0.1, 1.0, 3.0, 10.0],
-                      "val_loss": [0.09, 0.03, 0.05, 0.2], "train_loss": [0.09, 0.01, 1e-4, 1e-5]})
+    t = pd.DataFrame(
+        {
+            "n_train": [100] * 4,
+            "alpha": [0.1, 1.0, 3.0, 10.0],
+            "val_loss": [0.09, 0.03, 0.05, 0.2],
+            "train_loss": [0.09, 0.01, 1e-4, 1e-5],
+        }
+    )
     s = lu_shape(t)[100]
     assert s["alpha_best_val_loss"] == 1.0 and s["u_shaped"] and s["val_loss_rise"] == pytest.approx(0.2 / 0.03)
     h = pd.DataFrame({"step": [100, 200, 300], "val/acc": [0.5, 0.81, 0.7]})

@@ -1,10 +1,10 @@
 """Modular addition: Fourier progress measures on hand-built inputs, data and models, config errors,
 real Lightning + offline W&B runs read back through the run store, the analysis CLI, sweep files."""
+
 from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +43,7 @@ def run(*overrides: str) -> dict:
 
 
 # ---- Fourier measures --------------------------------------------------------------------------
+
 
 def wave_embedding(p: int, freqs: list[int], d: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -100,6 +101,7 @@ def test_restricted_loss_keeps_and_excluded_loss_destroys_a_trig_circuit(sign):
 
 # ---- data and models ---------------------------------------------------------------------------
 
+
 def cfg_of(*overrides: str) -> ma.Config:
     return load_config(["task=modular_addition", *overrides])
 
@@ -119,8 +121,7 @@ def test_symmetric_split_covers_every_pair_once_with_correct_labels():
 
 
 def test_operations_and_minibatches():
-    data = ma.ModularData(cfg_of("data.operation=subtract", "data.symmetric=false", "data.p=7",
-                                 "data.batch_size=5"))
+    data = ma.ModularData(cfg_of("data.operation=subtract", "data.symmetric=false", "data.p=7", "data.batch_size=5"))
     x, y = data.split["train"]
     assert torch.equal(y, (x[:, 0] - x[:, 1]) % 7) and len(y) == round(0.4 * 49)
     a, b, yb = data.train_batch(0, torch.device("cpu"))
@@ -146,8 +147,18 @@ def test_members_of_one_model_equal_their_single_runs():
     """A model of M members (make_model with members) holds each member's single-run weights, and its
     forward on [M, n] pairs is each member's single forward, for both models."""
     for name in ("pair_mlp", "concat_mlp"):
-        cfgs = [cfg_of(f"model.name={name}", "data.p=11", "model.embed_dim=8", "model.hidden=5", "model.bias=true",
-                       f"seed={s}", f"model.init_scale={x}") for s, x in ((0, 1.0), (1, 0.5), (2, 2.0))]
+        cfgs = [
+            cfg_of(
+                f"model.name={name}",
+                "data.p=11",
+                "model.embed_dim=8",
+                "model.hidden=5",
+                "model.bias=true",
+                f"seed={s}",
+                f"model.init_scale={x}",
+            )
+            for s, x in ((0, 1.0), (1, 0.5), (2, 2.0))
+        ]
         block = ma.make_model(cfgs[0], members=cfgs)
         a, b = torch.tensor([[0, 3, 10], [1, 2, 3], [4, 4, 9]]), torch.tensor([[4, 3, 1], [0, 0, 0], [10, 2, 5]])
         logits = block(a, b)
@@ -181,16 +192,20 @@ def test_haiku_init_is_the_pair_notebooks():
 
 # ---- config errors -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("override, words", [
-    ("data.p=1", ["data.p=1", ">= 2"]),
-    ("data.train_fraction=0.0", ["data.train_fraction=0.0", "between 0 and 1"]),
-    ("data.train_fraction=1.0", ["data.train_fraction=1.0", "between 0 and 1"]),
-    ("data.train_fraction=1.5", ["data.train_fraction=1.5"]),
-    ("data.operation=divide", ["data.operation='divide'", "add, subtract, multiply"]),
-    ("model.name=transformer", ["model.name='transformer'", "pair_mlp, concat_mlp"]),
-    ("model.activation=swish", ["model.activation='swish'", "relu"]),
-    ("data.modulus=5", ["unknown config key", "data.modulus", "--cfg"]),
-])
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("data.p=1", ["data.p=1", ">= 2"]),
+        ("data.train_fraction=0.0", ["data.train_fraction=0.0", "between 0 and 1"]),
+        ("data.train_fraction=1.0", ["data.train_fraction=1.0", "between 0 and 1"]),
+        ("data.train_fraction=1.5", ["data.train_fraction=1.5"]),
+        ("data.operation=divide", ["data.operation='divide'", "add, subtract, multiply"]),
+        ("model.name=transformer", ["model.name='transformer'", "pair_mlp, concat_mlp"]),
+        ("model.activation=swish", ["model.activation='swish'", "relu"]),
+        ("data.modulus=5", ["unknown config key", "data.modulus", "--cfg"]),
+    ],
+)
 def test_bad_input_is_one_line_config_error(override, words):
     with pytest.raises(ConfigError) as e:
         cfg_of(override)
@@ -204,13 +219,19 @@ def test_tiny_train_fraction_that_leaves_no_train_pair_is_an_error():
 
 
 def test_cli_bad_input_exits_2_with_one_line():
-    r = subprocess.run([sys.executable, "-m", "harness", "train", "task=modular_addition", "data.p=1"],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "harness", "train", "task=modular_addition", "data.p=1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "data.p=1" in r.stderr
 
 
 # ---- real runs ---------------------------------------------------------------------------------
+
 
 def test_short_full_batch_run_memorises_and_logs_everything(env):
     s = run(*SMALL, "trainer.steps=600", "seed=3")
@@ -220,8 +241,15 @@ def test_short_full_batch_run_memorises_and_logs_everything(env):
     assert 1 <= len(keys) == s["fourier/n_keys"] <= 8
     assert s["model/params"] == 23 * 500 + 2 * 500 * 24 and s["data/n_train"] == round(0.5 * 276)
     assert s["perf/steps_per_s"] > 0
-    for key in ("val/restricted_loss", "train/excluded_loss", "model/weight_norm", "fourier/n_keys",
-                "fourier/key_power", "val/acc", "train/loss"):
+    for key in (
+        "val/restricted_loss",
+        "train/excluded_loss",
+        "model/weight_norm",
+        "fourier/n_keys",
+        "fourier/key_power",
+        "val/acc",
+        "train/loss",
+    ):
         assert key in s, key
     assert not [k for k in s if k.startswith(("fourier/power/", "fourier/key/"))]  # arrays: the artifact
 
@@ -273,6 +301,7 @@ def test_no_weight_decay_and_a_small_train_set_memorises(env):
 
 # ---- analysis helpers and sweep files ----------------------------------------------------------
 
+
 def test_phase_helpers():
     assert ga.first_step_at_least([100, 200, 300], [0.5, 0.995, 1.0], 0.99) == 200
     assert ga.first_step_at_least([100, 200], [0.5, float("nan")], 0.99) is None
@@ -298,10 +327,17 @@ def test_sweep_files_follow_the_contract(name):
 
 
 def test_phase_diagram_plot_has_one_panel_per_learning_rate(tmp_path):
-    recs = [{"id": f"r{i}", "name": "", "data.train_fraction": f, "optim.weight_decay": wd, "optim.lr": lr,
-             "phase": ph}
-            for i, (f, wd, lr, ph) in enumerate([(0.3, 0.0, 1e-3, "memorization"), (0.8, 1.0, 1e-3, "comprehension"),
-                                                 (0.5, 1.0, 3e-3, "grokking"), (0.5, 1.0, 3e-3, "confusion")])]
+    recs = [
+        {"id": f"r{i}", "name": "", "data.train_fraction": f, "optim.weight_decay": wd, "optim.lr": lr, "phase": ph}
+        for i, (f, wd, lr, ph) in enumerate(
+            [
+                (0.3, 0.0, 1e-3, "memorization"),
+                (0.8, 1.0, 1e-3, "comprehension"),
+                (0.5, 1.0, 3e-3, "grokking"),
+                (0.5, 1.0, 3e-3, "confusion"),
+            ]
+        )
+    ]
     path = tmp_path / "phase.png"
     assert ga.plot_phase({"runs": recs}, str(path))
     assert path.stat().st_size > 0

@@ -5,6 +5,7 @@ artifacts the Lightning way, staged under the wandb directory and never under th
 Tables and history ready for pandas; the notebook recipe of docs/runstore.md run as it is written.
 
 One sweep (two grid points, real wandb offline, real Lightning) serves every test here."""
+
 from __future__ import annotations
 
 import glob
@@ -21,8 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pandas as pd
 import pytest
 import torch
-
 from conftest import REPO, TINY_SWEEP, harness, write_sweep
+
 from harness import runstore
 from harness.runstore import upload
 from harness.training.artifacts import read_model
@@ -32,8 +33,9 @@ YAML_EXTRA = "name: upload_smoke\nproject: proj-from-yaml\nentity: ent-x\n"
 
 
 def leet_records(run_dir: str) -> list[dict]:
-    out = subprocess.run([LEET, "leet", "inspect", "--json", run_dir], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    out = subprocess.run(
+        [LEET, "leet", "inspect", "--json", run_dir], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
@@ -42,24 +44,48 @@ def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     home = root / "home"
     home.mkdir()
-    params = {**TINY_SWEEP, "model.width": "{values: [4, 8]}", "trainer.ckpt_every": "{value: 20}",
-              "trainer.log_checkpoints": "{value: true}"}
+    params = {
+        **TINY_SWEEP,
+        "model.width": "{values: [4, 8]}",
+        "trainer.ckpt_every": "{value: 20}",
+        "trainer.log_checkpoints": "{value: true}",
+    }
     # The sweep's metric picks the `best` model: val/loss at its highest, so that the best weights
     # are those of an earlier evaluation than the last (the step-0 loss is the highest here; the test
     # reads the argmax from the history rather than assuming it).
     path = write_sweep(root / "s.yaml", params, extra=YAML_EXTRA)
-    text = open(path).read().replace("metric: {name: val/loss, goal: minimize}", "metric: {name: val/loss, goal: maximize}")
+    text = (
+        open(path)
+        .read()
+        .replace("metric: {name: val/loss, goal: minimize}", "metric: {name: val/loss, goal: maximize}")
+    )
     open(path, "w").write(text)
-    env = {"WANDB_DIR": str(root), "HOME": str(home),
-           # matplotlib (imported by torchmetrics through Lightning) writes its font cache under
-           # $HOME/.cache whoever runs: not wandb's staging, which this test is about.
-           "MPLCONFIGDIR": str(root / "mpl")}
-    for var in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "WANDB_DATA_DIR", "WANDB_CACHE_DIR",
-                "WANDB_ARTIFACT_DIR", "WANDB_CONFIG_DIR"):
+    env = {
+        "WANDB_DIR": str(root),
+        "HOME": str(home),
+        # matplotlib (imported by torchmetrics through Lightning) writes its font cache under
+        # $HOME/.cache whoever runs: not wandb's staging, which this test is about.
+        "MPLCONFIGDIR": str(root / "mpl"),
+    }
+    for var in (
+        "XDG_CACHE_HOME",
+        "XDG_CONFIG_HOME",
+        "XDG_DATA_HOME",
+        "WANDB_DATA_DIR",
+        "WANDB_CACHE_DIR",
+        "WANDB_ARTIFACT_DIR",
+        "WANDB_CONFIG_DIR",
+    ):
         env[var] = ""
     full = {k: v for k, v in {**os.environ, **env}.items() if v != ""}
-    proc = subprocess.run([sys.executable, "-m", "harness", "sweep", path, "--local", "--project", "proj-cli"],
-                          capture_output=True, text=True, env=full, timeout=900, cwd=str(root))
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", "sweep", path, "--local", "--project", "proj-cli"],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=900,
+        cwd=str(root),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep_id = proc.stdout.split()[-1]
     wandb_root = str(root / "wandb")
@@ -68,6 +94,7 @@ def sweep(tmp_path_factory):
 
 
 # ---- point 1: upload whole -----------------------------------------------------------------------
+
 
 def test_run_records_carry_project_group_tag_and_no_server_sweep(sweep):
     runs = sweep["runs"]
@@ -97,7 +124,9 @@ def test_sync_dry_run_names_the_run_dirs_project_and_group(sweep):
     dirs = sorted(glob.glob(os.path.join(sweep["wandb"], "offline-run-*")))
     assert len(dirs) == 2 and all(d in out for d in dirs)
     assert out.count(f"group=upload_smoke-{sweep['id']}") == 2
-    assert re.search(r"command: \S*wandb sync --project proj-cli --entity ent-x \S+offline-run-\S+ \S+offline-run-", out)
+    assert re.search(
+        r"command: \S*wandb sync --project proj-cli --entity ent-x \S+offline-run-\S+ \S+offline-run-", out
+    )
     up = upload.plan(sweep["wandb"], sweep["id"], project="other")
     assert up.project == "other" and up.argv()[:4] == ["wandb", "sync", "--project", "other"]
     bad = harness("sync", sweep["wandb"], "--sweep", "nope1234", "--dry-run", check=False)
@@ -143,15 +172,28 @@ def _upserts(requests: list[dict]) -> list[dict]:
 def test_sync_uploads_to_the_project_grouped_with_one_config_spelling(sweep, tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeWandb)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    env = dict(sweep["env"], WANDB_BASE_URL=f"http://127.0.0.1:{server.server_address[1]}", WANDB_API_KEY="x" * 40,
-               WANDB_MODE="online", HOME=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "sync", sweep["wandb"], "--sweep", sweep["id"]],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    env = dict(
+        sweep["env"],
+        WANDB_BASE_URL=f"http://127.0.0.1:{server.server_address[1]}",
+        WANDB_API_KEY="x" * 40,
+        WANDB_MODE="online",
+        HOME=str(tmp_path),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness", "sync", sweep["wandb"], "--sweep", sweep["id"]],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and len({v["name"] for v in _upserts(_FakeWandb.requests)
-                                               if v.get("groupName")}) < 2 and proc.poll() is None:
+        while (
+            time.time() < deadline
+            and len({v["name"] for v in _upserts(_FakeWandb.requests) if v.get("groupName")}) < 2
+            and proc.poll() is None
+        ):
             time.sleep(1)
     finally:  # the fake answers nothing useful to the later calls: stop wandb sync once the runs are sent
         if proc.poll() is None:
@@ -169,6 +211,7 @@ def test_sync_uploads_to_the_project_grouped_with_one_config_spelling(sweep, tmp
 
 
 # ---- point 2: artifacts the Lightning way --------------------------------------------------------
+
 
 def _artifacts(run_dir: str) -> list[dict]:
     return [r["artifact"] for r in leet_records(run_dir) if r["type"] == "artifact"]
@@ -189,24 +232,34 @@ def test_model_artifact_is_a_lightning_checkpoint_with_latest_and_best(sweep):
         assert meta["latest"]["step"] == 60 and meta["best"]["step"] == best_step
         assert meta["best"]["score"] == pytest.approx(h["val/loss"].max())
         assert len(models) == (1 if best_step == 60 else 2)
-        for alias, a in by_alias.items():
+        for a in by_alias.values():
             (entry,) = a["manifest"]["contents"]
             assert entry["path"] == "model.ckpt"
             # staged under the sweep's wandb directory (WANDB_DATA_DIR set there), not under ~/.local
             assert entry["local_path"].startswith(os.path.join(sweep["wandb"], "data", "artifacts", "staging"))
             ckpt = torch.load(entry["local_path"], map_location="cpu", weights_only=True)
             assert ckpt["global_step"] == 60 and "pytorch-lightning_version" in ckpt  # Lightning's layout
-            assert sorted(ckpt["state_dict"]) == ["model.net.0.bias", "model.net.0.weight", "model.net.2.bias",
-                                                  "model.net.2.weight"]
+            assert sorted(ckpt["state_dict"]) == [
+                "model.net.0.bias",
+                "model.net.0.weight",
+                "model.net.2.bias",
+                "model.net.2.weight",
+            ]
             assert ckpt["config"]["model"]["width"] == run["config.model.width"]
         if best_step != 60:  # the best version holds other weights than the final one
-            a, b = (torch.load(by_alias[k]["manifest"]["contents"][0]["local_path"], weights_only=True)
-                    for k in ("best", "latest"))
+            a, b = (
+                torch.load(by_alias[k]["manifest"]["contents"][0]["local_path"], weights_only=True)
+                for k in ("best", "latest")
+            )
             assert not torch.equal(a["state_dict"]["model.net.0.weight"], b["state_dict"]["model.net.0.weight"])
         # what tasks/quanta_discovery.py reads: the nn.Module's keys and the config
         files = runstore.artifact_files(sweep["wandb"], run["id"], "model")
-        assert set(read_model(files["model.ckpt"])["state_dict"]) == {"net.0.weight", "net.0.bias", "net.2.weight",
-                                                                      "net.2.bias"}
+        assert set(read_model(files["model.ckpt"])["state_dict"]) == {
+            "net.0.weight",
+            "net.0.bias",
+            "net.2.weight",
+            "net.2.bias",
+        }
 
 
 def test_checkpoints_are_logged_and_nothing_is_written_under_home(sweep):
@@ -230,8 +283,13 @@ def test_resume_from_a_logged_checkpoint_artifact_dir(sweep, tmp_path):
     art.mkdir()
     os.link(last["manifest"]["contents"][0]["local_path"], art / "last.ckpt")
     over = [f"{k}={v.strip('{}').split(': ', 1)[1]}" for k, v in TINY_SWEEP.items()]
-    proc = harness("train", *over, f"model.width={run['config.model.width']}", f"trainer.resume_from={art}",
-                   env={"WANDB_DIR": str(tmp_path), "WANDB_RUN_ID": run["id"]})
+    proc = harness(
+        "train",
+        *over,
+        f"model.width={run['config.model.width']}",
+        f"trainer.resume_from={art}",
+        env={"WANDB_DIR": str(tmp_path), "WANDB_RUN_ID": run["id"]},
+    )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["trainer/resumed_from_step"] == 40 and summary["trainer/global_step"] == 60
     bad = harness("train", *over, "trainer.resume_from=nope-run-id", env={"WANDB_DIR": str(tmp_path)}, check=False)
@@ -239,6 +297,7 @@ def test_resume_from_a_logged_checkpoint_artifact_dir(sweep, tmp_path):
 
 
 # ---- point 3: notebooks --------------------------------------------------------------------------
+
 
 def test_summary_table_is_a_dataframe_and_load_table_reads_it(sweep, monkeypatch):
     runs = sweep["runs"]
@@ -285,7 +344,13 @@ def test_the_notebook_recipe_in_the_docs_runs(sweep):
     code = code.replace('SWEEP = "SWEEP_ID"', f'SWEEP = "{sweep["id"]}"')
     script = os.path.join(sweep["root"], "recipe.py")
     open(script, "w").write(code + "\nprint('recipe ok', len(runs), len(hist), len(items))\n")
-    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=sweep["root"],
-                          env=dict(sweep["env"], MPLBACKEND="Agg"), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, script],
+        capture_output=True,
+        text=True,
+        cwd=sweep["root"],
+        env=dict(sweep["env"], MPLBACKEND="Agg"),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "recipe ok 2 10 4" in proc.stdout  # 2 runs; steps 0, 20, 40, 50 (train/loss), 60; 4 subtasks

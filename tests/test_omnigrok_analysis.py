@@ -1,23 +1,35 @@
 """analysis.omnigrok on synthetic runs: the stand-in split said beside the paper's, thresholds labelled,
 the LU landscape as mean and standard error over seeds, legends off the data."""
+
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
+from figure_checks import legends_overlapping_axes
 
 from analysis import omnigrok as og
-from figure_checks import legends_overlapping_axes
 
 STEPS = np.array([0, 200, 400, 1000, 2000, 5000, 10000, 20000, 40000])
 
 
 def _run(rid, seed, alpha, fixed, n_train=1000, precision="32-true", split="offline"):
-    return {"id": rid, "name": rid, "state": "finished", "config.task": "mnist_omnigrok", "config.seed": seed,
-            "config.model.init_scale": alpha, "config.optim.fixed_norm": fixed, "config.optim.weight_decay": 0.01,
-            "config.trainer.precision": precision, "config.data.split": split, "summary.data/source": split,
-            "summary.data/n_train": n_train, "summary.data/n_test": 10000 - n_train if split == "offline" else 10000,
-            "summary.loss_units": "mse per output"}
+    return {
+        "id": rid,
+        "name": rid,
+        "state": "finished",
+        "config.task": "mnist_omnigrok",
+        "config.seed": seed,
+        "config.model.init_scale": alpha,
+        "config.optim.fixed_norm": fixed,
+        "config.optim.weight_decay": 0.01,
+        "config.trainer.precision": precision,
+        "config.data.split": split,
+        "summary.data/source": split,
+        "summary.data/n_train": n_train,
+        "summary.data/n_test": 10000 - n_train if split == "offline" else 10000,
+        "summary.loss_units": "mse per output",
+    }
 
 
 def synthetic():
@@ -26,9 +38,17 @@ def synthetic():
     for rid, seed, alpha, mid in (("g8s0", 0, 8.0, 20000), ("g8s1", 1, 8.0, 30000), ("g1s0", 0, 1.0, 200)):
         runs.append(_run(rid, seed, alpha, False))
         for s in STEPS:
-            rows.append({"run_id": rid, "step": int(s), "train/acc": 1.0 if s >= 2000 or alpha == 1 else 0.5,
-                         "val/acc": 0.85 if s >= mid else 0.2, "train/loss": 0.01, "val/loss": 0.05,
-                         "model/weight_norm": 90.0 - s / 1000})
+            rows.append(
+                {
+                    "run_id": rid,
+                    "step": int(s),
+                    "train/acc": 1.0 if s >= 2000 or alpha == 1 else 0.5,
+                    "val/acc": 0.85 if s >= mid else 0.2,
+                    "train/loss": 0.01,
+                    "val/loss": 0.05,
+                    "model/weight_norm": 90.0 - s / 1000,
+                }
+            )
     # Landscape runs: 2 sizes x 3 alphas x 2 seeds; test loss U-shaped in alpha, seeds differ by 10%.
     for n in (200, 1000):
         for alpha in (0.3, 1.0, 3.0):
@@ -37,8 +57,17 @@ def synthetic():
                 runs.append(_run(rid, seed, alpha, True, n_train=n))
                 val = (0.02 + 0.01 * abs(np.log(alpha))) * (1 + 0.1 * seed)
                 for s in STEPS[1:]:
-                    rows.append({"run_id": rid, "step": int(s), "train/acc": 1.0, "val/acc": 0.9 - val,
-                                 "train/loss": 1e-4 * alpha, "val/loss": val, "model/weight_norm": 10.0})
+                    rows.append(
+                        {
+                            "run_id": rid,
+                            "step": int(s),
+                            "train/acc": 1.0,
+                            "val/acc": 0.9 - val,
+                            "train/loss": 1e-4 * alpha,
+                            "val/loss": val,
+                            "model/weight_norm": 10.0,
+                        }
+                    )
     return pd.DataFrame(runs), pd.DataFrame(rows)
 
 
@@ -84,8 +113,9 @@ def test_landscape_is_mean_and_standard_error_over_seeds(tmp_path):
 def test_curves_one_line_per_run_legend_outside(tmp_path):
     runs, hist = synthetic()
     result = og.analyse(runs, hist, str(tmp_path))
-    fig = og.plot_curves(pd.DataFrame(result["grokking"]), hist, str(tmp_path / "c.png"),
-                         result["thresholds"], result["data_note"])
+    fig = og.plot_curves(
+        pd.DataFrame(result["grokking"]), hist, str(tmp_path / "c.png"), result["thresholds"], result["data_note"]
+    )
     assert legends_overlapping_axes(fig) == []
     labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
     assert labels[:3] == ["alpha=1, seed 0", "alpha=8, seed 0", "alpha=8, seed 1"]

@@ -1,11 +1,11 @@
 """Packed Omnigrok MNIST (issue 14): a packed member against the same config trained solo (same init,
 same minibatches, fixed-norm projection), events and W&B keys against a Lightning solo run, and a
 failing member that fails alone. Real MNIST (the offline split) from $HARNESS_DATA_DIR."""
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import train_block
 
 from harness import runstore
@@ -18,13 +18,21 @@ from tasks.mnist_omnigrok_packed import PackedOmnigrok
 STEP = "trainer/global_step"
 # 200 training images in minibatches of 50 (an epoch is 4 steps, so 100 steps cross 25 epoch
 # permutations), 784-24-24-10: a member step is well under a millisecond.
-TINY = ("task=mnist_omnigrok", "data.n_train=200", "data.batch_size=50", "data.n_test=500",
-        "trainer.progress_bar=false", "trainer.threads=1")
+TINY = (
+    "task=mnist_omnigrok",
+    "data.n_train=200",
+    "data.batch_size=50",
+    "data.n_test=500",
+    "trainer.progress_bar=false",
+    "trainer.threads=1",
+)
 # Differ in every packable key: seed (init and batch order), init scale, lr, weight decay, fixed norm.
-MEMBERS = (("seed=0",),
-           ("seed=1", "model.init_scale=1.0", "optim.weight_decay=0.3", "optim.fixed_norm=true"),
-           ("seed=2", "model.init_scale=3.0", "optim.lr=0.003", "optim.weight_decay=1.0", "optim.fixed_norm=true"),
-           ("seed=0", "model.init_scale=0.5"))  # seed 0's batches, shared with member 0
+MEMBERS = (
+    ("seed=0",),
+    ("seed=1", "model.init_scale=1.0", "optim.weight_decay=0.3", "optim.fixed_norm=true"),
+    ("seed=2", "model.init_scale=3.0", "optim.lr=0.003", "optim.weight_decay=1.0", "optim.fixed_norm=true"),
+    ("seed=0", "model.init_scale=0.5"),
+)  # seed 0's batches, shared with member 0
 
 
 def configs(members, extra=(), base=TINY):
@@ -92,8 +100,10 @@ def test_packed_losses_within_1e_3_of_solo_for_1000_steps_in_float32():
     # instead of 3 jumps from 4e-7 to 4e-4 at step ~420 and reaches 1.4e-2: float32 rounding amplified
     # by training (a discrete event, e.g. a ReLU unit within rounding of zero, is the likely cause;
     # not traced). The same config in float64 stays within 3e-15 of solo over 1000 steps.
-    members = configs((MEMBERS[0], ("seed=3",) + MEMBERS[1][1:], MEMBERS[2]),
-                      ("trainer.precision=32-true", "model.width=16", "model.depth=1"))
+    members = configs(
+        (MEMBERS[0], ("seed=3",) + MEMBERS[1][1:], MEMBERS[2]),
+        ("trainer.precision=32-true", "model.width=16", "model.depth=1"),
+    )
     _, losses, _ = packed(members, 1000)
     for i, m in enumerate(members):
         solo_losses, _ = solo(m, 1000)
@@ -104,11 +114,26 @@ def test_packed_losses_within_1e_3_of_solo_for_1000_steps_in_float32():
 
 # 784-32-32-10 on 200 images, float32: alpha=1 passes train acc 0.99 and test acc 0.75 at ~100 steps,
 # alpha=2 at wd 1.0 a little later, alpha=0.5 held at its norm stays below both.
-SHORT = ("task=mnist_omnigrok", "data.n_train=200", "data.batch_size=50", "data.n_test=1000", "model.width=32",
-         "trainer.precision=32-true", "trainer.steps=300", "trainer.eval_every=25", "trainer.log_every=50",
-         "eval.val_threshold=0.75", "eval.max_delay=50", "trainer.progress_bar=false", "trainer.threads=1")
-SHORT_MEMBERS = (("seed=0", "model.init_scale=1.0"), ("seed=2", "model.init_scale=2.0", "optim.weight_decay=1.0"),
-                 ("seed=3", "model.init_scale=0.5", "optim.fixed_norm=true"))
+SHORT = (
+    "task=mnist_omnigrok",
+    "data.n_train=200",
+    "data.batch_size=50",
+    "data.n_test=1000",
+    "model.width=32",
+    "trainer.precision=32-true",
+    "trainer.steps=300",
+    "trainer.eval_every=25",
+    "trainer.log_every=50",
+    "eval.val_threshold=0.75",
+    "eval.max_delay=50",
+    "trainer.progress_bar=false",
+    "trainer.threads=1",
+)
+SHORT_MEMBERS = (
+    ("seed=0", "model.init_scale=1.0"),
+    ("seed=2", "model.init_scale=2.0", "optim.weight_decay=1.0"),
+    ("seed=3", "model.init_scale=0.5", "optim.fixed_norm=true"),
+)
 EVENTS = ("grok/t_train99", "grok/t_val75", "grok/t_val99")
 
 
@@ -158,8 +183,15 @@ def test_packed_member_runs_hold_the_solo_runs_keys(solo_and_packed):
         assert a["state"] == b["state"] == "finished" and a["job_type"] == b["job_type"] == "train"
         assert present(b, runs.columns) == present(a, runs.columns)  # summary and config keys
         assert a["name"] == b["name"]
-        for k in ("config.seed", "config.model.init_scale", "config.optim.fixed_norm", "config.data.split",
-                  "summary.model/params", "summary.model/init_norm", "summary.data/source"):
+        for k in (
+            "config.seed",
+            "config.model.init_scale",
+            "config.optim.fixed_norm",
+            "config.data.split",
+            "summary.model/params",
+            "summary.model/init_norm",
+            "summary.data/source",
+        ):
             assert a[k] == b[k]
         assert b["config.data.split"] == "offline"  # data.split=auto resolved, as the solo build records it
         ha, hb = history(root, s["_run_id"]), history(root, p.run_id)
@@ -173,10 +205,18 @@ def test_packed_member_runs_hold_the_solo_runs_keys(solo_and_packed):
 
 # ---- isolation -------------------------------------------------------------------------------------
 
+
 def test_a_member_with_a_non_finite_loss_fails_alone(offline):
-    members = configs((("seed=0",), ("seed=1", "model.init_scale=1e25")),
-                      ("trainer.precision=32-true", "model.width=16", "trainer.steps=60", "trainer.eval_every=20",
-                       "model.save=false"))
+    members = configs(
+        (("seed=0",), ("seed=1", "model.init_scale=1e25")),
+        (
+            "trainer.precision=32-true",
+            "model.width=16",
+            "trainer.steps=60",
+            "trainer.eval_every=20",
+            "model.save=false",
+        ),
+    )
     out = train_packed([Member(i, load_config(m), list(m)) for i, m in enumerate(members)])
     assert [m.state for m in out] == ["finished", "failed"]
     assert "not finite" in out[1].error and "step 0" in out[1].error

@@ -2,6 +2,7 @@
 layer) against each member trained solo with the same init and batches, StackedAdamW over concatenated
 member axes against torch's AdamW, depth 2, emergence steps and W&B keys against harness train, isolation of a
 failing member, and the GPU benchmark's CPU smoke path."""
+
 import os
 import subprocess
 import sys
@@ -11,9 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from conftest import REPO, train_block
 import torch.nn.functional as F
+from conftest import REPO, train_block
 
 from harness import runstore
 from harness.config.run import load_config
@@ -23,17 +23,26 @@ from harness.training.train import train
 from tasks.sparse_parity import build
 from tasks.sparse_parity_packed import PackedSparseParity
 
-
 STEP = "trainer/global_step"
 # 8 subtasks, 10 data bits, batch 128: a member step is well under a millisecond.
-TINY_SP = ("task=sparse_parity", "data.n_tasks=8", "data.n=10", "data.k=2", "data.batch_size=128",
-           "eval.test_per_task=50", "trainer.progress_bar=false", "trainer.threads=1")
+TINY_SP = (
+    "task=sparse_parity",
+    "data.n_tasks=8",
+    "data.n=10",
+    "data.k=2",
+    "data.batch_size=128",
+    "eval.test_per_task=50",
+    "trainer.progress_bar=false",
+    "trainer.threads=1",
+)
 # Widths, lrs and weight decays differ; members 0, 1 and 3 share one stream (seed 0, or data.stream_seed=0
 # and data.task_seed=0), member 2 (seed 1) has its own: both paths (one shared batch, a separate group).
-MIXED = (("seed=0", "model.width=8", "optim.lr=0.01"),
-         ("seed=0", "model.width=20", "optim.lr=0.003", "optim.weight_decay=0.1"),
-         ("seed=1", "model.width=12", "optim.lr=0.01", "optim.weight_decay=0.5"),
-         ("seed=2", "model.width=5", "data.stream_seed=0", "data.task_seed=0", "optim.lr=0.02"))
+MIXED = (
+    ("seed=0", "model.width=8", "optim.lr=0.01"),
+    ("seed=0", "model.width=20", "optim.lr=0.003", "optim.weight_decay=0.1"),
+    ("seed=1", "model.width=12", "optim.lr=0.01", "optim.weight_decay=0.5"),
+    ("seed=2", "model.width=5", "data.stream_seed=0", "data.task_seed=0", "optim.lr=0.02"),
+)
 
 
 def cfgs(*members, steps=100, eval_every=10, extra=(), base=TINY_SP):
@@ -48,6 +57,7 @@ def rel(a, b):
 
 # ---- the optimizer over concatenated member axes --------------------------------------------------
 
+
 @pytest.mark.parametrize("w2_dim", [0, 1])  # W2^T [sum_w, 2] (the block's layout), or W2 [2, sum_w]: strided views
 def test_stacked_adamw_over_concatenated_widths_equals_torch_adamw_per_member(w2_dim):
     torch.manual_seed(0)
@@ -57,17 +67,26 @@ def test_stacked_adamw_over_concatenated_widths_equals_torch_adamw_per_member(w2
     offsets = [0, 3, 10]
     # the block's layout: W1 [sum_w, d_in], b1 [sum_w], W2^T [sum_w, 2] concatenated, b2 [M, 2] stacked
     axes = [MemberAxis(0, owner), MemberAxis(0, owner), MemberAxis(w2_dim, owner), MemberAxis.stacked(3)]
-    init = [torch.randn(11, d_in, dtype=torch.float64), torch.randn(11, dtype=torch.float64),
-            torch.randn(11, 2, dtype=torch.float64) if w2_dim == 0 else torch.randn(2, 11, dtype=torch.float64),
-            torch.randn(3, 2, dtype=torch.float64)]
+    init = [
+        torch.randn(11, d_in, dtype=torch.float64),
+        torch.randn(11, dtype=torch.float64),
+        torch.randn(11, 2, dtype=torch.float64) if w2_dim == 0 else torch.randn(2, 11, dtype=torch.float64),
+        torch.randn(3, 2, dtype=torch.float64),
+    ]
 
     def part(x, a, i):  # member i's slice of a packed tensor: a row if stacked, else its block of units
         return x[i] if len(a.owner) == 3 else x.narrow(a.dim, offsets[i], widths[i])
 
     grads = [[torch.randn_like(x) for x in init] for _ in range(100)]
     packed = [x.clone().requires_grad_() for x in init]
-    opt = StackedAdamW(packed, torch.tensor(lr, dtype=torch.float64), torch.tensor(wd, dtype=torch.float64),
-                       betas=(0.9, 0.98), eps=1e-8, axes=axes)
+    opt = StackedAdamW(
+        packed,
+        torch.tensor(lr, dtype=torch.float64),
+        torch.tensor(wd, dtype=torch.float64),
+        betas=(0.9, 0.98),
+        eps=1e-8,
+        axes=axes,
+    )
     solo = [[part(x, a, i).clone().requires_grad_() for x, a in zip(init, axes)] for i in range(3)]
     solo_opt = [torch.optim.AdamW(solo[i], lr=lr[i], weight_decay=wd[i], betas=(0.9, 0.98), eps=1e-8) for i in range(3)]
     for g in grads:
@@ -88,6 +107,7 @@ def test_stacked_adamw_over_concatenated_widths_equals_torch_adamw_per_member(w2
 
 
 # ---- exactness against the solo training step -----------------------------------------------------
+
 
 def solo_losses(overrides, steps, dtype):
     """The solo run's training step in a plain loop: the task's build (after seeding as harness.training.train
@@ -139,19 +159,34 @@ def test_packed_widths_train_as_their_solo_runs_for_100_steps_in_float64(data, g
 
 
 def test_packed_depth_2_members_of_different_widths_train_as_their_solo_runs():
-    members = cfgs(("seed=0", "model.width=6", "optim.lr=0.01"), ("seed=1", "model.width=9", "optim.lr=0.003"),
-                   ("seed=0", "model.width=4", "optim.lr=0.01", "optim.weight_decay=0.3"),
-                   extra=("trainer.precision=64-true", "model.depth=2"))
+    members = cfgs(
+        ("seed=0", "model.width=6", "optim.lr=0.01"),
+        ("seed=1", "model.width=9", "optim.lr=0.003"),
+        ("seed=0", "model.width=4", "optim.lr=0.01", "optim.weight_decay=0.3"),
+        extra=("trainer.precision=64-true", "model.depth=2"),
+    )
     block, packed = packed_losses(members, 50)
     assert len(block.groups) == 2 and block.params()["net.2.weight"].shape == (6 * 6 + 9 * 9 + 4 * 4,)
     assert max(rel(packed[:, i], solo_losses(m, 50, torch.float64)) for i, m in enumerate(members)) < 1e-6
 
 
 def test_packed_widths_stay_within_1e_3_of_solo_over_1000_steps_in_float32():
-    members = cfgs(("seed=0", "model.width=6"), ("seed=0", "model.width=16", "optim.weight_decay=0.1"),
-                   ("seed=1", "model.width=10", "optim.lr=0.003"), steps=1000,
-                   base=("task=sparse_parity", "data.n_tasks=4", "data.n=6", "data.k=2", "data.batch_size=32",
-                         "eval.test_per_task=50", "trainer.progress_bar=false", "trainer.threads=1"))
+    members = cfgs(
+        ("seed=0", "model.width=6"),
+        ("seed=0", "model.width=16", "optim.weight_decay=0.1"),
+        ("seed=1", "model.width=10", "optim.lr=0.003"),
+        steps=1000,
+        base=(
+            "task=sparse_parity",
+            "data.n_tasks=4",
+            "data.n=6",
+            "data.k=2",
+            "data.batch_size=32",
+            "eval.test_per_task=50",
+            "trainer.progress_bar=false",
+            "trainer.threads=1",
+        ),
+    )
     _, packed = packed_losses(members, 1000)
     errors = [rel(packed[:, i], solo_losses(m, 1000, torch.float32)) for i, m in enumerate(members)]
     print("float32 max relative error per member over 1000 steps:", errors)
@@ -189,8 +224,17 @@ def test_a_fixed_stream_seed_gives_every_seed_and_width_the_same_batches():
 # ---- W&B runs and emergence against harness train -------------------------------------------------
 
 # 8 subtasks among 8 bits at lr 1e-2: the frequent subtasks are learned within ~200-400 steps.
-SMALL_SP = ("task=sparse_parity", "data.n_tasks=8", "data.n=8", "data.k=2", "data.batch_size=256",
-            "eval.test_per_task=100", "optim.lr=0.01", "trainer.progress_bar=false", "trainer.threads=1")
+SMALL_SP = (
+    "task=sparse_parity",
+    "data.n_tasks=8",
+    "data.n=8",
+    "data.k=2",
+    "data.batch_size=256",
+    "eval.test_per_task=100",
+    "optim.lr=0.01",
+    "trainer.progress_bar=false",
+    "trainer.threads=1",
+)
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +242,14 @@ def solo_and_packed(tmp_path_factory):
     """Three widths trained solo (`harness.training.train.train`, Lightning) and packed, 600 steps, float32."""
     root = str(tmp_path_factory.mktemp("packed_sp"))
     os.environ["WANDB_DIR"] = root  # the module-scoped fixture runs before the per-test one
-    members = cfgs(("model.width=32",), ("model.width=12", "optim.weight_decay=0.1"), ("model.width=4",),
-                   steps=600, eval_every=20, base=SMALL_SP)
+    members = cfgs(
+        ("model.width=32",),
+        ("model.width=12", "optim.weight_decay=0.1"),
+        ("model.width=4",),
+        steps=600,
+        eval_every=20,
+        base=SMALL_SP,
+    )
     solo = [train(load_config(m), list(m)) for m in members]
     packed = train_packed([Member(i, load_config(m), list(m)) for i, m in enumerate(members)])
     return root, solo, packed
@@ -222,23 +272,37 @@ def test_packed_width_members_log_what_their_solo_runs_log(solo_and_packed):
         assert p.state == "finished" and b["state"] == "finished"
         assert present(b, runs.columns) == present(a, runs.columns)
         assert a["name"] == b["name"] and a["job_type"] == b["job_type"] == "train"
-        for k in ("config.model.width", "config.optim.weight_decay", "summary.model/params",
-                  "summary.emergence/threshold_nats"):
+        for k in (
+            "config.model.width",
+            "config.optim.weight_decay",
+            "summary.model/params",
+            "summary.emergence/threshold_nats",
+        ):
             assert a[k] == b[k]
         for kind in ("curves", "model"):
             assert runstore.artifact_files(root, p.run_id, kind)
         h = runstore.load_history(root, run_ids=[s["_run_id"], p.run_id])
-        steps = [sorted(h[(h["run_id"] == r) & h["val/loss"].notna()][STEP].astype(int)) for r in (s["_run_id"], p.run_id)]
+        steps = [
+            sorted(h[(h["run_id"] == r) & h["val/loss"].notna()][STEP].astype(int)) for r in (s["_run_id"], p.run_id)
+        ]
         assert steps[0] == steps[1] == list(range(0, 601, 20))
-        train_steps = [sorted(h[(h["run_id"] == r) & h["train/loss"].notna()][STEP].astype(int)) for r in (s["_run_id"], p.run_id)]
+        train_steps = [
+            sorted(h[(h["run_id"] == r) & h["train/loss"].notna()][STEP].astype(int)) for r in (s["_run_id"], p.run_id)
+        ]
         assert train_steps[0] == train_steps[1] and train_steps[0]
     # the model artifact holds the solo run's model.ckpt layout (LightningModule keys, under `model.`)
     sd = torch.load(runstore.artifact_files(root, packed[1].run_id, "model")["model.ckpt"], weights_only=True)
-    assert {k: tuple(v.shape) for k, v in sd["state_dict"].items()} == \
-        {"model.net.0.weight": (12, 16), "model.net.0.bias": (12,), "model.net.2.weight": (2, 12), "model.net.2.bias": (2,)}
+    assert {k: tuple(v.shape) for k, v in sd["state_dict"].items()} == {
+        "model.net.0.weight": (12, 16),
+        "model.net.0.bias": (12,),
+        "model.net.2.weight": (2, 12),
+        "model.net.2.bias": (2,),
+    }
     # its own weights only, not views into the whole block's storage
-    assert all(v.is_contiguous() and v.untyped_storage().nbytes() == v.numel() * v.element_size()
-               for v in sd["state_dict"].values())
+    assert all(
+        v.is_contiguous() and v.untyped_storage().nbytes() == v.numel() * v.element_size()
+        for v in sd["state_dict"].values()
+    )
 
 
 def test_packed_emergence_steps_within_one_evaluation_of_solo(solo_and_packed):
@@ -261,9 +325,16 @@ def test_packed_emergence_steps_within_one_evaluation_of_solo(solo_and_packed):
 
 # ---- isolation -------------------------------------------------------------------------------------
 
+
 def test_a_width_member_with_a_non_finite_loss_fails_alone(offline):
-    members = cfgs(("model.width=8",), ("model.width=5", "optim.lr=1e36"), ("model.width=3",), steps=60,
-                   eval_every=20, extra=("model.save=false",))
+    members = cfgs(
+        ("model.width=8",),
+        ("model.width=5", "optim.lr=1e36"),
+        ("model.width=3",),
+        steps=60,
+        eval_every=20,
+        extra=("model.save=false",),
+    )
     out = train_packed([Member(i, load_config(m), list(m)) for i, m in enumerate(members)])
     assert [m.state for m in out] == ["finished", "failed", "finished"]
     assert "not finite" in out[1].error
@@ -277,10 +348,16 @@ def test_a_width_member_with_a_non_finite_loss_fails_alone(offline):
 
 # ---- the GPU benchmark's smoke path ----------------------------------------------------------------
 
+
 def test_gpu_benchmark_runs_on_cpu_as_a_smoke_check():
-    proc = subprocess.run([sys.executable, "benchmarks/bench_packed.py", "--device", "cuda", "--smoke-on-cpu",
-                           "--steps", "3"], capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_packed.py", "--device", "cuda", "--smoke-on-cpu", "--steps", "3"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = [line for line in proc.stdout.splitlines() if line.startswith("summary:")]
     assert len(summary) == 1, proc.stdout

@@ -1,6 +1,7 @@
 """`harness sweep --local --pack M` and `harness agent ID --pack M` (issue 14): compatible grid points
 in one packed process, each its own run in state.json and in W&B; SIGTERM preempts every member and
 the next agent resumes the block with the same run ids."""
+
 import glob
 import json
 import os
@@ -10,15 +11,21 @@ import sys
 import time
 
 import pytest
-
 from conftest import harness, write_sweep
+
 from harness import runstore
-from harness.runstore.decoder import read_run_file
 from harness.cli import main
+from harness.runstore.decoder import read_run_file
 from harness.sweep.local import create_local_sweep
 
-MODADD = {"task": "{value: modular_addition}", "data.p": "{value: 11}", "model.embed_dim": "{value: 16}",
-          "model.hidden": "{value: 8}", "trainer.eval_every": "{value: 20}", "trainer.progress_bar": "{value: false}"}
+MODADD = {
+    "task": "{value: modular_addition}",
+    "data.p": "{value: 11}",
+    "model.embed_dim": "{value: 16}",
+    "model.hidden": "{value: 8}",
+    "trainer.eval_every": "{value: 20}",
+    "trainer.progress_bar": "{value: false}",
+}
 
 
 def run_cli(capsys, *argv):
@@ -39,7 +46,9 @@ def test_pack_is_refused_in_one_line_before_a_sweep_exists(tmp_path, capsys):
 @pytest.mark.slow
 def test_pack_trains_compatible_points_in_one_process_each_its_own_run(tmp_path):
     # 3 seeds x 2 step counts: trainer.steps is not packable, so two blocks of 3.
-    path = write_sweep(tmp_path / "s.yaml", {**MODADD, "seed": "{values: [0, 1, 2]}", "trainer.steps": "{values: [40, 60]}"})
+    path = write_sweep(
+        tmp_path / "s.yaml", {**MODADD, "seed": "{values: [0, 1, 2]}", "trainer.steps": "{values: [40, 60]}"}
+    )
     proc = harness("sweep", path, "--local", "--pack", "4")
     sweep_id = proc.stdout.split()[0]
     state = json.load(open(f"wandb/sweep-{sweep_id}/state.json"))
@@ -66,11 +75,16 @@ def test_pack_shares_a_grid_between_workers_and_defaults_to_one_process_per_core
     from harness.sweep.packed_agent import default_workers
 
     assert default_workers() == available_cpus()  # no GPU here: one single-threaded block per core
-    path = write_sweep(tmp_path / "s.yaml", {**MODADD, "seed": "{values: [0, 1, 2, 3]}", "trainer.steps": "{value: 40}"})
+    path = write_sweep(
+        tmp_path / "s.yaml", {**MODADD, "seed": "{values: [0, 1, 2, 3]}", "trainer.steps": "{value: 40}"}
+    )
     proc = harness("sweep", path, "--local", "--pack", "16", "--workers", "2")
     sweep_id = proc.stdout.split()[0]
-    blocks = [json.load(open(p))["members"] for p in glob.glob(f"wandb/sweep-{sweep_id}/pack-*.json")
-              if not p.endswith("results.json")]
+    blocks = [
+        json.load(open(p))["members"]
+        for p in glob.glob(f"wandb/sweep-{sweep_id}/pack-*.json")
+        if not p.endswith("results.json")
+    ]
     assert sorted(len(b) for b in blocks) == [2, 2]  # two blocks side by side, not one of 4 and an idle worker
     assert "2 worker(s), OMP_NUM_THREADS=1" in proc.stderr or available_cpus() != 2
 
@@ -78,11 +92,21 @@ def test_pack_shares_a_grid_between_workers_and_defaults_to_one_process_per_core
 def start_packed_agent(tmp_path, seeds: int, steps: int, stderr):
     """A local sweep of `seeds` PAIR-like points checkpointing every 100 steps, and one `harness agent`
     training all of them as one block (--workers 1: the default would split them between the cores)."""
-    params = {**MODADD, "seed": f"{{values: {list(range(seeds))}}}", "trainer.steps": f"{{value: {steps}}}",
-              "trainer.ckpt_every": "{value: 100}", "model.save": "{value: false}"}
+    params = {
+        **MODADD,
+        "seed": f"{{values: {list(range(seeds))}}}",
+        "trainer.steps": f"{{value: {steps}}}",
+        "trainer.ckpt_every": "{value: 100}",
+        "model.save": "{value: false}",
+    }
     sweep_id = create_local_sweep(write_sweep(tmp_path / "s.yaml", params), "wandb")
-    agent = subprocess.Popen([sys.executable, "-m", "harness", "agent", sweep_id, "--pack", str(seeds), "--workers", "1"],
-                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "harness", "agent", sweep_id, "--pack", str(seeds), "--workers", "1"],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+    )
     return sweep_id, agent
 
 
@@ -127,12 +151,25 @@ def test_sigkill_of_the_controller_reopens_every_unfinished_member(tmp_path):
     harness("agent", sweep_id, "--pack", "2")
     state = json.load(open(f"wandb/sweep-{sweep_id}/state.json"))
     assert sorted((r["state"], r["params"]["seed"]) for r in state["runs"]) == [
-        ("finished", 0), ("finished", 1), ("killed", 0), ("killed", 1)]  # both points ran again, once
+        ("finished", 0),
+        ("finished", 1),
+        ("killed", 0),
+        ("killed", 1),
+    ]  # both points ran again, once
     assert sorted(r["id"] for r in state["runs"] if r["state"] == "killed") == killed
 
 
-RESUMABLE = ["task=modular_addition", "data.p=11", "model.embed_dim=16", "model.hidden=8", "trainer.eval_every=20",
-             "trainer.steps=200", "trainer.ckpt_every=100", "trainer.progress_bar=false", "trainer.threads=1"]
+RESUMABLE = [
+    "task=modular_addition",
+    "data.p=11",
+    "model.embed_dim=16",
+    "model.hidden=8",
+    "trainer.eval_every=20",
+    "trainer.steps=200",
+    "trainer.ckpt_every=100",
+    "trainer.progress_bar=false",
+    "trainer.threads=1",
+]
 
 
 def _summary(proc) -> dict:

@@ -1,5 +1,6 @@
 """Checkpoints, SIGTERM, resume into the same run (contract C5), the model artifact (C7), exit
 codes (C6), and train() returning only once the run file is complete."""
+
 import dataclasses
 import glob
 import json
@@ -11,19 +12,22 @@ import sys
 
 import pytest
 import torch
-
 from conftest import TINY, harness
+
 from harness import runstore
 from harness.config.run import load_config
 from harness.runstore.decoder import read_run_file
-from harness.training.checkpoint import PREEMPTED_EXIT, Preempted
 from harness.training.artifacts import read_model
+from harness.training.checkpoint import PREEMPTED_EXIT, Preempted
 from harness.training.train import train
 
 STEP = "trainer/global_step"
 # 400 optimizer steps, 10 per Lightning batch, a resume point every 40 steps.
 LONG = [a for a in TINY if not a.startswith("trainer.steps=")] + [
-    "trainer.steps=400", "trainer.log_every=10", "trainer.ckpt_every=40"]
+    "trainer.steps=400",
+    "trainer.log_every=10",
+    "trainer.ckpt_every=40",
+]
 
 
 def run_files(wandb_dir, run_id):
@@ -31,9 +35,11 @@ def run_files(wandb_dir, run_id):
     # wandb names a second start within the same second `offline-run-<time>-<id>-1` (which a plain
     # sort would put first: '-' < '/')
     files = glob.glob(os.path.join(wandb_dir, f"offline-run-*-{run_id}*", f"run-{run_id}.wandb"))
+
     def order(f):  # (start time, same-second counter)
         name = os.path.basename(os.path.dirname(f))
         return name.split("-")[2], int(name.rsplit(f"-{run_id}", 1)[1].lstrip("-") or 0)
+
     return sorted(files, key=order)
 
 
@@ -45,14 +51,21 @@ def rows(history, key):
 
 def start_and_preempt(env, ckpt, args=LONG):
     """`harness train` in a subprocess; SIGTERM once its first periodic checkpoint exists."""
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "train", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness", "train", *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     while not os.path.exists(ckpt):  # wait for the event, not for a guessed time
         try:
             proc.wait(timeout=0.05)
         except subprocess.TimeoutExpired:
             continue
-        raise AssertionError(f"run ended ({proc.returncode}) before its first checkpoint:\n{proc.stderr.read()[-2000:]}")
+        raise AssertionError(
+            f"run ended ({proc.returncode}) before its first checkpoint:\n{proc.stderr.read()[-2000:]}"
+        )
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     return proc.returncode, out, err
@@ -61,6 +74,7 @@ def start_and_preempt(env, ckpt, args=LONG):
 def sigterm_at(monkeypatch, step):
     """Make the sparse-parity task send this process SIGTERM when training reaches `step`."""
     import lightning as L
+
     import tasks.sparse_parity as sp
 
     class Kill(L.Callback):
@@ -69,7 +83,9 @@ def sigterm_at(monkeypatch, step):
                 os.kill(os.getpid(), signal.SIGTERM)
 
     build = sp.build
-    monkeypatch.setattr(sp, "build", lambda cfg: dataclasses.replace(build(cfg), callbacks=[*build(cfg).callbacks, Kill()]))
+    monkeypatch.setattr(
+        sp, "build", lambda cfg: dataclasses.replace(build(cfg), callbacks=[*build(cfg).callbacks, Kill()])
+    )
 
 
 @pytest.mark.parametrize("step", [30, 40])  # inside an evaluation interval, and on an evaluation
@@ -165,7 +181,11 @@ def test_sigterm_checkpoints_and_a_restart_continues_the_same_run_exactly(offlin
 def test_periodic_checkpoints_fall_on_the_requested_steps(offline):
     # 10 steps per batch would put step 25 inside a batch: batches shrink to gcd(10, 20, 25, 100) = 5.
     args = [a for a in TINY if not a.startswith("trainer.steps=")] + [
-        "trainer.steps=100", "trainer.ckpt_every=25", "trainer.steps_per_batch=10", f"trainer.ckpt_dir={offline}/ck"]
+        "trainer.steps=100",
+        "trainer.ckpt_every=25",
+        "trainer.steps_per_batch=10",
+        f"trainer.ckpt_dir={offline}/ck",
+    ]
     cfg = load_config(args)
     assert cfg.trainer.batch_steps() == 5
     summary = train(cfg, args)
@@ -189,20 +209,31 @@ def test_final_weights_are_a_model_artifact(offline):
     assert saved["config"]["trainer"]["steps"] == 60
     # A pure nn.Module's state_dict: it loads into the task's MLP.
     from tasks.sparse_parity import MLP
+
     cfg = load_config(TINY)
     model = MLP(cfg.data.n_tasks + cfg.data.n, cfg.model.width, cfg.model.depth, 2)
     model.load_state_dict(saved["state_dict"])
 
     args = TINY + ["model.save=false"]
     off = train(load_config(args), args)
-    assert "model/artifact" not in off and runstore.artifact_files(str(offline / "wandb"), off["_run_id"], "model") == {}
+    assert (
+        "model/artifact" not in off and runstore.artifact_files(str(offline / "wandb"), off["_run_id"], "model") == {}
+    )
 
 
 def test_a_non_finite_loss_fails_the_run_with_exit_1(offline):
     # An initial scale of 1e30 overflows float32 logits: the first evaluation's (step 0) loss is NaN.
-    proc = harness("train", "task=modular_addition", "data.p=7", "trainer.steps=20", "trainer.eval_every=10",
-                   "trainer.steps_per_batch=10", "model.init_scale=1.0e30", "trainer.progress_bar=false",
-                   check=False)
+    proc = harness(
+        "train",
+        "task=modular_addition",
+        "data.p=7",
+        "trainer.steps=20",
+        "trainer.eval_every=10",
+        "trainer.steps_per_batch=10",
+        "model.init_scale=1.0e30",
+        "trainer.progress_bar=false",
+        check=False,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert proc.stdout == ""  # no summary line, so no bare NaN in one
     last = proc.stderr.strip().splitlines()[-1]

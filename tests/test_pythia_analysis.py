@@ -1,13 +1,14 @@
 """analysis.pythia's figures on synthetic token losses: fits drawn over the fitted models only, step 0
 kept off the log axis (and said), legends off the data, nats on every loss axis."""
+
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from figure_checks import legends_overlapping_axes
 
 from analysis import pythia as ap
 from analysis import tokens as tk
-from figure_checks import legends_overlapping_axes
 
 
 def axis_result(scale: list[float], steps: bool = False) -> dict:
@@ -23,10 +24,18 @@ def axis_result(scale: list[float], steps: bool = False) -> dict:
     usable = scale > 0
     cls = tk.classify(losses[:, usable], scale[usable])
     key = "step" if steps else "params_nonembedding"
-    points = [{key: float(s), "mean_loss_aligned": float(v), "model": "m", "revision": f"step{int(s)}"}
-              for s, v in zip(scale, losses.mean(0))]
-    return {"points": points, "class_fractions": tk.fractions(cls["class"]), "_losses": losses, "_cls": cls,
-            "_scale": scale, "_usable": usable}
+    points = [
+        {key: float(s), "mean_loss_aligned": float(v), "model": "m", "revision": f"step{int(s)}"}
+        for s, v in zip(scale, losses.mean(0))
+    ]
+    return {
+        "points": points,
+        "class_fractions": tk.fractions(cls["class"]),
+        "_losses": losses,
+        "_cls": cls,
+        "_scale": scale,
+        "_usable": usable,
+    }
 
 
 def test_size_figure_fit_spans_the_models_and_legends_sit_outside(tmp_path):

@@ -1,6 +1,7 @@
 """Pythia per-token evaluation: losses equal transformers' own, batching changes nothing, bad input
 fails in one line, a real Lightning + offline W&B run writes the artifact the analysis reads, and
 the token classifier on synthetic curves. Tiny GPT-NeoX models with the real Pythia tokenizer."""
+
 from __future__ import annotations
 
 import json
@@ -24,18 +25,28 @@ from tasks import pythia_eval as pe
 
 REPO = Path(__file__).resolve().parents[1]
 from tests.conftest import DATA  # noqa: E402  ($HARNESS_DATA_DIR, else ../shared/data)
+
 TOKENIZER = os.path.join(DATA, "pythia", "tokenizer.json")
 PILE = os.path.join(DATA, "pile", "pile_100.jsonl")
-pytestmark = pytest.mark.skipif(not os.path.isfile(TOKENIZER) or not os.path.isfile(PILE),
-                                reason="needs HARNESS_DATA_DIR with pythia/tokenizer.json and pile/pile_100.jsonl")
+pytestmark = pytest.mark.skipif(
+    not os.path.isfile(TOKENIZER) or not os.path.isfile(PILE),
+    reason="needs HARNESS_DATA_DIR with pythia/tokenizer.json and pile/pile_100.jsonl",
+)
 
 
 def tiny_neox(vocab: int = 50304, d: int = 32, layers: int = 2, seed: int = 0):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=4 * d, max_position_embeddings=512, rotary_pct=0.25)
+    cfg = GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=d,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=4 * d,
+        max_position_embeddings=512,
+        rotary_pct=0.25,
+    )
     return GPTNeoXForCausalLM(cfg).eval()
 
 
@@ -75,6 +86,7 @@ def one_doc(losses: lm.TokenLosses, ids: list[int]) -> torch.Tensor:
 
 
 # ---- numerics ---------------------------------------------------------------------------------
+
 
 def test_mean_per_token_loss_equals_transformers_loss(docs):
     model = tiny_neox()
@@ -134,6 +146,7 @@ def test_packing_bounds_padded_tokens_and_keeps_every_document(docs):
 
 # ---- data sources and sharding ----------------------------------------------------------------
 
+
 def test_jsonl_zst_and_folder_sources_read_the_same_documents(tmp_path):
     import zstandard
 
@@ -150,9 +163,18 @@ def test_jsonl_zst_and_folder_sources_read_the_same_documents(tmp_path):
 
 
 def test_shards_partition_the_first_n_documents(tok):
-    cfg = load_config(["task=pythia_eval", f"data_dir={DATA}", "data.source=pile/pile_100.jsonl",
-                       "data.first_doc=3", "data.n_docs=10", "eval.sort_buffer=4", "data.context_length=64",
-                       "eval.batch_tokens=256"])
+    cfg = load_config(
+        [
+            "task=pythia_eval",
+            f"data_dir={DATA}",
+            "data.source=pile/pile_100.jsonl",
+            "data.first_doc=3",
+            "data.n_docs=10",
+            "eval.sort_buffer=4",
+            "data.context_length=64",
+            "eval.batch_tokens=256",
+        ]
+    )
     seen = []
     for slot in range(3):
         ds = pe.DocumentBatches(cfg, tok, PILE, slot, 3)
@@ -164,17 +186,21 @@ def test_shards_partition_the_first_n_documents(tok):
     assert sorted(seen) == list(range(3, 13))
     # Several devices within one shard keep to that shard's documents and split them.
     for shard in range(3):
-        per_device = [{r for r in range(60) if r % pe.device_slot(shard, 3, rank, 2)[1] == pe.device_slot(shard, 3, rank, 2)[0]}
-                      for rank in range(2)]
+        per_device = [
+            {r for r in range(60) if r % pe.device_slot(shard, 3, rank, 2)[1] == pe.device_slot(shard, 3, rank, 2)[0]}
+            for rank in range(2)
+        ]
         assert per_device[0].isdisjoint(per_device[1])
         assert per_device[0] | per_device[1] == {r for r in range(60) if r % 3 == shard}
 
 
 # ---- bad input --------------------------------------------------------------------------------
 
+
 def test_unloadable_model_name_says_it_needs_the_hub_or_a_local_path(env):
-    cfg = load_config(["task=pythia_eval", f"data_dir={DATA}", "model.name=EleutherAI/pythia-70m",
-                       "model.revision=step143000"])
+    cfg = load_config(
+        ["task=pythia_eval", f"data_dir={DATA}", "model.name=EleutherAI/pythia-70m", "model.revision=step143000"]
+    )
     with pytest.raises(ConfigError) as e:
         pe.build(cfg)
     msg = str(e.value)
@@ -192,8 +218,15 @@ def test_jsonl_without_text_field_is_one_line(tmp_path):
 def test_tokenizer_that_does_not_match_the_model_vocabulary(env, tmp_path):
     small = tmp_path / "small"
     tiny_neox(vocab=1000).save_pretrained(small)
-    cfg = load_config(["task=pythia_eval", f"data_dir={DATA}", f"model.name={small}",
-                       "model.tokenizer=pythia/tokenizer.json", "data.source=pile/pile_100.jsonl"])
+    cfg = load_config(
+        [
+            "task=pythia_eval",
+            f"data_dir={DATA}",
+            f"model.name={small}",
+            "model.tokenizer=pythia/tokenizer.json",
+            "data.source=pile/pile_100.jsonl",
+        ]
+    )
     with pytest.raises(ConfigError, match="do not match.*50281 ids.*1000 rows"):
         pe.build(cfg)
 
@@ -202,17 +235,37 @@ def test_bad_config_values_name_the_key():
     with pytest.raises(ConfigError, match="model.dtype"):
         load_config(["task=pythia_eval", "model.dtype=float8"])
     with pytest.raises(ConfigError, match="shard_index"):
-        pe.build(load_config(["task=pythia_eval", "data.num_shards=2", "data.shard_index=2", "eval.batch_tokens=1024", "data.context_length=1024"]))
+        pe.build(
+            load_config(
+                [
+                    "task=pythia_eval",
+                    "data.num_shards=2",
+                    "data.shard_index=2",
+                    "eval.batch_tokens=1024",
+                    "data.context_length=1024",
+                ]
+            )
+        )
 
 
 # ---- a real run -------------------------------------------------------------------------------
 
+
 def test_run_writes_per_token_artifact_and_summary(env, model_dir, tok):
     from harness import runstore
 
-    args = ["task=pythia_eval", f"data_dir={DATA}", f"model.name={model_dir}", "data.source=pile/pile_100.jsonl",
-            "data.n_docs=6", "data.context_length=128", "eval.batch_tokens=512", "eval.row_group_rows=100",
-            "trainer.threads=1", "trainer.progress_bar=false"]
+    args = [
+        "task=pythia_eval",
+        f"data_dir={DATA}",
+        f"model.name={model_dir}",
+        "data.source=pile/pile_100.jsonl",
+        "data.n_docs=6",
+        "data.context_length=128",
+        "eval.batch_tokens=512",
+        "eval.row_group_rows=100",
+        "trainer.threads=1",
+        "trainer.progress_bar=false",
+    ]
     summary = train(load_config(args), args)
     # train() returns once the run file is complete (artifact and exit records written): no waiting.
     files = runstore.artifact_files(str(env / "wandb"), summary["_run_id"], "per_token_losses")
@@ -234,17 +287,20 @@ def test_run_writes_per_token_artifact_and_summary(env, model_dir, tok):
 
 # ---- token classes on synthetic curves --------------------------------------------------------
 
+
 def test_classify_synthetic_curves():
     n = np.array([1e6, 3e6, 1e7, 3e7, 1e8, 3e8])
     ln = np.log(n)
-    losses = np.array([
-        [7.0, 6.5, 6.2, 0.1, 0.05, 0.02],  # monogenic: drops at the 4th model
-        [5.5, 5.2, 0.2, 0.1, 0.1, 0.1],  # monogenic: drops at the 3rd
-        8.0 - 0.5 * (ln - ln[0]),  # polygenic: slope -0.5, a straight line in ln N
-        [3.0, 3.1, 2.9, 3.0, 3.05, 2.95],  # flat: other
-        [7.0, 6.0, 4.0, 0.1, 0.1, 0.1],  # drop, but not above 5 nats for every smaller model: other
-        [6.0, 6.0, 6.0, 6.0, 6.0, 0.2],  # drop at the last model
-    ])
+    losses = np.array(
+        [
+            [7.0, 6.5, 6.2, 0.1, 0.05, 0.02],  # monogenic: drops at the 4th model
+            [5.5, 5.2, 0.2, 0.1, 0.1, 0.1],  # monogenic: drops at the 3rd
+            8.0 - 0.5 * (ln - ln[0]),  # polygenic: slope -0.5, a straight line in ln N
+            [3.0, 3.1, 2.9, 3.0, 3.05, 2.95],  # flat: other
+            [7.0, 6.0, 4.0, 0.1, 0.1, 0.1],  # drop, but not above 5 nats for every smaller model: other
+            [6.0, 6.0, 6.0, 6.0, 6.0, 0.2],  # drop at the last model
+        ]
+    )
     cls = tk.classify(losses, n)
     assert cls["class"].tolist() == ["monogenic", "monogenic", "polygenic", "other", "other", "monogenic"]
     assert cls["drop"].tolist() == [3, 2, -1, -1, -1, 5]
@@ -270,8 +326,14 @@ def test_align_matches_tokens_across_models_and_rejects_other_tokenizers():
 def test_sweep_files_validate():
     from harness.sweep.spec import load_sweep_yaml, validate_sweep
 
-    for name in ("pythia_suite", "pythia_suite_fp16", "pythia_checkpoints", "pythia_suite_smoke",
-                 "pythia_checkpoints_smoke", "pythia_build_offline"):
+    for name in (
+        "pythia_suite",
+        "pythia_suite_fp16",
+        "pythia_checkpoints",
+        "pythia_suite_smoke",
+        "pythia_checkpoints_smoke",
+        "pythia_build_offline",
+    ):
         path = REPO / "sweeps" / f"{name}.yaml"
         cfg = load_sweep_yaml(str(path))
         assert cfg["command"] == ["${env}", "${interpreter}", "-m", "harness", "train", "${args_no_hyphens}"]
@@ -281,8 +343,21 @@ def test_sweep_files_validate():
 @pytest.mark.slow
 def test_cli_error_is_one_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "harness", "train", "task=pythia_eval", "model.name=EleutherAI/pythia-70m",
-                           "model.tokenizer=pythia/tokenizer.json"], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "train",
+            "task=pythia_eval",
+            "model.name=EleutherAI/pythia-70m",
+            "model.tokenizer=pythia/tokenizer.json",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("harness: error: model.name='EleutherAI/pythia-70m'")
 
@@ -295,9 +370,19 @@ def test_analysis_end_to_end_on_two_models_and_two_checkpoints(env, tmp_path):
         path = tmp_path / name / rev
         if not path.exists():
             tiny_neox(d=d, seed=d + int(rev[4:])).save_pretrained(path)
-        args = ["task=pythia_eval", f"data_dir={DATA}", f"model.name={tmp_path / name}", f"model.revision={rev}",
-                "model.tokenizer=pythia/tokenizer.json", "data.source=pile/pile_100.jsonl", "data.n_docs=4",
-                "data.context_length=64", "eval.batch_tokens=256", "trainer.threads=1", "trainer.progress_bar=false"]
+        args = [
+            "task=pythia_eval",
+            f"data_dir={DATA}",
+            f"model.name={tmp_path / name}",
+            f"model.revision={rev}",
+            "model.tokenizer=pythia/tokenizer.json",
+            "data.source=pile/pile_100.jsonl",
+            "data.n_docs=4",
+            "data.context_length=64",
+            "eval.batch_tokens=256",
+            "trainer.threads=1",
+            "trainer.progress_bar=false",
+        ]
         train(load_config(args), args)
     out = tmp_path / "analysis"
     ap.main([str(env / "wandb"), "--out", str(out), "--bootstrap", "20"])

@@ -2,6 +2,7 @@
 blocked/streamed/projected similarity, the paper's token selection, rank-frequency statistics, bad
 input as one line before any gradient, planted quanta recovered on sparse parity, and real runs
 (Lightning + offline W&B) through analysis.quanta, for an LM and for a model artifact (C7)."""
+
 from __future__ import annotations
 
 import json
@@ -21,21 +22,37 @@ from tests.conftest import DATA
 
 TOKENIZER = os.path.join(DATA, "pythia", "tokenizer.json")
 PILE = os.path.join(DATA, "pile", "pile_100.jsonl")
-needs_data = pytest.mark.skipif(not os.path.isfile(TOKENIZER) or not os.path.isfile(PILE),
-                                reason="needs HARNESS_DATA_DIR with pythia/tokenizer.json and pile/pile_100.jsonl")
+needs_data = pytest.mark.skipif(
+    not os.path.isfile(TOKENIZER) or not os.path.isfile(PILE),
+    reason="needs HARNESS_DATA_DIR with pythia/tokenizer.json and pile/pile_100.jsonl",
+)
 
 # The planted-quanta setting of sweeps/quanta_sparse_parity_smoke.yaml, trained for fewer steps.
-PARITY = ["train.task=sparse_parity", "train.data.n_tasks=4", "train.data.n=12", "train.data.k=2",
-          "train.data.zipf_alpha=0.1", "train.data.batch_size=2048", "train.model.width=128",
-          "train.eval.test_per_task=200"]
+PARITY = [
+    "train.task=sparse_parity",
+    "train.data.n_tasks=4",
+    "train.data.n=12",
+    "train.data.k=2",
+    "train.data.zipf_alpha=0.1",
+    "train.data.batch_size=2048",
+    "train.model.width=128",
+    "train.eval.test_per_task=200",
+]
 
 
 def tiny_neox(d: int = 32, layers: int = 2, seed: int = 0):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    cfg = GPTNeoXConfig(vocab_size=50304, hidden_size=d, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=4 * d, max_position_embeddings=512, rotary_pct=0.25)
+    cfg = GPTNeoXConfig(
+        vocab_size=50304,
+        hidden_size=d,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=4 * d,
+        max_position_embeddings=512,
+        rotary_pct=0.25,
+    )
     return GPTNeoXForCausalLM(cfg).eval()
 
 
@@ -45,6 +62,7 @@ def mlp(seed: int = 0):
 
 
 # ---- gradients ----------------------------------------------------------------------------------
+
 
 def test_parameter_selection_follows_the_paper_and_refuses_an_empty_one():
     model = tiny_neox()
@@ -66,7 +84,9 @@ def test_shared_forward_batched_gradients_equal_one_document_pass_per_token():
     doc, pos = np.array([0, 0, 0, 3, 3, 0]), np.array([5, 40, 79, 1, 49, 20])
     src = core.LMGrads(model, params, docs, doc, pos, batch=2)  # several batched backwards per document
     ours = src.grads(np.arange(len(doc)))
-    paper = F.normalize(torch.stack([core.paper_token_grad(model, params, docs[d], p) for d, p in zip(doc, pos)]), dim=1)
+    paper = F.normalize(
+        torch.stack([core.paper_token_grad(model, params, docs[d], p) for d, p in zip(doc, pos)]), dim=1
+    )
     assert ours.shape == (6, core.n_selected(params))
     assert (ours - paper).abs().max() < 1e-5
 
@@ -78,7 +98,7 @@ def test_vmap_gradients_equal_a_loop():
     got = core.MLPGrads(net, params, x, y, chunk=7).grads(np.arange(20))
     want = []
     for i in range(20):
-        gs = torch.autograd.grad(F.cross_entropy(net(x[i:i + 1]), y[i:i + 1]), list(params.values()))
+        gs = torch.autograd.grad(F.cross_entropy(net(x[i : i + 1]), y[i : i + 1]), list(params.values()))
         want.append(torch.cat([t.flatten() for t in gs]))
     assert (got - F.normalize(torch.stack(want), dim=1)).abs().max() < 1e-6
 
@@ -118,7 +138,7 @@ def test_token_selection_follows_the_paper():
 
 def test_rank_frequency_fit_envelope_and_agreement():
     ranks = np.arange(1, 301)
-    sizes = np.round(5000 * ranks ** -1.3).astype(int)
+    sizes = np.round(5000 * ranks**-1.3).astype(int)
     fit = qs.fit_slope(sizes, 10, 100)
     assert fit["n_ranks"] == 91 and fit["slope"] == pytest.approx(-1.3, abs=0.02)
     assert fit["slope_lo"] < fit["slope"] < fit["slope_hi"] and fit["slope_hi"] - fit["slope_lo"] < 0.05
@@ -131,6 +151,7 @@ def test_rank_frequency_fit_envelope_and_agreement():
 
 # ---- bad input: one line, before any gradient ---------------------------------------------------
 
+
 def test_bad_input_is_one_line_before_any_gradient(tmp_path, monkeypatch):
     from tasks import quanta_discovery as qd
 
@@ -142,19 +163,35 @@ def test_bad_input_is_one_line_before_any_gradient(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"grad.include='\^attn'.*selects no parameter.*net.0.weight"):
         qd.build(cfg)
     os.makedirs(tmp_path / "wandb")
-    cfg = load_config(["task=quanta_discovery", "model.source=artifact", "model.artifact=abc123",
-                       f"model.artifact_source={tmp_path / 'wandb'}"])
+    cfg = load_config(
+        [
+            "task=quanta_discovery",
+            "model.source=artifact",
+            "model.artifact=abc123",
+            f"model.artifact_source={tmp_path / 'wandb'}",
+        ]
+    )
     with pytest.raises(ConfigError, match=r"model.artifact='abc123': run 'abc123' not found"):
         qd.build(cfg)
     # More samples than pass the selection: the run fails after the forward passes, before gradients.
-    args = ["task=quanta_discovery", "model.source=train", "trainer.steps=20", "trainer.eval_every=20",
-            "trainer.progress_bar=false", "trainer.threads=1", *PARITY, "samples.n=790", "cluster.counts=[4]"]
+    args = [
+        "task=quanta_discovery",
+        "model.source=train",
+        "trainer.steps=20",
+        "trainer.eval_every=20",
+        "trainer.progress_bar=false",
+        "trainer.threads=1",
+        *PARITY,
+        "samples.n=790",
+        "cluster.counts=[4]",
+    ]
     with pytest.raises(ConfigError) as e:
         train(load_config(args), args)
     assert "\n" not in str(e.value) and str(e.value).startswith("samples.n=790 but only") and not calls
 
 
 # ---- planted quanta -----------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_planted_quanta_recovered_on_sparse_parity(tmp_path):
@@ -166,10 +203,22 @@ def test_planted_quanta_recovered_on_sparse_parity(tmp_path):
     above chance."""
     from analysis import quanta as aq
 
-    args = ["task=quanta_discovery", "model.source=train", "trainer.steps=1500", "trainer.eval_every=500",
-            "trainer.steps_per_batch=10", "trainer.progress_bar=false", "trainer.threads=1", *PARITY,
-            "samples.n=600", "cluster.counts=[2]", "cluster.subtask_multiples=[1,2]", "cluster.n_init=10",
-            "cluster.fit_rank_min=1", "cluster.fit_rank_max=0"]
+    args = [
+        "task=quanta_discovery",
+        "model.source=train",
+        "trainer.steps=1500",
+        "trainer.eval_every=500",
+        "trainer.steps_per_batch=10",
+        "trainer.progress_bar=false",
+        "trainer.threads=1",
+        *PARITY,
+        "samples.n=600",
+        "cluster.counts=[2]",
+        "cluster.subtask_multiples=[1,2]",
+        "cluster.n_init=10",
+        "cluster.fit_rank_min=1",
+        "cluster.fit_rank_max=0",
+    ]
     s = train(load_config(args), args)
     assert s["qdg/n_subtasks"] == 4 and s["qdg/ari_clusters"] == 4
     result, _, md = aq.analyse(str(tmp_path / "wandb"), None, str(tmp_path / "out"))
@@ -180,6 +229,7 @@ def test_planted_quanta_recovered_on_sparse_parity(tmp_path):
 
 
 # ---- real runs ----------------------------------------------------------------------------------
+
 
 def _wait_for_artifact(root, run_id, kind):
     """The run's `kind` artifact files; train() returns once the run file is complete, so they are
@@ -193,18 +243,42 @@ def _wait_for_artifact(root, run_id, kind):
 
 def test_trained_model_artifact_is_loaded_and_analysed(tmp_path):
     """C7: a sparse-parity run's model.pt is rebuilt through its task and analysed in a second run."""
-    sp = ["task=sparse_parity", "data.n_tasks=4", "data.n=12", "data.k=2", "data.zipf_alpha=0.1", "data.batch_size=1024",
-          "model.width=64", "eval.test_per_task=100", "trainer.steps=200", "trainer.eval_every=200",
-          "trainer.steps_per_batch=10", "trainer.progress_bar=false", "trainer.threads=1"]
+    sp = [
+        "task=sparse_parity",
+        "data.n_tasks=4",
+        "data.n=12",
+        "data.k=2",
+        "data.zipf_alpha=0.1",
+        "data.batch_size=1024",
+        "model.width=64",
+        "eval.test_per_task=100",
+        "trainer.steps=200",
+        "trainer.eval_every=200",
+        "trainer.steps_per_batch=10",
+        "trainer.progress_bar=false",
+        "trainer.threads=1",
+    ]
     s = train(load_config(sp), sp)
     root = str(tmp_path / "wandb")
     _wait_for_artifact(root, s["_run_id"], "model")
-    args = ["task=quanta_discovery", "model.source=artifact", f"model.artifact={s['_run_id']}",
-            f"model.artifact_source={root}", "samples.n=60", "samples.max_loss=0.7", "cluster.counts=[3,5]",
-            "cluster.n_init=3", "cluster.fit_rank_min=1", "cluster.fit_rank_max=0", "trainer.progress_bar=false",
-            "trainer.threads=1"]
+    args = [
+        "task=quanta_discovery",
+        "model.source=artifact",
+        f"model.artifact={s['_run_id']}",
+        f"model.artifact_source={root}",
+        "samples.n=60",
+        "samples.max_loss=0.7",
+        "cluster.counts=[3,5]",
+        "cluster.n_init=3",
+        "cluster.fit_rank_min=1",
+        "cluster.fit_rank_max=0",
+        "trainer.progress_bar=false",
+        "trainer.threads=1",
+    ]
     q = train(load_config(args), args)
-    assert q["qdg/n_samples"] == 60 and q["qdg/n_params"] == s["model/params"] and q["qdg/model_task"] == "sparse_parity"
+    assert (
+        q["qdg/n_samples"] == 60 and q["qdg/n_params"] == s["model/params"] and q["qdg/model_task"] == "sparse_parity"
+    )
     assert -1 <= q["qdg/ari"] <= 1 and q["qdg/ari_clusters"] == 3
     files = _wait_for_artifact(root, q["_run_id"], "quanta")
     assert {"samples.parquet", "clusters.parquet", "result.json", "similarity.npy"} <= set(files)
@@ -219,10 +293,25 @@ def test_language_model_run_to_report_with_example_contexts(tmp_path):
     model_dir = tmp_path / "neox"
     tiny_neox().save_pretrained(model_dir)
     PreTrainedTokenizerFast(tokenizer_file=TOKENIZER).save_pretrained(model_dir)
-    args = ["task=quanta_discovery", f"data_dir={DATA}", f"model.name={model_dir}", "data.source=pile/pile_100.jsonl",
-            "data.context_length=64", "samples.max_loss=100", "samples.stride=3", "samples.n=50",
-            "sim.mode=projected", "sim.dim=512", "sim.check_samples=20", "cluster.counts=[3,6]", "cluster.n_init=3",
-            "cluster.fit_rank_min=1", "cluster.fit_rank_max=0", "trainer.progress_bar=false", "trainer.threads=1"]
+    args = [
+        "task=quanta_discovery",
+        f"data_dir={DATA}",
+        f"model.name={model_dir}",
+        "data.source=pile/pile_100.jsonl",
+        "data.context_length=64",
+        "samples.max_loss=100",
+        "samples.stride=3",
+        "samples.n=50",
+        "sim.mode=projected",
+        "sim.dim=512",
+        "sim.check_samples=20",
+        "cluster.counts=[3,6]",
+        "cluster.n_init=3",
+        "cluster.fit_rank_min=1",
+        "cluster.fit_rank_max=0",
+        "trainer.progress_bar=false",
+        "trainer.threads=1",
+    ]
     s = train(load_config(args), args)
     assert s["qdg/n_samples"] == 50 and 0 < s["qdg/proj_error_max"] < 0.5 and s["qdg/proj_error_samples"] == 20
     assert s["qdg/slope_lo"] <= s["qdg/slope"] <= s["qdg/slope_hi"]

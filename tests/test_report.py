@@ -1,5 +1,6 @@
 """analysis.report: studies found by task, report.md + report.html, analysis runs read back from the
 offline wandb directory through the run store."""
+
 import importlib.util
 import math
 import os
@@ -65,7 +66,9 @@ def test_report_finds_studies_writes_md_html_and_logs_analysis_runs(generated, t
     # evaluations every 200 steps: drops at >= 600 steps are resolved (earlier ones precede step 200-400)
     seen = t[expect & (100 * (t["item"] + 1) >= 600)]
     assert len(seen) == 30
-    err = np.abs(np.log10(seen["midpoint"] / (100 * (seen["item"] + 1))))  # the generator jitters it by 0.05 decade (sd)
+    err = np.abs(
+        np.log10(seen["midpoint"] / (100 * (seen["item"] + 1)))
+    )  # the generator jitters it by 0.05 decade (sd)
     assert err.max() < 0.2 and err.median() < 0.06
     # loss and accuracy drop together: never a mirage. Drops before step 1000 fall between evaluations
     # 200 steps apart, > 0.1 decade there: unresolved. Later ones are sudden in the loss (emergent on it
@@ -87,8 +90,11 @@ def test_report_finds_studies_writes_md_html_and_logs_analysis_runs(generated, t
     assert (runs["state"] == "finished").all()  # every file complete (exit record) when build returns
     row = a.iloc[0]
     assert row["config.study"] == "subtasks" and row["name"] == "analysis-subtasks"
-    assert sorted(row["config.analysed_runs"] if isinstance(row["config.analysed_runs"], list)
-                  else eval(row["config.analysed_runs"])) == sorted(runs.loc[runs["job_type"] == "train", "id"])
+    assert sorted(
+        row["config.analysed_runs"]
+        if isinstance(row["config.analysed_runs"], list)
+        else eval(row["config.analysed_runs"])
+    ) == sorted(runs.loc[runs["job_type"] == "train", "id"])
     assert row["summary.n_curves"] == 100 and row["summary.n_emergent"] == int((t["verdict"] == "emergent").sum())
     assert row["summary.subtasks/fraction_learned._type"] == "image-file"
     assert row["summary.subtasks/by_size._type"] == "table-file"
@@ -98,7 +104,10 @@ def test_report_finds_studies_writes_md_html_and_logs_analysis_runs(generated, t
 
 
 def test_study_selection_and_bad_input(generated, tmp_path):
-    with pytest.raises(UserError, match="--studies nope: unknown; known studies: scaling, data_scaling, alpha_study, dynamics, subtasks"):
+    with pytest.raises(
+        UserError,
+        match="--studies nope: unknown; known studies: scaling, data_scaling, alpha_study, dynamics, subtasks",
+    ):
         report.build(generated, None, str(tmp_path / "o"), studies="nope")
     with pytest.raises(UserError, match="no study applies to the 5 runs.*sparse_parity"):
         report.build(generated, None, str(tmp_path / "o"), studies="grokking,omnigrok")
@@ -108,23 +117,36 @@ def test_markdown_rebase_and_html():
     md = "# Title\n\ntext `code` **bold**\n\n![a](a.png)\n![b](http://x/b.png)\n"
     assert report.rebase(md, "study") == "## Title\n\ntext `code` **bold**\n\n![a](study/a.png)\n![b](http://x/b.png)\n"
     h = report.to_html("## T\n\n| x | y |\n|---|---|\n| 1 | a\\|b |\n\n- one\n- two\n\npara <b>\n", "/nonexistent")
-    assert "<h2 id=\"t\">T</h2>" in h and "<td>a|b</td>" in h and "<li>two</li>" in h and "para &lt;b&gt;" in h
+    assert '<h2 id="t">T</h2>' in h and "<td>a|b</td>" in h and "<li>two</li>" in h and "para &lt;b&gt;" in h
 
 
 @pytest.mark.slow
 def test_report_over_a_real_offline_sweep(tmp_path):
     """harness sweep (real training, W&B's sweep engine) -> analysis.report --log -> harness runs."""
-    params = {"task": "{value: sparse_parity}", "data.n_tasks": "{value: 4}", "data.n": "{value: 8}",
-              "data.k": "{value: 2}", "data.batch_size": "{value: 256}", "eval.test_per_task": "{value: 200}",
-              "trainer.steps": "{value: 200}", "trainer.eval_every": "{value: 20}",
-              "trainer.progress_bar": "{value: false}", "model.width": "{values: [4, 8, 16, 32, 64]}"}
+    params = {
+        "task": "{value: sparse_parity}",
+        "data.n_tasks": "{value: 4}",
+        "data.n": "{value: 8}",
+        "data.k": "{value: 2}",
+        "data.batch_size": "{value: 256}",
+        "eval.test_per_task": "{value: 200}",
+        "trainer.steps": "{value: 200}",
+        "trainer.eval_every": "{value: 20}",
+        "trainer.progress_bar": "{value: false}",
+        "model.width": "{values: [4, 8, 16, 32, 64]}",
+    }
     harness("sweep", write_sweep(tmp_path / "s.yaml", params), "--local", "--workers", "2")
     wandb_dir = str(tmp_path / "wandb")
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "analysis.report", wandb_dir, "--out", str(tmp_path / "out"), "--log"],
-                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis.report", wandb_dir, "--out", str(tmp_path / "out"), "--log"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     md = open(tmp_path / "out" / "report.md").read()
     assert "## Sparse parity: parameter scaling" in md and "## Per-subtask emergence" in md
@@ -165,7 +187,11 @@ def test_a_study_without_data_is_listed_and_a_crashing_one_fails_the_exit_code(g
     res = report.build(generated, None, str(tmp_path / "o"), log=False)
     assert [s.study for s in res["sections"]] == ["fake_fine"] and res["failed"] == ["fake_broken"]
     md = open(tmp_path / "o" / "report.md").read()
-    assert "## Fine\n\nall good" in md and "- fake_empty: nothing to fit here" in md and "- fake_broken FAILED: ZeroDivisionError: bug" in md
+    assert (
+        "## Fine\n\nall good" in md
+        and "- fake_empty: nothing to fit here" in md
+        and "- fake_broken FAILED: ZeroDivisionError: bug" in md
+    )
     monkeypatch.setattr(report, "build", lambda *a, **k: res)
     assert report.main([generated, "--out", str(tmp_path / "o")]) == 1
 

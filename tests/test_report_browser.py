@@ -4,6 +4,7 @@ studies write; the report is loaded here in a real headless browser (Debian's ch
 selenium over chromedriver), which records every network request and every call of a script sink.
 
 Skipped when chromium is missing, unless HARNESS_REQUIRE_BROWSER=1 (set by .ci/run)."""
+
 import base64
 import json
 import os
@@ -44,8 +45,10 @@ XMLHttpRequest.prototype.open = function (...a) { window.__calls.push('xhr(' + a
 def browser():
     if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
         if REQUIRED:
-            pytest.fail(f"HARNESS_REQUIRE_BROWSER=1 but {CHROMIUM} or {DRIVER} is missing "
-                        "(apt-get install chromium chromium-driver)")
+            pytest.fail(
+                f"HARNESS_REQUIRE_BROWSER=1 but {CHROMIUM} or {DRIVER} is missing "
+                "(apt-get install chromium chromium-driver)"
+            )
         pytest.skip("no chromium (apt-get install chromium chromium-driver)")
     try:
         from selenium import webdriver
@@ -56,8 +59,13 @@ def browser():
         pytest.skip("selenium is not installed (pip install -e '.[dev]')")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--allow-file-access-from-files"):  # the most permissive file:// setting: what a leak needs
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--allow-file-access-from-files",
+    ):  # the most permissive file:// setting: what a leak needs
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     return webdriver.Chrome(service=Service(DRIVER), options=opts)
@@ -98,13 +106,16 @@ def load_and_record(driver, out: str) -> dict:
     # Follow every javascript: link the page offers (a reader's click).
     for href in driver.execute_script("return [...document.querySelectorAll('a[href]')].map(a => a.href)"):
         if href.lower().startswith("javascript:"):
-            driver.execute_script("[...document.querySelectorAll('a[href]')].find(a => a.href === arguments[0]).click()", href)
+            driver.execute_script(
+                "[...document.querySelectorAll('a[href]')].find(a => a.href === arguments[0]).click()", href
+            )
     calls = driver.execute_script("return window.__calls")
     hrefs = driver.execute_script("return [...document.querySelectorAll('a[href]')].map(a => a.getAttribute('href'))")
     srcs = driver.execute_script("return [...document.querySelectorAll('img')].map(i => i.getAttribute('src'))")
     handlers = driver.execute_script(
         "return [...document.querySelectorAll('*')].flatMap(e => [...e.attributes].map(a => a.name))"
-        ".filter(n => n.startsWith('on'))")
+        ".filter(n => n.startsWith('on'))"
+    )
     requests = []
     for entry in driver.get_log("performance"):
         msg = json.loads(entry["message"])["message"]
@@ -112,8 +123,14 @@ def load_and_record(driver, out: str) -> dict:
             requests.append(msg["params"]["request"]["url"])
     root = "file://" + out + "/"
     outside = [u for u in requests if not (u.startswith(root) or u.startswith("data:image/png;base64,"))]
-    return {"calls": calls, "hrefs": hrefs, "srcs": srcs, "handlers": handlers, "requests": requests,
-            "outside": outside}
+    return {
+        "calls": calls,
+        "hrefs": hrefs,
+        "srcs": srcs,
+        "handlers": handlers,
+        "requests": requests,
+        "outside": outside,
+    }
 
 
 def test_the_report_runs_no_script_and_loads_nothing_outside_its_directory(tmp_path):
@@ -127,10 +144,12 @@ def test_the_report_runs_no_script_and_loads_nothing_outside_its_directory(tmp_p
     png = open(os.path.join(out, "grokking", "curves.png"), "rb").read()
     own = "data:image/png;base64," + base64.b64encode(png).decode()
     foreign = [s for s in seen["srcs"] if s.startswith("data:") and s != own]
-    print(f"browser: {len(seen['requests'])} requests ({len(seen['outside'])} outside the output directory: "
-          f"{[u[:60] for u in seen['outside']]}), script calls {seen['calls']}, event-handler attributes "
-          f"{seen['handlers']}, links {seen['hrefs']}, images {len(seen['srcs'])} ({len(foreign)} embedded from files the "
-          f"report did not write: {[base64.b64decode(s.split(',', 1)[1])[:20] for s in foreign]})")
+    print(
+        f"browser: {len(seen['requests'])} requests ({len(seen['outside'])} outside the output directory: "
+        f"{[u[:60] for u in seen['outside']]}), script calls {seen['calls']}, event-handler attributes "
+        f"{seen['handlers']}, links {seen['hrefs']}, images {len(seen['srcs'])} ({len(foreign)} embedded from files the "
+        f"report did not write: {[base64.b64decode(s.split(',', 1)[1])[:20] for s in foreign]})"
+    )
     assert seen["calls"] == [] and seen["handlers"] == []
     assert seen["outside"] == []
     assert all(h.startswith(("http://", "https://", "#")) or h.endswith(".svg") for h in seen["hrefs"]), seen["hrefs"]

@@ -3,23 +3,33 @@ min, val/acc max) from the part after the resume point only; the checkpoint carr
 part's, so the resumed run's summary equals the uninterrupted run's. Tested end to end: modular
 addition, SIGTERM after the first periodic checkpoint, a real resume, a best value that lies before
 the checkpoint."""
+
 import dataclasses
 import os
 import signal
 
 import lightning as L
 import pytest
+from test_preemption import rows, run_files
 
 from harness.config.run import load_config
 from harness.runstore.decoder import read_run_file
 from harness.training.checkpoint import Preempted, merge_summaries
 from harness.training.train import train
-from test_preemption import rows, run_files
 
 CKPT = 100
-ARGS = ["task=modular_addition", "data.p=23", "data.train_fraction=0.5", "model.init_scale=0.5",
-        "trainer.steps=300", "trainer.eval_every=50", f"trainer.ckpt_every={CKPT}", "trainer.threads=1",
-        "trainer.progress_bar=false", "model.save=false"]
+ARGS = [
+    "task=modular_addition",
+    "data.p=23",
+    "data.train_fraction=0.5",
+    "model.init_scale=0.5",
+    "trainer.steps=300",
+    "trainer.eval_every=50",
+    f"trainer.ckpt_every={CKPT}",
+    "trainer.threads=1",
+    "trainer.progress_bar=false",
+    "model.save=false",
+]
 
 
 def sigterm_after(monkeypatch, step):
@@ -33,7 +43,9 @@ def sigterm_after(monkeypatch, step):
                 os.kill(os.getpid(), signal.SIGTERM)
 
     build = ma.build
-    monkeypatch.setattr(ma, "build", lambda cfg: dataclasses.replace(build(cfg), callbacks=[*build(cfg).callbacks, Kill()]))
+    monkeypatch.setattr(
+        ma, "build", lambda cfg: dataclasses.replace(build(cfg), callbacks=[*build(cfg).callbacks, Kill()])
+    )
     return lambda: monkeypatch.setattr(ma, "build", build)
 
 
@@ -72,6 +84,8 @@ def test_a_resumed_run_keeps_the_best_values_of_its_first_part(offline, monkeypa
 def test_merging_two_parts_of_a_run():
     before = {"val/loss": {"min": 1.0, "last": 3.0}, "val/acc": {"max": 0.9, "last": 0.2, "first": 0.0}}
     now = {"val/loss": {"min": 2.0, "last": 2.5}, "val/acc": {"max": 0.5, "last": 0.4, "first": 0.3}}
-    assert merge_summaries(before, now) == {"val/loss": {"min": 1.0, "last": 2.5},
-                                            "val/acc": {"max": 0.9, "last": 0.4, "first": 0.0}}
+    assert merge_summaries(before, now) == {
+        "val/loss": {"min": 1.0, "last": 2.5},
+        "val/acc": {"max": 0.9, "last": 0.4, "first": 0.0},
+    }
     assert merge_summaries({}, now) == now and merge_summaries(before, {}) == before

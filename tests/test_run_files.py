@@ -1,4 +1,5 @@
 """The fast reader of offline .wandb files against W&B's own decoder (`wandb leet inspect`)."""
+
 import glob
 import math
 import os
@@ -17,8 +18,14 @@ WANDB_EXE = os.path.join(os.path.dirname(sys.executable), "wandb")
 
 
 def make_run(root, steps=300, metrics=20, name="r", exit_code=0, summary=None):
-    run = wandb.init(project="t", dir=str(root), name=name, config={"model": {"width": 7}, "lr": 1e-3},
-                     settings=wandb.Settings(console="off", x_disable_stats=True), reinit="finish_previous")
+    run = wandb.init(
+        project="t",
+        dir=str(root),
+        name=name,
+        config={"model": {"width": 7}, "lr": 1e-3},
+        settings=wandb.Settings(console="off", x_disable_stats=True),
+        reinit="finish_previous",
+    )
     for i in range(steps):
         run.log({f"m/{j:02d}": i * 0.5 + j for j in range(metrics)} | {"trainer/global_step": i + 1})
     run.summary.update(summary or {"final": 1.5})
@@ -83,8 +90,7 @@ def test_rows_outside_the_packed_layout_read_the_same(tmp_path):
 def test_packed_rows_give_ints_floats_and_gaps_as_pandas_would(tmp_path):
     run = wandb.init(project="t", dir=str(tmp_path), settings=wandb.Settings(console="off", x_disable_stats=True))
     for i in range(30):
-        run.log({"n": i, "f": i / 7, "mixed": i if i % 2 else i + 0.5,
-                 **({"every5": 10 * i} if i % 5 == 0 else {})})
+        run.log({"n": i, "f": i / 7, "mixed": i if i % 2 else i + 0.5, **({"every5": 10 * i} if i % 5 == 0 else {})})
     run.finish()
     wandb.teardown()
     path = glob.glob(str(tmp_path / "wandb" / "*run-*" / "run-*.wandb"))[0]
@@ -111,7 +117,7 @@ def test_truncated_file_keeps_the_records_before_the_cut(tmp_path):
 
 
 def test_corrupt_file_is_reported_and_other_runs_still_load(tmp_path, capsys):
-    good = make_run(tmp_path, steps=10, name="good")
+    make_run(tmp_path, steps=10, name="good")
     bad_dir = tmp_path / "wandb" / "offline-run-20260101_000000-badrun01"
     bad_dir.mkdir()
     (bad_dir / "run-badrun01.wandb").write_bytes(b"this is not a run file at all" * 10)
@@ -142,6 +148,7 @@ def _second_load(tmp_path, monkeypatch):
 
     def no_decoding(path, *args, **kwargs):
         raise CorruptRunFile(f"{path}: decoded again")
+
     monkeypatch.setattr(runstore_local, "read_run_file", no_decoding)
     return first, runstore.load_history(str(tmp_path / "wandb"))
 

@@ -2,6 +2,7 @@
 not let a run with other values resume, or replace, the run that owns the id: `harness train` resumes
 only a checkpoint written for an equal run config, never a finished run's, and refuses otherwise with
 one line (exit 2) before anything is written."""
+
 import glob
 import os
 import re
@@ -11,13 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import TINY, harness
+from test_preemption import sigterm_at
+
 from harness.config.run import load_config
 from harness.training import checkpoint
 from harness.training.checkpoint import Preempted, ResumeRefused
 from harness.training.train import train
-from test_preemption import sigterm_at
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = [a for a in TINY if not a.startswith("trainer.steps=")] + ["trainer.steps=60"]
@@ -142,8 +143,12 @@ def run_recipe(recipe: str, runs_dir: str, job_id: str):
             keys = {o.split("=", 1)[0] for o in own}
             line = " ".join(["harness", "train", *own, *(a for a in BASE if a.split("=", 1)[0] not in keys)])
         lines.append(line)
-    env = dict(os.environ, SLURM_JOB_ID=job_id, OMP_NUM_THREADS="1",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env = dict(
+        os.environ,
+        SLURM_JOB_ID=job_id,
+        OMP_NUM_THREADS="1",
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    )
     env.pop("WANDB_RUN_ID", None)
     env.pop("WANDB_DIR", None)
     return subprocess.run(["bash", "-euc", "\n".join(lines)], env=env, capture_output=True, text=True, timeout=600)

@@ -1,5 +1,6 @@
 """The run store under faults: read-only directories, a hostile or stale cache, damaged and cut
 run files, a reader that fails. Each test fails on the run store before issue 10."""
+
 import glob
 import json
 import os
@@ -24,6 +25,7 @@ def _entries(root):
 
 
 # -- 1. a read-only or full wandb directory ------------------------------------------------------
+
 
 @pytest.fixture
 def read_only(tmp_path):
@@ -86,6 +88,7 @@ def test_harness_runs_exit_code_counts_failed_run_files(tmp_path):
 
 # -- 2. the cache: no pickle, versioned, never trusted ------------------------------------------
 
+
 def test_planted_pickle_is_never_loaded(tmp_path):
     make_run(tmp_path, steps=5)
     root = tmp_path / "wandb"
@@ -96,7 +99,9 @@ def test_planted_pickle_is_never_loaded(tmp_path):
     class Payload:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     import pickle
+
     blob = pickle.dumps(Payload())
     # Under every name the cache uses or used: the old pickle name and the new entries.
     for entry in _entries(root):
@@ -148,6 +153,7 @@ def test_entry_for_another_decoder_version_is_not_served(tmp_path, monkeypatch):
 
 
 # -- 3. checksums and truncation ------------------------------------------------------------------
+
 
 def _value_run(tmp_path):
     import wandb
@@ -231,6 +237,7 @@ def test_file_cut_mid_write_is_truncated(tmp_path):
 
 # -- 4. no silent fallback; one bad run never stops the load --------------------------------------
 
+
 def test_fallback_to_leet_is_announced_and_handles_removed_summary_keys(tmp_path, monkeypatch, capsys):
     import wandb
 
@@ -247,6 +254,7 @@ def test_fallback_to_leet_is_announced_and_handles_removed_summary_keys(tmp_path
 
     def broken(*args, **kwargs):
         raise IndexError("a record layout the fast reader does not know")
+
     monkeypatch.setattr(runstore_local, "read_run_file", broken)
     table = runstore.load_runs(str(tmp_path / "wandb"))
     assert len(table) == 1 and table.loc[0, "summary.nest.b"] == 2
@@ -264,8 +272,11 @@ def test_one_run_that_breaks_every_reader_does_not_stop_the_load(tmp_path, monke
         if "run-" in path and real(path).name == "b":
             raise KeyError("boom")
         return real(path, *args, **kwargs)
+
     monkeypatch.setattr(runstore_local, "read_run_file", picky)
-    monkeypatch.setattr(runstore_local, "read_with_leet", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("leet too")))
+    monkeypatch.setattr(
+        runstore_local, "read_with_leet", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("leet too"))
+    )
     table = runstore.load_runs(str(tmp_path / "wandb"))
     assert list(table["name"]) == ["a"]
     assert len(table.attrs["errors"]) == 1 and "RuntimeError: leet too" in table.attrs["errors"][0]
@@ -273,21 +284,35 @@ def test_one_run_that_breaks_every_reader_does_not_stop_the_load(tmp_path, monke
 
 # -- contract C5: states, preemption, resumed runs -------------------------------------------------
 
+
 def test_exit_codes_map_to_states(tmp_path):
     import wandb
 
-    for name, code, preempt in (("ok", 0, False), ("preempted", 143, True), ("failed", 1, False),
-                                ("sigterm_after_preempting", 1, True)):
-        run = wandb.init(project="t", dir=str(tmp_path), name=name, reinit="finish_previous",
-                         settings=wandb.Settings(console="off", x_disable_stats=True))
+    for name, code, preempt in (
+        ("ok", 0, False),
+        ("preempted", 143, True),
+        ("failed", 1, False),
+        ("sigterm_after_preempting", 1, True),
+    ):
+        run = wandb.init(
+            project="t",
+            dir=str(tmp_path),
+            name=name,
+            reinit="finish_previous",
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
         run.log({"x": 1})
         if preempt:
             run.mark_preempting()
         run.finish(exit_code=code)
     wandb.teardown()
     states = runstore.load_runs(str(tmp_path / "wandb")).set_index("name")["state"].to_dict()
-    assert states == {"ok": "finished", "preempted": "preempted", "failed": "failed",
-                      "sigterm_after_preempting": "preempted"}
+    assert states == {
+        "ok": "finished",
+        "preempted": "preempted",
+        "failed": "failed",
+        "sigterm_after_preempting": "preempted",
+    }
 
 
 def test_resumed_run_files_merge_into_one_run(tmp_path, monkeypatch):
@@ -302,8 +327,7 @@ def test_resumed_run_files_merge_into_one_run(tmp_path, monkeypatch):
     wandb.teardown()
     first = glob.glob(str(tmp_path / "wandb" / "*run-*resume01"))[0]
     os.rename(first, re.sub(r"run-\d{8}_\d{6}-", "run-19990101_000000-", first))  # surely the older one
-    run = wandb.init(project="t", dir=str(tmp_path), id="resume01", resume="allow", config={"w": 1},
-                     settings=settings)
+    run = wandb.init(project="t", dir=str(tmp_path), id="resume01", resume="allow", config={"w": 1}, settings=settings)
     for step in range(6, 11):  # resumed from the checkpoint at step 5
         run.log({"loss": 100.0 + step, "trainer/global_step": step})
     run.log({"val": 3.0, "trainer/global_step": 10})

@@ -7,6 +7,7 @@ exit code exactly; history and summary values to a tolerance (a refactor may rou
 rounding differences grow over a run), integers and strings (event steps, phases, key frequencies)
 exactly.
 """
+
 from __future__ import annotations
 
 import json

@@ -18,7 +18,7 @@ def cfg_of(*overrides):
 def test_frequencies_follow_the_papers_alpha_plus_one():
     p = frequencies(10, 0.4)
     assert abs(float(p.sum()) - 1) < 1e-12
-    assert float(p[0] / p[1]) == pytest.approx(2.0 ** 1.4, rel=1e-14)  # numpy's pow (harness.quanta_stats)
+    assert float(p[0] / p[1]) == pytest.approx(2.0**1.4, rel=1e-14)  # numpy's pow (harness.quanta_stats)
 
 
 def test_parameter_count_matches_the_paper():
@@ -28,8 +28,9 @@ def test_parameter_count_matches_the_paper():
 
 
 def test_labels_are_parities_of_distinct_subsets():
-    data = SparseParityData(cfg_of("data.n_tasks=20", "data.n=10", "data.k=3", "data.batch_size=5000",
-                                   "eval.test_per_task=10"))
+    data = SparseParityData(
+        cfg_of("data.n_tasks=20", "data.n=10", "data.k=3", "data.batch_size=5000", "eval.test_per_task=10")
+    )
     assert len({tuple(s) for s in data.subsets.tolist()}) == 20
     x, y = data.train_batch(0, torch.device("cpu"))
     assert x.shape == (5000, 30)
@@ -45,8 +46,16 @@ def test_labels_are_parities_of_distinct_subsets():
 
 def test_finite_data_is_reshuffled_every_epoch_with_a_smaller_last_batch():
     # D = 10, batch 4: epochs of 3 batches (4, 4, 2), as the paper's loader (shuffle=True) gives.
-    data = SparseParityData(cfg_of("data.n_tasks=4", "data.n=8", "data.k=2", "data.n_train_samples=10",
-                                   "data.batch_size=4", "eval.test_per_task=5"))
+    data = SparseParityData(
+        cfg_of(
+            "data.n_tasks=4",
+            "data.n=8",
+            "data.k=2",
+            "data.n_train_samples=10",
+            "data.batch_size=4",
+            "eval.test_per_task=5",
+        )
+    )
     epochs = [[data.finite_batch_indices(3 * e + j) for j in range(3)] for e in range(3)]
     for batches in epochs:
         assert [len(b) for b in batches] == [4, 4, 2]
@@ -55,16 +64,32 @@ def test_finite_data_is_reshuffled_every_epoch_with_a_smaller_last_batch():
     assert orders[0] != orders[1] and orders[1] != orders[2]  # a new order each epoch
     # Deterministic by batch index (a resumed run replays the same batches), and the batch holds
     # exactly those samples.
-    again = SparseParityData(cfg_of("data.n_tasks=4", "data.n=8", "data.k=2", "data.n_train_samples=10",
-                                    "data.batch_size=4", "eval.test_per_task=5"))
+    again = SparseParityData(
+        cfg_of(
+            "data.n_tasks=4",
+            "data.n=8",
+            "data.k=2",
+            "data.n_train_samples=10",
+            "data.batch_size=4",
+            "eval.test_per_task=5",
+        )
+    )
     assert torch.equal(again.finite_batch_indices(4), epochs[1][1])
     cpu = torch.device("cpu")
     x, _ = data.train_batch(4, cpu)
     tasks, bits = data.finite
     assert torch.equal(x[:, 4:].to(torch.uint8), bits[epochs[1][1]])
     # batch >= D: every step sees all D samples.
-    full = SparseParityData(cfg_of("data.n_tasks=4", "data.n=8", "data.k=2", "data.n_train_samples=10",
-                                   "data.batch_size=16", "eval.test_per_task=5"))
+    full = SparseParityData(
+        cfg_of(
+            "data.n_tasks=4",
+            "data.n=8",
+            "data.k=2",
+            "data.n_train_samples=10",
+            "data.batch_size=16",
+            "eval.test_per_task=5",
+        )
+    )
     assert full.finite_batch_indices(7) is None and full.train_batch(7, cpu)[0].shape[0] == 10
 
 
@@ -74,8 +99,9 @@ def test_frequency_offset_matches_the_papers_law():
     ref = torch.tensor([(t + 3) ** -1.5 for t in range(1, 6)], dtype=torch.float64)
     assert torch.allclose(p, ref / ref.sum(), rtol=1e-12)
     assert torch.equal(frequencies(5, 0.5), frequencies(5, 0.5, 0.0))
-    data = SparseParityData(cfg_of("data.n_tasks=5", "data.n=8", "data.offset=3", "data.zipf_alpha=0.5",
-                                   "eval.test_per_task=5"))
+    data = SparseParityData(
+        cfg_of("data.n_tasks=5", "data.n=8", "data.offset=3", "data.zipf_alpha=0.5", "eval.test_per_task=5")
+    )
     assert torch.allclose(data.p, p)
 
 
@@ -111,9 +137,20 @@ def test_per_subtask_eval_equals_a_naive_loop():
 
 def test_train_prints_summary_last_and_detects_emergence(tmp_path):
     # 2 subtasks of 2 bits among 4: learned within a few hundred steps at width 64.
-    proc = harness("train", "task=sparse_parity", "data.n_tasks=2", "data.n=4", "data.k=2", "data.batch_size=512",
-                   "model.width=64", "optim.lr=1.0e-2", "eval.test_per_task=200", "trainer.steps=300",
-                   "trainer.eval_every=25", "trainer.progress_bar=false")
+    proc = harness(
+        "train",
+        "task=sparse_parity",
+        "data.n_tasks=2",
+        "data.n=4",
+        "data.k=2",
+        "data.batch_size=512",
+        "model.width=64",
+        "optim.lr=1.0e-2",
+        "eval.test_per_task=200",
+        "trainer.steps=300",
+        "trainer.eval_every=25",
+        "trainer.progress_bar=false",
+    )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["model/params"] == (2 + 4) * 64 + 64 + 64 * 2 + 2
     assert summary["val/loss"]["last"] < 0.1 * math.log(2)

@@ -1,6 +1,7 @@
 """Commands that start at once: `harness tasks`, `--cfg`, sweep validation and `harness runs` load
 neither torch, Lightning nor transformers (each run as a real process, its sys.modules read at exit);
 `harness sweep --dry-run` lists the runs and times the costliest point."""
+
 import os
 import re
 import subprocess
@@ -12,10 +13,12 @@ from tests.conftest import TINY
 
 HEAVY = ("torch", "lightning", "transformers")
 # Runs the harness command given as argv and reports, at exit, which heavy modules were loaded.
-PROBE = ("import atexit, sys\n"
-         f"atexit.register(lambda: print('heavy:', *[m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr))\n"
-         "from harness.cli import main\n"
-         "main(sys.argv[1:])\n")
+PROBE = (
+    "import atexit, sys\n"
+    f"atexit.register(lambda: print('heavy:', *[m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr))\n"
+    "from harness.cli import main\n"
+    "main(sys.argv[1:])\n"
+)
 SWEEP = """method: grid
 command:
   - ${env}
@@ -40,8 +43,9 @@ parameters:
 
 
 def harness(*argv: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, cwd=cwd,
-                          env=dict(os.environ))
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, cwd=cwd, env=dict(os.environ)
+    )
 
 
 def heavy_modules(out: subprocess.CompletedProcess) -> list[str]:
@@ -55,8 +59,9 @@ def one_run(tmp_path_factory):
     """A wandb directory holding one real tiny offline run."""
     root = tmp_path_factory.mktemp("one_run")
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(root), "WANDB_SILENT": "true"}
-    subprocess.run([sys.executable, "-m", "harness", "train", *TINY, "model.save=false"], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "harness", "train", *TINY, "model.save=false"], env=env, check=True, capture_output=True
+    )
     return root / "wandb"
 
 
@@ -65,8 +70,17 @@ def test_light_commands_load_no_torch(tmp_path, one_run):
     sweep.write_text(SWEEP)
     commands = {
         "tasks": ["tasks"],
-        **{f"--cfg {t}": ["train", f"task={t}", "--cfg"] for t in
-           ("sparse_parity", "modular_addition", "mnist_omnigrok", "pythia_eval", "pythia_suite", "quanta_discovery")},
+        **{
+            f"--cfg {t}": ["train", f"task={t}", "--cfg"]
+            for t in (
+                "sparse_parity",
+                "modular_addition",
+                "mnist_omnigrok",
+                "pythia_eval",
+                "pythia_suite",
+                "quanta_discovery",
+            )
+        },
         "sweep validation": ["sweep", str(sweep), "--local", "--no-run", "--wandb-dir", str(tmp_path / "w")],
         "runs": ["runs", str(one_run)],
     }
@@ -101,8 +115,25 @@ def test_lightning_names_passed_without_lightning_are_lightning_names():
 def test_dry_run_lists_the_grid_and_estimates_the_wall_time(tmp_path):
     sweep = tmp_path / "s.yaml"
     sweep.write_text(SWEEP)
-    out = subprocess.run([sys.executable, "-m", "harness", "sweep", str(sweep), "--dry-run", "--estimate-steps", "10",
-                          "--workers", "2", "--pack", "3"], capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "sweep",
+            str(sweep),
+            "--dry-run",
+            "--estimate-steps",
+            "10",
+            "--workers",
+            "2",
+            "--pack",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     assert "grid: 6 runs; varied keys: model.width, seed" in text
@@ -119,7 +150,8 @@ def test_dry_run_lists_the_grid_and_estimates_the_wall_time(tmp_path):
 def test_dry_run_refuses_a_bad_sweep_in_one_line(tmp_path):
     sweep = tmp_path / "s.yaml"
     sweep.write_text(SWEEP.replace("model.width", "model.widht"))
-    out = subprocess.run([sys.executable, "-m", "harness", "sweep", str(sweep), "--dry-run"], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "harness", "sweep", str(sweep), "--dry-run"], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "did you mean model.width" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -2,6 +2,7 @@
 disk while the cache is written, absolute paths in the cache, one dtype for `_step` from the cache
 and from a fresh decode, filters nested thousands deep, `$exists` on keys no run has, run fields
 without a value, `$regex`."""
+
 import errno
 import glob
 import json
@@ -29,6 +30,7 @@ def _cache_files(root):
 
 
 # -- 6. every cache record carries a checksum ----------------------------------------------------
+
 
 def test_one_digit_changed_in_a_json_entry_is_caught_and_decoded_again(tmp_path, monkeypatch):
     make_run(tmp_path, steps=5, summary={"final": 0.5029})
@@ -64,6 +66,7 @@ def test_an_entry_respaced_but_unchanged_is_still_served(tmp_path, monkeypatch):
 
 # -- 9. a full disk, absolute paths, one dtype ---------------------------------------------------
 
+
 class _FullDisk:
     """`open` for the cache module whose n-th entry file written (1: the Arrow history, 2: the JSON)
     fills the disk halfway through its write, as a write on a full file system fails: ENOSPC at the
@@ -84,6 +87,7 @@ class _FullDisk:
         def write(data):
             real_write(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
         f.write = write
         return f
 
@@ -123,8 +127,13 @@ def test_the_cache_stores_absolute_paths(tmp_path, monkeypatch):
 
 def test_step_has_one_dtype_from_the_cache_and_from_a_fresh_decode(tmp_path, monkeypatch):
     make_run(tmp_path, steps=5, name="logged")
-    run = wandb.init(project="t", dir=str(tmp_path), name="empty", reinit="finish_previous",
-                     settings=wandb.Settings(console="off", x_disable_stats=True))
+    run = wandb.init(
+        project="t",
+        dir=str(tmp_path),
+        name="empty",
+        reinit="finish_previous",
+        settings=wandb.Settings(console="off", x_disable_stats=True),
+    )
     run.finish()  # a run that logged no row (crashed before its first step, say)
     wandb.teardown()
     root = str(tmp_path / "wandb")
@@ -138,15 +147,22 @@ def test_step_has_one_dtype_from_the_cache_and_from_a_fresh_decode(tmp_path, mon
 
 # -- 9. filters -------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def two_runs(tmp_path, monkeypatch):
     """One run in a sweep (started as the local controller starts it: WANDB_SWEEP_ID), one outside."""
     for name, sweep in (("plain", None), ("swept", "abcd1234")):
         if sweep:
             monkeypatch.setenv("WANDB_SWEEP_ID", sweep)
-        run = wandb.init(project="t", dir=str(tmp_path), name=name, tags=["base", f"n-{name}"],
-                         config={"model": {"width": 8}}, reinit="finish_previous",
-                         settings=wandb.Settings(console="off", x_disable_stats=True))
+        run = wandb.init(
+            project="t",
+            dir=str(tmp_path),
+            name=name,
+            tags=["base", f"n-{name}"],
+            config={"model": {"width": 8}},
+            reinit="finish_previous",
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
         run.log({"loss": 1.0})
         run.finish()
         wandb.teardown()  # wandb reads WANDB_SWEEP_ID when it sets up, once per process
@@ -178,8 +194,10 @@ def test_regex_works_offline_as_on_wandb(two_runs):
     assert _names(two_runs, {"display_name": {"$regex": ".*p.*"}}) == ["plain", "swept"]
     assert _names(two_runs, {"tags": {"$regex": "^n-p"}}) == ["plain"]  # an array: any element
     assert _names(two_runs, {"config.model.width": {"$regex": "8"}}) == []  # $regex matches strings only
-    assert _names(two_runs, {"$or": [{"display_name": {"$regex": "ain$"}}, {"sweep": {"$regex": "^abc"}}]}) \
-        == ["plain", "swept"]
+    assert _names(two_runs, {"$or": [{"display_name": {"$regex": "ain$"}}, {"sweep": {"$regex": "^abc"}}]}) == [
+        "plain",
+        "swept",
+    ]
     for bad, message in (("(open", "is not a valid regular expression"), (5, "$regex takes a pattern string")):
         with pytest.raises(run_filters.FilterError) as e:
             runstore.load_runs(two_runs, filters={"display_name": {"$regex": bad}})

@@ -1,5 +1,6 @@
 """analysis.subtasks on synthetic curves of several seeds: verdicts per subtask, seed-bootstrap jump
 intervals along steps and across sizes."""
+
 import math
 
 import numpy as np
@@ -21,8 +22,11 @@ def _curves(seeds=3, n_sub=6):
             meta.append({"run_id": rid, "width": w, "params": 10 * w, "seed": seed, "threshold": 0.1 * math.log(2)})
             for k in range(n_sub):
                 learned = k < w / 8  # wider models learn more subtasks
-                loss = em.sigmoid(np.maximum(STEPS, 1), 300 * (k + 1), 0.05, math.log(2), 0.001) if learned \
+                loss = (
+                    em.sigmoid(np.maximum(STEPS, 1), 300 * (k + 1), 0.05, math.log(2), 0.001)
+                    if learned
                     else np.full(len(STEPS), math.log(2))
+                )
                 loss = np.abs(loss + rng.normal(0, 0.003, len(STEPS)))
                 rows += [{"run_id": rid, "step": s, "item": k, "loss": v} for s, v in zip(STEPS, loss)]
     return pd.DataFrame(rows), pd.DataFrame(meta)

@@ -1,4 +1,5 @@
 """Local sweeps: validation, W&B's engine and macros, resume after SIGKILL, crashed runs."""
+
 import functools
 import glob
 import json
@@ -23,7 +24,7 @@ from tests.conftest import TINY_SWEEP, harness, write_sweep
 
 
 def widths(values):
-    return {**TINY_SWEEP, "model.width": "{values: [%s]}" % ", ".join(map(str, values))}
+    return {**TINY_SWEEP, "model.width": f"{{values: [{', '.join(map(str, values))}]}}"}
 
 
 def test_typo_in_a_parameter_name_is_refused_before_any_run(tmp_path):
@@ -100,8 +101,16 @@ def test_sweeps_that_would_fail_late_are_refused_up_front(tmp_path, capsys):
 def test_command_expansion_matches_wandb_agent():
     cfg = {"command": ["${env}", "${interpreter}", "-m", "harness", "train", "${args_no_hyphens}"]}
     argv = expand_command(cfg, {"task": "sparse_parity", "optim.lr": 0.001, "model.width": 8}, "x.json")
-    assert argv == ["/usr/bin/env", "python", "-m", "harness", "train", "task=sparse_parity", "optim.lr=0.001",
-                    "model.width=8"]
+    assert argv == [
+        "/usr/bin/env",
+        "python",
+        "-m",
+        "harness",
+        "train",
+        "task=sparse_parity",
+        "optim.lr=0.001",
+        "model.width=8",
+    ]
     program = expand_command({"program": "train.py"}, {"a": 1}, "x.json")
     assert program == ["/usr/bin/env", "python", "train.py", "--a=1"]
 
@@ -161,7 +170,9 @@ def test_a_crashing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
 def test_nested_parameters_and_args_macro_run_each_point_once_under_wandb_dir(tmp_path):
     # W&B's nested syntax, wandb's default ${args} (--key=value), no --wandb-dir: runs go to $WANDB_DIR/wandb.
     params = {**TINY_SWEEP, "model": "{parameters: {width: {values: [2, 3]}, depth: {value: 1}}}"}
-    path = write_sweep(tmp_path / "s.yaml", params, command=["${env}", "${interpreter}", "-m", "harness", "train", "${args}"])
+    path = write_sweep(
+        tmp_path / "s.yaml", params, command=["${env}", "${interpreter}", "-m", "harness", "train", "${args}"]
+    )
     scratch = tmp_path / "scratch"
     proc = harness("sweep", path, "--local", "--workers", "2", env={"WANDB_DIR": str(scratch)})
     sweep_id = proc.stdout.strip().splitlines()[-1]
@@ -187,11 +198,18 @@ def test_the_controller_never_starts_a_grid_point_that_already_ran():
 
 
 def test_varied_keys_and_threads_per_run(monkeypatch):
-    cfg = {"parameters": {"task": {"value": "x"}, "seed": {"values": [0, 1]}, "optim.lr": {"min": 0.1, "max": 1.0},
-                          "model": {"parameters": {"width": {"values": [2, 4]}, "depth": {"values": [1]}}}}}
+    cfg = {
+        "parameters": {
+            "task": {"value": "x"},
+            "seed": {"values": [0, 1]},
+            "optim.lr": {"min": 0.1, "max": 1.0},
+            "model": {"parameters": {"width": {"values": [2, 4]}, "depth": {"values": [1]}}},
+        }
+    }
     assert varied_keys(cfg) == ["seed", "optim.lr", "model.width"]
     assert grid_size({"parameters": {"a": {"values": [1, 2, 3]}, "b": {"min": 1, "max": 2}}}) == 6
     from harness.config.resources import available_cpus
+
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     env = run_env(cfg, "s", "r", "p.yaml", "wandb", workers=2)
     assert env["OMP_NUM_THREADS"] == str(max(1, available_cpus() // 2))
@@ -252,8 +270,15 @@ def test_two_agents_share_a_sweep_without_overlap(tmp_path):
     path = write_sweep(tmp_path / "s.yaml", widths([2, 3, 4, 5]))
     sweep_id = create_local_sweep(path, "wandb")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    agents = [subprocess.Popen([sys.executable, "-m", "harness", "agent", sweep_id], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    agents = [
+        subprocess.Popen(
+            [sys.executable, "-m", "harness", "agent", sweep_id],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
     logs = [a.communicate(timeout=600)[1].decode() for a in agents]
     assert all(a.returncode == 0 for a in agents)
     state = json.load(open(f"wandb/sweep-{sweep_id}/state.json"))
@@ -266,8 +291,12 @@ def test_sigkilled_sweep_resumes_without_rerunning_a_finished_point(tmp_path):
     path = write_sweep(tmp_path / "s.yaml", widths([2, 3, 4]))
     sweep_id = create_local_sweep(path, "wandb")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    agent = subprocess.Popen([sys.executable, "-m", "harness", "agent", sweep_id], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "harness", "agent", sweep_id],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state_path = f"wandb/sweep-{sweep_id}/state.json"
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until one run finished and the next one is running
@@ -300,17 +329,25 @@ def test_wandb_sweep_without_credentials_points_to_local(tmp_path, monkeypatch):
     assert "no W&B credentials" in proc.stderr and "--local" in proc.stderr
 
 
-
 @pytest.mark.slow
 def test_sigterm_to_the_controller_preempts_and_the_next_agent_resumes_the_point_once(tmp_path):
     # Contract C5 end to end: SIGTERM to the local controller mid-run -> the run checkpoints and exits 143,
     # the controller records it preempted and exits 143; `harness agent` relaunches the point first with
     # the same run id, it resumes from last.ckpt, and the history has every evaluation exactly once.
-    params = {**widths([2]), "trainer.steps": "{value: 4000}", "trainer.eval_every": "{value: 100}",
-              "trainer.ckpt_every": "{value: 100}"}
+    params = {
+        **widths([2]),
+        "trainer.steps": "{value: 4000}",
+        "trainer.eval_every": "{value: 100}",
+        "trainer.ckpt_every": "{value: 100}",
+    }
     sweep_id = create_local_sweep(write_sweep(tmp_path / "s.yaml", params), "wandb")
-    agent = subprocess.Popen([sys.executable, "-m", "harness", "agent", sweep_id], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "harness", "agent", sweep_id],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 600
     while not glob.glob("wandb/checkpoints/*/last.ckpt"):  # mid-run, with a resume point on disk
         assert agent.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"

@@ -1,6 +1,7 @@
 """Issue 18 (1): model artifacts and resume points are bytes from elsewhere (a W&B download, a
 shared directory). Loading one must never run code: a planted object whose __reduce__ would write a
 marker file is refused with one line (exit 2) and the marker never appears."""
+
 import glob
 import os
 import re
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, harness
+
 from harness import runstore
 from harness.config.run import load_config
 from harness.training import checkpoint
@@ -51,8 +52,17 @@ def test_a_planted_model_artifact_is_refused_and_runs_nothing(offline):
     marker = offline / "PWNED-model"
     plant(model_pt, marker, real)
 
-    proc = harness("train", "task=quanta_discovery", "model.source=artifact", f"model.artifact={s['_run_id']}",
-                   f"model.artifact_source={root}", "samples.n=20", "cluster.counts=[3,5]", "trainer.progress_bar=false", check=False)
+    proc = harness(
+        "train",
+        "task=quanta_discovery",
+        "model.source=artifact",
+        f"model.artifact={s['_run_id']}",
+        f"model.artifact_source={root}",
+        "samples.n=20",
+        "cluster.counts=[3,5]",
+        "trainer.progress_bar=false",
+        check=False,
+    )
     one_line_refusal(proc, model_pt)
     assert "model.artifact=" in proc.stderr
     assert not marker.exists()
@@ -88,8 +98,10 @@ def test_a_file_that_is_not_a_torch_file_is_one_line(offline):
 
 
 # Every way to turn bytes into code: none may remain outside checkpoint.load (weights_only=True).
-UNSAFE = re.compile(r"weights_only\s*=\s*False|\bpickle\.loads?\(|\byaml\.(unsafe_)?load\((?![^)]*Loader=yaml\.BaseLoader\))|yaml\.Loader|"
-                    r"\bdill\b|\bmarshal\.loads?\(|allow_pickle\s*=\s*True|read_pickle\(|(?<![\w.])(eval|exec)\(")
+UNSAFE = re.compile(
+    r"weights_only\s*=\s*False|\bpickle\.loads?\(|\byaml\.(unsafe_)?load\((?![^)]*Loader=yaml\.BaseLoader\))|yaml\.Loader|"
+    r"\bdill\b|\bmarshal\.loads?\(|allow_pickle\s*=\s*True|read_pickle\(|(?<![\w.])(eval|exec)\("
+)
 
 
 def unsafe_sites() -> list[str]:

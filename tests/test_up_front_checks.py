@@ -3,6 +3,7 @@ and 9): seeds outside [0, 2**32), lengths and characters W&B refuses, overrides 
 type (never as YAML again, never a YAML tag), one bad member of a packed block failing alone, and
 the sweep controller's edges: a SIGKILLed block's log, run names in a block, a full disk while a
 sweep is created, a leftover HARNESS_SWEEP_VARIED, QDG's bound on its n x n matrix."""
+
 import errno
 import json
 import os
@@ -23,9 +24,16 @@ from harness.sweep.spec import load_sweep_yaml, validate_sweep
 from harness.training import tracking
 from tests.conftest import write_sweep
 
-MODADD = {"task": "{value: modular_addition}", "data.p": "{value: 11}", "model.embed_dim": "{value: 16}",
-          "model.hidden": "{value: 8}", "trainer.eval_every": "{value: 20}", "trainer.progress_bar": "{value: false}",
-          "trainer.steps": "{value: 40}", "model.save": "{value: false}"}
+MODADD = {
+    "task": "{value: modular_addition}",
+    "data.p": "{value: 11}",
+    "model.embed_dim": "{value: 16}",
+    "model.hidden": "{value: 8}",
+    "trainer.eval_every": "{value: 20}",
+    "trainer.progress_bar": "{value: false}",
+    "trainer.steps": "{value: 40}",
+    "model.save": "{value: false}",
+}
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
@@ -46,6 +54,7 @@ def refused(capsys, tmp_path, *argv) -> str:
 
 
 # -- 5. seeds -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed", ["-5", str(2**32), str(10**23), "10**23"])
 def test_a_seed_outside_uint32_is_refused_by_cfg_and_by_train(capsys, tmp_path, seed):
@@ -71,8 +80,9 @@ def test_a_sweep_with_a_bad_seed_is_refused_with_and_without_pack(capsys, tmp_pa
     for extra in ([], ["--pack", "2"], ["--no-run"]):
         err = refused(capsys, tmp_path, "sweep", path, "--local", *extra)
         assert "seed=-1: seeds lie in [0, 2**32)" in err
-    ranged = write_sweep(tmp_path / "r.yaml", {**MODADD, "seed": "{min: -5, max: 5}"}, method="random",
-                         extra="run_cap: 2\n")
+    ranged = write_sweep(
+        tmp_path / "r.yaml", {**MODADD, "seed": "{min: -5, max: 5}"}, method="random", extra="run_cap: 2\n"
+    )
     assert "seed=-5" in refused(capsys, tmp_path, "sweep", ranged, "--local", "--pack", "2")
 
 
@@ -90,19 +100,32 @@ def test_one_bad_member_fails_alone_not_its_whole_packed_block(tmp_path, capsys)
     assert (runs[-1]["state"], runs[-1]["exitcode"]) == ("failed", 2)  # before: all three failed, exit 2
     assert runs[0]["state"] == runs[1]["state"] == "finished"
     log = (spec.parent / f"{runs[-1]['id']}.log").read_text()
-    assert log.strip() == "harness: error: seed=-1: seeds lie in [0, 2**32) = [0, 4294967295] (Lightning's seed_everything)"
+    assert (
+        log.strip()
+        == "harness: error: seed=-1: seeds lie in [0, 2**32) = [0, 4294967295] (Lightning's seed_everything)"
+    )
     assert f"{runs[-1]['id']}.log" in capsys.readouterr().err
 
 
 # -- 5. what wandb would refuse --------------------------------------------------------------------
 
-@pytest.mark.parametrize("override, says", [
-    ("wandb.tags=[ok, " + "t" * 65 + "]", "wandb.tags[1]='tttttttttttttttttttt...tttttttttt' has 65 characters: W&B tags have 1 to 64"),
-    ("wandb.tags=[a, '']", "wandb.tags[1]='' has 0 characters"),
-    ("wandb.project=" + "p" * 129, "has 129 characters: W&B takes 1 to 128"),
-    ("wandb.project=lab/quanta", "wandb.project='lab/quanta': W&B project names cannot contain / \\ # ? % : (found /)"),
-    ("wandb.mode=offlne", "wandb.mode='offlne': valid values are online, offline, disabled"),
-])
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        (
+            "wandb.tags=[ok, " + "t" * 65 + "]",
+            "wandb.tags[1]='tttttttttttttttttttt...tttttttttt' has 65 characters: W&B tags have 1 to 64",
+        ),
+        ("wandb.tags=[a, '']", "wandb.tags[1]='' has 0 characters"),
+        ("wandb.project=" + "p" * 129, "has 129 characters: W&B takes 1 to 128"),
+        (
+            "wandb.project=lab/quanta",
+            "wandb.project='lab/quanta': W&B project names cannot contain / \\ # ? % : (found /)",
+        ),
+        ("wandb.mode=offlne", "wandb.mode='offlne': valid values are online, offline, disabled"),
+    ],
+)
 def test_values_wandb_would_refuse_at_run_time_are_refused_up_front(capsys, tmp_path, override, says):
     for extra in (["--cfg"], []):
         assert says in refused(capsys, tmp_path, "train", "task=sparse_parity", override, *extra)
@@ -152,26 +175,45 @@ def test_the_limits_are_the_installed_wandb_and_lightnings_own():
 
 # -- 8. overrides read by their key's type ---------------------------------------------------------
 
+
 def test_string_overrides_stay_as_written_and_typed_keys_still_parse():
-    cfg = load_config(["task=sparse_parity", "wandb.name=run #3", "wandb.group=yes", "wandb.tags=[on, off, 1, null]",
-                       "wandb.entity=${oc.env:HOME}"])
+    cfg = load_config(
+        [
+            "task=sparse_parity",
+            "wandb.name=run #3",
+            "wandb.group=yes",
+            "wandb.tags=[on, off, 1, null]",
+            "wandb.entity=${oc.env:HOME}",
+        ]
+    )
     assert cfg.wandb.name == "run #3" and cfg.wandb.group == "yes"  # before: "run", True
     assert cfg.wandb.tags == ["on", "off", "1", "null"]  # before: True, False, ...
     assert cfg.wandb.entity == "${oc.env:HOME}"  # text, not OmegaConf's resolver reading the environment
-    cfg = load_config(["task=sparse_parity", "model.width=64", "optim.lr=3e-4", "trainer.progress_bar=false",
-                       "wandb.group=null", "data.zipf_alpha=1"])
+    cfg = load_config(
+        [
+            "task=sparse_parity",
+            "model.width=64",
+            "optim.lr=3e-4",
+            "trainer.progress_bar=false",
+            "wandb.group=null",
+            "data.zipf_alpha=1",
+        ]
+    )
     assert cfg.model.width == 64 and cfg.optim.lr == 3e-4 and cfg.trainer.progress_bar is False
     assert cfg.wandb.group is None and cfg.data.zipf_alpha == 1.0
     # Sweep values are rendered as wandb's agent renders them and read the same way.
     check_overrides("sparse_parity", {"wandb.name": "run #3", "wandb.group": "yes", "wandb.tags": ["on", "off"]})
 
 
-@pytest.mark.parametrize("override", [
-    'wandb.name=!!python/object/apply:os.system ["touch PWNED"]',
-    'model.width=!!python/object/apply:os.system ["touch PWNED"]',
-    'wandb.tags=!!python/object/apply:os.system ["touch PWNED"]',
-    "wandb.group=!custom x",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        'wandb.name=!!python/object/apply:os.system ["touch PWNED"]',
+        'model.width=!!python/object/apply:os.system ["touch PWNED"]',
+        'wandb.tags=!!python/object/apply:os.system ["touch PWNED"]',
+        "wandb.group=!custom x",
+    ],
+)
 def test_a_yaml_tag_is_one_line_exit_2_never_constructed(capsys, tmp_path, override):
     err = refused(capsys, tmp_path, "train", "task=sparse_parity", override, "--cfg")
     key = override.split("=", 1)[0]
@@ -180,6 +222,7 @@ def test_a_yaml_tag_is_one_line_exit_2_never_constructed(capsys, tmp_path, overr
 
 
 # -- 9. the controller's edges ---------------------------------------------------------------------
+
 
 def test_run_names_do_not_split_a_packed_block(tmp_path):
     params = {**MODADD, "wandb.name": "{values: [first, second, third]}"}
@@ -227,8 +270,10 @@ def test_a_full_disk_while_a_sweep_is_created_leaves_no_sweep_directory(capsys, 
             def write(data):
                 real_write(data[: len(data) // 2])
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
             f.write = write
         return f
+
     monkeypatch.setattr(sweep_state, "open", full_disk, raising=False)
     path = write_sweep(tmp_path / "s.yaml", {**MODADD, "seed": "{values: [0]}"})
     code, _, err = cli(capsys, "sweep", path, "--local", "--no-run")
@@ -250,6 +295,7 @@ def test_a_leftover_sweep_varied_variable_does_not_rename_plain_runs(tmp_path, m
 
 # -- 9. QDG's n x n similarity ----------------------------------------------------------------------
 
+
 def test_qdg_refuses_a_similarity_matrix_above_its_bound_unless_asked(monkeypatch):
     from harness.training.train import train
     from tasks import qdg_core as core
@@ -257,16 +303,28 @@ def test_qdg_refuses_a_similarity_matrix_above_its_bound_unless_asked(monkeypatc
 
     with pytest.raises(ConfigError) as e:
         load_config(["task=quanta_discovery", "samples.n=20000"])
-    assert str(e.value) == ("samples.n=20000: 20000 samples > samples.max_n=10000; the 20000 x 20000 similarity and "
-                            "spectral clustering's copies of it take ~7.5 GiB (20 n^2 bytes); lower samples.n or raise "
-                            "samples.max_n to 20000 to ask for it")
+    assert str(e.value) == (
+        "samples.n=20000: 20000 samples > samples.max_n=10000; the 20000 x 20000 similarity and "
+        "spectral clustering's copies of it take ~7.5 GiB (20 n^2 bytes); lower samples.n or raise "
+        "samples.max_n to 20000 to ask for it"
+    )
     assert load_config(["task=quanta_discovery", "samples.n=20000", "samples.max_n=20000"]).samples.n == 20000
     # samples.n=0 (every sample that passes): counted once the model is evaluated, before any gradient.
     calls = []
     monkeypatch.setattr(core, "exact_similarity", lambda *a, **k: calls.append(1))
-    args = ["task=quanta_discovery", "model.source=train", "trainer.steps=20", "trainer.eval_every=20",
-            "trainer.progress_bar=false", "trainer.threads=1", *PARITY, "samples.n=0", "samples.max_loss=100",
-            "samples.max_n=50", "cluster.counts=[4]"]
+    args = [
+        "task=quanta_discovery",
+        "model.source=train",
+        "trainer.steps=20",
+        "trainer.eval_every=20",
+        "trainer.progress_bar=false",
+        "trainer.threads=1",
+        *PARITY,
+        "samples.n=0",
+        "samples.max_loss=100",
+        "samples.max_n=50",
+        "cluster.counts=[4]",
+    ]
     with pytest.raises(ConfigError) as e:
         train(load_config(args), args)
     assert str(e.value).startswith("samples.n=0 chose every sample that passes: 800 samples > samples.max_n=50; ")

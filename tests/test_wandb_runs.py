@@ -1,6 +1,7 @@
 """Every run is a correct W&B run: the step axis (metric records, trainer/global_step on every history
 row, log_every in optimizer steps), typed events, compact per-item arrays, the logged config and the
 run name. Run files are read back with the run store and with W&B's own decoder (`wandb leet`)."""
+
 from __future__ import annotations
 
 import glob
@@ -33,8 +34,9 @@ AXIS = [o for o in TINY if o.split("=")[0] not in {m.split("=")[0] for m in _MOR
 
 
 def leet_records(run_dir: str) -> list[dict]:
-    out = subprocess.run([LEET, "leet", "inspect", "--json", run_dir], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    out = subprocess.run(
+        [LEET, "leet", "inspect", "--json", run_dir], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
@@ -93,11 +95,21 @@ def test_history_and_summary_hold_aggregates_not_one_key_per_subtask(axis_run):
 
 def test_run_table_columns_are_numeric_and_events_typed(axis_run):
     runs = load_runs(axis_run["root"])
-    for col in ("summary.val/loss.min", "summary.val/loss.last", "summary.val/acc.max", "summary.emergence/n_learned",
-                "summary.emergence/last_step", "summary.trainer/global_step", "summary.model/params"):
+    for col in (
+        "summary.val/loss.min",
+        "summary.val/loss.last",
+        "summary.val/acc.max",
+        "summary.emergence/n_learned",
+        "summary.emergence/last_step",
+        "summary.trainer/global_step",
+        "summary.model/params",
+    ):
         assert pd.api.types.is_numeric_dtype(runs[col]), (col, runs[col].dtype)
-    strings = [k for k, v in axis_run["summary"].items()
-               if k.startswith(("emergence/", "grok/")) and isinstance(v, str) and not k.endswith("phase")]
+    strings = [
+        k
+        for k, v in axis_run["summary"].items()
+        if k.startswith(("emergence/", "grok/")) and isinstance(v, str) and not k.endswith("phase")
+    ]
     assert strings == []
 
 
@@ -108,18 +120,32 @@ def test_logged_config_is_science_and_schedule_and_name_skips_plumbing(axis_run)
     for plumbing in ("wandb", "data_dir"):
         assert plumbing not in config
     assert "threads" not in config["trainer"] and "progress_bar" not in config["trainer"]
-    assert run["display_name"] == ("sparse_parity[batch_size=256,test_per_task=200,steps=60,eval_every=20,"
-                                   "n_tasks=40,n=10,k=2,log_every=5,steps_per_batch=10]")
+    assert run["display_name"] == (
+        "sparse_parity[batch_size=256,test_per_task=200,steps=60,eval_every=20,"
+        "n_tasks=40,n=10,k=2,log_every=5,steps_per_batch=10]"
+    )
     assert run["job_type"] == "train"
 
 
 def test_sweep_run_config_is_one_nested_shape_named_from_the_varied_keys(tmp_path):
     # What wandb agent (and the local controller) hand a run: a parameter file, a sweep and run id.
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"task": {"value": "sparse_parity"}, "model.width": {"value": 8},
-                                      "trainer.threads": {"value": 1}, "seed": {"value": 2}}))
-    env = {"WANDB_SWEEP_ID": "sw1", "WANDB_RUN_ID": "sweeprun1", "WANDB_SWEEP_PARAM_PATH": str(params),
-           tracking.VARIED_ENV: "model.width,seed"}
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "task": {"value": "sparse_parity"},
+                "model.width": {"value": 8},
+                "trainer.threads": {"value": 1},
+                "seed": {"value": 2},
+            }
+        )
+    )
+    env = {
+        "WANDB_SWEEP_ID": "sw1",
+        "WANDB_RUN_ID": "sweeprun1",
+        "WANDB_SWEEP_PARAM_PATH": str(params),
+        tracking.VARIED_ENV: "model.width,seed",
+    }
     harness("train", *TINY, "model.width=8", "seed=2", env=env)
     (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
     recs = leet_records(run_dir)
@@ -137,8 +163,16 @@ def test_sweep_run_config_is_one_nested_shape_named_from_the_varied_keys(tmp_pat
 def test_default_name_and_run_config_leave_plumbing_out(monkeypatch):
     monkeypatch.delenv(tracking.VARIED_ENV, raising=False)
     cfg = load_config(["task=sparse_parity", "model.width=16", "trainer.threads=1"])
-    overrides = ["task=sparse_parity", "model.width=8", "trainer.threads=1", "wandb.dir=x", "data_dir=/d",
-                 "trainer.progress_bar=false", "seed=3", "model.width=16"]
+    overrides = [
+        "task=sparse_parity",
+        "model.width=8",
+        "trainer.threads=1",
+        "wandb.dir=x",
+        "data_dir=/d",
+        "trainer.progress_bar=false",
+        "seed=3",
+        "model.width=16",
+    ]
     assert tracking.default_name(cfg, overrides) == "sparse_parity[width=16,seed=3]"  # a repeated key: its last value
     monkeypatch.setenv(tracking.VARIED_ENV, "model.width,data.n,data.k")
     assert tracking.default_name(cfg, overrides) == "sparse_parity[width=16,n=50,k=3]"
@@ -148,6 +182,7 @@ def test_default_name_and_run_config_leave_plumbing_out(monkeypatch):
 
 
 # ---- typed events and checkpointable callback state -----------------------------------------------
+
 
 def test_event_fields_are_numbers_with_a_reached_flag():
     assert events.event_fields("grok/t_val99", 4200, 5000) == {"grok/t_val99": 4200, "grok/t_val99/reached": True}
@@ -198,15 +233,26 @@ def test_callback_state_survives_a_checkpoint(tmp_path):
     _feed(whole, first + then)
     part = [CurvesRecorder(), EmergenceCallback(0.1, "subtask", "loss"), GrokkingCallback(0.99, 50)]
     _feed(part, first)
-    resumed = [_round_trip(cb, type(cb)(*args), tmp_path) for cb, args in
-               zip(part, [(), (0.1, "subtask", "loss"), (0.99, 50)])]
+    resumed = [
+        _round_trip(cb, type(cb)(*args), tmp_path) for cb, args in zip(part, [(), (0.1, "subtask", "loss"), (0.99, 50)])
+    ]
     _feed(resumed, then)
     assert resumed[0].frames()["subtask"].equals(whole[0].frames()["subtask"])
-    assert resumed[1].summary() == whole[1].summary() == {
-        "emergence/n_learned": 3 - 1, "emergence/n_below_end": 1, "emergence/last_step": 300,
-        "emergence/threshold_nats": 0.1}
-    assert resumed[1].table_rows() == whole[1].table_rows() == [[0, 200, True, 0.01], [1, 100, True, 0.3],
-                                                                [2, 300, False, 0.7]]
+    assert (
+        resumed[1].summary()
+        == whole[1].summary()
+        == {
+            "emergence/n_learned": 3 - 1,
+            "emergence/n_below_end": 1,
+            "emergence/last_step": 300,
+            "emergence/threshold_nats": 0.1,
+        }
+    )
+    assert (
+        resumed[1].table_rows()
+        == whole[1].table_rows()
+        == [[0, 200, True, 0.01], [1, 100, True, 0.3], [2, 300, False, 0.7]]
+    )
     assert resumed[2].summary() == whole[2].summary()
     s = whole[2].summary()
     assert (s["grok/t_train99"], s["grok/t_val99"], s["grok/t_val99/reached"]) == (100, 200, True)

@@ -9,6 +9,7 @@ The limits are copied here, not imported, so that loading a config stays free of
 wandb (imports of seconds; `--cfg` and sweep validation must start at once). Each names its source;
 tests/test_up_front_checks.py checks every one against the installed library's own validator.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,19 +42,25 @@ def check_limits(cfg: Any) -> None:
     if w is None:
         return
     if w.mode is not None and w.mode not in MODES:  # wandb.init's `mode`; harness.wandb_mode would refuse it later
-        raise ConfigError(f"wandb.mode={w.mode!r}: valid values are {', '.join(MODES)} (or null: WANDB_MODE, "
-                          "else online with W&B credentials)")
+        raise ConfigError(
+            f"wandb.mode={w.mode!r}: valid values are {', '.join(MODES)} (or null: WANDB_MODE, "
+            "else online with W&B credentials)"
+        )
     if len(w.project) > PROJECT_MAX or not w.project:
-        raise ConfigError(f"wandb.project={_short(w.project)} has {len(w.project)} characters: W&B takes 1 to "
-                          f"{PROJECT_MAX}")
+        raise ConfigError(
+            f"wandb.project={_short(w.project)} has {len(w.project)} characters: W&B takes 1 to {PROJECT_MAX}"
+        )
     bad = sorted({c for c in w.project if c in PROJECT_BAD_CHARS})
     if bad:
-        raise ConfigError(f"wandb.project={_short(w.project)}: W&B project names cannot contain "
-                          f"{' '.join(PROJECT_BAD_CHARS)} (found {' '.join(bad)})")
+        raise ConfigError(
+            f"wandb.project={_short(w.project)}: W&B project names cannot contain "
+            f"{' '.join(PROJECT_BAD_CHARS)} (found {' '.join(bad)})"
+        )
     for i, tag in enumerate(w.tags):
         if not TAG_MIN <= len(tag) <= TAG_MAX:
-            raise ConfigError(f"wandb.tags[{i}]={_short(tag)} has {len(tag)} characters: W&B tags have "
-                              f"{TAG_MIN} to {TAG_MAX}")
+            raise ConfigError(
+                f"wandb.tags[{i}]={_short(tag)} has {len(tag)} characters: W&B tags have {TAG_MIN} to {TAG_MAX}"
+            )
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -73,8 +80,10 @@ def _check_ints(cfg: Any, prefix: str) -> None:
                 ok = SEED_MIN <= value <= SEED_MAX or (value == SEED_SENTINEL and dflt == SEED_SENTINEL)
                 if not ok:
                     extra = f" (or {SEED_SENTINEL}: derived from the run's seed)" if dflt == SEED_SENTINEL else ""
-                    raise ConfigError(f"{key}={value}: seeds lie in [{SEED_MIN}, 2**32) = [0, {SEED_MAX}]{extra} "
-                                      "(Lightning's seed_everything)")
+                    raise ConfigError(
+                        f"{key}={value}: seeds lie in [{SEED_MIN}, 2**32) = [0, {SEED_MAX}]{extra} "
+                        "(Lightning's seed_everything)"
+                    )
             elif not INT_MIN <= value <= INT_MAX:
                 raise ConfigError(f"{key}={value}: integers must fit in 64 bits (|value| < 2**63)")
 

@@ -12,6 +12,7 @@ by the type its key declares, with `yaml.safe_load` only where a type needs pars
 
 A value that starts with `!` is a YAML tag: refused for every key (one line), never constructed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,13 +68,15 @@ def parse_value(cls: type, key: str, text: str) -> Any:
     """One override's value, read by the declared type of `key` (see the module docstring)."""
     t, optional = _unwrap_optional(declared_type(cls, key))
     if text.startswith("!"):
-        raise ConfigError(f"{key}={text[:60]!r}: a value starting with '!' is a YAML tag, which overrides do not "
-                          f"take; give a plain value{f' of type {_name(t)}' if t is not None else ''}")
+        raise ConfigError(
+            f"{key}={text[:60]!r}: a value starting with '!' is a YAML tag, which overrides do not "
+            f"take; give a plain value{f' of type {_name(t)}' if t is not None else ''}"
+        )
     if optional and text in _NULLS:
         return None
     if t is str:
         return _literal(text)
-    if typing.get_origin(t) in (list, typing.List) and typing.get_args(t) == (str,):
+    if typing.get_origin(t) in (list, list) and typing.get_args(t) == (str,):
         try:
             items = yaml.load(text, Loader=yaml.BaseLoader)  # every scalar stays a string
         except yaml.YAMLError as e:
@@ -84,8 +87,10 @@ def parse_value(cls: type, key: str, text: str) -> Any:
     try:
         return _literal(yaml.safe_load(text))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{key}={text!r}: not a valid value ({_first_line(e)})"
-                          f"{f'; need a value of type {_name(t)}' if t is not None else ''}") from None
+        raise ConfigError(
+            f"{key}={text!r}: not a valid value ({_first_line(e)})"
+            f"{f'; need a value of type {_name(t)}' if t is not None else ''}"
+        ) from None
 
 
 def nested_overrides(cls: type, overrides: list[str]) -> dict:

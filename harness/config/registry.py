@@ -1,5 +1,6 @@
 """The task registry: tasks are the entry points of group "harness.tasks" (name -> the task's config
 module), loaded by name; the config module names the training module, imported only when a run starts."""
+
 from __future__ import annotations
 
 import difflib
@@ -24,8 +25,9 @@ def tasks() -> dict[str, importlib.metadata.EntryPoint]:
     """Registered tasks, name -> entry point (its value is the task's config module)."""
     found = {ep.name: ep for ep in importlib.metadata.entry_points(group=TASK_GROUP)}
     if not found:
-        raise ConfigError(f"no tasks registered (entry point group {TASK_GROUP!r}): install the project with "
-                          "`pip install -e .`")
+        raise ConfigError(
+            f"no tasks registered (entry point group {TASK_GROUP!r}): install the project with `pip install -e .`"
+        )
     return dict(sorted(found.items()))
 
 

@@ -7,6 +7,7 @@ says 64, and 64 OpenMP threads per run then spin against each other. Count inste
 process is allowed to run on (`sched_getaffinity`: SLURM's cgroup cpuset, `taskset`), capped by the
 cgroup CPU quota where one is set (Docker `--cpus`, Kubernetes limits).
 """
+
 from __future__ import annotations
 
 import math

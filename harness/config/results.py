@@ -5,6 +5,7 @@ train` and a packed block (harness.members.packed) write {run id: {"state", "exi
 "error"}} there, renamed into place, and the controller reads the sweep metric from the summary, instead
 of parsing the last JSON line of the run's log. Pure JSON, no torch.
 """
+
 from __future__ import annotations
 
 import json

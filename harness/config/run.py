@@ -3,14 +3,16 @@
 Every task defines a dataclass that extends `RunConfig`; `load_config(["task=...", "model.width=64"])`
 returns that dataclass, or raises `ConfigError` with one line naming the bad key or value.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, List, Optional
+from typing import Any, ClassVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -22,8 +24,20 @@ from harness.config.resources import DATA_DIR_ENV, data_root
 from harness.errors import ConfigError
 
 # Lightning's precision strings (lightning.fabric.connector), checked before a run is created.
-PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64", "32", "16", "bf16",
-              "transformer-engine", "transformer-engine-float16")
+PRECISIONS = (
+    "64-true",
+    "32-true",
+    "16-mixed",
+    "bf16-mixed",
+    "16-true",
+    "bf16-true",
+    "64",
+    "32",
+    "16",
+    "bf16",
+    "transformer-engine",
+    "transformer-engine-float16",
+)
 RESUME_MODES = ("auto", "never")  # trainer.resume (harness/training/checkpoint.py)
 
 
@@ -42,18 +56,18 @@ class TrainerConfig:
     precision: str = "32-true"  # Lightning precision string, e.g. bf16-mixed, 64-true
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default (OMP_NUM_THREADS)
     # A bar counting optimizer steps; None: on when stderr is a terminal and the run is not part of a sweep.
-    progress_bar: Optional[bool] = None
+    progress_bar: bool | None = None
     # Save the resume point (last.ckpt) every N optimizer steps; 0 = only when SIGTERM stops the run.
     ckpt_every: int = 0
     # last.ckpt lives in <ckpt_dir>/<run id>/; None = <wandb root>/checkpoints (harness/training/checkpoint.py).
-    ckpt_dir: Optional[str] = None
+    ckpt_dir: str | None = None
     # auto: continue this run id's last.ckpt if its run config equals this one (else a one-line error),
     # refuse an id whose run finished; never: train the run id from step 0, ignoring what it left.
     resume: str = "auto"
     # Log every saved last.ckpt as W&B artifact checkpoint-<run id>, so that another machine can resume from it.
     log_checkpoints: bool = False
     # Resume from a checkpoint: a local last.ckpt or artifact directory, a run id or an artifact name (W&B, online).
-    resume_from: Optional[str] = None
+    resume_from: str | None = None
 
     def batch_steps(self) -> int:
         """steps_per_batch, reduced so that evaluations, checkpoints and the end fall on batch boundaries."""
@@ -63,19 +77,19 @@ class TrainerConfig:
 @dataclass
 class WandbConfig:
     project: str = "quanta-harness"
-    entity: Optional[str] = None
-    name: Optional[str] = None  # default: generated from the varied keys
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
-    mode: Optional[str] = None  # online | offline | disabled; the WANDB_MODE variable always wins
-    dir: Optional[str] = None  # parent of the wandb/ run directory; WANDB_DIR wins
+    entity: str | None = None
+    name: str | None = None  # default: generated from the varied keys
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str | None = None  # online | offline | disabled; the WANDB_MODE variable always wins
+    dir: str | None = None  # parent of the wandb/ run directory; WANDB_DIR wins
 
 
 @dataclass
 class RunConfig:
     task: str = "?"
     seed: int = 0
-    data_dir: Optional[str] = None  # real data (MNIST, Pile, tokenizer); default $HARNESS_DATA_DIR
+    data_dir: str | None = None  # real data (MNIST, Pile, tokenizer); default $HARNESS_DATA_DIR
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -105,8 +119,9 @@ class RunConfig:
         if t.devices > 1 and t.strategy not in ("auto", "ddp"):
             # Only the "ddp" launcher re-runs `harness train` per rank, so that rank 0 alone owns the
             # W&B run; spawn/fork would need the run object pickled into each worker.
-            raise ConfigError(f"trainer.strategy={t.strategy!r} with trainer.devices={t.devices}: "
-                              "use trainer.strategy=ddp (or auto)")
+            raise ConfigError(
+                f"trainer.strategy={t.strategy!r} with trainer.devices={t.devices}: use trainer.strategy=ddp (or auto)"
+            )
         optim = getattr(self, "optim", None)
         if optim is not None:
             _check_optim(optim)
@@ -131,8 +146,10 @@ def _check_lightning_names(t: TrainerConfig) -> None:
         raise ConfigError(f"trainer.accelerator={t.accelerator!r}: valid values are {', '.join(accelerators)}")
     strategies = ["auto", *StrategyRegistry.available_strategies()]
     if t.strategy not in strategies:
-        raise ConfigError(f"trainer.strategy={t.strategy!r}: valid values are {', '.join(strategies[:8])}, ... "
-                          "(Lightning's strategy registry)")
+        raise ConfigError(
+            f"trainer.strategy={t.strategy!r}: valid values are {', '.join(strategies[:8])}, ... "
+            "(Lightning's strategy registry)"
+        )
 
 
 def _check_finite(cfg: Any, prefix: str = "") -> None:
@@ -245,8 +262,9 @@ def suggest(key: str, valid: list[str], task: str) -> str:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.8)
     leaf = key.rsplit(".", 1)[-1]
     by_leaf = {k.rsplit(".", 1)[-1]: k for k in reversed(valid)}
-    close += [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75)
-              if by_leaf[m] not in close]
+    close += [
+        by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75) if by_leaf[m] not in close
+    ]
     listing = f"`harness train task={task} --cfg` lists every key"
     return f"did you mean {' or '.join(close[:3])}? ({listing})" if close else listing
 
@@ -300,8 +318,11 @@ def _field_comments(cls: type) -> dict[str, str]:
             src = textwrap.dedent(inspect.getsource(klass))
         except (OSError, TypeError):
             continue
-        comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                    for tok in tokenize.generate_tokens(io.StringIO(src).readline) if tok.type == tokenize.COMMENT}
+        comments = {
+            tok.start[0]: tok.string.lstrip("#").strip()
+            for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+            if tok.type == tokenize.COMMENT
+        }
         lines = src.splitlines()
         for node in ast.parse(src).body[0].body:
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):

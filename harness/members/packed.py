@@ -32,6 +32,7 @@ member (`reinit="create_new"`) through harness.training.tracking, and gives each
 gives one run: the step axis (C2), typed events (C3), curves (C4), exit states and resume (C5),
 model artifact (C7), nested config and name (C8). A member whose loss is not finite fails alone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,12 +50,11 @@ import torch
 import wandb
 from torch.optim.adamw import adamw  # torch.optim.AdamW's functional form
 
-from harness.config.registry import task_module
 from harness.config import results
+from harness.config.registry import task_module
 from harness.config.run import RunConfig, flatten, load_config, to_dict
 from harness.errors import ConfigError
-from harness.training import artifacts, checkpoint
-from harness.training import tracking
+from harness.training import artifacts, checkpoint, tracking
 from harness.training.curves import CurvesRecorder
 from harness.training.train import NonFiniteLoss, check_finite
 
@@ -63,17 +63,19 @@ PACKED_CKPT = "packed.pt"  # a member's resume point, in its checkpoint director
 
 # ---- which parts of a parameter are whose ----------------------------------------------------------
 
+
 @dataclass
 class MemberAxis:
     """Along dimension `dim`, position j of a packed parameter belongs to member `owner[j]`.
 
     Stacked parameters ([M, ...]) have dim 0 and owner arange(M); a hidden layer concatenated over
     members of widths w_1..w_M has owner repeat_interleave(arange(M), widths)."""
+
     dim: int
     owner: torch.Tensor  # int64 [size of dim]
 
     @classmethod
-    def stacked(cls, n_members: int) -> "MemberAxis":
+    def stacked(cls, n_members: int) -> MemberAxis:
         return cls(0, torch.arange(n_members))
 
     def view(self, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -108,6 +110,7 @@ class MemberAxis:
 
 # ---- the optimizer ---------------------------------------------------------------------------------
 
+
 class StackedAdamW:
     """torch.optim.AdamW for parameters packed along a member axis, with a learning rate and weight
     decay per member (float64 tensors [M]) and shared betas and eps.
@@ -123,9 +126,15 @@ class StackedAdamW:
     step count: a block only ever holds members at the same step (harness.members.packed.train_packed).
     """
 
-    def __init__(self, params: list[torch.Tensor], lr: torch.Tensor, weight_decay: torch.Tensor,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 axes: list[MemberAxis] | None = None):
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        lr: torch.Tensor,
+        weight_decay: torch.Tensor,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        axes: list[MemberAxis] | None = None,
+    ):
         if lr.dtype != torch.float64 or weight_decay.dtype != torch.float64:
             # 0.1 held in float32 is 0.1000000015: the members would train with another rate than asked
             raise TypeError("StackedAdamW: lr and weight_decay must be float64 tensors (built from Python floats)")
@@ -176,13 +185,31 @@ class StackedAdamW:
             # updates the wrong elements (measured: 0.03 off after one step), so those take torch's
             # single-tensor AdamW, the one a solo run uses.
             fused = all(x.is_contiguous() for x in ps + gs + ms + vs)
-            adamw(ps, gs, ms, vs, [], steps, fused=fused, foreach=False, amsgrad=False, beta1=self.betas[0],
-                  beta2=self.betas[1], lr=lr, weight_decay=wd, eps=self.eps, maximize=False)
+            adamw(
+                ps,
+                gs,
+                ms,
+                vs,
+                [],
+                steps,
+                fused=fused,
+                foreach=False,
+                amsgrad=False,
+                beta1=self.betas[0],
+                beta2=self.betas[1],
+                lr=lr,
+                weight_decay=wd,
+                eps=self.eps,
+                maximize=False,
+            )
         self.t += 1
 
     def member_state(self, i: int) -> dict:
-        return {"t": self.t, "exp_avg": [a.take(m, i) for a, m in zip(self.axes, self.exp_avg)],
-                "exp_avg_sq": [a.take(v, i) for a, v in zip(self.axes, self.exp_avg_sq)]}
+        return {
+            "t": self.t,
+            "exp_avg": [a.take(m, i) for a, m in zip(self.axes, self.exp_avg)],
+            "exp_avg_sq": [a.take(v, i) for a, v in zip(self.axes, self.exp_avg_sq)],
+        }
 
     @torch.no_grad()
     def load_member_state(self, i: int, state: dict) -> None:
@@ -217,6 +244,7 @@ def block_step(block, opt: StackedAdamW, step: int, active: torch.Tensor | None 
 
 # ---- packing rules ---------------------------------------------------------------------------------
 
+
 def packable_keys(task: str) -> tuple[str, ...] | None:
     """The keys a task lets differ between members, or None if the task does not pack."""
     module = task_module(task)
@@ -232,6 +260,7 @@ def pack_signature(task: str, params: dict) -> str:
 
 
 # ---- members ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class Member:
@@ -254,7 +283,7 @@ class Member:
 
 
 @contextlib.contextmanager
-def _as_solo_run(member: "Member"):
+def _as_solo_run(member: Member):
     """Open member i's run with the environment a solo run of a local sweep has: WANDB_RUN_ID (also in
     wandb's process-wide settings, which wandb.init reads it from) and HARNESS_SWEEP_PARAM_PATH (read
     by harness.training.tracking; not WANDB_SWEEP_PARAM_PATH, which would put every parameter into
@@ -308,6 +337,7 @@ def _end(member: Member, state: str, exit_code: int, error: str | None = None) -
 
 # ---- the loop --------------------------------------------------------------------------------------
 
+
 class _Sigterm:
     """SIGTERM sets a flag the loop reads between steps (as Lightning's handler does for a solo run)."""
 
@@ -344,8 +374,10 @@ def check_members(cfgs: list[RunConfig]) -> None:
             raise ConfigError(f"packed members of different tasks ({task}, {cfg.task}): a block holds one task")
         for k, v in flatten(to_dict(cfg)).items():
             if k not in keys and k != "wandb.name" and first.get(k) != v:
-                raise ConfigError(f"packed members differ in {k} ({first.get(k)!r} vs {v!r}); task {task} "
-                                  f"packs only members that differ in {', '.join(keys)}")
+                raise ConfigError(
+                    f"packed members differ in {k} ({first.get(k)!r} vs {v!r}); task {task} "
+                    f"packs only members that differ in {', '.join(keys)}"
+                )
     t = cfgs[0].trainer
     if t.devices != 1:
         raise ConfigError(f"trainer.devices={t.devices}: a packed block runs in one process on one device")
@@ -473,8 +505,11 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
                 if not alive[i]:
                     continue
                 if not math.isfinite(v):
-                    fail(i, f"train/loss={v} at step {s}: the loss is not finite (learning rate or init "
-                            "scale too large, or a precision overflow?)")
+                    fail(
+                        i,
+                        f"train/loss={v} at step {s}: the loss is not finite (learning rate or init "
+                        "scale too large, or a precision overflow?)",
+                    )
                 elif block.train_loss_key and s % t.log_every == 0:
                     members[i].run.log({block.train_loss_key: v, "trainer/global_step": s})
         pending.clear()
@@ -496,9 +531,14 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
     def save(i: int, at: int) -> None:
         m = members[i]
         os.makedirs(os.path.dirname(m.ckpt_path), exist_ok=True)
-        state = {"step": at, "params": [a.take(p, i) for p, a in zip(params, axes)],
-                 "optimizer": opt.member_state(i), "block": block.member_state(i),
-                 "curves": m.curves.state_dict(), "task": m.cfg.task}
+        state = {
+            "step": at,
+            "params": [a.take(p, i) for p, a in zip(params, axes)],
+            "optimizer": opt.member_state(i),
+            "block": block.member_state(i),
+            "curves": m.curves.state_dict(),
+            "task": m.cfg.task,
+        }
         torch.save(state, m.ckpt_path + ".tmp")  # renamed into place: a kill mid-write leaves the old one
         os.replace(m.ckpt_path + ".tmp", m.ckpt_path)
 
@@ -533,11 +573,13 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
         m.curves.write(m.run)
         if getattr(getattr(m.cfg, "model", None), "save", False):
             m.run.summary["model/artifact"] = artifacts.save_model(
-                m.run, SimpleNamespace(model=block.member_model(i)), m.cfg, step)
+                m.run, SimpleNamespace(model=block.member_model(i)), m.cfg, step
+            )
         _end(m, "finished", 0)
 
 
 # ---- the command -----------------------------------------------------------------------------------
+
 
 def members_from_spec(spec: dict) -> list[Member]:
     """A block file (written by harness.sweep.packed_agent): {"members": [{"overrides": [...], "run_id": ...,
@@ -545,8 +587,9 @@ def members_from_spec(spec: dict) -> list[Member]:
     members = []
     for i, entry in enumerate(spec["members"]):
         overrides = list(entry["overrides"])
-        members.append(Member(i, load_config(tuple(overrides)), overrides, entry.get("run_id"),
-                              entry.get("param_path")))
+        members.append(
+            Member(i, load_config(tuple(overrides)), overrides, entry.get("run_id"), entry.get("param_path"))
+        )
     return members
 
 
@@ -565,8 +608,9 @@ def run_members(members: list[Member], results_path: str | None = None) -> int:
     try:
         train_packed(members)
     finally:
-        results.write_results(results_path, {m.run_id: results.entry(m.state, m.summary, m.error)
-                                             for m in members if m.run_id})
+        results.write_results(
+            results_path, {m.run_id: results.entry(m.state, m.summary, m.error) for m in members if m.run_id}
+        )
     for m in members:
         print(tracking.result_line({"_run_id": m.run_id, "_state": m.state, **m.summary}), flush=True)
     if any(m.state == "preempted" for m in members):

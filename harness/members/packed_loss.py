@@ -12,6 +12,7 @@ subnormal (measured: 610k float32 exponentials, 0.64 ms in range, 6-27 ms below 
 probability below 4.3e-38 (float32; 1.2e-307 in float64) then counts as that, far below the rounding
 of any sum it enters.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,6 +46,8 @@ def member_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: tor
     With weight = mask / (number of a member's examples), each member's loss is its own mean (padding
     masked out), so its gradient is the one its solo run gets."""
     if logits.dim() != 3 or target.shape != logits.shape[:2] or weight.shape != target.shape:
-        raise ValueError(f"member_cross_entropy: logits {tuple(logits.shape)}, target {tuple(target.shape)}, "
-                         f"weight {tuple(weight.shape)}: need [M, n, C], [M, n], [M, n]")
+        raise ValueError(
+            f"member_cross_entropy: logits {tuple(logits.shape)}, target {tuple(target.shape)}, "
+            f"weight {tuple(weight.shape)}: need [M, n, C], [M, n], [M, n]"
+        )
     return _WeightedCrossEntropy.apply(logits, target, weight.to(logits.dtype))

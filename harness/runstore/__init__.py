@@ -11,6 +11,7 @@ listed (`table.attrs["errors"]`, and on stderr); a damaged one is loaded without
 records and marked `corrupt`; a cache that cannot be written or read is reported once and
 bypassed (`table.attrs["warnings"]`). What the store does in each case: DESIGN.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,20 +19,33 @@ import os
 import re
 import sys
 import tempfile
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 
 from harness.runstore import cache as run_cache
 from harness.runstore import filters as run_filters
+from harness.runstore import remote
 from harness.runstore.cache import CACHE_DIR
 from harness.runstore.local import SourceError, _Local, is_local, load_local, run_files, wandb_dir
-from harness.runstore import remote
 from harness.runstore.remote import load_wandb
 
-__all__ = ["load_runs", "load_history", "load_table", "load_curves", "artifact_files", "to_parquet", "load_local",
-           "load_wandb", "SourceError", "is_local", "wandb_dir", "run_files", "CACHE_DIR"]
+__all__ = [
+    "load_runs",
+    "load_history",
+    "load_table",
+    "load_curves",
+    "artifact_files",
+    "to_parquet",
+    "load_local",
+    "load_wandb",
+    "SourceError",
+    "is_local",
+    "wandb_dir",
+    "run_files",
+    "CACHE_DIR",
+]
 W_AND_B_PATH = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -47,8 +61,20 @@ def _check_sweep(metas: list[dict], sweep: str | None, source: str) -> list[dict
 
 # -- the public API -----------------------------------------------------------------------------
 
-_RUN_COLUMNS = ("id", "name", "state", "sweep", "project", "group", "job_type", "tags", "path",
-                "truncated", "corrupt", "n_files")
+_RUN_COLUMNS = (
+    "id",
+    "name",
+    "state",
+    "sweep",
+    "project",
+    "group",
+    "job_type",
+    "tags",
+    "path",
+    "truncated",
+    "corrupt",
+    "n_files",
+)
 
 
 def _table(metas: list[dict], local: bool = False) -> pd.DataFrame:
@@ -91,7 +117,11 @@ def _table_frame(path: str) -> pd.DataFrame:
     """A wandb.Table's JSON file ({"columns": [...], "data": [[...], ...]}) as a DataFrame."""
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
-    if not isinstance(data, dict) or not isinstance(data.get("columns"), list) or not isinstance(data.get("data"), list):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("columns"), list)
+        or not isinstance(data.get("data"), list)
+    ):
         raise ValueError(f"{path}: not a wandb.Table file (no columns and data)")
     return run_cache.typed(pd.DataFrame(data["data"], columns=data["columns"]))
 
@@ -122,8 +152,10 @@ def load_table(source: str, run_id: str, key: str) -> pd.DataFrame:
             raise SourceError(f"run {run_id!r} not found in {source}")
         ref = meta["summary"].get(key)
         if not _is_table(ref):
-            raise SourceError(f"run {run_id}: summary {key!r} is not a Table (tables: "
-                              f"{', '.join(k for k, v in meta['summary'].items() if _is_table(v)) or 'none'})")
+            raise SourceError(
+                f"run {run_id}: summary {key!r} is not a Table (tables: "
+                f"{', '.join(k for k, v in meta['summary'].items() if _is_table(v)) or 'none'})"
+            )
         frame = _read_table_file(meta["path"], ref, key)
         if frame is None:
             raise SourceError(f"run {run_id}: the file of summary {key!r} cannot be read ({ref['path']})")
@@ -165,8 +197,13 @@ def load_runs(source: str, sweep: str | None = None, filters: dict | None = None
     return table
 
 
-def load_history(source: str, run_ids: Iterable[str] | None = None, sweep: str | None = None,
-                 keys: list[str] | None = None, long: bool = False) -> pd.DataFrame:
+def load_history(
+    source: str,
+    run_ids: Iterable[str] | None = None,
+    sweep: str | None = None,
+    keys: list[str] | None = None,
+    long: bool = False,
+) -> pd.DataFrame:
     """Full-resolution history: run_id, step, one column per metric, one row per (run, step), train
     and evaluation metrics of the same step side by side (wandb writes them as separate rows).
     `long=True`: the tidy form instead, one row per (run_id, step, metric) with its value (NaN-free;
@@ -191,8 +228,9 @@ def _long_form(hist: pd.DataFrame) -> pd.DataFrame:
     return out.dropna(subset=["value"]).sort_values(["run_id", "step", "metric"], kind="stable").reset_index(drop=True)
 
 
-def _load_history(source: str, run_ids: Iterable[str] | None, sweep: str | None,
-                  keys: list[str] | None) -> pd.DataFrame:
+def _load_history(
+    source: str, run_ids: Iterable[str] | None, sweep: str | None, keys: list[str] | None
+) -> pd.DataFrame:
     ids = None if run_ids is None else set(run_ids)
     frames, owners = [], []
     if _resolve(source) == "local":
@@ -286,8 +324,15 @@ def exportable(table: pd.DataFrame) -> pd.DataFrame:
     out = table.copy()
     for c in out.columns:
         if out[c].dtype == object and out[c].map(lambda v: isinstance(v, pd.DataFrame)).any():
-            out[c] = out[c].map(lambda v: v.to_json(orient="split", index=False) if isinstance(v, pd.DataFrame)
-                                else None if v is None else json.dumps(v, default=str))
+            out[c] = out[c].map(
+                lambda v: (
+                    v.to_json(orient="split", index=False)
+                    if isinstance(v, pd.DataFrame)
+                    else None
+                    if v is None
+                    else json.dumps(v, default=str)
+                )
+            )
     return out
 
 
@@ -301,8 +346,7 @@ def to_parquet(table: pd.DataFrame, path: str) -> None:
     out.to_parquet(path, index=False)
 
 
-def load_curves(source: str, name: str, run_ids: Iterable[str] | None = None,
-                sweep: str | None = None) -> pd.DataFrame:
+def load_curves(source: str, name: str, run_ids: Iterable[str] | None = None, sweep: str | None = None) -> pd.DataFrame:
     """Per-item curves (contract C4): `<name>.parquet` of each run's `curves` artifact, e.g. name
     "subtask" (sparse parity: loss, acc per subtask) or "fourier" (modular addition: power, key per
     frequency), as one frame: run_id, step (int64), item (int64), one float64 column per metric.
@@ -326,17 +370,27 @@ def load_curves(source: str, name: str, run_ids: Iterable[str] | None = None,
                     files.update(a["files"])
             moved = os.path.join(by_id[rid]["path"], "curves", file)
             path = files.get(file)
-            paths[rid] = path if path and os.path.exists(path) else (moved if file in files and os.path.exists(moved) else None)
+            paths[rid] = (
+                path if path and os.path.exists(path) else (moved if file in files and os.path.exists(moved) else None)
+            )
     else:
         ids = wanted if wanted is not None else list(load_runs(source, sweep=sweep)["id"])
         paths = {rid: artifact_files(source, rid, "curves").get(file) for rid in ids}
     missing = [rid for rid, p in paths.items() if p is None]
     if missing:
-        print(f"runstore: {len(missing)} run(s) have no curves {file}: {', '.join(missing[:10])}"
-              + (" ..." if len(missing) > 10 else ""), file=sys.stderr)
+        print(
+            f"runstore: {len(missing)} run(s) have no curves {file}: {', '.join(missing[:10])}"
+            + (" ..." if len(missing) > 10 else ""),
+            file=sys.stderr,
+        )
     frames = [pd.read_parquet(p).assign(run_id=rid) for rid, p in paths.items() if p is not None]
-    out = (pd.concat(frames, ignore_index=True) if frames
-           else pd.DataFrame({"step": pd.Series(dtype="int64"), "item": pd.Series(dtype="int64"), "run_id": pd.Series(dtype=str)}))
+    out = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(
+            {"step": pd.Series(dtype="int64"), "item": pd.Series(dtype="int64"), "run_id": pd.Series(dtype=str)}
+        )
+    )
     out = out[["run_id", "step", "item", *[c for c in out.columns if c not in ("run_id", "step", "item")]]]
     out.attrs["missing"] = missing
     return out

@@ -11,6 +11,7 @@ Every record is checksummed: the JSON carries the CRC-32 of its own content (one
 summary value is caught) and of the Arrow file. Entries are written to a temporary file and renamed;
 a write that fails (a full disk) removes what it wrote.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,14 @@ from harness.runstore.decoder import DECODER_VERSION
 CACHE_DIR = ".harness-cache"
 FORMAT = 4  # of the entries themselves (1 was pickle, 2 parquet, 3 JSON without its own checksum)
 CACHE_ENV = "HARNESS_CACHE_DIR"  # a writable cache elsewhere, for read-only or full wandb directories
-_COLUMN_TYPES = (pa.types.is_int64, pa.types.is_float64, pa.types.is_boolean, pa.types.is_string,
-                 pa.types.is_large_string, pa.types.is_null)
+_COLUMN_TYPES = (
+    pa.types.is_int64,
+    pa.types.is_float64,
+    pa.types.is_boolean,
+    pa.types.is_string,
+    pa.types.is_large_string,
+    pa.types.is_null,
+)
 
 
 class BadEntry(Exception):
@@ -51,8 +58,13 @@ def _content_crc(entry: dict) -> int:
 
 
 def identity(path: str, st: os.stat_result) -> dict:
-    return {"format": FORMAT, "decoder": DECODER_VERSION, "path": os.path.abspath(path),
-            "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {
+        "format": FORMAT,
+        "decoder": DECODER_VERSION,
+        "path": os.path.abspath(path),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+    }
 
 
 def entry_name(ident: dict) -> str:
@@ -125,7 +137,7 @@ def write(root: str, ident: dict, meta: dict, hist: pd.DataFrame) -> dict:
     os.makedirs(root, exist_ok=True)
     name = os.path.join(root, entry_name(ident))
     dtypes = hist.dtypes
-    json_columns = [c for c, t in dtypes.items() if t == object]
+    json_columns = [c for c, t in dtypes.items() if t == object]  # noqa: E721 (a numpy dtype compares equal to object; it is not object)
     bools = [c for c, t in dtypes.items() if isinstance(t, pd.BooleanDtype)]
     if len(hist):
         out = hist.copy() if json_columns or bools else hist  # the caller's frame stays as it is
@@ -140,9 +152,13 @@ def write(root: str, ident: dict, meta: dict, hist: pd.DataFrame) -> dict:
             writer.write_table(table)
         data = sink.getvalue()
         _replace(name + ".arrow", data)
-    entry = dict(ident, rows=len(hist), json_columns=json_columns,
-                 history_crc32=zlib.crc32(data) if len(hist) else None,
-                 meta={k: v for k, v in meta.items() if not k.startswith("_")})
+    entry = dict(
+        ident,
+        rows=len(hist),
+        json_columns=json_columns,
+        history_crc32=zlib.crc32(data) if len(hist) else None,
+        meta={k: v for k, v in meta.items() if not k.startswith("_")},
+    )
     entry["crc32"] = _content_crc(entry)
     try:
         _replace(name + ".json", json.dumps(entry).encode("utf-8"))
@@ -150,8 +166,11 @@ def write(root: str, ident: dict, meta: dict, hist: pd.DataFrame) -> dict:
         with contextlib.suppress(OSError):
             os.remove(name + ".arrow")
         raise
-    return {"_json_columns": json_columns, "_history_file": name + ".arrow" if len(hist) else None,
-            "_history_crc32": entry["history_crc32"]}
+    return {
+        "_json_columns": json_columns,
+        "_history_file": name + ".arrow" if len(hist) else None,
+        "_history_crc32": entry["history_crc32"],
+    }
 
 
 def _replace(path: str, data: bytes) -> None:
@@ -185,7 +204,7 @@ def typed(frame: pd.DataFrame) -> pd.DataFrame:
     """Give numeric and boolean columns numeric and boolean dtypes: an `object` column whose values
     (missing ones aside) are all numbers becomes float64 (int64 when all are present integers), all
     booleans: bool (or the nullable "boolean" when some are missing). Other columns stay as they are."""
-    for c in frame.columns[frame.dtypes.values == object]:
+    for c in frame.columns[frame.dtypes.values == object]:  # noqa: E721 (numpy dtypes: == object, not is)
         col = frame[c]
         present = col[col.notna()]
         if not len(present):

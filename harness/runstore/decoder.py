@@ -7,6 +7,7 @@ oracle in tests. Format: a 7-byte header (b":W&B", magic 0xBEE1 little-endian, v
 uint8 type: FULL=1, FIRST=2, MIDDLE=3, LAST=4); a block tail shorter than a chunk header is zero
 padding. Every checksum is verified (`Log`); damage and truncation are reported, never read past.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,9 @@ import re
 import struct
 import subprocess
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -81,8 +83,11 @@ class Log:
             return False
         crc, length, kind = CHUNK.unpack_from(data, pos)
         start = pos + CHUNK.size
-        return (length <= BLOCK - pos % BLOCK - CHUNK.size and start + length <= len(data)
-                and zlib.crc32(data[start:start + length], _TYPE_CRC[kind]) == crc)
+        return (
+            length <= BLOCK - pos % BLOCK - CHUNK.size
+            and start + length <= len(data)
+            and zlib.crc32(data[start : start + length], _TYPE_CRC[kind]) == crc
+        )
 
     def __iter__(self) -> Iterator[bytes]:
         data, end = self.data, len(self.data)
@@ -111,13 +116,13 @@ class Log:
             if length > space - CHUNK.size:
                 pos, parts, skipping = self._lost(pos, "a chunk longer than its block"), None, True
                 continue
-            if _VERIFY and zlib.crc32(data[start:start + length], _TYPE_CRC[kind]) != crc:
+            if _VERIFY and zlib.crc32(data[start : start + length], _TYPE_CRC[kind]) != crc:
                 if len(data.rstrip(b"\0")) < start + length:  # cut, then zero-filled (a crash)
                     self.truncated = True
                     return
                 pos, parts, skipping = self._lost(pos, "a chunk with a bad checksum", start + length), None, True
                 continue
-            chunk = data[start:start + length]
+            chunk = data[start : start + length]
             here, pos = pos, start + length
             if kind in (FULL, FIRST):
                 if parts is not None:
@@ -131,8 +136,10 @@ class Log:
             elif kind in (MIDDLE, LAST):
                 if parts is None:
                     if not skipping:
-                        self.damage.append(f"a {'middle' if kind == MIDDLE else 'last'} chunk without "
-                                           f"its first at byte {here}: dropped")
+                        self.damage.append(
+                            f"a {'middle' if kind == MIDDLE else 'last'} chunk without "
+                            f"its first at byte {here}: dropped"
+                        )
                     continue
                 parts.append(chunk)
                 if kind == LAST:
@@ -300,8 +307,12 @@ class _PackedRows:
         first = (np.cumsum(counts) - counts)[rows_with]
         item[first] = starts[rows_with]
         # Every length byte must agree with this layout: then protobuf reads the same items.
-        ok = ((arr[item] == 0x0A) & (arr[item + 2] == 0x12) & (item + 4 + arr[item + 3] == tag)
-              & (item + 2 + arr[item + 1] == vend)).all()
+        ok = (
+            (arr[item] == 0x0A)
+            & (arr[item + 2] == 0x12)
+            & (item + 4 + arr[item + 3] == tag)
+            & (item + 2 + arr[item + 1] == vend)
+        ).all()
         ok = ok and (vend[np.cumsum(counts)[rows_with] - 1] == ends[rows_with]).all() and not lens[~rows_with].any()
         if not ok:
             return False
@@ -321,8 +332,9 @@ class _PackedRows:
         maybe = np.flatnonzero(is_int)
         if len(maybe):
             span = vlen[maybe]
-            is_int[maybe] = np.add.reduceat(_FRACTION_BYTES[text[_span_index(voff[maybe], span)]],
-                                            np.cumsum(span) - span) == 0
+            is_int[maybe] = (
+                np.add.reduceat(_FRACTION_BYTES[text[_span_index(voff[maybe], span)]], np.cumsum(span) - span) == 0
+            )
         if (np.abs(values[is_int]) >= 2**53).any():
             return False
         # Keys: read 8 bytes at a time at each key's start, mask what lies past its end, hash the
@@ -344,7 +356,7 @@ class _PackedRows:
         firsts = np.flatnonzero(np.diff(np.maximum.accumulate(col), prepend=-1)) if len(col) else col
         if not all((part == part[firsts[col]]).all() for part in parts):
             return False
-        self.names = [arr[item[f] + 4:tag[f]].tobytes().decode() for f in firsts]
+        self.names = [arr[item[f] + 4 : tag[f]].tobytes().decode() for f in firsts]
         row = np.repeat(np.arange(n), counts)
         self.table = np.full((n, len(self.names)), np.nan)
         self.table[row, col] = values
@@ -356,8 +368,7 @@ class _PackedRows:
 
     def row(self, i: int) -> dict[str, Any]:
         cols = np.flatnonzero(self.present[i])
-        return {self.names[c]: int(v) if self.ints[i, c] else float(v)
-                for c, v in zip(cols, self.table[i, cols])}
+        return {self.names[c]: int(v) if self.ints[i, c] else float(v) for c, v in zip(cols, self.table[i, cols])}
 
     def signature(self, i: int) -> bytes:
         return self.present[i].tobytes()
@@ -366,14 +377,18 @@ class _PackedRows:
         whole = self.ints.all(0) if len(self.table) else np.zeros(len(self.names), bool)
         table = np.asfortranarray(self.table)  # contiguous columns
         # JSON integers in every row stay int64; one dict, so pandas makes one block per dtype.
-        return pd.DataFrame({name: table[:, c].astype(np.int64) if whole[c] else table[:, c]
-                             for c, name in enumerate(self.names)})
+        return pd.DataFrame(
+            {name: table[:, c].astype(np.int64) if whole[c] else table[:, c] for c, name in enumerate(self.names)}
+        )
 
 
 def _with_steps(frame: pd.DataFrame, steps: list[int | None]) -> pd.DataFrame:
     if any(s is not None for s in steps):
-        frame["_step"] = np.array(steps, dtype=np.int64) if None not in steps else \
-            np.array([np.nan if s is None else s for s in steps])
+        frame["_step"] = (
+            np.array(steps, dtype=np.int64)
+            if None not in steps
+            else np.array([np.nan if s is None else s for s in steps])
+        )
     return frame
 
 
@@ -544,8 +559,18 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
                     ops.append(("record", payload))
             elif kind == "metric":
                 m = rec.metric
-                if shortcut and m.HasField("summary") and (m.summary.min or m.summary.max or m.summary.mean
-                                                           or m.summary.best or m.summary.none or m.summary.first):
+                if (
+                    shortcut
+                    and m.HasField("summary")
+                    and (
+                        m.summary.min
+                        or m.summary.max
+                        or m.summary.mean
+                        or m.summary.best
+                        or m.summary.none
+                        or m.summary.first
+                    )
+                ):
                     return None
             elif kind == "config":
                 _apply_config(out.config, rec.config)
@@ -562,10 +587,15 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
                 ops.append(("update", _json_values(r.summary.update)))
             elif kind == "artifact":
                 a = rec.artifact
-                out.artifacts.append({
-                    "name": a.name, "type": a.type, "aliases": list(a.aliases), "metadata": a.metadata,
-                    "files": {e.path: e.local_path for e in a.manifest.contents},
-                })
+                out.artifacts.append(
+                    {
+                        "name": a.name,
+                        "type": a.type,
+                        "aliases": list(a.aliases),
+                        "metadata": a.metadata,
+                        "files": {e.path: e.local_path for e in a.manifest.contents},
+                    }
+                )
             elif kind == "exit":
                 out.exit_code = rec.exit.exit_code
             elif kind == "preempting":
@@ -587,8 +617,7 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
 
 def read_with_leet(path: str, wandb_exe: str = "wandb") -> RunFile:
     """The official decoder (slow: ~1-2 s a run): `wandb leet inspect --json`."""
-    proc = subprocess.run([wandb_exe, "leet", "inspect", "--json", path], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run([wandb_exe, "leet", "inspect", "--json", path], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise CorruptRunFile(f"{path}: wandb leet inspect failed: {proc.stderr.strip()[:200]}")
     out, history = RunFile(path=path), []

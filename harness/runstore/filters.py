@@ -12,6 +12,7 @@ group) does not exist, as on W&B: `{"sweep": {"$exists": false}}` is the runs ou
 `$regex` searches a string (or a list's strings) with Python's `re`, as MongoDB's `$regex` does with
 PCRE (the same syntax for the common cases: classes, anchors, alternation, repetition).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -26,8 +27,14 @@ FIELD_OPS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists
 # exhaust Python's recursion limit here.
 MAX_DEPTH = 100
 LOGIC_OPS = ("$and", "$or")
-RUN_FIELDS = {"state": "state", "tags": "tags", "group": "group", "sweep": "sweep",
-              "display_name": "name", "job_type": "job_type"}
+RUN_FIELDS = {
+    "state": "state",
+    "tags": "tags",
+    "group": "group",
+    "sweep": "sweep",
+    "display_name": "name",
+    "job_type": "job_type",
+}
 _MISSING = object()
 
 
@@ -53,9 +60,9 @@ def _lookup(d: dict, key: str) -> Any:
 def value(meta: dict, key: str) -> Any:
     """The value a filter key names in a run's meta (config flat, summary nested); _MISSING if none."""
     if key.startswith("config."):
-        return _lookup(meta["config"], key[len("config."):])
+        return _lookup(meta["config"], key[len("config.") :])
     if key.startswith("summary_metrics."):
-        return _lookup(meta["summary"], key[len("summary_metrics."):])
+        return _lookup(meta["summary"], key[len("summary_metrics.") :])
     found = meta.get(RUN_FIELDS[key])
     return _MISSING if found is None or found == "" else found  # no sweep, no group: absent
 
@@ -86,8 +93,9 @@ def check(filters: Any, metas: list[dict]) -> None:
 
 def _check(query: dict, known: set[str] | None, depth: int) -> None:
     if depth > MAX_DEPTH:
-        raise FilterError(f"filter nested more than {MAX_DEPTH} levels deep ($and/$or); MongoDB and W&B "
-                          f"take at most {MAX_DEPTH}")
+        raise FilterError(
+            f"filter nested more than {MAX_DEPTH} levels deep ($and/$or); MongoDB and W&B take at most {MAX_DEPTH}"
+        )
     for key, cond in query.items():
         if key in LOGIC_OPS:
             if not isinstance(cond, list) or not cond or not all(isinstance(q, dict) for q in cond):
@@ -96,15 +104,18 @@ def _check(query: dict, known: set[str] | None, depth: int) -> None:
                 _check(q, known, depth + 1)
             continue
         if key.startswith("$"):
-            raise FilterError(f"filter operator {key!r} is not supported offline; supported: "
-                              f"{', '.join(LOGIC_OPS + FIELD_OPS)}")
+            raise FilterError(
+                f"filter operator {key!r} is not supported offline; supported: {', '.join(LOGIC_OPS + FIELD_OPS)}"
+            )
         only_exists = isinstance(cond, dict) and set(cond) == {"$exists"}
         _check_key(key, None if only_exists else known)
         if isinstance(cond, dict) and any(k.startswith("$") for k in cond):
             for op, arg in cond.items():
                 if op not in FIELD_OPS:
-                    raise FilterError(f"filter operator {op!r} (on {key!r}) is not supported offline; "
-                                      f"supported: {', '.join(FIELD_OPS)}")
+                    raise FilterError(
+                        f"filter operator {op!r} (on {key!r}) is not supported offline; "
+                        f"supported: {', '.join(FIELD_OPS)}"
+                    )
                 if op in ("$in", "$nin") and not isinstance(arg, (list, tuple)):
                     raise FilterError(f"filter {key}: {op} takes a list, got {_short(arg)}")
                 if op == "$exists" and not isinstance(arg, bool):
@@ -136,8 +147,7 @@ def _check_key(key: str, known: set[str] | None) -> None:
     if key.startswith("summary."):
         raise FilterError(f"filter key {key!r}: W&B spells summary keys 'summary_metrics.{key[8:]}'")
     if not (key.startswith(("config.", "summary_metrics.")) or key in RUN_FIELDS):
-        raise FilterError(f"filter key {key!r}: use config.KEY, summary_metrics.KEY or one of "
-                          f"{', '.join(RUN_FIELDS)}")
+        raise FilterError(f"filter key {key!r}: use config.KEY, summary_metrics.KEY or one of {', '.join(RUN_FIELDS)}")
     if known is not None and key not in known:
         near = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(repr(k) for k in near)}?" if near else ""

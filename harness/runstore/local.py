@@ -2,6 +2,7 @@
 cache (harness.runstore.cache), several files in worker processes, preempted-and-resumed files of one
 run merged into one. What the store does when a file is damaged: DESIGN.md.
 """
+
 from __future__ import annotations
 
 import glob
@@ -43,9 +44,14 @@ def wandb_dir(source: str) -> str:
 
 def run_files(source: str) -> list[str]:
     root = wandb_dir(source)
-    files = sorted(p for p in glob.glob(os.path.join(root, "*run-*", "run-*.wandb"))
-                   if not os.path.islink(os.path.dirname(p)))  # skip wandb's latest-run link
-    if not files and not os.path.isdir(os.path.join(root, "..", "wandb")) and not glob.glob(os.path.join(root, "sweep-*")):
+    files = sorted(
+        p for p in glob.glob(os.path.join(root, "*run-*", "run-*.wandb")) if not os.path.islink(os.path.dirname(p))
+    )  # skip wandb's latest-run link
+    if (
+        not files
+        and not os.path.isdir(os.path.join(root, "..", "wandb"))
+        and not glob.glob(os.path.join(root, "sweep-*"))
+    ):
         raise SourceError(f"{source!r} is not a wandb directory: no */run-*.wandb files under it")
     return files
 
@@ -81,7 +87,7 @@ SWEEP_TAG = "sweep-"  # a local sweep's runs are tagged sweep-<id> (harness.swee
 
 def sweep_of(sweep_id: str | None, tags) -> str | None:
     """A run's sweep: the W&B sweep id it ran under, else the local sweep its tag names."""
-    return sweep_id or next((t[len(SWEEP_TAG):] for t in tags or () if t.startswith(SWEEP_TAG)), None)
+    return sweep_id or next((t[len(SWEEP_TAG) :] for t in tags or () if t.startswith(SWEEP_TAG)), None)
 
 
 def _digest(rf: RunFile, path: str) -> tuple[dict, pd.DataFrame]:
@@ -157,9 +163,11 @@ def _load_file(path: str, cache_root: str, write: bool, send_history: bool = Tru
                 if not send_history:  # the parent reads the history file when it needs it
                     return path, dict(meta, **written), None, None, notes
             except OSError as e:
-                notes.append(f"cannot write the run cache in {cache_root} ({type(e).__name__}: "
-                             f"{e.strerror or e}); runs are decoded again on every load (set "
-                             f"{run_cache.CACHE_ENV} to a writable directory)")
+                notes.append(
+                    f"cannot write the run cache in {cache_root} ({type(e).__name__}: "
+                    f"{e.strerror or e}); runs are decoded again on every load (set "
+                    f"{run_cache.CACHE_ENV} to a writable directory)"
+                )
         return path, meta, hist, None, notes
     except (CorruptRunFile, OSError) as e:
         return path, None, None, str(e), notes
@@ -175,7 +183,7 @@ def _load_file_in_worker(args):
 class _Histories(Mapping):
     """run id -> history, read from the cache on first use (load_runs alone never reads history)."""
 
-    def __init__(self, local: "_Local"):
+    def __init__(self, local: _Local):
         self._local = local
 
     def __getitem__(self, run_id: str) -> pd.DataFrame:
@@ -191,8 +199,16 @@ class _Histories(Mapping):
 def _progress(items, n: int):
     """A bar on an interactive terminal when there are enough run files to decode to wait for."""
     from tqdm import tqdm
-    return tqdm(items, total=n, desc="decoding run files", unit="run", file=sys.stderr, leave=False,
-                disable=n < PARALLEL_MIN_FILES or not sys.stderr.isatty())
+
+    return tqdm(
+        items,
+        total=n,
+        desc="decoding run files",
+        unit="run",
+        file=sys.stderr,
+        leave=False,
+        disable=n < PARALLEL_MIN_FILES or not sys.stderr.isatty(),
+    )
 
 
 _MEMO: dict[tuple, tuple[dict, pd.DataFrame | None]] = {}  # (path, size, mtime_ns) -> decoded, this process
@@ -230,8 +246,11 @@ class _Local:
         if todo:  # decode what the cache does not hold (in worker processes when there are many)
             why = run_cache.probe(self.cache_root)
             if why:
-                _warn(f"cannot write the run cache in {self.cache_root} ({why}); runs are decoded again "
-                      f"on every load (set {run_cache.CACHE_ENV} to a writable directory)", self.warnings)
+                _warn(
+                    f"cannot write the run cache in {self.cache_root} ({why}); runs are decoded again "
+                    f"on every load (set {run_cache.CACHE_ENV} to a writable directory)",
+                    self.warnings,
+                )
             workers = workers or min(available_cpus(), 8)
             paths = [p for p, _ in todo]
             if len(todo) >= PARALLEL_MIN_FILES and workers > 1:
@@ -239,8 +258,12 @@ class _Local:
                 # through the pipe costs more than the parent reading them from the cache. (With
                 # no writable cache, the histories have to come through the pipe.)
                 with ProcessPoolExecutor(workers) as pool:
-                    results = list(_progress(pool.map(_load_file_in_worker, [(p, self.cache_root, not why)
-                                                                             for p in paths], chunksize=4), len(paths)))
+                    results = list(
+                        _progress(
+                            pool.map(_load_file_in_worker, [(p, self.cache_root, not why) for p in paths], chunksize=4),
+                            len(paths),
+                        )
+                    )
             else:
                 results = [_load_file(p, self.cache_root, not why) for p in _progress(paths, len(paths))]
             for (path, meta, hist, err, notes), (_, key) in zip(results, todo):
@@ -259,9 +282,12 @@ class _Local:
         for run_id, paths in self.by_id.items():
             damaged = [d for p in paths for d in units[p][0]["damage"]]
             if damaged:
-                _warn(f"run {run_id} ({units[paths[-1]][0]['path']}): {len(damaged)} damaged part(s), "
-                      f"their records dropped and the run marked corrupt: {damaged[0]}"
-                      + (f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""), self.warnings)
+                _warn(
+                    f"run {run_id} ({units[paths[-1]][0]['path']}): {len(damaged)} damaged part(s), "
+                    f"their records dropped and the run marked corrupt: {damaged[0]}"
+                    + (f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""),
+                    self.warnings,
+                )
 
     @staticmethod
     def _order(meta: dict, path: str):
@@ -272,7 +298,7 @@ class _Local:
 
     def runs(self) -> list[dict]:
         out = []
-        for run_id, paths in self.by_id.items():
+        for paths in self.by_id.values():
             metas = [self.units[p][0] for p in paths]
             last = metas[-1]
             merged = {k: v for k, v in last.items() if not k.startswith("_")}
@@ -327,15 +353,24 @@ class _Local:
             return frames[0]
         kept = []
         for i, h in enumerate(frames):
-            nxt = next((f for f in frames[i + 1:] if len(f)), None)
+            nxt = next((f for f in frames[i + 1 :] if len(f)), None)
             if len(h) and nxt is not None and pd.notna(b := nxt["step"].min()):
-                redone = [c for c in nxt.columns if c in h.columns and not c.startswith("_")
-                          and c not in ("step", "trainer/global_step") and nxt.loc[nxt["step"] == b, c].notna().any()]
+                redone = [
+                    c
+                    for c in nxt.columns
+                    if c in h.columns
+                    and not c.startswith("_")
+                    and c not in ("step", "trainer/global_step")
+                    and nxt.loc[nxt["step"] == b, c].notna().any()
+                ]
                 again = (h["step"] == b) & h[redone].notna().any(axis=1) if redone else False
                 h = h[~((h["step"] > b) | again)]
             kept.append(h)
-        return run_cache.typed(pd.concat([h for h in kept if len(h)], ignore_index=True)) \
-            if any(len(h) for h in kept) else pd.DataFrame()
+        return (
+            run_cache.typed(pd.concat([h for h in kept if len(h)], ignore_index=True))
+            if any(len(h) for h in kept)
+            else pd.DataFrame()
+        )
 
 
 def load_local(source: str, workers: int | None = None) -> tuple[list[dict], Mapping[str, pd.DataFrame], list[str]]:

@@ -6,6 +6,7 @@ carry (project, entity, group `<sweep name>-<id>`, tag `sweep-<id>`, no W&B swee
 when they ran (harness.sweep.agent.local_sweep_env); `--project`/`--entity` override it, as
 `wandb sync -p/-e` do.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,13 @@ class Upload:
         return [d for r in self.runs for d in r["dirs"]]
 
     def argv(self, wandb_exe: str = "wandb") -> list[str]:
-        return [wandb_exe, "sync", *(["--project", self.project] if self.project else []),
-                *(["--entity", self.entity] if self.entity else []), *self.dirs]
+        return [
+            wandb_exe,
+            "sync",
+            *(["--project", self.project] if self.project else []),
+            *(["--entity", self.entity] if self.entity else []),
+            *self.dirs,
+        ]
 
 
 def _sweep_yaml(root: str, sweep: str) -> dict:
@@ -64,8 +70,16 @@ def plan(source: str, sweep: str | None = None, project: str | None = None, enti
     up = Upload(project, entity or spec.get("entity"))
     for m in sorted(metas, key=lambda m: (m.get("group") or "", m["name"] or "", m["id"])):
         dirs = sorted({os.path.dirname(p) for p in local.by_id[m["id"]]})
-        up.runs.append({"id": m["id"], "name": m["name"], "group": m.get("group"), "tags": m.get("tags") or [],
-                        "state": m["state"], "dirs": dirs})
+        up.runs.append(
+            {
+                "id": m["id"],
+                "name": m["name"],
+                "group": m.get("group"),
+                "tags": m.get("tags") or [],
+                "state": m["state"],
+                "dirs": dirs,
+            }
+        )
     if not up.runs:
         raise SourceError(f"no runs to upload in {source}")
     return up
@@ -73,12 +87,15 @@ def plan(source: str, sweep: str | None = None, project: str | None = None, enti
 
 def describe(up: Upload) -> str:
     """What a dry run prints: where the runs go, each run, and the command."""
-    lines = [f"project: {up.project or '(as recorded in each run)'}",
-             f"entity: {up.entity or '(your default entity)'}",
-             f"runs: {len(up.runs)} ({len(up.dirs)} run directories)"]
+    lines = [
+        f"project: {up.project or '(as recorded in each run)'}",
+        f"entity: {up.entity or '(your default entity)'}",
+        f"runs: {len(up.runs)} ({len(up.dirs)} run directories)",
+    ]
     for r in up.runs:
-        lines.append(f"  {r['id']}  {r['state']:9s} group={r['group'] or '-'}  tags={','.join(r['tags']) or '-'}"
-                     f"  {r['name']}")
+        lines.append(
+            f"  {r['id']}  {r['state']:9s} group={r['group'] or '-'}  tags={','.join(r['tags']) or '-'}  {r['name']}"
+        )
         lines += [f"      {d}" for d in r["dirs"]]
     lines.append("command: " + " ".join(up.argv()))
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 tagged by the sweep (local_sweep_env); SIGTERM is forwarded, preempted points are relaunched first,
 and a sweep killed at any point resumes without re-running a finished grid point.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -17,6 +18,7 @@ import time
 
 import yaml
 from filelock import FileLock
+from wandb.sdk.lib.runid import generate_id
 
 from harness.config.resources import available_cpus
 from harness.config.results import RESULT_ENV, read_results, result_path
@@ -24,7 +26,6 @@ from harness.errors import UserError
 from harness.sweep.engine import expand_command, next_params
 from harness.sweep.spec import check_stops, grid_size, varied_keys
 from harness.sweep.state import read_state, reap, sweep_dir, write_state
-from wandb.sdk.lib.runid import generate_id
 
 MAX_PREEMPTIONS = 20  # a point preempted this often is recorded failed instead of relaunched forever
 
@@ -58,9 +59,12 @@ def local_sweep_env(cfg: dict, sweep_id: str) -> dict[str, str]:
     WANDB_SWEEP_PARAM_PATH wandb.init would copy every parameter into the config as a flat dotted
     key beside the nested tree (`model.width` twice), which only W&B's server engine needs.
     """
-    env = {"HARNESS_SWEEP_ID": sweep_id, "WANDB_RUN_GROUP": f"{cfg.get('name') or 'sweep'}-{sweep_id}",
-           "WANDB_TAGS": ",".join(t for t in (os.environ.get("WANDB_TAGS", ""), f"sweep-{sweep_id}") if t),
-           "HARNESS_SWEEP_VARIED": ",".join(varied_keys(cfg))}
+    env = {
+        "HARNESS_SWEEP_ID": sweep_id,
+        "WANDB_RUN_GROUP": f"{cfg.get('name') or 'sweep'}-{sweep_id}",
+        "WANDB_TAGS": ",".join(t for t in (os.environ.get("WANDB_TAGS", ""), f"sweep-{sweep_id}") if t),
+        "HARNESS_SWEEP_VARIED": ",".join(varied_keys(cfg)),
+    }
     for key, var in (("project", "WANDB_PROJECT"), ("entity", "WANDB_ENTITY")):
         if cfg.get(key):
             env[var] = str(cfg[key])
@@ -75,8 +79,9 @@ def run_env(cfg: dict, sweep_id: str, run_id: str, param_path: str, root: str, w
     for var in ("WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH", "HARNESS_SWEEP_METRIC"):  # never a stale outer sweep's
         env.pop(var, None)
     env.update(local_sweep_env(cfg, sweep_id))
-    env.update(WANDB_RUN_ID=run_id, HARNESS_SWEEP_PARAM_PATH=param_path,
-               WANDB_DIR=os.path.dirname(os.path.abspath(root)))
+    env.update(
+        WANDB_RUN_ID=run_id, HARNESS_SWEEP_PARAM_PATH=param_path, WANDB_DIR=os.path.dirname(os.path.abspath(root))
+    )
     if run_id:  # where the run writes its result (a packed block is told its block's file instead)
         env[RESULT_ENV] = result_path(os.path.join(os.path.abspath(root), f"sweep-{sweep_id}"), run_id)
     env.setdefault("WANDB_MODE", "offline")
@@ -181,14 +186,20 @@ class Agent:
                 if r["id"] == run_id:
                     if outcome == "preempted" and r.get("preemptions", 0) >= MAX_PREEMPTIONS:
                         outcome = "failed"  # relaunching forever would loop; the log says why it stopped
-                    r.update(state=outcome, exitcode=code, seconds=round(seconds, 1),
-                             summary={self.metric: summary[self.metric]} if self.metric in summary else {})
+                    r.update(
+                        state=outcome,
+                        exitcode=code,
+                        seconds=round(seconds, 1),
+                        summary={self.metric: summary[self.metric]} if self.metric in summary else {},
+                    )
             write_state(self.path, state)
         value = summary.get(self.metric)
         shown = f" {self.metric}={value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
         log = self.log_of(run_id)
-        status = {"finished": "finished", "preempted": f"preempted (exit {code}; relaunched first by the next agent)"
-                  }.get(outcome, f"FAILED (exit {code}; log {log})")
+        status = {
+            "finished": "finished",
+            "preempted": f"preempted (exit {code}; relaunched first by the next agent)",
+        }.get(outcome, f"FAILED (exit {code}; log {log})")
         self.say(f"run {run_id} {status} in {seconds:.0f}s{shown}")
         return outcome
 
@@ -213,9 +224,14 @@ class Agent:
             with self.procs_lock:
                 if self.stopping.is_set():  # SIGTERM came between claim and start: never started
                     return 143
-                proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL,
-                                        preexec_fn=die_with_parent if sys.platform == "linux" else None)
+                proc = subprocess.Popen(
+                    argv,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=die_with_parent if sys.platform == "linux" else None,
+                )
                 self.procs[run_id] = proc
             try:
                 return proc.wait()
@@ -254,14 +270,18 @@ class Agent:
 
     def run(self) -> int:
         """Exit status: 0 every run finished; 143 stopped by SIGTERM; 1 a run failed or a worker crashed."""
-        self.say(f"{self.workers} worker(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS') or threads_per_run(self.workers)}"
-                 f" per run ({available_cpus()} CPUs available)")
+        self.say(
+            f"{self.workers} worker(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS') or threads_per_run(self.workers)}"
+            f" per run ({available_cpus()} CPUs available)"
+        )
         terminated = threading.Event()
         previous = None
         if threading.current_thread() is threading.main_thread():
+
             def on_sigterm(signum, frame):
                 terminated.set()
                 self.terminate()
+
             previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             threads = [threading.Thread(target=self.worker, daemon=True) for _ in range(self.workers)]
@@ -278,8 +298,11 @@ class Agent:
         state = read_state(self.path)
         names = ("finished", "preempted", "failed", "crashed", "killed", "running")
         n = {s: sum(r["state"] == s for r in state["runs"]) for s in names}
-        self.say("sweep: " + (", ".join(f"{v} {k}" for k, v in n.items() if v) or "no runs")
-                 + f"; this agent ran {len(self.outcomes)}")
+        self.say(
+            "sweep: "
+            + (", ".join(f"{v} {k}" for k, v in n.items() if v) or "no runs")
+            + f"; this agent ran {len(self.outcomes)}"
+        )
         if terminated.is_set():
             return 143
         if self.errors or any(o in ("failed", "crashed") for o in self.outcomes):

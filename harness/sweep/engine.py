@@ -1,5 +1,6 @@
 """W&B's own sweep engine, run locally: the next parameters for a sweep's state (a grid point is never
 run twice), and the argv `wandb agent` would run for them (wandb's own macro expansion)."""
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,16 @@ def next_params(cfg: dict, state: dict) -> dict | None:
     """
     sweeps = sweeps_package()
     engine_cfg = engine_config(cfg)
-    runs = [sweeps.SweepRun(name=r["id"], state=_engine_state(r["state"]),
-                            config={k: {"value": v} for k, v in r["params"].items()},
-                            summaryMetrics=r.get("summary") or {})
-            for r in state["runs"] if r["state"] != "killed"]
+    runs = [
+        sweeps.SweepRun(
+            name=r["id"],
+            state=_engine_state(r["state"]),
+            config={k: {"value": v} for k, v in r["params"].items()},
+            summaryMetrics=r.get("summary") or {},
+        )
+        for r in state["runs"]
+        if r["state"] != "killed"
+    ]
     suggestion = sweeps.next_run(engine_cfg, runs)
     if suggestion is None:
         return None
@@ -39,8 +46,10 @@ def next_params(cfg: dict, state: dict) -> dict | None:
         done = {_point(r["params"]): r for r in state["runs"] if r["state"] != "killed"}
         if _point(params) in done:
             r = done[_point(params)]
-            raise RepeatedPoint(f"the sweep engine suggested grid point {_point(params)} again, which run {r['id']} "
-                                f"already holds ({r['state']}); stopping instead of running it twice")
+            raise RepeatedPoint(
+                f"the sweep engine suggested grid point {_point(params)} again, which run {r['id']} "
+                f"already holds ({r['state']}); stopping instead of running it twice"
+            )
     return params
 
 
@@ -62,7 +71,8 @@ def expand_command(cfg: dict, params: dict, args_json_file: str) -> list[str]:
 
     command = sweep_utils.create_sweep_command(list(cfg.get("command") or DEFAULT_COMMAND))
     sweep_vars: dict[str, Any] = sweep_utils.create_sweep_command_args(
-        {"args": {k: {"value": v} for k, v in params.items()}})
+        {"args": {k: {"value": v} for k, v in params.items()}}
+    )
     sweep_vars["interpreter"] = ["python"]
     sweep_vars["program"] = [cfg["program"]] if cfg.get("program") else []
     sweep_vars["args_json_file"] = [args_json_file]

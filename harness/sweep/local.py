@@ -1,5 +1,6 @@
 """The local controller's entry points: create a sweep from its YAML, and run an agent on it (one run a
 process, or with `--pack` several grid points trained in one process)."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,14 @@ from harness.sweep.spec import check_stops, load_sweep_yaml, validate_sweep
 from harness.sweep.state import create_sweep_dir, wandb_root
 
 
-def create_local_sweep(yaml_path: str, wandb_dir: str | None = None, count: int | None = None,
-                       will_run: bool = False, project: str | None = None, entity: str | None = None) -> str:
+def create_local_sweep(
+    yaml_path: str,
+    wandb_dir: str | None = None,
+    count: int | None = None,
+    will_run: bool = False,
+    project: str | None = None,
+    entity: str | None = None,
+) -> str:
     """Validate and create a local sweep; with `will_run`, also refuse one that would never stop.
     `project`/`entity` (`--project`/`--entity`) override the YAML's, as for `wandb sweep`: the
     sweep's copy of the YAML holds them, and every run of it logs there (harness.sweep.agent)."""
@@ -31,8 +38,13 @@ def create_local_sweep(yaml_path: str, wandb_dir: str | None = None, count: int 
     return sweep_id
 
 
-def run_agent(sweep_id: str, wandb_dir: str | None = None, workers: int | None = None, count: int | None = None,
-              pack: int | None = None) -> int:
+def run_agent(
+    sweep_id: str,
+    wandb_dir: str | None = None,
+    workers: int | None = None,
+    count: int | None = None,
+    pack: int | None = None,
+) -> int:
     """Run (or join, or resume) a local sweep until its grid is exhausted or `count` runs started.
     `pack`: each worker trains up to that many grid points in one process (harness.sweep.packed_agent).
     `workers` None: 1, or with `pack` harness.sweep.packed_agent.default_workers()."""

@@ -8,6 +8,7 @@ forwarded, killed agents reaped. Each member is recorded in state.json by its ow
 from the block's results file (written by harness.members.packed.run_spec); a block process that died
 without one (SIGKILL) records every member by the process's exit code, as a solo run would be.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,6 +19,8 @@ import sys
 import threading
 import time
 
+from wandb.sdk.lib.runid import generate_id
+
 from harness.config.resources import available_cpus
 from harness.config.results import read_results
 from harness.errors import ConfigError, UserError
@@ -25,7 +28,6 @@ from harness.sweep.agent import Agent, die_with_parent, run_env
 from harness.sweep.engine import next_params
 from harness.sweep.spec import flat_parameters
 from harness.sweep.state import read_state, reap, write_state
-from wandb.sdk.lib.runid import generate_id
 
 MAX_SKIPPED = 10000  # grid points looked past in one claim while filling a block
 
@@ -85,7 +87,8 @@ class PackedAgent(Agent):
         from wandb.sdk.launch.sweeps import utils as sweep_utils
 
         return sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in run["params"].items()}})[
-            "args_no_hyphens"]
+            "args_no_hyphens"
+        ]
 
     def refuse_invalid(self, runs: list[dict]) -> dict[str, int]:
         """Members whose config the packed process would refuse (a sweep created before a check
@@ -188,8 +191,14 @@ class PackedAgent(Agent):
             with self.procs_lock:
                 if self.stopping.is_set():
                     return {r["id"]: 143 for r in runs}, {}
-                proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        preexec_fn=die_with_parent if sys.platform == "linux" else None)
+                proc = subprocess.Popen(
+                    argv,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=die_with_parent if sys.platform == "linux" else None,
+                )
                 self.procs[tag] = proc
             try:
                 code = proc.wait()
@@ -215,8 +224,10 @@ class PackedAgent(Agent):
                     return
                 for run, resumed, k in block:
                     shown = " ".join(f"{key}={v}" for key, v in run["params"].items() if key != "task")
-                    self.say(f"run {run['id']} {k}/{self.planned or '?'} {'resume' if resumed else 'start'} "
-                             f"(packed, {len(block)} in block {block[0][0]['id']}): {shown}")
+                    self.say(
+                        f"run {run['id']} {k}/{self.planned or '?'} {'resume' if resumed else 'start'} "
+                        f"(packed, {len(block)} in block {block[0][0]['id']}): {shown}"
+                    )
                 runs = [run for run, _, _ in block]
                 t0 = time.time()
                 try:
@@ -233,8 +244,9 @@ class PackedAgent(Agent):
                     with self.busy_lock:
                         self.busy -= 1
                 for run in runs:
-                    self.outcomes.append(self.record(run["id"], codes[run["id"]], time.time() - t0,
-                                                     summaries.get(run["id"], {})))
+                    self.outcomes.append(
+                        self.record(run["id"], codes[run["id"]], time.time() - t0, summaries.get(run["id"], {}))
+                    )
         except BaseException as e:
             self.errors.append(f"{type(e).__name__}: {e}")
             self.stopping.set()

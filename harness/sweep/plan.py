@@ -3,6 +3,7 @@ asks it), the varied keys, the costliest point, and the arithmetic of a wall-tim
 
 Light (no torch): the timing itself runs real runs in child processes (harness.dry_run).
 """
+
 from __future__ import annotations
 
 import math
@@ -48,13 +49,18 @@ def fixed_parameters(cfg: dict) -> dict:
 def size_key(key: str, value) -> bool:
     """Keys whose larger values make a step costlier: integers under model., data., eval. (widths,
     depths, data and batch sizes), seeds excluded; floats (rates, fractions, exponents) are not sizes."""
-    return (key.split(".")[0] in ("model", "data", "eval") and "seed" not in key
-            and isinstance(value, int) and not isinstance(value, bool))
+    return (
+        key.split(".")[0] in ("model", "data", "eval")
+        and "seed" not in key
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+    )
 
 
 def costliest(points: list[dict]) -> dict:
     """The point with the largest product of its integer model.* / data.* / eval.* values (e.g. the
     widest model): a heuristic, since a step's cost is only known by running it."""
+
     def cost(p: dict) -> float:
         return math.prod(abs(float(v)) for k, v in flatten(p).items() if size_key(k, v) and v)
 

@@ -1,5 +1,6 @@
 """A sweep YAML, checked before anything runs: W&B's sweep schema, the command, and every parameter
 against the task's config schema (the same checks for a local sweep and for one handed to W&B)."""
+
 from __future__ import annotations
 
 import itertools
@@ -66,8 +67,11 @@ def engine_config(cfg: dict) -> dict:
 
 def varied_keys(cfg: dict) -> list[str]:
     """Dotted keys that take more than one value across the sweep (contract C8: runs are named by them)."""
-    return [k for k, spec in flat_parameters(cfg.get("parameters") or {}).items()
-            if k != "task" and not ("value" in spec or len(spec.get("values", [0, 0])) == 1)]
+    return [
+        k
+        for k, spec in flat_parameters(cfg.get("parameters") or {}).items()
+        if k != "task" and not ("value" in spec or len(spec.get("values", [0, 0])) == 1)
+    ]
 
 
 def grid_size(cfg: dict) -> int | None:
@@ -87,15 +91,19 @@ def grid_size(cfg: dict) -> int | None:
 def _check_command(cfg: dict, path: str) -> None:
     command = [str(c) for c in cfg.get("command", DEFAULT_COMMAND)]
     if "${program}" in command:
-        raise UserError(f"{path}: command {command} runs `python ${{program}}`, but the harness is a module: "
-                        "write command: [\"${env}\", \"${interpreter}\", -m, harness, train, \"${args_no_hyphens}\"]")
+        raise UserError(
+            f"{path}: command {command} runs `python ${{program}}`, but the harness is a module: "
+            'write command: ["${env}", "${interpreter}", -m, harness, train, "${args_no_hyphens}"]'
+        )
     macros = [c for c in command if c.startswith("${args")]
     if not macros:
         raise UserError(f"{path}: command {command} passes no parameters; add ${{args_no_hyphens}}")
     wrong = [c for c in macros if c not in ARG_MACROS]
     if wrong or len(macros) > 1:
-        raise UserError(f"{path}: command passes parameters as {', '.join(wrong or macros)}; `harness train` reads "
-                        f"one of {' or '.join(ARG_MACROS)} (key=value or --key=value)")
+        raise UserError(
+            f"{path}: command passes parameters as {', '.join(wrong or macros)}; `harness train` reads "
+            f"one of {' or '.join(ARG_MACROS)} (key=value or --key=value)"
+        )
 
 
 def validate_sweep(cfg: dict, path: str = "sweep") -> str:
@@ -115,8 +123,10 @@ def validate_sweep(cfg: dict, path: str = "sweep") -> str:
     for key, spec in params.items():
         for v in _values(spec):
             if isinstance(v, str) and FLOAT_AS_STRING.match(v):
-                raise UserError(f"{path}: parameter {key} value {v!r} is a string in YAML; write it as "
-                                f"{float(v):.1e} (a float needs a dot before the exponent)")
+                raise UserError(
+                    f"{path}: parameter {key} value {v!r} is a string in YAML; write it as "
+                    f"{float(v):.1e} (a float needs a dot before the exponent)"
+                )
     cap = cfg.get("run_cap")
     if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
         raise UserError(f"{path}: run_cap={cap!r}: the number of runs in the whole sweep, an integer >= 1")
@@ -126,7 +136,9 @@ def validate_sweep(cfg: dict, path: str = "sweep") -> str:
         where = ".".join(str(p) for p in e.absolute_path) or "top level"
         raise UserError(f"{path}: {e.message} (at {where}; see W&B's sweep configuration schema)") from None
     if cfg.get("method") == "bayes" and not (cfg.get("metric") or {}).get("name"):
-        raise UserError(f"{path}: method bayes needs a metric to model, e.g. metric: {{name: val/loss, goal: minimize}}")
+        raise UserError(
+            f"{path}: method bayes needs a metric to model, e.g. metric: {{name: val/loss, goal: minimize}}"
+        )
     if cfg.get("early_terminate") and not (cfg.get("metric") or {}).get("name"):
         raise UserError(f"{path}: early_terminate needs a metric, e.g. metric: {{name: val/loss, goal: minimize}}")
     _check_command(cfg, path)

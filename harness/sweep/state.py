@@ -1,6 +1,7 @@
 """A local sweep on disk: `<wandb dir>/sweep-<id>/` holds sweep.yaml and state.json (every run's id,
 parameters, state, host and agent), written atomically with the previous state kept as state.json.bak;
 agents share it under the file lock `state.lock`."""
+
 from __future__ import annotations
 
 import contextlib
@@ -45,9 +46,11 @@ def read_state(path: str) -> dict:
         return state
     except ValueError as e:
         bak = file + ".bak"
-        fix = (f"the state before the last write is in {bak}: `cp {bak} {file}` and run `harness agent` again"
-               if os.path.exists(bak) else
-               f"remove {path} and create the sweep again (its finished runs stay in {os.path.dirname(path)})")
+        fix = (
+            f"the state before the last write is in {bak}: `cp {bak} {file}` and run `harness agent` again"
+            if os.path.exists(bak)
+            else f"remove {path} and create the sweep again (its finished runs stay in {os.path.dirname(path)})"
+        )
         raise UserError(f"{file} is corrupt ({str(e).splitlines()[0]}); {fix}") from None
 
 
@@ -84,8 +87,10 @@ def create_sweep_dir(root: str, sweep_id: str, cfg: dict, source: str) -> str:
     except OSError as e:
         if created:
             shutil.rmtree(path, ignore_errors=True)
-        raise UserError(f"cannot create the sweep in {root} ({type(e).__name__}: {e.strerror or e}); "
-                        "free space or choose another --wandb-dir / WANDB_DIR") from None
+        raise UserError(
+            f"cannot create the sweep in {root} ({type(e).__name__}: {e.strerror or e}); "
+            "free space or choose another --wandb-dir / WANDB_DIR"
+        ) from None
     return path
 
 

@@ -1,4 +1,5 @@
 """The hand-off to W&B: a validated sweep created on the W&B server, and `wandb agent` run on it."""
+
 from __future__ import annotations
 
 import subprocess
@@ -18,8 +19,11 @@ def create_wandb_sweep(yaml_path: str, project: str | None = None, entity: str |
     import wandb
 
     sweep_id = wandb.sweep(cfg, project=project or cfg.get("project"), entity=entity or cfg.get("entity"))
-    print(f"start agents with: wandb agent {entity or cfg.get('entity') or '<entity>'}/"
-          f"{project or cfg.get('project') or '<project>'}/{sweep_id}", file=sys.stderr)
+    print(
+        f"start agents with: wandb agent {entity or cfg.get('entity') or '<entity>'}/"
+        f"{project or cfg.get('project') or '<project>'}/{sweep_id}",
+        file=sys.stderr,
+    )
     return sweep_id
 
 

@@ -14,6 +14,7 @@
 Where wandb stages the files: harness.training.tracking.stage_under (under the run's wandb directory).
 Files are read back with harness.training.checkpoint.load (weights only) only: an artifact is untrusted input.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,8 +92,9 @@ class ModelArtifact(Checkpoint):
                 pl_module.load_state_dict(now)
             run = logs.wandb_run(trainer)
             if run is not None:
-                run.summary["model/artifact"] = self.log_versions(run, final, best if earlier else None,
-                                                         trainer.global_step)
+                run.summary["model/artifact"] = self.log_versions(
+                    run, final, best if earlier else None, trainer.global_step
+                )
         finally:
             if trainer.is_global_zero:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -105,8 +107,14 @@ class ModelArtifact(Checkpoint):
             _log(run, best, name, "model", ["best"], {**meta, "step": self.best[1], "score": self.best[0]})
         _with_config(final, self.cfg)
         score = self.best[0] if self.best is not None and best is None else None
-        _log(run, final, name, "model", ["latest"] if best is not None else ["latest", "best"],
-             {**meta, "step": step, **({"score": score} if score is not None else {})})
+        _log(
+            run,
+            final,
+            name,
+            "model",
+            ["latest"] if best is not None else ["latest", "best"],
+            {**meta, "step": step, **({"score": score} if score is not None else {})},
+        )
         return name
 
 
@@ -117,8 +125,13 @@ def save_model(run, module, cfg: RunConfig, step: int) -> str:
     step) plus `config`; alias `latest` only (no evaluation history was kept to pick a best)."""
     name = f"model-{run.id}"
     state = {f"model.{k}": v.detach().cpu() for k, v in module.model.state_dict().items()}
-    ckpt = {"epoch": 0, "global_step": step, "pytorch-lightning_version": L.__version__,
-            "state_dict": state, "config": to_dict(cfg)}
+    ckpt = {
+        "epoch": 0,
+        "global_step": step,
+        "pytorch-lightning_version": L.__version__,
+        "state_dict": state,
+        "config": to_dict(cfg),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, MODEL_FILE)
         torch.save(ckpt, path)
@@ -133,8 +146,9 @@ def read_model(path: str) -> dict:
     if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
         raise ValueError(f"{path} holds no state_dict and config")
     if "pytorch-lightning_version" in blob:  # model.ckpt (staged files keep no name to go by)
-        blob = dict(blob, state_dict={k[len("model."):]: v for k, v in blob["state_dict"].items()
-                                      if k.startswith("model.")})
+        blob = dict(
+            blob, state_dict={k[len("model.") :]: v for k, v in blob["state_dict"].items() if k.startswith("model.")}
+        )
     return blob
 
 
@@ -178,8 +192,10 @@ def resume_point(cfg: RunConfig, run, directory: str) -> str | None:
             raise ConfigError(f"trainer.resume_from={source!r}: a directory without last.ckpt; give the file")
         return path
     if getattr(run, "offline", True) or getattr(run, "disabled", False):
-        raise ConfigError(f"trainer.resume_from={source!r}: no such file or directory, and a W&B artifact "
-                          "needs online mode (download it, e.g. `wandb artifact get`, and give the path)")
+        raise ConfigError(
+            f"trainer.resume_from={source!r}: no such file or directory, and a W&B artifact "
+            "needs online mode (download it, e.g. `wandb artifact get`, and give the path)"
+        )
     name = source if source.startswith("checkpoint-") else f"checkpoint-{source}"
     name = name if ":" in name else f"{name}:latest"
     root = run.use_artifact(name, type="checkpoint").download(root=os.path.join(directory, "artifact"))

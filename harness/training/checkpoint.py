@@ -8,6 +8,7 @@ A run id names one run: `last.ckpt` records the run config it was written for an
 by a run with an equal config; a run that completes leaves `finished.json` beside it, and its id is
 then refused (`resume_point`). Every torch file read back goes through `load` (weights only).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -50,8 +51,10 @@ def load(path: str, what: str) -> Any:
     except pickle.UnpicklingError as e:  # what the weights-only unpickler raises
         why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported global" in ln), None)
         if why:  # an object other than tensors and plain values: loading it would call its code
-            raise UnreadableFile(f"{what} {path}: refused, it holds Python objects that loading would execute "
-                                 f"({why[:200]}); the harness writes only tensors and plain values") from None
+            raise UnreadableFile(
+                f"{what} {path}: refused, it holds Python objects that loading would execute "
+                f"({why[:200]}); the harness writes only tensors and plain values"
+            ) from None
         raise UnreadableFile(f"{what} {path}: not a readable torch file ({_first_line(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise UnreadableFile(f"{what} {path}: not a readable torch file ({_first_line(e)})") from None
@@ -95,19 +98,24 @@ def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[str | None, int | 
         raise ResumeRefused(
             f"run {run_id} already finished (step {info.get('step', '?')}, {info.get('finished_at', '?')}; "
             f"{done}): a run id names one run, so it is not trained again; unset WANDB_RUN_ID (or give a new "
-            "one) for a new run, or pass trainer.resume=never to train this id again from step 0")
+            "one) for a new run, or pass trainer.resume=never to train this id again from step 0"
+        )
     if path is None:
         return None, None
     state = load(path, f"resume point of run {run_id}")
     saved = (state.get("callbacks") or {}).get(StepCheckpoint.__name__, {}).get("config")
     if not isinstance(saved, dict):
-        raise ResumeRefused(f"resume point {path} records no run config (written by an older harness), so it "
-                            "cannot be matched to this run; pass trainer.resume=never to start this id from step 0")
+        raise ResumeRefused(
+            f"resume point {path} records no run config (written by an older harness), so it "
+            "cannot be matched to this run; pass trainer.resume=never to start this id from step 0"
+        )
     now = identity(cfg)
     if saved != now:
-        raise ResumeRefused(f"run {run_id}'s resume point {path} belongs to another run config: "
-                            f"{_differences(saved, now)}; give this run a new WANDB_RUN_ID (or unset it), "
-                            "or pass trainer.resume=never to start this id again from step 0")
+        raise ResumeRefused(
+            f"run {run_id}'s resume point {path} belongs to another run config: "
+            f"{_differences(saved, now)}; give this run a new WANDB_RUN_ID (or unset it), "
+            "or pass trainer.resume=never to start this id again from step 0"
+        )
     return path, int(state["global_step"])
 
 
@@ -115,8 +123,12 @@ def mark_finished(cfg: RunConfig, run_id: str, step: int) -> None:
     """`finished.json` in the run's checkpoint directory: the id is done (resume_point refuses it)."""
     directory = ckpt_dir(cfg, run_id)
     os.makedirs(directory, exist_ok=True)
-    info = {"run_id": run_id, "step": step, "config": identity(cfg),
-            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    info = {
+        "run_id": run_id,
+        "step": step,
+        "config": identity(cfg),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     path = os.path.join(directory, FINISHED)
     with open(path + ".tmp", "w") as f:
         json.dump(info, f, default=str)
@@ -242,8 +254,12 @@ class StepCheckpoint(Checkpoint):
             self.save(trainer)
 
     def on_validation_end(self, trainer, pl_module):
-        if not trainer.sanity_checking and trainer.state.fn == "fit" and self._due(trainer) \
-                and self.saved_step != trainer.global_step:
+        if (
+            not trainer.sanity_checking
+            and trainer.state.fn == "fit"
+            and self._due(trainer)
+            and self.saved_step != trainer.global_step
+        ):
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -256,4 +272,3 @@ class StepCheckpoint(Checkpoint):
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
             self.save(trainer)
-

@@ -1,5 +1,6 @@
 """Per-item curves (500 subtasks, 33 Fourier frequencies): recorded at every evaluation and written at
 the end of fit as one parquet artifact per run (`curves-<run id>`), never as history keys."""
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,6 @@ import numpy as np
 import torch
 
 from harness.training.logs import wandb_run
-
 
 CURVES_TYPE = "curves"
 
@@ -52,8 +52,10 @@ class CurvesRecorder(L.Callback):
         out = {}
         for name, columns in self.data.items():
             n_items = len(next(iter(columns.values()))[0])
-            frame = {"step": np.repeat(np.asarray(self.steps, np.int64), n_items),
-                     "item": np.tile(np.arange(n_items, dtype=np.int64), len(self.steps))}
+            frame = {
+                "step": np.repeat(np.asarray(self.steps, np.int64), n_items),
+                "item": np.tile(np.arange(n_items, dtype=np.int64), len(self.steps)),
+            }
             frame.update({col: np.concatenate(values) for col, values in columns.items()})
             out[name] = pd.DataFrame(frame)
         return out
@@ -82,13 +84,23 @@ class CurvesRecorder(L.Callback):
         os.makedirs(folder, exist_ok=True)
         for name, frame in self.frames().items():
             frame.to_parquet(os.path.join(folder, f"{name}.parquet"), index=False)
-        tracking.log_artifact(run, folder, f"{CURVES_TYPE}-{run.id}", CURVES_TYPE, policy="immutable",
-                              metadata={"evaluations": len(self.steps), "last_step": self.steps[-1]})
+        tracking.log_artifact(
+            run,
+            folder,
+            f"{CURVES_TYPE}-{run.id}",
+            CURVES_TYPE,
+            policy="immutable",
+            metadata={"evaluations": len(self.steps), "last_step": self.steps[-1]},
+        )
 
     def state_dict(self) -> dict:
-        return {"steps": torch.tensor(self.steps, dtype=torch.int64),
-                "data": {name: {col: torch.from_numpy(np.stack(v)) for col, v in cols.items()}
-                         for name, cols in self.data.items()}}
+        return {
+            "steps": torch.tensor(self.steps, dtype=torch.int64),
+            "data": {
+                name: {col: torch.from_numpy(np.stack(v)) for col, v in cols.items()}
+                for name, cols in self.data.items()
+            },
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = [int(s) for s in state["steps"]]

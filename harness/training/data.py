@@ -10,10 +10,12 @@ step s (harness/training/checkpoint.py) starts its counter at s / steps_per_batc
 batches the uninterrupted run would have drawn, with no RNG state in the checkpoint; DDP ranks draw
 different batches.
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch

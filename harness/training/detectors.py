@@ -1,9 +1,9 @@
 """Event detectors: Lightning callbacks that watch each evaluation and write time-to-event values into
 the run summary (emergence of subtasks; grokking steps and phase; see harness.events)."""
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import lightning as L
 import numpy as np
@@ -25,8 +25,8 @@ class EmergenceCallback(L.Callback):
 
     def __init__(self, threshold_nats: float = 0.1 * math.log(2), curve: str = "subtask", column: str = "loss"):
         self.threshold, self.curve, self.column = threshold_nats, curve, column
-        self.first: Optional[np.ndarray] = None  # [n_items] int64: first step below, -1 = never
-        self.final: Optional[np.ndarray] = None  # [n_items] float64: the last evaluation's values
+        self.first: np.ndarray | None = None  # [n_items] int64: first step below, -1 = never
+        self.final: np.ndarray | None = None  # [n_items] float64: the last evaluation's values
         self.last_step = 0
 
     def on_validation_end(self, trainer, pl_module):
@@ -47,30 +47,37 @@ class EmergenceCallback(L.Callback):
     def summary(self) -> dict:
         first = self.first if self.first is not None else np.zeros(0, np.int64)
         final = self.final if self.final is not None else np.zeros(0)
-        return {"emergence/n_learned": int((first >= 0).sum()),
-                "emergence/n_below_end": int((final < self.threshold).sum()),
-                "emergence/last_step": int(self.last_step),
-                "emergence/threshold_nats": float(self.threshold)}
+        return {
+            "emergence/n_learned": int((first >= 0).sum()),
+            "emergence/n_below_end": int((final < self.threshold).sum()),
+            "emergence/last_step": int(self.last_step),
+            "emergence/threshold_nats": float(self.threshold),
+        }
 
     def table_rows(self) -> list[list]:
         if self.first is None:
             return []
-        return [[i, int(s) if s >= 0 else int(self.last_step), bool(s >= 0), float(v)]
-                for i, (s, v) in enumerate(zip(self.first, self.final))]
+        return [
+            [i, int(s) if s >= 0 else int(self.last_step), bool(s >= 0), float(v)]
+            for i, (s, v) in enumerate(zip(self.first, self.final))
+        ]
 
     def on_fit_end(self, trainer, pl_module):
         values = self.summary()
         if wandb_run(trainer) is not None and self.first is not None:
             import wandb
 
-            values["emergence/items"] = wandb.Table(columns=["item", "step", "reached", f"final_{self.column}"],
-                                                    data=self.table_rows())
+            values["emergence/items"] = wandb.Table(
+                columns=["item", "step", "reached", f"final_{self.column}"], data=self.table_rows()
+            )
         write_summary(trainer, values)
 
     def state_dict(self) -> dict:
-        return {"first": None if self.first is None else torch.from_numpy(self.first),
-                "final": None if self.final is None else torch.from_numpy(self.final),
-                "last_step": self.last_step}
+        return {
+            "first": None if self.first is None else torch.from_numpy(self.first),
+            "final": None if self.final is None else torch.from_numpy(self.final),
+            "last_step": self.last_step,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.first = None if state["first"] is None else state["first"].numpy().copy()
@@ -89,14 +96,20 @@ class GrokkingCallback(L.Callback):
     measures delay and phase against it (MNIST tops out below 0.99).
     """
 
-    def __init__(self, threshold: float = 0.99, max_delay: int = 1000, train_key: str = "train/acc",
-                 val_key: str = "val/acc", val_threshold: Optional[float] = None):
+    def __init__(
+        self,
+        threshold: float = 0.99,
+        max_delay: int = 1000,
+        train_key: str = "train/acc",
+        val_key: str = "val/acc",
+        val_threshold: float | None = None,
+    ):
         self.threshold, self.max_delay = threshold, max_delay
         self.train_key, self.val_key = train_key, val_key
         self.val_threshold = val_threshold
-        self.t_train: Optional[int] = None
-        self.t_val: Optional[int] = None
-        self.t_val_low: Optional[int] = None
+        self.t_train: int | None = None
+        self.t_val: int | None = None
+        self.t_val_low: int | None = None
         self.last_step = 0
 
     def on_validation_end(self, trainer, pl_module):
@@ -104,38 +117,43 @@ class GrokkingCallback(L.Callback):
             return
         self.observe(trainer.global_step, metric(trainer, self.train_key), metric(trainer, self.val_key))
 
-    def observe(self, step: int, train: Optional[float], val: Optional[float]) -> None:
+    def observe(self, step: int, train: float | None, val: float | None) -> None:
         """One evaluation's accuracies at `step` (also called without a trainer, by harness.members.packed)."""
         self.last_step = step
         if self.t_train is None and train is not None and train >= self.threshold:
             self.t_train = step
         if self.t_val is None and val is not None and val >= self.threshold:
             self.t_val = step
-        if (self.val_threshold is not None and self.t_val_low is None and val is not None
-                and val >= self.val_threshold):
+        if self.val_threshold is not None and self.t_val_low is None and val is not None and val >= self.val_threshold:
             self.t_val_low = step
 
     def summary(self) -> dict:
         pct = round(self.threshold * 100)
         last = self.last_step
-        out = {**events.event_fields(f"grok/t_train{pct}", self.t_train, last),
-               **events.event_fields(f"grok/t_val{pct}", self.t_val, last)}
+        out = {
+            **events.event_fields(f"grok/t_train{pct}", self.t_train, last),
+            **events.event_fields(f"grok/t_val{pct}", self.t_val, last),
+        }
         t_val = self.t_val
         if self.val_threshold is not None:
             out.update(events.event_fields(f"grok/t_val{round(self.val_threshold * 100)}", self.t_val_low, last))
             out["grok/val_threshold"] = self.val_threshold
             t_val = self.t_val_low
         out.update(events.duration_fields("grok/delay", self.t_train, t_val, last))
-        out.update({"grok/phase": events.grokking_phase(self.t_train, t_val, self.max_delay),
-                    "grok/threshold": self.threshold, "grok/last_step": last})
+        out.update(
+            {
+                "grok/phase": events.grokking_phase(self.t_train, t_val, self.max_delay),
+                "grok/threshold": self.threshold,
+                "grok/last_step": last,
+            }
+        )
         return out
 
     def on_fit_end(self, trainer, pl_module):
         write_summary(trainer, self.summary())
 
     def state_dict(self) -> dict:
-        return {"t_train": self.t_train, "t_val": self.t_val, "t_val_low": self.t_val_low,
-                "last_step": self.last_step}
+        return {"t_train": self.t_train, "t_val": self.t_val, "t_val_low": self.t_val_low, "last_step": self.last_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.t_train, self.t_val = state["t_train"], state["t_val"]

@@ -1,4 +1,5 @@
 """Lightning callbacks of the training loop: an evaluation before the first step and after the last."""
+
 from __future__ import annotations
 
 import lightning as L

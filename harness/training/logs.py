@@ -5,6 +5,7 @@ Every history row carries `trainer/global_step` = optimizer steps completed (har
 Tasks take several optimizer steps per Lightning batch, so nothing here relies on Lightning's own
 per-batch logging (`self.log(on_step=True)` + `log_every_n_steps` count batches, not steps).
 """
+
 from __future__ import annotations
 
 import lightning as L

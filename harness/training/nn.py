@@ -2,6 +2,7 @@
 
 Pure torch (no Lightning, no config objects), so a task's nn.Module stays a plain module.
 """
+
 from __future__ import annotations
 
 import torch

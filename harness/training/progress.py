@@ -5,6 +5,7 @@ batch showed `20/200` for 200 steps, and an infinite-data task `Epoch 0/-2`. Thi
 `trainer.max_steps` and its position `trainer.global_step` (optimizer steps completed, contract C2),
 so it is right whatever a batch holds, and starts where a resumed run left off.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,16 @@ class StepProgressBar(ProgressBar):
     def _open(self, total: int | None, initial: int, desc: str) -> None:
         self._close()
         if self._enabled:
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr,
-                            dynamic_ncols=True, mininterval=0.2, smoothing=0.1)
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0.2,
+                smoothing=0.1,
+            )
 
     def _close(self) -> None:
         if self.bar is not None:

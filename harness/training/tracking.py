@@ -1,4 +1,5 @@
 """W&B run lifecycle: mode (online/offline), naming, config, summaries, artifacts."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ from harness.config.run import RunConfig, flatten, to_dict
 from harness.errors import ConfigError
 from harness.wandb_mode import resolve_mode
 
-
 PARAM_ENV = "HARNESS_SWEEP_PARAM_PATH"  # the local controller's parameters file (harness.sweep.agent)
 
 
@@ -24,14 +24,23 @@ def sweep_parameters() -> dict[str, Any]:
         return {}
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
-    return {k: v["value"] if isinstance(v, dict) and "value" in v else v for k, v in raw.items()
-            if k != "wandb_version"}
+    return {
+        k: v["value"] if isinstance(v, dict) and "value" in v else v for k, v in raw.items() if k != "wandb_version"
+    }
 
 
 # Config keys that say where and how a run ran, not what it computed: kept out of the logged config
 # (and out of run names). The sweep engine may still inject one as a flat key (see run_config).
-PLUMBING = ("wandb", "data_dir", "trainer.threads", "trainer.progress_bar", "trainer.ckpt_dir", "trainer.resume",
-            "trainer.log_checkpoints", "trainer.resume_from")
+PLUMBING = (
+    "wandb",
+    "data_dir",
+    "trainer.threads",
+    "trainer.progress_bar",
+    "trainer.ckpt_dir",
+    "trainer.resume",
+    "trainer.log_checkpoints",
+    "trainer.resume_from",
+)
 VARIED_ENV = "HARNESS_SWEEP_VARIED"  # comma-separated keys a sweep varies (set by the local controller)
 
 
@@ -198,8 +207,7 @@ def _json_safe(value):
     return value
 
 
-def log_artifact(run, path: str, name: str, type_: str, metadata: dict | None = None,
-                 policy: str = "mutable") -> None:
+def log_artifact(run, path: str, name: str, type_: str, metadata: dict | None = None, policy: str = "mutable") -> None:
     """A file or folder as a W&B artifact. policy="immutable" references the files where they are
     (no staging copy): for files written once, in the run directory, and never changed."""
     art = wandb.Artifact(name=name, type=type_, metadata=metadata or {})

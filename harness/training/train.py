@@ -1,4 +1,5 @@
 """`train(cfg) -> summary`: one Lightning run, logged to W&B."""
+
 from __future__ import annotations
 
 import contextlib
@@ -102,8 +103,10 @@ def check_finite(metrics: dict, step) -> None:
     loggers, as host numbers already, so the check costs no device sync of its own."""
     for key, value in metrics.items():
         if key.rsplit("/", 1)[-1] in ("loss", "batch_loss") and not math.isfinite(float(value)):
-            raise NonFiniteLoss(f"{key}={float(value)} at step {step}: the loss is not finite "
-                                "(learning rate or init scale too large, or a precision overflow?)")
+            raise NonFiniteLoss(
+                f"{key}={float(value)} at step {step}: the loss is not finite "
+                "(learning rate or init scale too large, or a precision overflow?)"
+            )
 
 
 class StepLogger(WandbLogger):
@@ -203,8 +206,9 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
                     resumed_step = int(checkpoint.load(ckpt_path, "trainer.resume_from:")["global_step"])
             if ckpt_path:
                 run.summary["trainer/resumed_from_step"] = resumed_step
-            saver = checkpoint.StepCheckpoint(directory, cfg.trainer.ckpt_every, cfg.trainer.eval_every,
-                                              checkpoint.identity(cfg), run)
+            saver = checkpoint.StepCheckpoint(
+                directory, cfg.trainer.ckpt_every, cfg.trainer.eval_every, checkpoint.identity(cfg), run
+            )
             callbacks += [saver, *([artifacts.CheckpointArtifacts(saver)] if cfg.trainer.log_checkpoints else [])]
         logger = StepLogger(experiment=run, log_model=False)
         run.summary.update(job.summary)
@@ -251,12 +255,17 @@ def _train_other_rank(cfg: RunConfig, job: Job) -> None:
     """DDP rank > 0: the same fit without a W&B run (rank 0 logs); it checkpoints with rank 0
     (trainer.save_checkpoint synchronises all ranks) and resumes from rank 0's decision."""
     run_id = os.environ.get("WANDB_RUN_ID") or f"rank{rank_zero_only.rank}"
-    saver = checkpoint.StepCheckpoint(checkpoint.ckpt_dir(cfg, run_id), cfg.trainer.ckpt_every, cfg.trainer.eval_every,
-                                      checkpoint.identity(cfg))
+    saver = checkpoint.StepCheckpoint(
+        checkpoint.ckpt_dir(cfg, run_id), cfg.trainer.ckpt_every, cfg.trainer.eval_every, checkpoint.identity(cfg)
+    )
     trainer = make_trainer(cfg, False, [*job.callbacks, saver])
     try:
-        trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=os.environ.get(checkpoint.RESUME_ENV) or None,
-                    weights_only=True)
+        trainer.fit(
+            job.module,
+            datamodule=job.datamodule,
+            ckpt_path=os.environ.get(checkpoint.RESUME_ENV) or None,
+            weights_only=True,
+        )
     except SIGTERMException:
         raise checkpoint.Preempted(trainer.global_step, None, run_id) from None
 
@@ -276,13 +285,17 @@ def _check_shardable(cfg: RunConfig, job: Job) -> None:
     if n <= 1:
         return
     dm = job.datamodule
-    reason = dm.shard_error() if isinstance(dm, DeviceDataModule) else \
-        f"task {cfg.task} has no per-rank data stream ({type(dm).__name__})"
+    reason = (
+        dm.shard_error()
+        if isinstance(dm, DeviceDataModule)
+        else f"task {cfg.task} has no per-rank data stream ({type(dm).__name__})"
+    )
     if job.stage != "fit":
         reason = f"task {cfg.task} evaluates (stage {job.stage}) in one process"
     if reason:
-        raise ConfigError(f"trainer.devices={n}: {reason}, so every rank would see the same data; "
-                          "use trainer.devices=1")
+        raise ConfigError(
+            f"trainer.devices={n}: {reason}, so every rank would see the same data; use trainer.devices=1"
+        )
 
 
 @contextlib.contextmanager

@@ -3,10 +3,10 @@
 Not a task: the Pythia evaluation and quanta discovery configs are built from these. Imports
 neither torch nor Lightning.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # tasks.lm.DTYPES
 
@@ -39,6 +39,7 @@ class DataConfig:
 @dataclass
 class LMSource:
     """A model and its documents, for a task whose own config spells them differently (quanta_discovery)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    data_dir: Optional[str] = None  # relative model, tokenizer and document paths are under it
+    data_dir: str | None = None  # relative model, tokenizer and document paths are under it

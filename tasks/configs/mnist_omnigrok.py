@@ -3,6 +3,7 @@
 Imports neither torch nor Lightning: `harness train task=mnist_omnigrok --cfg`, `harness tasks` and sweep
 validation read this module only; the training code (tasks.mnist_omnigrok) is imported when a run starts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -69,8 +70,11 @@ class Config(RunConfig):
     # The paper's run: 1e5 steps in float64 (~22 min on one CPU thread; 32-true halves it).
     # 10 optimizer steps per Lightning batch: Lightning's per-batch hooks cost ~1-2 ms, a third of a
     # float32 step here (benchmarks/bench_mnist_omnigrok.py).
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
-        steps=100000, eval_every=500, log_every=100, precision="64-true", steps_per_batch=10))
+    trainer: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(
+            steps=100000, eval_every=500, log_every=100, precision="64-true", steps_per_batch=10
+        )
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -80,11 +84,17 @@ class Config(RunConfig):
         if o.loss not in LOSSES:
             raise ConfigError(f"optim.loss={o.loss!r}: valid values are {', '.join(LOSSES)}")
         if not 1 <= d.n_train <= 60000 or d.n_test < 0 or d.batch_size < 1:
-            raise ConfigError(f"data.n_train={d.n_train}, data.n_test={d.n_test}, data.batch_size={d.batch_size}: "
-                              "need 1 <= n_train <= 60000, n_test >= 0, batch_size >= 1")
+            raise ConfigError(
+                f"data.n_train={d.n_train}, data.n_test={d.n_test}, data.batch_size={d.batch_size}: "
+                "need 1 <= n_train <= 60000, n_test >= 0, batch_size >= 1"
+            )
         if m.width < 1 or m.depth < 1 or not m.init_scale > 0:
-            raise ConfigError(f"model.width={m.width}, model.depth={m.depth}, model.init_scale={m.init_scale}: "
-                              "width and depth >= 1, init_scale > 0")
+            raise ConfigError(
+                f"model.width={m.width}, model.depth={m.depth}, model.init_scale={m.init_scale}: "
+                "width and depth >= 1, init_scale > 0"
+            )
         if not (0 < e.threshold <= 1 and 0 < e.val_threshold <= 1) or e.chunk < 1:
-            raise ConfigError(f"eval.threshold={e.threshold}, eval.val_threshold={e.val_threshold}, "
-                              f"eval.chunk={e.chunk}: thresholds in (0, 1], chunk >= 1")
+            raise ConfigError(
+                f"eval.threshold={e.threshold}, eval.val_threshold={e.val_threshold}, "
+                f"eval.chunk={e.chunk}: thresholds in (0, 1], chunk >= 1"
+            )

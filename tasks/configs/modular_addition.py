@@ -3,6 +3,7 @@
 Imports neither torch nor Lightning: `harness train task=modular_addition --cfg`, `harness tasks` and sweep
 validation read this module only; the training code (tasks.modular_addition) is imported when a run starts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -80,8 +81,9 @@ class Config(RunConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
     # 50 optimizer steps per Lightning batch: Lightning's ~1 ms of hooks per batch is half of this
     # full-batch step on a CPU; amortised it costs ~1% (benchmarks/bench_modular_addition.py).
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
-        steps=50000, eval_every=100, log_every=100, steps_per_batch=50))
+    trainer: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(steps=50000, eval_every=100, log_every=100, steps_per_batch=50)
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -96,19 +98,27 @@ class Config(RunConfig):
         _one_of("model.init", m.init, INITS)
         _one_of("optim.loss", o.loss, LOSSES)
         if d.symmetric and d.operation == "subtract":
-            raise ConfigError("data.symmetric=true with data.operation=subtract: subtraction is not "
-                              "commutative; set data.symmetric=false")
+            raise ConfigError(
+                "data.symmetric=true with data.operation=subtract: subtraction is not "
+                "commutative; set data.symmetric=false"
+            )
         n = n_pairs(d.p, d.symmetric)
         n_train = round(d.train_fraction * n)
         if not 1 <= n_train < n:
-            raise ConfigError(f"data.train_fraction={d.train_fraction} of {n} pairs leaves {n_train} "
-                              f"train and {n - n_train} validation pairs: both must be >= 1")
+            raise ConfigError(
+                f"data.train_fraction={d.train_fraction} of {n} pairs leaves {n_train} "
+                f"train and {n - n_train} validation pairs: both must be >= 1"
+            )
         if d.batch_size < 0 or m.embed_dim < 1 or m.hidden < 1:
-            raise ConfigError(f"data.batch_size={d.batch_size}, model.embed_dim={m.embed_dim}, "
-                              f"model.hidden={m.hidden}: need >= 0, >= 1, >= 1")
+            raise ConfigError(
+                f"data.batch_size={d.batch_size}, model.embed_dim={m.embed_dim}, "
+                f"model.hidden={m.hidden}: need >= 0, >= 1, >= 1"
+            )
         if not 0 < self.eval.threshold <= 1 or self.eval.max_keys < 1:
-            raise ConfigError(f"eval.threshold={self.eval.threshold}, eval.max_keys={self.eval.max_keys}: "
-                              "need 0 < threshold <= 1 and max_keys >= 1")
+            raise ConfigError(
+                f"eval.threshold={self.eval.threshold}, eval.max_keys={self.eval.max_keys}: "
+                "need 0 < threshold <= 1 and max_keys >= 1"
+            )
 
 
 def _one_of(key: str, value: str, valid) -> None:

@@ -3,6 +3,7 @@
 Imports neither torch nor Lightning: `harness train task=pythia_eval --cfg`, `harness tasks` and sweep
 validation read this module only; the training code (tasks.pythia_eval) is imported when a run starts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -51,13 +52,19 @@ class Config(RunConfig):
         if d.shard_index < 0 or d.num_shards < 1:
             raise ConfigError(f"data.shard_index={d.shard_index}, data.num_shards={d.num_shards}: need >= 0 and >= 1")
         if d.context_length < 2 or d.n_docs < 0 or d.first_doc < 0:
-            raise ConfigError(f"data.context_length={d.context_length}, data.n_docs={d.n_docs}, "
-                              f"data.first_doc={d.first_doc}: need >= 2, >= 0, >= 0")
+            raise ConfigError(
+                f"data.context_length={d.context_length}, data.n_docs={d.n_docs}, "
+                f"data.first_doc={d.first_doc}: need >= 2, >= 0, >= 0"
+            )
         if e.batch_tokens < d.context_length:
-            raise ConfigError(f"eval.batch_tokens={e.batch_tokens} < data.context_length={d.context_length}: "
-                              "a full-length document must fit one batch")
+            raise ConfigError(
+                f"eval.batch_tokens={e.batch_tokens} < data.context_length={d.context_length}: "
+                "a full-length document must fit one batch"
+            )
         if not 0 <= e.max_padding <= 1:
             raise ConfigError(f"eval.max_padding={e.max_padding}: a share of the batch, between 0 and 1")
         if min(e.max_batch_docs, e.head_chunk, e.sort_buffer, e.row_group_rows) < 1 or e.vocab_tile < 0:
-            raise ConfigError("eval.max_batch_docs, eval.head_chunk, eval.sort_buffer, eval.row_group_rows must be "
-                              f">= 1 and eval.vocab_tile >= 0 (0: the whole vocabulary); got eval.vocab_tile={e.vocab_tile}")
+            raise ConfigError(
+                "eval.max_batch_docs, eval.head_chunk, eval.sort_buffer, eval.row_group_rows must be "
+                f">= 1 and eval.vocab_tile >= 0 (0: the whole vocabulary); got eval.vocab_tile={e.vocab_tile}"
+            )

@@ -3,6 +3,7 @@
 Imports neither torch nor Lightning: `harness train task=pythia_suite --cfg`, `harness tasks` and sweep
 validation read this module only; the training code (tasks.pythia_suite) is imported when a run starts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -60,13 +61,17 @@ class Config(RunConfig):
         super().validate()
         m = self.model
         if m.d_model < 1 or m.n_layers < 0 or m.n_heads < 0:
-            raise ConfigError(f"model.d_model={m.d_model}, model.n_layers={m.n_layers}, model.n_heads={m.n_heads}: need >= 1, >= 0, >= 0")
+            raise ConfigError(
+                f"model.d_model={m.d_model}, model.n_layers={m.n_layers}, model.n_heads={m.n_heads}: need >= 1, >= 0, >= 0"
+            )
         if m.d_model % heads(m):
             raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={heads(m)}")
         d = self.data
         if min(d.train_docs, d.seq_len, d.batch_size, d.val_windows) < 1 or d.seq_len > m.context_length:
-            raise ConfigError(f"data.train_docs={d.train_docs}, data.seq_len={d.seq_len}, data.batch_size={d.batch_size}, "
-                              f"data.val_windows={d.val_windows}: need >= 1, and seq_len <= model.context_length")
+            raise ConfigError(
+                f"data.train_docs={d.train_docs}, data.seq_len={d.seq_len}, data.batch_size={d.batch_size}, "
+                f"data.val_windows={d.val_windows}: need >= 1, and seq_len <= model.context_length"
+            )
         if self.save_every < 0:
             raise ConfigError(f"save_every={self.save_every}: need >= 0")
 

@@ -3,10 +3,11 @@
 Imports neither torch nor Lightning: `harness train task=quanta_discovery --cfg`, `harness tasks` and sweep
 validation read this module only; the training code (tasks.quanta_discovery) is imported when a run starts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any
 
 from harness.config.run import RunConfig, TrainerConfig
 from harness.errors import ConfigError
@@ -58,7 +59,7 @@ class SamplesConfig:
 
 @dataclass
 class GradConfig:
-    exclude: List[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))  # name substrings to drop
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))  # name substrings to drop
     include: str = ""  # regex a parameter name must match ("" = any)
     drop_embeddings: bool = True  # also drop the input/output embedding matrices by identity (see qdg_core)
     batch: int = 64  # LMs: tokens per batched backward
@@ -79,9 +80,9 @@ class SimConfig:
 
 @dataclass
 class ClusterConfig:
-    counts: List[int] = field(default_factory=lambda: [400])
+    counts: list[int] = field(default_factory=lambda: [400])
     # Planted quanta: also cluster at m x (subtasks among the samples) for each m listed.
-    subtask_multiples: List[int] = field(default_factory=list)
+    subtask_multiples: list[int] = field(default_factory=list)
     n_init: int = 30  # k-means restarts in sklearn's SpectralClustering (the paper: 30)
     fit_rank_min: int = 101  # rank-frequency fit over ranks [min, max] of the envelope (the paper: 101-1000)
     fit_rank_max: int = 1000  # 0 = up to the last rank
@@ -98,7 +99,7 @@ class Config(RunConfig):
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # model.source=train: another task's config (train.task=sparse_parity, train.data.n_tasks=4, ...),
     # trained by this run with this run's trainer.* settings, then analysed.
-    train: Dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=0))
 
     @property
@@ -121,18 +122,24 @@ class Config(RunConfig):
         if s.n > s.max_n:
             raise ConfigError(too_many_samples(f"samples.n={s.n}", s.n, s.max_n))
         if s.n < 0 or s.stride < 1 or s.context_tokens < 0:
-            raise ConfigError(f"samples.n={s.n}, samples.stride={s.stride}, samples.context_tokens={s.context_tokens}: "
-                              "need >= 0, >= 1, >= 0")
+            raise ConfigError(
+                f"samples.n={s.n}, samples.stride={s.stride}, samples.context_tokens={s.context_tokens}: "
+                "need >= 0, >= 1, >= 0"
+            )
         if min(g.dim, g.block, g.max_grad_mb, g.check_samples, self.grad.batch, c.n_init) < 1:
-            raise ConfigError("sim.dim, sim.block, sim.max_grad_mb, sim.check_samples, grad.batch, cluster.n_init must be >= 1")
+            raise ConfigError(
+                "sim.dim, sim.block, sim.max_grad_mb, sim.check_samples, grad.batch, cluster.n_init must be >= 1"
+            )
         if not c.counts and not c.subtask_multiples:
             raise ConfigError("cluster.counts is empty: give at least one cluster count")
         if any(k < 2 for k in c.counts) or any(k < 1 for k in c.subtask_multiples):
             raise ConfigError(f"cluster.counts={list(c.counts)}: each must be >= 2; cluster.subtask_multiples >= 1")
         too_many = [k for k in c.counts if s.n and k >= s.n]
         if too_many:
-            raise ConfigError(f"cluster.counts={list(c.counts)}: {too_many} not below samples.n={s.n} "
-                              "(spectral clustering needs fewer clusters than samples)")
+            raise ConfigError(
+                f"cluster.counts={list(c.counts)}: {too_many} not below samples.n={s.n} "
+                "(spectral clustering needs fewer clusters than samples)"
+            )
 
 
 def sim_bytes(n: int) -> int:
@@ -142,6 +149,8 @@ def sim_bytes(n: int) -> int:
 
 
 def too_many_samples(what: str, n: int, max_n: int) -> str:
-    return (f"{what}: {n} samples > samples.max_n={max_n}; the {n} x {n} similarity and spectral clustering's "
-            f"copies of it take ~{sim_bytes(n) / 2**30:.1f} GiB (20 n^2 bytes); lower samples.n or raise "
-            f"samples.max_n to {n} to ask for it")
+    return (
+        f"{what}: {n} samples > samples.max_n={max_n}; the {n} x {n} similarity and spectral clustering's "
+        f"copies of it take ~{sim_bytes(n) / 2**30:.1f} GiB (20 n^2 bytes); lower samples.n or raise "
+        f"samples.max_n to {n} to ask for it"
+    )

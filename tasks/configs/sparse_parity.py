@@ -3,6 +3,7 @@
 Imports neither torch nor Lightning: `harness train task=sparse_parity --cfg`, `harness tasks` and sweep
 validation read this module only; the training code (tasks.sparse_parity) is imported when a run starts.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,9 @@ class Config(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=25000, eval_every=500,
-                                                                         steps_per_batch=10))
+    trainer: TrainerConfig = field(
+        default_factory=lambda: TrainerConfig(steps=25000, eval_every=500, steps_per_batch=10)
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -77,11 +79,17 @@ class Config(RunConfig):
         if d.k > d.n:
             raise ConfigError(f"data.k={d.k} > data.n={d.n}: a parity subset cannot exceed the data bits")
         if math.comb(d.n, d.k) < d.n_tasks:
-            raise ConfigError(f"data.n_tasks={d.n_tasks} > C(n={d.n}, k={d.k}) = {math.comb(d.n, d.k)} distinct subsets")
+            raise ConfigError(
+                f"data.n_tasks={d.n_tasks} > C(n={d.n}, k={d.k}) = {math.comb(d.n, d.k)} distinct subsets"
+            )
         if d.task_seed < -1 or d.stream_seed < -1 or d.offset <= -1:
-            raise ConfigError(f"data.task_seed={d.task_seed}, data.stream_seed={d.stream_seed}, data.offset={d.offset}: "
-                              "the seeds are -1 (follow seed) or >= 0; offset must be > -1 (ranks t + offset start above 0)")
+            raise ConfigError(
+                f"data.task_seed={d.task_seed}, data.stream_seed={d.stream_seed}, data.offset={d.offset}: "
+                "the seeds are -1 (follow seed) or >= 0; offset must be > -1 (ranks t + offset start above 0)"
+            )
         if d.batch_size < 1 or d.n_train_samples < 0:
-            raise ConfigError(f"data.batch_size={d.batch_size}, data.n_train_samples={d.n_train_samples}: need >= 1 and >= 0")
+            raise ConfigError(
+                f"data.batch_size={d.batch_size}, data.n_train_samples={d.n_train_samples}: need >= 1 and >= 0"
+            )
         if self.model.width < 1 or self.model.depth < 1:
             raise ConfigError(f"model.width={self.model.width}, model.depth={self.model.depth}: both must be >= 1")
