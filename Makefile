@@ -11,12 +11,14 @@ PACK ?= 15
 
 setup: $(VENV)/.installed
 
-# torch is pinned first so pip takes the CPU build on disk instead of downloading a CUDA one.
-$(VENV)/.installed: pyproject.toml
+# torch is pinned first so pip takes the CPU build on disk instead of downloading a CUDA one; then the
+# exact versions of requirements.lock, then the project itself (its ranges in pyproject.toml are met).
+$(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -r requirements.lock
+	$(VENV)/bin/pip install -q --no-deps -e '.[dev]'
 	touch $@
 
 # The main job: the offline sparse-parity width sweep (10 widths x 3 seeds, packed: two single-threaded
