@@ -224,7 +224,13 @@ def test_packed_member_logs_what_its_solo_run_logs(solo_and_packed):
 
 
 def present(row, columns):
-    return sorted(k for k in columns if k.startswith(("summary.", "config.")) and not pd.isna(row[k]))
+    # a summary Table comes back as a DataFrame (present); a scalar is present unless missing
+    return sorted(
+        k
+        for k in columns
+        if k.startswith(("summary.", "config."))
+        and not (pd.api.types.is_scalar(row[k]) and pd.isna(row[k]))
+    )
 
 
 def test_packed_grokking_step_within_one_evaluation_of_solo(solo_and_packed):

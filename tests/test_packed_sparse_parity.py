@@ -256,7 +256,13 @@ def solo_and_packed(tmp_path_factory):
 
 
 def present(row, columns):
-    return sorted(k for k in columns if k.startswith(("summary.", "config.")) and not pd.isna(row[k]))
+    # a summary Table comes back as a DataFrame (present); a scalar is present unless missing
+    return sorted(
+        k
+        for k in columns
+        if k.startswith(("summary.", "config."))
+        and not (pd.api.types.is_scalar(row[k]) and pd.isna(row[k]))
+    )
 
 
 def first_below(curves, run_id, threshold):

@@ -188,18 +188,79 @@ def test_a_point_preempted_in_a_block_resumes_alone_and_a_solo_point_in_a_block(
     ckpts = tmp_path / "wandb" / "checkpoints"
     # packed.pt, then `harness train` with the same run id: a block of one, from step 100
     first = _summary(_train_block("packedfirst", tmp_path))
-    assert os.listdir(ckpts / "packedfirst") == ["packed.pt"]
+    assert sorted(os.listdir(ckpts / "packedfirst")) == ["finished.json", "packed.pt"]
+    # A finished run's id is not trained again (issue 18 point 4), packed or solo: one line, exit 2.
+    refused = harness("train", *RESUMABLE, env={"WANDB_RUN_ID": "packedfirst"}, check=False)
+    assert refused.returncode == 2 and "already finished" in refused.stderr.strip().splitlines()[-1]
+    # As if it had been killed after its step-100 checkpoint (the finished mark not yet written):
+    os.remove(ckpts / "packedfirst" / "finished.json")
     again = harness("train", *RESUMABLE, env={"WANDB_RUN_ID": "packedfirst"})
     assert "resumes from its packed checkpoint" in again.stderr
     resumed = _summary(again)
     assert resumed["trainer/resumed_from_step"] == 100
     assert resumed["val/loss"]["last"] == first["val/loss"]["last"]  # the same trajectory, bit for bit
-    assert os.listdir(ckpts / "packedfirst") == ["packed.pt"]  # one format per run: no last.ckpt beside it
+    # one format per run: no last.ckpt beside it
+    assert sorted(os.listdir(ckpts / "packedfirst")) == ["finished.json", "packed.pt"]
 
     # last.ckpt, then a block holding that run id: it continues as the solo run it was
     solo = _summary(harness("train", *RESUMABLE, env={"WANDB_RUN_ID": "solofirst"}))
-    assert os.listdir(ckpts / "solofirst") == ["last.ckpt"]
+    assert sorted(os.listdir(ckpts / "solofirst")) == ["finished.json", "last.ckpt"]
+    os.remove(ckpts / "solofirst" / "finished.json")  # as if killed after its step-100 checkpoint
     block = _summary(_train_block("solofirst", tmp_path))
     assert block["trainer/resumed_from_step"] == 100
     assert block["val/loss"]["last"] == solo["val/loss"]["last"]
-    assert os.listdir(ckpts / "solofirst") == ["last.ckpt"]
+    assert sorted(os.listdir(ckpts / "solofirst")) == ["finished.json", "last.ckpt"]
+
+
+# A best value that lies before the resume point (tests/test_resume_summary.py: val/loss rises after
+# its early minimum at this init scale); checkpoints at steps 100 and 200.
+BEST_EARLY = [
+    "task=modular_addition",
+    "data.p=23",
+    "data.train_fraction=0.5",
+    "model.init_scale=0.5",
+    "trainer.steps=300",
+    "trainer.eval_every=50",
+    "trainer.ckpt_every=100",
+    "trainer.threads=1",
+    "trainer.progress_bar=false",
+    "model.save=false",
+]
+
+
+def _block(tmp_path, name: str, members: list[tuple[list[str], str]], check=True):
+    spec = tmp_path / f"block-{name}.json"
+    spec.write_text(json.dumps({"members": [{"overrides": o, "run_id": r} for o, r in members]}))
+    return harness("train-packed", str(spec), check=check)
+
+
+def test_a_packed_member_keeps_its_best_values_and_its_identity_across_a_resume(tmp_path):
+    """Issue 18 (4) and 19 (6) for packed runs: packed.pt records the member's config and its summary
+    aggregates; a resume merges them (best values = the whole run's), another config is refused."""
+    from harness import runstore
+
+    ckpts = tmp_path / "wandb" / "checkpoints" / "best1"
+    first = _summary(_block(tmp_path, "first", [(BEST_EARLY, "best1")]))
+    os.remove(ckpts / "finished.json")  # as if killed after its step-200 checkpoint
+    again = _summary(harness("train", *BEST_EARLY, env={"WANDB_RUN_ID": "best1"}))
+    assert again["trainer/resumed_from_step"] == 200
+    assert again["val/loss"]["min"] == first["val/loss"]["min"]
+    assert again["val/acc"]["max"] == first["val/acc"]["max"]
+    hist = runstore.load_history(str(tmp_path / "wandb"), run_ids=["best1"])
+    after = hist[hist["step"] > 200]["val/loss"].dropna()
+    assert len(after) and after.min() > first["val/loss"]["min"]  # the resumed part alone would report worse
+
+    os.remove(ckpts / "finished.json")
+    other = [a for a in BEST_EARLY if not a.startswith("data.train_fraction=")] + ["data.train_fraction=0.6"]
+    proc = harness("train", *other, env={"WANDB_RUN_ID": "best1"}, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "another run config" in last and "data.train_fraction" in last, last
+    # In a block, the refused member fails alone; its neighbour trains.
+    lr = [a for a in other if not a.startswith("optim.lr=")]
+    proc = _block(tmp_path, "mixed", [(lr + ["optim.lr=0.002"], "best1"), (lr + ["optim.lr=0.001"], "fresh2")], False)
+    states = {
+        s["_run_id"]: s["_state"]
+        for s in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
+        if "_run_id" in s
+    }
+    assert proc.returncode == 1 and states == {"best1": "failed", "fresh2": "finished"}, proc.stdout[-2000:]

@@ -45,11 +45,27 @@ def _close(got, want, where: str) -> None:
         assert got == want, f"{where}: {got!r} != {want!r}"
 
 
+def _model_artifact_as_lightning_logs_it(artifacts: list[dict]) -> list[dict]:
+    """The one change made on purpose since the fixture (issue 21): the model artifact holds a Lightning
+    checkpoint, `model.ckpt`, not `model.pt`; a version for the `best` weights comes before the final
+    one when the best evaluation is not the last (harness.training.artifacts). Both forms compare equal."""
+    out = []
+    for a in artifacts:
+        if a["type"] == "model":
+            a = {**a, "files": ["model.ckpt" if f == "model.pt" else f for f in a["files"]]}
+            if out and out[-1] == a:  # best, then final: one entry
+                continue
+        out.append(a)
+    return out
+
+
 @pytest.mark.parametrize("task", sorted(EXPECTED))
 def test_solo_run_records_unchanged(task, tmp_path):
     want = EXPECTED[task]
     got = record(want["overrides"], str(tmp_path))
-    for key in ("job_type", "exit_code", "config", "history_columns", "summary_keys", "artifacts"):
+    for key in ("job_type", "exit_code", "config", "history_columns", "summary_keys"):
         assert got[key] == want[key], f"{task}: {key} changed"
+    want_artifacts = _model_artifact_as_lightning_logs_it(want["artifacts"])
+    assert _model_artifact_as_lightning_logs_it(got["artifacts"]) == want_artifacts, f"{task}: artifacts changed"
     _close(got["history"], want["history"], f"{task}.history")
     _close(got["summary"], want["summary"], f"{task}.summary")

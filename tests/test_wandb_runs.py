@@ -160,7 +160,7 @@ def test_sweep_run_config_is_one_nested_shape_named_from_the_varied_keys(tmp_pat
     assert runs.loc[0, "config.model.width"] == 8  # the flat and the nested spelling: one column
 
 
-def test_default_name_and_run_config_leave_plumbing_out(monkeypatch):
+def test_default_name_and_run_config_leave_plumbing_out(monkeypatch, tmp_path):
     monkeypatch.delenv(tracking.VARIED_ENV, raising=False)
     cfg = load_config(["task=sparse_parity", "model.width=16", "trainer.threads=1"])
     overrides = [
@@ -175,6 +175,10 @@ def test_default_name_and_run_config_leave_plumbing_out(monkeypatch):
     ]
     assert tracking.default_name(cfg, overrides) == "sparse_parity[width=16,seed=3]"  # a repeated key: its last value
     monkeypatch.setenv(tracking.VARIED_ENV, "model.width,data.n,data.k")
+    assert tracking.default_name(cfg, overrides) == "sparse_parity[width=16,seed=3]"  # a leftover, outside a sweep
+    params = tmp_path / "params.yaml"
+    params.write_text("model.width:\n  value: 16\n")
+    monkeypatch.setenv(tracking.PARAM_ENV, str(params))  # a run the local controller handed parameters to
     assert tracking.default_name(cfg, overrides) == "sparse_parity[width=16,n=50,k=3]"
     logged = tracking.run_config(cfg)
     assert set(logged) == {"task", "seed", "data", "model", "optim", "eval", "trainer"}

@@ -53,12 +53,12 @@ from torch.optim.adamw import adamw  # torch.optim.AdamW's functional form
 from harness.config import results
 from harness.config.registry import task_module
 from harness.config.run import RunConfig, flatten, load_config, to_dict
-from harness.errors import ConfigError
+from harness.errors import ConfigError, UserError
 from harness.training import artifacts, checkpoint, tracking
 from harness.training.curves import CurvesRecorder
 from harness.training.train import NonFiniteLoss, check_finite
 
-PACKED_CKPT = "packed.pt"  # a member's resume point, in its checkpoint directory (beside a solo last.ckpt)
+PACKED_CKPT = checkpoint.PACKED  # a member's resume point, in its checkpoint directory
 
 
 # ---- which parts of a parameter are whose ----------------------------------------------------------
@@ -275,7 +275,8 @@ class Member:
     summary: dict = field(default_factory=dict)
     curves: CurvesRecorder = field(default_factory=CurvesRecorder)
     start_step: int = 0
-    resume: dict | None = None  # the loaded checkpoint
+    resume: dict | None = None  # the loaded packed.pt, matched to this member's config
+    before: dict = field(default_factory=dict)  # summary aggregates of the run's part before its resume point
 
     @property
     def ckpt_path(self) -> str:
@@ -403,6 +404,20 @@ def packed_resume_point(cfg: RunConfig, run_id: str | None) -> str | None:
     return path if os.path.isfile(path) and checkpoint.resume_path(directory) is None else None
 
 
+def packed_resume(cfg: RunConfig, run_id: str | None) -> dict | None:
+    """The packed.pt state this member resumes from, or None for a fresh start, after the checks a
+    solo run gets (harness.training.checkpoint.resume_point): a finished run id, or a resume point of
+    another run config, is ResumeRefused (one line, before any W&B run); trainer.resume=never starts
+    the id again from step 0, removing what it left."""
+    checkpoint.resume_point(cfg, run_id)  # refuses a finished id or a foreign last.ckpt; `never` clears
+    path = packed_resume_point(cfg, run_id)
+    if path is None:
+        return None
+    state = checkpoint.load(path, f"packed resume point of run {run_id}")
+    checkpoint.check_config(state.get("config"), cfg, run_id, path)
+    return state
+
+
 def _train_solo(member: Member) -> None:
     """A member whose resume point is a solo run's last.ckpt continues as that solo run (Lightning's
     resume), with the environment a solo run of the sweep has; its outcome is recorded as a member's."""
@@ -414,7 +429,7 @@ def _train_solo(member: Member) -> None:
             member.state = "finished"
         except checkpoint.Preempted:
             member.state = "preempted"
-        except NonFiniteLoss as e:
+        except (NonFiniteLoss, UserError) as e:  # a refused resume point fails this member alone
             member.state, member.error = "failed", str(e)
 
 
@@ -427,6 +442,11 @@ def train_packed(members: list[Member]) -> list[Member]:
     for m in members:
         if solo_resume_point(m.cfg, m.run_id):
             _train_solo(m)
+            continue
+        try:
+            m.resume = packed_resume(m.cfg, m.run_id)
+        except UserError as e:  # this member's id is refused (finished, another config): it fails alone
+            m.state, m.error = "failed", str(e)
     members_left = [m for m in members if m.state == "running"]
     if members_left:
         _train_blocks(members_left)
@@ -437,10 +457,9 @@ def _train_blocks(members: list[Member]) -> None:
     try:
         for m in members:
             _open_run(m)
-            path = m.ckpt_path
-            if os.path.isfile(path):
-                m.resume = checkpoint.load(path, f"packed resume point of run {m.run.id}")
+            if m.resume is not None:
                 m.start_step = int(m.resume["step"])
+                m.before = m.resume.get("summary") or {}
                 m.run.summary["trainer/resumed_from_step"] = m.start_step
         groups: dict[int, list[Member]] = {}
         for m in members:
@@ -538,6 +557,8 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
             "block": block.member_state(i),
             "curves": m.curves.state_dict(),
             "task": m.cfg.task,
+            "config": checkpoint.identity(m.cfg),  # whose resume point this is (packed_resume checks it)
+            "summary": checkpoint.merge_summaries(m.before, checkpoint.summaries(m.run)),  # best values so far
         }
         torch.save(state, m.ckpt_path + ".tmp")  # renamed into place: a kill mid-write leaves the old one
         os.replace(m.ckpt_path + ".tmp", m.ckpt_path)
@@ -551,6 +572,7 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
                 if alive[i]:
                     save(i, step)
                     alive[i] = False
+                    _restore_summaries(m)
                     _end(m, "preempted", checkpoint.PREEMPTED_EXIT)
             return
         pending.append((step, block_step(block, opt, step, active)))
@@ -575,7 +597,16 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
             m.run.summary["model/artifact"] = artifacts.save_model(
                 m.run, SimpleNamespace(model=block.member_model(i)), m.cfg, step
             )
+        _restore_summaries(m)
         _end(m, "finished", 0)
+        checkpoint.mark_finished(m.cfg, m.run_id, step)
+
+
+def _restore_summaries(m: Member) -> None:
+    """W&B computes a resumed run's aggregates (val/loss min, ...) over its new part only: merge the
+    earlier part's, carried in packed.pt, as harness.training.checkpoint.StepCheckpoint does for a solo run."""
+    if m.before:
+        m.run.summary.update(checkpoint.merge_summaries(m.before, checkpoint.summaries(m.run)))
 
 
 # ---- the command -----------------------------------------------------------------------------------

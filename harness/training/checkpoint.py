@@ -29,6 +29,7 @@ from harness.training import tracking
 
 LAST = "last.ckpt"
 FINISHED = "finished.json"  # written when a run completes: its id is not trained again
+PACKED = "packed.pt"  # a packed member's resume point (harness.members.packed), never beside a LAST
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 RESUME_ENV = "HARNESS_RESUME_FROM"  # rank 0's decision, inherited by the DDP ranks it launches
 
@@ -89,9 +90,9 @@ def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[str | None, int | 
     directory = ckpt_dir(cfg, run_id)
     done, path = os.path.join(directory, FINISHED), resume_path(directory)
     if cfg.trainer.resume == "never":
-        for old in (done, path):
-            if old and os.path.exists(old):
-                os.remove(old)
+        for name in (FINISHED, LAST, PACKED):
+            if os.path.exists(os.path.join(directory, name)):
+                os.remove(os.path.join(directory, name))
         return None, None
     if os.path.exists(done):
         info = _read_json(done)
@@ -103,7 +104,12 @@ def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[str | None, int | 
     if path is None:
         return None, None
     state = load(path, f"resume point of run {run_id}")
-    saved = (state.get("callbacks") or {}).get(StepCheckpoint.__name__, {}).get("config")
+    check_config((state.get("callbacks") or {}).get(StepCheckpoint.__name__, {}).get("config"), cfg, run_id, path)
+    return path, int(state["global_step"])
+
+
+def check_config(saved: Any, cfg: RunConfig, run_id: str | None, path: str) -> None:
+    """ResumeRefused unless `saved` (the identity a resume point recorded) is this run config's."""
     if not isinstance(saved, dict):
         raise ResumeRefused(
             f"resume point {path} records no run config (written by an older harness), so it "
@@ -116,7 +122,6 @@ def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[str | None, int | 
             f"{_differences(saved, now)}; give this run a new WANDB_RUN_ID (or unset it), "
             "or pass trainer.resume=never to start this id again from step 0"
         )
-    return path, int(state["global_step"])
 
 
 def mark_finished(cfg: RunConfig, run_id: str, step: int) -> None:

@@ -93,7 +93,7 @@ def default_name(cfg: RunConfig, overrides: list[str]) -> str:
     """`task[width=32,seed=1]`: the keys a sweep varies ($HARNESS_SWEEP_VARIED), else the overrides,
     without plumbing; each key by its last part unless two keys share it."""
     varied = os.environ.get(VARIED_ENV)
-    # Only a run the sweep handed parameters to (WANDB_SWEEP_PARAM_PATH, set with the variable by the
+    # Only a run the sweep handed parameters to (HARNESS_SWEEP_PARAM_PATH, or wandb's own under `wandb agent`; set with the variable by the
     # local controller) is named by the sweep's keys: a variable left in a shell by an earlier sweep
     # must not rename plain runs.
     if varied is not None and sweep_parameters():
