@@ -282,7 +282,8 @@ def test_resume_from_a_logged_checkpoint_artifact_dir(sweep, tmp_path):
     art = tmp_path / "artifact"
     art.mkdir()
     os.link(last["manifest"]["contents"][0]["local_path"], art / "last.ckpt")
-    over = [f"{k}={v.strip('{}').split(': ', 1)[1]}" for k, v in TINY_SWEEP.items()]
+    # the run's own config (a resume point belongs to one run config): the sweep's keys and its cadence
+    over = [f"{k}={v.strip('{}').split(': ', 1)[1]}" for k, v in TINY_SWEEP.items()] + ["trainer.ckpt_every=20"]
     proc = harness(
         "train",
         *over,
@@ -294,6 +295,20 @@ def test_resume_from_a_logged_checkpoint_artifact_dir(sweep, tmp_path):
     assert summary["trainer/resumed_from_step"] == 40 and summary["trainer/global_step"] == 60
     bad = harness("train", *over, "trainer.resume_from=nope-run-id", env={"WANDB_DIR": str(tmp_path)}, check=False)
     assert bad.returncode == 2 and "trainer.resume_from='nope-run-id'" in bad.stderr
+    # Another run config (issue 18: a run id names one run): refused before any W&B run is made.
+    runs_before = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    width = int(run["config.model.width"]) + 1
+    other = harness(
+        "train",
+        *over,
+        f"model.width={width}",
+        f"trainer.resume_from={art}",
+        env={"WANDB_DIR": str(tmp_path), "WANDB_RUN_ID": "otherrun1"},
+        check=False,
+    )
+    last = other.stderr.strip().splitlines()[-1]
+    assert other.returncode == 2 and "another run config" in last and "model.width" in last, last
+    assert sorted((tmp_path / "wandb").glob("offline-run-*")) == runs_before
 
 
 # ---- point 3: notebooks --------------------------------------------------------------------------

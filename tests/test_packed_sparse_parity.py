@@ -260,8 +260,7 @@ def present(row, columns):
     return sorted(
         k
         for k in columns
-        if k.startswith(("summary.", "config."))
-        and not (pd.api.types.is_scalar(row[k]) and pd.isna(row[k]))
+        if k.startswith(("summary.", "config.")) and not (pd.api.types.is_scalar(row[k]) and pd.isna(row[k]))
     )
 
 

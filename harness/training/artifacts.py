@@ -178,11 +178,10 @@ class CheckpointArtifacts(Checkpoint):
         self._maybe_log(trainer)  # SIGTERM: the saver wrote last.ckpt in its own on_exception
 
 
-def resume_point(cfg: RunConfig, run, directory: str) -> str | None:
-    """`trainer.resume_from`: the checkpoint file to resume from, or None when it is not set.
-    A local file, or a directory holding last.ckpt (a downloaded artifact); else a run id or an
-    artifact name on W&B (`checkpoint-<id>:latest` of the run's project), downloaded into
-    `directory` through the run (online only; W&B records that this run used it)."""
+def local_resume_file(cfg: RunConfig, offline: bool) -> str | None:
+    """`trainer.resume_from` as a local file, decided before a W&B run exists: a file, or a directory
+    holding last.ckpt (a downloaded artifact); None when unset or (online) a W&B name that
+    `download_resume_file` fetches once the run exists. Anything else is a one-line ConfigError."""
     source = cfg.trainer.resume_from
     if not source:
         return None
@@ -191,11 +190,19 @@ def resume_point(cfg: RunConfig, run, directory: str) -> str | None:
         if not os.path.isfile(path):
             raise ConfigError(f"trainer.resume_from={source!r}: a directory without last.ckpt; give the file")
         return path
-    if getattr(run, "offline", True) or getattr(run, "disabled", False):
+    if offline:
         raise ConfigError(
             f"trainer.resume_from={source!r}: no such file or directory, and a W&B artifact "
             "needs online mode (download it, e.g. `wandb artifact get`, and give the path)"
         )
+    return None
+
+
+def download_resume_file(cfg: RunConfig, run, directory: str) -> str:
+    """`trainer.resume_from` as a run id or an artifact name on W&B (`checkpoint-<id>:latest` of the
+    run's project), downloaded into `directory` through the run (online; W&B records that this run
+    used it). Untested here: no W&B server."""
+    source = cfg.trainer.resume_from
     name = source if source.startswith("checkpoint-") else f"checkpoint-{source}"
     name = name if ":" in name else f"{name}:latest"
     root = run.use_artifact(name, type="checkpoint").download(root=os.path.join(directory, "artifact"))

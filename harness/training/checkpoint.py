@@ -103,9 +103,15 @@ def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[str | None, int | 
         )
     if path is None:
         return None, None
-    state = load(path, f"resume point of run {run_id}")
+    return path, matched_step(cfg, run_id, path, f"resume point of run {run_id}")
+
+
+def matched_step(cfg: RunConfig, run_id: str | None, path: str, what: str) -> int:
+    """The step of the Lightning checkpoint `path`, after checking it was written for this run config
+    (ResumeRefused otherwise); read weights-only."""
+    state = load(path, what)
     check_config((state.get("callbacks") or {}).get(StepCheckpoint.__name__, {}).get("config"), cfg, run_id, path)
-    return path, int(state["global_step"])
+    return int(state["global_step"])
 
 
 def check_config(saved: Any, cfg: RunConfig, run_id: str | None, path: str) -> None:

@@ -181,7 +181,13 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
         torch.set_num_threads(cfg.trainer.threads)
     ckpt_path, resumed_step = None, None
     if rank_zero_only.rank == 0:  # before anything is written: a refused run id leaves no trace
-        ckpt_path, resumed_step = checkpoint.resume_point(cfg, os.environ.get("WANDB_RUN_ID"))
+        run_id = os.environ.get("WANDB_RUN_ID")
+        ckpt_path, resumed_step = checkpoint.resume_point(cfg, run_id)
+        local = (
+            None if ckpt_path else artifacts.local_resume_file(cfg, tracking.resolve_mode(cfg.wandb.mode) != "online")
+        )
+        if local:  # trainer.resume_from, checked against this run config as the run's own last.ckpt is
+            ckpt_path, resumed_step = local, checkpoint.matched_step(cfg, run_id, local, "trainer.resume_from:")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     job: Job = task_module(cfg.task).build(cfg)
     if job.stage == "fit" and getattr(getattr(cfg, "model", None), "save", False):  # every rank: it saves collectively
@@ -200,10 +206,9 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
             ckpt_path = None  # nothing to resume (evaluation), or not the id resume_point checked
         if job.stage == "fit":
             directory = checkpoint.ckpt_dir(cfg, run.id)
-            if not ckpt_path:  # trainer.resume_from: a file, a downloaded artifact, or (online) a run id
-                ckpt_path = artifacts.resume_point(cfg, run, directory)
-                if ckpt_path:  # read now: the resumed fit overwrites last.ckpt
-                    resumed_step = int(checkpoint.load(ckpt_path, "trainer.resume_from:")["global_step"])
+            if not ckpt_path and cfg.trainer.resume_from:  # online: a run id or artifact name on W&B
+                ckpt_path = artifacts.download_resume_file(cfg, run, directory)
+                resumed_step = checkpoint.matched_step(cfg, run.id, ckpt_path, "trainer.resume_from:")
             if ckpt_path:
                 run.summary["trainer/resumed_from_step"] = resumed_step
             saver = checkpoint.StepCheckpoint(
