@@ -12,6 +12,13 @@ from collections.abc import Callable
 import numpy as np
 
 
+def md_row(cells) -> str:
+    """One markdown table row. A cell may hold a run name or a config value (untrusted: anyone who
+    can name a run in a shared project): a `|` in it would split the cell and shift the row, a newline
+    would end the table, so both are escaped."""
+    return "| " + " | ".join(str(c).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+
 def parse_args(study: str, argv: list[str] | None = None, extra: Callable | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m analysis.{study}")
     p.add_argument("source", help="W&B path entity/project, or a local wandb directory")

@@ -34,6 +34,7 @@ from analysis import dynamics_plots
 from analysis import emergence as em
 from analysis.censored import lognormal_aft
 from analysis.common import main_guard, parse_args, write_outputs
+from analysis.design import run_frequencies
 from analysis.fits import FitError, fit_power_law
 from analysis.scaling import one_alpha
 from analysis.study import Section, has_task, numbers, task_runs
@@ -67,14 +68,7 @@ def largest_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return top[d == d.max()]
 
 
-def frequencies(run: pd.Series) -> np.ndarray | None:
-    """p_t ~ (t + offset)^-(zipf_alpha + 1), t = 1..n_tasks, from a run's config (tasks/sparse_parity.py)."""
-    a, n, off = (run.get(k) for k in ("config.data.zipf_alpha", "config.data.n_tasks", "config.data.offset"))
-    if a is None or n is None or pd.isna(a) or pd.isna(n):
-        return None
-    off = 0.0 if off is None or pd.isna(off) else float(off)
-    p = (np.arange(1, int(n) + 1) + off) ** -(float(a) + 1)
-    return p / p.sum()
+frequencies = run_frequencies  # p_t of a run's design from its config (analysis.design, one home)
 
 
 def threshold(run: pd.Series) -> float:

@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.common import main_guard, parse_args, write_outputs  # noqa: E402
+from analysis.common import main_guard, md_row, parse_args, write_outputs  # noqa: E402
 from analysis.plots import log_axis, save  # noqa: E402
 from harness.events import PHASES, grokking_phase  # noqa: E402,F401  (PHASES: re-exported)
 
@@ -457,7 +457,7 @@ def report(result: dict) -> str:
             norm,
             str(r["key_freqs"]),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(md_row(cells))
     failed = [r for r in result["runs"] if r["phase"] not in ("grokking", "comprehension")]
     lines += [
         "",

@@ -191,7 +191,7 @@ def report(result: dict, source: str, sweep: str | None, plots: dict[str, str]) 
             lines.append(f"### Cluster {t['cluster']} ({t['size']} tokens, {r['shown_count']} clusters)\n")
             for e in t["examples"]:
                 lines.append(
-                    f"- `…{_md_escape(e['context'][-160:])}`**<mark>{_md_escape(e['target'])}</mark>** (doc {e['doc']}, pos {e['pos']})"
+                    f"- `…{_md_escape(e['context'][-160:])}`**{_md_escape(e['target'])}** (doc {e['doc']}, pos {e['pos']})"
                 )
             lines.append("")
     if result["excluded"]:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from analysis.common import md_row
+
 
 @dataclass
 class Section:
@@ -150,7 +152,7 @@ def emergence_markdown(table: pd.DataFrame, continuous: str, thresholded: str, t
             else "-"
         )
         seed = [str(r.seed) if pd.notna(r.seed) else "-"] if seeded else []
-        lines.append("| " + " | ".join([str(r.run_id)] + seed + [cross, mid, width, str(r.verdict)]) + " |")
+        lines.append(md_row([r.run_id, *seed, cross, mid, width, r.verdict]))
     return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 
 from analysis import emergence as em
 from analysis import subtask_plots as sp
-from analysis.common import main_guard, parse_args, write_outputs
+from analysis.common import main_guard, md_row, parse_args, write_outputs
 from analysis.study import Section, has_task, numbers, task_runs
 from harness.errors import UserError
 
@@ -411,7 +411,7 @@ def report(
             _f(r.median_t_learned, "{:.0f}"),
         ]
         cells += [_f(getattr(r, c), "{:.3f}") if c == "sudden_loss_share" else str(getattr(r, c)) for c in extra]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(md_row(cells))
     if size is not None:
         lines += [
             "",

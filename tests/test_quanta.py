@@ -322,7 +322,7 @@ def test_language_model_run_to_report_with_example_contexts(tmp_path):
     top = result["runs"][0]["top_clusters"]
     assert len(top) == 2 and top[0]["size"] >= top[1]["size"] and len(top[0]["examples"]) == 2
     md = (out / "report.md").read_text()
-    assert "<mark>" in md and f"rank_frequency_{s['_run_id']}.png" in md
+    assert "**" in md and f"rank_frequency_{s['_run_id']}.png" in md
     assert (out / f"rank_frequency_{s['_run_id']}.png").exists()
 
 

@@ -120,6 +120,14 @@ def test_markdown_rebase_and_html():
     assert '<h2 id="t">T</h2>' in h and "<td>a|b</td>" in h and "<li>two</li>" in h and "para &lt;b&gt;" in h
 
 
+def test_a_run_name_with_a_pipe_or_newline_stays_in_its_cell():
+    from analysis.common import md_row
+
+    rows = "| run | seed | verdict |\n|---|---|---|\n" + md_row(["a|b\nc", 0, "emergent"]) + "\n"
+    h = report.to_html(rows, "/nonexistent")
+    assert "<td>a|b c</td><td>0</td><td>emergent</td>" in h.replace("\n", ""), h
+
+
 @pytest.mark.slow
 def test_report_over_a_real_offline_sweep(tmp_path):
     """harness sweep (real training, W&B's sweep engine) -> analysis.report --log -> harness runs."""
