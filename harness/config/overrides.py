@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from typing import Any
 
@@ -45,7 +46,8 @@ def declared_type(cls: type, dotted: str) -> Any:
 
 
 def _unwrap_optional(t: Any) -> tuple[Any, bool]:
-    if typing.get_origin(t) is typing.Union and type(None) in typing.get_args(t):
+    # Optional[X] and X | None (the config's annotations, as pyupgrade writes them) are two origins
+    if typing.get_origin(t) in (typing.Union, types.UnionType) and type(None) in typing.get_args(t):
         rest = [a for a in typing.get_args(t) if a is not type(None)]
         return (rest[0] if len(rest) == 1 else t), True
     return t, False
@@ -76,7 +78,7 @@ def parse_value(cls: type, key: str, text: str) -> Any:
         return None
     if t is str:
         return _literal(text)
-    if typing.get_origin(t) in (list, list) and typing.get_args(t) == (str,):
+    if typing.get_origin(t) is list and typing.get_args(t) == (str,):
         try:
             items = yaml.load(text, Loader=yaml.BaseLoader)  # every scalar stays a string
         except yaml.YAMLError as e:
