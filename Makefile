@@ -6,6 +6,8 @@ export HARNESS_DATA_DIR ?= $(abspath ../shared/data)
 OUT ?= out
 WORKERS ?= 2
 PACK ?= 15
+# pytest-xdist processes for `make test` (each test file stays in one; the suite's runs are single-threaded)
+TEST_WORKERS ?= 2
 
 .PHONY: setup run test test-all layering
 
@@ -35,10 +37,10 @@ run: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-all: setup
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -m '' -n $(TEST_WORKERS) --dist loadfile
 
 # The architecture of DESIGN.md (tasks -> harness; analysis -> harness.runstore + pure helpers; harness ->
 # nothing above it; each room of harness/ -> only the rooms below it; no import circles; no task -> task);

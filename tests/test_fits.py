@@ -16,6 +16,7 @@ def test_recovers_a_known_exponent_exactly_without_noise():
     assert fit.E == pytest.approx(0.5, rel=1e-3) and fit.A[0] == pytest.approx(30, rel=1e-2)
 
 
+@pytest.mark.slow  # 45 s of bootstrap draws; make test-all
 def test_bootstrap_interval_covers_the_true_exponent_under_noise():
     # 2% multiplicative noise on 25 points; the 95% interval should cover the truth in most draws.
     N, alpha = np.logspace(3, 7, 25), 0.35

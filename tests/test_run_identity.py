@@ -154,6 +154,7 @@ def run_recipe(recipe: str, runs_dir: str, job_id: str):
     return subprocess.run(["bash", "-euc", "\n".join(lines)], env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # the stale-id test covers the same refusal in the default suite; make test-all
 def test_the_slurm_recipe_stays_safe_when_a_job_is_submitted_again_by_hand(offline):
     recipe = slurm_recipe()
     assert "export WANDB_RUN_ID=" in recipe and "--requeue" in recipe
