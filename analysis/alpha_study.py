@@ -21,7 +21,7 @@ import pandas as pd
 
 from analysis import plots as P
 from analysis.common import final_metric_column, main_guard, parse_args
-from analysis.design import N_KEY, design_alpha, design_alpha_ci, design_frequencies
+from analysis.design import design_prediction
 from analysis.fit_checks import few_x, offset_on_bound, still_learning
 from analysis.fits import FitError, fit_loglog, fit_power_law
 from analysis.study import Section, numbers, sparse_parity_study, task_runs
@@ -52,15 +52,11 @@ def _fit(g: pd.DataFrame, x: np.ndarray, y: np.ndarray, n_bootstrap: int) -> dic
         "plain_ci": list(plain.alpha_ci) if plain.alpha_ci else None,
         "n_runs": len(x),
         "warnings": f.warnings + [w for w in (few_x(x, g["id"]), offset_on_bound(f.E, y, g["id"])) if w],
-        "design": None,
-        "design_ci": None,
     }
-    if N_KEY in g and g[N_KEY].notna().all():
-        try:
-            p, n = design_frequencies(g), g[N_KEY].astype(float).to_numpy()
-            out["design"], out["design_ci"] = design_alpha(x, n, p), design_alpha_ci(x, n, p, strata, n_bootstrap)
-        except FitError as e:
-            out["design_note"] = str(e)
+    design = design_prediction(g, x, n_bootstrap, strata)
+    out["design"], out["design_ci"] = design.get("alpha"), design.get("ci")
+    if "note" in design:
+        out["design_note"] = design["note"]
     return out
 
 

@@ -23,9 +23,9 @@ import pandas as pd
 
 from analysis import plots as P
 from analysis.common import main_guard, parse_args
-from analysis.design import N_KEY, design_alpha, design_alpha_ci, design_frequencies, predicted_loss
+from analysis.design import N_KEY, design_prediction
 from analysis.fit_checks import few_x, offset_on_bound, still_learning
-from analysis.fits import FitError, fit_loglog, fit_power_law
+from analysis.fits import fit_loglog, fit_power_law
 from analysis.study import Section, numbers, sparse_parity_study, task_runs
 from harness.errors import UserError
 
@@ -106,7 +106,8 @@ def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, history: pd.DataFrame | 
     plain = fit_loglog(x, y / math.log(2), n_bootstrap=n_bootstrap)
     fids = fitted["id"].tolist()
     warnings += [w for w in (few_x(x, fids, "data budgets D"), offset_on_bound(fit.E, y, fids)) if w]
-    design = _design(fitted, x, n_bootstrap)
+    design = design_prediction(fitted, x, n_bootstrap)
+    predicted = dict(zip(fitted["id"], design.get("predicted", [])))
     alphas = sorted(set(good[THEORY_KEY].astype(float))) if THEORY_KEY in good else []
     theory = alphas[0] / (alphas[0] + 1) if len(alphas) == 1 else None
     final_col = "summary.val/loss.last" if "summary.val/loss.last" in good else None
@@ -142,7 +143,7 @@ def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, history: pd.DataFrame | 
                 "seed": nval(r, "config.seed"),
                 "n_learned": nval(r, "summary.emergence/n_learned"),
                 "n_below_end": nval(r, N_KEY),
-                "predicted_loss": design.get("by_id", {}).get(r["id"]),
+                "predicted_loss": predicted.get(r["id"]),
                 "fitted": r["id"] in set(fids),
                 "step_bound": r["id"] in bound,
             }
@@ -150,22 +151,6 @@ def analyze(runs: pd.DataFrame, n_bootstrap: int = 200, history: pd.DataFrame | 
         ],
         "loss": "minimum test loss over training (nats)",
     }
-
-
-def _design(fitted: pd.DataFrame, x: np.ndarray, n_bootstrap: int) -> dict:
-    """alpha_D predicted for this design from each fitted run's learned count (emergence/n_below_end)."""
-    if N_KEY not in fitted or fitted[N_KEY].isna().any():
-        return {"note": f"no {N_KEY} on every fitted run: no design prediction"}
-    try:
-        p = design_frequencies(fitted)
-        n = fitted[N_KEY].astype(float).to_numpy()
-        return {
-            "alpha": design_alpha(x, n, p),
-            "ci": design_alpha_ci(x, n, p, None, n_bootstrap),
-            "by_id": dict(zip(fitted["id"], predicted_loss(n, p).tolist())),
-        }
-    except FitError as e:
-        return {"note": f"no design prediction: {e}"}
 
 
 def plot(result: dict, out_dir: str) -> list[str]:

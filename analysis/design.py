@@ -99,3 +99,21 @@ def design_alpha_ci(
         return None
     q = (1 - ci) / 2 * 100
     return float(np.percentile(vals, q)), float(np.percentile(vals, 100 - q))
+
+
+def design_prediction(runs: pd.DataFrame, x: np.ndarray, n_bootstrap: int, strata=None) -> dict:
+    """The exponent predicted for these runs' own design from the subtasks each learned
+    (emergence/n_below_end), its interval over the same resamples as the measured fit (`strata`:
+    analysis.fits.resample_indices), and each run's predicted loss; or a note saying why there is none."""
+    if N_KEY not in runs or runs[N_KEY].isna().any():
+        return {"note": f"no {N_KEY} on every run: no design prediction"}
+    try:
+        p = design_frequencies(runs)
+        n = runs[N_KEY].astype(float).to_numpy()
+        return {
+            "alpha": design_alpha(x, n, p),
+            "ci": design_alpha_ci(x, n, p, strata, n_bootstrap),
+            "predicted": predicted_loss(n, p).tolist(),
+        }
+    except FitError as e:
+        return {"note": f"no design prediction: {e}"}

@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 
 from analysis.common import final_metric_column, main_guard, parse_args, write_outputs
-from analysis.design import N_KEY, design_alpha, design_alpha_ci, design_frequencies, predicted_loss
+from analysis.design import N_KEY, design_prediction
 from analysis.fit_checks import few_x, offset_on_bound, still_learning, still_learning_warning
-from analysis.fits import FitError, fit_loglog, fit_power_law
+from analysis.fits import fit_loglog, fit_power_law
 from analysis.study import Section, has_task, numbers, task_runs
 from harness.errors import UserError
 
@@ -221,23 +221,6 @@ def analyze(
         ],
         "loss_units": "nats",
     }
-
-
-def design_prediction(good: pd.DataFrame, x: np.ndarray, n_bootstrap: int, strata) -> dict:
-    """alpha_N predicted for these runs' own design from the subtasks each learned (analysis.design),
-    with its interval over the same resamples as the plain fit; or a note why there is none."""
-    if N_KEY not in good or good[N_KEY].isna().any():
-        return {"note": f"no {N_KEY} on every run: no design prediction"}
-    try:
-        p = design_frequencies(good)
-        n = good[N_KEY].astype(float).to_numpy()
-        return {
-            "alpha": design_alpha(x, n, p),
-            "ci": design_alpha_ci(x, n, p, strata, n_bootstrap),
-            "predicted": predicted_loss(n, p).tolist(),
-        }
-    except FitError as e:
-        return {"note": f"no design prediction: {e}"}
 
 
 def one_alpha(runs: pd.DataFrame) -> tuple[pd.DataFrame, float | None, list[float]]:
