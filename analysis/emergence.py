@@ -29,6 +29,7 @@ from scipy import optimize, special, stats
 from analysis.sharpness import (  # noqa: F401
     SUDDEN,
     Mirage,
+    curve_family,
     jump_fraction,
     jump_fraction_ci,
     mirage_check,
@@ -40,16 +41,7 @@ CHUNK = 2048  # curves per block in fit_sigmoid
 DETECT_P = 1e-3  # fit_sigmoid's test for a transition against a constant
 
 
-def _family(x, Y) -> tuple[np.ndarray, np.ndarray, bool]:
-    x = np.asarray(x, float)
-    Y = np.asarray(Y, float)
-    single = Y.ndim == 1
-    Y = np.atleast_2d(Y)
-    if x.ndim != 1 or Y.shape[1] != len(x):
-        raise ValueError(f"x has shape {x.shape} and Y {Y.shape}: Y must be [curves, len(x)]")
-    if len(x) > 1 and np.any(np.diff(x) <= 0):
-        raise ValueError("x must be strictly increasing")
-    return x, Y, single
+_family = curve_family  # the input check shared with analysis.sharpness
 
 
 def _log10x(x: np.ndarray) -> np.ndarray:

@@ -26,7 +26,9 @@ SUDDEN = 0.5  # jump fraction at or above this: half the change or more inside o
 WINDOW = 0.1  # decades of x
 
 
-def _family(x, Y):
+def curve_family(x, Y) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(x, Y as [curves, len(x)], whether one curve was given), checked: x 1-d and strictly
+    increasing, one value of each curve per x (also analysis.emergence's input check)."""
     x = np.asarray(x, float)
     Y = np.asarray(Y, float)
     single = Y.ndim == 1
@@ -35,6 +37,11 @@ def _family(x, Y):
         raise ValueError(f"x has shape {x.shape} and Y {Y.shape}: Y must be [curves, len(x)]")
     if len(x) > 1 and np.any(np.diff(x) <= 0):
         raise ValueError("x must be strictly increasing")
+    return x, Y, single
+
+
+def _family(x, Y):
+    x, Y, single = curve_family(x, Y)
     if np.any(x <= 0):
         raise ValueError(f"x must be > 0 for windows in log x (smallest: {x.min()}); drop x = 0 (e.g. step 0) first")
     return np.log10(x), Y, single
