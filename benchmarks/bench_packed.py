@@ -70,7 +70,7 @@ def outcomes(root: str, varied: list[str]) -> dict:
 
 
 def cpu(args) -> None:
-    from harness.members.packed import packable_keys
+    from harness.members.rules import packable_keys
     from harness.sweep.packed_agent import sweep_task
     from harness.sweep.spec import varied_keys
 
@@ -173,7 +173,7 @@ def cuda(args) -> None:
     import torch
 
     from harness.config.run import load_config
-    from harness.members.packed import block_optimizer, block_step
+    from harness.members.optim import block_optimizer, block_step
     from harness.training.data import batch_seed, seed_rng
     from harness.training.train import make_trainer
     from tasks.sparse_parity import build, build_packed

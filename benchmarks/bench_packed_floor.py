@@ -41,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from harness.config.run import load_config
-    from harness.members.packed import block_optimizer, block_step
+    from harness.members.optim import block_optimizer, block_step
     from tasks.modular_addition import ModularData, PackedModular, loss_fn, make_model
 
     cfgs = [load_config(("task=modular_addition", f"seed={s}")) for s in range(args.members)]

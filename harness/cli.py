@@ -49,7 +49,8 @@ def _packed_member(cfg, overrides) -> int | None:
     """A run preempted inside a packed block (its checkpoint directory holds packed.pt and no
     last.ckpt) resumes from it as a block of one, into the same W&B run; None: train as usual."""
     from harness.config.results import RESULT_ENV
-    from harness.members.packed import Member, packed_resume, packed_resume_point, run_members
+    from harness.members.packed import packed_resume, packed_resume_point, run_members
+    from harness.members.runs import Member
     from harness.training import tracking
 
     run_id = os.environ.get("WANDB_RUN_ID")

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import ConfigError
-from harness.members.packed import MemberAxis
+from harness.members.optim import MemberAxis
 from harness.training.data import batch_seed
 from harness.training.detectors import EmergenceCallback
 from tasks.sparse_parity import Config, build

@@ -90,7 +90,7 @@ def train_block(block, steps, start=0, opt=None):
     [steps - start, M] as numpy)."""
     import numpy as np
 
-    from harness.members.packed import block_optimizer, block_step
+    from harness.members.optim import block_optimizer, block_step
 
     opt = opt or block_optimizer(block)
     return opt, np.array([block_step(block, opt, step).tolist() for step in range(start, steps)])

@@ -12,7 +12,10 @@ from conftest import train_block
 from harness import runstore
 from harness.config.run import load_config
 from harness.errors import ConfigError
-from harness.members.packed import Member, StackedAdamW, check_members, train_packed
+from harness.members.optim import StackedAdamW
+from harness.members.packed import train_packed
+from harness.members.rules import check_members
+from harness.members.runs import Member
 from harness.training.train import train
 from tasks.modular_addition import ModularData, PackedModular, loss_fn, make_model
 
@@ -289,7 +292,7 @@ def test_member_cross_entropy_equals_torch_on_logits_hundreds_of_nats_apart():
 
 def test_a_block_resumed_from_member_states_continues_exactly():
     # what train_packed saves per member (parameters and AdamW moments) and loads into a fresh block
-    from harness.members.packed import block_optimizer
+    from harness.members.optim import block_optimizer
 
     members = cfgs(
         ("seed=0",),

@@ -10,7 +10,8 @@ from conftest import train_block
 
 from harness import runstore
 from harness.config.run import load_config
-from harness.members.packed import Member, train_packed
+from harness.members.packed import train_packed
+from harness.members.runs import Member
 from harness.training.train import train
 from tasks import mnist_omnigrok as mo
 from tasks.mnist_omnigrok_packed import PackedOmnigrok

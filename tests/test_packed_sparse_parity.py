@@ -17,7 +17,9 @@ from conftest import REPO, train_block
 
 from harness import runstore
 from harness.config.run import load_config
-from harness.members.packed import Member, MemberAxis, StackedAdamW, train_packed
+from harness.members.optim import MemberAxis, StackedAdamW
+from harness.members.packed import train_packed
+from harness.members.runs import Member
 from harness.training.data import batch_seed, seed_rng
 from harness.training.train import train
 from tasks.sparse_parity import build

@@ -52,7 +52,7 @@ def sweep_task(cfg: dict) -> str:
 
 def check_pack(cfg: dict, pack: int) -> str:
     """One line before anything starts: --pack needs M >= 1 and a task that packs. Returns the task."""
-    from harness.members.packed import packable_keys
+    from harness.members.rules import packable_keys
 
     if pack < 1:
         raise UserError(f"--pack {pack}: the number of grid points trained together, an integer >= 1")
@@ -72,7 +72,7 @@ class PackedAgent(Agent):
         self.pack_logs: dict[str, str] = {}  # run id -> the log of the block it was trained in
 
     def _signature(self, params: dict) -> str:
-        from harness.members.packed import pack_signature
+        from harness.members.rules import pack_signature
 
         # A member's run name may differ within a block (the packed process opens each member's run
         # with its own name; harness.members.packed's block check lets wandb.name differ too).

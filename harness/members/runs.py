@@ -1,0 +1,96 @@
+"""A packed member and its W&B run: opened as a solo run of the sweep would be (the same run id,
+sweep parameters and config), ended with its state and exit code."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.config.run import RunConfig
+from harness.training import checkpoint, tracking
+from harness.training.curves import CurvesRecorder
+
+PACKED_CKPT = checkpoint.PACKED  # a member's resume point, in its checkpoint directory
+
+
+@dataclass
+class Member:
+    index: int
+    cfg: RunConfig
+    overrides: list[str]
+    run_id: str | None = None
+    param_path: str | None = None  # the sweep parameters file (HARNESS_SWEEP_PARAM_PATH of a solo run)
+    run: Any = None
+    state: str = "running"  # running | finished | failed | preempted
+    error: str | None = None
+    summary: dict = field(default_factory=dict)
+    curves: CurvesRecorder = field(default_factory=CurvesRecorder)
+    start_step: int = 0
+    resume: dict | None = None  # the loaded packed.pt, matched to this member's config
+    before: dict = field(default_factory=dict)  # summary aggregates of the run's part before its resume point
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(checkpoint.ckpt_dir(self.cfg, self.run.id), PACKED_CKPT)
+
+
+@contextlib.contextmanager
+def as_solo_run(member: Member):
+    """Open member i's run with the environment a solo run of a local sweep has: WANDB_RUN_ID (also in
+    wandb's process-wide settings, which wandb.init reads it from) and HARNESS_SWEEP_PARAM_PATH (read
+    by harness.training.tracking; not WANDB_SWEEP_PARAM_PATH, which would put every parameter into
+    the config a second time as a flat key: harness.sweep.agent.local_sweep_env)."""
+    from wandb.sdk import wandb_setup
+
+    settings = wandb_setup.singleton().settings
+    values = {"WANDB_RUN_ID": ("run_id", member.run_id), "HARNESS_SWEEP_PARAM_PATH": (None, member.param_path)}
+    saved = {env: (os.environ.get(env), getattr(settings, attr) if attr else None) for env, (attr, _) in values.items()}
+    for env, (attr, value) in values.items():
+        if value:
+            os.environ[env] = value
+        else:
+            os.environ.pop(env, None)
+        if attr:
+            setattr(settings, attr, value)
+    try:
+        yield
+    finally:
+        for env, (attr, _) in values.items():
+            before_env, before_setting = saved[env]
+            if attr:
+                setattr(settings, attr, before_setting)
+            if before_env is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = before_env
+
+
+def open_run(member: Member) -> None:
+    with as_solo_run(member):
+        kwargs: dict[str, Any] = {"reinit": "create_new"}
+        if member.run_id:
+            kwargs["id"] = member.run_id
+        member.run = tracking.init_run(member.cfg, member.overrides, job_type="train", **kwargs)
+    tracking.define_metrics(member.run)
+    if member.run_id and member.run.id != member.run_id:  # never log a member into another run
+        raise RuntimeError(f"wandb opened run {member.run.id} for member run id {member.run_id}")
+    member.run_id = member.run.id
+
+
+def end_run(member: Member, state: str, exit_code: int, error: str | None = None) -> None:
+    member.state, member.error = state, error
+    if error:
+        member.run.summary["error"] = error
+    if state == "preempted":
+        member.run.mark_preempting()
+    member.summary = tracking.summary_dict(member.run)
+    member.run.finish(exit_code=exit_code)
+
+
+def restore_summaries(m: Member) -> None:
+    """W&B computes a resumed run's aggregates (val/loss min, ...) over its new part only: merge the
+    earlier part's, carried in packed.pt, as harness.training.checkpoint.StepCheckpoint does for a solo run."""
+    if m.before:
+        m.run.summary.update(checkpoint.merge_summaries(m.before, checkpoint.summaries(m.run)))
