@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.errors import ConfigError
+from harness.members.block import adamw_hypers, placement
 from harness.members.packed_loss import member_cross_entropy
 from harness.training.curves import CurvesRecorder, set_eval_arrays
 from harness.training.data import DeviceDataModule
@@ -395,7 +395,6 @@ def build(cfg: Config) -> Job:
 # Packed runs (harness.members.packed, issue 14): keys whose values may differ between the members of one
 # packed process; every other key must be equal.
 PACKABLE = ("seed", "data.train_fraction", "data.split_seed", "optim.lr", "optim.weight_decay", "model.init_scale")
-DTYPES = {"32-true": torch.float32, "32": torch.float32, "64-true": torch.float64, "64": torch.float64}
 
 
 class PackedModular:
@@ -407,20 +406,12 @@ class PackedModular:
 
     def __init__(self, cfgs: list[Config]):
         self.cfgs = cfgs
-        t = cfgs[0].trainer
-        dtype = DTYPES.get(t.precision)
-        if dtype is None:
-            raise ConfigError(f"trainer.precision={t.precision!r}: packed runs train in {' or '.join(DTYPES)}")
-        cuda = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if cuda else "cpu")
+        self.device, dtype = placement(cfgs[0].trainer)
         # Initialised in float32 as the single run, then cast as Lightning casts it for 64-true.
         self.model = make_model(cfgs[0], members=cfgs).to(dtype=dtype, device=self.device)
         self.views = [self.model.member(i) for i in range(len(cfgs))]
         self.data = [ModularData(cfg) for cfg in cfgs]
-        o = [c.optim for c in cfgs]
-        self.lr = torch.tensor([x.lr for x in o], dtype=torch.float64)
-        self.weight_decay = torch.tensor([x.weight_decay for x in o], dtype=torch.float64)
-        self.betas, self.eps = (o[0].beta1, o[0].beta2), o[0].eps
+        self.lr, self.weight_decay, self.betas, self.eps = adamw_hypers(cfgs)
         self.loss_kind, self.p = cfgs[0].optim.loss, cfgs[0].data.p
         self.batch_size = cfgs[0].data.batch_size
         # As the single run: full batch logs no training loss (train/loss at each evaluation says it all).

@@ -317,3 +317,16 @@ def test_a_block_resumed_from_member_states_continues_exactly():
     assert opt.t == 30
     _, resumed = train_block(block, 60, start=30, opt=opt)
     assert resumed.tolist() == straight[30:].tolist()  # bit for bit
+
+
+def test_a_block_refuses_a_precision_it_cannot_train_in_and_names_those_it_can():
+    from types import SimpleNamespace
+
+    from harness.members.block import placement
+
+    device, dtype = placement(SimpleNamespace(precision="64-true", accelerator="cpu"))
+    assert (device.type, dtype) == ("cpu", torch.float64)
+    with pytest.raises(
+        ConfigError, match=r"trainer.precision='bf16-mixed': packed runs train in 32-true or 32 or 64-true or 64"
+    ):
+        placement(SimpleNamespace(precision="bf16-mixed", accelerator="cpu"))

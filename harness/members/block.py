@@ -1,0 +1,33 @@
+"""What every task's packed block shares: the device and dtype it trains in (where Lightning would put
+and cast the solo run), and each member's AdamW hyperparameters as StackedAdamW takes them."""
+
+from __future__ import annotations
+
+import torch
+
+from harness.errors import ConfigError
+
+# trainer.precision values a block trains in: a block holds its parameters in one dtype, with no autocast
+DTYPES = {"32-true": torch.float32, "32": torch.float32, "64-true": torch.float64, "64": torch.float64}
+
+
+def placement(trainer) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of a block whose members share the trainer config `trainer`; a precision a block
+    cannot train in is one line naming the ones it can. The device is named as Lightning names it
+    (cuda:N): the tasks' data cache their tensors under one device name."""
+    dtype = DTYPES.get(trainer.precision)
+    if dtype is None:
+        raise ConfigError(f"trainer.precision={trainer.precision!r}: packed runs train in {' or '.join(DTYPES)}")
+    a = trainer.accelerator
+    cuda = a in ("gpu", "cuda") or (a == "auto" and torch.cuda.is_available())
+    return (torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")), dtype
+
+
+def adamw_hypers(cfgs: list) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float], float]:
+    """(lr [M], weight decay [M], betas, eps) of the members' `optim` configs: lr and weight decay per
+    member in float64 (as StackedAdamW requires), betas and eps shared (not packable keys; a config
+    without `eps` uses torch's AdamW default, as its solo run does)."""
+    o = [c.optim for c in cfgs]
+    lr = torch.tensor([x.lr for x in o], dtype=torch.float64)
+    weight_decay = torch.tensor([x.weight_decay for x in o], dtype=torch.float64)
+    return lr, weight_decay, (o[0].beta1, o[0].beta2), getattr(o[0], "eps", 1e-8)
