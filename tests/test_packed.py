@@ -211,6 +211,10 @@ def test_packed_member_logs_what_its_solo_run_logs(solo_and_packed):
         # the step axis, declared as a solo run declares it, and the artifacts
         for kind in ("curves", "model"):
             assert runstore.artifact_files(root, p.run_id, kind)
+        # the member's model artifact holds its own weights, not the block's storage it is a view of
+        saved = torch.load(runstore.artifact_files(root, p.run_id, "model")["model.ckpt"], weights_only=True)
+        assert saved["state_dict"]["model.embed"].shape[0] == 1
+        assert all(v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in saved["state_dict"].values())
         ha, hb = run_history(root, s["_run_id"], "val/loss"), run_history(root, p.run_id, "val/loss")
         assert list(ha) == list(hb) == list(range(0, 601, 20))
     # float32: batched kernels round differently and training amplifies it. Measured: 2e-7 over the

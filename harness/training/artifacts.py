@@ -124,7 +124,9 @@ def save_model(run, module, cfg: RunConfig, step: int) -> str:
     trainer.save_checkpoint writes (module state_dict keys under `model.`, Lightning's version, the
     step) plus `config`; alias `latest` only (no evaluation history was kept to pick a best)."""
     name = f"model-{run.id}"
-    state = {f"model.{k}": v.detach().cpu() for k, v in module.model.state_dict().items()}
+    # clone: a packed member's parameters are views of the block's tensors, and torch.save writes a
+    # view's whole storage (every member's weights); .cpu() alone does not copy on a CPU.
+    state = {f"model.{k}": v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
     ckpt = {
         "epoch": 0,
         "global_step": step,
