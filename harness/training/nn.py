@@ -83,7 +83,8 @@ class StackedMLP(nn.Module):
             if layers[0].weight.shape[0] != 1:
                 raise ValueError(f"a [batch, d_in] input needs a model of one member, not {self.members}")
             for k, layer in enumerate(layers):
-                h = F.linear(h, layer.weight[0], layer.bias[0])
+                # squeeze, not [0]: a view's backward is free, select's fills and copies a zero tensor
+                h = F.linear(h, layer.weight.squeeze(0), layer.bias.squeeze(0))
                 h = F.relu(h) if k < len(layers) - 1 else h
             return h
         for k, layer in enumerate(layers):
