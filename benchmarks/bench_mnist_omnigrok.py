@@ -2,8 +2,9 @@
 
     python benchmarks/bench_mnist_omnigrok.py [--steps 2000] [--reps 5] [--precision 32-true]
 
-Both sides train the same MLP on the same on-device minibatches and evaluate on the same schedule, in
-one process, alternating which goes first so that load from other processes hits both alike. The
+Both sides train the same MLP (the harness: the task's StackedMLP with one member; the loop: the plain
+nn.Sequential MLP, the same initial weights) on the same on-device minibatches and evaluate on the same
+schedule, in one process, alternating which goes first so that load from other processes hits both alike. The
 steady-state rate excludes start-up (W&B init, Lightning setup): for the harness it is read from the
 `_timestamp` of the logged training rows, for the loop from clocks taken at the same steps. Beside the
 wall-clock rate, the CPU rate (steps per CPU-second of this process) is robust to other processes

@@ -5,145 +5,47 @@ alpha=8 fits its training set within ~3e3 steps but generalises only after ~1e4-
 decay shrinks the weights back to the "Goldilocks" norm. With `optim.fixed_norm` the total weight norm
 is held at alpha times its standard-init value after every step: sweeping alpha draws the LU landscape
 (training loss an "L", test loss a "U" against the norm).
+
+One model for a single run and for a packed block (harness.members.packed): `make_model` stacks the
+members' MLPs along a leading member dimension (harness.training.nn.StackedMLP; a single run is M = 1),
+each drawn as its single run draws it. The Lightning module and the block (PackedOmnigrok, below it)
+train it with the same forward, `loss_fn` and `rescale_`, and evaluate with `OmnigrokModule.measure`.
+The IDX files are read by tasks.mnist.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import os
-import urllib.request
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from harness.config.run import data_dir
-from harness.errors import ConfigError
+from harness.members.block import adamw_hypers, placement
 from harness.training import tracking
 from harness.training.data import DeviceDataModule, batch_seed
 from harness.training.detectors import GrokkingCallback
 from harness.training.logs import TrainLossLog, log_eval
-from harness.training.nn import MLP, n_params, weight_norm  # noqa: F401  (part of this task's API)
+from harness.training.nn import MLP, StackedMLP, member_norms, n_params, weight_norm
 from harness.training.train import Job, train_steps
 from tasks.configs.mnist_omnigrok import Config
-
-MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
-# MD5 of the official .gz files (as the mirror serves them; a re-compressed copy differs, so only
-# downloads are checked against these, and local files by gzip CRC + IDX header instead).
-OFFICIAL = {
-    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
-    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
-    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
-}
-
+from tasks.mnist import MIRROR, load_mnist, read_idx  # noqa: F401  (part of this task's API)
 
 # ---- data ------------------------------------------------------------------------------------
 
 
-def _how_to_get(name: str) -> str:
-    return f"get {name}.gz from {MIRROR} (or run with data.download=true on a machine that can reach it)"
-
-
-def find_idx(folder: str, name: str) -> str | None:
-    for candidate in (name + ".gz", name):
-        path = os.path.join(folder, candidate)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def read_idx(path: str) -> np.ndarray:
-    """An IDX file (gzipped or not) -> uint8 array: images [n, 28, 28], labels [n]."""
-    name = os.path.basename(path).removesuffix(".gz")
-    try:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            raw = f.read()  # gzip checks its CRC here: a truncated or damaged file raises
-    except (OSError, EOFError) as e:
-        raise ConfigError(f"MNIST file {path} is corrupt ({e}): {_how_to_get(name)}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 3:
-        raise ConfigError(f"MNIST file {path} is corrupt (not an IDX uint8 header): {_how_to_get(name)}")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    body = raw[4 + 4 * ndim :]
-    if len(body) != int(np.prod(shape)):
-        raise ConfigError(
-            f"MNIST file {path} is corrupt ({len(body)} data bytes for shape {shape}): {_how_to_get(name)}"
-        )
-    arr = np.frombuffer(body, dtype=np.uint8).reshape(shape)
-    if ndim == 1 and arr.max(initial=0) > 9:
-        raise ConfigError(f"MNIST file {path} is corrupt (label {arr.max()} > 9): {_how_to_get(name)}")
-    return arr
-
-
-def download(folder: str, name: str) -> str:
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, name + ".gz")
-    try:
-        with urllib.request.urlopen(MIRROR + name + ".gz", timeout=60) as r:
-            blob = r.read()
-    except OSError as e:
-        raise ConfigError(f"cannot download {MIRROR}{name}.gz ({e}): copy the file to {folder} by hand") from None
-    if hashlib.md5(blob).hexdigest() != OFFICIAL[name]:
-        raise ConfigError(f"downloaded {name}.gz fails its MD5 check: try again, or copy it to {folder} by hand")
-    with open(path, "wb") as f:
-        f.write(blob)
-    return path
-
-
-def load_mnist(
-    folder: str, split: str = "auto", n_train: int = 1000, n_test: int = 0, allow_download: bool = False
-) -> dict:
-    """{'x_train' uint8 [n_train, 784], 'y_train' [n_train], 'x_test', 'y_test', 'split'}."""
-    files = {name: find_idx(folder, name) for name in OFFICIAL}
-    have_train = files["train-images-idx3-ubyte"] and files["train-labels-idx1-ubyte"]
-    if split == "auto":
-        split = "standard" if have_train or allow_download else "offline"
-    needed = list(OFFICIAL) if split == "standard" else [n for n in OFFICIAL if n.startswith("t10k")]
-    for name in needed:
-        if files[name] is None:
-            if not allow_download:
-                raise ConfigError(
-                    f"MNIST file {os.path.join(folder, name)}.gz is missing (data.split={split}): {_how_to_get(name)}"
-                )
-            files[name] = download(folder, name)
-    x_test = read_idx(files["t10k-images-idx3-ubyte"]).reshape(-1, 784)
-    y_test = read_idx(files["t10k-labels-idx1-ubyte"])
-    if split == "standard":
-        x_train = read_idx(files["train-images-idx3-ubyte"]).reshape(-1, 784)[:n_train]
-        y_train = read_idx(files["train-labels-idx1-ubyte"])[:n_train]
-    else:
-        if n_train >= len(x_test):
-            raise ConfigError(
-                f"data.n_train={n_train}: the offline split trains on part of the "
-                f"{len(x_test)} test images and needs some left to evaluate on"
-            )
-        x_train, y_train = x_test[:n_train], y_test[:n_train]
-        x_test, y_test = x_test[n_train:], y_test[n_train:]
-    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
-        raise ConfigError(
-            f"MNIST files in {folder} disagree on the number of images and labels: "
-            f"{_how_to_get('t10k-images-idx3-ubyte')}"
-        )
-    if n_test:
-        x_test, y_test = x_test[:n_test], y_test[:n_test]
-    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "split": split}
-
-
 def epoch_permutation(seed: int, rank: int, epoch: int, n_train: int, device: torch.device) -> torch.Tensor:
-    """The order of the training images in `epoch` of run `seed` on DDP rank `rank` (also drawn by the
-    packed block, tasks/mnist_omnigrok_packed.py, for each member's seed)."""
+    """The order of the training images in `epoch` of run `seed` on DDP rank `rank`."""
     g = torch.Generator(device=device).manual_seed(batch_seed(seed, rank, -1 - epoch))
     return torch.randperm(n_train, device=device, generator=g)
 
 
 class MnistData(DeviceDataModule):
     """Images live on the device in the model's dtype; each step takes the next `batch_size` indices
-    of a fresh on-device permutation per epoch (the paper's shuffled DataLoader, minus the copy)."""
+    of a fresh on-device permutation per epoch (the paper's shuffled DataLoader, minus the copy).
+    `batch` gives the batches of several runs at once, each its own seed's (a packed block's members)."""
 
     def __init__(self, arrays: dict, batch_size: int, steps_per_batch: int = 1):
         super().__init__()
@@ -152,7 +54,7 @@ class MnistData(DeviceDataModule):
         self.batch_size = batch_size
         self.n_train = len(self.cpu["y_train"])
         self._cache: dict = {}
-        self._perm: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
+        self._perms: dict[int, tuple[int, torch.Tensor]] = {}  # seed -> (epoch, its permutation)
 
     def tensors(self, device: torch.device, dtype: torch.dtype) -> dict:
         if (device, dtype) not in self._cache:
@@ -171,53 +73,109 @@ class MnistData(DeviceDataModule):
             return f"data.batch_size={self.batch_size} >= data.n_train={self.n_train} is full batch"
         return None
 
-    def next_indices(self, index: int, device: torch.device) -> torch.Tensor | None:
-        """Indices of training step `index`: a slot of its epoch's permutation. A function of the
-        step alone (no position state), so a resumed run draws what the uninterrupted one would."""
+    def next_indices(self, index: int, device: torch.device, seed: int | None = None) -> torch.Tensor | None:
+        """Indices of training step `index` of run `seed` (default: this run's): a slot of its epoch's
+        permutation. A function of the step alone (no position state), so a resumed run draws what the
+        uninterrupted one would."""
         if self.batch_size >= self.n_train:
             return None
+        seed = self.seed if seed is None else seed
         per_epoch = self.n_train // self.batch_size  # an epoch's tail that does not fill a batch is skipped
         epoch, slot = divmod(index, per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, epoch_permutation(self.seed, self.rank, epoch, self.n_train, device))
-        return self._perm[1][slot * self.batch_size : (slot + 1) * self.batch_size]
+        cached = self._perms.get(seed)
+        if cached is None or cached[0] != epoch:
+            cached = self._perms[seed] = (epoch, epoch_permutation(seed, self.rank, epoch, self.n_train, device))
+        return cached[1][slot * self.batch_size : (slot + 1) * self.batch_size]
+
+    def batch(self, index: int, device, dtype: torch.dtype, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [M, batch, 784], y [M, batch]: training step `index` of the runs with `seeds`, each the batch
+        its single run draws; one gather from the one copy of the images."""
+        t = self.tensors(device, dtype)
+        x, y, n = t["x_train"], t["y_train"], len(seeds)
+        if self.batch_size >= self.n_train:
+            return x.expand(n, *x.shape), y.expand(n, *y.shape)
+        rows = {s: self.next_indices(index, device, s) for s in dict.fromkeys(seeds)}
+        idx = torch.cat([rows[s] for s in seeds]) if n > 1 else rows[seeds[0]]
+        # index_select: ~4x faster than x[idx] on CPU for a [200, 784] gather.
+        return x.index_select(0, idx).view(n, -1, x.shape[1]), y.index_select(0, idx).view(n, -1)
 
     def train_batch(self, index: int, device):
-        t = self.tensors(device, self._dtype())
-        idx = self.next_indices(index, device)
-        if idx is None:
-            return t["x_train"], t["y_train"]
-        # index_select: ~4x faster than x[idx] on CPU for a [200, 784] gather.
-        return t["x_train"].index_select(0, idx), t["y_train"].index_select(0, idx)  # [batch, 784], [batch]
+        x, y = self.batch(index, device, self._dtype(), [self.seed])
+        return x[0], y[0]  # [batch, 784], [batch]
 
     def val_batch(self, index: int, device):
         t = self.tensors(device, self._dtype())
         return t["x_train"], t["y_train"], t["x_test"], t["y_test"]
 
 
-# ---- model -----------------------------------------------------------------------------------
+def load_data(cfg: Config) -> dict:
+    d = cfg.data
+    return load_mnist(os.path.join(data_dir(cfg), d.folder), d.split, d.n_train, d.n_test, allow_download=d.download)
 
 
-@torch.no_grad()
-def rescale_(model: nn.Module, target_norm: float) -> None:
-    factor = target_norm / weight_norm(model)
-    for p in model.parameters():
-        p.mul_(factor)
+def resolve_split(cfg: Config, split: str) -> None:
+    """Record the split actually used in the run config, unless a sweep set data.split itself (then
+    W&B already holds that value and a different one would be rejected as inconsistent)."""
+    if cfg.data.split == "auto" and "data.split" not in tracking.sweep_parameters():
+        cfg.data.split = split
+
+
+# ---- model, loss, fixed norm -------------------------------------------------------------------
+
+
+def make_model(cfg: Config, members: list[Config] | None = None) -> tuple[StackedMLP, list[float], list[float]]:
+    """(model, standard-init norms, initial norms) of `members` (default: the single run `cfg`), one
+    norm per member. Each member is MLP(784, width, depth, 10) with PyTorch's default init times
+    model.init_scale, drawn as its single run draws it: the caller seeds a single run
+    (harness.training.train); members are seeded here, each with its own seed, before its draws.
+    float32, as Lightning casts it later."""
+    mlps, standard, initial = [], [], []
+    for c in [cfg] if members is None else members:
+        if members is not None:
+            L.seed_everything(c.seed, workers=True, verbose=False)  # as harness.training.train, before build
+        mlp = MLP(784, c.model.width, c.model.depth, 10)
+        standard.append(float(weight_norm(mlp)))
+        for p in mlp.parameters():
+            p.data.mul_(c.model.init_scale)
+        initial.append(float(weight_norm(mlp)))
+        mlps.append(mlp)
+    return StackedMLP.stack(mlps), standard, initial
 
 
 def loss_fn(kind: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """out [..., batch, 10], y [..., batch] -> the mean over the batch: a scalar for one run's
+    [batch, 10], each member's loss [M] for [M, batch, 10]; reduction="none": per sample."""
     if kind == "ce":
-        return F.cross_entropy(out, y, reduction=reduction)
-    target = F.one_hot(y, out.shape[1]).to(out.dtype)
-    # nn.MSELoss: mean over samples and the 10 outputs; per-sample values average the outputs.
-    per = (out - target).pow(2).mean(1)
-    return per.mean() if reduction == "mean" else per
+        if out.dim() == 2:
+            return F.cross_entropy(out, y, reduction=reduction)
+        per = F.cross_entropy(out.flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
+    else:
+        # nn.MSELoss: mean over samples and the 10 outputs; per-sample values average the outputs.
+        per = (out - F.one_hot(y, out.shape[-1]).to(out.dtype)).pow(2).mean(-1)
+    return per.mean(-1) if reduction == "mean" else per
+
+
+@torch.no_grad()
+def rescale_(model: StackedMLP, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """optim.fixed_norm: each member's parameters (weights and biases) times target / its weight norm,
+    target [M]; with `mask` [M] (bool) only the members it marks."""
+    factor = target / member_norms(model)
+    if mask is not None:
+        factor = torch.where(mask, factor, 1)
+    for p in model.parameters():
+        p.mul_(factor.view(-1, *[1] * (p.dim() - 1)))
+
+
+# ---- one run under Lightning -------------------------------------------------------------------
 
 
 class OmnigrokModule(L.LightningModule):
-    def __init__(self, cfg: Config, model: nn.Module, target_norm: float):
+    def __init__(self, cfg: Config, model: StackedMLP, target_norm: float):
         super().__init__()
-        self.cfg, self.model, self.target_norm = cfg, model, target_norm
+        self.cfg, self.model = cfg, model
+        # The fixed norm, a float computed in float32; a buffer so that Lightning casts it with the
+        # model, not persistent, so the checkpoint holds the model alone.
+        self.register_buffer("target_norm", torch.tensor([target_norm]), persistent=False)
         self.train_log = TrainLossLog(cfg.trainer.log_every, "train/batch_loss")
         # Manual optimization: one Lightning batch carries trainer.steps_per_batch optimizer steps.
         self.automatic_optimization = False
@@ -242,7 +200,7 @@ class OmnigrokModule(L.LightningModule):
         return loss_sum / len(y), correct / len(y)
 
     def measure(self, batch) -> dict[str, torch.Tensor]:
-        """One evaluation's metrics (0-d tensors); also what a packed member logs (mnist_omnigrok_packed)."""
+        """One evaluation's metrics (0-d tensors); also what a packed member logs (PackedOmnigrok)."""
         x_tr, y_tr, x_te, y_te = batch
         train_loss, train_acc = self.evaluate(x_tr, y_tr)
         val_loss, val_acc = self.evaluate(x_te, y_te)
@@ -262,39 +220,6 @@ class OmnigrokModule(L.LightningModule):
         return torch.optim.AdamW(
             self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2)
         )
-
-
-def load_data(cfg: Config) -> dict:
-    d = cfg.data
-    return load_mnist(os.path.join(data_dir(cfg), d.folder), d.split, d.n_train, d.n_test, allow_download=d.download)
-
-
-def resolve_split(cfg: Config, split: str) -> None:
-    """Record the split actually used in the run config, unless a sweep set data.split itself (then
-    W&B already holds that value and a different one would be rejected as inconsistent)."""
-    if cfg.data.split == "auto" and "data.split" not in tracking.sweep_parameters():
-        cfg.data.split = split
-
-
-def make_model(cfg: Config) -> tuple[MLP, float, float]:
-    """(model, standard-init norm, initial norm): PyTorch's default init (from torch's global RNG, seeded
-    by the caller) with every parameter times model.init_scale; float32, as Lightning casts it later."""
-    m = cfg.model
-    model = MLP(784, m.width, m.depth, 10)
-    standard_norm = float(weight_norm(model))
-    for p in model.parameters():
-        p.data.mul_(m.init_scale)
-    return model, standard_norm, float(weight_norm(model))
-
-
-# Keys that may differ between the members of a packed block (harness.members.packed, issue 14).
-PACKABLE = ("seed", "model.init_scale", "optim.lr", "optim.weight_decay", "optim.fixed_norm")
-
-
-def build_packed(cfgs: list[Config]):
-    from tasks.mnist_omnigrok_packed import PackedOmnigrok
-
-    return PackedOmnigrok(cfgs)
 
 
 def static_summary(cfg: Config, arrays: dict, n: int, standard_norm: float, init_norm: float) -> dict:
@@ -318,10 +243,92 @@ def grokking_callback(cfg: Config) -> GrokkingCallback:
 def build(cfg: Config) -> Job:
     arrays = load_data(cfg)
     resolve_split(cfg, arrays["split"])
-    model, standard_norm, init_norm = make_model(cfg)
+    model, (standard_norm,), (init_norm,) = make_model(cfg)
     return Job(
         module=OmnigrokModule(cfg, model, target_norm=init_norm),
         datamodule=MnistData(arrays, cfg.data.batch_size, cfg.trainer.batch_steps()),
         callbacks=[grokking_callback(cfg)],
         summary=static_summary(cfg, arrays, n_params(model), standard_norm, init_norm),
     )
+
+
+# ---- many members in one process ---------------------------------------------------------------
+
+# Packed runs (harness.members.packed, issue 14): keys that may differ between the members of a block.
+PACKABLE = ("seed", "model.init_scale", "optim.lr", "optim.weight_decay", "optim.fixed_norm")
+
+
+class PackedOmnigrok:
+    """M members of one sweep in the task's own model (make_model with a member dimension), for
+    harness.members.packed's loop. Each member's weights are its single run's, and so are its
+    minibatches (MnistData.batch: members of one seed share a batch, others gather their own from the
+    one copy of the images); a member's loss is `loss_fn` over its own batch, so its gradient is its
+    single run's. With optim.fixed_norm a member is rescaled after every step by `rescale_`, as its
+    single run. Evaluation runs `OmnigrokModule.measure` on `model.member(i)`, whose parameters are
+    views of the member's slices."""
+
+    def __init__(self, cfgs: list[Config]):
+        self.cfgs = cfgs
+        t, d = cfgs[0].trainer, cfgs[0].data
+        self.device, self.dtype = placement(t)
+        dtype = self.dtype
+        self.arrays = load_data(cfgs[0])  # data.* is not packable: one copy for every member
+        model, standard, initial = make_model(cfgs[0], members=cfgs)
+        # Initialised in float32 as the single run, then cast as Lightning casts it for 64-true.
+        self.model = model.to(dtype=dtype, device=self.device)
+        self.norms = list(zip(standard, initial))
+        self.modules = [OmnigrokModule(c, self.model.member(i), initial[i]) for i, c in enumerate(cfgs)]
+        o = [c.optim for c in cfgs]
+        self.lr, self.weight_decay, self.betas, self.eps = adamw_hypers(cfgs)
+        self.loss_kind = o[0].loss
+        self.train_loss_key = "train/batch_loss"  # the single run's TrainLossLog key, logged every log_every
+        self.fixed = torch.tensor([x.fixed_norm for x in o], device=self.device)
+        self.target = torch.tensor(initial, dtype=dtype, device=self.device)
+        self.data = MnistData(self.arrays, d.batch_size)
+        t_ = self.data.tensors(self.device, dtype)
+        self.val_batch = (t_["x_train"], t_["y_train"], t_["x_test"], t_["y_test"])  # MnistData.val_batch
+        self.seeds = [c.seed for c in cfgs]
+        self.grok = [grokking_callback(c) for c in cfgs]
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.named_parameters())
+
+    def losses(self, step: int) -> torch.Tensor:
+        x, y = self.data.batch(step, self.device, self.dtype, self.seeds)
+        return loss_fn(self.loss_kind, self.model(x), y)
+
+    def after_step(self, active: torch.Tensor | None) -> None:
+        mask = self.fixed if active is None else self.fixed & active.to(self.device)
+        if bool(mask.any()):
+            rescale_(self.model, self.target, mask)
+
+    def resolve_config(self, i: int) -> None:
+        """data.split=auto -> the split used, as the single build records it (called with member i's
+        sweep parameters in the environment; harness.members.packed then logs the config again)."""
+        resolve_split(self.cfgs[i], self.arrays["split"])
+
+    def evaluate(self, i: int, step: int) -> tuple[dict[str, float], dict]:
+        out = self.modules[i].measure(self.val_batch)
+        names = list(out)
+        metrics = dict(zip(names, torch.stack([out[k].detach().double().reshape(()) for k in names]).tolist()))
+        self.grok[i].observe(step, metrics.get("train/acc"), metrics.get("val/acc"))
+        return metrics, {}
+
+    def static_summary(self, i: int) -> dict:
+        return static_summary(self.cfgs[i], self.arrays, n_params(self.modules[i].model), *self.norms[i])
+
+    def final_summary(self, i: int, run, seconds: float, cpu: float, steps: int) -> dict:
+        return self.grok[i].summary()
+
+    def member_model(self, i: int) -> StackedMLP:
+        return self.model.member(i, copy=True)  # its own storage: the model artifact holds member i alone
+
+    def member_state(self, i: int) -> dict:
+        return {"grok": self.grok[i].state_dict()}
+
+    def load_member_state(self, i: int, state: dict) -> None:
+        self.grok[i].load_state_dict(state["grok"])
+
+
+def build_packed(cfgs: list[Config]) -> PackedOmnigrok:
+    return PackedOmnigrok(cfgs)

@@ -57,12 +57,11 @@ HARNESS_ROOMS = {
     ),
     "harness.__main__": ("harness.cli",),
 }
-# Sparse parity and Omnigrok and their hand-vectorised `_packed` twins import each other: removed by the
-# one-trainer redesign (issue 20), which gives each task one model with a member dimension (modular addition
-# has it). No other circle is allowed.
+# Sparse parity and its hand-vectorised `_packed` twin import each other: removed by the one-trainer
+# redesign (issue 20), which gives each task one model with a member dimension (modular addition and
+# Omnigrok have it). No other circle is allowed.
 ALLOWED_CIRCLES = [
     {"tasks.sparse_parity", "tasks.sparse_parity_packed"},
-    {"tasks.mnist_omnigrok", "tasks.mnist_omnigrok_packed"},
 ]
 REGISTRY_CALLS = ("task_module", "config_class")
 CONFIGS = "tasks.configs"

@@ -194,7 +194,7 @@ def test_float64_runs_on_device_tensors(env):
     job = mo.build(cfg)
     trainer = make_trainer(cfg, logger=False, callbacks=job.callbacks)
     trainer.fit(job.module, datamodule=job.datamodule)
-    assert job.module.model.net[0].weight.dtype == torch.float64
+    assert job.module.model.weights[0].dtype == torch.float64
     ((device, dtype),) = job.datamodule._cache
     assert dtype == torch.float64 and job.datamodule._cache[(device, dtype)]["x_train"].max() == 1.0
     assert 0 <= job.module.eval_metrics["val/acc"] <= 1 and trainer.global_step == 5

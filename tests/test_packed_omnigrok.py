@@ -12,9 +12,9 @@ from harness import runstore
 from harness.config.run import load_config
 from harness.members.packed import train_packed
 from harness.members.runs import Member
+from harness.training.nn import MLP
 from harness.training.train import train
 from tasks import mnist_omnigrok as mo
-from tasks.mnist_omnigrok_packed import PackedOmnigrok
 
 STEP = "trainer/global_step"
 # 200 training images in minibatches of 50 (an epoch is 4 steps, so 100 steps cross 25 epoch
@@ -46,14 +46,15 @@ def rel(a, b):
 
 
 def solo(overrides, steps):
-    """The solo run's training step in a plain loop: the task's model (seeded as harness.training.train seeds
-    it), its minibatch stream (MnistData.next_indices), loss_fn, torch's AdamW, rescale_ for a fixed
-    norm. Returns the training losses and the final evaluation."""
+    """The solo run's training step in a plain loop: the task's model of one member (seeded as
+    harness.training.train seeds it) on [batch, 784], its minibatch stream (MnistData.next_indices),
+    loss_fn, torch's AdamW, rescale_ for a fixed norm. Returns the training losses and the final evaluation."""
     cfg = load_config(tuple(overrides))
     dtype = {"64-true": torch.float64, "32-true": torch.float32}[cfg.trainer.precision]
     torch.manual_seed(cfg.seed)
-    model, _, init_norm = mo.make_model(cfg)
+    model, _, (init_norm,) = mo.make_model(cfg)
     model = model.to(dtype)
+    target = torch.tensor([init_norm], dtype=dtype)
     data = mo.MnistData(mo.load_data(cfg), cfg.data.batch_size)
     data.seed = cfg.seed
     t = data.tensors(torch.device("cpu"), dtype)
@@ -67,16 +68,44 @@ def solo(overrides, steps):
         loss.backward()
         opt.step()
         if o.fixed_norm:
-            mo.rescale_(model, init_norm)
+            mo.rescale_(model, target)
         out.append(loss.item())
     metrics = mo.OmnigrokModule(cfg, model, init_norm).measure((t["x_train"], t["y_train"], t["x_test"], t["y_test"]))
     return out, {k: float(v) for k, v in metrics.items()}
 
 
 def packed(members, steps):
-    block = PackedOmnigrok([load_config(m) for m in members])
+    block = mo.build_packed([load_config(m) for m in members])
     out = train_block(block, steps)[1]
     return block, out, [block.evaluate(i, steps)[0] for i in range(len(members))]
+
+
+def test_members_start_from_their_solo_runs_initial_weights():
+    """make_model draws each member as the single run did before the member dimension (issue 20): torch
+    seeded with the run's seed, MLP(784, width, depth, 10)'s own initialisers, times alpha; a model of
+    one member (a solo run) and each member of a block hold exactly those weights."""
+    cfgs = [load_config(m) for m in configs(MEMBERS, ("model.width=24",))]
+    block, standard, initial = mo.make_model(cfgs[0], members=cfgs)
+    for i, cfg in enumerate(cfgs):
+        torch.manual_seed(cfg.seed)
+        mlp = MLP(784, 24, cfg.model.depth, 10)
+        norm = float(mo.weight_norm(mlp))
+        want = [p.detach() * cfg.model.init_scale for p in mlp.parameters()]  # net.0.weight, net.0.bias, ...
+        torch.manual_seed(cfg.seed)
+        single, (single_standard,), (single_initial,) = mo.make_model(cfg)
+        for model, j in ((single, 0), (block, i)):
+            got = [p for k in range(len(model.weights)) for p in (model.weights[k][j], model.biases[k][j])]
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert standard[i] == single_standard == norm
+        assert initial[i] == single_initial == float(mo.weight_norm(single))
+
+
+def test_a_member_is_a_view_and_its_artifact_model_holds_only_its_weights():
+    block = mo.build_packed([load_config(m) for m in configs(MEMBERS[:3], ("model.width=24",))])
+    view, saved = block.modules[1].model, block.member_model(1)
+    for v, s, p in zip(view.parameters(), saved.parameters(), block.model.parameters()):
+        assert v.data_ptr() == p[1].data_ptr()  # evaluation reads the current weights, no copy
+        assert torch.equal(s, v) and s.untyped_storage().nbytes() == s.numel() * s.element_size()
 
 
 def test_packed_losses_equal_solo_for_100_steps_in_float64():
