@@ -196,7 +196,7 @@ def cuda(args) -> None:
     solo_data = block.modules[0].data
     seed_rng(device, batch_seed(solo_data.seed, 0, 0))
     x_solo, y_solo = solo_data.train_batch(0, device)
-    x_packed, y_packed = block.groups[0]["stream"].batch(0)
+    x_packed, y_packed = block.groups[0].stream.batch(0)
     equal = bool(torch.equal(x_solo, x_packed) and torch.equal(y_solo, y_packed))
     print(
         f"packed block: {len(cfgs)} widths {widths[0]}..{widths[-1]} in {len(block.groups)} stream(s); built in "

@@ -57,11 +57,10 @@ HARNESS_ROOMS = {
     ),
     "harness.__main__": ("harness.cli",),
 }
-# Sparse parity and Omnigrok and their hand-vectorised `_packed` twins import each other: removed by the
-# one-trainer redesign (issue 20), which gives each task one model with a member dimension (modular addition
-# has it). No other circle is allowed.
+# Omnigrok and its hand-vectorised `_packed` twin import each other: removed by the one-trainer redesign
+# (issue 20), which gives each task one model with a member dimension (modular addition and sparse parity
+# have it). No other circle is allowed.
 ALLOWED_CIRCLES = [
-    {"tasks.sparse_parity", "tasks.sparse_parity_packed"},
     {"tasks.mnist_omnigrok", "tasks.mnist_omnigrok_packed"},
 ]
 REGISTRY_CALLS = ("task_module", "config_class")

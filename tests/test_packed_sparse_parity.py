@@ -22,8 +22,7 @@ from harness.members.packed import train_packed
 from harness.members.runs import Member
 from harness.training.data import batch_seed, seed_rng
 from harness.training.train import train
-from tasks.sparse_parity import build
-from tasks.sparse_parity_packed import PackedSparseParity
+from tasks.sparse_parity import PackedSparseParity, build
 
 STEP = "trainer/global_step"
 # 8 subtasks, 10 data bits, batch 128: a member step is well under a millisecond.
@@ -150,7 +149,7 @@ def packed_losses(members, steps):
 def test_packed_widths_train_as_their_solo_runs_for_100_steps_in_float64(data, groups):
     members = cfgs(*MIXED, extra=("trainer.precision=64-true",) + data)
     block, packed = packed_losses(members, 100)
-    assert [len(g["members"]) for g in block.groups] == groups
+    assert [len(g.members) for g in block.groups] == groups
     assert all(p.dtype == torch.float64 for p in block.params().values())
     errors = [rel(packed[:, i], solo_losses(m, 100, torch.float64)) for i, m in enumerate(members)]
     print("float64 max relative error per member:", errors)
@@ -199,7 +198,7 @@ def test_packed_widths_stay_within_1e_3_of_solo_over_1000_steps_in_float32():
 def test_a_resumed_stream_replays_the_batches_of_its_lightning_batch():
     members = cfgs(("seed=0", "model.width=4"), ("seed=0", "model.width=9"))
     a, b = (PackedSparseParity([load_config(m) for m in members]) for _ in range(2))
-    sa, sb = a.groups[0]["stream"], b.groups[0]["stream"]
+    sa, sb = a.groups[0].stream, b.groups[0].stream
     run = [sa.batch(s) for s in range(14)]
     x, y = sb.batch(13)  # a resume at step 13, inside Lightning batch 1 (steps 10..19)
     assert torch.equal(x, run[13][0]) and torch.equal(y, run[13][1])
