@@ -12,8 +12,9 @@ variant of a long study). Sweeps of a task that does not pack are reported and s
 
 `--device cuda`: the paper-scale sparse parity width sweep (sweeps/sparse_parity_width.yaml: n_tasks
 500, n 100, k 3, batch 20000, 30 widths 9..500, Adam at the task's default lr) on one GPU. Packed: all
-30 widths as one block (tasks/sparse_parity_packed.py: one shared batch drawn on the device, one matmul
-for every hidden layer), the loop of harness.members.packed.train_packed without W&B, timed for `--steps`
+30 widths as one block (tasks.sparse_parity.build_packed: the task's one model with its 30 members'
+hidden layers concatenated, one shared batch drawn on the device, one matmul for the first hidden
+layer of every width), the loop of harness.members.packed.train_packed without W&B, timed for `--steps`
 steps after `--warmup`; the device syncs of the timed loop are counted (torch's sync debug mode).
 Unpacked: each width alone through a solo run's own Lightning fit (harness.training.train.make_trainer, the
 task's training step, torch's AdamW), timed for `--solo-steps` steps. Both are projected to the full
@@ -196,7 +197,7 @@ def cuda(args) -> None:
     solo_data = block.modules[0].data
     seed_rng(device, batch_seed(solo_data.seed, 0, 0))
     x_solo, y_solo = solo_data.train_batch(0, device)
-    x_packed, y_packed = block.groups[0]["stream"].batch(0)
+    x_packed, y_packed = block.groups[0].stream.batch(0)
     equal = bool(torch.equal(x_solo, x_packed) and torch.equal(y_solo, y_packed))
     print(
         f"packed block: {len(cfgs)} widths {widths[0]}..{widths[-1]} in {len(block.groups)} stream(s); built in "

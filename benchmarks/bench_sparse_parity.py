@@ -2,8 +2,10 @@
 
     python benchmarks/bench_sparse_parity.py [--steps 600] [--repeats 5] [--width 128]
 
-Same model, batch, optimizer, data sampling and evaluation schedule on both sides, one thread each,
-interleaved (so load on the machine hits both alike); median of the repeats. Target: <= 1.10x.
+Same weights (the harness side: the task's model of one member, harness.training.nn.ConcatMLP; the
+plain side: a plain nn.MLP with the same initial weights), batch, optimizer, data sampling and
+evaluation schedule on both sides, one thread each, interleaved (so load on the machine hits both
+alike); median of the repeats. Target: <= 1.10x.
 The harness side includes Lightning and W&B logging (offline); start-up (imports, wandb.init) is
 excluded on both sides: the clock runs from the first training step to the end of the last eval.
 """
@@ -24,8 +26,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from harness.config.run import load_config  # noqa: E402
+from harness.training.nn import MLP  # noqa: E402
 from harness.training.train import train  # noqa: E402
-from tasks.sparse_parity import build  # noqa: E402
+from tasks.sparse_parity import SparseParityData, SparseParityModule  # noqa: E402
 
 
 class Clock(L.Callback):
@@ -58,8 +61,11 @@ def harness_run(overrides: list[str]) -> float:
 def plain_run(overrides: list[str]) -> float:
     cfg = load_config(overrides)
     L.seed_everything(cfg.seed, verbose=False)
-    job = build(cfg)
-    model, data, module = job.module.model, job.datamodule, job.module
+    # A plain nn.MLP (the same weights as the task's model of one member draws), the task's data and
+    # evaluation code: the harness side runs the task's ConcatMLP, which must cost no more.
+    model = MLP(cfg.data.n_tasks + cfg.data.n, cfg.model.width, cfg.model.depth, 2)
+    data = SparseParityData(cfg)
+    module = SparseParityModule(cfg, model, data)
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.optim.lr,

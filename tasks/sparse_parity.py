@@ -3,23 +3,31 @@
 Input: `n_tasks` one-hot control bits + `n` uniform random data bits. Subtask t owns a fixed random
 k-subset S_t of the data bits (all subsets distinct); the label is the parity of x[S_t]. Subtask t is
 drawn with probability p_t proportional to t^-(zipf_alpha + 1), t = 1..n_tasks.
+
+The model is an MLP with a member dimension (harness.training.nn.ConcatMLP, built by `make_model`): a
+single run is one member; a packed block (`build_packed`) holds members of different widths, seeds and
+optimizer settings side by side in one such model and trains them with the same forward and loss
+(`member_losses`), evaluated by the same code (SparseParityModule.per_subtask and val_metrics).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.members.block import adamw_hypers, placement
+from harness.members.optim import MemberAxis
 from harness.quanta_stats import zipf_frequencies
 from harness.training.curves import CurvesRecorder, set_eval_arrays
-from harness.training.data import DeviceDataModule
+from harness.training.data import BatchStream, DeviceDataModule
 from harness.training.detectors import EmergenceCallback
 from harness.training.logs import TrainLossLog, log_eval
-from harness.training.nn import MLP, n_params  # noqa: F401  (MLP and n_params are part of this task's API)
+from harness.training.nn import MLP, ConcatMLP, n_params
 from harness.training.train import Job, train_steps
 from tasks.configs.sparse_parity import Config
 
@@ -146,6 +154,37 @@ class SparseParityData(DeviceDataModule):
         return t["test_tasks"], t["test_bits"]
 
 
+def make_model(cfg: Config, members: list[Config] | None = None, data: list | None = None) -> ConcatMLP:
+    """The task's model for `members` (default: the single run `cfg`, M = 1), each member's weights
+    drawn as its single run draws them (MLP's nn.Linear initialisers): the caller seeds a single run
+    (harness.training.train); members are seeded here, each with its own seed, before its draws. With
+    `data` (a list), each member's SparseParityData is appended right after its init, where its single
+    run builds it (finite-data samples with data.stream_seed=-1 come from the global RNG there)."""
+
+    def mlp(c: Config) -> MLP:
+        return MLP(c.data.n_tasks + c.data.n, c.model.width, c.model.depth, 2)
+
+    if members is None:
+        return ConcatMLP.concat([mlp(cfg)])
+    mlps = []
+    for c in members:
+        L.seed_everything(c.seed, workers=True, verbose=False)  # as harness.training.train, before build
+        mlps.append(mlp(c))
+        if data is not None:
+            data.append(SparseParityData(c))
+    return ConcatMLP.concat(mlps)
+
+
+def member_losses(model: ConcatMLP, x: torch.Tensor, y: torch.Tensor, subset: dict | None = None) -> torch.Tensor:
+    """Each member's mean cross-entropy on the shared batch (x, y): [m] (the members of `subset`, else
+    all). The training loss of a single run (M = 1: F.cross_entropy of its logits) and of a block."""
+    logits = model.logits(x, subset)  # [m, B, 2]
+    m = logits.shape[0]
+    if m == 1:
+        return F.cross_entropy(logits[0], y)[None]
+    return F.cross_entropy(logits.flatten(0, 1), y.repeat(m), reduction="none").view(m, -1).mean(1)
+
+
 class SparseParityModule(L.LightningModule):
     def __init__(self, cfg: Config, model: nn.Module, data: SparseParityData):
         super().__init__()
@@ -158,7 +197,7 @@ class SparseParityModule(L.LightningModule):
         self.automatic_optimization = False
 
     def training_step(self, batch, batch_idx):
-        train_steps(self, batch, lambda xy: F.cross_entropy(self.model(xy[0]), xy[1]))
+        train_steps(self, batch, lambda xy: member_losses(self.model, *xy)[0])
 
     @torch.no_grad()
     def per_subtask(self, tasks: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,23 +236,124 @@ class SparseParityModule(L.LightningModule):
         )
 
 
-# Packed runs (harness.members.packed, issue 14): members may differ in these keys (tasks/sparse_parity_packed.py).
-PACKABLE = ("seed", "data.task_seed", "data.stream_seed", "optim.lr", "optim.weight_decay", "model.width")
-
-
-def build_packed(cfgs: list[Config]):
-    from tasks.sparse_parity_packed import PackedSparseParity
-
-    return PackedSparseParity(cfgs)
+def emergence(cfg: Config) -> EmergenceCallback:
+    return EmergenceCallback(cfg.eval.threshold_bits * math.log(2), "subtask", "loss")
 
 
 def build(cfg: Config) -> Job:
-    d = cfg.data
-    model = MLP(d.n_tasks + d.n, cfg.model.width, cfg.model.depth, 2)
+    model = make_model(cfg)
     data = SparseParityData(cfg)
     return Job(
         module=SparseParityModule(cfg, model, data),
         datamodule=data,
-        callbacks=[CurvesRecorder(), EmergenceCallback(cfg.eval.threshold_bits * math.log(2), "subtask", "loss")],
+        callbacks=[CurvesRecorder(), emergence(cfg)],
         summary={"model/params": n_params(model), "loss_units": "nats"},
     )
+
+
+# ---------------------------------------------------------------- many members in one process
+
+# Packed runs (harness.members.packed, issue 14): keys whose values may differ between the members of one
+# packed process; every other key must be equal.
+PACKABLE = ("seed", "data.task_seed", "data.stream_seed", "optim.lr", "optim.weight_decay", "model.width")
+
+
+class Group(NamedTuple):
+    """Members of a block that share their training batches."""
+
+    members: list[int]
+    subset: dict | None  # ConcatMLP.subset of the members (None: all of the block's)
+    stream: BatchStream
+
+
+class PackedSparseParity:
+    """M members of one sweep in the task's own model (make_model with members: their hidden layers
+    concatenated, whatever their widths), for harness.members.packed's loop. Each member's weights and
+    data are its single run's.
+
+    Batches: members whose training batches are the same (same stream seed and task seed; the stream
+    seed follows the run seed unless data.stream_seed is set) form a group that draws ONE batch per step
+    (a BatchStream, seeded as a single run's DeviceDataModule) and runs the model on its members only
+    (one matmul for all their first hidden layers). Members of different streams are separate groups:
+    exact, only slower. In finite-data mode with data.stream_seed=-1 a member's D samples depend on its
+    init (SparseParityData), so each such member is a group. Evaluation runs SparseParityModule's
+    per_subtask and val_metrics on `model.member(i)`, whose parameters are views of member i's slices."""
+
+    def __init__(self, cfgs: list[Config]):
+        self.cfgs = cfgs
+        t = cfgs[0].trainer
+        self.device, self.dtype = placement(t)
+        dtype = self.dtype
+        data: list[SparseParityData] = []
+        # Initialised in float32 as the single run, then cast as Lightning casts it for 64-true.
+        self.model = make_model(cfgs[0], cfgs, data).to(dtype=dtype, device=self.device)
+        self.modules = [
+            SparseParityModule(c, self.model.member(i), d).to(dtype=dtype, device=self.device)
+            for i, (c, d) in enumerate(zip(cfgs, data))
+        ]
+        self.emergence = [emergence(c) for c in cfgs]
+        self.lr, self.weight_decay, self.betas, self.eps = adamw_hypers(cfgs)
+        self.train_loss_key = "train/loss"
+        streams: dict = {}
+        for i, c in enumerate(cfgs):
+            d = c.data
+            own = d.n_train_samples and d.stream_seed < 0  # D samples drawn after this member's init
+            key = ("member", i) if own else (data[i].seed, d.task_seed if d.task_seed >= 0 else c.seed)
+            streams.setdefault(key, []).append(i)
+        self.groups = [
+            Group(g, None if len(g) == len(cfgs) else self.model.subset(g), BatchStream(data[g[0]], self.device))
+            for g in streams.values()
+        ]
+        order = torch.tensor([i for g in streams.values() for i in g])
+        self._inverse = None if len(self.groups) == 1 else torch.argsort(order).to(self.device)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.named_parameters())
+
+    def member_axes(self) -> list[MemberAxis]:
+        return [MemberAxis(dim, owner) for dim, owner in self.model.owners()]
+
+    def losses(self, step: int) -> torch.Tensor:
+        out = []
+        for g in self.groups:
+            x, y = g.stream.batch(step)
+            out.append(member_losses(self.model, x.to(self.dtype), y, g.subset))
+        losses = out[0] if len(out) == 1 else torch.cat(out)
+        return losses if self._inverse is None else losses[self._inverse]
+
+    def evaluate(self, i: int, step: int) -> tuple[dict[str, float], dict]:
+        module = self.modules[i]
+        loss, acc = module.per_subtask(*module.data.val_batch(0, self.device))
+        out = module.val_metrics(loss, acc)
+        names = list(out)
+        metrics = dict(zip(names, torch.stack([out[k].detach().double().reshape(()) for k in names]).tolist()))
+        arrays = {"subtask": {"loss": loss.cpu().double().numpy(), "acc": acc.cpu().double().numpy()}}
+        self.emergence[i].observe(step, arrays["subtask"]["loss"])
+        return metrics, arrays
+
+    def static_summary(self, i: int) -> dict:
+        return {"model/params": n_params(self.modules[i].model), "loss_units": "nats"}
+
+    def final_summary(self, i: int, run, seconds: float, cpu: float, steps: int) -> dict:
+        em = self.emergence[i]
+        values = em.summary()
+        if em.first is not None:  # as EmergenceCallback.on_fit_end gives a single run
+            import wandb
+
+            values["emergence/items"] = wandb.Table(
+                columns=["item", "step", "reached", f"final_{em.column}"], data=em.table_rows()
+            )
+        return values
+
+    def member_model(self, i: int) -> ConcatMLP:
+        return self.model.member(i, copy=True)  # weights of its own: views would save the whole block
+
+    def member_state(self, i: int) -> dict:
+        return {"emergence": self.emergence[i].state_dict()}
+
+    def load_member_state(self, i: int, state: dict) -> None:
+        self.emergence[i].load_state_dict(state["emergence"])
+
+
+def build_packed(cfgs: list[Config]) -> PackedSparseParity:
+    return PackedSparseParity(cfgs)

@@ -1,5 +1,6 @@
-"""Packed sparse parity (issue 14): width packing (one concatenated hidden layer, a block-diagonal output
-layer) against each member trained solo with the same init and batches, StackedAdamW over concatenated
+"""Packed sparse parity (issue 14): width packing (the task's one model, harness.training.nn.ConcatMLP: the
+members' hidden layers concatenated, the output layers member by member; a single run is M = 1 and an
+MLP as before) against each member trained solo with the same init and batches, StackedAdamW over concatenated
 member axes against torch's AdamW, depth 2, emergence steps and W&B keys against harness train, isolation of a
 failing member, and the GPU benchmark's CPU smoke path."""
 
@@ -21,9 +22,9 @@ from harness.members.optim import MemberAxis, StackedAdamW
 from harness.members.packed import train_packed
 from harness.members.runs import Member
 from harness.training.data import batch_seed, seed_rng
+from harness.training.nn import MLP, n_params
 from harness.training.train import train
-from tasks.sparse_parity import build
-from tasks.sparse_parity_packed import PackedSparseParity
+from tasks.sparse_parity import PackedSparseParity, build, make_model
 
 STEP = "trainer/global_step"
 # 8 subtasks, 10 data bits, batch 128: a member step is well under a millisecond.
@@ -108,6 +109,44 @@ def test_stacked_adamw_over_concatenated_widths_equals_torch_adamw_per_member(w2
     assert state["exp_avg"][0].shape == (7, d_in) and state["exp_avg"][2].shape == ((7, 2) if w2_dim == 0 else (2, 7))
 
 
+# ---- the model: one class for a single run and for a block -------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_single_run_is_the_mlp_it_was(depth):
+    """make_model(cfg) (M = 1) holds the weights a seeded MLP draws, computes MLP's outputs bit for bit,
+    and loads an MLP's state dict (depth 1: the same keys and shapes; depth 2: a [w, w] hidden weight
+    into its flat one)."""
+    cfg = load_config(TINY_SP + ("model.width=7", f"model.depth={depth}"))
+    d_in = cfg.data.n_tasks + cfg.data.n
+    torch.manual_seed(3)
+    model = make_model(cfg)
+    torch.manual_seed(3)
+    mlp = MLP(d_in, 7, depth, 2)
+    x = torch.rand(5, d_in)
+    assert torch.equal(model(x), mlp(x)) and n_params(model) == n_params(mlp)
+    if depth == 1:
+        assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in mlp.state_dict().items()}
+    fresh = make_model(cfg)
+    fresh.load_state_dict(mlp.state_dict())
+    assert torch.equal(fresh(x), mlp(x))
+
+
+def test_a_blocks_members_are_views_and_their_artifact_models_copies():
+    members = cfgs(("seed=0", "model.width=4"), ("seed=1", "model.width=9", "optim.lr=0.003"), extra=("model.depth=2",))
+    block = PackedSparseParity([load_config(m) for m in members])
+    model = block.model
+    x = block.groups[0].stream.batch(0)[0]
+    view, copy = model.member(1), block.member_model(1)
+
+    def close(a, b):  # the same numbers up to the rounding of a strided matmul
+        return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    assert close(view(x), model(x)[1]) and close(copy(x), view(x))
+    train_block(block, 3)
+    assert close(view(x), model(x)[1]) and not close(copy(x), view(x))  # views follow training, a copy not
+
+
 # ---- exactness against the solo training step -----------------------------------------------------
 
 
@@ -150,7 +189,7 @@ def packed_losses(members, steps):
 def test_packed_widths_train_as_their_solo_runs_for_100_steps_in_float64(data, groups):
     members = cfgs(*MIXED, extra=("trainer.precision=64-true",) + data)
     block, packed = packed_losses(members, 100)
-    assert [len(g["members"]) for g in block.groups] == groups
+    assert [len(g.members) for g in block.groups] == groups
     assert all(p.dtype == torch.float64 for p in block.params().values())
     errors = [rel(packed[:, i], solo_losses(m, 100, torch.float64)) for i, m in enumerate(members)]
     print("float64 max relative error per member:", errors)
@@ -199,7 +238,7 @@ def test_packed_widths_stay_within_1e_3_of_solo_over_1000_steps_in_float32():
 def test_a_resumed_stream_replays_the_batches_of_its_lightning_batch():
     members = cfgs(("seed=0", "model.width=4"), ("seed=0", "model.width=9"))
     a, b = (PackedSparseParity([load_config(m) for m in members]) for _ in range(2))
-    sa, sb = a.groups[0]["stream"], b.groups[0]["stream"]
+    sa, sb = a.groups[0].stream, b.groups[0].stream
     run = [sa.batch(s) for s in range(14)]
     x, y = sb.batch(13)  # a resume at step 13, inside Lightning batch 1 (steps 10..19)
     assert torch.equal(x, run[13][0]) and torch.equal(y, run[13][1])

@@ -101,3 +101,27 @@ class DeviceDataModule(L.LightningDataModule):
         if k == 1:
             return self.train_batch(index, device)
         return [self.train_batch(index * k + j, device) for j in range(k)]
+
+
+class BatchStream:
+    """The training batches of a DeviceDataModule drawn from a generator of its own, exactly as a run
+    of that data module draws them (seeded per Lightning batch from batch_seed(data.seed, rank 0, i),
+    then its steps_per_batch steps' batches in order): a packed block's members get their solo runs'
+    batches. The data module's `train_batch(index, device, generator)` takes the generator."""
+
+    def __init__(self, data: DeviceDataModule, device: torch.device):
+        self.data, self.device, self.k = data, device, data.steps_per_batch
+        self.gen = torch.Generator(device=device)
+        self.next: int | None = None  # the step the generator is positioned to draw next
+
+    def batch(self, step: int) -> Any:
+        """The batch of optimizer step `step`."""
+        if step % self.k == 0 or step != self.next:
+            # A new Lightning batch (or a resume inside one): seed as on_after_batch_transfer does, then
+            # replay the draws of the steps of this Lightning batch before `step`.
+            start = step - step % self.k
+            self.gen.manual_seed(batch_seed(self.data.seed, 0, start // self.k))
+            for s in range(start, step):
+                self.data.train_batch(s, self.device, self.gen)
+        self.next = step + 1
+        return self.data.train_batch(step, self.device, self.gen)
