@@ -4,11 +4,11 @@ import os
 
 import pytest
 import torch
+from conftest import TINY, harness
 
 from harness.config.run import load_config
 from harness.runstore import load_curves
 from tasks.sparse_parity import MLP, SparseParityData, build, frequencies, n_params
-from tests.conftest import TINY, harness
 
 
 def cfg_of(*overrides):
