@@ -2,7 +2,7 @@
 
     python benchmarks/bench_sparse_parity.py [--steps 600] [--repeats 5] [--width 128]
 
-Same weights (the harness side: the task's model of one member, harness.training.nn.ConcatMLP; the
+Same weights (the harness side: the task's model of one member, harness.training.nn.WidthPackedMLP; the
 plain side: a plain nn.MLP with the same initial weights), batch, optimizer, data sampling and
 evaluation schedule on both sides, one thread each, interleaved (so load on the machine hits both
 alike); median of the repeats. Target: <= 1.10x.
@@ -62,7 +62,7 @@ def plain_run(overrides: list[str]) -> float:
     cfg = load_config(overrides)
     L.seed_everything(cfg.seed, verbose=False)
     # A plain nn.MLP (the same weights as the task's model of one member draws), the task's data and
-    # evaluation code: the harness side runs the task's ConcatMLP, which must cost no more.
+    # evaluation code: the harness side runs the task's WidthPackedMLP, which must cost no more.
     model = MLP(cfg.data.n_tasks + cfg.data.n, cfg.model.width, cfg.model.depth, 2)
     data = SparseParityData(cfg)
     module = SparseParityModule(cfg, model, data)

@@ -4,7 +4,7 @@ Input: `n_tasks` one-hot control bits + `n` uniform random data bits. Subtask t 
 k-subset S_t of the data bits (all subsets distinct); the label is the parity of x[S_t]. Subtask t is
 drawn with probability p_t proportional to t^-(zipf_alpha + 1), t = 1..n_tasks.
 
-The model is an MLP with a member dimension (harness.training.nn.ConcatMLP, built by `make_model`): a
+The model is an MLP with a member dimension (harness.training.nn.WidthPackedMLP, built by `make_model`): a
 single run is one member; a packed block (`build_packed`) holds members of different widths, seeds and
 optimizer settings side by side in one such model and trains them with the same forward and loss
 (`member_losses`), evaluated by the same code (SparseParityModule.per_subtask and val_metrics).
@@ -27,7 +27,7 @@ from harness.training.curves import CurvesRecorder, set_eval_arrays
 from harness.training.data import BatchStream, DeviceDataModule
 from harness.training.detectors import EmergenceCallback
 from harness.training.logs import TrainLossLog, log_eval
-from harness.training.nn import MLP, ConcatMLP, n_params
+from harness.training.nn import MLP, WidthPackedMLP, n_params
 from harness.training.train import Job, train_steps
 from tasks.configs.sparse_parity import Config
 
@@ -154,7 +154,7 @@ class SparseParityData(DeviceDataModule):
         return t["test_tasks"], t["test_bits"]
 
 
-def make_model(cfg: Config, members: list[Config] | None = None, data: list | None = None) -> ConcatMLP:
+def make_model(cfg: Config, members: list[Config] | None = None, data: list | None = None) -> WidthPackedMLP:
     """The task's model for `members` (default: the single run `cfg`, M = 1), each member's weights
     drawn as its single run draws them (MLP's nn.Linear initialisers): the caller seeds a single run
     (harness.training.train); members are seeded here, each with its own seed, before its draws. With
@@ -165,17 +165,17 @@ def make_model(cfg: Config, members: list[Config] | None = None, data: list | No
         return MLP(c.data.n_tasks + c.data.n, c.model.width, c.model.depth, 2)
 
     if members is None:
-        return ConcatMLP.concat([mlp(cfg)])
+        return WidthPackedMLP.concat([mlp(cfg)])
     mlps = []
     for c in members:
         L.seed_everything(c.seed, workers=True, verbose=False)  # as harness.training.train, before build
         mlps.append(mlp(c))
         if data is not None:
             data.append(SparseParityData(c))
-    return ConcatMLP.concat(mlps)
+    return WidthPackedMLP.concat(mlps)
 
 
-def member_losses(model: ConcatMLP, x: torch.Tensor, y: torch.Tensor, subset: dict | None = None) -> torch.Tensor:
+def member_losses(model: WidthPackedMLP, x: torch.Tensor, y: torch.Tensor, subset: dict | None = None) -> torch.Tensor:
     """Each member's mean cross-entropy on the shared batch (x, y): [m] (the members of `subset`, else
     all). The training loss of a single run (M = 1: F.cross_entropy of its logits) and of a block."""
     logits = model.logits(x, subset)  # [m, B, 2]
@@ -262,7 +262,7 @@ class Group(NamedTuple):
     """Members of a block that share their training batches."""
 
     members: list[int]
-    subset: dict | None  # ConcatMLP.subset of the members (None: all of the block's)
+    subset: dict | None  # WidthPackedMLP.subset of the members (None: all of the block's)
     stream: BatchStream
 
 
@@ -345,7 +345,7 @@ class PackedSparseParity:
             )
         return values
 
-    def member_model(self, i: int) -> ConcatMLP:
+    def member_model(self, i: int) -> WidthPackedMLP:
         return self.model.member(i, copy=True)  # weights of its own: views would save the whole block
 
     def member_state(self, i: int) -> dict:

@@ -1,4 +1,4 @@
-"""Packed sparse parity (issue 14): width packing (the task's one model, harness.training.nn.ConcatMLP: the
+"""Packed sparse parity (issue 14): width packing (the task's one model, harness.training.nn.WidthPackedMLP: the
 members' hidden layers concatenated, the output layers member by member; a single run is M = 1 and an
 MLP as before) against each member trained solo with the same init and batches, StackedAdamW over concatenated
 member axes against torch's AdamW, depth 2, emergence steps and W&B keys against harness train, isolation of a

@@ -1,5 +1,5 @@
 """Small torch pieces tasks use: the plain MLP, M MLPs as one model (StackedMLP: parameters stacked
-[M, ...]; ConcatMLP: any widths, hidden layers side by side), parameter counts, the weight norm.
+[M, ...]; WidthPackedMLP: any widths, hidden layers side by side), parameter counts, the weight norm.
 
 Pure torch (no Lightning, no config objects), so a task's nn.Module stays a plain module.
 """
@@ -110,14 +110,14 @@ def member_norms(model: nn.Module) -> torch.Tensor:
 
 
 class _Layer(nn.Module):
-    """One layer's weight and bias (ConcatMLP applies them); the names give MLP's state-dict keys."""
+    """One layer's weight and bias (WidthPackedMLP applies them); the names give MLP's state-dict keys."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
         self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
 
 
-class ConcatMLP(nn.Module):
+class WidthPackedMLP(nn.Module):
     """M MLPs (`depth` hidden ReLU layers, a width per member) as one model whose hidden layers hold
     every member's hidden units side by side: one matmul computes the first hidden layer of all
     members from a shared batch (width packing; padding members to the widest would cost a width
@@ -145,7 +145,7 @@ class ConcatMLP(nn.Module):
         self.register_load_state_dict_pre_hook(_flatten_square_weights)
 
     @classmethod
-    def concat(cls, mlps: list[MLP]) -> ConcatMLP:
+    def concat(cls, mlps: list[MLP]) -> WidthPackedMLP:
         """The members' MLPs (their weights as MLP's initialisers drew them), laid out as one model."""
         linears = [[m for m in mlp.net if isinstance(m, nn.Linear)] for mlp in mlps]
         depth = len(linears[0]) - 1
@@ -178,7 +178,7 @@ class ConcatMLP(nn.Module):
         weight = layer.weight.narrow(0, o, w) if j == 0 else layer.weight.narrow(0, self.squares[i], w * w).view(w, w)
         return weight, layer.bias.narrow(0, o, w)
 
-    def member(self, i: int, copy: bool = False) -> ConcatMLP:
+    def member(self, i: int, copy: bool = False) -> WidthPackedMLP:
         """Member i as a model of one: its parameters are views of member i's slices (evaluation sees
         the current weights, no copy), or with `copy` weights of its own (a model artifact: views
         would save every member's storage)."""
@@ -237,9 +237,9 @@ class ConcatMLP(nn.Module):
         return out[0] if self.members == 1 else out
 
 
-def _flatten_square_weights(module: ConcatMLP, state_dict: dict, prefix: str, *args) -> None:
+def _flatten_square_weights(module: WidthPackedMLP, state_dict: dict, prefix: str, *args) -> None:
     """load_state_dict: an MLP's hidden-to-hidden weight [w, w] (a state dict written before issue 20)
-    is the flat [w * w] of a ConcatMLP of one member."""
+    is the flat [w * w] of a WidthPackedMLP of one member."""
     for j in range(1, module.depth):
         key = f"{prefix}net.{2 * j}.weight"
         if key in state_dict and state_dict[key].dim() == 2:
