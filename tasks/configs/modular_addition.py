@@ -16,7 +16,7 @@ TRAINING = "tasks.modular_addition"
 
 OPERATIONS = ("add", "subtract", "multiply")
 MODELS = ("pair_mlp", "concat_mlp")
-ACTIVATION_NAMES = ("relu", "gelu", "tanh", "quadratic")  # tasks.modular_addition.ACTIVATIONS
+ACTIVATION_NAMES = ("relu", "gelu", "tanh", "quadratic")  # tasks.modular_models.ACTIVATIONS
 INITS = ("haiku", "torch")
 LOSSES = ("ce_over_p", "ce")
 
