@@ -75,7 +75,7 @@ class PackedAgent(Agent):
         from harness.members.rules import pack_signature
 
         # A member's run name may differ within a block (the packed process opens each member's run
-        # with its own name; harness.members.packed's block check lets wandb.name differ too).
+        # with its own name; harness.members.rules.check_members lets wandb.name differ too).
         return pack_signature(self.task, {k: v for k, v in params.items() if k != "wandb.name"})
 
     def log_of(self, run_id: str) -> str:
