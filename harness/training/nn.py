@@ -26,10 +26,13 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-class _StackedLinear(nn.Module):
+class _Layer(nn.Module):
+    """One layer's weight and bias, applied by the model that holds it (StackedMLP, WidthPackedMLP); the
+    names give MLP's state-dict keys (net.0.weight, ...)."""
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
-        self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)  # [M, out, in], [M, out]
+        self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
 
 
 class StackedMLP(nn.Module):
@@ -44,7 +47,7 @@ class StackedMLP(nn.Module):
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor]):
         super().__init__()
-        self.net = nn.ModuleDict({str(2 * k): _StackedLinear(w, b) for k, (w, b) in enumerate(zip(weights, biases))})
+        self.net = nn.ModuleDict({str(2 * k): _Layer(w, b) for k, (w, b) in enumerate(zip(weights, biases))})
 
     @classmethod
     def stack(cls, mlps: list[MLP]) -> StackedMLP:
@@ -107,14 +110,6 @@ def weight_norm(model: nn.Module) -> torch.Tensor:
 def member_norms(model: nn.Module) -> torch.Tensor:
     """[M]: weight_norm of each member of a model whose parameters are stacked [M, ...]."""
     return torch.sqrt(sum(p.pow(2).flatten(1).sum(1) for p in model.parameters()))
-
-
-class _Layer(nn.Module):
-    """One layer's weight and bias (WidthPackedMLP applies them); the names give MLP's state-dict keys."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
 
 
 class WidthPackedMLP(nn.Module):
