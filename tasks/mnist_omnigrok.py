@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.config.run import data_dir
-from harness.members.block import adamw_hypers, placement
+from harness.members.block import adamw_hypers, host_metrics, placement
 from harness.training import tracking
 from harness.training.data import DeviceDataModule, batch_seed
 from harness.training.detectors import GrokkingCallback
@@ -309,8 +309,7 @@ class PackedOmnigrok:
 
     def evaluate(self, i: int, step: int) -> tuple[dict[str, float], dict]:
         out = self.modules[i].measure(self.val_batch)
-        names = list(out)
-        metrics = dict(zip(names, torch.stack([out[k].detach().double().reshape(()) for k in names]).tolist()))
+        metrics = host_metrics(out)
         self.grok[i].observe(step, metrics.get("train/acc"), metrics.get("val/acc"))
         return metrics, {}
 

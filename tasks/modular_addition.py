@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.members.block import adamw_hypers, placement
+from harness.members.block import adamw_hypers, host_metrics, placement
 from harness.members.packed_loss import member_cross_entropy
 from harness.training.curves import CurvesRecorder, set_eval_arrays
 from harness.training.data import DeviceDataModule
@@ -336,8 +336,7 @@ class PackedModular:
             is_key = torch.zeros_like(self.power[i])
             is_key[[k - 1 for k in self.keys[i]]] = 1.0
             arrays["fourier"] = {"power": self.power[i].cpu().double().numpy(), "key": is_key.cpu().double().numpy()}
-        names = list(out)
-        metrics = dict(zip(names, torch.stack([out[k].detach().double().reshape(()) for k in names]).tolist()))
+        metrics = host_metrics(out)
         self.grok[i].observe(step, metrics.get("train/acc"), metrics.get("val/acc"))
         return metrics, arrays
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.members.block import adamw_hypers, placement
+from harness.members.block import adamw_hypers, host_metrics, placement
 from harness.members.optim import MemberAxis
 from harness.quanta_stats import zipf_frequencies
 from harness.training.curves import CurvesRecorder, set_eval_arrays
@@ -325,8 +325,7 @@ class PackedSparseParity:
         module = self.modules[i]
         loss, acc = module.per_subtask(*module.data.val_batch(0, self.device))
         out = module.val_metrics(loss, acc)
-        names = list(out)
-        metrics = dict(zip(names, torch.stack([out[k].detach().double().reshape(()) for k in names]).tolist()))
+        metrics = host_metrics(out)
         arrays = {"subtask": {"loss": loss.cpu().double().numpy(), "acc": acc.cpu().double().numpy()}}
         self.emergence[i].observe(step, arrays["subtask"]["loss"])
         return metrics, arrays
@@ -335,15 +334,7 @@ class PackedSparseParity:
         return {"model/params": n_params(self.modules[i].model), "loss_units": "nats"}
 
     def final_summary(self, i: int, run, seconds: float, cpu: float, steps: int) -> dict:
-        em = self.emergence[i]
-        values = em.summary()
-        if em.first is not None:  # as EmergenceCallback.on_fit_end gives a single run
-            import wandb
-
-            values["emergence/items"] = wandb.Table(
-                columns=["item", "step", "reached", f"final_{em.column}"], data=em.table_rows()
-            )
-        return values
+        return self.emergence[i].final_values(table=True)  # a member always has its W&B run
 
     def member_model(self, i: int) -> WidthPackedMLP:
         return self.model.member(i, copy=True)  # weights of its own: views would save the whole block

@@ -1,5 +1,6 @@
 """What every task's packed block shares: the device and dtype it trains in (where Lightning would put
-and cast the solo run), and each member's AdamW hyperparameters as StackedAdamW takes them."""
+and cast the solo run), each member's AdamW hyperparameters as StackedAdamW takes them, and an
+evaluation's metrics as host numbers."""
 
 from __future__ import annotations
 
@@ -31,3 +32,10 @@ def adamw_hypers(cfgs: list) -> tuple[torch.Tensor, torch.Tensor, tuple[float, f
     lr = torch.tensor([x.lr for x in o], dtype=torch.float64)
     weight_decay = torch.tensor([x.weight_decay for x in o], dtype=torch.float64)
     return lr, weight_decay, (o[0].beta1, o[0].beta2), getattr(o[0], "eps", 1e-8)
+
+
+def host_metrics(out: dict[str, torch.Tensor]) -> dict[str, float]:
+    """An evaluation's 0-d tensors as floats, copied to the host in one transfer (one device sync for
+    all, not one per metric)."""
+    names = list(out)
+    return dict(zip(names, torch.stack([out[k].detach().double().reshape(()) for k in names]).tolist()))

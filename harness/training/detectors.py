@@ -62,15 +62,20 @@ class EmergenceCallback(L.Callback):
             for i, (s, v) in enumerate(zip(self.first, self.final))
         ]
 
-    def on_fit_end(self, trainer, pl_module):
+    def final_values(self, table: bool) -> dict:
+        """The run's final summary values: `summary()`, and with `table` (a W&B run to show it in) the
+        `emergence/items` table once anything was evaluated (also written for packed members)."""
         values = self.summary()
-        if wandb_run(trainer) is not None and self.first is not None:
+        if table and self.first is not None:
             import wandb
 
             values["emergence/items"] = wandb.Table(
                 columns=["item", "step", "reached", f"final_{self.column}"], data=self.table_rows()
             )
-        write_summary(trainer, values)
+        return values
+
+    def on_fit_end(self, trainer, pl_module):
+        write_summary(trainer, self.final_values(table=wandb_run(trainer) is not None))
 
     def state_dict(self) -> dict:
         return {
