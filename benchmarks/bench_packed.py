@@ -14,7 +14,8 @@ variant of a long study). Sweeps of a task that does not pack are reported and s
 500, n 100, k 3, batch 20000, 30 widths 9..500, Adam at the task's default lr) on one GPU. Packed: all
 30 widths as one block (tasks.sparse_parity.build_packed: the task's one model with its 30 members'
 hidden layers concatenated, one shared batch drawn on the device, one matmul for the first hidden
-layer of every width), the loop of harness.members.packed.train_packed without W&B, timed for `--steps`
+layer of every width), its optimizer steps (harness.members.optim.block_step, what
+harness.members.module.BlockModule runs under Lightning) without W&B or Lightning, timed for `--steps`
 steps after `--warmup`; the device syncs of the timed loop are counted (torch's sync debug mode).
 Unpacked: each width alone through a solo run's own Lightning fit (harness.training.train.make_trainer, the
 task's training step, torch's AdamW), timed for `--solo-steps` steps. Both are projected to the full
@@ -187,7 +188,7 @@ def cuda(args) -> None:
     sweep = width_sweep(args)
     widths = [int(m[-1].split("=")[1]) for m in sweep]
 
-    # ---- packed: one block of all widths, the loop of harness.members.packed.train_packed (no W&B) ----------
+    # ---- packed: one block of all widths, its steps as BlockModule takes them (no W&B, no Lightning) ----------
     t_build = time.perf_counter()
     cfgs = [load_config(m + ("trainer.steps=200000", f"trainer.eval_every={EVAL_EVERY}")) for m in sweep]
     block = build_packed(cfgs)
@@ -211,7 +212,7 @@ def cuda(args) -> None:
     def step(s: int) -> None:
         pending.append(block_step(block, opt, s))
         if (s + 1) % log_every == 0:
-            torch.stack(pending).tolist()  # train_packed reads the losses back once per log interval (a sync)
+            torch.stack(pending).tolist()  # BlockModule reads the losses back once per log interval (a sync)
             pending.clear()
 
     warmup = min(args.warmup, args.steps)
@@ -243,7 +244,7 @@ def cuda(args) -> None:
     packed_total = packed_step * FULL_STEPS + eval_all * n_evals
     print(
         f"packed: {packed_step * 1e3:.2f} ms/step over {args.steps} steps (after {warmup} warm-up), device syncs in "
-        f"the timed loop: {syncs} (train_packed reads losses every {log_every} steps); peak GPU memory "
+        f"the timed loop: {syncs} (BlockModule reads losses every {log_every} steps); peak GPU memory "
         f"{packed_peak:.2f} GiB; one evaluation of all widths {eval_all:.2f}s; projected {FULL_STEPS} steps + "
         f"{n_evals} evaluations: {packed_total / 3600:.2f} h",
         flush=True,

@@ -10,7 +10,7 @@ logits are hundreds of nats apart, as for most of a 50k-step run):
 
   solo      the solo run's step in a plain loop: the task's model, loss and torch's AdamW (a lower
             bound of `harness train`, which adds ~6%: benchmarks/bench_modular_addition.py)
-  packed    one step of harness.members.packed's loop for all members (tasks.modular_addition.PackedModular)
+  packed    one step of a block (harness.members.optim.block_step, what BlockModule takes) for all members (tasks.modular_addition.PackedModular)
   floor     the packed step's six matrix products alone (forward and backward, same shapes): no
             implementation that computes the members' gradients exactly can do less arithmetic
 

@@ -20,9 +20,6 @@ def cmd_train(args) -> int:
     from harness.training.tracking import result_line
     from harness.training.train import NonFiniteLoss, train
 
-    resumed_block = _packed_member(cfg, args.overrides)
-    if resumed_block is not None:
-        return resumed_block
     result_file = os.environ.get(RESULT_ENV)
     try:
         summary = train(cfg, args.overrides)
@@ -43,24 +40,6 @@ def cmd_train(args) -> int:
     sys.stdout.flush()
     print(result_line(summary), flush=True)
     return 0
-
-
-def _packed_member(cfg, overrides) -> int | None:
-    """A run preempted inside a packed block (its checkpoint directory holds packed.pt and no
-    last.ckpt) resumes from it as a block of one, into the same W&B run; None: train as usual."""
-    from harness.config.results import RESULT_ENV
-    from harness.members.packed import packed_resume, packed_resume_point, run_members
-    from harness.members.runs import Member
-    from harness.training import tracking
-
-    run_id = os.environ.get("WANDB_RUN_ID")
-    if cfg.trainer.resume == "never" or not packed_resume_point(cfg, run_id):
-        return None  # (never: train() clears what the id left and starts it from step 0)
-    packed_resume(cfg, run_id)  # a finished id or another config: one line, exit 2, before any W&B run
-    print(f"harness: run {run_id} resumes from its packed checkpoint (a block of one)", file=sys.stderr, flush=True)
-    return run_members(
-        [Member(0, cfg, list(overrides), run_id, os.environ.get(tracking.PARAM_ENV))], os.environ.get(RESULT_ENV)
-    )
 
 
 def cmd_config(args) -> int:

@@ -260,7 +260,7 @@ PACKABLE = ("seed", "model.init_scale", "optim.lr", "optim.weight_decay", "optim
 
 class PackedOmnigrok:
     """M members of one sweep in the task's own model (make_model with a member dimension), for
-    harness.members.packed's loop. Each member's weights are its single run's, and so are its
+    harness.members.module.BlockModule (Lightning's Trainer). Each member's weights are its single run's, and so are its
     minibatches (MnistData.batch: members of one seed share a batch, others gather their own from the
     one copy of the images); a member's loss is `loss_fn` over its own batch, so its gradient is its
     single run's. With optim.fixed_norm a member is rescaled after every step by `rescale_`, as its
@@ -322,11 +322,8 @@ class PackedOmnigrok:
     def member_model(self, i: int) -> StackedMLP:
         return self.model.member(i, copy=True)  # its own storage: the model artifact holds member i alone
 
-    def member_state(self, i: int) -> dict:
-        return {"grok": self.grok[i].state_dict()}
-
-    def load_member_state(self, i: int, state: dict) -> None:
-        self.grok[i].load_state_dict(state["grok"])
+    def member_callbacks(self, i: int) -> list:
+        return [self.grok[i]]
 
 
 def build_packed(cfgs: list[Config]) -> PackedOmnigrok:

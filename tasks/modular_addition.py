@@ -278,7 +278,7 @@ PACKABLE = ("seed", "data.train_fraction", "data.split_seed", "optim.lr", "optim
 
 class PackedModular:
     """M members of one sweep in the task's own model (make_model with a member dimension), for
-    harness.members.packed's loop. Each member's weights are its single run's; training runs the model
+    harness.members.module.BlockModule (Lightning's Trainer). Each member's weights are its single run's; training runs the model
     on each member's train pairs padded to the largest train set, a member's loss the mean over its own
     pairs (padding masked), so its gradient is its single run's. Evaluation runs the task's `evaluate`
     on `model.member(i)`, whose parameters are views of the member's slices."""
@@ -358,12 +358,9 @@ class PackedModular:
     def member_model(self, i: int):
         return self.views[i]
 
-    def member_state(self, i: int) -> dict:
-        return {"grok": self.grok[i].state_dict(), "keys": self.keys[i], "power": self.power[i]}
-
-    def load_member_state(self, i: int, state: dict) -> None:
-        self.grok[i].load_state_dict(state["grok"])
-        self.keys[i], self.power[i] = state["keys"], state["power"]
+    def member_callbacks(self, i: int) -> list:
+        # keys and power come from the last evaluation, as in the solo run (a run always evaluates at its end)
+        return [self.grok[i]]
 
 
 def build_packed(cfgs: list[Config]) -> PackedModular:

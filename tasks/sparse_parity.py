@@ -268,7 +268,7 @@ class Group(NamedTuple):
 
 class PackedSparseParity:
     """M members of one sweep in the task's own model (make_model with members: their hidden layers
-    concatenated, whatever their widths), for harness.members.packed's loop. Each member's weights and
+    concatenated, whatever their widths), for harness.members.module.BlockModule (Lightning's Trainer). Each member's weights and
     data are its single run's.
 
     Batches: members whose training batches are the same (same stream seed and task seed; the stream
@@ -339,11 +339,8 @@ class PackedSparseParity:
     def member_model(self, i: int) -> WidthPackedMLP:
         return self.model.member(i, copy=True)  # weights of its own: views would save the whole block
 
-    def member_state(self, i: int) -> dict:
-        return {"emergence": self.emergence[i].state_dict()}
-
-    def load_member_state(self, i: int, state: dict) -> None:
-        self.emergence[i].load_state_dict(state["emergence"])
+    def member_callbacks(self, i: int) -> list:
+        return [self.emergence[i]]
 
 
 def build_packed(cfgs: list[Config]) -> PackedSparseParity:

@@ -86,7 +86,7 @@ TINY_SWEEP = {
 
 
 def train_block(block, steps, start=0, opt=None):
-    """Steps start..steps-1 of a packed block, as harness.members.packed's loop runs them: (optimizer, losses
+    """Steps start..steps-1 of a packed block, as harness.members.module.BlockModule takes them: (optimizer, losses
     [steps - start, M] as numpy)."""
     import numpy as np
 

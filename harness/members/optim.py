@@ -59,7 +59,7 @@ class MemberAxis:
 # ---- the optimizer ---------------------------------------------------------------------------------
 
 
-class StackedAdamW:
+class StackedAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW for parameters packed along a member axis, with a learning rate and weight
     decay per member (float64 tensors [M]) and shared betas and eps.
 
@@ -72,6 +72,10 @@ class StackedAdamW:
     (tests/test_packed.py). `step(active)` skips members outside the boolean mask `active`: a failed
     member's parameters and moments stay as they were while the others go on. All members share one
     step count: a block only ever holds members at the same step (harness.members.packed.train_packed).
+
+    A torch Optimizer, so that Lightning's Trainer steps it (its step count is global_step) and
+    checkpoints it: `state_dict()` is {"t", "exp_avg", "exp_avg_sq"} with the stacked moments, which
+    harness.members.checkpoints slices into each member's torch AdamW state. `active` is read by `step`.
     """
 
     def __init__(
@@ -87,6 +91,8 @@ class StackedAdamW:
             # 0.1 held in float32 is 0.1000000015: the members would train with another rate than asked
             raise TypeError("StackedAdamW: lr and weight_decay must be float64 tensors (built from Python floats)")
         self.params = list(params)
+        super().__init__(self.params, {"lr": float(lr[0]), "weight_decay": float(weight_decay[0])})
+        self.active: torch.Tensor | None = None  # the members `step` updates (None: all)
         self.hyper = list(zip(lr.tolist(), weight_decay.tolist()))
         self.axes = axes or [MemberAxis.stacked(len(self.hyper))] * len(self.params)
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
@@ -117,7 +123,13 @@ class StackedAdamW:
         return x.narrow(axis.dim, first[1], last[1] + last[2] - first[1])
 
     @torch.no_grad()
-    def step(self, active: torch.Tensor | None = None) -> None:
+    def step(self, closure=None) -> None:
+        """One AdamW step of the members `self.active` marks (a boolean tensor [M]; None: all). A
+        `closure` (torch's Optimizer interface) is called first for the loss, as torch's AdamW does."""
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        active = self.active
         alive = tuple(active.tolist()) if active is not None else (True,) * len(self.hyper)
         by_hyper: dict[tuple[float, float], list[list[torch.Tensor]]] = {}
         for h, i, j in self._member_runs(alive):
@@ -128,7 +140,8 @@ class StackedAdamW:
                 for out, x in zip(lists, (p, p.grad, m, v)):
                     out.append(self._span(x, axis, i, j))
         for (lr, wd), (ps, gs, ms, vs) in by_hyper.items():
-            steps = [torch.tensor(float(self.t), device=ps[0].device) for _ in ps]  # adamw adds 1 to each
+            # adamw adds 1 to each; float32 as torch's AdamW keeps it (and Lightning's 64-true default dtype is not)
+            steps = [torch.tensor(float(self.t), dtype=torch.float32, device=ps[0].device) for _ in ps]
             # torch's fused kernel assumes dense views: on a strided one (a member's columns, dim 1) it
             # updates the wrong elements (measured: 0.03 off after one step), so those take torch's
             # single-tensor AdamW, the one a solo run uses.
@@ -151,6 +164,15 @@ class StackedAdamW:
                 maximize=False,
             )
         self.t += 1
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "exp_avg": list(self.exp_avg), "exp_avg_sq": list(self.exp_avg_sq)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.t = int(state["t"])
+        for own, saved in zip(self.exp_avg + self.exp_avg_sq, list(state["exp_avg"]) + list(state["exp_avg_sq"])):
+            own.copy_(saved)
 
     def member_state(self, i: int) -> dict:
         return {
@@ -177,14 +199,19 @@ def block_optimizer(block) -> StackedAdamW:
     return StackedAdamW(params, block.lr, block.weight_decay, block.betas, block.eps, axes)
 
 
-def block_step(block, opt: StackedAdamW, step: int, active: torch.Tensor | None = None) -> torch.Tensor:
+def block_step(
+    block, opt: StackedAdamW, step: int, active: torch.Tensor | None = None, step_optimizer=None
+) -> torch.Tensor:
     """One optimizer step of every live member; returns the losses [M] at `step`, detached (read them
-    back once per log interval: reading each step would sync a GPU every step)."""
+    back once per log interval: reading each step would sync a GPU every step). `step_optimizer`
+    steps `opt` (default opt.step; under Lightning, harness.training.train.optimizer_step, which counts
+    global_step)."""
     losses = block.losses(step)
     for p in opt.params:
         p.grad = None
     losses.sum().backward()  # members are independent: each slice gets its own member's gradient
-    opt.step(active)
+    opt.active = active
+    (step_optimizer or opt.step)()
     if hasattr(block, "after_step"):
         block.after_step(active)
     return losses.detach()

@@ -12,8 +12,6 @@ from harness.config.run import RunConfig
 from harness.training import checkpoint, tracking
 from harness.training.curves import CurvesRecorder
 
-PACKED_CKPT = checkpoint.PACKED  # a member's resume point, in its checkpoint directory
-
 
 @dataclass
 class Member:
@@ -28,12 +26,12 @@ class Member:
     summary: dict = field(default_factory=dict)
     curves: CurvesRecorder = field(default_factory=CurvesRecorder)
     start_step: int = 0
-    resume: dict | None = None  # the loaded packed.pt, matched to this member's config
+    resume: str | None = None  # its last.ckpt (matched to this member's config), or None: a fresh start
     before: dict = field(default_factory=dict)  # summary aggregates of the run's part before its resume point
 
     @property
     def ckpt_path(self) -> str:
-        return os.path.join(checkpoint.ckpt_dir(self.cfg, self.run.id), PACKED_CKPT)
+        return os.path.join(checkpoint.ckpt_dir(self.cfg, self.run.id), checkpoint.LAST)
 
 
 @contextlib.contextmanager
@@ -91,6 +89,6 @@ def end_run(member: Member, state: str, exit_code: int, error: str | None = None
 
 def restore_summaries(m: Member) -> None:
     """W&B computes a resumed run's aggregates (val/loss min, ...) over its new part only: merge the
-    earlier part's, carried in packed.pt, as harness.training.checkpoint.StepCheckpoint does for a solo run."""
+    earlier part's, carried in its last.ckpt, as harness.training.checkpoint.StepCheckpoint does for a solo run."""
     if m.before:
         m.run.summary.update(checkpoint.merge_summaries(m.before, checkpoint.summaries(m.run)))

@@ -29,7 +29,7 @@ from harness.training import tracking
 
 LAST = "last.ckpt"
 FINISHED = "finished.json"  # written when a run completes: its id is not trained again
-PACKED = "packed.pt"  # a packed member's resume point (harness.members.packed), never beside a LAST
+LEGACY_PACKED = "packed.pt"  # a packed member's resume point before issue 20 (now its last.ckpt): not read
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 RESUME_ENV = "HARNESS_RESUME_FROM"  # rank 0's decision, inherited by the DDP ranks it launches
 
@@ -90,7 +90,7 @@ def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[str | None, int | 
     directory = ckpt_dir(cfg, run_id)
     done, path = os.path.join(directory, FINISHED), resume_path(directory)
     if cfg.trainer.resume == "never":
-        for name in (FINISHED, LAST, PACKED):
+        for name in (FINISHED, LAST, LEGACY_PACKED):
             if os.path.exists(os.path.join(directory, name)):
                 os.remove(os.path.join(directory, name))
         return None, None
@@ -102,6 +102,12 @@ def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[str | None, int | 
             "one) for a new run, or pass trainer.resume=never to train this id again from step 0"
         )
     if path is None:
+        if os.path.exists(os.path.join(directory, LEGACY_PACKED)):
+            raise ResumeRefused(
+                f"run {run_id}'s resume point {os.path.join(directory, LEGACY_PACKED)} is a packed block's "
+                "from before issue 20, which this harness does not read; pass trainer.resume=never to train "
+                "this id again from step 0"
+            )
         return None, None
     return path, matched_step(cfg, run_id, path, f"resume point of run {run_id}")
 
