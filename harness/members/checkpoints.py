@@ -99,7 +99,7 @@ class BlockCheckpoint(StepCheckpoint):
                 continue
             states = {cb.state_key: cb.state_dict() for cb in [m.curves, *module.block.member_callbacks(i)]}
             states[StepCheckpoint.__qualname__] = {
-                "config": checkpoint.identity(m.cfg),
+                "config": m.identity,
                 "summary": checkpoint.merge_summaries(m.before, checkpoint.summaries(m.run)),
             }
             torch.save(member_checkpoint(block_ckpt, module, i, states), m.ckpt_path + ".tmp")

@@ -180,6 +180,9 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
     ckpt_path, resumed_step = None, None
+    # The identity a resume point records is the config as given, before build() resolves values in it
+    # (Omnigrok's data.split=auto): resume_point compares the next start's config, also unresolved.
+    ident = checkpoint.identity(cfg)
     if rank_zero_only.rank == 0:  # before anything is written: a refused run id leaves no trace
         run_id = os.environ.get("WANDB_RUN_ID")
         ckpt_path, resumed_step = checkpoint.resume_point(cfg, run_id)
@@ -196,7 +199,7 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
     if isinstance(job.datamodule, DeviceDataModule):
         job.datamodule.seed = cfg.seed
     if rank_zero_only.rank != 0:
-        _train_other_rank(cfg, job)
+        _train_other_rank(cfg, job, ident)
         return None
     run = tracking.init_run(cfg, overrides, job_type="train" if job.stage == "fit" else "eval")
     step = 0
@@ -211,9 +214,7 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
                 resumed_step = checkpoint.matched_step(cfg, run.id, ckpt_path, "trainer.resume_from:")
             if ckpt_path:
                 run.summary["trainer/resumed_from_step"] = resumed_step
-            saver = checkpoint.StepCheckpoint(
-                directory, cfg.trainer.ckpt_every, cfg.trainer.eval_every, checkpoint.identity(cfg), run
-            )
+            saver = checkpoint.StepCheckpoint(directory, cfg.trainer.ckpt_every, cfg.trainer.eval_every, ident, run)
             callbacks += [saver, *([artifacts.CheckpointArtifacts(saver)] if cfg.trainer.log_checkpoints else [])]
         logger = StepLogger(experiment=run, log_model=False)
         run.summary.update(job.summary)
@@ -256,12 +257,12 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
         raise
 
 
-def _train_other_rank(cfg: RunConfig, job: Job) -> None:
+def _train_other_rank(cfg: RunConfig, job: Job, ident: dict) -> None:
     """DDP rank > 0: the same fit without a W&B run (rank 0 logs); it checkpoints with rank 0
     (trainer.save_checkpoint synchronises all ranks) and resumes from rank 0's decision."""
     run_id = os.environ.get("WANDB_RUN_ID") or f"rank{rank_zero_only.rank}"
     saver = checkpoint.StepCheckpoint(
-        checkpoint.ckpt_dir(cfg, run_id), cfg.trainer.ckpt_every, cfg.trainer.eval_every, checkpoint.identity(cfg)
+        checkpoint.ckpt_dir(cfg, run_id), cfg.trainer.ckpt_every, cfg.trainer.eval_every, ident
     )
     trainer = make_trainer(cfg, False, [*job.callbacks, saver])
     try:

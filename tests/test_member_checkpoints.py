@@ -1,0 +1,94 @@
+"""One checkpoint format (issue 20): a packed member's resume point is its solo run's `last.ckpt`, for
+every packable task. The member's checkpoint has the solo run's structure (model keys and shapes,
+torch AdamW state, callback states, loops, step); a member resumes as a solo run through Lightning's own
+resume, and a solo run's resume point resumes inside a block, each continuing its trajectory."""
+
+import os
+
+import pytest
+import torch
+
+from harness.config.run import load_config
+from harness.members.packed import train_packed
+from harness.members.runs import Member
+from harness.training import checkpoint
+from harness.training.train import train
+
+COMMON = ("trainer.progress_bar=false", "trainer.threads=1", "trainer.steps=40", "trainer.eval_every=10")
+COMMON += ("trainer.ckpt_every=20", "model.save=false")
+TASKS = {
+    # width packing: a strided output layer and flat hidden-to-hidden weights (depth 2)
+    "sparse_parity": (
+        ("task=sparse_parity", "data.n_tasks=8", "data.n=10", "data.k=2", "data.batch_size=64", "model.depth=2"),
+        ("model.width=12", "optim.lr=0.01"),
+        ("model.width=7", "optim.lr=0.003", "optim.weight_decay=0.1"),
+    ),
+    # stacked [M, ...] parameters against the solo run's [1, ...], with a fixed-norm rescale
+    "mnist_omnigrok": (
+        ("task=mnist_omnigrok", "data.n_train=200", "data.batch_size=50", "data.n_test=200"),
+        ("seed=0",),
+        ("seed=1", "model.init_scale=3.0", "optim.weight_decay=0.3", "optim.fixed_norm=true"),
+    ),
+    # PAIR's model, its members' own train sets
+    "modular_addition": (
+        ("task=modular_addition", "data.p=11", "model.embed_dim=16", "model.hidden=8"),
+        ("seed=0", "data.train_fraction=0.8"),
+        ("seed=1", "optim.lr=0.003", "data.train_fraction=0.6"),
+    ),
+}
+
+
+def structure(ckpt: dict) -> dict:
+    """What Lightning's resume relies on: model keys and shapes, the optimizer's groups (less their
+    parameter indices) and per-parameter state shapes, the step and the loops."""
+    opt = ckpt["optimizer_states"][0]
+    return {
+        "state_dict": {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()},
+        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
+        "optimizer_state": {k: {n: tuple(t.shape) for n, t in s.items()} for k, s in opt["state"].items()},
+        "global_step": ckpt["global_step"],
+        "loops": ckpt["loops"],
+    }
+
+
+def last(run_id: str) -> dict:
+    cfg = load_config(TASKS["modular_addition"][0] + COMMON)  # any config: the directory depends on WANDB_DIR
+    return checkpoint.load(os.path.join(checkpoint.ckpt_dir(cfg, run_id), checkpoint.LAST), "test")
+
+
+def unfinish(run_id: str) -> None:
+    """As if the run had been killed after its step-20 checkpoint (its finished mark not yet written)."""
+    cfg = load_config(TASKS["modular_addition"][0] + COMMON)
+    os.remove(os.path.join(checkpoint.ckpt_dir(cfg, run_id), checkpoint.FINISHED))
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_a_members_last_ckpt_is_its_solo_runs_and_resumes_either_way(task, monkeypatch):
+    base, *members = TASKS[task]
+    overrides = [base + COMMON + m for m in members]
+    block = train_packed([Member(i, load_config(o), list(o), f"m{i}") for i, o in enumerate(overrides)])
+    assert [m.state for m in block] == ["finished", "finished"]
+    monkeypatch.setenv("WANDB_RUN_ID", "solo1")
+    solo = train(load_config(overrides[1]), list(overrides[1]))
+
+    member, alone = last("m1"), last("solo1")
+    assert member["global_step"] == alone["global_step"] == 20
+    assert structure(member) == structure(alone)
+    assert set(alone["callbacks"]) <= set(member["callbacks"])  # the solo run's callbacks find their states
+    assert member["callbacks"]["StepCheckpoint"]["config"] == alone["callbacks"]["StepCheckpoint"]["config"]
+    # the weights are member 1's, not member 0's (the two members differ in every weight)
+    k = next(iter(member["state_dict"]))
+    assert not torch.equal(member["state_dict"][k], last("m0")["state_dict"][k])
+
+    # the member resumes as a solo run (Lightning's own resume), the solo run inside a block
+    unfinish("m1")
+    monkeypatch.setenv("WANDB_RUN_ID", "m1")
+    resumed = train(load_config(overrides[1]), list(overrides[1]))
+    monkeypatch.delenv("WANDB_RUN_ID")
+    unfinish("solo1")
+    (in_block,) = train_packed([Member(0, load_config(overrides[1]), list(overrides[1]), "solo1")])
+    assert resumed["trainer/resumed_from_step"] == in_block.summary["trainer/resumed_from_step"] == 20
+    # each continues its trajectory, up to torch's fused AdamW (block) against its single-tensor one (solo)
+    packed_last = block[1].summary["val/loss"]["last"]
+    assert resumed["val/loss"]["last"] == pytest.approx(packed_last, rel=1e-4)
+    assert in_block.summary["val/loss"]["last"] == pytest.approx(solo["val/loss"]["last"], rel=1e-4)
