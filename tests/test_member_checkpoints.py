@@ -92,3 +92,40 @@ def test_a_members_last_ckpt_is_its_solo_runs_and_resumes_either_way(task, monke
     packed_last = block[1].summary["val/loss"]["last"]
     assert resumed["val/loss"]["last"] == pytest.approx(packed_last, rel=1e-4)
     assert in_block.summary["val/loss"]["last"] == pytest.approx(solo["val/loss"]["last"], rel=1e-4)
+
+
+def test_a_block_resumed_from_its_members_last_ckpt_continues_bit_for_bit_and_blocks_of_two_steps():
+    """A block resumed from its members' checkpoints (composed into one for Lightning's resume) ends
+    exactly where the uninterrupted block ended; in one process, members at different steps (one
+    resumed at step 20, one fresh) train as two blocks, one after the other."""
+    base, *members = TASKS["modular_addition"]
+    overrides = [base + COMMON + m for m in members]
+
+    def block(ids, which=(0, 1)):
+        return train_packed(
+            [Member(k, load_config(overrides[i]), list(overrides[i]), r) for k, (i, r) in enumerate(zip(which, ids))]
+        )
+
+    first = block(["b0", "b1"])
+    unfinish("b0")
+    unfinish("b1")
+    again = block(["b0", "b1"])
+    for a, b in zip(first, again):
+        assert b.state == "finished" and b.summary["trainer/resumed_from_step"] == 20
+        assert b.summary["val/loss"]["last"] == a.summary["val/loss"]["last"]  # bit for bit
+        assert b.summary["val/loss"]["min"] == a.summary["val/loss"]["min"]  # the whole run's best
+    unfinish("b1")
+    mixed = block(["b1", "fresh"], which=(1, 0))
+    assert [m.state for m in mixed] == ["finished", "finished"]
+    assert mixed[0].summary["trainer/resumed_from_step"] == 20 and "trainer/resumed_from_step" not in mixed[1].summary
+    # b1 now trained from step 20 as a block of one: the same trajectory up to the fused AdamW's rounding
+    assert mixed[0].summary["val/loss"]["last"] == pytest.approx(first[1].summary["val/loss"]["last"], rel=1e-4)
+    assert mixed[1].summary["val/loss"]["last"] == first[0].summary["val/loss"]["last"]  # fresh: as b0 alone
+    assert sorted(os.listdir(os.path.dirname(checkpoint.ckpt_dir(load_config(overrides[0]), "b1")))) == [
+        "b0",
+        "b1",
+        "fresh",
+    ]
+    for run_id in ("b0", "b1", "fresh"):  # no scratch file left beside a member's resume point
+        d = checkpoint.ckpt_dir(load_config(overrides[0]), run_id)
+        assert sorted(os.listdir(d)) == ["finished.json", "last.ckpt"]

@@ -80,13 +80,18 @@ def test_a_planted_resume_point_is_refused_before_any_run_is_made(offline):
     assert glob.glob(str(offline / "wandb" / "*run-*evil1*")) == []  # no W&B run was created
 
 
-def test_a_planted_packed_resume_point_is_refused(offline):
-    path = offline / "packed.pt"
+def test_a_planted_packed_resume_point_is_never_read(offline):
+    """A packed member's resume point is its last.ckpt since issue 20; a packed.pt (an older harness's, or
+    planted) is not read: its run id is refused in one line (exit 2), nothing runs, no W&B run is made."""
+    directory = offline / "wandb" / "checkpoints" / "evil2"
+    directory.mkdir(parents=True)
     marker = offline / "PWNED-packed"
-    plant(path, marker, {"step": 10, "params": [torch.zeros(2)]})
-    with pytest.raises(checkpoint.UnreadableFile, match="refused"):
-        checkpoint.load(str(path), "packed resume point")
-    assert not marker.exists()
+    plant(directory / "packed.pt", marker, {"step": 10, "params": [torch.zeros(2)]})
+    proc = harness("train", *TINY, env={"WANDB_RUN_ID": "evil2"}, check=False)
+    assert proc.returncode == 2 and not marker.exists()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("harness: error: ") and str(directory / "packed.pt") in last and "resume=never" in last
+    assert glob.glob(str(offline / "wandb" / "*run-*evil2*")) == []
 
 
 def test_a_file_that_is_not_a_torch_file_is_one_line(offline):

@@ -27,38 +27,35 @@ def member_checkpoint(block_ckpt: dict, module, i: int, callbacks: dict) -> dict
     ({state_key: state} of its callbacks)."""
     block, opt = module.block, module.opt
     model = block.member_model(i)
-    names = list(block.params())
-    sd = model.state_dict()
+    moments = opt.member_state(i)  # per block parameter, in params() order
+    by_name = dict(zip(block.params(), zip(moments["exp_avg"], moments["exp_avg_sq"])))
     adamw = _adamw_template(model, float(block.lr[i]), float(block.weight_decay[i]), block.betas, block.eps)
-    if opt.t:
+    if opt.t:  # torch's AdamW has no state before its first step; its index k is the k-th parameter
         for k, (name, p) in enumerate(model.named_parameters()):
-            j = names.index(name)
-            adamw["state"][k] = {
-                "step": torch.tensor(float(opt.t), dtype=torch.float32),
-                "exp_avg": opt.axes[j].take(opt.exp_avg[j], i).reshape(p.shape),
-                "exp_avg_sq": opt.axes[j].take(opt.exp_avg_sq[j], i).reshape(p.shape),
-            }
+            m, v = by_name[name]
+            step = torch.tensor(float(opt.t), dtype=torch.float32)
+            adamw["state"][k] = {"step": step, "exp_avg": m.reshape(p.shape), "exp_avg_sq": v.reshape(p.shape)}
     out = {k: v for k, v in block_ckpt.items() if k not in ("state_dict", "optimizer_states", "callbacks")}
-    out["state_dict"] = {PREFIX + k: v.detach().clone() for k, v in sd.items()}
+    out["state_dict"] = {PREFIX + k: v.detach().clone() for k, v in model.state_dict().items()}
     out["optimizer_states"] = [adamw]
     out["callbacks"] = callbacks
     return out
 
 
-@torch.no_grad()
 def load_member(module, i: int, ckpt: dict) -> None:
-    """Member i's weights and AdamW moments from its Lightning checkpoint `ckpt` into the block."""
+    """Member i's weights and AdamW moments from its Lightning checkpoint `ckpt` (a member's or a solo
+    run's) into the block, matched by parameter name."""
     block, opt = module.block, module.opt
-    params = list(block.params().items())
-    sd = ckpt["state_dict"]
-    moments = ckpt["optimizer_states"][0].get("state", {})
-    for k, (name, p) in enumerate(params):
-        view = opt.axes[k].view(p, i)
-        view.copy_(sd[PREFIX + name].reshape(view.shape))
-        if k in moments:
-            opt.axes[k].view(opt.exp_avg[k], i).copy_(moments[k]["exp_avg"].reshape(view.shape))
-            opt.axes[k].view(opt.exp_avg_sq[k], i).copy_(moments[k]["exp_avg_sq"].reshape(view.shape))
-    opt.t = int(ckpt["global_step"])
+    solo_order = [name for name, _ in block.member_model(i).named_parameters()]  # its AdamW's indices
+    saved = ckpt["optimizer_states"][0].get("state", {})
+    exp_avg, exp_avg_sq = [], []
+    for (name, p), axis in zip(block.params().items(), opt.axes):
+        axis.put(p, i, ckpt["state_dict"][PREFIX + name])
+        state = saved.get(solo_order.index(name))
+        zero = torch.zeros_like(axis.view(p, i))
+        exp_avg.append(state["exp_avg"] if state else zero)
+        exp_avg_sq.append(state["exp_avg_sq"] if state else zero)
+    opt.load_member_state(i, {"t": int(ckpt["global_step"]), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq})
 
 
 def block_checkpoint(module, base: dict) -> dict:
@@ -90,18 +87,20 @@ class BlockCheckpoint(StepCheckpoint):
             return
         for m in live:
             os.makedirs(os.path.dirname(m.ckpt_path), exist_ok=True)
-        scratch = os.path.join(os.path.dirname(live[0].ckpt_path), "block.ckpt.tmp")
-        trainer.save_checkpoint(scratch)  # BlockModule.on_save_checkpoint keeps the dict Lightning dumped
-        os.remove(scratch)
+        # Lightning's public way to the block's checkpoint (its loops, its step) writes a file: it goes
+        # to a scratch file, removed again; BlockModule.on_save_checkpoint keeps the dict it was made of.
+        scratch = os.path.join(os.path.dirname(live[0].ckpt_path), checkpoint.BLOCK_SCRATCH)
+        try:
+            trainer.save_checkpoint(scratch)
+        finally:
+            if os.path.exists(scratch):
+                os.remove(scratch)
         block_ckpt = module.saved_checkpoint
         for i, m in enumerate(module.members):
             if not module.alive[i]:  # (also one that failed at the losses read before the dump)
                 continue
             states = {cb.state_key: cb.state_dict() for cb in [m.curves, *module.block.member_callbacks(i)]}
-            states[StepCheckpoint.__qualname__] = {
-                "config": m.identity,
-                "summary": checkpoint.merge_summaries(m.before, checkpoint.summaries(m.run)),
-            }
+            states[StepCheckpoint.__qualname__] = checkpoint.record(m.identity, m.before, m.run)
             torch.save(member_checkpoint(block_ckpt, module, i, states), m.ckpt_path + ".tmp")
             os.replace(m.ckpt_path + ".tmp", m.ckpt_path)  # a kill mid-write leaves the old one
         module.saved_checkpoint = None

@@ -4,7 +4,6 @@ and evaluations; the data module whose batches are the optimizer steps' indices.
 
 from __future__ import annotations
 
-import math
 import time
 
 import lightning as L
@@ -79,13 +78,12 @@ class BlockModule(L.LightningModule):
             for i, v in enumerate(row):
                 if not self.alive[i]:
                     continue
-                if not math.isfinite(v):
-                    self.fail(
-                        i,
-                        f"train/loss={v} at step {step}: the loss is not finite (learning rate or init "
-                        "scale too large, or a precision overflow?)",
-                    )
-                elif key and step % self.t.log_every == 0:
+                try:
+                    check_finite({"train/loss": v}, step)
+                except NonFiniteLoss as e:
+                    self.fail(i, str(e))
+                    continue
+                if key and step % self.t.log_every == 0:
                     self.members[i].run.log({key: v, "trainer/global_step": step})
         self.pending.clear()
 
@@ -105,7 +103,7 @@ class BlockModule(L.LightningModule):
             if arrays:
                 m.curves.add(step, arrays)
 
-    def on_train_start(self):
+    def on_fit_start(self):  # before the step-0 evaluation, as a solo run's perf/* clock (FinalFourier)
         self.t0, self.cpu0, self.step0 = time.perf_counter(), time.process_time(), self.trainer.global_step
 
     def on_train_end(self):

@@ -53,7 +53,9 @@ class MemberAxis:
 
     @torch.no_grad()
     def put(self, x: torch.Tensor, i: int, part: torch.Tensor) -> None:
-        self.view(x, i).copy_(part)
+        """Copy `part` into member i's part of x (reshaped: a solo run's [1, ...] or [w, w] to the view)."""
+        view = self.view(x, i)
+        view.copy_(part.reshape(view.shape))
 
 
 # ---- the optimizer ---------------------------------------------------------------------------------

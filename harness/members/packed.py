@@ -42,6 +42,8 @@ fails alone.
 
 import json
 import os
+import signal
+import threading
 from types import SimpleNamespace
 
 import wandb
@@ -54,11 +56,33 @@ from harness.errors import UserError
 from harness.members.checkpoints import BlockCheckpoint, block_checkpoint, load_member
 from harness.members.module import BlockData, BlockModule
 from harness.members.rules import check_members
-from harness.members.runs import Member, as_solo_run, end_run, open_run, restore_summaries
+from harness.members.runs import Member, as_solo_run, end_run, open_run
 from harness.training import artifacts, checkpoint, tracking
 from harness.training.train import make_trainer
 
-# ---- the loop --------------------------------------------------------------------------------------
+# ---- the blocks -------------------------------------------------------------------------------------
+
+
+class _Sigterm:
+    """A SIGTERM flag for the whole process, not only inside trainer.fit (where Lightning's handler runs
+    too: Lightning keeps a handler it finds and calls both): one that comes while members finish,
+    between blocks or while a block is built stops what has not started, instead of killing the
+    process (the controller would then record finished members as preempted)."""
+
+    def __init__(self):
+        self.set, self.previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def train_packed(members: list[Member]) -> list[Member]:
@@ -88,13 +112,9 @@ def _train_blocks(members: list[Member]) -> None:
         groups: dict[int, list[Member]] = {}
         for m in members:
             groups.setdefault(m.start_step, []).append(m)
-        preempted = False
-        for group in groups.values():
-            if preempted:  # SIGTERM came during an earlier group: these keep their resume points
-                for m in group:
-                    end_run(m, "preempted", checkpoint.PREEMPTED_EXIT)
-                continue
-            preempted = _train_group(group)
+        with _Sigterm() as sigterm:
+            for group in groups.values():
+                _train_group(group, sigterm)
     except BaseException as e:
         for m in members:
             if m.run is not None and m.state == "running":
@@ -119,13 +139,23 @@ def _resume(module: BlockModule, members: list[Member]) -> str:
                 cb.load_state_dict(callbacks[cb.state_key])
         m.before = (callbacks.get(checkpoint.StepCheckpoint.__qualname__) or {}).get("summary") or {}
         base = base or state
-    path = os.path.join(os.path.dirname(members[0].resume), "block-resume.ckpt.tmp")
+    path = os.path.join(os.path.dirname(members[0].resume), checkpoint.BLOCK_RESUME)
     torch.save(block_checkpoint(module, base), path)
     return path
 
 
-def _train_group(members: list[Member]) -> bool:
-    """Train one block of members at the same step; True when SIGTERM stopped it (members preempted)."""
+def _preempt(members: list[Member], alive: list[bool]) -> None:
+    for m, ok in zip(members, alive):
+        if ok:
+            checkpoint.restore_summaries(m.run, m.before)
+            end_run(m, "preempted", checkpoint.PREEMPTED_EXIT)
+
+
+def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
+    """Train one block of members at the same step. After a SIGTERM (here or in an earlier block) its
+    members end preempted, with the resume points they have."""
+    if sigterm.set:
+        return _preempt(members, [True] * len(members))
     cfgs = [m.cfg for m in members]
     cfg0, t = cfgs[0], cfgs[0].trainer
     # trainer.threads is one run's share of the CPUs; a block holds many runs, so it takes the threads
@@ -139,19 +169,19 @@ def _train_group(members: list[Member]) -> bool:
     for i, m in enumerate(members):
         m.run.summary.update(block.static_summary(i))
     module = BlockModule(block, members, t)
-    resume = _resume(module, members) if members[0].resume else None
-    trainer = make_trainer(cfg0, False, [BlockCheckpoint(module, t.ckpt_every, t.eval_every)])
+    resume = None
     try:
+        resume = _resume(module, members) if members[0].resume else None
+        if sigterm.set:
+            return _preempt(members, module.alive)
+        trainer = make_trainer(cfg0, False, [BlockCheckpoint(module, t.ckpt_every, t.eval_every)])
         trainer.fit(module, datamodule=BlockData(t.batch_steps()), ckpt_path=resume, weights_only=True)
     except SIGTERMException:  # BlockCheckpoint has written each live member's last.ckpt
-        for i, m in enumerate(members):
-            if module.alive[i]:
-                restore_summaries(m)
-                end_run(m, "preempted", checkpoint.PREEMPTED_EXIT)
-        return True
+        return _preempt(members, module.alive)
     finally:
-        if resume:
+        if resume and os.path.exists(resume):
             os.remove(resume)
+    # A SIGTERM from here on is too late to stop this block: its members finish (exit 0).
     step = trainer.global_step
     for i, m in enumerate(members):
         if not module.alive[i]:
@@ -162,10 +192,9 @@ def _train_group(members: list[Member]) -> bool:
             m.run.summary["model/artifact"] = artifacts.save_model(
                 m.run, SimpleNamespace(model=block.member_model(i)), m.cfg, step
             )
-        restore_summaries(m)
+        checkpoint.restore_summaries(m.run, m.before)
         end_run(m, "finished", 0)
         checkpoint.mark_finished(m.cfg, m.run_id, step)
-    return False
 
 
 # ---- the command -----------------------------------------------------------------------------------

@@ -88,10 +88,3 @@ def end_run(member: Member, state: str, exit_code: int, error: str | None = None
         member.run.mark_preempting()
     member.summary = tracking.summary_dict(member.run)
     member.run.finish(exit_code=exit_code)
-
-
-def restore_summaries(m: Member) -> None:
-    """W&B computes a resumed run's aggregates (val/loss min, ...) over its new part only: merge the
-    earlier part's, carried in its last.ckpt, as harness.training.checkpoint.StepCheckpoint does for a solo run."""
-    if m.before:
-        m.run.summary.update(checkpoint.merge_summaries(m.before, checkpoint.summaries(m.run)))

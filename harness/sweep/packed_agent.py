@@ -3,7 +3,7 @@ the task can pack together and trains them in one `harness train-packed` process
 
 Everything else is harness.sweep.agent's Agent: the same state.json under the same lock, the same
 run ids, parameter files and environment per run, preempted points first (a block of preempted
-points is relaunched together, same ids, and resumes from each member's packed checkpoint), SIGTERM
+points is relaunched together, same ids, and resumes from each member's last.ckpt), SIGTERM
 forwarded, killed agents reaped. Each member is recorded in state.json by its own outcome, read
 from the block's results file (written by harness.members.packed.run_spec); a block process that died
 without one (SIGKILL) records every member by the process's exit code, as a solo run would be.

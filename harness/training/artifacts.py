@@ -119,8 +119,8 @@ class ModelArtifact(Checkpoint):
 
 
 def save_model(run, module, cfg: RunConfig, step: int) -> str:
-    """The final weights of a run trained without its own Lightning trainer (a packed member:
-    harness.members.packed), as `model-<run id>` holding `model.ckpt` in the layout
+    """The final weights of a packed member (harness.members.packed: its model of one, cut from the
+    block, whose trainer holds the whole block), as `model-<run id>` holding `model.ckpt` in the layout
     trainer.save_checkpoint writes (module state_dict keys under `model.`, Lightning's version, the
     step) plus `config`; alias `latest` only (no evaluation history was kept to pick a best)."""
     name = f"model-{run.id}"

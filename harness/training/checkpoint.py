@@ -29,6 +29,7 @@ from harness.training import tracking
 
 LAST = "last.ckpt"
 FINISHED = "finished.json"  # written when a run completes: its id is not trained again
+BLOCK_SCRATCH, BLOCK_RESUME = "block.ckpt.tmp", "block-resume.ckpt.tmp"  # a packed block's passing files
 LEGACY_PACKED = "packed.pt"  # a packed member's resume point before issue 20 (now its last.ckpt): not read
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 RESUME_ENV = "HARNESS_RESUME_FROM"  # rank 0's decision, inherited by the DDP ranks it launches
@@ -44,7 +45,7 @@ class ResumeRefused(UserError):
 
 def load(path: str, what: str) -> Any:
     """Read a torch file the harness did not write in this process: a model artifact, a resume
-    point, a packed block's state. Such a file may come from a W&B download or a shared directory,
+    point (a solo run's or a packed member's last.ckpt). Such a file may come from a W&B download or a shared directory,
     and unpickling runs whatever an object's __reduce__ names, so only torch's weights-only unpickler
     reads it (tensors, numbers, strings, containers: all the harness writes). The one home for this."""
     try:
@@ -90,7 +91,7 @@ def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[str | None, int | 
     directory = ckpt_dir(cfg, run_id)
     done, path = os.path.join(directory, FINISHED), resume_path(directory)
     if cfg.trainer.resume == "never":
-        for name in (FINISHED, LAST, LEGACY_PACKED):
+        for name in (FINISHED, LAST, LEGACY_PACKED, BLOCK_SCRATCH, BLOCK_RESUME):
             if os.path.exists(os.path.join(directory, name)):
                 os.remove(os.path.join(directory, name))
         return None, None
@@ -112,22 +113,24 @@ def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[str | None, int | 
     return path, matched_step(cfg, run_id, path, f"resume point of run {run_id}")
 
 
-def matched_step(cfg: RunConfig, run_id: str | None, path: str, what: str) -> int:
+def matched_step(cfg: RunConfig, run_id: str | None, path: str, what: str, ident: dict | None = None) -> int:
     """The step of the Lightning checkpoint `path`, after checking it was written for this run config
-    (ResumeRefused otherwise); read weights-only."""
+    (ResumeRefused otherwise; `ident`: the config's identity taken before build() resolved values in
+    it); read weights-only."""
     state = load(path, what)
-    check_config((state.get("callbacks") or {}).get(StepCheckpoint.__name__, {}).get("config"), cfg, run_id, path)
+    saved = (state.get("callbacks") or {}).get(StepCheckpoint.__name__, {}).get("config")
+    check_config(saved, cfg, run_id, path, ident)
     return int(state["global_step"])
 
 
-def check_config(saved: Any, cfg: RunConfig, run_id: str | None, path: str) -> None:
+def check_config(saved: Any, cfg: RunConfig, run_id: str | None, path: str, ident: dict | None = None) -> None:
     """ResumeRefused unless `saved` (the identity a resume point recorded) is this run config's."""
     if not isinstance(saved, dict):
         raise ResumeRefused(
             f"resume point {path} records no run config (written by an older harness), so it "
             "cannot be matched to this run; pass trainer.resume=never to start this id from step 0"
         )
-    now = identity(cfg)
+    now = identity(cfg) if ident is None else ident
     if saved != now:
         raise ResumeRefused(
             f"run {run_id}'s resume point {path} belongs to another run config: "
@@ -176,6 +179,19 @@ def merge_summaries(before: dict, now: dict) -> dict:
             merged["first"] = a["first"]
         out[key] = merged
     return out
+
+
+def record(config: dict | None, before: dict, run) -> dict:
+    """What a resume point records beside the training state (StepCheckpoint's state, also a packed
+    member's): the run config it belongs to, and the summary aggregates of the run so far (the part
+    before its own resume point, `before`, merged with the live run's)."""
+    return {"config": config, "summary": merge_summaries(before, summaries(run))}
+
+
+def restore_summaries(run, before: dict) -> None:
+    """Put the whole run's aggregates into the summary of its resumed part (called before it finishes)."""
+    if before:
+        run.summary.update(merge_summaries(before, summaries(run)))
 
 
 def summaries(run) -> dict:
@@ -243,15 +259,13 @@ class StepCheckpoint(Checkpoint):
         self.before: dict = {}  # the aggregates of the run's earlier parts, from the resume point
 
     def state_dict(self) -> dict:
-        return {"config": self.config, "summary": merge_summaries(self.before, summaries(self.run))}
+        return record(self.config, self.before, self.run)
 
     def load_state_dict(self, state: dict) -> None:
         self.before = state.get("summary") or {}
 
     def restore_summaries(self, run) -> None:
-        """Put the whole run's aggregates into the summary of this part (called before it finishes)."""
-        if self.before:
-            run.summary.update(merge_summaries(self.before, summaries(run)))
+        restore_summaries(run, self.before)
 
     def _due(self, trainer: L.Trainer) -> bool:
         step = trainer.global_step

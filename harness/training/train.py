@@ -211,7 +211,7 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
             directory = checkpoint.ckpt_dir(cfg, run.id)
             if not ckpt_path and cfg.trainer.resume_from:  # online: a run id or artifact name on W&B
                 ckpt_path = artifacts.download_resume_file(cfg, run, directory)
-                resumed_step = checkpoint.matched_step(cfg, run.id, ckpt_path, "trainer.resume_from:")
+                resumed_step = checkpoint.matched_step(cfg, run.id, ckpt_path, "trainer.resume_from:", ident)
             if ckpt_path:
                 run.summary["trainer/resumed_from_step"] = resumed_step
             saver = checkpoint.StepCheckpoint(directory, cfg.trainer.ckpt_every, cfg.trainer.eval_every, ident, run)
