@@ -129,3 +129,40 @@ def test_a_block_resumed_from_its_members_last_ckpt_continues_bit_for_bit_and_bl
     for run_id in ("b0", "b1", "fresh"):  # no scratch file left beside a member's resume point
         d = checkpoint.ckpt_dir(load_config(overrides[0]), run_id)
         assert sorted(os.listdir(d)) == ["finished.json", "last.ckpt"]
+
+
+def _old_shape(task: str, key: str, t: torch.Tensor) -> torch.Tensor:
+    """A tensor as a resume point written before issue 20 held it."""
+    if task == "mnist_omnigrok":  # no member dimension
+        return t.squeeze(0)
+    if key.endswith("net.2.weight"):  # sparse parity depth 2: the hidden-to-hidden weight [w, w]
+        w = int(round(t.numel() ** 0.5))
+        return t.view(w, w)
+    return t
+
+
+@pytest.mark.parametrize("task", ["mnist_omnigrok", "sparse_parity"])
+def test_a_resume_point_written_before_issue_20_still_resumes(task, monkeypatch):
+    base, member, _ = TASKS[task]
+    overrides = base + COMMON + member
+    monkeypatch.setenv("WANDB_RUN_ID", "old1")
+    train(load_config(overrides), list(overrides))
+    path = os.path.join(checkpoint.ckpt_dir(load_config(overrides), "old1"), checkpoint.LAST)
+    ckpt = checkpoint.load(path, "test")
+    unfinish("old1")
+    resumed = train(load_config(overrides), list(overrides))  # from the step-20 resume point as written
+    keys = list(ckpt["state_dict"])
+    changed = 0
+    for k, key in enumerate(keys):
+        old = _old_shape(task, key, ckpt["state_dict"][key])
+        changed += old.shape != ckpt["state_dict"][key].shape
+        ckpt["state_dict"][key] = old
+        for name in ("exp_avg", "exp_avg_sq"):
+            state = ckpt["optimizer_states"][0]["state"][k]
+            state[name] = _old_shape(task, key, state[name])
+    assert changed  # the file now has the old shapes
+    torch.save(ckpt, path)
+    unfinish("old1")
+    again = train(load_config(overrides), list(overrides))
+    assert again["trainer/resumed_from_step"] == 20
+    assert again["val/loss"]["last"] == resumed["val/loss"]["last"]  # as the same resume point in today's shapes

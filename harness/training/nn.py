@@ -48,6 +48,7 @@ class StackedMLP(nn.Module):
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor]):
         super().__init__()
         self.net = nn.ModuleDict({str(2 * k): _Layer(w, b) for k, (w, b) in enumerate(zip(weights, biases))})
+        self.register_load_state_dict_pre_hook(_add_member_dimension)
 
     @classmethod
     def stack(cls, mlps: list[MLP]) -> StackedMLP:
@@ -239,3 +240,12 @@ def _flatten_square_weights(module: WidthPackedMLP, state_dict: dict, prefix: st
         key = f"{prefix}net.{2 * j}.weight"
         if key in state_dict and state_dict[key].dim() == 2:
             state_dict[key] = state_dict[key].flatten()
+
+
+def _add_member_dimension(module: StackedMLP, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict: an MLP's weight [out, in] or bias [out] (a state dict written before issue 20, a
+    plain MLP's) is the [1, out, in] or [1, out] of a StackedMLP of one member."""
+    for name, p in module.named_parameters():
+        key = prefix + name
+        if key in state_dict and state_dict[key].dim() == p.dim() - 1 and module.members == 1:
+            state_dict[key] = state_dict[key].unsqueeze(0)
