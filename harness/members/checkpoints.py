@@ -91,7 +91,7 @@ class BlockCheckpoint(StepCheckpoint):
         # to a scratch file, removed again; BlockModule.on_save_checkpoint keeps the dict it was made of.
         scratch = os.path.join(os.path.dirname(live[0].ckpt_path), checkpoint.BLOCK_SCRATCH)
         try:
-            trainer.save_checkpoint(scratch)
+            trainer.save_checkpoint(scratch, weights_only=False)
         finally:
             if os.path.exists(scratch):
                 os.remove(scratch)

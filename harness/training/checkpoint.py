@@ -292,7 +292,7 @@ class StepCheckpoint(Checkpoint):
         if trainer.is_global_zero:
             os.makedirs(self.directory, exist_ok=True)
         tmp = self.path + ".tmp"
-        trainer.save_checkpoint(tmp)  # written by rank 0, then a barrier for all ranks
+        trainer.save_checkpoint(tmp, weights_only=False)  # a resume point: written by rank 0, then a barrier
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         self.saved_step = trainer.global_step
