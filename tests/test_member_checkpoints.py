@@ -166,3 +166,25 @@ def test_a_resume_point_written_before_issue_20_still_resumes(task, monkeypatch)
     again = train(load_config(overrides), list(overrides))
     assert again["trainer/resumed_from_step"] == 20
     assert again["val/loss"]["last"] == resumed["val/loss"]["last"]  # as the same resume point in today's shapes
+
+
+def test_a_sigterm_outside_fit_preempts_the_blocks_not_started_and_lets_finished_members_finish(monkeypatch):
+    """SIGTERM while a block's members finish (here: right after the first block's member is marked
+    finished) is too late for that block, whose member finishes (exit 0); the next block (members at
+    another step) is not started: its member ends preempted (exit 143) and the process lives on."""
+    import signal
+
+    base, *members = TASKS["modular_addition"]
+    overrides = [base + COMMON + m for m in members]
+    train_packed([Member(0, load_config(overrides[0]), list(overrides[0]), "t0")])
+    unfinish("t0")  # t0 resumes at step 20: a block of its own, trained before the fresh member's
+    mark = checkpoint.mark_finished
+
+    def mark_then_sigterm(*args):
+        mark(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(checkpoint, "mark_finished", mark_then_sigterm)
+    out = train_packed([Member(k, load_config(o), list(o), r) for k, (o, r) in enumerate(zip(overrides, ["t0", "t1"]))])
+    assert [(m.state, m.run_id) for m in out] == [("finished", "t0"), ("preempted", "t1")]
+    assert out[0].summary["trainer/resumed_from_step"] == 20
