@@ -20,12 +20,24 @@ def _adamw_template(model: torch.nn.Module, lr: float, weight_decay: float, beta
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps).state_dict()
 
 
-def member_checkpoint(block_ckpt: dict, module, i: int, callbacks: dict) -> dict:
+def _with_training_state(base: dict, state_dict: dict, optimizer_state: dict, callbacks: dict) -> dict:
+    """The Lightning checkpoint `base` (its loops, its step, Lightning's version) holding another
+    module's weights, optimizer state and callback states."""
+    out = {k: v for k, v in base.items() if k not in ("state_dict", "optimizer_states", "callbacks")}
+    return {**out, "state_dict": state_dict, "optimizer_states": [optimizer_state], "callbacks": callbacks}
+
+
+def _callbacks(module, i: int) -> list:
+    """Member i's callbacks whose states its last.ckpt holds, as its solo run's checkpoint does."""
+    return [module.members[i].curves, *module.block.member_callbacks(i)]
+
+
+def member_checkpoint(block_ckpt: dict, module, i: int) -> dict:
     """Member i's Lightning checkpoint, as its solo run writes it, from the block's (`block_ckpt`, which
     Lightning's dump gave BlockModule.on_save_checkpoint): the same loops and step, the member's model
-    state (its solo keys and shapes), its AdamW state in torch's format, and `callbacks`
-    ({state_key: state} of its callbacks)."""
-    block, opt = module.block, module.opt
+    state (its solo keys and shapes), its AdamW state in torch's format, its callbacks' states and what
+    its solo run's StepCheckpoint records (its run config, its summary aggregates)."""
+    member, block, opt = module.members[i], module.block, module.opt
     model = block.member_model(i)
     moments = opt.member_state(i)  # per block parameter, in params() order
     by_name = dict(zip(block.params(), zip(moments["exp_avg"], moments["exp_avg_sq"])))
@@ -35,16 +47,16 @@ def member_checkpoint(block_ckpt: dict, module, i: int, callbacks: dict) -> dict
             m, v = by_name[name]
             step = torch.tensor(float(opt.t), dtype=torch.float32)
             adamw["state"][k] = {"step": step, "exp_avg": m.reshape(p.shape), "exp_avg_sq": v.reshape(p.shape)}
-    out = {k: v for k, v in block_ckpt.items() if k not in ("state_dict", "optimizer_states", "callbacks")}
-    out["state_dict"] = {PREFIX + k: v.detach().clone() for k, v in model.state_dict().items()}
-    out["optimizer_states"] = [adamw]
-    out["callbacks"] = callbacks
-    return out
+    callbacks = {cb.state_key: cb.state_dict() for cb in _callbacks(module, i)}
+    callbacks[StepCheckpoint.__qualname__] = checkpoint.record(member.identity, member.before, member.run)
+    state_dict = {PREFIX + k: v.detach().clone() for k, v in model.state_dict().items()}
+    return _with_training_state(block_ckpt, state_dict, adamw, callbacks)
 
 
 def load_member(module, i: int, ckpt: dict) -> None:
-    """Member i's weights and AdamW moments from its Lightning checkpoint `ckpt` (a member's or a solo
-    run's) into the block, matched by parameter name."""
+    """Member i's weights, AdamW moments (matched by parameter name) and callback states from its
+    Lightning checkpoint `ckpt` (a member's or a solo run's) into the block; the summary aggregates
+    its StepCheckpoint recorded become the member's `before`."""
     block, opt = module.block, module.opt
     solo_order = [name for name, _ in block.member_model(i).named_parameters()]  # its AdamW's indices
     saved = ckpt["optimizer_states"][0].get("state", {})
@@ -56,22 +68,23 @@ def load_member(module, i: int, ckpt: dict) -> None:
         exp_avg.append(state["exp_avg"] if state else zero)
         exp_avg_sq.append(state["exp_avg_sq"] if state else zero)
     opt.load_member_state(i, {"t": int(ckpt["global_step"]), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq})
+    states = ckpt.get("callbacks") or {}
+    for cb in _callbacks(module, i):
+        if cb.state_key in states:
+            cb.load_state_dict(states[cb.state_key])
+    module.members[i].before = (states.get(StepCheckpoint.__qualname__) or {}).get("summary") or {}
 
 
 def block_checkpoint(module, base: dict) -> dict:
     """The block's Lightning checkpoint, once its members are loaded (`load_member`): `base` (a member's
     checkpoint: the loops and the step, which its members share) with the block's weights and optimizer."""
-    out = {k: v for k, v in base.items() if k not in ("state_dict", "optimizer_states", "callbacks")}
-    out["state_dict"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    out["optimizer_states"] = [module.opt.state_dict()]
-    out["callbacks"] = {}
-    return out
+    state_dict = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return _with_training_state(base, state_dict, module.opt.state_dict(), {})
 
 
 class BlockCheckpoint(StepCheckpoint):
     """StepCheckpoint's cadence and SIGTERM save for a block: Lightning dumps the block's checkpoint
-    (into a temporary file, removed again) and every live member gets its own `last.ckpt`, cut from it,
-    with what its solo run's StepCheckpoint records (its run config, its summary aggregates)."""
+    (into a temporary file, removed again) and every live member gets its own `last.ckpt`, cut from it."""
 
     def __init__(self, module, every: int, eval_every: int):
         super().__init__("", every, eval_every)
@@ -99,9 +112,7 @@ class BlockCheckpoint(StepCheckpoint):
         for i, m in enumerate(module.members):
             if not module.alive[i]:  # (also one that failed at the losses read before the dump)
                 continue
-            states = {cb.state_key: cb.state_dict() for cb in [m.curves, *module.block.member_callbacks(i)]}
-            states[StepCheckpoint.__qualname__] = checkpoint.record(m.identity, m.before, m.run)
-            torch.save(member_checkpoint(block_ckpt, module, i, states), m.ckpt_path + ".tmp")
+            torch.save(member_checkpoint(block_ckpt, module, i), m.ckpt_path + ".tmp")
             os.replace(m.ckpt_path + ".tmp", m.ckpt_path)  # a kill mid-write leaves the old one
         module.saved_checkpoint = None
         self.saved_step = trainer.global_step

@@ -46,6 +46,7 @@ import signal
 import threading
 from types import SimpleNamespace
 
+import torch
 import wandb
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -127,17 +128,10 @@ def _train_blocks(members: list[Member]) -> None:
 def _resume(module: BlockModule, members: list[Member]) -> str:
     """Load the members' last.ckpt into the block; the block's checkpoint, composed of theirs, for
     Lightning's resume (a scratch file beside the first member's; the caller removes it)."""
-    import torch
-
     base = None
     for i, m in enumerate(members):
         state = checkpoint.load(m.resume, f"resume point of run {m.run_id}")
         load_member(module, i, state)
-        callbacks = state.get("callbacks") or {}
-        for cb in [m.curves, *module.block.member_callbacks(i)]:
-            if cb.state_key in callbacks:
-                cb.load_state_dict(callbacks[cb.state_key])
-        m.before = (callbacks.get(checkpoint.StepCheckpoint.__qualname__) or {}).get("summary") or {}
         base = base or state
     path = os.path.join(os.path.dirname(members[0].resume), checkpoint.BLOCK_RESUME)
     torch.save(block_checkpoint(module, base), path)

@@ -28,9 +28,8 @@ class Member:
     start_step: int = 0
     resume: str | None = None  # its last.ckpt (matched to this member's config), or None: a fresh start
     before: dict = field(default_factory=dict)  # summary aggregates of the run's part before its resume point
-    identity: dict = field(
-        default_factory=dict
-    )  # its config as given (checkpoint.identity), before the build resolves it
+    # its config as given (checkpoint.identity), before the build resolves it: what its last.ckpt records
+    identity: dict = field(default_factory=dict)
 
     @property
     def ckpt_path(self) -> str:
