@@ -12,7 +12,7 @@ variant of a long study). Sweeps of a task that does not pack are reported and s
 
 `--device cuda`: the paper-scale sparse parity width sweep (sweeps/sparse_parity_width.yaml: n_tasks
 500, n 100, k 3, batch 20000, 30 widths 9..500, Adam at the task's default lr) on one GPU. Packed: all
-30 widths as one block (tasks.sparse_parity.build_packed: the task's one model with its 30 members'
+30 widths as one block (tasks.sparse_parity.build_block: the task's one model with its 30 members'
 hidden layers concatenated, one shared batch drawn on the device, one matmul for the first hidden
 layer of every width), its optimizer steps (harness.members.optim.block_step, what
 harness.members.module.BlockModule runs under Lightning) without W&B or Lightning, timed for `--steps`
@@ -178,7 +178,7 @@ def cuda(args) -> None:
     from harness.members.optim import block_optimizer, block_step
     from harness.training.data import batch_seed, seed_rng
     from harness.training.train import make_trainer
-    from tasks.sparse_parity import build, build_packed
+    from tasks.sparse_parity import build, build_block
 
     gpu = not args.smoke_on_cpu
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one fit per width: no banners
@@ -191,11 +191,11 @@ def cuda(args) -> None:
     # ---- packed: one block of all widths, its steps as BlockModule takes them (no W&B, no Lightning) ----------
     t_build = time.perf_counter()
     cfgs = [load_config(m + ("trainer.steps=200000", f"trainer.eval_every={EVAL_EVERY}")) for m in sweep]
-    block = build_packed(cfgs)
+    block = build_block(cfgs)
     t_build = time.perf_counter() - t_build
     device = block.device
     # The packed stream draws exactly the solo run's first batch, on the device.
-    solo_data = block.modules[0].data
+    solo_data = block.data[0]
     seed_rng(device, batch_seed(solo_data.seed, 0, 0))
     x_solo, y_solo = solo_data.train_batch(0, device)
     x_packed, y_packed = block.groups[0].stream.batch(0)

@@ -10,7 +10,7 @@ logits are hundreds of nats apart, as for most of a 50k-step run):
 
   solo      the solo run's step in a plain loop: the task's model, loss and torch's AdamW (a lower
             bound of `harness train`, which adds ~6%: benchmarks/bench_modular_addition.py)
-  packed    one step of a block (harness.members.optim.block_step, what BlockModule takes) for all members (tasks.modular_addition.PackedModular)
+  packed    one step of a block (harness.members.optim.block_step, what BlockModule takes) for all members (tasks.modular_addition.ModularBlock)
   floor     the packed step's six matrix products alone (forward and backward, same shapes): no
             implementation that computes the members' gradients exactly can do less arithmetic
 
@@ -42,7 +42,7 @@ def main() -> None:
 
     from harness.config.run import load_config
     from harness.members.optim import block_optimizer, block_step
-    from tasks.modular_addition import ModularData, PackedModular, loss_fn, make_model
+    from tasks.modular_addition import ModularBlock, ModularData, loss_fn, make_model
 
     cfgs = [load_config(("task=modular_addition", f"seed={s}")) for s in range(args.members)]
 
@@ -66,7 +66,7 @@ def main() -> None:
     solo = cpu_ms(solo_step, args.steps)
 
     # packed: the block's step
-    block = PackedModular(cfgs)
+    block = ModularBlock(cfgs)
     popt = block_optimizer(block)
 
     def packed_step(s):

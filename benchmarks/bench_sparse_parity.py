@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from harness.config.run import load_config  # noqa: E402
 from harness.training.nn import MLP  # noqa: E402
 from harness.training.train import train  # noqa: E402
-from tasks.sparse_parity import SparseParityData, SparseParityModule  # noqa: E402
+from tasks.sparse_parity import SparseParityData, per_subtask  # noqa: E402
 
 
 class Clock(L.Callback):
@@ -65,7 +65,7 @@ def plain_run(overrides: list[str]) -> float:
     # evaluation code: the harness side runs the task's WidthPackedMLP, which must cost no more.
     model = MLP(cfg.data.n_tasks + cfg.data.n, cfg.model.width, cfg.model.depth, 2)
     data = SparseParityData(cfg)
-    module = SparseParityModule(cfg, model, data)
+    p = data.p.float()
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.optim.lr,
@@ -85,8 +85,8 @@ def plain_run(overrides: list[str]) -> float:
             logged.append(loss.item())
         if (step + 1) % cfg.trainer.eval_every == 0 or step + 1 == cfg.trainer.steps:
             model.eval()
-            loss_t, acc_t = module.per_subtask(*data.val_batch(0, cpu))
-            logged.append({"val/loss": float((module.p * loss_t).sum()), **{i: float(v) for i, v in enumerate(loss_t)}})
+            loss_t, acc_t = per_subtask(cfg, model, data, cpu)
+            logged.append({"val/loss": float((p * loss_t).sum()), **{i: float(v) for i, v in enumerate(loss_t)}})
             model.train()
     return time.perf_counter() - t0
 

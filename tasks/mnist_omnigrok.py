@@ -8,8 +8,8 @@ is held at alpha times its standard-init value after every step: sweeping alpha 
 
 One model for a single run and for a packed block (harness.members.packed): `make_model` stacks the
 members' MLPs along a leading member dimension (harness.training.nn.StackedMLP; a single run is M = 1),
-each drawn as its single run draws it. The Lightning module and the block (PackedOmnigrok, below it)
-train it with the same forward, `loss_fn` and `rescale_`, and evaluate with `OmnigrokModule.measure`.
+each drawn as its single run draws it. OmnigrokBlock trains it (under harness.members.module.BlockModule,
+a solo run being a block of one) with `loss_fn` and `rescale_`, and evaluates each member with `measure`.
 The IDX files are read by tasks.mnist.
 """
 
@@ -24,12 +24,12 @@ import torch.nn.functional as F
 
 from harness.config.run import data_dir
 from harness.members.block import adamw_hypers, host_metrics, placement
+from harness.members.module import solo_job
 from harness.training import tracking
 from harness.training.data import DeviceDataModule, batch_seed
 from harness.training.detectors import GrokkingCallback
-from harness.training.logs import TrainLossLog, log_eval
 from harness.training.nn import MLP, StackedMLP, member_norms, n_params, weight_norm
-from harness.training.train import Job, train_steps
+from harness.training.train import Job
 from tasks.configs.mnist_omnigrok import Config
 from tasks.mnist import MIRROR, load_mnist, read_idx  # noqa: F401  (part of this task's API)
 
@@ -166,60 +166,34 @@ def rescale_(model: StackedMLP, target: torch.Tensor, mask: torch.Tensor | None 
         p.mul_(factor.view(-1, *[1] * (p.dim() - 1)))
 
 
-# ---- one run under Lightning -------------------------------------------------------------------
+# ---- evaluation --------------------------------------------------------------------------------
 
 
-class OmnigrokModule(L.LightningModule):
-    def __init__(self, cfg: Config, model: StackedMLP, target_norm: float):
-        super().__init__()
-        self.cfg, self.model = cfg, model
-        # The fixed norm, a float computed in float32; a buffer so that Lightning casts it with the
-        # model, not persistent, so the checkpoint holds the model alone.
-        self.register_buffer("target_norm", torch.tensor([target_norm]), persistent=False)
-        self.train_log = TrainLossLog(cfg.trainer.log_every, "train/batch_loss")
-        # Manual optimization: one Lightning batch carries trainer.steps_per_batch optimizer steps.
-        self.automatic_optimization = False
+@torch.no_grad()
+def evaluate(cfg: Config, model: StackedMLP, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss and accuracy of a model of one member over a whole set, `eval.chunk` images per forward pass."""
+    loss_sum, correct = x.new_zeros(()), x.new_zeros(())
+    for s in range(0, len(y), cfg.eval.chunk):
+        out = model(x[s : s + cfg.eval.chunk])
+        yy = y[s : s + cfg.eval.chunk]
+        loss_sum += loss_fn(cfg.optim.loss, out, yy, reduction="none").sum()
+        correct += (out.argmax(1) == yy).sum()
+    return loss_sum / len(y), correct / len(y)
 
-    def training_step(self, batch, batch_idx):
-        train_steps(
-            self,
-            batch,
-            lambda xy: loss_fn(self.cfg.optim.loss, self.model(xy[0]), xy[1]),
-            after_step=(lambda: rescale_(self.model, self.target_norm)) if self.cfg.optim.fixed_norm else None,
-        )
 
-    @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean loss and accuracy over a whole set, `eval.chunk` images per forward pass."""
-        loss_sum, correct = x.new_zeros(()), x.new_zeros(())
-        for s in range(0, len(y), self.cfg.eval.chunk):
-            out = self.model(x[s : s + self.cfg.eval.chunk])
-            yy = y[s : s + self.cfg.eval.chunk]
-            loss_sum += loss_fn(self.cfg.optim.loss, out, yy, reduction="none").sum()
-            correct += (out.argmax(1) == yy).sum()
-        return loss_sum / len(y), correct / len(y)
-
-    def measure(self, batch) -> dict[str, torch.Tensor]:
-        """One evaluation's metrics (0-d tensors); also what a packed member logs (PackedOmnigrok)."""
-        x_tr, y_tr, x_te, y_te = batch
-        train_loss, train_acc = self.evaluate(x_tr, y_tr)
-        val_loss, val_acc = self.evaluate(x_te, y_te)
-        return {
-            "train/loss": train_loss,
-            "train/acc": train_acc,
-            "val/loss": val_loss,
-            "val/acc": val_acc,
-            "model/weight_norm": weight_norm(self.model),
-        }
-
-    def validation_step(self, batch, batch_idx):
-        log_eval(self, self.measure(batch))
-
-    def configure_optimizers(self):
-        o = self.cfg.optim
-        return torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2)
-        )
+def measure(cfg: Config, model: StackedMLP, batch) -> dict[str, torch.Tensor]:
+    """One evaluation's metrics (0-d tensors) of a model of one member on (train images, labels, test
+    images, labels)."""
+    x_tr, y_tr, x_te, y_te = batch
+    train_loss, train_acc = evaluate(cfg, model, x_tr, y_tr)
+    val_loss, val_acc = evaluate(cfg, model, x_te, y_te)
+    return {
+        "train/loss": train_loss,
+        "train/acc": train_acc,
+        "val/loss": val_loss,
+        "val/acc": val_acc,
+        "model/weight_norm": weight_norm(model),
+    }
 
 
 def static_summary(cfg: Config, arrays: dict, n: int, standard_norm: float, init_norm: float) -> dict:
@@ -240,32 +214,21 @@ def grokking_callback(cfg: Config) -> GrokkingCallback:
     return GrokkingCallback(cfg.eval.threshold, cfg.eval.max_delay, val_threshold=cfg.eval.val_threshold)
 
 
-def build(cfg: Config) -> Job:
-    arrays = load_data(cfg)
-    resolve_split(cfg, arrays["split"])
-    model, (standard_norm,), (init_norm,) = make_model(cfg)
-    return Job(
-        module=OmnigrokModule(cfg, model, target_norm=init_norm),
-        datamodule=MnistData(arrays, cfg.data.batch_size, cfg.trainer.batch_steps()),
-        callbacks=[grokking_callback(cfg)],
-        summary=static_summary(cfg, arrays, n_params(model), standard_norm, init_norm),
-    )
-
-
-# ---- many members in one process ---------------------------------------------------------------
+# ---- the block: one run or many ---------------------------------------------------------------
 
 # Packed runs (harness.members.packed, issue 14): keys that may differ between the members of a block.
 PACKABLE = ("seed", "model.init_scale", "optim.lr", "optim.weight_decay", "optim.fixed_norm")
 
 
-class PackedOmnigrok:
-    """M members of one sweep in the task's own model (make_model with a member dimension), for
-    harness.members.module.BlockModule (Lightning's Trainer). Each member's weights are its single run's, and so are its
+class OmnigrokBlock:
+    """M members in the task's model (make_model with a member dimension), for
+    harness.members.module.BlockModule (Lightning's Trainer): a solo run is a block of one (`build`), a
+    packed process holds several of one sweep (`build_block`). Each member's weights are its solo run's, and so are its
     minibatches (MnistData.batch: members of one seed share a batch, others gather their own from the
     one copy of the images); a member's loss is `loss_fn` over its own batch, so its gradient is its
     single run's. With optim.fixed_norm a member is rescaled after every step by `rescale_`, as its
-    single run. Evaluation runs `OmnigrokModule.measure` on `model.member(i)`, whose parameters are
-    views of the member's slices."""
+    single run. Evaluation runs `measure` on `model.member(i)`, whose parameters are views of the
+    member's slices."""
 
     def __init__(self, cfgs: list[Config]):
         self.cfgs = cfgs
@@ -277,13 +240,14 @@ class PackedOmnigrok:
         # Initialised in float32 as the single run, then cast as Lightning casts it for 64-true.
         self.model = model.to(dtype=dtype, device=self.device)
         self.norms = list(zip(standard, initial))
-        self.modules = [OmnigrokModule(c, self.model.member(i), initial[i]) for i, c in enumerate(cfgs)]
+        self.views = [self.model.member(i) for i in range(len(cfgs))]
         o = [c.optim for c in cfgs]
         self.lr, self.weight_decay, self.betas, self.eps = adamw_hypers(cfgs)
         self.loss_kind = o[0].loss
         self.train_loss_key = "train/batch_loss"  # the single run's TrainLossLog key, logged every log_every
         self.fixed = torch.tensor([x.fixed_norm for x in o], device=self.device)
-        self.target = torch.tensor(initial, dtype=dtype, device=self.device)
+        # The fixed norms, floats computed in float32, cast to the training dtype (as a solo run always had them)
+        self.target = torch.tensor(initial).to(dtype=dtype, device=self.device)
         self.data = MnistData(self.arrays, d.batch_size)
         t_ = self.data.tensors(self.device, dtype)
         self.val_batch = (t_["x_train"], t_["y_train"], t_["x_test"], t_["y_test"])  # MnistData.val_batch
@@ -308,13 +272,13 @@ class PackedOmnigrok:
         resolve_split(self.cfgs[i], self.arrays["split"])
 
     def evaluate(self, i: int, step: int) -> tuple[dict[str, float], dict]:
-        out = self.modules[i].measure(self.val_batch)
+        out = measure(self.cfgs[i], self.views[i], self.val_batch)
         metrics = host_metrics(out)
         self.grok[i].observe(step, metrics.get("train/acc"), metrics.get("val/acc"))
         return metrics, {}
 
     def static_summary(self, i: int) -> dict:
-        return static_summary(self.cfgs[i], self.arrays, n_params(self.modules[i].model), *self.norms[i])
+        return static_summary(self.cfgs[i], self.arrays, n_params(self.views[i]), *self.norms[i])
 
     def final_summary(self, i: int, run, seconds: float, cpu: float, steps: int) -> dict:
         return self.grok[i].summary()
@@ -325,6 +289,14 @@ class PackedOmnigrok:
     def member_callbacks(self, i: int) -> list:
         return [self.grok[i]]
 
+    def shard_error(self) -> str | None:
+        return self.data.shard_error()
 
-def build_packed(cfgs: list[Config]) -> PackedOmnigrok:
-    return PackedOmnigrok(cfgs)
+
+def build_block(cfgs: list[Config]) -> OmnigrokBlock:
+    return OmnigrokBlock(cfgs)
+
+
+def build(cfg: Config) -> Job:
+    block = OmnigrokBlock([cfg])
+    return solo_job(block, data=block.data)

@@ -10,7 +10,6 @@ the notebook's Haiku initialisers and cross-entropy divided by p.
 from __future__ import annotations
 
 import functools
-import time
 
 import lightning as L
 import torch
@@ -18,13 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.members.block import adamw_hypers, host_metrics, placement
+from harness.members.module import solo_job
 from harness.members.packed_loss import member_cross_entropy
-from harness.training.curves import CurvesRecorder, set_eval_arrays
-from harness.training.data import DeviceDataModule
+from harness.training.data import BatchStream, DeviceDataModule
 from harness.training.detectors import GrokkingCallback
-from harness.training.logs import TrainLossLog, log_eval, wandb_run, write_summary
 from harness.training.nn import n_params, weight_norm
-from harness.training.train import Job, train_steps
+from harness.training.train import Job
 from tasks.configs.modular_addition import Config
 from tasks.fourier import cached_directions, fourier_power, key_frequencies
 from tasks.modular_models import ConcatMLP, MemberModel, PairMLP, initial_weights
@@ -74,17 +72,22 @@ class ModularData(DeviceDataModule):
             }
         return self._cache[device]
 
-    def train_batch(self, index: int, device):
-        a, b, y = self.tensors(device)["train"]
+    def full_batch(self) -> bool:
         bs = self.cfg.data.batch_size
-        if bs == 0 or bs >= len(y):
+        return bs == 0 or bs >= len(self.split["train"][1])
+
+    def train_batch(self, index: int, device, generator: torch.Generator | None = None):
+        """Training batch `index`: the whole train set, or batch_size pairs drawn from `generator`
+        (harness.training.data.BatchStream's, seeded as a run's DeviceDataModule seeds the global RNG)."""
+        a, b, y = self.tensors(device)["train"]
+        if self.full_batch():
             return a, b, y
-        idx = torch.randint(len(y), (bs,), device=device)
+        idx = torch.randint(len(y), (self.cfg.data.batch_size,), device=device, generator=generator)
         return a[idx], b[idx], y[idx]
 
     def shard_error(self) -> str | None:
         bs, n = self.cfg.data.batch_size, len(self.split["train"][1])
-        if bs == 0 or bs >= n:
+        if self.full_batch():
             return f"data.batch_size={bs} is full batch ({n} training pairs)"
         return None
 
@@ -168,74 +171,13 @@ def evaluate(model: nn.Module, tensors: dict, cfg: Config) -> dict[str, torch.Te
 # ---------------------------------------------------------------- Lightning
 
 
-class ModularModule(L.LightningModule):
-    def __init__(self, cfg: Config, model: nn.Module, data: ModularData):
-        super().__init__()
-        self.cfg, self.model, self.data = cfg, model, data
-        self.keys: list[int] = []
-        self.power: torch.Tensor | None = None  # [p // 2] of the last evaluation
-        self.eval_metrics: dict[str, float] = {}
-        self.train_log = TrainLossLog(cfg.trainer.log_every, "train/batch_loss")
-        # Manual optimization: one Lightning batch carries trainer.steps_per_batch optimizer steps
-        # (and skips the closure machinery, ~0.4 ms a step here).
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        # Full batch: train/loss at each evaluation says it all, so only minibatch runs log it per step.
-        train_steps(
-            self,
-            batch,
-            lambda aby: loss_fn(self.model(aby[0], aby[1]), aby[2], self.cfg.optim.loss),
-            log_loss=bool(self.cfg.data.batch_size),
-        )
-
-    def validation_step(self, batch, batch_idx):
-        metrics = evaluate(self.model, batch, self.cfg)
-        self.keys, self.power = metrics.pop("_keys"), metrics.pop("_power")
-        if self.cfg.eval.log_spectrum:
-            is_key = torch.zeros_like(self.power)
-            is_key[[k - 1 for k in self.keys]] = 1.0
-            set_eval_arrays(self, "fourier", {"power": self.power, "key": is_key})  # item i: frequency i + 1
-        # Straight to the loggers, one row per evaluation: self.log costs ~1 ms a key, and the
-        # callbacks read `eval_metrics` instead.
-        log_eval(self, metrics)
-
-    def configure_optimizers(self):
-        o = self.cfg.optim
-        return torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps
-        )
-
-
-class FinalFourier(L.Callback):
-    """Summary: the final key frequencies (`fourier/key_freqs`, a label such as "4,11,31"), the
-    final spectrum as a table for the W&B UI (`fourier/spectrum`: k, power, key), and throughput
-    of the training loop (`perf/*`, measured from the first step to the end of the last evaluation)."""
-
-    def on_train_start(self, trainer, pl_module):
-        self.t0, self.cpu0, self.step0 = time.perf_counter(), time.process_time(), trainer.global_step
-
-    def on_train_end(self, trainer, pl_module):
-        self.seconds, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.cpu0
-
-    def on_fit_end(self, trainer, pl_module):
-        write_summary(
-            trainer,
-            final_fourier_values(
-                pl_module.keys,
-                pl_module.power,
-                self.seconds,
-                self.cpu,
-                trainer.global_step - self.step0,
-                table=wandb_run(trainer) is not None,
-            ),
-        )
-
-
 def final_fourier_values(
     keys: list[int], power: torch.Tensor | None, seconds: float, cpu: float, steps: int, table: bool
 ) -> dict:
-    """FinalFourier's summary values (also written for packed members, PackedModular.final_summary)."""
+    """The final summary's Fourier and throughput values (ModularBlock.final_summary): the final key
+    frequencies (`fourier/key_freqs`, a label such as "4,11,31"), the final spectrum as a table for the
+    W&B UI (`fourier/spectrum`: k, power, key), and throughput of the training loop (`perf/*`, from
+    the step-0 evaluation to the end of the last evaluation)."""
     values = {
         "fourier/key_freqs": ",".join(str(k) for k in sorted(keys)),
         "perf/train_seconds": seconds,
@@ -253,35 +195,22 @@ def final_fourier_values(
     return values
 
 
-def build(cfg: Config) -> Job:
-    model = make_model(cfg)
-    data = ModularData(cfg)
-    return Job(
-        module=ModularModule(cfg, model, data),
-        datamodule=data,
-        callbacks=[GrokkingCallback(cfg.eval.threshold, cfg.eval.max_delay), FinalFourier(), CurvesRecorder()],
-        summary={
-            "model/params": n_params(model),
-            "data/n_train": len(data.split["train"][1]),
-            "data/n_val": len(data.split["val"][1]),
-            "loss_units": "nats",
-        },
-    )
-
-
-# ---------------------------------------------------------------- many members in one process
+# ---------------------------------------------------------------- the block: one run or many
 
 # Packed runs (harness.members.packed, issue 14): keys whose values may differ between the members of one
 # packed process; every other key must be equal.
 PACKABLE = ("seed", "data.train_fraction", "data.split_seed", "optim.lr", "optim.weight_decay", "model.init_scale")
 
 
-class PackedModular:
-    """M members of one sweep in the task's own model (make_model with a member dimension), for
-    harness.members.module.BlockModule (Lightning's Trainer). Each member's weights are its single run's; training runs the model
-    on each member's train pairs padded to the largest train set, a member's loss the mean over its own
-    pairs (padding masked), so its gradient is its single run's. Evaluation runs the task's `evaluate`
-    on `model.member(i)`, whose parameters are views of the member's slices."""
+class ModularBlock:
+    """M members in the task's model (make_model with a member dimension), for
+    harness.members.module.BlockModule (Lightning's Trainer): a solo run is a block of one (`build`), a
+    packed process holds several of one sweep (`build_block`). Each member's weights are its solo run's,
+    and so are its training pairs: full batch, its whole train set; minibatch, the pairs its solo run
+    draws (a BatchStream per member). The model runs on each member's pairs padded to the longest, a
+    member's loss the mean over its own pairs (padding masked), so its gradient is its solo run's.
+    Evaluation runs the task's `evaluate` on `model.member(i)`, whose parameters are views of the
+    member's slices."""
 
     def __init__(self, cfgs: list[Config]):
         self.cfgs = cfgs
@@ -290,42 +219,39 @@ class PackedModular:
         self.model = make_model(cfgs[0], members=cfgs).to(dtype=dtype, device=self.device)
         self.views = [self.model.member(i) for i in range(len(cfgs))]
         self.data = [ModularData(cfg) for cfg in cfgs]
+        for d, c in zip(self.data, cfgs):
+            d.seed = c.seed  # its batches' seed, as harness.training.train sets a run's
         self.lr, self.weight_decay, self.betas, self.eps = adamw_hypers(cfgs)
         self.loss_kind, self.p = cfgs[0].optim.loss, cfgs[0].data.p
-        self.batch_size = cfgs[0].data.batch_size
-        # As the single run: full batch logs no training loss (train/loss at each evaluation says it all).
-        self.train_loss_key = "train/batch_loss" if self.batch_size else None
-        train = [d.tensors(self.device)["train"] for d in self.data]
-        self.n_train = torch.tensor([len(y) for _, _, y in train])
-        n_max = int(self.n_train.max())
-
-        def pad(x: torch.Tensor) -> torch.Tensor:
-            return F.pad(x, (0, n_max - len(x)))
-
-        self.a = torch.stack([pad(a) for a, _, _ in train])  # [M, n_max]; padding points at pair (0, 0)
-        self.b = torch.stack([pad(b) for _, b, _ in train])
-        self.y = torch.stack([pad(y) for _, _, y in train])
-        self.mask = (torch.arange(n_max)[None, :] < self.n_train[:, None]).to(self.device)
-        self.n_train = self.n_train.to(self.device)
+        # As a solo run always did: full batch logs no training loss (train/loss at each evaluation says it all).
+        self.train_loss_key = "train/batch_loss" if cfgs[0].data.batch_size else None
+        if all(d.full_batch() for d in self.data):
+            self.streams = None
+            self.full = self._padded([d.tensors(self.device)["train"] for d in self.data])
+        else:
+            self.streams = [BatchStream(d, self.device) for d in self.data]
         self.grok = [GrokkingCallback(c.eval.threshold, c.eval.max_delay) for c in cfgs]
         self.keys: list[list[int]] = [[] for _ in cfgs]
         self.power: list[torch.Tensor | None] = [None] * len(cfgs)
-        if self.batch_size:
-            self._gen = torch.Generator().manual_seed(cfgs[0].seed)
+
+    def _padded(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple:
+        """(a, b, y [M, n_max], weight [M, n_max]) of the members' (a, b, y): padding points at pair
+        (0, 0) with weight 0; a member's weights 1/n (1/(n p) for ce_over_p) make its loss its own mean."""
+        n = torch.tensor([len(y) for _, _, y in batches], device=self.device)
+        n_max = int(n.max())
+        a, b, y = (torch.stack([F.pad(x[k], (0, n_max - len(x[k]))) for x in batches]) for k in range(3))
+        weight = (torch.arange(n_max, device=self.device)[None, :] < n[:, None]) / n[:, None]
+        return a, b, y, weight / self.p if self.loss_kind == "ce_over_p" else weight
 
     def params(self) -> dict[str, torch.Tensor]:
         return dict(self.model.named_parameters())
 
+    def shard_error(self) -> str | None:
+        return self.data[0].shard_error()
+
     def losses(self, step: int) -> torch.Tensor:
-        a, b, y, mask, n = self.a, self.b, self.y, self.mask, self.n_train
-        if self.batch_size and self.batch_size < int(n.min()):
-            # Sampled batches: each member draws from its own train set (the single runs' draws differ
-            # anyway; exactness is claimed for full batch, the PAIR setting).
-            idx = (torch.rand(len(n), self.batch_size, generator=self._gen).to(self.device) * n[:, None]).long()
-            a, b, y = a.gather(1, idx), b.gather(1, idx), y.gather(1, idx)
-            mask, n = torch.ones_like(idx, dtype=torch.bool), torch.full_like(n, self.batch_size)
-        weight = mask / n[:, None]  # each member's own mean over its own pairs
-        return member_cross_entropy(self.model(a, b), y, weight / self.p if self.loss_kind == "ce_over_p" else weight)
+        a, b, y, weight = self.full if self.streams is None else self._padded([s.batch(step) for s in self.streams])
+        return member_cross_entropy(self.model(a, b), y, weight)
 
     def evaluate(self, i: int, step: int) -> tuple[dict[str, float], dict]:
         cfg = self.cfgs[i]
@@ -363,5 +289,10 @@ class PackedModular:
         return [self.grok[i]]
 
 
-def build_packed(cfgs: list[Config]) -> PackedModular:
-    return PackedModular(cfgs)
+def build_block(cfgs: list[Config]) -> ModularBlock:
+    return ModularBlock(cfgs)
+
+
+def build(cfg: Config) -> Job:
+    block = ModularBlock([cfg])
+    return solo_job(block, data=block.data[0])

@@ -374,12 +374,12 @@ def build(cfg: Config) -> Job:
     if m.source == "artifact":
         _, blob = model_artifact(cfg)
         inner, job = _trained_job(blob["config"])
-        check_labelled(job.datamodule, inner.task)
+        check_labelled(job.data or job.datamodule, inner.task)
         net = job.module.model
         net.load_state_dict(blob["state_dict"])
         core.select_params(net, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)
         holder = _Holder(net)
-        cb = QuantaDiscovery(cfg, "parity", "validate", lambda: holder.model, lambda: job.datamodule)
+        cb = QuantaDiscovery(cfg, "parity", "validate", lambda: holder.model, lambda: job.data or job.datamodule)
         return Job(
             module=holder,
             datamodule=_OneBatch(),
@@ -393,9 +393,9 @@ def build(cfg: Config) -> Job:
         )
     inner = _inner_config(cfg.train, cfg.trainer)
     job = task_module(inner.task).build(inner)
-    check_labelled(job.datamodule, inner.task)
+    check_labelled(job.data or job.datamodule, inner.task)
     core.select_params(job.module.model, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)
-    cb = QuantaDiscovery(cfg, "parity", "fit", lambda: job.module.model, lambda: job.datamodule)
+    cb = QuantaDiscovery(cfg, "parity", "fit", lambda: job.module.model, lambda: job.data or job.datamodule)
     return Job(
         module=job.module,
         datamodule=job.datamodule,

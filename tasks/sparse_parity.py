@@ -4,10 +4,11 @@ Input: `n_tasks` one-hot control bits + `n` uniform random data bits. Subtask t 
 k-subset S_t of the data bits (all subsets distinct); the label is the parity of x[S_t]. Subtask t is
 drawn with probability p_t proportional to t^-(zipf_alpha + 1), t = 1..n_tasks.
 
-The model is an MLP with a member dimension (harness.training.nn.WidthPackedMLP, built by `make_model`): a
-single run is one member; a packed block (`build_packed`) holds members of different widths, seeds and
+The model is an MLP with a member dimension (harness.training.nn.WidthPackedMLP, built by `make_model`),
+trained as a block (SparseParityBlock, under harness.members.module.BlockModule): a solo run is a block of
+one member (`build`); a packed block (`build_block`) holds members of different widths, seeds and
 optimizer settings side by side in one such model and trains them with the same forward and loss
-(`member_losses`), evaluated by the same code (SparseParityModule.per_subtask and val_metrics).
+(`member_losses`), evaluated by the same code (`per_subtask`, `val_metrics`).
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.members.block import adamw_hypers, host_metrics, placement
+from harness.members.module import solo_job
 from harness.members.optim import MemberAxis
 from harness.quanta_stats import zipf_frequencies
-from harness.training.curves import CurvesRecorder, set_eval_arrays
 from harness.training.data import BatchStream, DeviceDataModule
 from harness.training.detectors import EmergenceCallback
-from harness.training.logs import TrainLossLog, log_eval
 from harness.training.nn import MLP, WidthPackedMLP, n_params
-from harness.training.train import Job, train_steps
+from harness.training.train import Job
 from tasks.configs.sparse_parity import Config
 
 
@@ -185,73 +185,39 @@ def member_losses(model: WidthPackedMLP, x: torch.Tensor, y: torch.Tensor, subse
     return F.cross_entropy(logits.flatten(0, 1), y.repeat(m), reduction="none").view(m, -1).mean(1)
 
 
-class SparseParityModule(L.LightningModule):
-    def __init__(self, cfg: Config, model: nn.Module, data: SparseParityData):
-        super().__init__()
-        self.cfg, self.model, self.data = cfg, model, data
-        self.register_buffer("p", data.p.float(), persistent=False)
-        self.threshold_nats = cfg.eval.threshold_bits * math.log(2)
-        self.train_log = TrainLossLog(cfg.trainer.log_every)
+@torch.no_grad()
+def per_subtask(cfg: Config, model: nn.Module, data: SparseParityData, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss (nats) and accuracy of every subtask on the test sets, in one batched pass: [n_tasks] each."""
+    n_tasks, chunk = cfg.data.n_tasks, cfg.eval.chunk
+    tasks, bits = data.val_batch(0, device)
+    losses, correct = [], []
+    for s in range(0, len(tasks), chunk):
+        x, y = data.encode(tasks[s : s + chunk], bits[s : s + chunk], device)
+        logits = model(x)
+        losses.append(F.cross_entropy(logits, y, reduction="none"))
+        correct.append((logits.argmax(1) == y).float())
+    loss = torch.cat(losses).view(n_tasks, -1).mean(1)
+    acc = torch.cat(correct).view(n_tasks, -1).mean(1)
+    return loss, acc
 
-        # Manual optimization: one Lightning batch may carry several optimizer steps.
-        self.automatic_optimization = False
 
-    def training_step(self, batch, batch_idx):
-        train_steps(self, batch, lambda xy: member_losses(self.model, *xy)[0])
-
-    @torch.no_grad()
-    def per_subtask(self, tasks: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean loss (nats) and accuracy of every subtask in one batched pass: [n_tasks] each."""
-        n_tasks, chunk = self.cfg.data.n_tasks, self.cfg.eval.chunk
-        losses, correct = [], []
-        for s in range(0, len(tasks), chunk):
-            x, y = self.data.encode(tasks[s : s + chunk], bits[s : s + chunk], self.device)
-            logits = self.model(x)
-            losses.append(F.cross_entropy(logits, y, reduction="none"))
-            correct.append((logits.argmax(1) == y).float())
-        loss = torch.cat(losses).view(n_tasks, -1).mean(1)
-        acc = torch.cat(correct).view(n_tasks, -1).mean(1)
-        return loss, acc
-
-    def validation_step(self, batch, batch_idx):
-        loss, acc = self.per_subtask(*batch)
-        # Per-subtask curves go to the curves artifact (CurvesRecorder), history keeps aggregates:
-        # val/n_learned = subtasks below the threshold at this evaluation.
-        set_eval_arrays(self, "subtask", {"loss": loss, "acc": acc})
-        log_eval(self, self.val_metrics(loss, acc))
-
-    def val_metrics(self, loss: torch.Tensor, acc: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The history row of an evaluation from its per-subtask loss and accuracy (0-d tensors)."""
-        return {
-            "val/loss": (self.p * loss).sum(),
-            "val/acc": (self.p * acc).sum(),
-            "val/loss_uniform": loss.mean(),
-            "val/n_learned": (loss < self.threshold_nats).sum(),
-        }
-
-    def configure_optimizers(self):
-        o = self.cfg.optim
-        return torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2)
-        )
+def val_metrics(cfg: Config, p: torch.Tensor, loss: torch.Tensor, acc: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The history row of an evaluation from its per-subtask loss and accuracy (0-d tensors); p the
+    subtask frequencies. Per-subtask curves go to the curves artifact, history keeps aggregates:
+    val/n_learned = subtasks below the threshold at this evaluation."""
+    return {
+        "val/loss": (p * loss).sum(),
+        "val/acc": (p * acc).sum(),
+        "val/loss_uniform": loss.mean(),
+        "val/n_learned": (loss < cfg.eval.threshold_bits * math.log(2)).sum(),
+    }
 
 
 def emergence(cfg: Config) -> EmergenceCallback:
     return EmergenceCallback(cfg.eval.threshold_bits * math.log(2), "subtask", "loss")
 
 
-def build(cfg: Config) -> Job:
-    model = make_model(cfg)
-    data = SparseParityData(cfg)
-    return Job(
-        module=SparseParityModule(cfg, model, data),
-        datamodule=data,
-        callbacks=[CurvesRecorder(), emergence(cfg)],
-        summary={"model/params": n_params(model), "loss_units": "nats"},
-    )
-
-
-# ---------------------------------------------------------------- many members in one process
+# ---------------------------------------------------------------- the block: one run or many
 
 # Packed runs (harness.members.packed, issue 14): keys whose values may differ between the members of one
 # packed process; every other key must be equal.
@@ -266,18 +232,19 @@ class Group(NamedTuple):
     stream: BatchStream
 
 
-class PackedSparseParity:
-    """M members of one sweep in the task's own model (make_model with members: their hidden layers
-    concatenated, whatever their widths), for harness.members.module.BlockModule (Lightning's Trainer). Each member's weights and
-    data are its single run's.
+class SparseParityBlock:
+    """M members in the task's model (make_model with members: their hidden layers concatenated, whatever
+    their widths), for harness.members.module.BlockModule (Lightning's Trainer): a solo run is a block of
+    one (`build`), a packed process holds several of one sweep (`build_block`). Each member's weights and
+    data are its solo run's.
 
     Batches: members whose training batches are the same (same stream seed and task seed; the stream
     seed follows the run seed unless data.stream_seed is set) form a group that draws ONE batch per step
     (a BatchStream, seeded as a single run's DeviceDataModule) and runs the model on its members only
     (one matmul for all their first hidden layers). Members of different streams are separate groups:
     exact, only slower. In finite-data mode with data.stream_seed=-1 a member's D samples depend on its
-    init (SparseParityData), so each such member is a group. Evaluation runs SparseParityModule's
-    per_subtask and val_metrics on `model.member(i)`, whose parameters are views of member i's slices."""
+    init (SparseParityData), so each such member is a group. Evaluation runs `per_subtask` and
+    `val_metrics` on `model.member(i)`, whose parameters are views of member i's slices."""
 
     def __init__(self, cfgs: list[Config]):
         self.cfgs = cfgs
@@ -287,10 +254,9 @@ class PackedSparseParity:
         data: list[SparseParityData] = []
         # Initialised in float32 as the single run, then cast as Lightning casts it for 64-true.
         self.model = make_model(cfgs[0], cfgs, data).to(dtype=dtype, device=self.device)
-        self.modules = [
-            SparseParityModule(c, self.model.member(i), d).to(dtype=dtype, device=self.device)
-            for i, (c, d) in enumerate(zip(cfgs, data))
-        ]
+        self.data = data
+        self.views = [self.model.member(i) for i in range(len(cfgs))]
+        self.p = [d.p.float().to(dtype=dtype, device=self.device) for d in data]  # as a float32 buffer cast
         self.emergence = [emergence(c) for c in cfgs]
         self.lr, self.weight_decay, self.betas, self.eps = adamw_hypers(cfgs)
         self.train_loss_key = "train/loss"
@@ -321,17 +287,19 @@ class PackedSparseParity:
         losses = out[0] if len(out) == 1 else torch.cat(out)
         return losses if self._inverse is None else losses[self._inverse]
 
+    def shard_error(self) -> str | None:
+        return self.data[0].shard_error()
+
     def evaluate(self, i: int, step: int) -> tuple[dict[str, float], dict]:
-        module = self.modules[i]
-        loss, acc = module.per_subtask(*module.data.val_batch(0, self.device))
-        out = module.val_metrics(loss, acc)
-        metrics = host_metrics(out)
+        cfg = self.cfgs[i]
+        loss, acc = per_subtask(cfg, self.views[i], self.data[i], self.device)
+        metrics = host_metrics(val_metrics(cfg, self.p[i], loss, acc))
         arrays = {"subtask": {"loss": loss.cpu().double().numpy(), "acc": acc.cpu().double().numpy()}}
         self.emergence[i].observe(step, arrays["subtask"]["loss"])
         return metrics, arrays
 
     def static_summary(self, i: int) -> dict:
-        return {"model/params": n_params(self.modules[i].model), "loss_units": "nats"}
+        return {"model/params": n_params(self.views[i]), "loss_units": "nats"}
 
     def final_summary(self, i: int, run, seconds: float, cpu: float, steps: int) -> dict:
         return self.emergence[i].final_values(table=True)  # a member always has its W&B run
@@ -343,5 +311,10 @@ class PackedSparseParity:
         return [self.emergence[i]]
 
 
-def build_packed(cfgs: list[Config]) -> PackedSparseParity:
-    return PackedSparseParity(cfgs)
+def build_block(cfgs: list[Config]) -> SparseParityBlock:
+    return SparseParityBlock(cfgs)
+
+
+def build(cfg: Config) -> Job:
+    block = SparseParityBlock([cfg])
+    return solo_job(block, data=block.data[0])

@@ -195,8 +195,8 @@ def test_float64_runs_on_device_tensors(env):
     trainer = make_trainer(cfg, logger=False, callbacks=job.callbacks)
     trainer.fit(job.module, datamodule=job.datamodule)
     assert job.module.model.weights[0].dtype == torch.float64
-    ((device, dtype),) = job.datamodule._cache
-    assert dtype == torch.float64 and job.datamodule._cache[(device, dtype)]["x_train"].max() == 1.0
+    ((device, dtype),) = job.data._cache
+    assert dtype == torch.float64 and job.data._cache[(device, dtype)]["x_train"].max() == 1.0
     assert 0 <= job.module.eval_metrics["val/acc"] <= 1 and trainer.global_step == 5
 
 

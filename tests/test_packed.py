@@ -17,7 +17,7 @@ from harness.members.packed import train_packed
 from harness.members.rules import check_members
 from harness.members.runs import Member
 from harness.training.train import train
-from tasks.modular_addition import ModularData, PackedModular, loss_fn, make_model
+from tasks.modular_addition import ModularBlock, ModularData, loss_fn, make_model
 
 STEP = "trainer/global_step"
 # p=11, a 16-d embedding, 8 hidden units: a member step is well under a millisecond.
@@ -134,7 +134,7 @@ def solo_losses(overrides, steps, dtype=torch.float64, nudge=0.0):
 
 
 def packed_losses(members, steps):
-    block = PackedModular([load_config(m) for m in members])
+    block = ModularBlock([load_config(m) for m in members])
     return block, train_block(block, steps)[1]
 
 
@@ -307,7 +307,7 @@ def test_a_block_resumed_from_member_states_continues_exactly():
     )
 
     def fresh():
-        return PackedModular([load_config(m) for m in members])
+        return ModularBlock([load_config(m) for m in members])
 
     _, straight = train_block(fresh(), 60)
     opt, _ = train_block(fresh(), 30)
@@ -324,14 +324,13 @@ def test_a_block_resumed_from_member_states_continues_exactly():
     assert resumed.tolist() == straight[30:].tolist()  # bit for bit
 
 
-def test_a_block_refuses_a_precision_it_cannot_train_in_and_names_those_it_can():
+def test_a_block_holds_lightnings_parameter_dtype_and_names_the_precisions_it_trains_in():
     from types import SimpleNamespace
 
     from harness.members.block import placement
 
     device, dtype = placement(SimpleNamespace(precision="64-true", accelerator="cpu"))
     assert (device.type, dtype) == ("cpu", torch.float64)
-    with pytest.raises(
-        ConfigError, match=r"trainer.precision='bf16-mixed': packed runs train in 32-true or 32 or 64-true or 64"
-    ):
-        placement(SimpleNamespace(precision="bf16-mixed", accelerator="cpu"))
+    assert placement(SimpleNamespace(precision="bf16-mixed", accelerator="cpu"))[1] == torch.float32  # autocast
+    with pytest.raises(ConfigError, match=r"trainer.precision='transformer-engine': a block trains in 64-true, 64, "):
+        placement(SimpleNamespace(precision="transformer-engine", accelerator="cpu"))

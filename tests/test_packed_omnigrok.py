@@ -70,12 +70,12 @@ def solo(overrides, steps):
         if o.fixed_norm:
             mo.rescale_(model, target)
         out.append(loss.item())
-    metrics = mo.OmnigrokModule(cfg, model, init_norm).measure((t["x_train"], t["y_train"], t["x_test"], t["y_test"]))
+    metrics = mo.measure(cfg, model, (t["x_train"], t["y_train"], t["x_test"], t["y_test"]))
     return out, {k: float(v) for k, v in metrics.items()}
 
 
 def packed(members, steps):
-    block = mo.build_packed([load_config(m) for m in members])
+    block = mo.build_block([load_config(m) for m in members])
     out = train_block(block, steps)[1]
     return block, out, [block.evaluate(i, steps)[0] for i in range(len(members))]
 
@@ -101,8 +101,8 @@ def test_members_start_from_their_solo_runs_initial_weights():
 
 
 def test_a_member_is_a_view_and_its_artifact_model_holds_only_its_weights():
-    block = mo.build_packed([load_config(m) for m in configs(MEMBERS[:3], ("model.width=24",))])
-    view, saved = block.modules[1].model, block.member_model(1)
+    block = mo.build_block([load_config(m) for m in configs(MEMBERS[:3], ("model.width=24",))])
+    view, saved = block.views[1], block.member_model(1)
     for v, s, p in zip(view.parameters(), saved.parameters(), block.model.parameters()):
         assert v.data_ptr() == p[1].data_ptr()  # evaluation reads the current weights, no copy
         assert torch.equal(s, v) and s.untyped_storage().nbytes() == s.numel() * s.element_size()

@@ -24,7 +24,7 @@ from harness.members.runs import Member
 from harness.training.data import batch_seed, seed_rng
 from harness.training.nn import MLP, n_params
 from harness.training.train import train
-from tasks.sparse_parity import PackedSparseParity, build, make_model
+from tasks.sparse_parity import SparseParityBlock, SparseParityData, make_model
 
 STEP = "trainer/global_step"
 # 8 subtasks, 10 data bits, batch 128: a member step is well under a millisecond.
@@ -134,7 +134,7 @@ def test_a_single_run_is_the_mlp_it_was(depth):
 
 def test_a_blocks_members_are_views_and_their_artifact_models_copies():
     members = cfgs(("seed=0", "model.width=4"), ("seed=1", "model.width=9", "optim.lr=0.003"), extra=("model.depth=2",))
-    block = PackedSparseParity([load_config(m) for m in members])
+    block = SparseParityBlock([load_config(m) for m in members])
     model = block.model
     x = block.groups[0].stream.batch(0)[0]
     view, copy = model.member(1), block.member_model(1)
@@ -151,16 +151,16 @@ def test_a_blocks_members_are_views_and_their_artifact_models_copies():
 
 
 def solo_losses(overrides, steps, dtype):
-    """The solo run's training step in a plain loop: the task's build (after seeding as harness.training.train
-    does), its model, loss and optimizer (configure_optimizers), batches drawn as DeviceDataModule draws
-    them (global RNG seeded per Lightning batch of K steps)."""
+    """The run's training step in a plain PyTorch loop: the task's model of one member (seeded as
+    harness.training.train seeds a run), its data, F.cross_entropy and torch's AdamW, batches drawn as
+    DeviceDataModule draws them (global RNG seeded per Lightning batch of K steps)."""
     cfg = load_config(tuple(overrides))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    job = build(cfg)
-    data = job.datamodule
+    model = make_model(cfg).to(dtype)
+    data = SparseParityData(cfg)  # after the init: finite-data samples come from the global RNG there
     data.seed = cfg.seed
-    module = job.module.to(dtype)
-    opt = module.configure_optimizers()
+    o = cfg.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2))
     k = cfg.trainer.batch_steps()
     cpu = torch.device("cpu")
     out = []
@@ -169,7 +169,7 @@ def solo_losses(overrides, steps, dtype):
             seed_rng(cpu, batch_seed(data.seed, 0, step // k))
             batches = [data.train_batch(step + j, cpu) for j in range(k)]
         x, y = batches[step % k]
-        loss = F.cross_entropy(module.model(x.to(dtype)), y)
+        loss = F.cross_entropy(model(x.to(dtype)), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -178,7 +178,7 @@ def solo_losses(overrides, steps, dtype):
 
 
 def packed_losses(members, steps):
-    block = PackedSparseParity([load_config(m) for m in members])
+    block = SparseParityBlock([load_config(m) for m in members])
     return block, train_block(block, steps)[1]
 
 
@@ -194,6 +194,10 @@ def test_packed_widths_train_as_their_solo_runs_for_100_steps_in_float64(data, g
     errors = [rel(packed[:, i], solo_losses(m, 100, torch.float64)) for i, m in enumerate(members)]
     print("float64 max relative error per member:", errors)
     assert max(errors) < 1e-6
+    # a solo run is a block of one: each member trains as its own block of one
+    alone = [rel(packed[:, i], packed_losses([m], 100)[1][:, 0]) for i, m in enumerate(members)]
+    print("float64 max relative error per member against its block of one:", alone)
+    assert max(alone) < 1e-6
     assert (packed[-10:].mean(0) < packed[:10].mean(0) - 0.02).all()  # every member trained
     # the members are not one network: different widths give different losses
     assert len({round(float(v), 6) for v in packed[0]}) == len(members)
@@ -237,7 +241,7 @@ def test_packed_widths_stay_within_1e_3_of_solo_over_1000_steps_in_float32():
 
 def test_a_resumed_stream_replays_the_batches_of_its_lightning_batch():
     members = cfgs(("seed=0", "model.width=4"), ("seed=0", "model.width=9"))
-    a, b = (PackedSparseParity([load_config(m) for m in members]) for _ in range(2))
+    a, b = (SparseParityBlock([load_config(m) for m in members]) for _ in range(2))
     sa, sb = a.groups[0].stream, b.groups[0].stream
     run = [sa.batch(s) for s in range(14)]
     x, y = sb.batch(13)  # a resume at step 13, inside Lightning batch 1 (steps 10..19)
@@ -246,12 +250,10 @@ def test_a_resumed_stream_replays_the_batches_of_its_lightning_batch():
 
 
 def test_a_fixed_stream_seed_gives_every_seed_and_width_the_same_batches():
-    from tasks.sparse_parity import SparseParityData
-
     def first_batch(*o):
         cfg = load_config(TINY_SP + o)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        data = build(cfg).datamodule
+        data = SparseParityData(cfg)
         data.seed = cfg.seed
         seed_rng(torch.device("cpu"), batch_seed(data.seed, 0, 0))
         return data.train_batch(0, torch.device("cpu"))[0]

@@ -8,7 +8,7 @@ from conftest import TINY, harness
 
 from harness.config.run import load_config
 from harness.runstore import load_curves
-from tasks.sparse_parity import MLP, SparseParityData, build, frequencies, n_params
+from tasks.sparse_parity import MLP, SparseParityData, build, frequencies, n_params, per_subtask
 
 
 def cfg_of(*overrides):
@@ -126,12 +126,12 @@ def test_bad_task_seed_or_offset_is_refused():
 def test_per_subtask_eval_equals_a_naive_loop():
     cfg = cfg_of("data.n_tasks=6", "data.n=10", "data.k=3", "eval.test_per_task=50", "eval.chunk=37")
     job = build(cfg)
-    module, data = job.module, job.datamodule
+    model, data = job.module.model, job.data
     tasks, bits = data.val_batch(0, torch.device("cpu"))
-    loss, acc = module.per_subtask(tasks, bits)
+    loss, acc = per_subtask(cfg, model, data, torch.device("cpu"))
     for t in range(6):
         x, y = data.encode(tasks[tasks == t], bits[tasks == t], torch.device("cpu"))
-        ref = torch.nn.functional.cross_entropy(module.model(x), y)
+        ref = torch.nn.functional.cross_entropy(model(x), y)
         assert torch.allclose(loss[t], ref, atol=1e-6)
 
 
@@ -186,17 +186,13 @@ def table_rows(summary: dict, key: str) -> list:
 
 
 def test_a_subtask_below_the_threshold_at_step_0_is_learned_at_step_0():
-    from types import SimpleNamespace
-
     import numpy as np
 
     from harness.training.detectors import EmergenceCallback
 
     cb = EmergenceCallback(threshold_nats=0.1)
-    module = SimpleNamespace(eval_arrays={"subtask": {"loss": np.array([0.05, 0.7, 0.7])}})
     for step, losses in ((0, [0.05, 0.7, 0.7]), (20, [0.2, 0.05, 0.7]), (40, [0.01, 0.02, 0.7])):
-        module.eval_arrays["subtask"]["loss"] = np.array(losses)
-        cb.on_validation_end(SimpleNamespace(sanity_checking=False, global_step=step), module)
+        cb.observe(step, np.array(losses))
     # step 0 is a reached event (not "never", which is -1 inside and the last step, censored, outside)
     assert [r[:3] for r in cb.table_rows()] == [[0, 0, True], [1, 20, True], [2, 40, False]]
     assert cb.summary()["emergence/n_learned"] == 2 and cb.summary()["emergence/n_below_end"] == 2

@@ -203,24 +203,16 @@ def test_event_fields_are_numbers_with_a_reached_flag():
     assert events.reached_step({"e": 9, "e/reached": False}, "e") is None
 
 
-class _Trainer:
-    sanity_checking, is_global_zero, callback_metrics, loggers = False, True, {}, []
-
-    def __init__(self, step, module):
-        self.global_step, self.lightning_module = step, module
-
-
-class _Module:
-    def __init__(self, loss, acc):
-        self.eval_arrays = {"subtask": {"loss": np.array(loss), "acc": np.array(acc)}}
-        self.eval_metrics = {"train/acc": max(acc), "val/acc": min(acc)}
-
-
 def _feed(callbacks, evaluations):
+    """Each evaluation as a block feeds it to a member's curves and detectors (harness.members.module)."""
     for step, loss, acc in evaluations:
-        module = _Module(loss, acc)
         for cb in callbacks:
-            cb.on_validation_end(_Trainer(step, module), module)
+            if isinstance(cb, CurvesRecorder):
+                cb.add(step, {"subtask": {"loss": np.array(loss), "acc": np.array(acc)}})
+            elif isinstance(cb, EmergenceCallback):
+                cb.observe(step, np.array(loss))
+            else:
+                cb.observe(step, max(acc), min(acc))
 
 
 def _round_trip(cb, fresh, tmp_path):

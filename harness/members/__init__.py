@@ -1,2 +1,2 @@
-"""Many runs in one process: members of a sweep trained as one block, each its own W&B run
-(`harness train-packed`, launched by the local controller with --pack)."""
+"""Runs as members of a block under one LightningModule: a solo run of a task that trains members is a
+block of one; `harness train-packed` (the local controller's --pack) trains many, each its own W&B run."""

@@ -4,12 +4,26 @@ evaluation's metrics as host numbers."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from harness.errors import ConfigError
 
-# trainer.precision values a block trains in: a block holds its parameters in one dtype, with no autocast
-DTYPES = {"32-true": torch.float32, "32": torch.float32, "64-true": torch.float64, "64": torch.float64}
+# The dtype of a block's parameters under each trainer.precision, as Lightning holds a module's: mixed
+# precision keeps float32 parameters and autocasts the step (Lightning's, around training_step).
+DTYPES = {
+    "64-true": torch.float64,
+    "64": torch.float64,
+    "32-true": torch.float32,
+    "32": torch.float32,
+    "16-mixed": torch.float32,
+    "16": torch.float32,
+    "bf16-mixed": torch.float32,
+    "bf16": torch.float32,
+    "16-true": torch.float16,
+    "bf16-true": torch.bfloat16,
+}
 
 
 def placement(trainer) -> tuple[torch.device, torch.dtype]:
@@ -18,10 +32,15 @@ def placement(trainer) -> tuple[torch.device, torch.dtype]:
     (cuda:N): the tasks' data cache their tensors under one device name."""
     dtype = DTYPES.get(trainer.precision)
     if dtype is None:
-        raise ConfigError(f"trainer.precision={trainer.precision!r}: packed runs train in {' or '.join(DTYPES)}")
+        raise ConfigError(f"trainer.precision={trainer.precision!r}: a block trains in {', '.join(DTYPES)}")
     a = trainer.accelerator
     cuda = a in ("gpu", "cuda") or (a == "auto" and torch.cuda.is_available())
-    return (torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")), dtype
+    if not cuda:
+        return torch.device("cpu"), dtype
+    # A block is built before Lightning sets each DDP rank's device: rank r of a run on one node trains
+    # on Lightning's cuda:LOCAL_RANK.
+    index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())) if trainer.devices > 1 else None
+    return torch.device("cuda", torch.cuda.current_device() if index is None else index), dtype
 
 
 def adamw_hypers(cfgs: list) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float], float]:

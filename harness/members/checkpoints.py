@@ -1,7 +1,9 @@
-"""A packed member's resume point is a solo run's: `last.ckpt` in its checkpoint directory, Lightning's
-checkpoint with the member's weights, its torch AdamW state and its callbacks' states, cut from the
-block's checkpoint (`member_checkpoint`). A block resumes from its members' `last.ckpt`, written in a
-block or by a solo run alike (`load_member`, then `block_checkpoint` for Lightning's own resume)."""
+"""The one checkpoint format, a member's: `last.ckpt` in its run's checkpoint directory, Lightning's
+checkpoint with the member's weights (its model of one), its torch AdamW state and its callbacks'
+states, cut from its block's checkpoint (`member_checkpoint`). A solo run is a block of one that writes
+and reads this format in place (harness.members.module.BlockModule); a packed block resumes from its
+members' `last.ckpt`, written in a block or by a solo run alike (`load_member`, then `block_checkpoint`
+for Lightning's own resume)."""
 
 from __future__ import annotations
 
@@ -27,18 +29,30 @@ def _with_training_state(base: dict, state_dict: dict, optimizer_state: dict, ca
     return {**out, "state_dict": state_dict, "optimizer_states": [optimizer_state], "callbacks": callbacks}
 
 
+def in_member_format(ckpt: dict) -> bool:
+    """Whether a checkpoint holds a member's (a solo run's) training state: torch's AdamW state, not
+    StackedAdamW's {"t", "exp_avg", "exp_avg_sq"}."""
+    states = ckpt.get("optimizer_states") or [{}]
+    return "param_groups" in states[0]
+
+
 def _callbacks(module, i: int) -> list:
     """Member i's callbacks whose states its last.ckpt holds, as its solo run's checkpoint does."""
     return [module.members[i].curves, *module.block.member_callbacks(i)]
 
 
-def member_checkpoint(block_ckpt: dict, module, i: int) -> dict:
-    """Member i's Lightning checkpoint, as its solo run writes it, from the block's (`block_ckpt`, which
-    Lightning's dump gave BlockModule.on_save_checkpoint): the same loops and step, the member's model
-    state (its solo keys and shapes), its AdamW state in torch's format, its callbacks' states and what
-    its solo run's StepCheckpoint records (its run config, its summary aggregates)."""
+def member_checkpoint(block_ckpt: dict, module, i: int, keep_callbacks: bool = False) -> dict:
+    """Member i's Lightning checkpoint from the block's (`block_ckpt`, which Lightning's dump gave
+    BlockModule.on_save_checkpoint): the same loops and step, the member's model state (its model of one:
+    keys and shapes), its AdamW state in torch's format, its callbacks' states and what its
+    StepCheckpoint records (its run config, its summary aggregates; `keep_callbacks`: the states of the
+    block's own callbacks, a solo run's StepCheckpoint among them, are kept instead). A weights-only
+    checkpoint (a model artifact) gets the member's weights alone."""
     member, block, opt = module.members[i], module.block, module.opt
     model = block.member_model(i)
+    state_dict = {PREFIX + k: v.detach().clone() for k, v in model.state_dict().items()}
+    if "optimizer_states" not in block_ckpt:
+        return {**block_ckpt, "state_dict": state_dict}
     moments = opt.member_state(i)  # per block parameter, in params() order
     by_name = dict(zip(block.params(), zip(moments["exp_avg"], moments["exp_avg_sq"])))
     adamw = _adamw_template(model, float(block.lr[i]), float(block.weight_decay[i]), block.betas, block.eps)
@@ -48,8 +62,10 @@ def member_checkpoint(block_ckpt: dict, module, i: int) -> dict:
             step = torch.tensor(float(opt.t), dtype=torch.float32)
             adamw["state"][k] = {"step": step, "exp_avg": m.reshape(p.shape), "exp_avg_sq": v.reshape(p.shape)}
     callbacks = {cb.state_key: cb.state_dict() for cb in _callbacks(module, i)}
-    callbacks[StepCheckpoint.__qualname__] = checkpoint.record(member.identity, member.before, member.run)
-    state_dict = {PREFIX + k: v.detach().clone() for k, v in model.state_dict().items()}
+    if keep_callbacks:
+        callbacks = {**block_ckpt.get("callbacks", {}), **callbacks}
+    else:
+        callbacks[StepCheckpoint.__qualname__] = checkpoint.record(member.identity, member.before, member.run)
     return _with_training_state(block_ckpt, state_dict, adamw, callbacks)
 
 
@@ -75,11 +91,13 @@ def load_member(module, i: int, ckpt: dict) -> None:
     module.members[i].before = (states.get(StepCheckpoint.__qualname__) or {}).get("summary") or {}
 
 
-def block_checkpoint(module, base: dict) -> dict:
+def block_checkpoint(module, base: dict, keep_callbacks: bool = False) -> dict:
     """The block's Lightning checkpoint, once its members are loaded (`load_member`): `base` (a member's
-    checkpoint: the loops and the step, which its members share) with the block's weights and optimizer."""
+    checkpoint: the loops and the step, which its members share) with the block's weights and optimizer
+    (and `base`'s callback states with `keep_callbacks`: a solo run's own callbacks)."""
     state_dict = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    return _with_training_state(base, state_dict, module.opt.state_dict(), {})
+    callbacks = base.get("callbacks", {}) if keep_callbacks else {}
+    return _with_training_state(base, state_dict, module.opt.state_dict(), callbacks)
 
 
 class BlockCheckpoint(StepCheckpoint):

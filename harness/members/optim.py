@@ -202,16 +202,17 @@ def block_optimizer(block) -> StackedAdamW:
 
 
 def block_step(
-    block, opt: StackedAdamW, step: int, active: torch.Tensor | None = None, step_optimizer=None
+    block, opt: StackedAdamW, step: int, active: torch.Tensor | None = None, step_optimizer=None, backward=None
 ) -> torch.Tensor:
     """One optimizer step of every live member; returns the losses [M] at `step`, detached (read them
-    back once per log interval: reading each step would sync a GPU every step). `step_optimizer`
-    steps `opt` (default opt.step; under Lightning, harness.training.train.optimizer_step, which counts
-    global_step)."""
+    back once per log interval: reading each step would sync a GPU every step). Under Lightning,
+    `step_optimizer` and `backward` are harness.training.train's optimizer_step (which counts
+    global_step) and backward (Lightning's under DDP); default opt.step and Tensor.backward."""
     losses = block.losses(step)
     for p in opt.params:
         p.grad = None
-    losses.sum().backward()  # members are independent: each slice gets its own member's gradient
+    # members are independent: each slice gets its own member's gradient
+    (backward or torch.Tensor.backward)(losses.sum())
     opt.active = active
     (step_optimizer or opt.step)()
     if hasattr(block, "after_step"):

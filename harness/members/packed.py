@@ -1,10 +1,12 @@
 """Packed runs (issue 14): M small runs of one sweep trained as one stacked model in one process,
 each still its own W&B run that nobody downstream can tell from a solo run.
 
-A task that packs declares `PACKABLE` (the keys whose values may differ between members; every
-other key must be equal) and `build_packed(cfgs) -> block`, where a block holds the members'
-parameters stacked along a leading dimension and offers:
+A task that trains members declares `PACKABLE` (the keys whose values may differ between members;
+every other key must be equal) and `build_block(cfgs) -> block` (its solo `build(cfg)` is
+harness.members.module.solo_job of the block of [cfg]), where a block holds the members' parameters
+stacked along a leading dimension and offers:
 
+    cfgs -> [RunConfig]                   the members' configs
     model -> nn.Module                    the members' model (the task's make_model with members)
     params() -> {name: Tensor [M, ...]}   its parameters, named as a member's model names them
     lr, weight_decay -> Tensor [M]        float64; betas (b1, b2) and eps are shared floats
@@ -15,8 +17,9 @@ parameters stacked along a leading dimension and offers:
     static_summary(i), final_summary(i, run, seconds, cpu, steps) -> dict
     member_model(i) -> nn.Module          member i's weights as the solo model (model artifact, C7;
                                           its state dict, prefixed `model.`, is its solo module's)
-    member_callbacks(i) -> [Callback]     member i's event detectors, the callbacks its solo run has
-                                          (their states go into its last.ckpt under their state keys)
+    member_callbacks(i) -> [Callback]     member i's event detectors (their states go into its
+                                          last.ckpt under their state keys)
+    shard_error() -> str | None           why the members' data cannot be split over DDP ranks (a solo run's)
 
 and optionally:
 
@@ -154,7 +157,7 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
     cfg0, t = cfgs[0], cfgs[0].trainer
     # trainer.threads is one run's share of the CPUs; a block holds many runs, so it takes the threads
     # the controller gives the process (OMP_NUM_THREADS = available CPUs / --workers) instead.
-    block = task_module(cfg0.task).build_packed(cfgs)
+    block = task_module(cfg0.task).build_block(cfgs)
     if hasattr(block, "resolve_config"):  # a build that resolves config values (Omnigrok's data.split=auto)
         for i, m in enumerate(members):
             with as_solo_run(m):  # the member's sweep parameters decide, as in its solo run's build
@@ -179,9 +182,7 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
     step = trainer.global_step
     for i, m in enumerate(members):
         if not module.alive[i]:
-            continue
-        m.run.summary.update(block.final_summary(i, m.run, module.seconds, module.cpu_seconds, module.steps_trained))
-        m.curves.write(m.run)
+            continue  # (BlockModule.on_fit_end has written its final summary and curves)
         if getattr(getattr(m.cfg, "model", None), "save", False):
             m.run.summary["model/artifact"] = artifacts.save_model(
                 m.run, SimpleNamespace(model=block.member_model(i)), m.cfg, step

@@ -13,7 +13,7 @@ from harness.errors import ConfigError
 def packable_keys(task: str) -> tuple[str, ...] | None:
     """The keys a task lets differ between members, or None if the task does not pack."""
     module = task_module(task)
-    return tuple(module.PACKABLE) if hasattr(module, "build_packed") and hasattr(module, "PACKABLE") else None
+    return tuple(module.PACKABLE) if hasattr(module, "build_block") and hasattr(module, "PACKABLE") else None
 
 
 def pack_signature(task: str, params: dict) -> str:
@@ -31,7 +31,7 @@ def check_members(cfgs: list[RunConfig]) -> None:
     task = cfgs[0].task
     keys = packable_keys(task)
     if keys is None:
-        raise ConfigError(f"task {task} does not pack (it declares no PACKABLE keys and no build_packed)")
+        raise ConfigError(f"task {task} does not pack (it declares no PACKABLE keys and no build_block)")
     first = flatten(to_dict(cfgs[0]))
     for cfg in cfgs[1:]:
         if cfg.task != task:

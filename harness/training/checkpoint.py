@@ -234,23 +234,6 @@ def resume_path(directory: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def fit_moment_shapes(ckpt: dict, module) -> None:
-    """Resume points written before issue 20 hold Omnigrok's parameters without the member dimension
-    ([out, in], now [1, out, in]) and sparse parity's hidden-to-hidden weights as [w, w] (now flat): the
-    models' load_state_dict hooks reshape the weights, and this their AdamW moments, in place, to the
-    module's parameter shapes (a task module's optimizer takes its model's parameters in order). Runs
-    in Lightning's restore before the optimizers load their state."""
-    shapes = [p.shape for p in module.parameters()]
-    for opt in ckpt.get("optimizer_states") or []:
-        for k, state in (opt.get("state") or {}).items():
-            if not isinstance(k, int) or k >= len(shapes):
-                continue
-            for name in ("exp_avg", "exp_avg_sq"):
-                t = state.get(name)
-                if isinstance(t, torch.Tensor) and t.shape != shapes[k] and t.numel() == shapes[k].numel():
-                    state[name] = t.reshape(shapes[k])
-
-
 class StepCheckpoint(Checkpoint):
     """Writes `<dir>/last.ckpt` after every `every`-th optimizer step and when SIGTERM stops fit.
 
@@ -316,9 +299,6 @@ class StepCheckpoint(Checkpoint):
         # (the event summaries) of a run that is complete: let it finish instead (exit 0).
         if trainer.global_step >= trainer.max_steps:
             trainer._signal_connector.received_sigterm = False
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
-        fit_moment_shapes(checkpoint, pl_module)
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":

@@ -9,36 +9,19 @@ import lightning as L
 import numpy as np
 import torch
 
-from harness.training.logs import wandb_run
-
 CURVES_TYPE = "curves"
 
 
-def set_eval_arrays(module: L.LightningModule, name: str, columns: dict[str, torch.Tensor]) -> None:
-    """Per-item values of this evaluation (e.g. name "subtask": {"loss": [n_tasks], "acc": [n_tasks]}),
-    item i at position i, for the curves artifact and the event callbacks (CurvesRecorder,
-    EmergenceCallback). Never history keys: 500 subtasks would be 500 W&B columns and panels."""
-    arrays = getattr(module, "eval_arrays", None)
-    if arrays is None:
-        arrays = module.eval_arrays = {}
-    arrays[name] = {k: v.detach().cpu().double().numpy() for k, v in columns.items()}
-
-
 class CurvesRecorder(L.Callback):
-    """Collects `pl_module.eval_arrays` at every evaluation; at the end of fit writes one parquet file
-    per array set into the run directory and logs them as the artifact `curves-<run_id>` (type
-    `curves`): long format, columns step (int64), item (int64), one float64 column per metric.
-    Read back with `harness.runstore.load_curves`. Its state is checkpointed (state_dict)."""
+    """A run's per-item values of every evaluation (`add`, by its block: harness.members.module), written
+    at the end of fit (`write`) as one parquet file per array set in the run directory, logged as the
+    artifact `curves-<run_id>` (type `curves`): long format, columns step (int64), item (int64), one
+    float64 column per metric. Read back with `harness.runstore.load_curves`. Its state is checkpointed
+    (state_dict, under its Lightning Callback state_key)."""
 
     def __init__(self):
         self.steps: list[int] = []
         self.data: dict[str, dict[str, list[np.ndarray]]] = {}  # name -> column -> one array per step
-
-    def on_validation_end(self, trainer, pl_module):
-        arrays = getattr(pl_module, "eval_arrays", None)
-        if trainer.sanity_checking or not arrays:
-            return
-        self.add(trainer.global_step, arrays)
 
     def _pop(self) -> None:
         self.steps.pop()
@@ -60,13 +43,8 @@ class CurvesRecorder(L.Callback):
             out[name] = pd.DataFrame(frame)
         return out
 
-    def on_fit_end(self, trainer, pl_module):
-        run = wandb_run(trainer)
-        if run is not None:
-            self.write(run)
-
     def add(self, step: int, arrays: dict) -> None:
-        """One evaluation's arrays ({name: {column: values}}) at `step` (also without a trainer: harness.members.packed)."""
+        """One evaluation's arrays ({name: {column: values}}, item i at position i) at `step`."""
         if self.steps and self.steps[-1] == step:  # the same evaluation again (e.g. after a resume)
             self._pop()
         self.steps.append(step)

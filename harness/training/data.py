@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 
 
@@ -77,8 +78,9 @@ class DeviceDataModule(L.LightningDataModule):
 
     @property
     def rank(self) -> int:
-        """This process's DDP rank (0 outside a trainer)."""
-        return self.trainer.global_rank if self.trainer is not None else 0
+        """This process's DDP rank: its trainer's, else Lightning's from the environment (a block's data
+        modules have no trainer, and each DDP rank of a run is a process of its own)."""
+        return self.trainer.global_rank if self.trainer is not None else rank_zero_only.rank
 
     def shard_error(self) -> str | None:
         """Why each DDP rank would see the same data (e.g. full batch), or None if they do not."""
@@ -105,9 +107,9 @@ class DeviceDataModule(L.LightningDataModule):
 
 class BatchStream:
     """The training batches of a DeviceDataModule drawn from a generator of its own, exactly as a run
-    of that data module draws them (seeded per Lightning batch from batch_seed(data.seed, rank 0, i),
-    then its steps_per_batch steps' batches in order): a packed block's members get their solo runs'
-    batches. The data module's `train_batch(index, device, generator)` takes the generator."""
+    of that data module draws them (seeded per Lightning batch from batch_seed(data.seed, data.rank, i),
+    then its steps_per_batch steps' batches in order): a block's members get their solo runs' batches.
+    The data module's `train_batch(index, device, generator)` takes the generator."""
 
     def __init__(self, data: DeviceDataModule, device: torch.device):
         self.data, self.device, self.k = data, device, data.steps_per_batch
@@ -120,7 +122,7 @@ class BatchStream:
             # A new Lightning batch (or a resume inside one): seed as on_after_batch_transfer does, then
             # replay the draws of the steps of this Lightning batch before `step`.
             start = step - step % self.k
-            self.gen.manual_seed(batch_seed(self.data.seed, 0, start // self.k))
+            self.gen.manual_seed(batch_seed(self.data.seed, self.data.rank, start // self.k))
             for s in range(start, step):
                 self.data.train_batch(s, self.device, self.gen)
         self.next = step + 1

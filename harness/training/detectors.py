@@ -1,5 +1,7 @@
-"""Event detectors: Lightning callbacks that watch each evaluation and write time-to-event values into
-the run summary (emergence of subtasks; grokking steps and phase; see harness.events)."""
+"""Event detectors: each member's block (harness.members.module.BlockModule) feeds them every evaluation
+(`observe`) and writes their time-to-event values into the run summary at the end of fit (emergence of
+subtasks; grokking steps and phase; see harness.events). Lightning Callbacks for their `state_key`: a
+resume point holds their state under it (harness.members.checkpoints)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import numpy as np
 import torch
 
 from harness import events
-from harness.training.logs import metric, wandb_run, write_summary
 
 
 class EmergenceCallback(L.Callback):
@@ -29,14 +30,8 @@ class EmergenceCallback(L.Callback):
         self.final: np.ndarray | None = None  # [n_items] float64: the last evaluation's values
         self.last_step = 0
 
-    def on_validation_end(self, trainer, pl_module):
-        arrays = getattr(pl_module, "eval_arrays", None) or {}
-        if trainer.sanity_checking or self.curve not in arrays:
-            return
-        self.observe(trainer.global_step, arrays[self.curve][self.column])
-
     def observe(self, step: int, values) -> None:
-        """One evaluation's per-item values at `step` (also without a trainer: harness.members.packed blocks)."""
+        """One evaluation's per-item values at `step`."""
         values = np.asarray(values, np.float64)
         if self.first is None:
             self.first = np.full(len(values), -1, np.int64)
@@ -74,9 +69,6 @@ class EmergenceCallback(L.Callback):
             )
         return values
 
-    def on_fit_end(self, trainer, pl_module):
-        write_summary(trainer, self.final_values(table=wandb_run(trainer) is not None))
-
     def state_dict(self) -> dict:
         return {
             "first": None if self.first is None else torch.from_numpy(self.first),
@@ -105,25 +97,17 @@ class GrokkingCallback(L.Callback):
         self,
         threshold: float = 0.99,
         max_delay: int = 1000,
-        train_key: str = "train/acc",
-        val_key: str = "val/acc",
         val_threshold: float | None = None,
     ):
         self.threshold, self.max_delay = threshold, max_delay
-        self.train_key, self.val_key = train_key, val_key
         self.val_threshold = val_threshold
         self.t_train: int | None = None
         self.t_val: int | None = None
         self.t_val_low: int | None = None
         self.last_step = 0
 
-    def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
-            return
-        self.observe(trainer.global_step, metric(trainer, self.train_key), metric(trainer, self.val_key))
-
     def observe(self, step: int, train: float | None, val: float | None) -> None:
-        """One evaluation's accuracies at `step` (also called without a trainer, by harness.members.packed)."""
+        """One evaluation's accuracies at `step`."""
         self.last_step = step
         if self.t_train is None and train is not None and train >= self.threshold:
             self.t_train = step
@@ -153,9 +137,6 @@ class GrokkingCallback(L.Callback):
             }
         )
         return out
-
-    def on_fit_end(self, trainer, pl_module):
-        write_summary(trainer, self.summary())
 
     def state_dict(self) -> dict:
         return {"t_train": self.t_train, "t_val": self.t_val, "t_val_low": self.t_val_low, "last_step": self.last_step}

@@ -1,5 +1,5 @@
-"""What a Lightning run logs, on the step axis: train losses, evaluation metrics straight to the
-loggers in one device sync, and derived values into the W&B run summary.
+"""What a Lightning run logs, on the step axis: train losses (TrainLossLog, for tasks with a
+LightningModule of their own), and derived values into the W&B run summary.
 
 Every history row carries `trainer/global_step` = optimizer steps completed (harness.training.train.StepLogger).
 Tasks take several optimizer steps per Lightning batch, so nothing here relies on Lightning's own
@@ -43,26 +43,8 @@ def log_at(module: L.LightningModule, metrics: dict[str, float], step: int) -> N
             logger.log_metrics(metrics, step=step)
 
 
-def log_eval(module: L.LightningModule, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """An evaluation's scalar metrics (0-d tensors) -> floats in one device sync, kept in
-    `module.eval_metrics` (what `metric()` and the callbacks read) and sent to the loggers as one row
-    at the current step. `self.log` would cost ~1 ms a key and report on Lightning's batch counter."""
-    keys = list(metrics)
-    values = torch.stack([_exact(metrics[k]).reshape(()) for k in keys]).tolist() if keys else []
-    module.eval_metrics = dict(zip(keys, values))
-    if not module.trainer.sanity_checking:
-        log_at(module, module.eval_metrics, module.global_step)
-    return module.eval_metrics
-
-
-def _exact(t: torch.Tensor) -> torch.Tensor:
-    # float64 keeps a float64 run's tiny losses exact; MPS has no float64.
-    t = t.detach()
-    return t.float() if t.device.type == "mps" else t.double()
-
-
 def metric(trainer: L.Trainer, key: str) -> float | None:
-    """A metric of the last evaluation: from the module's `eval_metrics` dict (log_eval), else from
+    """A metric of the last evaluation: from the module's `eval_metrics` dict (BlockModule's), else from
     Lightning's callback_metrics (self.log)."""
     direct = getattr(trainer.lightning_module, "eval_metrics", None) or {}
     v = direct[key] if key in direct else trainer.callback_metrics.get(key)

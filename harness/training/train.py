@@ -37,6 +37,7 @@ class Job:
     callbacks: list = field(default_factory=list)
     stage: str = "fit"  # fit | validate
     summary: dict = field(default_factory=dict)  # static facts (parameter counts, data source)
+    data: Any = None  # the task's data (its labelled sets), where not the datamodule (a block's)
 
 
 def _plain_steps(module: L.LightningModule) -> bool:
@@ -70,28 +71,6 @@ def optimizer_step(module: L.LightningModule, opt) -> None:
         opt._on_after_step()
     else:
         opt.step()
-
-
-def train_steps(module: L.LightningModule, batch, loss_of, after_step=None, log_loss: bool = True) -> None:
-    """The optimizer steps of one Lightning batch, for tasks that optimize manually.
-
-    A batch is one step's batch, or a list of K of them (`trainer.steps_per_batch`). For each:
-    `loss_of(step_batch)`, backward, the optimizer step, then `after_step()` (e.g. a fixed-norm
-    rescale) and the loss into the module's `train_log` (a TrainLossLog), which logs it at the
-    optimizer step it belongs to every `trainer.log_every` steps.
-    """
-    opt = module.optimizers()
-    for b in batch if isinstance(batch, list) else [batch]:
-        step = module.global_step  # optimizer steps taken before this one
-        loss = loss_of(b)
-        opt.zero_grad(set_to_none=True)
-        backward(module, loss)
-        optimizer_step(module, opt)
-        if after_step is not None:
-            after_step()
-        if log_loss:
-            module.train_log.add(step, loss)
-    module.train_log.flush(module)
 
 
 class NonFiniteLoss(RuntimeError):

@@ -30,7 +30,7 @@ class DataConfig:
     task_seed: int = -1
     # Seed of the training batches (and, in finite-data mode, of the D samples and their epoch order):
     # -1 follows the run's `seed`; >= 0 feeds every run that sets it the same batches, whatever its
-    # seed or width (a width sweep then shares one batch per step when packed: tasks.sparse_parity.PackedSparseParity).
+    # seed or width (a width sweep then shares one batch per step when packed: tasks.sparse_parity.SparseParityBlock).
     stream_seed: int = -1
     # D: 0 = infinite data (a fresh batch each step); else D samples, reshuffled every epoch, the
     # last batch of an epoch smaller when batch_size does not divide D (the paper's loader).
