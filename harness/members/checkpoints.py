@@ -1,9 +1,9 @@
 """The one checkpoint format, a member's: `last.ckpt` in its run's checkpoint directory, Lightning's
 checkpoint with the member's weights (its model of one), its torch AdamW state and its callbacks'
-states, cut from its block's checkpoint (`member_checkpoint`). A solo run is a block of one that writes
-and reads this format in place (harness.members.module.BlockModule); a packed block resumes from its
-members' `last.ckpt`, written in a block or by a solo run alike (`load_member`, then `block_checkpoint`
-for Lightning's own resume)."""
+states, cut from its block's checkpoint (`member_checkpoint`): a solo run (a block of one) writes it in place, a packed
+block one per member (BlockCheckpoint). Either resumes from its members' `last.ckpt`, written in a
+block or by a solo run alike (`load_member`, then `block_checkpoint` for Lightning's own resume:
+harness.members.module.BlockModule.on_load_checkpoint)."""
 
 from __future__ import annotations
 
@@ -27,13 +27,6 @@ def _with_training_state(base: dict, state_dict: dict, optimizer_state: dict, ca
     module's weights, optimizer state and callback states."""
     out = {k: v for k, v in base.items() if k not in ("state_dict", "optimizer_states", "callbacks")}
     return {**out, "state_dict": state_dict, "optimizer_states": [optimizer_state], "callbacks": callbacks}
-
-
-def in_member_format(ckpt: dict) -> bool:
-    """Whether a checkpoint holds a member's (a solo run's) training state: torch's AdamW state, not
-    StackedAdamW's {"t", "exp_avg", "exp_avg_sq"}."""
-    states = ckpt.get("optimizer_states") or [{}]
-    return "param_groups" in states[0]
 
 
 def _callbacks(module, i: int) -> list:
@@ -91,13 +84,12 @@ def load_member(module, i: int, ckpt: dict) -> None:
     module.members[i].before = (states.get(StepCheckpoint.__qualname__) or {}).get("summary") or {}
 
 
-def block_checkpoint(module, base: dict, keep_callbacks: bool = False) -> dict:
+def block_checkpoint(module, base: dict) -> dict:
     """The block's Lightning checkpoint, once its members are loaded (`load_member`): `base` (a member's
-    checkpoint: the loops and the step, which its members share) with the block's weights and optimizer
-    (and `base`'s callback states with `keep_callbacks`: a solo run's own callbacks)."""
+    checkpoint: the loops, the step, which its members share, and its callbacks' states, among them a
+    solo run's own) with the block's weights and optimizer."""
     state_dict = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    callbacks = base.get("callbacks", {}) if keep_callbacks else {}
-    return _with_training_state(base, state_dict, module.opt.state_dict(), callbacks)
+    return _with_training_state(base, state_dict, module.opt.state_dict(), base.get("callbacks", {}))
 
 
 class BlockCheckpoint(StepCheckpoint):

@@ -11,9 +11,10 @@ import time
 import lightning as L
 import torch
 
-from harness.members.checkpoints import block_checkpoint, in_member_format, load_member, member_checkpoint
+from harness.members.checkpoints import block_checkpoint, load_member, member_checkpoint
 from harness.members.optim import block_optimizer, block_step
 from harness.members.runs import Member, end_run
+from harness.training.checkpoint import load
 from harness.training.data import DeviceDataModule
 from harness.training.logs import wandb_run
 from harness.training.train import Job, NonFiniteLoss, backward, check_finite, optimizer_step
@@ -47,8 +48,9 @@ class BlockModule(L.LightningModule):
     harness.members.checkpoints.BlockCheckpoint cuts each member's last.ckpt from the block's checkpoint.
     Solo (`solo=True`, one member): the member is the run of harness.training.train, whose W&B run it
     logs to (rank 0; none on other DDP ranks), a loss that is not finite fails the run (NonFiniteLoss), and
-    the block's checkpoint is written and read in the member format in place (on_save_checkpoint,
-    on_load_checkpoint), so that StepCheckpoint, ModelArtifact and Lightning's resume see a solo run's.
+    the block's checkpoint is written in the member format in place (on_save_checkpoint), so that
+    StepCheckpoint, ModelArtifact and Lightning's resume see the member's. Either resumes from its
+    members' last.ckpt (on_load_checkpoint).
     Losses are read back once per log or evaluation interval, never each step (a GPU sync)."""
 
     def __init__(self, block, members: list[Member], trainer_cfg, solo: bool = False):
@@ -162,11 +164,13 @@ class BlockModule(L.LightningModule):
             self.saved_checkpoint = checkpoint  # BlockCheckpoint cuts the members' from it
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Lightning calls this before it loads the weights, callbacks and optimizer: a member-format
-        # checkpoint (a solo run's) is loaded into the block and swapped for the block's own.
-        if self.solo and in_member_format(checkpoint):
-            load_member(self, 0, checkpoint)
-            checkpoint.update(block_checkpoint(self, checkpoint, keep_callbacks=True))
+        """Lightning calls this before it loads the weights, callbacks and optimizer, with the checkpoint
+        it read: a member's (the solo run's, or a packed block's first member's: a block's members are
+        at one step). Every member's last.ckpt is loaded into the block (harness.members.checkpoints) and
+        the checkpoint swapped for the block's own."""
+        for i, m in enumerate(self.members):
+            load_member(self, i, checkpoint if i == 0 else load(m.resume, f"resume point of run {m.run_id}"))
+        checkpoint.update(block_checkpoint(self, checkpoint))
 
 
 def solo_job(block, data=None) -> Job:

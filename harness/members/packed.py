@@ -44,12 +44,10 @@ fails alone.
 """
 
 import json
-import os
 import signal
 import threading
 from types import SimpleNamespace
 
-import torch
 import wandb
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -57,7 +55,7 @@ from harness.config import results
 from harness.config.registry import task_module
 from harness.config.run import load_config
 from harness.errors import UserError
-from harness.members.checkpoints import BlockCheckpoint, block_checkpoint, load_member
+from harness.members.checkpoints import BlockCheckpoint
 from harness.members.module import BlockData, BlockModule
 from harness.members.rules import check_members
 from harness.members.runs import Member, as_solo_run, end_run, open_run
@@ -128,19 +126,6 @@ def _train_blocks(members: list[Member]) -> None:
         wandb.teardown()  # returns once every run file has its exit record (see harness.training.train._finish)
 
 
-def _resume(module: BlockModule, members: list[Member]) -> str:
-    """Load the members' last.ckpt into the block; the block's checkpoint, composed of theirs, for
-    Lightning's resume (a scratch file beside the first member's; the caller removes it)."""
-    base = None
-    for i, m in enumerate(members):
-        state = checkpoint.load(m.resume, f"resume point of run {m.run_id}")
-        load_member(module, i, state)
-        base = base or state
-    path = os.path.join(os.path.dirname(members[0].resume), checkpoint.BLOCK_RESUME)
-    torch.save(block_checkpoint(module, base), path)
-    return path
-
-
 def _preempt(members: list[Member], alive: list[bool]) -> None:
     for m, ok in zip(members, alive):
         if ok:
@@ -166,18 +151,14 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
     for i, m in enumerate(members):
         m.run.summary.update(block.static_summary(i))
     module = BlockModule(block, members, t)
-    resume = None
+    if sigterm.set:  # (one that came while the block was built)
+        return _preempt(members, module.alive)
     try:
-        resume = _resume(module, members) if members[0].resume else None
-        if sigterm.set:
-            return _preempt(members, module.alive)
         trainer = make_trainer(cfg0, False, [BlockCheckpoint(module, t.ckpt_every, t.eval_every)])
-        trainer.fit(module, datamodule=BlockData(t.batch_steps()), ckpt_path=resume, weights_only=True)
+        # Lightning reads the first member's last.ckpt; BlockModule.on_load_checkpoint loads every member's
+        trainer.fit(module, datamodule=BlockData(t.batch_steps()), ckpt_path=members[0].resume, weights_only=True)
     except SIGTERMException:  # BlockCheckpoint has written each live member's last.ckpt
         return _preempt(members, module.alive)
-    finally:
-        if resume and os.path.exists(resume):
-            os.remove(resume)
     # A SIGTERM from here on is too late to stop this block: its members finish (exit 0).
     step = trainer.global_step
     for i, m in enumerate(members):

@@ -29,7 +29,7 @@ from harness.training import tracking
 
 LAST = "last.ckpt"
 FINISHED = "finished.json"  # written when a run completes: its id is not trained again
-BLOCK_SCRATCH, BLOCK_RESUME = "block.ckpt.tmp", "block-resume.ckpt.tmp"  # a packed block's passing files
+BLOCK_SCRATCH = "block.ckpt.tmp"  # a packed block's passing file (harness.members.checkpoints.BlockCheckpoint)
 LEGACY_PACKED = "packed.pt"  # a packed member's resume point before issue 20 (now its last.ckpt): not read
 PREEMPTED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 RESUME_ENV = "HARNESS_RESUME_FROM"  # rank 0's decision, inherited by the DDP ranks it launches
@@ -91,7 +91,7 @@ def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[str | None, int | 
     directory = ckpt_dir(cfg, run_id)
     done, path = os.path.join(directory, FINISHED), resume_path(directory)
     if cfg.trainer.resume == "never":
-        for name in (FINISHED, LAST, LEGACY_PACKED, BLOCK_SCRATCH, BLOCK_RESUME):
+        for name in (FINISHED, LAST, LEGACY_PACKED, BLOCK_SCRATCH):
             if os.path.exists(os.path.join(directory, name)):
                 os.remove(os.path.join(directory, name))
         return None, None
