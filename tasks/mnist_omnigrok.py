@@ -45,11 +45,11 @@ def epoch_permutation(seed: int, rank: int, epoch: int, n_train: int, device: to
 class MnistData(DeviceDataModule):
     """Images live on the device in the model's dtype; each step takes the next `batch_size` indices
     of a fresh on-device permutation per epoch (the paper's shuffled DataLoader, minus the copy).
-    `batch` gives the batches of several runs at once, each its own seed's (a packed block's members)."""
+    `batch` gives the batches of a block's members at once, each its own seed's. A DeviceDataModule
+    for its DDP `rank`."""
 
-    def __init__(self, arrays: dict, batch_size: int, steps_per_batch: int = 1):
+    def __init__(self, arrays: dict, batch_size: int):
         super().__init__()
-        self.steps_per_batch = steps_per_batch
         self.cpu = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k != "split"}  # own, writable copy
         self.batch_size = batch_size
         self.n_train = len(self.cpu["y_train"])
@@ -64,9 +64,6 @@ class MnistData(DeviceDataModule):
             }  # x: [n, 784] in [0, 1]; y: [n]
             self._cache = {(device, dtype): t}
         return self._cache[(device, dtype)]
-
-    def _dtype(self) -> torch.dtype:
-        return self.trainer.lightning_module.dtype
 
     def shard_error(self) -> str | None:
         if self.batch_size >= self.n_train:
@@ -98,14 +95,6 @@ class MnistData(DeviceDataModule):
         idx = torch.cat([rows[s] for s in seeds]) if n > 1 else rows[seeds[0]]
         # index_select: ~4x faster than x[idx] on CPU for a [200, 784] gather.
         return x.index_select(0, idx).view(n, -1, x.shape[1]), y.index_select(0, idx).view(n, -1)
-
-    def train_batch(self, index: int, device):
-        x, y = self.batch(index, device, self._dtype(), [self.seed])
-        return x[0], y[0]  # [batch, 784], [batch]
-
-    def val_batch(self, index: int, device):
-        t = self.tensors(device, self._dtype())
-        return t["x_train"], t["y_train"], t["x_test"], t["y_test"]
 
 
 def load_data(cfg: Config) -> dict:
@@ -250,7 +239,7 @@ class OmnigrokBlock:
         self.target = torch.tensor(initial).to(dtype=dtype, device=self.device)
         self.data = MnistData(self.arrays, d.batch_size)
         t_ = self.data.tensors(self.device, dtype)
-        self.val_batch = (t_["x_train"], t_["y_train"], t_["x_test"], t_["y_test"])  # MnistData.val_batch
+        self.val_batch = (t_["x_train"], t_["y_train"], t_["x_test"], t_["y_test"])  # what `measure` takes
         self.seeds = [c.seed for c in cfgs]
         self.grok = [grokking_callback(c) for c in cfgs]
 

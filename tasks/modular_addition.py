@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.members.block import adamw_hypers, host_metrics, placement
+from harness.members.losses import member_cross_entropy
 from harness.members.module import solo_job
-from harness.members.packed_loss import member_cross_entropy
 from harness.training.data import BatchStream, DeviceDataModule
 from harness.training.detectors import GrokkingCallback
 from harness.training.nn import n_params, weight_norm
@@ -90,9 +90,6 @@ class ModularData(DeviceDataModule):
         if self.full_batch():
             return f"data.batch_size={bs} is full batch ({n} training pairs)"
         return None
-
-    def val_batch(self, index: int, device):
-        return self.tensors(device)
 
 
 def make_model(cfg: Config, members: list[Config] | None = None) -> MemberModel:

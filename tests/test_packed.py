@@ -110,7 +110,8 @@ def test_stacked_adamw_leaves_a_frozen_member_untouched():
 
 
 def solo_losses(overrides, steps, dtype=torch.float64, nudge=0.0):
-    """The solo run's training step in a plain loop (the task's model, data, loss and torch's AdamW).
+    """The run's training step in a plain PyTorch loop (the task's model, data, loss and torch's AdamW;
+    what its solo run did before it became a block of one).
     `nudge`: initial weights times (1 + nudge), to measure how far rounding alone moves a run."""
     cfg = load_config(tuple(overrides))
     torch.manual_seed(cfg.seed)
@@ -149,7 +150,8 @@ def test_packed_training_losses_equal_solo_for_100_steps_in_float64(model):
     block, packed = packed_losses(members, 100)
     assert all(p.dtype == torch.float64 for p in block.params().values())
     for i, m in enumerate(members):
-        assert rel(packed[:, i], solo_losses(m, 100)) < 1e-6
+        assert rel(packed[:, i], solo_losses(m, 100)) < 1e-6  # a plain PyTorch loop of the run
+        assert rel(packed[:, i], packed_losses([m], 100)[1][:, 0]) < 1e-6  # its block of one: its solo run
     assert packed[-1].max() < packed[0].min()  # they trained
 
 
@@ -277,7 +279,7 @@ def test_members_that_differ_in_a_key_the_task_does_not_pack_are_refused():
 def test_member_cross_entropy_equals_torch_on_logits_hundreds_of_nats_apart():
     # late in a grokking run the logits of one example spread over hundreds of nats: the exponentials
     # that would be subnormal are raised to the smallest normal, which must not move loss or gradient
-    from harness.members.packed_loss import member_cross_entropy
+    from harness.members.losses import member_cross_entropy
 
     torch.manual_seed(0)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):

@@ -46,7 +46,8 @@ def rel(a, b):
 
 
 def solo(overrides, steps):
-    """The solo run's training step in a plain loop: the task's model of one member (seeded as
+    """The run's training step in a plain PyTorch loop (what its solo run did before it became a block of
+    one): the task's model of one member (seeded as
     harness.training.train seeds it) on [batch, 784], its minibatch stream (MnistData.next_indices),
     loss_fn, torch's AdamW, rescale_ for a fixed norm. Returns the training losses and the final evaluation."""
     cfg = load_config(tuple(overrides))
@@ -113,8 +114,9 @@ def test_packed_losses_equal_solo_for_100_steps_in_float64():
     block, losses, evals = packed(members, 100)
     assert all(p.dtype == torch.float64 for p in block.params().values())
     for i, m in enumerate(members):
-        solo_losses, solo_eval = solo(m, 100)
+        solo_losses, solo_eval = solo(m, 100)  # a plain PyTorch loop of the run
         assert rel(losses[:, i], solo_losses) < 1e-6
+        assert rel(losses[:, i], packed([m], 100)[1][:, 0]) < 1e-6  # its block of one: its solo run
         for key in ("train/loss", "val/loss", "model/weight_norm"):
             assert rel(evals[i][key], solo_eval[key]) < 1e-6
         assert evals[i]["val/acc"] == solo_eval["val/acc"]

@@ -50,6 +50,6 @@ def training_module_name(task: str) -> str:
 
 
 def task_module(name: str) -> ModuleType:
-    """The task's training module (build(cfg) -> Job, and for packing tasks build_block, PACKABLE):
+    """The task's training module (build(cfg) -> Job; for tasks that train members also build_block, PACKABLE):
     imports torch and Lightning."""
     return importlib.import_module(training_module_name(name))

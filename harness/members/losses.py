@@ -1,4 +1,5 @@
-"""Per-member cross-entropy for packed blocks (issue 14): logits [M, n, C] -> one loss per member.
+"""Per-member cross-entropy for blocks (issue 14; a solo run is a block of one): logits [M, n, C] -> one
+loss per member.
 
 F.cross_entropy on the flattened logits is log_softmax + nll_loss, and its backward recomputes
 exp(log_softmax): two exponentials of every logit per step, the largest elementwise cost of a packed
