@@ -17,8 +17,8 @@ hidden layers concatenated, one shared batch drawn on the device, one matmul for
 layer of every width), its optimizer steps (harness.members.optim.block_step, what
 harness.members.module.BlockModule runs under Lightning) without W&B or Lightning, timed for `--steps`
 steps after `--warmup`; the device syncs of the timed loop are counted (torch's sync debug mode).
-Unpacked: each width alone through a solo run's own Lightning fit (harness.training.train.make_trainer, the
-task's training step, torch's AdamW), timed for `--solo-steps` steps. Both are projected to the full
+Unpacked: each width alone through a solo run's own Lightning fit (harness.training.train.make_trainer,
+its block of one: harness train's path), timed for `--solo-steps` steps. Both are projected to the full
 figure (200k steps each, plus 201 evaluations of every width, timed once), with the peak GPU memory;
 the last line (`summary:`) gives both projections, their ratio and whether the packed figure fits in
 an hour. `--smoke-on-cpu` runs the same code on the CPU at tiny sizes (tests/test_packed_sparse_parity.py).
@@ -251,7 +251,7 @@ def cuda(args) -> None:
     )
     block = opt = pending = None  # free the packed block before the solo runs (not del: step() closes over them)
 
-    # ---- unpacked: each width alone through the solo run's own Lightning training step ------------
+    # ---- unpacked: each width alone through the solo run's own Lightning fit (its block of one) -----
     class Timer(L.Callback):
         def __init__(self, start: int, end: int):
             self.start, self.end, self.t = start, end, {}

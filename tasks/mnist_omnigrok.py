@@ -115,9 +115,9 @@ def resolve_split(cfg: Config, split: str) -> None:
 def make_model(cfg: Config, members: list[Config] | None = None) -> tuple[StackedMLP, list[float], list[float]]:
     """(model, standard-init norms, initial norms) of `members` (default: the single run `cfg`), one
     norm per member. Each member is MLP(784, width, depth, 10) with PyTorch's default init times
-    model.init_scale, drawn as its single run draws it: the caller seeds a single run
-    (harness.training.train); members are seeded here, each with its own seed, before its draws.
-    float32, as Lightning casts it later."""
+    model.init_scale; `members` (the block's runs) are each seeded here with their own seed before
+    their draws, as harness.training.train seeds a run; `cfg` alone (the default) draws from the global
+    RNG as the caller seeded it (a plain-loop reference). float32, as Lightning casts it later."""
     mlps, standard, initial = [], [], []
     for c in [cfg] if members is None else members:
         if members is not None:
@@ -233,8 +233,9 @@ class OmnigrokBlock:
         o = [c.optim for c in cfgs]
         self.lr, self.weight_decay, self.betas, self.eps = adamw_hypers(cfgs)
         self.loss_kind = o[0].loss
-        self.train_loss_key = "train/batch_loss"  # the single run's TrainLossLog key, logged every log_every
+        self.train_loss_key = "train/batch_loss"  # each step's minibatch loss, logged every log_every
         self.fixed = torch.tensor([x.fixed_norm for x in o], device=self.device)
+        self.any_fixed = any(x.fixed_norm for x in o)
         # The fixed norms, floats computed in float32, cast to the training dtype (as a solo run always had them)
         self.target = torch.tensor(initial).to(dtype=dtype, device=self.device)
         self.data = MnistData(self.arrays, d.batch_size)
@@ -251,9 +252,8 @@ class OmnigrokBlock:
         return loss_fn(self.loss_kind, self.model(x), y)
 
     def after_step(self, active: torch.Tensor | None) -> None:
-        mask = self.fixed if active is None else self.fixed & active.to(self.device)
-        if bool(mask.any()):
-            rescale_(self.model, self.target, mask)
+        if self.any_fixed:  # (a host bool: reading the mask back would sync a GPU every step)
+            rescale_(self.model, self.target, self.fixed if active is None else self.fixed & active.to(self.device))
 
     def resolve_config(self, i: int) -> None:
         """data.split=auto -> the split used, as the single build records it (called with member i's

@@ -93,9 +93,9 @@ class ModularData(DeviceDataModule):
 
 
 def make_model(cfg: Config, members: list[Config] | None = None) -> MemberModel:
-    """The task's model for `members` (default: the single run `cfg`), each member's weights drawn as
-    its single run draws them: the caller seeds a single run (harness.training.train); members are
-    seeded here, each with its own seed, before its draws."""
+    """The task's model for `members` (the block's runs; default: `cfg` alone, drawn from the global RNG
+    as the caller seeded it, e.g. a plain-loop reference), each member seeded here with its own seed
+    before its draws, as harness.training.train seeds a run."""
     if members is None:
         per_member = [initial_weights(cfg)]
     else:
@@ -128,8 +128,8 @@ def _grid(p: int, symmetric: bool, device: str) -> tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tensors: dict, cfg: Config) -> dict[str, torch.Tensor]:
-    """Every metric of one evaluation of a model of one member as 0-d tensors; shared by the Lightning
-    module, the packed block and the plain-loop benchmark so that all do the same work.
+    """Every metric of one evaluation of a model of one member as 0-d tensors; shared by the block (a solo
+    run's too) and the plain-loop benchmark so that both do the same work.
 
     One forward over the whole (a, b) grid; each split's logits are its rows of it (the same
     per-row products as a forward on the split's pairs)."""
@@ -165,7 +165,7 @@ def evaluate(model: nn.Module, tensors: dict, cfg: Config) -> dict[str, torch.Te
     return out
 
 
-# ---------------------------------------------------------------- Lightning
+# ---------------------------------------------------------------- the final summary
 
 
 def final_fourier_values(
@@ -222,9 +222,17 @@ class ModularBlock:
         self.loss_kind, self.p = cfgs[0].optim.loss, cfgs[0].data.p
         # As a solo run always did: full batch logs no training loss (train/loss at each evaluation says it all).
         self.train_loss_key = "train/batch_loss" if cfgs[0].data.batch_size else None
+        # Each member's pairs per step, padded to the longest: its whole train set, or data.batch_size
+        # pairs (the same sizes every step, so the weights are made once: no host copy in the step).
+        sizes = [len(d.split["train"][1]) if d.full_batch() else d.cfg.data.batch_size for d in self.data]
+        self.n_max = max(sizes)
+        n = torch.tensor(sizes, dtype=torch.float64)[:, None]
+        weight = (torch.arange(self.n_max)[None, :] < n) / n  # a member's loss is its own mean over its pairs
+        if self.loss_kind == "ce_over_p":
+            weight = weight / self.p
+        self.weight = weight.to(device=self.device, dtype=dtype)
         if all(d.full_batch() for d in self.data):
-            self.streams = None
-            self.full = self._padded([d.tensors(self.device)["train"] for d in self.data])
+            self.streams, self.full = None, self._padded([d.tensors(self.device)["train"] for d in self.data])
         else:
             self.streams = [BatchStream(d, self.device) for d in self.data]
         self.grok = [GrokkingCallback(c.eval.threshold, c.eval.max_delay) for c in cfgs]
@@ -232,13 +240,8 @@ class ModularBlock:
         self.power: list[torch.Tensor | None] = [None] * len(cfgs)
 
     def _padded(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple:
-        """(a, b, y [M, n_max], weight [M, n_max]) of the members' (a, b, y): padding points at pair
-        (0, 0) with weight 0; a member's weights 1/n (1/(n p) for ce_over_p) make its loss its own mean."""
-        n = torch.tensor([len(y) for _, _, y in batches], device=self.device)
-        n_max = int(n.max())
-        a, b, y = (torch.stack([F.pad(x[k], (0, n_max - len(x[k]))) for x in batches]) for k in range(3))
-        weight = (torch.arange(n_max, device=self.device)[None, :] < n[:, None]) / n[:, None]
-        return a, b, y, weight / self.p if self.loss_kind == "ce_over_p" else weight
+        """a, b, y [M, n_max] of the members' (a, b, y); padding points at pair (0, 0), weight 0."""
+        return tuple(torch.stack([F.pad(x[k], (0, self.n_max - len(x[k]))) for x in batches]) for k in range(3))
 
     def params(self) -> dict[str, torch.Tensor]:
         return dict(self.model.named_parameters())
@@ -247,8 +250,8 @@ class ModularBlock:
         return self.data[0].shard_error()
 
     def losses(self, step: int) -> torch.Tensor:
-        a, b, y, weight = self.full if self.streams is None else self._padded([s.batch(step) for s in self.streams])
-        return member_cross_entropy(self.model(a, b), y, weight)
+        a, b, y = self.full if self.streams is None else self._padded([s.batch(step) for s in self.streams])
+        return member_cross_entropy(self.model(a, b), y, self.weight)
 
     def evaluate(self, i: int, step: int) -> tuple[dict[str, float], dict]:
         cfg = self.cfgs[i]

@@ -11,7 +11,7 @@ true subtasks.
 Language models are loaded, tokenized and read with the LM toolkit the Pythia evaluation uses too
 (tasks.lm). A model trained by another task is rebuilt through the task registry by the name in its
 config (C7), as the harness itself does: that task's `build()` gives the pure nn.Module
-(`.module.model`) and the data module that holds the labelled test set.
+(`.module.model`) and the data that hold the labelled test set (`Job.data`).
 """
 
 from __future__ import annotations
@@ -116,7 +116,9 @@ def _trained_job(blob_config: dict) -> tuple[RunConfig, Job]:
     if config.get("task") == "quanta_discovery":  # a model this task trained inline
         config = dict(config.get("train") or {})
     config.pop("wandb", None), config.pop("data_dir", None)  # where it was logged, not what it is
-    inner = _inner_config(config, None)
+    # Rebuilt on the CPU in float32 whatever it trained on (this run's Lightning moves it to its device);
+    # the artifact's weights are loaded into it.
+    inner = _inner_config(config, TrainerConfig(accelerator="cpu"))
     return inner, task_module(inner.task).build(inner)
 
 
@@ -392,6 +394,8 @@ def build(cfg: Config) -> Job:
             },
         )
     inner = _inner_config(cfg.train, cfg.trainer)
+    if "seed" not in cfg.train:  # the model trained here is the run `train.*` at this run's seed
+        inner.seed = cfg.seed
     job = task_module(inner.task).build(inner)
     check_labelled(job.data or job.datamodule, inner.task)
     core.select_params(job.module.model, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)

@@ -64,7 +64,7 @@ class SparseParityData(DeviceDataModule):
         self.test_tasks = torch.arange(d.n_tasks).repeat_interleave(m)  # [n_tasks * m]
         self.test_bits = torch.randint(0, 2, (d.n_tasks * m, d.n), generator=g, dtype=torch.uint8)
         self.finite = None
-        self.seed = cfg.seed  # harness.training.train sets it again; the batches follow `seed` (the property below)
+        self.seed = cfg.seed  # the run's seed; the batches follow `seed` (the property below)
         if d.n_train_samples:
             # Finite-data mode: D samples drawn once, reshuffled every epoch. With data.stream_seed=-1 they
             # come from the global RNG right after the model's init (as they always have: they then depend
@@ -78,7 +78,7 @@ class SparseParityData(DeviceDataModule):
     @property
     def seed(self) -> int:
         """The seed of the training batches (DeviceDataModule seeds batch i from it): data.stream_seed if
-        set, else the run's seed, which harness.training.train assigns here."""
+        set, else the run's seed."""
         return self.cfg.data.stream_seed if self.cfg.data.stream_seed >= 0 else self._run_seed
 
     @seed.setter
@@ -87,7 +87,8 @@ class SparseParityData(DeviceDataModule):
 
     def _draw_tasks(self, size: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
         # Inverse-CDF sampling of subtasks, vectorised on the device.
-        u = torch.rand(size, device=device, generator=generator)
+        # float32 whatever the default dtype (Lightning's 64-true sets float64 around training_step)
+        u = torch.rand(size, device=device, generator=generator, dtype=torch.float32)
         cdf = self.cdf if torch.device(device).type == "cpu" else self._tensors(device)["cdf"]
         return torch.searchsorted(cdf, u).clamp_(max=self.cfg.data.n_tasks - 1)
 
@@ -113,8 +114,8 @@ class SparseParityData(DeviceDataModule):
         return x, y
 
     def train_batch(self, index: int, device, generator: torch.Generator | None = None):
-        """Training batch `index`, drawn from `generator` (default: torch's global RNG, which
-        DeviceDataModule seeds per Lightning batch; a packed block passes its own, seeded alike)."""
+        """Training batch `index`, drawn from `generator` (a block's BatchStream, seeded as DeviceDataModule
+        seeds torch's global RNG per Lightning batch, which is the default)."""
         d = self.cfg.data
         if self.finite is None:
             tasks = self._draw_tasks(d.batch_size, device, generator)
@@ -155,11 +156,11 @@ class SparseParityData(DeviceDataModule):
 
 
 def make_model(cfg: Config, members: list[Config] | None = None, data: list | None = None) -> WidthPackedMLP:
-    """The task's model for `members` (default: the single run `cfg`, M = 1), each member's weights
-    drawn as its single run draws them (MLP's nn.Linear initialisers): the caller seeds a single run
-    (harness.training.train); members are seeded here, each with its own seed, before its draws. With
-    `data` (a list), each member's SparseParityData is appended right after its init, where its single
-    run builds it (finite-data samples with data.stream_seed=-1 come from the global RNG there)."""
+    """The task's model for `members` (the block's runs), each member's weights drawn by MLP's nn.Linear
+    initialisers after seeding with its own seed, as harness.training.train seeds a run; `cfg` alone
+    (the default, M = 1) draws from the global RNG as the caller seeded it (a plain-loop reference).
+    With `data` (a list), each member's SparseParityData is appended right after its init
+    (finite-data samples with data.stream_seed=-1 come from the global RNG there)."""
 
     def mlp(c: Config) -> MLP:
         return MLP(c.data.n_tasks + c.data.n, c.model.width, c.model.depth, 2)
@@ -189,11 +190,12 @@ def member_losses(model: WidthPackedMLP, x: torch.Tensor, y: torch.Tensor, subse
 def per_subtask(cfg: Config, model: nn.Module, data: SparseParityData, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss (nats) and accuracy of every subtask on the test sets, in one batched pass: [n_tasks] each."""
     n_tasks, chunk = cfg.data.n_tasks, cfg.eval.chunk
+    dtype = next(model.parameters()).dtype
     tasks, bits = data.val_batch(0, device)
     losses, correct = [], []
     for s in range(0, len(tasks), chunk):
         x, y = data.encode(tasks[s : s + chunk], bits[s : s + chunk], device)
-        logits = model(x)
+        logits = model(x.to(dtype))
         losses.append(F.cross_entropy(logits, y, reduction="none"))
         correct.append((logits.argmax(1) == y).float())
     loss = torch.cat(losses).view(n_tasks, -1).mean(1)

@@ -35,6 +35,27 @@ def test_each_rank_draws_its_own_batches_and_the_same_ones_again():
     assert not torch.equal(train_batches(0, 4)[0][0], r0[0][0])
 
 
+def test_a_run_draws_its_ranks_batches_in_its_block(monkeypatch):
+    """A solo run is a block of one (tasks.sparse_parity.build): its BatchStream reads the process's DDP
+    rank (Lightning's, from the environment: each rank is a process of its own) and draws what
+    DeviceDataModule draws for that rank."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from tasks.sparse_parity import build
+
+    def block_batches():
+        cfg = load_config(TINY)
+        stream = build(cfg).module.block.groups[0].stream
+        return [stream.batch(s)[0] for s in range(3 * cfg.trainer.batch_steps(), 4 * cfg.trainer.batch_steps())]
+
+    r0 = block_batches()
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    r1 = block_batches()
+    assert all(torch.equal(a, b[0]) for a, b in zip(r1, train_batches(1, 3)))
+    assert all(torch.equal(a, b[0]) for a, b in zip(r0, train_batches(0, 3)))
+    assert not torch.equal(r0[0], r1[0])
+
+
 def test_two_cpu_processes_make_one_wandb_run(offline):
     proc = harness("train", *TINY, "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu")
     lines = proc.stdout.strip().splitlines()

@@ -1,4 +1,4 @@
-"""What every task's packed block shares: the device and dtype it trains in (where Lightning would put
+"""What every task's block shares: the device and dtype it trains in (where Lightning would put
 and cast the solo run), each member's AdamW hyperparameters as StackedAdamW takes them, and an
 evaluation's metrics as host numbers."""
 
@@ -34,9 +34,10 @@ def placement(trainer) -> tuple[torch.device, torch.dtype]:
     if dtype is None:
         raise ConfigError(f"trainer.precision={trainer.precision!r}: a block trains in {', '.join(DTYPES)}")
     a = trainer.accelerator
-    cuda = a in ("gpu", "cuda") or (a == "auto" and torch.cuda.is_available())
+    cuda = a == "cuda" or (a in ("gpu", "auto") and torch.cuda.is_available())
     if not cuda:
-        return torch.device("cpu"), dtype
+        mps = a == "mps" or (a in ("auto", "gpu") and torch.backends.mps.is_available())
+        return torch.device("mps" if mps else "cpu"), dtype
     # A block is built before Lightning sets each DDP rank's device: rank r of a run on one node trains
     # on Lightning's cuda:LOCAL_RANK.
     index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())) if trainer.devices > 1 else None
@@ -57,4 +58,7 @@ def host_metrics(out: dict[str, torch.Tensor]) -> dict[str, float]:
     """An evaluation's 0-d tensors as floats, copied to the host in one transfer (one device sync for
     all, not one per metric)."""
     names = list(out)
-    return dict(zip(names, torch.stack([out[k].detach().double().reshape(()) for k in names]).tolist()))
+    values = [out[k].detach().reshape(()) for k in names]
+    # float64 keeps a float64 run's tiny losses exact; MPS has no float64
+    values = [v.float() if v.device.type == "mps" else v.double() for v in values]
+    return dict(zip(names, torch.stack(values).tolist()))

@@ -14,11 +14,12 @@ import torch
 from harness.training import checkpoint
 from harness.training.checkpoint import StepCheckpoint
 
-PREFIX = "model."  # a task module holds its model as `self.model` and nothing else persistent
+PREFIX = "model."  # BlockModule holds the block's model as `self.model` and nothing else persistent
 
 
 def _adamw_template(model: torch.nn.Module, lr: float, weight_decay: float, betas, eps: float) -> dict:
-    """The param_groups a solo run's torch.optim.AdamW records (torch restores a group's settings from them)."""
+    """The param_groups torch.optim.AdamW records for a member's model (torch restores a group's settings
+    from them): the member format's optimizer state is torch's."""
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps).state_dict()
 
 
@@ -76,7 +77,9 @@ def load_member(module, i: int, ckpt: dict) -> None:
         zero = torch.zeros_like(axis.view(p, i))
         exp_avg.append(state["exp_avg"] if state else zero)
         exp_avg_sq.append(state["exp_avg_sq"] if state else zero)
-    opt.load_member_state(i, {"t": int(ckpt["global_step"]), "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq})
+    # AdamW's own step count (a step skipped by 16-mixed loss scaling counts for Lightning, not for it)
+    t = int(next(iter(saved.values()))["step"]) if saved else int(ckpt["global_step"])
+    opt.load_member_state(i, {"t": t, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq})
     states = ckpt.get("callbacks") or {}
     for cb in _callbacks(module, i):
         if cb.state_key in states:

@@ -97,9 +97,12 @@ class BlockModule(L.LightningModule):
         self.bar_loss = None
 
     def sync_losses(self) -> None:
-        """The pending steps' losses to the host (one transfer): a member whose loss is not finite
-        fails; every log_every-th step's loss goes to the member's run (at the step it was computed)."""
+        """The pending steps' losses to the host (one transfer): a member whose loss at any step is not
+        finite fails; every log_every-th step's loss goes to the member's run (at the step it was computed)."""
         if not self.pending:
+            return
+        if self.global_rank != 0:  # rank 0 checks and logs (DDP averages the ranks' gradients into its weights)
+            self.pending.clear()
             return
         values = torch.stack([x for _, x in self.pending]).tolist()
         key = self.block.train_loss_key
@@ -108,7 +111,7 @@ class BlockModule(L.LightningModule):
                 if not self.alive[i]:
                     continue
                 try:
-                    check_finite({"train/loss": v}, step)
+                    check_finite({key or "train/loss": v}, step)
                 except NonFiniteLoss as e:
                     self.fail(i, e)
                     continue
@@ -137,12 +140,17 @@ class BlockModule(L.LightningModule):
             if arrays:
                 m.curves.add(step, arrays)
 
-    def on_fit_start(self):  # before the step-0 evaluation: the perf/* clock
+    def on_fit_start(self):  # the perf/* clock starts before the step-0 evaluation (EvalAtStart)
         if self.solo:
             self.members[0].run = wandb_run(self.trainer)  # None on DDP ranks other than 0
-        self.t0, self.cpu0, self.step0 = time.perf_counter(), time.process_time(), self.trainer.global_step
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
-    def on_train_end(self):
+    def on_train_start(self):  # after Lightning restored a resumed run's step
+        self.step0 = self.trainer.global_step
+
+    def on_train_epoch_end(self):
+        # The one epoch ends after the last evaluation and its checkpoint: the clock stops here, before
+        # the model artifact is saved (ModelArtifact.on_train_end).
         self.sync_losses()
         self.seconds, self.cpu_seconds = time.perf_counter() - self.t0, time.process_time() - self.cpu0
         self.steps_trained = self.trainer.global_step - self.step0
@@ -171,6 +179,9 @@ class BlockModule(L.LightningModule):
         for i, m in enumerate(self.members):
             load_member(self, i, checkpoint if i == 0 else load(m.resume, f"resume point of run {m.run_id}"))
         checkpoint.update(block_checkpoint(self, checkpoint))
+        # the members' own callback states are loaded; Lightning restores its callbacks' (it warns of others)
+        keys = {cb.state_key for cb in self.trainer.callbacks}
+        checkpoint["callbacks"] = {k: v for k, v in checkpoint["callbacks"].items() if k in keys}
 
 
 def solo_job(block, data=None) -> Job:

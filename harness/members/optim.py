@@ -143,7 +143,8 @@ class StackedAdamW(torch.optim.Optimizer):
                     out.append(self._span(x, axis, i, j))
         for (lr, wd), (ps, gs, ms, vs) in by_hyper.items():
             # adamw adds 1 to each; float32 as torch's AdamW keeps it (and Lightning's 64-true default dtype is not)
-            steps = [torch.tensor(float(self.t), dtype=torch.float32, device=ps[0].device) for _ in ps]
+            # (torch.full: a fill on the device, where torch.tensor would copy from the host, a GPU sync)
+            steps = [torch.full((), float(self.t), dtype=torch.float32, device=ps[0].device) for _ in ps]
             # torch's fused kernel assumes dense views: on a strided one (a member's columns, dim 1) it
             # updates the wrong elements (measured: 0.03 off after one step), so those take torch's
             # single-tensor AdamW, the one a solo run uses.

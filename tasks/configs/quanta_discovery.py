@@ -98,7 +98,8 @@ class Config(RunConfig):
     sim: SimConfig = field(default_factory=SimConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # model.source=train: another task's config (train.task=sparse_parity, train.data.n_tasks=4, ...),
-    # trained by this run with this run's trainer.* settings, then analysed.
+    # trained by this run with this run's trainer.* settings (and this run's seed unless train.seed is
+    # given), then analysed.
     train: dict[str, Any] = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=0))
 
