@@ -226,11 +226,13 @@ class ModularBlock:
         # pairs (the same sizes every step, so the weights are made once: no host copy in the step).
         sizes = [len(d.split["train"][1]) if d.full_batch() else d.cfg.data.batch_size for d in self.data]
         self.n_max = max(sizes)
-        n = torch.tensor(sizes, dtype=torch.float64)[:, None]
+        # In the training dtype, as a plain loop's mean and ce_over_p's division by p round (the float32
+        # exactness test measures the difference against such a loop)
+        n = torch.tensor(sizes, dtype=dtype)[:, None]
         weight = (torch.arange(self.n_max)[None, :] < n) / n  # a member's loss is its own mean over its pairs
         if self.loss_kind == "ce_over_p":
             weight = weight / self.p
-        self.weight = weight.to(device=self.device, dtype=dtype)
+        self.weight = weight.to(self.device)
         if all(d.full_batch() for d in self.data):
             self.streams, self.full = None, self._padded([d.tensors(self.device)["train"] for d in self.data])
         else:
