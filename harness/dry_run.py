@@ -26,8 +26,6 @@ from harness.errors import UserError
 from harness.sweep import plan
 from harness.sweep.spec import flat_parameters, load_sweep_yaml, validate_sweep, varied_keys
 
-DEFAULT_TIMING_STEPS = 50
-
 
 def describe_sweep(path: str, count: int | None = None) -> tuple[dict, str, list[dict] | None, list[str]]:
     """Validate the sweep and print its runs and grid. Returns (cfg, task, points, lines printed)."""

@@ -63,13 +63,6 @@ def read_event(table: pd.DataFrame, name: str, prefix: str = "summary.") -> tupl
     return step.astype(float), reached & step.notna()
 
 
-def reached_step(summary: dict, name: str) -> int | None:
-    """The step of event `name` in one run's summary dict, or None if it was never reached."""
-    if not summary.get(name + REACHED):
-        return None
-    return int(summary[name])
-
-
 def grokking_phase(t_train: int | None, t_val: int | None, max_delay: int) -> str:
     """Liu et al.'s four phases from the steps at which train and val reach the threshold."""
     if t_train is None:

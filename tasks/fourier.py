@@ -11,7 +11,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def n_freqs(p: int) -> int:
@@ -69,29 +68,6 @@ def sum_directions(p: int, keys: list[int], sign: int = 1, dtype=torch.float64) 
     u = torch.stack(cols, 1)
     norms = u.norm(dim=0, keepdim=True)
     return torch.where(norms > 1e-9, u / norms.clamp_min(1e-12), torch.zeros_like(u))
-
-
-def restricted_excluded_logits(
-    grid_logits: torch.Tensor, keys: list[int], sign: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split logits over the full (a, b) grid [p * p, p] into the key-frequency part (plus the
-    per-class mean) and the rest: (restricted, excluded), same shapes.
-
-    Excluded keeps the per-class mean so that removing the key frequencies is all it changes.
-    """
-    p = grid_logits.shape[1]
-    x = grid_logits.to(torch.float64)
-    u = sum_directions(p, keys, sign).to(x.device)  # [p*p, 1 + 2K]
-    coef = u.T @ x  # [1 + 2K, p]
-    restricted = u @ coef
-    const = u[:, :1] @ coef[:1]
-    excluded = x - restricted + const
-    return restricted.to(grid_logits.dtype), excluded.to(grid_logits.dtype)
-
-
-def grid_loss(grid_logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean cross-entropy (nats) of the grid rows `rows` (a * p + b) against `labels`."""
-    return float(F.cross_entropy(grid_logits[rows].float(), labels))
 
 
 @functools.lru_cache(maxsize=64)

@@ -216,7 +216,7 @@ def val_metrics(cfg: Config, p: torch.Tensor, loss: torch.Tensor, acc: torch.Ten
 
 
 def emergence(cfg: Config) -> EmergenceCallback:
-    return EmergenceCallback(cfg.eval.threshold_bits * math.log(2), "subtask", "loss")
+    return EmergenceCallback(cfg.eval.threshold_bits * math.log(2), "loss")
 
 
 # ---------------------------------------------------------------- the block: one run or many

@@ -199,8 +199,6 @@ def test_event_fields_are_numbers_with_a_reached_flag():
     assert step.tolist()[:2] == [100.0, 5000.0] and np.isnan(step[2]) and reached.tolist() == [True, False, False]
     with pytest.raises(UserError, match="summary.e.*censored"):
         events.read_event(pd.DataFrame({"summary.e": [100, "censored"], "summary.e/reached": [True, False]}), "e")
-    assert events.reached_step({"e": 7, "e/reached": True}, "e") == 7
-    assert events.reached_step({"e": 9, "e/reached": False}, "e") is None
 
 
 def _feed(callbacks, evaluations):
@@ -225,9 +223,9 @@ def _round_trip(cb, fresh, tmp_path):
 def test_callback_state_survives_a_checkpoint(tmp_path):
     first = [(100, [0.5, 0.01, 0.9], [0.5, 1.0, 0.995]), (200, [0.02, 0.01, 0.8], [1.0, 1.0, 0.995])]
     then = [(300, [0.01, 0.3, 0.7], [1.0, 0.9, 0.995])]
-    whole = [CurvesRecorder(), EmergenceCallback(0.1, "subtask", "loss"), GrokkingCallback(0.99, 50)]
+    whole = [CurvesRecorder(), EmergenceCallback(0.1, "loss"), GrokkingCallback(0.99, 50)]
     _feed(whole, first + then)
-    part = [CurvesRecorder(), EmergenceCallback(0.1, "subtask", "loss"), GrokkingCallback(0.99, 50)]
+    part = [CurvesRecorder(), EmergenceCallback(0.1, "loss"), GrokkingCallback(0.99, 50)]
     _feed(part, first)
     resumed = [
         _round_trip(cb, type(cb)(*args), tmp_path) for cb, args in zip(part, [(), (0.1, "subtask", "loss"), (0.99, 50)])

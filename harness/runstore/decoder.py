@@ -149,11 +149,6 @@ class Log:
                 self.damage.append(f"a chunk of unknown type {kind} at byte {here}: dropped")
 
 
-def iter_records(data: bytes, path: str = "") -> Iterator[bytes]:
-    """Record payloads in order (see `Log`, which also reports damage and truncation)."""
-    return iter(Log(data, path))
-
-
 def _item_key(item) -> str:
     nk = item.nested_key
     # wandb-core writes one-element nested keys; str.join over a upb container is 3x slower.

@@ -24,8 +24,8 @@ class EmergenceCallback(L.Callback):
     evaluated step below the threshold or, if never, the last evaluated step (harness.events).
     """
 
-    def __init__(self, threshold_nats: float = 0.1 * math.log(2), curve: str = "subtask", column: str = "loss"):
-        self.threshold, self.curve, self.column = threshold_nats, curve, column
+    def __init__(self, threshold_nats: float = 0.1 * math.log(2), column: str = "loss"):
+        self.threshold, self.column = threshold_nats, column
         self.first: np.ndarray | None = None  # [n_items] int64: first step below, -1 = never
         self.final: np.ndarray | None = None  # [n_items] float64: the last evaluation's values
         self.last_step = 0
