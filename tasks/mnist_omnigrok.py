@@ -244,9 +244,6 @@ class OmnigrokBlock:
         self.seeds = [c.seed for c in cfgs]
         self.grok = [grokking_callback(c) for c in cfgs]
 
-    def params(self) -> dict[str, torch.Tensor]:
-        return dict(self.model.named_parameters())
-
     def losses(self, step: int) -> torch.Tensor:
         x, y = self.data.batch(step, self.device, self.dtype, self.seeds)
         return loss_fn(self.loss_kind, self.model(x), y)

@@ -245,9 +245,6 @@ class ModularBlock:
         """a, b, y [M, n_max] of the members' (a, b, y); padding points at pair (0, 0), weight 0."""
         return tuple(torch.stack([F.pad(x[k], (0, self.n_max - len(x[k]))) for x in batches]) for k in range(3))
 
-    def params(self) -> dict[str, torch.Tensor]:
-        return dict(self.model.named_parameters())
-
     def shard_error(self) -> str | None:
         return self.data[0].shard_error()
 

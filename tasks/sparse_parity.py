@@ -275,9 +275,6 @@ class SparseParityBlock:
         order = torch.tensor([i for g in streams.values() for i in g])
         self._inverse = None if len(self.groups) == 1 else torch.argsort(order).to(self.device)
 
-    def params(self) -> dict[str, torch.Tensor]:
-        return dict(self.model.named_parameters())
-
     def member_axes(self) -> list[MemberAxis]:
         return [MemberAxis(dim, owner) for dim, owner in self.model.owners()]
 

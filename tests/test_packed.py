@@ -148,7 +148,7 @@ def test_packed_training_losses_equal_solo_for_100_steps_in_float64(model):
         extra=("trainer.precision=64-true", f"model.name={model}"),
     )
     block, packed = packed_losses(members, 100)
-    assert all(p.dtype == torch.float64 for p in block.params().values())
+    assert all(p.dtype == torch.float64 for p in block.model.parameters())
     for i, m in enumerate(members):
         assert rel(packed[:, i], solo_losses(m, 100)) < 1e-6  # a plain PyTorch loop of the run
         assert rel(packed[:, i], packed_losses([m], 100)[1][:, 0]) < 1e-6  # its block of one: its solo run
@@ -168,7 +168,7 @@ def test_packed_training_losses_stay_within_float32_rounding_of_solo_over_1000_s
         steps=1000,
     )
     block, packed = packed_losses(members, 1000)
-    assert all(p.dtype == torch.float32 for p in block.params().values())
+    assert all(p.dtype == torch.float32 for p in block.model.parameters())
     for i, m in enumerate(members):
         solo = solo_losses(m, 1000, torch.float32)
         floor = rel(solo_losses(m, 1000, torch.float32, nudge=2.0**-23), solo)

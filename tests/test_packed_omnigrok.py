@@ -112,7 +112,7 @@ def test_a_member_is_a_view_and_its_artifact_model_holds_only_its_weights():
 def test_packed_losses_equal_solo_for_100_steps_in_float64():
     members = configs(MEMBERS, ("trainer.precision=64-true", "model.width=24"))
     block, losses, evals = packed(members, 100)
-    assert all(p.dtype == torch.float64 for p in block.params().values())
+    assert all(p.dtype == torch.float64 for p in block.model.parameters())
     for i, m in enumerate(members):
         solo_losses, solo_eval = solo(m, 100)  # a plain PyTorch loop of the run
         assert rel(losses[:, i], solo_losses) < 1e-6

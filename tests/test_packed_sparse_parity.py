@@ -190,7 +190,7 @@ def test_packed_widths_train_as_their_solo_runs_for_100_steps_in_float64(data, g
     members = cfgs(*MIXED, extra=("trainer.precision=64-true",) + data)
     block, packed = packed_losses(members, 100)
     assert [len(g.members) for g in block.groups] == groups
-    assert all(p.dtype == torch.float64 for p in block.params().values())
+    assert all(p.dtype == torch.float64 for p in block.model.parameters())
     errors = [rel(packed[:, i], solo_losses(m, 100, torch.float64)) for i, m in enumerate(members)]
     print("float64 max relative error per member:", errors)
     assert max(errors) < 1e-6
@@ -211,7 +211,9 @@ def test_packed_depth_2_members_of_different_widths_train_as_their_solo_runs():
         extra=("trainer.precision=64-true", "model.depth=2"),
     )
     block, packed = packed_losses(members, 50)
-    assert len(block.groups) == 2 and block.params()["net.2.weight"].shape == (6 * 6 + 9 * 9 + 4 * 4,)
+    assert len(block.groups) == 2 and dict(block.model.named_parameters())["net.2.weight"].shape == (
+        6 * 6 + 9 * 9 + 4 * 4,
+    )
     assert max(rel(packed[:, i], solo_losses(m, 50, torch.float64)) for i, m in enumerate(members)) < 1e-6
 
 

@@ -227,9 +227,7 @@ def test_callback_state_survives_a_checkpoint(tmp_path):
     _feed(whole, first + then)
     part = [CurvesRecorder(), EmergenceCallback(0.1, "loss"), GrokkingCallback(0.99, 50)]
     _feed(part, first)
-    resumed = [
-        _round_trip(cb, type(cb)(*args), tmp_path) for cb, args in zip(part, [(), (0.1, "loss"), (0.99, 50)])
-    ]
+    resumed = [_round_trip(cb, type(cb)(*args), tmp_path) for cb, args in zip(part, [(), (0.1, "loss"), (0.99, 50)])]
     _feed(resumed, then)
     assert resumed[0].frames()["subtask"].equals(whole[0].frames()["subtask"])
     assert (

@@ -47,8 +47,8 @@ def member_checkpoint(block_ckpt: dict, module, i: int, keep_callbacks: bool = F
     state_dict = {PREFIX + k: v.detach().clone() for k, v in model.state_dict().items()}
     if "optimizer_states" not in block_ckpt:
         return {**block_ckpt, "state_dict": state_dict}
-    moments = opt.member_state(i)  # per block parameter, in params() order
-    by_name = dict(zip(block.params(), zip(moments["exp_avg"], moments["exp_avg_sq"])))
+    moments = opt.member_state(i)  # per block parameter, in the model's parameter order
+    by_name = dict(zip(dict(block.model.named_parameters()), zip(moments["exp_avg"], moments["exp_avg_sq"])))
     adamw = _adamw_template(model, float(block.lr[i]), float(block.weight_decay[i]), block.betas, block.eps)
     if opt.t:  # torch's AdamW has no state before its first step; its index k is the k-th parameter
         for k, (name, p) in enumerate(model.named_parameters()):
@@ -71,7 +71,7 @@ def load_member(module, i: int, ckpt: dict) -> None:
     solo_order = [name for name, _ in block.member_model(i).named_parameters()]  # its AdamW's indices
     saved = ckpt["optimizer_states"][0].get("state", {})
     exp_avg, exp_avg_sq = [], []
-    for (name, p), axis in zip(block.params().items(), opt.axes):
+    for (name, p), axis in zip(block.model.named_parameters(), opt.axes):
         axis.put(p, i, ckpt["state_dict"][PREFIX + name])
         state = saved.get(solo_order.index(name))
         zero = torch.zeros_like(axis.view(p, i))

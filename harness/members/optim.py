@@ -195,7 +195,7 @@ class StackedAdamW(torch.optim.Optimizer):
 
 def block_optimizer(block) -> StackedAdamW:
     """The block's AdamW: its parameters and member axes, each member's lr and weight decay."""
-    params = list(block.params().values())
+    params = list(block.model.parameters())
     axes = block.member_axes() if hasattr(block, "member_axes") else None  # None: stacked, one row per member
     if axes is not None and len(axes) != len(params):
         raise ValueError(f"member_axes() gave {len(axes)} axes for {len(params)} parameters")

@@ -7,8 +7,8 @@ harness.members.module.solo_job of the block of [cfg]), where a block holds the 
 stacked along a leading dimension and offers:
 
     cfgs -> [RunConfig]                   the members' configs
-    model -> nn.Module                    the members' model (the task's make_model with members)
-    params() -> {name: Tensor [M, ...]}   its parameters, named as a member's model names them
+    model -> nn.Module                    the members' model (the task's make_model with members): its
+                                          parameters [M, ...], named as a member's model names them
     lr, weight_decay -> Tensor [M]        float64; betas (b1, b2) and eps are shared floats
     losses(step) -> Tensor [M]            each member's training loss at optimizer step `step`
     train_loss_key -> str | None          history key of the training loss (None: not logged)
@@ -23,7 +23,7 @@ stacked along a leading dimension and offers:
 
 and optionally:
 
-    member_axes() -> [MemberAxis]         one per params() entry: which slices of a parameter belong to
+    member_axes() -> [MemberAxis]         one per model parameter: which slices of a parameter belong to
                                           which member. Default: the leading dimension, one row per
                                           member. A block whose members share a concatenated layer
                                           (sparse parity's width packing) says which rows are whose.
