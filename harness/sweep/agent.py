@@ -28,6 +28,7 @@ from harness.sweep.spec import check_stops, grid_size, varied_keys
 from harness.sweep.state import read_state, reap, sweep_dir, write_state
 
 MAX_PREEMPTIONS = 20  # a point preempted this often is recorded failed instead of relaunched forever
+MAX_SKIPPED = 10000  # grid points looked past in one claim while filling a block
 
 
 def die_with_parent() -> None:
@@ -106,7 +107,12 @@ class Agent:
     SIGTERM to the agent (SLURM preemption, `kill`) is forwarded to its runs; they checkpoint and
     exit 143, are recorded `preempted`, and the agent exits 143. The next agent relaunches each
     preempted point first, with the same run id and parameters, so the run resumes from its checkpoint.
+    A worker claims a block of up to `pack` points and runs it (run_block): here a block is one point,
+    run by the sweep's command; PackedAgent trains larger blocks in one process.
     """
+
+    pack = 1
+    packed = False  # PackedAgent: each block, even of one, is a `harness train-packed` process and says so
 
     def __init__(self, sweep_id: str, wandb_dir: str | None, workers: int, count: int | None):
         if workers < 1:
@@ -124,6 +130,8 @@ class Agent:
         self.metric = (self.cfg.get("metric") or {}).get("name")
         self.lock = FileLock(os.path.join(self.path, "state.lock"))
         self.started = 0  # runs this agent launched (--count is per agent, as for `wandb agent`)
+        self.busy = 0  # workers running a block now (counted from the claim, under busy_lock)
+        self.busy_lock = threading.Lock()
         self.outcomes: list[str] = []
         self.errors: list[str] = []
         self.stopping = threading.Event()
@@ -138,33 +146,75 @@ class Agent:
 
     # -- state --
 
+    def _signature(self, params: dict) -> str | None:
+        """What a point must share with the others of its block; None: it packs with anything."""
+        return None
+
     def claim(self) -> tuple[dict, bool, int] | None:
-        """(run record, resumed?, k) for the next run, or None when this agent should stop."""
+        """A solo agent's next run, its block of one: (run record, resumed?, k), or None when it should stop."""
+        block = self.claim_block()
+        return block[0] if block else None
+
+    def claim_block(self) -> list[tuple[dict, bool, int]] | None:
+        """[(run record, resumed?, k)] for up to `pack` compatible points, or None when done.
+
+        Preempted points go first and are not mixed with fresh ones (they resume at a later step).
+        In a grid, points that do not pack with the block are looked past and left open for a later
+        claim; with random or bayes the first such point ends the block."""
         with self.lock:
             state = read_state(self.path)
             reap(state)
             if self.stopping.is_set() or (self.count is not None and self.started >= self.count):
                 return None
+            room = self.pack if self.count is None else min(self.pack, self.count - self.started)
             live = [r for r in state["runs"] if r["state"] != "killed"]
-            preempted = sorted((r for r in live if r["state"] == "preempted"), key=lambda r: r["started"])
-            if preempted:  # contract C5: a preempted point goes first, same id and params
-                run, resumed = preempted[0], True
-                run["preemptions"] = run.get("preemptions", 0) + 1
-            else:
+            if self.planned and self.workers > 1:
+                # Share the points still to start between the idle workers, so that --pack 16 on a grid
+                # of 10 with 2 workers trains two blocks of 5 side by side rather than one of 10.
+                todo = max(0, self.planned - len(live)) + sum(r["state"] == "preempted" for r in live)
+                room = min(room, max(1, -(-todo // max(1, self.workers - self.busy))))
+            block: list[tuple[dict, bool]] = []
+            signature = None
+            # contract C5: preempted points go first, same ids and params
+            for r in sorted((r for r in live if r["state"] == "preempted"), key=lambda r: r["started"]):
+                s = self._signature(r["params"])
+                if len(block) < room and signature in (None, s):
+                    signature = s
+                    r["preemptions"] = r.get("preemptions", 0) + 1
+                    r["state"] = "running"
+                    block.append((r, True))
+            skipped: list[dict] = []  # points that do not pack with this block, left for a later claim
+            while not block or (not block[0][1] and len(block) < room):
                 if self.run_cap is not None and len(live) >= self.run_cap:
-                    write_state(self.path, state)
-                    return None  # run_cap counts the whole sweep's runs (state.json), not this agent's
+                    break  # run_cap counts the whole sweep's runs (state.json), not this agent's
                 params = next_params(self.cfg, state)
                 if params is None:
-                    write_state(self.path, state)
-                    return None
-                run, resumed = {"id": generate_id(8), "params": params}, False
+                    break
+                s = self._signature(params)
+                if signature not in (None, s):
+                    if self.cfg.get("method", "grid") != "grid" or len(skipped) >= MAX_SKIPPED:
+                        break
+                    # Held as taken for the engine's next suggestion only; removed before state is written.
+                    skipped.append({"id": "", "params": params, "state": "running"})
+                    state["runs"].append(skipped[-1])
+                    continue
+                signature = s
+                run = {"id": generate_id(8), "params": params, "state": "running"}
                 state["runs"].append(run)
-            run.update(state="running", host=socket.gethostname(), agent_pid=os.getpid(), started=time.time())
+                live.append(run)
+                block.append((run, False))
+            state["runs"] = [r for r in state["runs"] if not any(r is x for x in skipped)]
+            if not block:
+                write_state(self.path, state)
+                return None
+            for run, _ in block:
+                run.update(state="running", host=socket.gethostname(), agent_pid=os.getpid(), started=time.time())
             write_state(self.path, state)
-            self.started += 1
-            k = 1 + [r["id"] for r in state["runs"] if r["state"] != "killed"].index(run["id"])
-            return run, resumed, k
+            self.started += len(block)
+            with self.busy_lock:
+                self.busy += 1
+            order = [r["id"] for r in state["runs"] if r["state"] != "killed"]
+            return [(run, resumed, 1 + order.index(run["id"])) for run, resumed in block]
 
     def record(self, run_id: str, code: int, seconds: float, summary: dict | None = None) -> str:
         """The run's outcome into state.json: its state by exit code, its sweep metric from the result
@@ -209,9 +259,11 @@ class Agent:
 
     # -- runs --
 
-    def launch(self, run: dict) -> int:
+    def run_block(self, runs: list[dict]) -> tuple[dict[str, int], dict[str, dict]]:
+        """Each run's exit code, and the summaries read here ({}: record() reads the run's result file)."""
         from wandb.sdk.lib import config_util
 
+        (run,) = runs  # each point is its own block
         run_id, params = run["id"], run["params"]
         param_path = os.path.abspath(os.path.join(self.path, f"config-{run_id}.yaml"))
         config_util.save_config_file_from_dict(param_path, {k: {"value": v} for k, v in params.items()})
@@ -220,7 +272,11 @@ class Agent:
             json.dump(params, f)
         argv = expand_command(self.cfg, params, args_json)
         env = run_env(self.cfg, self.sweep_id, run_id, param_path, self.root, self.workers)
-        with open(os.path.join(self.path, f"{run_id}.log"), "a") as log:
+        return {run_id: self._spawn(run_id, argv, env, os.path.join(self.path, f"{run_id}.log"))}, {}
+
+    def _spawn(self, tag: str, argv: list[str], env: dict, log_path: str) -> int:
+        """`argv`'s exit code; its output goes to `log_path`, and terminate() finds it under `tag` while it runs."""
+        with open(log_path, "a") as log:
             with self.procs_lock:
                 if self.stopping.is_set():  # SIGTERM came between claim and start: never started
                     return 143
@@ -232,30 +288,38 @@ class Agent:
                     stdin=subprocess.DEVNULL,
                     preexec_fn=die_with_parent if sys.platform == "linux" else None,
                 )
-                self.procs[run_id] = proc
+                self.procs[tag] = proc
             try:
                 return proc.wait()
             finally:
                 with self.procs_lock:
-                    self.procs.pop(run_id, None)
+                    self.procs.pop(tag, None)
 
     def worker(self) -> None:
         try:
             while not self.stopping.is_set():
-                claimed = self.claim()
-                if claimed is None:
+                block = self.claim_block()
+                if block is None:
                     return
-                run, resumed, k = claimed
-                shown = " ".join(f"{key}={v}" for key, v in run["params"].items() if key != "task")
-                verb = "resume" if resumed else "start"
-                self.say(f"run {run['id']} {k}/{self.planned or '?'} {verb}: {shown}")
+                where = f" (packed, {len(block)} in block {block[0][0]['id']})" if self.packed else ""
+                for run, resumed, k in block:
+                    shown = " ".join(f"{key}={v}" for key, v in run["params"].items() if key != "task")
+                    verb = "resume" if resumed else "start"
+                    self.say(f"run {run['id']} {k}/{self.planned or '?'} {verb}{where}: {shown}")
+                runs = [run for run, _, _ in block]
                 t0 = time.time()
                 try:
-                    code = self.launch(run)
+                    codes, summaries = self.run_block(runs)
                 except BaseException:
-                    self.record(run["id"], 1, time.time() - t0)
+                    for run in runs:
+                        self.record(run["id"], 1, time.time() - t0)
                     raise
-                self.outcomes.append(self.record(run["id"], code, time.time() - t0))
+                finally:
+                    with self.busy_lock:
+                        self.busy -= 1
+                for run in runs:
+                    code, summary = codes[run["id"]], summaries.get(run["id"])
+                    self.outcomes.append(self.record(run["id"], code, time.time() - t0, summary))
         except BaseException as e:  # reported and turned into a non-zero exit, never a silent thread death
             self.errors.append(f"{type(e).__name__}: {e}")
             self.stopping.set()

@@ -13,23 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import threading
-import time
-
-from wandb.sdk.lib.runid import generate_id
 
 from harness.config.resources import available_cpus
 from harness.config.results import read_results
 from harness.errors import ConfigError, UserError
-from harness.sweep.agent import Agent, die_with_parent, run_env
-from harness.sweep.engine import next_params
+from harness.sweep.agent import Agent, run_env
 from harness.sweep.spec import flat_parameters
-from harness.sweep.state import read_state, reap, write_state
-
-MAX_SKIPPED = 10000  # grid points looked past in one claim while filling a block
 
 
 def default_workers() -> int:
@@ -63,12 +53,12 @@ def check_pack(cfg: dict, pack: int) -> str:
 
 
 class PackedAgent(Agent):
+    packed = True
+
     def __init__(self, sweep_id: str, wandb_dir: str | None, workers: int, count: int | None, pack: int):
         super().__init__(sweep_id, wandb_dir, workers, count)
         self.pack = pack
         self.task = check_pack(self.cfg, pack)
-        self.busy = 0  # workers training a block now (counted from the claim, under busy_lock)
-        self.busy_lock = threading.Lock()
         self.pack_logs: dict[str, str] = {}  # run id -> the log of the block it was trained in
 
     def _signature(self, params: dict) -> str:
@@ -106,70 +96,15 @@ class PackedAgent(Agent):
                 refused[run["id"]] = 2
         return refused
 
-    def claim_block(self) -> list[tuple[dict, bool, int]] | None:
-        """[(run record, resumed?, k)] for up to `pack` compatible points, or None when done.
-
-        Preempted points go first and are not mixed with fresh ones (they resume at a later step).
-        In a grid, points that do not pack with the block are looked past and left open for a later
-        claim; with random or bayes the first such point ends the block."""
-        with self.lock:
-            state = read_state(self.path)
-            reap(state)
-            if self.stopping.is_set() or (self.count is not None and self.started >= self.count):
-                return None
-            room = self.pack if self.count is None else min(self.pack, self.count - self.started)
-            live = [r for r in state["runs"] if r["state"] != "killed"]
-            if self.planned and self.workers > 1:
-                # Share the points still to start between the idle workers, so that --pack 16 on a grid
-                # of 10 with 2 workers trains two blocks of 5 side by side rather than one of 10.
-                todo = max(0, self.planned - len(live)) + sum(r["state"] == "preempted" for r in live)
-                room = min(room, max(1, -(-todo // max(1, self.workers - self.busy))))
-            block: list[tuple[dict, bool]] = []
-            signature = None
-            for r in sorted((r for r in live if r["state"] == "preempted"), key=lambda r: r["started"]):
-                s = self._signature(r["params"])
-                if len(block) < room and signature in (None, s):
-                    signature = s
-                    r["preemptions"] = r.get("preemptions", 0) + 1
-                    r["state"] = "running"
-                    block.append((r, True))
-            skipped: list[dict] = []  # points that do not pack with this block, left for a later claim
-            while not block or (not block[0][1] and len(block) < room):
-                if self.run_cap is not None and len(live) >= self.run_cap:
-                    break
-                params = next_params(self.cfg, state)
-                if params is None:
-                    break
-                s = self._signature(params)
-                if signature not in (None, s):
-                    if self.cfg.get("method", "grid") != "grid" or len(skipped) >= MAX_SKIPPED:
-                        break
-                    # Held as taken for the engine's next suggestion only; removed before state is written.
-                    skipped.append({"id": "", "params": params, "state": "running"})
-                    state["runs"].append(skipped[-1])
-                    continue
-                signature = s
-                run = {"id": generate_id(8), "params": params, "state": "running"}
-                state["runs"].append(run)
-                live.append(run)
-                block.append((run, False))
-            state["runs"] = [r for r in state["runs"] if not any(r is x for x in skipped)]
-            if not block:
-                write_state(self.path, state)
-                return None
-            for run, _ in block:
-                run.update(state="running", host=socket.gethostname(), agent_pid=os.getpid(), started=time.time())
-            write_state(self.path, state)
-            self.started += len(block)
-            with self.busy_lock:
-                self.busy += 1
-            order = [r["id"] for r in state["runs"] if r["state"] != "killed"]
-            return [(run, resumed, 1 + order.index(run["id"])) for run, resumed in block]
-
-    def launch_block(self, runs: list[dict]) -> tuple[dict[str, int], dict[str, dict]]:
-        """Run one packed process for `runs`; return each member's exit code (0, 1 or 143) and summary."""
+    def run_block(self, runs: list[dict]) -> tuple[dict[str, int], dict[str, dict]]:
+        """Each member's exit code and summary, from one packed process for those it would accept."""
         from wandb.sdk.lib import config_util
 
+        codes = self.refuse_invalid(runs)
+        summaries: dict[str, dict] = {run_id: {} for run_id in codes}  # never started: no result to read
+        runs = [run for run in runs if run["id"] not in codes]
+        if not runs:
+            return codes, summaries
         tag = runs[0]["id"]
         members = []
         for run in runs:
@@ -187,26 +122,8 @@ class PackedAgent(Agent):
         for key in ("WANDB_RUN_ID", "HARNESS_SWEEP_PARAM_PATH"):  # per member, set by the packed process
             env.pop(key, None)
         argv = [sys.executable, "-m", "harness", "train-packed", spec_path]
-        with open(os.path.join(self.path, f"pack-{tag}.log"), "a") as log:
-            with self.procs_lock:
-                if self.stopping.is_set():
-                    return {r["id"]: 143 for r in runs}, {}
-                proc = subprocess.Popen(
-                    argv,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    preexec_fn=die_with_parent if sys.platform == "linux" else None,
-                )
-                self.procs[tag] = proc
-            try:
-                code = proc.wait()
-            finally:
-                with self.procs_lock:
-                    self.procs.pop(tag, None)
+        code = self._spawn(tag, argv, env, os.path.join(self.path, f"pack-{tag}.log"))
         outcome = read_results(results)  # each member's, from the block (harness.members.packed.run_members)
-        codes, summaries = {}, {}
         for run in runs:
             entry = outcome.get(run["id"])
             codes[run["id"]] = entry["exitcode"] if entry else code
@@ -215,38 +132,3 @@ class PackedAgent(Agent):
                 with open(os.path.join(self.path, f"{run['id']}.log"), "a") as f:
                     f.write(f"packed in block {tag} (log pack-{tag}.log)\n")
         return codes, summaries
-
-    def worker(self) -> None:
-        try:
-            while not self.stopping.is_set():
-                block = self.claim_block()
-                if block is None:
-                    return
-                for run, resumed, k in block:
-                    shown = " ".join(f"{key}={v}" for key, v in run["params"].items() if key != "task")
-                    self.say(
-                        f"run {run['id']} {k}/{self.planned or '?'} {'resume' if resumed else 'start'} "
-                        f"(packed, {len(block)} in block {block[0][0]['id']}): {shown}"
-                    )
-                runs = [run for run, _, _ in block]
-                t0 = time.time()
-                try:
-                    codes, summaries = self.refuse_invalid(runs), {}
-                    healthy = [run for run in runs if run["id"] not in codes]
-                    if healthy:
-                        launched, summaries = self.launch_block(healthy)
-                        codes.update(launched)
-                except BaseException:
-                    for run in runs:
-                        self.record(run["id"], 1, time.time() - t0)
-                    raise
-                finally:
-                    with self.busy_lock:
-                        self.busy -= 1
-                for run in runs:
-                    self.outcomes.append(
-                        self.record(run["id"], codes[run["id"]], time.time() - t0, summaries.get(run["id"], {}))
-                    )
-        except BaseException as e:
-            self.errors.append(f"{type(e).__name__}: {e}")
-            self.stopping.set()
