@@ -230,16 +230,16 @@ def test_run_cap_counts_the_whole_sweep_not_each_agent(tmp_path):
     path = write_sweep(tmp_path / "s.yaml", widths([2, 3, 4]), extra="run_cap: 2\n")
     sweep_id = create_local_sweep(path, "wandb")
     first = Agent(sweep_id, "wandb", workers=1, count=None)
-    assert first.claim()[2] == 1 and first.claim()[2] == 2 and first.claim() is None
+    assert first.claim_block()[0][2] == 1 and first.claim_block()[0][2] == 2 and first.claim_block() is None
     second = Agent(sweep_id, "wandb", workers=1, count=None)  # another agent, same sweep
-    assert second.claim() is None
+    assert second.claim_block() is None
     assert len(json.load(open(f"wandb/sweep-{sweep_id}/state.json"))["runs"]) == 2
 
 
 def test_a_corrupt_state_file_is_one_line_with_the_way_back(tmp_path):
     path = write_sweep(tmp_path / "s.yaml", widths([2, 3]), extra="run_cap: 1\n")
     sweep_id = create_local_sweep(path, "wandb")
-    Agent(sweep_id, "wandb", workers=1, count=None).claim()  # a second write: .bak exists
+    Agent(sweep_id, "wandb", workers=1, count=None).claim_block()  # a second write: .bak exists
     state = f"wandb/sweep-{sweep_id}/state.json"
     with open(state, "w") as f:
         f.write('{"runs": [')  # cut mid-write by a full disk

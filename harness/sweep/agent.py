@@ -150,11 +150,6 @@ class Agent:
         """What a point must share with the others of its block; None: it packs with anything."""
         return None
 
-    def claim(self) -> tuple[dict, bool, int] | None:
-        """A solo agent's next run, its block of one: (run record, resumed?, k), or None when it should stop."""
-        block = self.claim_block()
-        return block[0] if block else None
-
     def claim_block(self) -> list[tuple[dict, bool, int]] | None:
         """[(run record, resumed?, k)] for up to `pack` compatible points, or None when done.
 
@@ -261,18 +256,23 @@ class Agent:
 
     def run_block(self, runs: list[dict]) -> tuple[dict[str, int], dict[str, dict]]:
         """Each run's exit code, and the summaries read here ({}: record() reads the run's result file)."""
-        from wandb.sdk.lib import config_util
-
         (run,) = runs  # each point is its own block
         run_id, params = run["id"], run["params"]
-        param_path = os.path.abspath(os.path.join(self.path, f"config-{run_id}.yaml"))
-        config_util.save_config_file_from_dict(param_path, {k: {"value": v} for k, v in params.items()})
+        param_path = self.param_file(run)
         args_json = os.path.abspath(os.path.join(self.path, f"config-{run_id}.json"))
         with open(args_json, "w") as f:
             json.dump(params, f)
         argv = expand_command(self.cfg, params, args_json)
         env = run_env(self.cfg, self.sweep_id, run_id, param_path, self.root, self.workers)
         return {run_id: self._spawn(run_id, argv, env, os.path.join(self.path, f"{run_id}.log"))}, {}
+
+    def param_file(self, run: dict) -> str:
+        """The run's parameters file, as `wandb agent` writes it (wandb's own writer): its path."""
+        from wandb.sdk.lib import config_util
+
+        path = os.path.abspath(os.path.join(self.path, f"config-{run['id']}.yaml"))
+        config_util.save_config_file_from_dict(path, {k: {"value": v} for k, v in run["params"].items()})
+        return path
 
     def _spawn(self, tag: str, argv: list[str], env: dict, log_path: str) -> int:
         """`argv`'s exit code; its output goes to `log_path`, and terminate() finds it under `tag` while it runs."""

@@ -98,8 +98,6 @@ class PackedAgent(Agent):
 
     def run_block(self, runs: list[dict]) -> tuple[dict[str, int], dict[str, dict]]:
         """Each member's exit code and summary, from one packed process for those it would accept."""
-        from wandb.sdk.lib import config_util
-
         codes = self.refuse_invalid(runs)
         summaries: dict[str, dict] = {run_id: {} for run_id in codes}  # never started: no result to read
         runs = [run for run in runs if run["id"] not in codes]
@@ -108,9 +106,7 @@ class PackedAgent(Agent):
         tag = runs[0]["id"]
         members = []
         for run in runs:
-            param_path = os.path.abspath(os.path.join(self.path, f"config-{run['id']}.yaml"))
-            config_util.save_config_file_from_dict(param_path, {k: {"value": v} for k, v in run["params"].items()})
-            members.append({"run_id": run["id"], "overrides": self._overrides(run), "param_path": param_path})
+            members.append({"run_id": run["id"], "overrides": self._overrides(run), "param_path": self.param_file(run)})
             self.pack_logs[run["id"]] = os.path.join(self.path, f"pack-{tag}.log")
         results = os.path.abspath(os.path.join(self.path, f"pack-{tag}.results.json"))
         if os.path.exists(results):
