@@ -11,6 +11,7 @@ from typing import Any
 from harness.config.run import RunConfig
 from harness.training import checkpoint, tracking
 from harness.training.curves import CurvesRecorder
+from harness.training.train import environ
 
 
 @dataclass
@@ -45,26 +46,13 @@ def as_solo_run(member: Member):
     from wandb.sdk import wandb_setup
 
     settings = wandb_setup.singleton().settings
-    values = {"WANDB_RUN_ID": ("run_id", member.run_id), "HARNESS_SWEEP_PARAM_PATH": (None, member.param_path)}
-    saved = {env: (os.environ.get(env), getattr(settings, attr) if attr else None) for env, (attr, _) in values.items()}
-    for env, (attr, value) in values.items():
-        if value:
-            os.environ[env] = value
-        else:
-            os.environ.pop(env, None)
-        if attr:
-            setattr(settings, attr, value)
+    saved = settings.run_id
+    settings.run_id = member.run_id
     try:
-        yield
+        with environ({"WANDB_RUN_ID": member.run_id or None, tracking.PARAM_ENV: member.param_path or None}):
+            yield
     finally:
-        for env, (attr, _) in values.items():
-            before_env, before_setting = saved[env]
-            if attr:
-                setattr(settings, attr, before_setting)
-            if before_env is None:
-                os.environ.pop(env, None)
-            else:
-                os.environ[env] = before_env
+        settings.run_id = saved
 
 
 def open_run(member: Member) -> None:

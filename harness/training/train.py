@@ -200,7 +200,8 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
         trainer = make_trainer(cfg, logger, callbacks)
         # The DDP ranks Lightning launches re-run `harness train` with this process's environment:
         # they need the run id (checkpoint directory) and the resume decision taken here.
-        with _environ({"WANDB_RUN_ID": run.id, checkpoint.RESUME_ENV: ckpt_path or ""}, cfg.trainer.devices > 1):
+        ranks = {"WANDB_RUN_ID": run.id, checkpoint.RESUME_ENV: ckpt_path or ""}
+        with environ(ranks) if cfg.trainer.devices > 1 else contextlib.nullcontext():
             try:
                 if job.stage == "fit":
                     # weights_only: resume_point has matched the file to this run, but not its bytes.
@@ -284,19 +285,22 @@ def _check_shardable(cfg: RunConfig, job: Job) -> None:
 
 
 @contextlib.contextmanager
-def _environ(values: dict[str, str], active: bool):
-    """Set environment variables for the duration (only if `active`), then restore them."""
-    saved = {k: os.environ.get(k) for k in values} if active else {}
-    if active:
-        os.environ.update(values)
+def environ(values: dict[str, str | None]):
+    """Set environment variables (None: unset) for the duration, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    _set_environ(values)
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environ(saved)
+
+
+def _set_environ(values: dict[str, str | None]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _finish(run, exit_code: int) -> None:
