@@ -71,11 +71,13 @@ def start_and_preempt(env, ckpt, args=LONG):
     return proc.returncode, out, err
 
 
-def sigterm_at(monkeypatch, step):
-    """Make the sparse-parity task send this process SIGTERM when training reaches `step`."""
+def sigterm_at(monkeypatch, step, task="sparse_parity"):
+    """Make the task (sparse parity by default) send this process SIGTERM when training reaches `step`."""
+    import importlib
+
     import lightning as L
 
-    import tasks.sparse_parity as sp
+    sp = importlib.import_module(f"tasks.{task}")
 
     class Kill(L.Callback):
         def on_train_batch_end(self, trainer, *args):
@@ -115,6 +117,27 @@ def test_resume_after_sigterm_logs_what_the_uninterrupted_run_logs(offline, monk
     for key in ("emergence/n_learned", "emergence/n_below_end", "emergence/last_step", "val/n_learned"):
         if key in ref:
             assert summary[key] == ref[key], key
+
+
+def test_a_float64_omnigrok_run_resumed_at_step_20_logs_the_uninterrupted_runs_values_bit_for_bit(offline, monkeypatch):
+    # Before issue 20's one path its batch loss differed in the 8th digit from step 24 on.
+    args = ["task=mnist_omnigrok", "data.n_train=200", "data.batch_size=50", "data.n_test=200"]
+    args += ["trainer.precision=64-true", "trainer.steps=60", "trainer.eval_every=20", "trainer.log_every=1"]
+    args += ["trainer.ckpt_every=20", "model.save=false", "trainer.progress_bar=false"]
+    ref = train(load_config(args), args)
+    (ref_hist,) = (read_run_file(f).history for f in run_files(str(offline / "wandb"), ref["_run_id"]))
+    import tasks.mnist_omnigrok as og
+
+    build = og.build
+    sigterm_at(monkeypatch, 20, "mnist_omnigrok")
+    with pytest.raises(Preempted) as stop:
+        train(load_config(args), args)
+    monkeypatch.setattr(og, "build", build)
+    monkeypatch.setenv("WANDB_RUN_ID", stop.value.run_id)
+    assert train(load_config(args), args)["trainer/resumed_from_step"] == 20
+    first, second = (read_run_file(f).history for f in run_files(str(offline / "wandb"), stop.value.run_id))
+    for key, n in (("train/batch_loss", 60), ("val/loss", 4)):
+        assert {**rows(first, key), **rows(second, key)} == rows(ref_hist, key) and len(rows(ref_hist, key)) == n, key
 
 
 def test_sigterm_during_the_last_step_lets_the_complete_run_finish(offline, monkeypatch):
