@@ -427,15 +427,20 @@ def _summary_keys(payload: bytes) -> bytes | None:
     return b"\0".join(_SUMMARY_KEYS.findall(payload, head[1], head[2]))
 
 
+def _pop_path(d: dict, path: list[str]) -> None:
+    """Remove the entry at `path` (a list of keys) from the nested dict `d`, if it is there."""
+    node = d
+    for k in path[:-1]:
+        node = node.get(k) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
+
+
 def _without(d: dict, paths: list[list[str]]) -> dict:
     """A copy of the nested dict `d` without the entries at `paths` (each a list of keys)."""
     d = json.loads(json.dumps(d))
     for path in paths:
-        node = d
-        for k in path[:-1]:
-            node = node.get(k) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(path[-1], None)
+        _pop_path(d, path)
     return d
 
 
@@ -650,9 +655,4 @@ def read_with_leet(path: str, wandb_exe: str = "wandb") -> RunFile:
 def _leet_remove(d: dict, items: list) -> None:
     """Apply leet's `"remove": [{"key": k} | {"nested_key": [k1, k2, ...]}]` to a summary or config."""
     for item in items:
-        path = item.get("nested_key") or [item.get("key", "")] if isinstance(item, dict) else [str(item)]
-        node = d
-        for k in path[:-1]:
-            node = node.get(k) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(path[-1], None)
+        _pop_path(d, item.get("nested_key") or [item.get("key", "")] if isinstance(item, dict) else [str(item)])
