@@ -28,7 +28,7 @@ from harness.runstore import cache as run_cache
 from harness.runstore import filters as run_filters
 from harness.runstore import remote
 from harness.runstore.cache import CACHE_DIR
-from harness.runstore.local import SourceError, _Local, is_local, load_local, run_files, wandb_dir
+from harness.runstore.local import SourceError, _check_sweep, _Local, is_local, load_local, run_files, wandb_dir
 from harness.runstore.remote import load_wandb
 
 __all__ = [
@@ -47,16 +47,6 @@ __all__ = [
     "CACHE_DIR",
 ]
 W_AND_B_PATH = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def _check_sweep(metas: list[dict], sweep: str | None, source: str) -> list[dict]:
-    if sweep is None:
-        return metas
-    chosen = [m for m in metas if m["sweep"] == sweep]
-    if not chosen:
-        known = sorted({m["sweep"] for m in metas if m["sweep"]})
-        raise SourceError(f"sweep {sweep!r} has no runs in {source}; sweeps there: {', '.join(known) or 'none'}")
-    return chosen
 
 
 # -- the public API -----------------------------------------------------------------------------
@@ -303,11 +293,7 @@ def artifact_files(source: str, run_id: str, artifact_type: str) -> dict[str, st
         metas, _, _ = load_local(source)
         for m in metas:
             if m["id"] == run_id:
-                files = {}
-                for a in m["artifacts"]:
-                    if a["type"] == artifact_type:
-                        files.update(a["files"])
-                return files
+                return _local_artifact_files(m, artifact_type)
         raise SourceError(f"run {run_id!r} not found in {source}")
     run = remote.api().run(f"{source}/{run_id}")
     files = {}
@@ -317,6 +303,11 @@ def artifact_files(source: str, run_id: str, artifact_type: str) -> dict[str, st
             for entry in art.manifest.entries:
                 files[entry] = os.path.join(root, entry)
     return files
+
+
+def _local_artifact_files(meta: dict, artifact_type: str) -> dict[str, str]:
+    """{path in artifact: local file} of an offline run's artifacts of one type (a later one wins)."""
+    return {path: file for a in meta["artifacts"] if a["type"] == artifact_type for path, file in a["files"].items()}
 
 
 def exportable(table: pd.DataFrame) -> pd.DataFrame:
@@ -364,10 +355,7 @@ def load_curves(source: str, name: str, run_ids: Iterable[str] | None = None, sw
         for rid in wanted if wanted is not None else list(by_id):
             if rid not in by_id:
                 raise SourceError(f"run {rid!r} not found in {source}" + (f" (sweep {sweep})" if sweep else ""))
-            files: dict[str, str] = {}
-            for a in by_id[rid]["artifacts"]:
-                if a["type"] == "curves":
-                    files.update(a["files"])
+            files = _local_artifact_files(by_id[rid], "curves")
             moved = os.path.join(by_id[rid]["path"], "curves", file)
             path = files.get(file)
             paths[rid] = (

@@ -42,6 +42,16 @@ def wandb_dir(source: str) -> str:
     return source
 
 
+def _check_sweep(metas: list[dict], sweep: str | None, source: str) -> list[dict]:
+    if sweep is None:
+        return metas
+    chosen = [m for m in metas if m["sweep"] == sweep]
+    if not chosen:
+        known = sorted({m["sweep"] for m in metas if m["sweep"]})
+        raise SourceError(f"sweep {sweep!r} has no runs in {source}; sweeps there: {', '.join(known) or 'none'}")
+    return chosen
+
+
 def run_files(source: str) -> list[str]:
     root = wandb_dir(source)
     files = sorted(
@@ -144,6 +154,13 @@ def _cached(path: str, st: os.stat_result, cache_root: str, notes: list[str]) ->
     return meta
 
 
+def _unwritable(cache_root: str, why: str) -> str:
+    return (
+        f"cannot write the run cache in {cache_root} ({why}); runs are decoded again on every load "
+        f"(set {run_cache.CACHE_ENV} to a writable directory)"
+    )
+
+
 def _load_file(path: str, cache_root: str, write: bool, send_history: bool = True):
     """One run file from the cache or decoded (and cached when `write`). Runs in a worker process
     too, so it prints nothing: returns (path, meta or None, history or None, error or None, notes)."""
@@ -163,11 +180,7 @@ def _load_file(path: str, cache_root: str, write: bool, send_history: bool = Tru
                 if not send_history:  # the parent reads the history file when it needs it
                     return path, dict(meta, **written), None, None, notes
             except OSError as e:
-                notes.append(
-                    f"cannot write the run cache in {cache_root} ({type(e).__name__}: "
-                    f"{e.strerror or e}); runs are decoded again on every load (set "
-                    f"{run_cache.CACHE_ENV} to a writable directory)"
-                )
+                notes.append(_unwritable(cache_root, f"{type(e).__name__}: {e.strerror or e}"))
         return path, meta, hist, None, notes
     except (CorruptRunFile, OSError) as e:
         return path, None, None, str(e), notes
@@ -246,11 +259,7 @@ class _Local:
         if todo:  # decode what the cache does not hold (in worker processes when there are many)
             why = run_cache.probe(self.cache_root)
             if why:
-                _warn(
-                    f"cannot write the run cache in {self.cache_root} ({why}); runs are decoded again "
-                    f"on every load (set {run_cache.CACHE_ENV} to a writable directory)",
-                    self.warnings,
-                )
+                _warn(_unwritable(self.cache_root, why), self.warnings)
             workers = workers or min(available_cpus(), 8)
             paths = [p for p, _ in todo]
             if len(todo) >= PARALLEL_MIN_FILES and workers > 1:

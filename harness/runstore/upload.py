@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from harness.errors import UserError
-from harness.runstore.local import SourceError, _Local, wandb_dir
+from harness.runstore.local import SourceError, _check_sweep, _Local, wandb_dir
 
 
 @dataclass
@@ -56,12 +56,7 @@ def plan(source: str, sweep: str | None = None, project: str | None = None, enti
     if not os.path.isdir(source):
         raise SourceError(f"SOURCE {source!r}: a local wandb directory (its offline-run-* runs are uploaded)")
     local = _Local(source)
-    metas = local.runs()
-    if sweep is not None:
-        metas = [m for m in metas if m["sweep"] == sweep]
-        if not metas:
-            known = sorted({m["sweep"] for m in local.runs() if m["sweep"]})
-            raise SourceError(f"sweep {sweep!r} has no runs in {source}; sweeps there: {', '.join(known) or 'none'}")
+    metas = _check_sweep(local.runs(), sweep, source)
     spec = _sweep_yaml(wandb_dir(source), sweep) if sweep else {}
     projects = sorted({m["project"] for m in metas if m["project"]})
     project = project or spec.get("project") or (projects[0] if len(projects) == 1 else None)
