@@ -124,11 +124,6 @@ def define_metrics(run) -> None:
         run.define_metric(key, summary=aggregates)
 
 
-def wandb_base_dir(cfg: RunConfig) -> str:
-    """Where wandb puts `wandb/`: $WANDB_DIR, else `wandb.dir`, else the current directory."""
-    return os.environ.get("WANDB_DIR") or cfg.wandb.dir or "."
-
-
 STAGING_VARS = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache", "WANDB_ARTIFACT_DIR": "artifacts"}
 _STAGING_SET: set[str] = set()  # the variables this process set itself (it moves them with the run's dir)
 
@@ -153,8 +148,8 @@ def init_run(cfg: RunConfig, overrides: list[str] | None = None, job_type: str =
     project wins under `wandb agent` (the local controller sets them from the sweep's YAML);
     WANDB_TAGS are added to `wandb.tags`; WANDB_RUN_GROUP is wandb's own default for `wandb.group`."""
     mode = resolve_mode(cfg.wandb.mode)
-    base = wandb_base_dir(cfg)
-    stage_under(os.path.join(base, "wandb"))
+    run_dir = os.environ.get("WANDB_DIR") or cfg.wandb.dir  # where wandb puts `wandb/` (None: here)
+    stage_under(os.path.join(run_dir or ".", "wandb"))
     env_tags = [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]
     kwargs: dict[str, Any] = dict(
         project=os.environ.get("WANDB_PROJECT") or cfg.wandb.project,
@@ -165,7 +160,7 @@ def init_run(cfg: RunConfig, overrides: list[str] | None = None, job_type: str =
         name=cfg.wandb.name or default_name(cfg, overrides or []),
         config=run_config(cfg),
         mode="offline" if mode == "dryrun" else mode,
-        dir=os.environ.get("WANDB_DIR") or cfg.wandb.dir,
+        dir=run_dir,
         settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True),
         reinit="finish_previous",
         # A restart with the same WANDB_RUN_ID (wandb agent, the local controller, SLURM requeue)
