@@ -51,7 +51,7 @@ def _log(run, path: str, name: str, type_: str, aliases: list[str], metadata: di
     import wandb
 
     art = wandb.Artifact(name=name, type=type_, metadata=metadata)
-    art.add_file(path, name=os.path.basename(path) if type_ != "model" else MODEL_FILE)
+    art.add_file(path)  # under its own name: model.ckpt, last.ckpt
     run.log_artifact(art, aliases=aliases)  # "mutable" add_file: staged now, the file may go
 
 
