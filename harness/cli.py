@@ -68,7 +68,7 @@ def cmd_sweep(args) -> int:
                 f"--estimate-steps {args.estimate_steps}: optimizer steps timed, an integer >= 1 "
                 "(0: list the runs only)"
             )
-        return dry_run(args.yaml, args.workers, args.pack, args.count, args.estimate_steps, args.estimate_steps > 0)
+        return dry_run(args.yaml, args.workers, args.pack, args.count, args.estimate_steps)
     from harness.sweep.local import create_local_sweep, run_agent
     from harness.sweep.spec import load_sweep_yaml
     from harness.sweep.wandb_sweep import create_wandb_sweep

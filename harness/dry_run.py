@@ -93,14 +93,13 @@ def _split(history, wall: float, k: int) -> plan.Timing:
     return plan.Timing(fixed_s, step_s, eval_s)
 
 
-def _history(wandb_dir: str, first_only: bool = True):
+def _history(wandb_dir: str):
     from harness.runstore import load_history, load_runs
 
     runs = load_runs(wandb_dir)
     if not len(runs):
         raise UserError(f"the timing run left no run in {wandb_dir}")
-    ids = sorted(runs["id"])[:1] if first_only else None
-    return load_history(wandb_dir, run_ids=ids)
+    return load_history(wandb_dir, run_ids=sorted(runs["id"])[:1])
 
 
 def _child_env(tmp: str, threads: int | None) -> dict:
@@ -205,12 +204,10 @@ def estimate(
     return lines
 
 
-def dry_run(
-    path: str, workers: int | None, pack: int | None, count: int | None, estimate_steps: int, with_estimate: bool = True
-) -> int:
+def dry_run(path: str, workers: int | None, pack: int | None, count: int | None, estimate_steps: int) -> int:
     cfg, task, points, lines = describe_sweep(path, count)
     print("\n".join(lines), flush=True)
-    if not with_estimate:
+    if estimate_steps <= 0:  # 0: list the runs only
         return 0
     if not points:
         print("estimate: only for grid sweeps (random and bayes draw their points while they run)")
