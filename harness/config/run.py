@@ -235,17 +235,12 @@ def check_overrides(task: str, overrides: dict[str, Any], cross_field: bool = Tr
     """
     # Each value as the run will read it: rendered as wandb's ${args_no_hyphens} renders it
     # (f"{param}={value}"), then parsed by the key's type, as `harness train` parses it.
-    cfg = _merge(task, [f"{k}={_dotlist_value(v)}" for k, v in overrides.items()])
+    cfg = _merge(task, [f"{k}={v}" for k, v in overrides.items()])
     if cross_field:
         cfg.validate()
     else:
         _check_finite(cfg)
         check_limits(cfg)
-
-
-def _dotlist_value(v: Any) -> str:
-    # Same rendering as wandb's ${args_no_hyphens}: f"{param}={value}".
-    return str(v)
 
 
 def _explain(e: OmegaConfBaseException, cls: type, task: str) -> str:
