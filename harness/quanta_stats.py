@@ -49,23 +49,18 @@ def fit_slope(freqs: np.ndarray, rank_min: int = 101, rank_max: int = 1000, leve
     ranks = np.arange(1, len(freqs) + 1)
     keep = (ranks >= rank_min) & (ranks <= hi) & (freqs > 0)
     out = {"rank_min": int(rank_min), "rank_max": int(hi), "n_ranks": int(keep.sum())}
-    if keep.sum() < 3:
-        return {
-            **out,
-            "slope": float("nan"),
-            "slope_lo": float("nan"),
-            "slope_hi": float("nan"),
-            "intercept": float("nan"),
-        }
-    x, y = np.log(ranks[keep]), np.log(freqs[keep])
-    res = stats.linregress(x, y)
-    half = stats.t.ppf(0.5 + level / 2, keep.sum() - 2) * res.stderr
+    slope = half = intercept = float("nan")  # fewer than three ranks: no line
+    if keep.sum() >= 3:
+        x, y = np.log(ranks[keep]), np.log(freqs[keep])
+        res = stats.linregress(x, y)
+        half = stats.t.ppf(0.5 + level / 2, keep.sum() - 2) * res.stderr
+        slope, intercept = res.slope, res.intercept
     return {
         **out,
-        "slope": float(res.slope),
-        "slope_lo": float(res.slope - half),
-        "slope_hi": float(res.slope + half),
-        "intercept": float(res.intercept),
+        "slope": float(slope),
+        "slope_lo": float(slope - half),
+        "slope_hi": float(slope + half),
+        "intercept": float(intercept),
     }
 
 
