@@ -73,10 +73,8 @@ def run_config(cfg: RunConfig) -> dict:
     for key, value in sweep_parameters().items():
         if key in flat and str(flat[key]) != str(value) and flat[key] != value:
             raise ConfigError(f"sweep parameter {key}={value!r} disagrees with the run config {flat[key]!r}")
-    for key in flat:
-        if is_plumbing(key):
-            _drop(nested, key)
-    nested.pop("wandb", None)
+    for key in PLUMBING:
+        _drop(nested, key)
     return nested
 
 
