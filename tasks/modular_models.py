@@ -38,7 +38,7 @@ class MemberModel(nn.Module):
     run is M = 1). forward(a, b): pairs [M, n] -> logits [M, n, p], each member on its own pairs; a
     single run may pass [n] and gets [n, p]. `member(i)` is member i as a model of one whose parameters
     are views of its slices (evaluation: no copy; the model artifact copies them,
-    harness.training.artifacts.save_model)."""
+    harness.members.checkpoints.member_checkpoint)."""
 
     def __init__(self, activation: str, **weights: torch.Tensor | None):
         super().__init__()

@@ -46,8 +46,8 @@ fails alone.
 import json
 import signal
 import threading
-from types import SimpleNamespace
 
+import lightning as L
 import wandb
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -55,7 +55,7 @@ from harness.config import results
 from harness.config.registry import task_module
 from harness.config.run import load_config
 from harness.errors import UserError
-from harness.members.checkpoints import BlockCheckpoint
+from harness.members.checkpoints import BlockCheckpoint, member_checkpoint
 from harness.members.module import BlockData, BlockModule
 from harness.members.rules import check_members
 from harness.members.runs import Member, as_solo_run, end_run, open_run
@@ -165,9 +165,8 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
         if not module.alive[i]:
             continue  # (BlockModule.on_fit_end has written its final summary and curves)
         if getattr(getattr(m.cfg, "model", None), "save", False):
-            m.run.summary["model/artifact"] = artifacts.save_model(
-                m.run, SimpleNamespace(model=block.member_model(i)), m.cfg, step
-            )
+            final = {"epoch": 0, "global_step": step, "pytorch-lightning_version": L.__version__}
+            m.run.summary["model/artifact"] = artifacts.save_model(m.run, member_checkpoint(final, module, i), m.cfg)
         checkpoint.restore_summaries(m.run, m.before)
         end_run(m, "finished", 0)
         checkpoint.mark_finished(m.cfg, m.run_id, step)

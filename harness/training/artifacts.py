@@ -22,7 +22,6 @@ import os
 import shutil
 import tempfile
 
-import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
@@ -118,26 +117,15 @@ class ModelArtifact(Checkpoint):
         return name
 
 
-def save_model(run, module, cfg: RunConfig, step: int) -> str:
-    """The final weights of a packed member (harness.members.packed: its model of one, cut from the
-    block, whose trainer holds the whole block), as `model-<run id>` holding `model.ckpt` in the layout
-    trainer.save_checkpoint writes (module state_dict keys under `model.`, Lightning's version, the
-    step) plus `config`; alias `latest` only (no evaluation history was kept to pick a best)."""
+def save_model(run, ckpt: dict, cfg: RunConfig) -> str:
+    """A packed member's final weights, `ckpt` (its weights-only Lightning checkpoint, cut from its block's
+    by harness.members.checkpoints.member_checkpoint, as a solo run's model.ckpt is), as `model-<run id>`
+    holding `model.ckpt` plus `config`; alias `latest` only (no evaluation history was kept to pick a best)."""
     name = f"model-{run.id}"
-    # clone: a packed member's parameters are views of the block's tensors, and torch.save writes a
-    # view's whole storage (every member's weights); .cpu() alone does not copy on a CPU.
-    state = {f"model.{k}": v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
-    ckpt = {
-        "epoch": 0,
-        "global_step": step,
-        "pytorch-lightning_version": L.__version__,
-        "state_dict": state,
-        "config": to_dict(cfg),
-    }
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, MODEL_FILE)
-        torch.save(ckpt, path)
-        _log(run, path, name, "model", ["latest"], {"task": cfg.task, "step": step})
+        torch.save({**ckpt, "config": to_dict(cfg)}, path)
+        _log(run, path, name, "model", ["latest"], {"task": cfg.task, "step": ckpt["global_step"]})
     return name
 
 
