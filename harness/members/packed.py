@@ -175,35 +175,23 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
 # ---- the command -----------------------------------------------------------------------------------
 
 
-def members_from_spec(spec: dict) -> list[Member]:
-    """A block file (written by harness.sweep.packed_agent): {"members": [{"overrides": [...], "run_id": ...,
-    "param_path": ...}, ...]}; every config is validated before any run starts."""
-    members = []
-    for i, entry in enumerate(spec["members"]):
-        overrides = list(entry["overrides"])
-        members.append(
-            Member(i, load_config(tuple(overrides)), overrides, entry.get("run_id"), entry.get("param_path"))
-        )
-    return members
-
-
 def run_spec(path: str) -> int:
-    """`harness train-packed BLOCK.json`: train the block, write each member's outcome to the block's
-    `results` file (JSON: run id -> state, exit code, summary) and print one JSON line per member.
+    """`harness train-packed BLOCK.json`, a block file written by harness.sweep.packed_agent: {"members":
+    [{"overrides": [...], "run_id": ..., "param_path": ...}, ...], "results": path}. Every config is
+    validated before any run starts; the block is trained, each member's outcome written to the `results`
+    file (JSON: run id -> state, exit code, summary) and printed as one JSON line.
     Exit status: 0 all finished, 143 preempted by SIGTERM, 1 a member failed."""
     with open(path) as f:
         spec = json.load(f)
-    return run_members(members_from_spec(spec), spec.get("results"))
-
-
-def run_members(members: list[Member], results_path: str | None = None) -> int:
-    """Train the members, write their outcomes to `results_path` (if given), print one JSON line per
-    member; the exit status of run_spec."""
+    members = [
+        Member(i, load_config(tuple(e["overrides"])), list(e["overrides"]), e.get("run_id"), e.get("param_path"))
+        for i, e in enumerate(spec["members"])
+    ]
     try:
         train_packed(members)
     finally:
         results.write_results(
-            results_path, {m.run_id: results.entry(m.state, m.summary, m.error) for m in members if m.run_id}
+            spec.get("results"), {m.run_id: results.entry(m.state, m.summary, m.error) for m in members if m.run_id}
         )
     for m in members:
         print(tracking.result_line({"_run_id": m.run_id, "_state": m.state, **m.summary}), flush=True)

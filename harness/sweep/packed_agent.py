@@ -119,7 +119,7 @@ class PackedAgent(Agent):
             env.pop(key, None)
         argv = [sys.executable, "-m", "harness", "train-packed", spec_path]
         code = self._spawn(tag, argv, env, os.path.join(self.path, f"pack-{tag}.log"))
-        outcome = read_results(results)  # each member's, from the block (harness.members.packed.run_members)
+        outcome = read_results(results)  # each member's, from the block (harness.members.packed.run_spec)
         for run in runs:
             entry = outcome.get(run["id"])
             codes[run["id"]] = entry["exitcode"] if entry else code
