@@ -194,13 +194,14 @@ def test_bad_input_is_one_line_before_any_gradient(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_planted_quanta_recovered_on_sparse_parity(tmp_path):
-    """4 subtasks, n=12, k=2, width 128, 1500 steps (the smoke sweep's setting): measured on this CPU
-    ARI 0.51-0.60 (purity 0.91-1.0) at 8 clusters with the paper's signed similarity (a subtask splits
-    by the class it predicts: a pure 2-way split of 4 equal subtasks scores ARI 0.6 at most) and
-    0.62-0.67 (purity 0.77-1.0) with |cosine| at 4 and 8 clusters; random labels score ~0. The
-    thresholds (ARI >= 0.45 and purity >= 0.85 at 2 x subtasks) leave room for seed noise and sit far
-    above chance."""
+def test_planted_quanta_recovered_on_sparse_parity(tmp_path, monkeypatch):
+    """4 subtasks, n=12, k=2, width 128, 1500 steps (the smoke sweep's setting), at seeds 0, 1, 2. ARI at
+    8 clusters with the paper's signed similarity (a subtask splits by the class it predicts: a pure
+    2-way split of 4 equal subtasks scores ARI 0.6 at most) varies with the seed: measured over seeds
+    0-5, 0.19-0.60 (median 0.42; purity 0.57-1.0) with this harness and 0.37-0.60 (median 0.43) before
+    issue 20's one path, whose float32 rounding moves which test samples pass samples.max_loss. Random
+    labels score ~0. So the median over three seeds is held to ARI >= 0.3 and purity >= 0.7, far above
+    chance, and 2 clusters (which cannot hold 4 subtasks) to ARI < 0.1 at every seed."""
     from analysis import quanta as aq
 
     args = [
@@ -219,13 +220,18 @@ def test_planted_quanta_recovered_on_sparse_parity(tmp_path):
         "cluster.fit_rank_min=1",
         "cluster.fit_rank_max=0",
     ]
-    s = train(load_config(args), args)
-    assert s["qdg/n_subtasks"] == 4 and s["qdg/ari_clusters"] == 4
-    result, _, md = aq.analyse(str(tmp_path / "wandb"), None, str(tmp_path / "out"))
-    r = result["runs"][0]
-    assert r["per_count"]["8"]["ari"] >= 0.45 and r["per_count"]["8"]["purity"] >= 0.85
-    assert r["per_count"]["2"]["ari"] < 0.1  # 2 clusters cannot hold 4 subtasks
-    assert "Confusion table" in md and (tmp_path / "out" / "quanta.json").exists()
+    at_8 = []
+    for seed in (0, 1, 2):
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path / f"s{seed}"))
+        s = train(load_config([*args, f"seed={seed}"]), [*args, f"seed={seed}"])
+        assert s["qdg/n_subtasks"] == 4 and s["qdg/ari_clusters"] == 4
+        out = tmp_path / f"out{seed}"
+        result, _, md = aq.analyse(str(tmp_path / f"s{seed}" / "wandb"), None, str(out))
+        r = result["runs"][0]
+        at_8.append(r["per_count"]["8"])
+        assert r["per_count"]["2"]["ari"] < 0.1, seed  # 2 clusters cannot hold 4 subtasks
+        assert "Confusion table" in md and (out / "quanta.json").exists()
+    assert np.median([r["ari"] for r in at_8]) >= 0.3 and np.median([r["purity"] for r in at_8]) >= 0.7, at_8
 
 
 # ---- real runs ----------------------------------------------------------------------------------
