@@ -88,9 +88,10 @@ def model_artifact(cfg: Config) -> tuple[str, dict]:
     foreign one is one line, before any gradient. Read weights-only (harness.training.checkpoint.load)."""
     from harness import runstore
     from harness.training.artifacts import MODEL_FILE, read_model
+    from harness.training.tracking import wandb_root
 
     m = cfg.model
-    source = m.artifact_source or os.path.join(os.environ.get("WANDB_DIR") or cfg.wandb.dir or ".", "wandb")
+    source = m.artifact_source or wandb_root(cfg)
     try:
         files = runstore.artifact_files(source, m.artifact, "model")
     except runstore.SourceError as e:

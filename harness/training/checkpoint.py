@@ -217,16 +217,10 @@ class Preempted(Exception):
         super().__init__(f"run {run_id} preempted (SIGTERM) at step {step}{where}")
 
 
-def wandb_root(cfg: RunConfig) -> str:
-    """`$WANDB_DIR/wandb`, else `<wandb.dir>/wandb`, else `./wandb`: where wandb puts run directories."""
-    base = os.environ.get("WANDB_DIR") or cfg.wandb.dir
-    return os.path.join(base, "wandb") if base else "wandb"
-
-
 def ckpt_dir(cfg: RunConfig, run_id: str) -> str:
     """`<trainer.ckpt_dir>/<run id>/`, by default `<wandb root>/checkpoints/<run id>/`: one directory
     per run, so that the runs of a sweep sharing one ckpt_dir never resume from each other."""
-    return os.path.join(cfg.trainer.ckpt_dir or os.path.join(wandb_root(cfg), "checkpoints"), run_id)
+    return os.path.join(cfg.trainer.ckpt_dir or os.path.join(tracking.wandb_root(cfg), "checkpoints"), run_id)
 
 
 def resume_path(directory: str) -> str | None:

@@ -126,6 +126,16 @@ STAGING_VARS = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache", "WANDB_ART
 _STAGING_SET: set[str] = set()  # the variables this process set itself (it moves them with the run's dir)
 
 
+def wandb_dir(cfg: RunConfig) -> str | None:
+    """The directory wandb puts `wandb/` in: $WANDB_DIR, else `wandb.dir` (None: the current one)."""
+    return os.environ.get("WANDB_DIR") or cfg.wandb.dir
+
+
+def wandb_root(cfg: RunConfig) -> str:
+    """`<wandb dir>/wandb`: where wandb puts run directories (and the harness its checkpoints and staging)."""
+    return os.path.join(wandb_dir(cfg) or "", "wandb")
+
+
 def stage_under(root: str) -> None:
     """wandb stages artifact files under WANDB_DATA_DIR (`<it>/artifacts/staging`), caches them under
     WANDB_CACHE_DIR and downloads to WANDB_ARTIFACT_DIR; unset, the first two are in the home
@@ -146,8 +156,7 @@ def init_run(cfg: RunConfig, overrides: list[str] | None = None, job_type: str =
     project wins under `wandb agent` (the local controller sets them from the sweep's YAML);
     WANDB_TAGS are added to `wandb.tags`; WANDB_RUN_GROUP is wandb's own default for `wandb.group`."""
     mode = resolve_mode(cfg.wandb.mode)
-    run_dir = os.environ.get("WANDB_DIR") or cfg.wandb.dir  # where wandb puts `wandb/` (None: here)
-    stage_under(os.path.join(run_dir or ".", "wandb"))
+    stage_under(wandb_root(cfg))
     env_tags = [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]
     kwargs: dict[str, Any] = dict(
         project=os.environ.get("WANDB_PROJECT") or cfg.wandb.project,
@@ -158,7 +167,7 @@ def init_run(cfg: RunConfig, overrides: list[str] | None = None, job_type: str =
         name=cfg.wandb.name or default_name(cfg, overrides or []),
         config=run_config(cfg),
         mode="offline" if mode == "dryrun" else mode,
-        dir=run_dir,
+        dir=wandb_dir(cfg),
         settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True),
         reinit="finish_previous",
         # A restart with the same WANDB_RUN_ID (wandb agent, the local controller, SLURM requeue)
