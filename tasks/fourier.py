@@ -70,6 +70,23 @@ def sum_directions(p: int, keys: list[int], sign: int = 1, dtype=torch.float64) 
     return torch.where(norms > 1e-9, u / norms.clamp_min(1e-12), torch.zeros_like(u))
 
 
+def restricted_excluded(
+    grid_logits: torch.Tensor, directions: torch.Tensor, rows: list[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Logits over the full (a, b) grid [p * p, p] split into their key-frequency part (plus the
+    per-class mean) and the rest, (restricted, excluded) in float64, at each set of grid rows in `rows`
+    (a * p + b). `directions` are the keys' `sum_directions`. Excluded keeps the per-class mean, so that
+    removing the key frequencies is all it changes. The projection runs once over the whole grid; its
+    parts are only formed at the rows asked for."""
+    x = grid_logits.to(torch.float64)
+    coef = directions.T @ x  # [1 + 2K, p]
+    out = []
+    for r in rows:
+        restricted = directions[r] @ coef
+        out.append((restricted, x[r] - restricted + directions[r, :1] @ coef[:1]))
+    return out
+
+
 @functools.lru_cache(maxsize=64)
 def cached_directions(p: int, keys: tuple[int, ...], sign: int, device: str) -> torch.Tensor:
     # The key frequencies of a run change a few times in its life, not at every evaluation.

@@ -24,7 +24,7 @@ from harness.training.detectors import GrokkingCallback
 from harness.training.nn import n_params, weight_norm
 from harness.training.train import Job
 from tasks.configs.modular_addition import Config
-from tasks.fourier import cached_directions, fourier_power, key_frequencies
+from tasks.fourier import cached_directions, fourier_power, key_frequencies, restricted_excluded
 from tasks.modular_models import ConcatMLP, MemberModel, PairMLP, initial_weights
 
 # ---------------------------------------------------------------- data
@@ -153,12 +153,8 @@ def evaluate(model: nn.Module, tensors: dict, cfg: Config) -> dict[str, torch.Te
     if d.operation in ("add", "subtract"):
         sign = 1 if d.operation == "add" else -1
         u = cached_directions(d.p, tuple(keys), sign, str(device))  # [p*p, 1 + 2K]
-        x = grid_logits.to(torch.float64)
-        coef = u.T @ x  # the projection onto the key directions runs over the whole grid ...
-        for split, (_, _, y) in tensors.items():  # ... its parts are only needed at the split's rows
-            r = rows[split]
-            restricted = u[r] @ coef
-            excluded = x[r] - restricted + u[r, :1] @ coef[:1]  # keeps the per-class mean
+        parts = restricted_excluded(grid_logits, u, [rows[split] for split in tensors])
+        for (split, (_, _, y)), (restricted, excluded) in zip(tensors.items(), parts):
             out[f"{split}/restricted_loss"] = torch.tensor(float(F.cross_entropy(restricted.float(), y)))
             out[f"{split}/excluded_loss"] = torch.tensor(float(F.cross_entropy(excluded.float(), y)))
     out["_keys"], out["_power"] = keys, power  # not metrics: the caller reports them

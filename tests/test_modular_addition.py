@@ -85,27 +85,9 @@ def trig_logits(p: int, w: int, scale: float = 20.0, sign: int = 1) -> torch.Ten
     return scale * torch.cos(2 * math.pi * w * (a + sign * b - c) / p)
 
 
-def restricted_excluded_logits(
-    grid_logits: torch.Tensor, keys: list[int], sign: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference the test holds evaluate's inline projection to: split logits over the full (a, b) grid [p * p, p] into the key-frequency part (plus the
-    per-class mean) and the rest: (restricted, excluded), same shapes.
-
-    Excluded keeps the per-class mean so that removing the key frequencies is all it changes.
-    """
-    p = grid_logits.shape[1]
-    x = grid_logits.to(torch.float64)
-    u = fourier.sum_directions(p, keys, sign).to(x.device)  # [p*p, 1 + 2K]
-    coef = u.T @ x  # [1 + 2K, p]
-    restricted = u @ coef
-    const = u[:, :1] @ coef[:1]
-    excluded = x - restricted + const
-    return restricted.to(grid_logits.dtype), excluded.to(grid_logits.dtype)
-
-
-def grid_loss(grid_logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean cross-entropy (nats) of the grid rows `rows` (a * p + b) against `labels`."""
-    return float(F.cross_entropy(grid_logits[rows].float(), labels))
+def loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean cross-entropy (nats)."""
+    return float(F.cross_entropy(logits.float(), labels))
 
 
 @pytest.mark.parametrize("sign", [1, -1])
@@ -114,13 +96,13 @@ def test_restricted_loss_keeps_and_excluded_loss_destroys_a_trig_circuit(sign):
     logits = trig_logits(p, w, sign=sign)
     a, b = torch.arange(p).repeat_interleave(p), torch.arange(p).repeat(p)
     rows, y = a * p + b, (a + sign * b) % p
-    full = grid_loss(logits, rows, y)
-    restricted, excluded = restricted_excluded_logits(logits, [w], sign)
-    assert grid_loss(restricted, rows, y) == pytest.approx(full, rel=1e-5)
-    assert grid_loss(excluded, rows, y) == pytest.approx(math.log(p), rel=1e-4)  # chance
+    full = loss(logits[rows], y)
+    ((restricted, excluded),) = fourier.restricted_excluded(logits, fourier.sum_directions(p, [w], sign), [rows])
+    assert loss(restricted, y) == pytest.approx(full, rel=1e-5)
+    assert loss(excluded, y) == pytest.approx(math.log(p), rel=1e-4)  # chance
     # The wrong frequency restricts to nothing: chance level.
-    wrong, _ = restricted_excluded_logits(logits, [w + 1], sign)
-    assert grid_loss(wrong, rows, y) == pytest.approx(math.log(p), rel=1e-4)
+    ((wrong, _),) = fourier.restricted_excluded(logits, fourier.sum_directions(p, [w + 1], sign), [rows])
+    assert loss(wrong, y) == pytest.approx(math.log(p), rel=1e-4)
 
 
 # ---- data and models ---------------------------------------------------------------------------
