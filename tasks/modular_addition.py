@@ -277,7 +277,7 @@ class ModularBlock:
         }
 
     def member_model(self, i: int):
-        return self.views[i]
+        return self.model.member(i, copy=True)
 
     def member_callbacks(self, i: int) -> list:
         # keys and power come from the last evaluation, as in the solo run (a run always evaluates at its end)

@@ -37,8 +37,8 @@ class MemberModel(nn.Module):
     """A model of M members whose parameters are stacked along a leading member dimension (a single
     run is M = 1). forward(a, b): pairs [M, n] -> logits [M, n, p], each member on its own pairs; a
     single run may pass [n] and gets [n, p]. `member(i)` is member i as a model of one whose parameters
-    are views of its slices (evaluation: no copy; the model artifact copies them,
-    harness.members.checkpoints.member_checkpoint)."""
+    are views of its slices (evaluation: no copy), or with `copy` its own storage (a model artifact,
+    a member's last.ckpt: torch.save writes a view's whole storage, every member's weights)."""
 
     def __init__(self, activation: str, **weights: torch.Tensor | None):
         super().__init__()
@@ -50,9 +50,10 @@ class MemberModel(nn.Module):
     def members(self) -> int:
         return self.embed.shape[0]
 
-    def member(self, i: int) -> MemberModel:
+    def member(self, i: int, copy: bool = False) -> MemberModel:
+        weights = {n: None if p is None else p.data[i : i + 1] for n, p in self._parameters.items()}
         return type(self)(
-            self.activation, **{n: None if p is None else p.data[i : i + 1] for n, p in self._parameters.items()}
+            self.activation, **{n: w.clone() if copy and w is not None else w for n, w in weights.items()}
         )
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

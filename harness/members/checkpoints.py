@@ -43,8 +43,8 @@ def member_checkpoint(block_ckpt: dict, module, i: int, keep_callbacks: bool = F
     block's own callbacks, a solo run's StepCheckpoint among them, are kept instead). A weights-only
     checkpoint (a model artifact) gets the member's weights alone."""
     member, block, opt = module.members[i], module.block, module.opt
-    model = block.member_model(i)
-    state_dict = {PREFIX + k: v.detach().clone() for k, v in model.state_dict().items()}
+    model = block.member_model(i)  # its weights of its own (a copy): saved as they are
+    state_dict = {PREFIX + k: v for k, v in model.state_dict().items()}
     if "optimizer_states" not in block_ckpt:
         return {**block_ckpt, "state_dict": state_dict}
     moments = opt.member_state(i)  # per block parameter, in the model's parameter order

@@ -15,8 +15,8 @@ stacked along a leading dimension and offers:
     evaluate(i, step) -> (metrics, arrays) member i's evaluation, as its solo run computes it; the
                                           block updates member i's event detectors itself
     static_summary(i), final_summary(i, run, seconds, cpu, steps) -> dict
-    member_model(i) -> nn.Module          member i's weights as a model of one (model artifact, C7;
-                                          its state dict, prefixed `model.`, is its block of one's)
+    member_model(i) -> nn.Module          member i's weights, copied, as a model of one (model artifact,
+                                          C7; its state dict, prefixed `model.`, is its block of one's)
     member_callbacks(i) -> [Callback]     member i's event detectors (their states go into its
                                           last.ckpt under their state keys)
     shard_error() -> str | None           why the members' data cannot be split over DDP ranks (a solo run's)
