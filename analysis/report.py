@@ -398,7 +398,7 @@ def build(source: str, sweep: str | None, out: str, log: bool | None = None, stu
                 )
         finally:
             # run.finish() returns before wandb-core has written the exit record; teardown waits for
-            # it (as harness.training.train._finish does), so the runs are complete when this returns
+            # it (as harness.training.train.train does), so the runs are complete when this returns
             wandb.teardown()
     print(
         f"report: wrote {out}/report.md and {out}/report.html ({len(sections)} studies, {time.time() - t0:.1f} s)",

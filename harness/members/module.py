@@ -76,7 +76,7 @@ class BlockModule(L.LightningModule):
             raise error
         self.alive[i] = False
         self.active = torch.tensor(self.alive, device=self.opt.params[0].device)
-        end_run(self.members[i], "failed", 1, str(error))
+        end_run(self.members[i], "failed", str(error))
         if not any(self.alive):
             self.trainer.should_stop = True
 

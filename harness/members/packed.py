@@ -120,17 +120,16 @@ def _train_blocks(members: list[Member]) -> None:
     except BaseException as e:
         for m in members:
             if m.run is not None and m.state == "running":
-                end_run(m, "failed", 1, f"{type(e).__name__}: {e}")
+                end_run(m, "failed", f"{type(e).__name__}: {e}")
         raise
     finally:
-        wandb.teardown()  # returns once every run file has its exit record (see harness.training.train._finish)
+        wandb.teardown()  # returns once every run file has its exit record (see harness.training.train.train)
 
 
 def _preempt(members: list[Member], alive: list[bool]) -> None:
     for m, ok in zip(members, alive):
         if ok:
-            checkpoint.restore_summaries(m.run, m.before)
-            end_run(m, "preempted", checkpoint.PREEMPTED_EXIT)
+            end_run(m, "preempted")
 
 
 def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
@@ -167,8 +166,7 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
         if getattr(getattr(m.cfg, "model", None), "save", False):
             final = {"epoch": 0, "global_step": step, "pytorch-lightning_version": L.__version__}
             m.run.summary["model/artifact"] = artifacts.save_model(m.run, member_checkpoint(final, module, i), m.cfg)
-        checkpoint.restore_summaries(m.run, m.before)
-        end_run(m, "finished", 0)
+        end_run(m, "finished")
         checkpoint.mark_finished(m.cfg, m.run_id, step)
 
 

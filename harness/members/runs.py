@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.config.results import EXIT_CODES
 from harness.config.run import RunConfig
 from harness.training import checkpoint, tracking
 from harness.training.curves import CurvesRecorder
@@ -67,11 +68,6 @@ def open_run(member: Member) -> None:
     member.run_id = member.run.id
 
 
-def end_run(member: Member, state: str, exit_code: int, error: str | None = None) -> None:
+def end_run(member: Member, state: str, error: str | None = None) -> None:
     member.state, member.error = state, error
-    if error:
-        member.run.summary["error"] = error
-    if state == "preempted":
-        member.run.mark_preempting()
-    member.summary = tracking.summary_dict(member.run)
-    member.run.finish(exit_code=exit_code)
+    member.summary = checkpoint.finish_run(member.run, EXIT_CODES.get(state, 1), member.before, error)

@@ -188,10 +188,20 @@ def record(config: dict | None, before: dict, run) -> dict:
     return {"config": config, "summary": merge_summaries(before, summaries(run))}
 
 
-def restore_summaries(run, before: dict) -> None:
-    """Put the whole run's aggregates into the summary of its resumed part (called before it finishes)."""
-    if before:
+def finish_run(run, exit_code: int, before: dict | None = None, error: str | None = None) -> dict:
+    """Finish a W&B run (a solo run's, a packed member's) and return its summary (tracking.summary_dict).
+    Finished (0) or preempted (PREEMPTED_EXIT: W&B is told the run is being preempted, not that it
+    failed), the whole run's aggregates go into the summary of its resumed part (`before`: those of the
+    part before its resume point); failed (1), `error` goes into the summary."""
+    if before and exit_code in (0, PREEMPTED_EXIT):
         run.summary.update(merge_summaries(before, summaries(run)))
+    if error:
+        run.summary["error"] = error
+    if exit_code == PREEMPTED_EXIT:
+        run.mark_preempting()
+    summary = tracking.summary_dict(run)
+    run.finish(exit_code=exit_code)
+    return summary
 
 
 def summaries(run) -> dict:
@@ -242,7 +252,7 @@ class StepCheckpoint(Checkpoint):
 
     It also carries what identifies and summarises the run (its state_dict): the run config, and
     the summary aggregates (best val/loss, ...) of the part of the run before the resume point,
-    which `restore_summaries` merges into the resumed run's summary.
+    which `finish_run` merges into the resumed run's summary.
     """
 
     def __init__(self, directory: str, every: int, eval_every: int, config: dict | None = None, run=None):
@@ -257,9 +267,6 @@ class StepCheckpoint(Checkpoint):
 
     def load_state_dict(self, state: dict) -> None:
         self.before = state.get("summary") or {}
-
-    def restore_summaries(self, run) -> None:
-        restore_summaries(run, self.before)
 
     def _due(self, trainer: L.Trainer) -> bool:
         step = trainer.global_step

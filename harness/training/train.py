@@ -181,9 +181,9 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
         _train_other_rank(cfg, job, ident)
         return None
     run = tracking.init_run(cfg, overrides, job_type="train" if job.stage == "fit" else "eval")
-    step = 0
+    step, saver = 0, None
     try:
-        callbacks, saver = list(job.callbacks), None
+        callbacks = list(job.callbacks)
         if job.stage != "fit" or run.id != os.environ.get("WANDB_RUN_ID", run.id):
             ckpt_path = None  # nothing to resume (evaluation), or not the id resume_point checked
         if job.stage == "fit":
@@ -213,28 +213,27 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
                 raise
             finally:
                 step = trainer.global_step
-        if saver is not None:
-            saver.restore_summaries(run)
         checkpoint.mark_finished(cfg, run.id, step)
-        summary = tracking.summary_dict(run)
+        summary = checkpoint.finish_run(run, 0, saver.before if saver else None)
         summary["_run_id"], summary["_run_dir"] = run.id, run.dir
-        _finish(run, 0)
         return summary
     except SIGTERMException:
         # SLURM preemption, a sweep's early stop, the local controller: StepCheckpoint has saved
         # last.ckpt (fit); W&B is told the run is being preempted, not that it failed.
-        if saver is not None:
-            saver.restore_summaries(run)
-        run.mark_preempting()
-        _finish(run, checkpoint.PREEMPTED_EXIT)
+        checkpoint.finish_run(run, checkpoint.PREEMPTED_EXIT, saver.before if saver else None)
         raise checkpoint.Preempted(step, saver.path if saver else None, run.id) from None
     except NonFiniteLoss as e:
-        run.summary["error"] = str(e)
-        _finish(run, 1)
+        checkpoint.finish_run(run, 1, error=str(e))
         raise
     except BaseException:
-        _finish(run, 1)
+        checkpoint.finish_run(run, 1)
         raise
+    finally:
+        # Return only once the run file is complete. run.finish() returns when wandb-core has accepted
+        # the exit record, not when the writer has written it: read straight after, the file lacked it
+        # in 5 of 10 runs here. wandb.teardown() waits for wandb-core to exit, which closes every run
+        # file; the next wandb.init starts it again.
+        wandb.teardown()
 
 
 def _train_other_rank(cfg: RunConfig, job: Job, ident: dict) -> None:
@@ -301,16 +300,3 @@ def _set_environ(values: dict[str, str | None]) -> None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-
-
-def _finish(run, exit_code: int) -> None:
-    """Finish the run and return only once its file is complete.
-
-    run.finish() returns when wandb-core has accepted the exit record, not when the writer has
-    written it: read straight after, the file lacked it in 5 of 10 runs here. wandb.teardown()
-    waits for wandb-core to exit, which closes every run file; the next wandb.init starts it again.
-    """
-    try:
-        run.finish(exit_code=exit_code)
-    finally:
-        wandb.teardown()
