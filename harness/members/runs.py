@@ -58,11 +58,7 @@ def as_solo_run(member: Member):
 
 def open_run(member: Member) -> None:
     with as_solo_run(member):
-        kwargs: dict[str, Any] = {"reinit": "create_new"}
-        if member.run_id:
-            kwargs["id"] = member.run_id
-        member.run = tracking.init_run(member.cfg, member.overrides, job_type="train", **kwargs)
-    tracking.define_metrics(member.run)
+        member.run = tracking.init_run(member.cfg, member.overrides, reinit="create_new", id=member.run_id or None)
     if member.run_id and member.run.id != member.run_id:  # never log a member into another run
         raise RuntimeError(f"wandb opened run {member.run.id} for member run id {member.run_id}")
     member.run_id = member.run.id

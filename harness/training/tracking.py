@@ -154,7 +154,8 @@ def init_run(cfg: RunConfig, overrides: list[str] | None = None, job_type: str =
 
     WANDB_PROJECT and WANDB_ENTITY, when set, win over `wandb.project`/`wandb.entity`, as a sweep's
     project wins under `wandb agent` (the local controller sets them from the sweep's YAML);
-    WANDB_TAGS are added to `wandb.tags`; WANDB_RUN_GROUP is wandb's own default for `wandb.group`."""
+    WANDB_TAGS are added to `wandb.tags`; WANDB_RUN_GROUP is wandb's own default for `wandb.group`.
+    The run's step axis and summaries are declared (define_metrics)."""
     mode = resolve_mode(cfg.wandb.mode)
     stage_under(wandb_root(cfg))
     env_tags = [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]
@@ -177,7 +178,9 @@ def init_run(cfg: RunConfig, overrides: list[str] | None = None, job_type: str =
     kwargs.update(init_kwargs)
     if kwargs["dir"]:
         os.makedirs(kwargs["dir"], exist_ok=True)
-    return wandb.init(**{k: v for k, v in kwargs.items() if v is not None})
+    run = wandb.init(**{k: v for k, v in kwargs.items() if v is not None})
+    define_metrics(run)
+    return run
 
 
 def summary_dict(run) -> dict:

@@ -94,15 +94,11 @@ class StepLogger(WandbLogger):
     Lightning passes its batch counter as the step: it lags global_step by one inside the training
     loop and counts batches, not optimizer steps (tasks take several per batch), so Lightning's own
     calls are put at trainer.global_step, and harness code that knows the step uses `log_step`.
-    Given a run (`experiment=`), WandbLogger skips its define_metric calls: the axis is declared here.
+    Given a run (`experiment=`), WandbLogger skips its define_metric calls: the axis is declared when
+    the run is opened (tracking.init_run).
     """
 
     trainer: L.Trainer | None = None
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self._experiment is not None:
-            tracking.define_metrics(self._experiment)
 
     def log_metrics(self, metrics, step=None):
         step = self.trainer.global_step if self.trainer is not None else step
