@@ -165,7 +165,8 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
             continue  # (BlockModule.on_fit_end has written its final summary and curves)
         if getattr(getattr(m.cfg, "model", None), "save", False):
             final = {"epoch": 0, "global_step": step, "pytorch-lightning_version": L.__version__}
-            m.run.summary["model/artifact"] = artifacts.save_model(m.run, member_checkpoint(final, module, i), m.cfg)
+            ckpt, meta = member_checkpoint(final, module, i), {"task": m.cfg.task, "step": step}
+            m.run.summary["model/artifact"] = artifacts.save_model(m.run, ckpt, m.cfg, ["latest"], meta)
         end_run(m, "finished")
         checkpoint.mark_finished(m.cfg, m.run_id, step)
 

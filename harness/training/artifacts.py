@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from harness.config.run import RunConfig, to_dict
 from harness.errors import ConfigError
-from harness.training import checkpoint, logs
+from harness.training import checkpoint, logs, tracking
 
 MODEL_FILE = "model.ckpt"
 METRIC_ENV = "HARNESS_SWEEP_METRIC"  # "name:goal", set by the local controller from the sweep's metric
@@ -37,21 +37,6 @@ def best_metric() -> tuple[str, str]:
     """(metric, goal) that chooses the `best` model: the sweep's, else val/loss, lowest."""
     name, _, goal = os.environ.get(METRIC_ENV, "").rpartition(":")
     return (name, goal) if name and goal in ("minimize", "maximize") else ("val/loss", "minimize")
-
-
-def _with_config(path: str, cfg: RunConfig) -> None:
-    """Add the resolved config to a checkpoint Lightning wrote (what rebuilds the task's model)."""
-    ckpt = checkpoint.load(path, "model checkpoint")
-    ckpt["config"] = to_dict(cfg)
-    torch.save(ckpt, path)
-
-
-def _log(run, path: str, name: str, type_: str, aliases: list[str], metadata: dict) -> None:
-    import wandb
-
-    art = wandb.Artifact(name=name, type=type_, metadata=metadata)
-    art.add_file(path)  # under its own name: model.ckpt, last.ckpt
-    run.log_artifact(art, aliases=aliases)  # "mutable" add_file: staged now, the file may go
 
 
 class ModelArtifact(Checkpoint):
@@ -99,33 +84,31 @@ class ModelArtifact(Checkpoint):
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def log_versions(self, run, final: str, best: str | None, step: int) -> str:
-        name = f"model-{run.id}"
         meta = {"task": self.cfg.task, "metric": self.key, "goal": self.goal}
         if best is not None:
-            _with_config(best, self.cfg)
-            _log(run, best, name, "model", ["best"], {**meta, "step": self.best[1], "score": self.best[0]})
-        _with_config(final, self.cfg)
+            best_ckpt = checkpoint.load(best, "model checkpoint")
+            save_model(run, best_ckpt, self.cfg, ["best"], {**meta, "step": self.best[1], "score": self.best[0]})
         score = self.best[0] if self.best is not None and best is None else None
-        _log(
+        return save_model(
             run,
-            final,
-            name,
-            "model",
+            checkpoint.load(final, "model checkpoint"),
+            self.cfg,
             ["latest"] if best is not None else ["latest", "best"],
             {**meta, "step": step, **({"score": score} if score is not None else {})},
         )
-        return name
 
 
-def save_model(run, ckpt: dict, cfg: RunConfig) -> str:
-    """A packed member's final weights, `ckpt` (its weights-only Lightning checkpoint, cut from its block's
-    by harness.members.checkpoints.member_checkpoint, as a solo run's model.ckpt is), as `model-<run id>`
-    holding `model.ckpt` plus `config`; alias `latest` only (no evaluation history was kept to pick a best)."""
+def save_model(run, ckpt: dict, cfg: RunConfig, aliases: list[str], metadata: dict) -> str:
+    """Weights, `ckpt` (a weights-only Lightning checkpoint: a solo run's, written by trainer.save_checkpoint,
+    or a packed member's, cut from its block's by harness.members.checkpoints.member_checkpoint), as a
+    version of `model-<run id>` holding `model.ckpt` plus the resolved run config under `config` (what
+    rebuilds the task's model). A packed member's has alias `latest` only (no evaluation history was kept
+    to pick a best)."""
     name = f"model-{run.id}"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, MODEL_FILE)
         torch.save({**ckpt, "config": to_dict(cfg)}, path)
-        _log(run, path, name, "model", ["latest"], {"task": cfg.task, "step": ckpt["global_step"]})
+        tracking.log_artifact(run, path, name, "model", metadata, aliases=aliases)
     return name
 
 
@@ -155,7 +138,9 @@ class CheckpointArtifacts(Checkpoint):
         run = logs.wandb_run(trainer)
         if run is None or step is None or step == self.logged_step or not os.path.isfile(self.saver.path):
             return
-        _log(run, self.saver.path, f"checkpoint-{run.id}", "checkpoint", ["latest"], {"step": step})
+        tracking.log_artifact(
+            run, self.saver.path, f"checkpoint-{run.id}", "checkpoint", {"step": step}, aliases=["latest"]
+        )
         self.logged_step = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

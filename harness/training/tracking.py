@@ -212,12 +212,15 @@ def _json_safe(value):
     return value
 
 
-def log_artifact(run, path: str, name: str, type_: str, metadata: dict | None = None, policy: str = "mutable") -> None:
-    """A file or folder as a W&B artifact. policy="immutable" references the files where they are
-    (no staging copy): for files written once, in the run directory, and never changed."""
+def log_artifact(
+    run, path: str, name: str, type_: str, metadata: dict | None = None, policy: str = "mutable", aliases=None
+) -> None:
+    """A file or folder (under its own name) as a W&B artifact, with `aliases` (None: wandb's `latest`).
+    policy="mutable" stages a copy now (the file may go); "immutable" references the files where they
+    are (no staging copy): for files written once, in the run directory, and never changed."""
     art = wandb.Artifact(name=name, type=type_, metadata=metadata or {})
     if os.path.isdir(path):
         art.add_dir(path, policy=policy)
     else:
         art.add_file(path, policy=policy)
-    run.log_artifact(art)
+    run.log_artifact(art, aliases=aliases)
