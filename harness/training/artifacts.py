@@ -153,7 +153,7 @@ class CheckpointArtifacts(Checkpoint):
         self._maybe_log(trainer)  # SIGTERM: the saver wrote last.ckpt in its own on_exception
 
 
-def local_resume_file(cfg: RunConfig, offline: bool) -> str | None:
+def local_resume_file(cfg: RunConfig) -> str | None:
     """`trainer.resume_from` as a local file, decided before a W&B run exists: a file, or a directory
     holding last.ckpt (a downloaded artifact); None when unset or (online) a W&B name that
     `download_resume_file` fetches once the run exists. Anything else is a one-line ConfigError."""
@@ -165,7 +165,7 @@ def local_resume_file(cfg: RunConfig, offline: bool) -> str | None:
         if not os.path.isfile(path):
             raise ConfigError(f"trainer.resume_from={source!r}: a directory without last.ckpt; give the file")
         return path
-    if offline:
+    if tracking.resolve_mode(cfg.wandb.mode) != "online":
         raise ConfigError(
             f"trainer.resume_from={source!r}: no such file or directory, and a W&B artifact "
             "needs online mode (download it, e.g. `wandb artifact get`, and give the path)"

@@ -89,7 +89,7 @@ def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[str | None, int | 
     if not run_id:
         return None, None  # wandb makes a new id: nothing can be there
     directory = ckpt_dir(cfg, run_id)
-    done, path = os.path.join(directory, FINISHED), resume_path(directory)
+    done, path = os.path.join(directory, FINISHED), os.path.join(directory, LAST)
     if cfg.trainer.resume == "never":
         for name in (FINISHED, LAST, LEGACY_PACKED, BLOCK_SCRATCH):
             if os.path.exists(os.path.join(directory, name)):
@@ -102,7 +102,7 @@ def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[str | None, int | 
             f"{done}): a run id names one run, so it is not trained again; unset WANDB_RUN_ID (or give a new "
             "one) for a new run, or pass trainer.resume=never to train this id again from step 0"
         )
-    if path is None:
+    if not os.path.isfile(path):
         if os.path.exists(os.path.join(directory, LEGACY_PACKED)):
             raise ResumeRefused(
                 f"run {run_id}'s resume point {os.path.join(directory, LEGACY_PACKED)} is a packed block's "
@@ -118,13 +118,7 @@ def matched_step(cfg: RunConfig, run_id: str | None, path: str, what: str, ident
     (ResumeRefused otherwise; `ident`: the config's identity taken before build() resolved values in
     it); read weights-only."""
     state = load(path, what)
-    saved = (state.get("callbacks") or {}).get(StepCheckpoint.__name__, {}).get("config")
-    check_config(saved, cfg, run_id, path, ident)
-    return int(state["global_step"])
-
-
-def check_config(saved: Any, cfg: RunConfig, run_id: str | None, path: str, ident: dict | None = None) -> None:
-    """ResumeRefused unless `saved` (the identity a resume point recorded) is this run config's."""
+    saved = (state.get("callbacks") or {}).get(StepCheckpoint.__name__, {}).get("config")  # its identity
     if not isinstance(saved, dict):
         raise ResumeRefused(
             f"resume point {path} records no run config (written by an older harness), so it "
@@ -137,6 +131,7 @@ def check_config(saved: Any, cfg: RunConfig, run_id: str | None, path: str, iden
             f"{_differences(saved, now)}; give this run a new WANDB_RUN_ID (or unset it), "
             "or pass trainer.resume=never to start this id again from step 0"
         )
+    return int(state["global_step"])
 
 
 def mark_finished(cfg: RunConfig, run_id: str, step: int) -> None:
@@ -231,11 +226,6 @@ def ckpt_dir(cfg: RunConfig, run_id: str) -> str:
     """`<trainer.ckpt_dir>/<run id>/`, by default `<wandb root>/checkpoints/<run id>/`: one directory
     per run, so that the runs of a sweep sharing one ckpt_dir never resume from each other."""
     return os.path.join(cfg.trainer.ckpt_dir or os.path.join(tracking.wandb_root(cfg), "checkpoints"), run_id)
-
-
-def resume_path(directory: str) -> str | None:
-    path = os.path.join(directory, LAST)
-    return path if os.path.isfile(path) else None
 
 
 class StepCheckpoint(Checkpoint):

@@ -161,9 +161,7 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
     if rank_zero_only.rank == 0:  # before anything is written: a refused run id leaves no trace
         run_id = os.environ.get("WANDB_RUN_ID")
         ckpt_path, resumed_step = checkpoint.resume_point(cfg, run_id)
-        local = (
-            None if ckpt_path else artifacts.local_resume_file(cfg, tracking.resolve_mode(cfg.wandb.mode) != "online")
-        )
+        local = None if ckpt_path else artifacts.local_resume_file(cfg)
         if local:  # trainer.resume_from, checked against this run config as the run's own last.ckpt is
             ckpt_path, resumed_step = local, checkpoint.matched_step(cfg, run_id, local, "trainer.resume_from:")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
