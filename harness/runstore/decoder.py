@@ -181,11 +181,8 @@ class _DictRows:
         self.steps.append(hist.step.num if hist.HasField("step") else None)
         return len(self.rows) - 1
 
-    def count(self, i: int) -> int:
-        return len(self.rows[i])
-
-    def size(self, i: int) -> None:  # item bytes: not known here
-        return None
+    def shape(self, i: int) -> tuple[int, None]:  # item count; item bytes: not known here
+        return len(self.rows[i]), None
 
     def row(self, i: int) -> dict[str, Any]:
         return self.rows[i]
@@ -273,11 +270,8 @@ class _PackedRows:
         self.sizes.append(stop - start)
         return len(self.regions) - 1
 
-    def count(self, i: int) -> int:
-        return self.counts[i]
-
-    def size(self, i: int) -> int:
-        return self.sizes[i]
+    def shape(self, i: int) -> tuple[int, int]:  # item count, item bytes
+        return self.counts[i], self.sizes[i]
 
     def decode(self) -> bool:
         """Parse every row at once; False if some item or value is not in the packed layout."""
@@ -543,7 +537,7 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
                     return None
                 row = rows.add(rec.history) if kind == "history" else None
             if row is not None:
-                if pending is not None and pending[1] == rows.count(row) and pending[2] == rows.size(row):
+                if pending is not None and pending[1:] == rows.shape(row):
                     pending = None  # the summary record is this row: apply the row instead
                     if ops and ops[-1][0] == "rows" and ops[-1][2] == row:
                         ops[-1] = ("rows", ops[-1][1], row + 1)
@@ -559,18 +553,8 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
                     ops.append(("record", payload))
             elif kind == "metric":
                 m = rec.metric
-                if (
-                    shortcut
-                    and m.HasField("summary")
-                    and (
-                        m.summary.min
-                        or m.summary.max
-                        or m.summary.mean
-                        or m.summary.best
-                        or m.summary.none
-                        or m.summary.first
-                    )
-                ):
+                policies = ("min", "max", "mean", "best", "none", "first")  # all but last and copy
+                if shortcut and m.HasField("summary") and any(getattr(m.summary, p) for p in policies):
                     return None
             elif kind == "config":
                 _apply_config(out.config, rec.config)
