@@ -264,7 +264,7 @@ class Agent:
             json.dump(params, f)
         argv = expand_command(self.cfg, params, args_json)
         env = run_env(self.cfg, self.sweep_id, run_id, param_path, self.root, self.workers)
-        return {run_id: self._spawn(run_id, argv, env, os.path.join(self.path, f"{run_id}.log"))}, {}
+        return {run_id: self._spawn(run_id, argv, env, self.log_of(run_id))}, {}
 
     def param_file(self, run: dict) -> str:
         """The run's parameters file, as `wandb agent` writes it (wandb's own writer): its path."""
