@@ -149,8 +149,7 @@ def load_table(source: str, run_id: str, key: str) -> pd.DataFrame:
             raise SourceError(f"run {run_id}: the file of summary {key!r} cannot be read ({ref['path']})")
         return frame
     run = remote.api().run(f"{source}/{run_id}")
-    ref = getattr(run.summary, "_json_dict", None) or dict(run.summary)
-    ref = ref.get(key)
+    ref = (getattr(run.summary, "_json_dict", None) or dict(run.summary)).get(key)
     if not _is_table(ref):
         raise SourceError(f"run {run_id}: summary {key!r} is not a Table")
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,8 +195,7 @@ def load_history(
     and evaluation metrics of the same step side by side (wandb writes them as separate rows).
     `long=True`: the tidy form instead, one row per (run_id, step, metric) with its value (NaN-free;
     W&B's own `_step`, `_runtime`, `_timestamp` and the step axis itself left out)."""
-    hist = _load_history(source, run_ids, sweep, keys)
-    hist = _one_row_per_step(hist)
+    hist = _one_row_per_step(_load_history(source, run_ids, sweep, keys))
     return _long_form(hist) if long else hist
 
 

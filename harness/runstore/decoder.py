@@ -59,7 +59,7 @@ class Log:
         ident, magic, _version = HEADER.unpack_from(data, 0)
         if ident != b":W&B" or magic != 0xBEE1:
             raise CorruptRunFile(f"{path}: not a W&B run file (header {data[:7]!r}, want b':W&B' + 0xBEE1)")
-        self.data, self.path = data, path
+        self.data = data
         self.damage: list[str] = []
         self.truncated = False
 
@@ -383,7 +383,6 @@ def _with_steps(frame: pd.DataFrame, steps: list[int | None]) -> pd.DataFrame:
 
 @dataclass
 class RunFile:
-    path: str
     run_id: str = ""
     name: str = ""
     project: str = ""
@@ -503,7 +502,7 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
     (min, max, ...): then return None and the caller decodes everything. `packed` reads history
     rows with `_PackedRows`; None if they do not fit its layout.
     """
-    out = RunFile(path=path)
+    out = RunFile()
     log = Log(data, path)
     rec = pb.Record()
     rows = _PackedRows() if packed else _DictRows()
@@ -604,7 +603,7 @@ def read_with_leet(path: str, wandb_exe: str = "wandb") -> RunFile:
     proc = subprocess.run([wandb_exe, "leet", "inspect", "--json", path], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise CorruptRunFile(f"{path}: wandb leet inspect failed: {proc.stderr.strip()[:200]}")
-    out, history = RunFile(path=path), []
+    out, history = RunFile(), []
     for line in proc.stdout.splitlines():
         rec = json.loads(line)
         kind = rec.get("type")
