@@ -25,5 +25,4 @@ def create_wandb_sweep(yaml_path: str, project: str | None = None, entity: str |
 
 
 def run_wandb_agent(path: str, count: int | None) -> int:
-    argv = ["wandb", "agent", *(["--count", str(count)] if count else []), path]
-    return subprocess.call(argv)
+    return subprocess.call(["wandb", "agent", *(["--count", str(count)] if count else []), path])
