@@ -28,7 +28,7 @@ from harness.runstore import cache as run_cache
 from harness.runstore import filters as run_filters
 from harness.runstore import remote
 from harness.runstore.cache import CACHE_DIR
-from harness.runstore.local import SourceError, _check_sweep, _Local, is_local, load_local, run_files, wandb_dir
+from harness.runstore.local import SourceError, _check_sweep, _Local, is_local, run_files, wandb_dir
 from harness.runstore.remote import load_wandb
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "load_curves",
     "artifact_files",
     "to_parquet",
-    "load_local",
     "load_wandb",
     "SourceError",
     "is_local",
@@ -136,8 +135,7 @@ def load_table(source: str, run_id: str, key: str) -> pd.DataFrame:
     name "summary.emergence/items"): offline from the run's media file, from W&B by downloading it."""
     key = key.removeprefix("summary.")
     if _resolve(source) == "local":
-        local = _Local(source)
-        meta = next((m for m in local.runs() if m["id"] == run_id), None)
+        meta = next((m for m in _Local(source).runs() if m["id"] == run_id), None)
         if meta is None:
             raise SourceError(f"run {run_id!r} not found in {source}")
         ref = meta["summary"].get(key)
@@ -151,8 +149,7 @@ def load_table(source: str, run_id: str, key: str) -> pd.DataFrame:
             raise SourceError(f"run {run_id}: the file of summary {key!r} cannot be read ({ref['path']})")
         return frame
     run = remote.api().run(f"{source}/{run_id}")
-    ref = getattr(run.summary, "_json_dict", None) or dict(run.summary)
-    ref = ref.get(key)
+    ref = (getattr(run.summary, "_json_dict", None) or dict(run.summary)).get(key)
     if not _is_table(ref):
         raise SourceError(f"run {run_id}: summary {key!r} is not a Table")
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,8 +195,7 @@ def load_history(
     and evaluation metrics of the same step side by side (wandb writes them as separate rows).
     `long=True`: the tidy form instead, one row per (run_id, step, metric) with its value (NaN-free;
     W&B's own `_step`, `_runtime`, `_timestamp` and the step axis itself left out)."""
-    hist = _load_history(source, run_ids, sweep, keys)
-    hist = _one_row_per_step(hist)
+    hist = _one_row_per_step(_load_history(source, run_ids, sweep, keys))
     return _long_form(hist) if long else hist
 
 
@@ -290,7 +286,7 @@ def _select(hist: pd.DataFrame, keys: list[str] | None) -> pd.DataFrame:
 def artifact_files(source: str, run_id: str, artifact_type: str) -> dict[str, str]:
     """{path in artifact: local file} for the artifacts of one type that a run logged."""
     if _resolve(source) == "local":
-        metas, _, _ = load_local(source)
+        metas = _Local(source).runs()
         for m in metas:
             if m["id"] == run_id:
                 return _local_artifact_files(m, artifact_type)
@@ -350,7 +346,7 @@ def load_curves(source: str, name: str, run_ids: Iterable[str] | None = None, sw
     wanted = None if run_ids is None else list(dict.fromkeys(run_ids))
     paths: dict[str, str | None] = {}
     if _resolve(source) == "local":
-        metas, _, _ = load_local(source)
+        metas = _Local(source).runs()
         by_id = {m["id"]: m for m in _check_sweep(metas, sweep, source)}
         for rid in wanted if wanted is not None else list(by_id):
             if rid not in by_id:

@@ -59,7 +59,7 @@ class Log:
         ident, magic, _version = HEADER.unpack_from(data, 0)
         if ident != b":W&B" or magic != 0xBEE1:
             raise CorruptRunFile(f"{path}: not a W&B run file (header {data[:7]!r}, want b':W&B' + 0xBEE1)")
-        self.data, self.path = data, path
+        self.data = data
         self.damage: list[str] = []
         self.truncated = False
 
@@ -181,11 +181,8 @@ class _DictRows:
         self.steps.append(hist.step.num if hist.HasField("step") else None)
         return len(self.rows) - 1
 
-    def count(self, i: int) -> int:
-        return len(self.rows[i])
-
-    def size(self, i: int) -> None:  # item bytes: not known here
-        return None
+    def shape(self, i: int) -> tuple[int, None]:  # item count; item bytes: not known here
+        return len(self.rows[i]), None
 
     def row(self, i: int) -> dict[str, Any]:
         return self.rows[i]
@@ -273,11 +270,8 @@ class _PackedRows:
         self.sizes.append(stop - start)
         return len(self.regions) - 1
 
-    def count(self, i: int) -> int:
-        return self.counts[i]
-
-    def size(self, i: int) -> int:
-        return self.sizes[i]
+    def shape(self, i: int) -> tuple[int, int]:  # item count, item bytes
+        return self.counts[i], self.sizes[i]
 
     def decode(self) -> bool:
         """Parse every row at once; False if some item or value is not in the packed layout."""
@@ -389,7 +383,6 @@ def _with_steps(frame: pd.DataFrame, steps: list[int | None]) -> pd.DataFrame:
 
 @dataclass
 class RunFile:
-    path: str
     run_id: str = ""
     name: str = ""
     project: str = ""
@@ -509,7 +502,7 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
     (min, max, ...): then return None and the caller decodes everything. `packed` reads history
     rows with `_PackedRows`; None if they do not fit its layout.
     """
-    out = RunFile(path=path)
+    out = RunFile()
     log = Log(data, path)
     rec = pb.Record()
     rows = _PackedRows() if packed else _DictRows()
@@ -543,7 +536,7 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
                     return None
                 row = rows.add(rec.history) if kind == "history" else None
             if row is not None:
-                if pending is not None and pending[1] == rows.count(row) and pending[2] == rows.size(row):
+                if pending is not None and pending[1:] == rows.shape(row):
                     pending = None  # the summary record is this row: apply the row instead
                     if ops and ops[-1][0] == "rows" and ops[-1][2] == row:
                         ops[-1] = ("rows", ops[-1][1], row + 1)
@@ -559,18 +552,8 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
                     ops.append(("record", payload))
             elif kind == "metric":
                 m = rec.metric
-                if (
-                    shortcut
-                    and m.HasField("summary")
-                    and (
-                        m.summary.min
-                        or m.summary.max
-                        or m.summary.mean
-                        or m.summary.best
-                        or m.summary.none
-                        or m.summary.first
-                    )
-                ):
+                policies = ("min", "max", "mean", "best", "none", "first")  # all but last and copy
+                if shortcut and m.HasField("summary") and any(getattr(m.summary, p) for p in policies):
                     return None
             elif kind == "config":
                 _apply_config(out.config, rec.config)
@@ -620,7 +603,7 @@ def read_with_leet(path: str, wandb_exe: str = "wandb") -> RunFile:
     proc = subprocess.run([wandb_exe, "leet", "inspect", "--json", path], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise CorruptRunFile(f"{path}: wandb leet inspect failed: {proc.stderr.strip()[:200]}")
-    out, history = RunFile(path=path), []
+    out, history = RunFile(), []
     for line in proc.stdout.splitlines():
         rec = json.loads(line)
         kind = rec.get("type")

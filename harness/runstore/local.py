@@ -10,8 +10,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 
 import pandas as pd
 
@@ -188,27 +188,6 @@ def _load_file(path: str, cache_root: str, write: bool, send_history: bool = Tru
         return path, None, None, f"{path}: {type(e).__name__}: {e}".splitlines()[0], notes
 
 
-def _load_file_in_worker(args):
-    path, cache_root, write = args
-    return _load_file(path, cache_root, write, send_history=not write)
-
-
-class _Histories(Mapping):
-    """run id -> history, read from the cache on first use (load_runs alone never reads history)."""
-
-    def __init__(self, local: _Local):
-        self._local = local
-
-    def __getitem__(self, run_id: str) -> pd.DataFrame:
-        return self._local.history(run_id)
-
-    def __iter__(self):
-        return iter(self._local.by_id)
-
-    def __len__(self) -> int:
-        return len(self._local.by_id)
-
-
 def _progress(items, n: int):
     """A bar on an interactive terminal when there are enough run files to decode to wait for."""
     from tqdm import tqdm
@@ -230,7 +209,7 @@ _MEMO: dict[tuple, tuple[dict, pd.DataFrame | None]] = {}  # (path, size, mtime_
 class _Local:
     """The run files of a wandb directory, merged by run id (contract C5)."""
 
-    def __init__(self, source: str, workers: int | None = None):
+    def __init__(self, source: str):
         root = wandb_dir(source)
         files = run_files(source)
         self.errors: list[str] = []
@@ -260,8 +239,9 @@ class _Local:
             why = run_cache.probe(self.cache_root)
             if why:
                 _warn(_unwritable(self.cache_root, why), self.warnings)
-            workers = workers or min(available_cpus(), 8)
+            workers = min(available_cpus(), 8)
             paths = [p for p, _ in todo]
+            load = partial(_load_file, cache_root=self.cache_root, write=not why)
             if len(todo) >= PARALLEL_MIN_FILES and workers > 1:
                 # Workers write the cache and send back the meta only: pickling 200 histories
                 # through the pipe costs more than the parent reading them from the cache. (With
@@ -269,12 +249,12 @@ class _Local:
                 with ProcessPoolExecutor(workers) as pool:
                     results = list(
                         _progress(
-                            pool.map(_load_file_in_worker, [(p, self.cache_root, not why) for p in paths], chunksize=4),
+                            pool.map(partial(load, send_history=False), paths, chunksize=4),
                             len(paths),
                         )
                     )
             else:
-                results = [_load_file(p, self.cache_root, not why) for p in _progress(paths, len(paths))]
+                results = [load(p) for p in _progress(paths, len(paths))]
             for (path, meta, hist, err, notes), (_, key) in zip(results, todo):
                 for n in notes:
                     _warn(n, self.warnings)
@@ -380,9 +360,3 @@ class _Local:
             if any(len(h) for h in kept)
             else pd.DataFrame()
         )
-
-
-def load_local(source: str, workers: int | None = None) -> tuple[list[dict], Mapping[str, pd.DataFrame], list[str]]:
-    """(one meta per run, {run id: history} read on demand, errors) for a local wandb directory."""
-    local = _Local(source, workers)
-    return local.runs(), _Histories(local), local.errors

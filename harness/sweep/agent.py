@@ -176,7 +176,6 @@ class Agent:
                 if len(block) < room and signature in (None, s):
                     signature = s
                     r["preemptions"] = r.get("preemptions", 0) + 1
-                    r["state"] = "running"
                     block.append((r, True))
             skipped: list[dict] = []  # points that do not pack with this block, left for a later claim
             while not block or (not block[0][1] and len(block) < room):
@@ -240,11 +239,10 @@ class Agent:
             write_state(self.path, state)
         value = summary.get(self.metric)
         shown = f" {self.metric}={value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
-        log = self.log_of(run_id)
         status = {
             "finished": "finished",
             "preempted": f"preempted (exit {code}; relaunched first by the next agent)",
-        }.get(outcome, f"FAILED (exit {code}; log {log})")
+        }.get(outcome, f"FAILED (exit {code}; log {self.log_of(run_id)})")
         self.say(f"run {run_id} {status} in {seconds:.0f}s{shown}")
         return outcome
 
@@ -264,7 +262,7 @@ class Agent:
             json.dump(params, f)
         argv = expand_command(self.cfg, params, args_json)
         env = run_env(self.cfg, self.sweep_id, run_id, param_path, self.root, self.workers)
-        return {run_id: self._spawn(run_id, argv, env, os.path.join(self.path, f"{run_id}.log"))}, {}
+        return {run_id: self._spawn(run_id, argv, env, self.log_of(run_id))}, {}
 
     def param_file(self, run: dict) -> str:
         """The run's parameters file, as `wandb agent` writes it (wandb's own writer): its path."""

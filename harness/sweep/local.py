@@ -48,10 +48,8 @@ def run_agent(
     """Run (or join, or resume) a local sweep until its grid is exhausted or `count` runs started.
     `pack`: each worker trains up to that many grid points in one process (harness.sweep.packed_agent).
     `workers` None: 1, or with `pack` harness.sweep.packed_agent.default_workers()."""
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers {workers}: the number of runs in parallel, an integer >= 1")
     if pack is not None:
         from harness.sweep.packed_agent import PackedAgent, default_workers
 
-        return PackedAgent(sweep_id, wandb_dir, workers or default_workers(), count, pack).run()
-    return Agent(sweep_id, wandb_dir, workers or 1, count).run()
+        return PackedAgent(sweep_id, wandb_dir, default_workers() if workers is None else workers, count, pack).run()
+    return Agent(sweep_id, wandb_dir, 1 if workers is None else workers, count).run()

@@ -104,10 +104,11 @@ class PackedAgent(Agent):
         if not runs:
             return codes, summaries
         tag = runs[0]["id"]
+        log = os.path.join(self.path, f"pack-{tag}.log")
         members = []
         for run in runs:
             members.append({"run_id": run["id"], "overrides": self._overrides(run), "param_path": self.param_file(run)})
-            self.pack_logs[run["id"]] = os.path.join(self.path, f"pack-{tag}.log")
+            self.pack_logs[run["id"]] = log
         results = os.path.abspath(os.path.join(self.path, f"pack-{tag}.results.json"))
         if os.path.exists(results):
             os.remove(results)
@@ -118,13 +119,13 @@ class PackedAgent(Agent):
         for key in ("WANDB_RUN_ID", "HARNESS_SWEEP_PARAM_PATH"):  # per member, set by the packed process
             env.pop(key, None)
         argv = [sys.executable, "-m", "harness", "train-packed", spec_path]
-        code = self._spawn(tag, argv, env, os.path.join(self.path, f"pack-{tag}.log"))
+        code = self._spawn(tag, argv, env, log)
         outcome = read_results(results)  # each member's, from the block (harness.members.packed.run_spec)
         for run in runs:
             entry = outcome.get(run["id"])
             codes[run["id"]] = entry["exitcode"] if entry else code
             summaries[run["id"]] = (entry or {}).get("summary") or {}
             if entry:  # a pointer for whoever reads the member's log
-                with open(os.path.join(self.path, f"{run['id']}.log"), "a") as f:
+                with open(super().log_of(run["id"]), "a") as f:
                     f.write(f"packed in block {tag} (log pack-{tag}.log)\n")
         return codes, summaries

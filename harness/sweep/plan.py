@@ -38,12 +38,11 @@ def grid_points(cfg: dict) -> list[dict] | None:
 def fixed_parameters(cfg: dict) -> dict:
     """Parameters with one value across the sweep (dotted keys)."""
     varied = set(varied_keys(cfg))
-    out = {}
-    for key, spec in flat_parameters(cfg.get("parameters") or {}).items():
-        if key in varied:
-            continue
-        out[key] = spec["value"] if "value" in spec else spec.get("values", [None])[0]
-    return out
+    return {
+        key: spec["value"] if "value" in spec else spec.get("values", [None])[0]
+        for key, spec in flat_parameters(cfg.get("parameters") or {}).items()
+        if key not in varied
+    }
 
 
 def size_key(key: str, value) -> bool:

@@ -16,14 +16,10 @@ import yaml
 from harness.errors import UserError
 
 
-def default_wandb_dir() -> str:
-    """As wandb itself: $WANDB_DIR when set, else the current directory (runs go to `<it>/wandb`)."""
-    return os.environ.get("WANDB_DIR") or "."
-
-
 def wandb_root(wandb_dir: str | None) -> str:
-    """The directory that holds the runs (`.../wandb`), whether given it or its parent."""
-    wandb_dir = wandb_dir or default_wandb_dir()
+    """The directory that holds the runs (`.../wandb`), whether given it or its parent; without one,
+    as wandb itself: $WANDB_DIR when set, else the current directory (runs go to `<it>/wandb`)."""
+    wandb_dir = wandb_dir or os.environ.get("WANDB_DIR") or "."
     return wandb_dir if os.path.basename(os.path.normpath(wandb_dir)) == "wandb" else os.path.join(wandb_dir, "wandb")
 
 

@@ -18,15 +18,11 @@ def create_wandb_sweep(yaml_path: str, project: str | None = None, entity: str |
         raise UserError("no W&B credentials (run `wandb login` or set WANDB_API_KEY); add --local to run offline")
     import wandb
 
-    sweep_id = wandb.sweep(cfg, project=project or cfg.get("project"), entity=entity or cfg.get("entity"))
-    print(
-        f"start agents with: wandb agent {entity or cfg.get('entity') or '<entity>'}/"
-        f"{project or cfg.get('project') or '<project>'}/{sweep_id}",
-        file=sys.stderr,
-    )
+    project, entity = project or cfg.get("project"), entity or cfg.get("entity")
+    sweep_id = wandb.sweep(cfg, project=project, entity=entity)
+    print(f"start agents with: wandb agent {entity or '<entity>'}/{project or '<project>'}/{sweep_id}", file=sys.stderr)
     return sweep_id
 
 
 def run_wandb_agent(path: str, count: int | None) -> int:
-    argv = ["wandb", "agent", *(["--count", str(count)] if count else []), path]
-    return subprocess.call(argv)
+    return subprocess.call(["wandb", "agent", *(["--count", str(count)] if count else []), path])
