@@ -22,7 +22,7 @@ as TRAK projects per-example gradients; its error is measured against exact simi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -205,7 +205,6 @@ def exact_similarity(
     source: GradSource,
     block: int = 256,
     max_grad_bytes: int = 1 << 30,
-    progress: Callable[[str], None] | None = None,
     stats: dict | None = None,
 ) -> np.ndarray:
     """C[i, j] = <g_i, g_j> of the normalised gradients: [n, n] float32.
@@ -238,8 +237,6 @@ def exact_similarity(
             C[np.ix_(b, rows)] = part.T
             del Gb
         del G
-        if progress:
-            progress(f"similarity rows {rows[-1] + 1}/{n}")
     if stats is not None:
         stats["gradients_computed"] = computed  # n when all rows fit, more when blocks are recomputed
     return C
@@ -264,18 +261,14 @@ def project(G: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     return out
 
 
-def projected_features(source: GradSource, dim: int, block: int = 256, seed: int = 0) -> torch.Tensor:
-    """[n, dim] normalised projections of the normalised gradients (cosine is estimated after
-    projection, so the features are renormalised)."""
+def projected_similarity(source: GradSource, dim: int, block: int = 256, seed: int = 0) -> np.ndarray:
+    """[n, n] cosine similarity of the [n, dim] projections of the normalised gradients (cosine is
+    estimated after projection, so the projections are renormalised)."""
     feats = torch.empty(source.n, dim, device=source.device)
     for b in _blocks(source.n, block):
         feats[torch.as_tensor(b, device=source.device)] = project(source.grads(b), dim, seed)
-    return _normalise(feats)
-
-
-def projected_similarity(source: GradSource, dim: int, block: int = 256, seed: int = 0) -> np.ndarray:
-    F_ = projected_features(source, dim, block, seed)
-    return (F_ @ F_.T).cpu().numpy().astype(np.float32)
+    feats = _normalise(feats)
+    return (feats @ feats.T).cpu().numpy().astype(np.float32)
 
 
 class Subset(GradSource):
