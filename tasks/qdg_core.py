@@ -31,6 +31,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from tasks.configs.quanta_discovery import DEFAULT_EXCLUDE
+from tasks.lm import split_head
 
 # -- parameters ----------------------------------------------------------------------------------
 
@@ -140,13 +141,7 @@ class LMGrads(GradSource):
         self.n, self.dim = len(self.doc), n_selected(params)
         self.device = self.params[0].device
         self.head = model.get_output_embeddings()
-        self.split = self.head is not None and model.base_model is not model and isinstance(self.head, nn.Linear)
-        if self.split:  # logits = head(base(x))? Not for models that scale or soft-cap them: checked once
-            ids = torch.arange(2, 10, device=self.device)[None]
-            with torch.no_grad():
-                full = model(input_ids=ids).logits.float()
-                split = self.head(model.base_model(input_ids=ids).last_hidden_state).float()
-            self.split = split.shape == full.shape and torch.allclose(split, full, atol=1e-4, rtol=1e-4)
+        self.split = split_head(model)  # logits = head(base(x))? then the head runs on the chosen rows only
 
     def _logits(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """Logits predicting positions `where` of one document: [m, vocab], head only at those rows."""
