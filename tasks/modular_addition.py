@@ -284,8 +284,7 @@ class ModularBlock:
         return [self.grok[i]]
 
 
-def build_block(cfgs: list[Config]) -> ModularBlock:
-    return ModularBlock(cfgs)
+build_block = ModularBlock  # build_block(cfgs) -> the block of a packed process
 
 
 def build(cfg: Config) -> Job:

@@ -215,10 +215,6 @@ def val_metrics(cfg: Config, p: torch.Tensor, loss: torch.Tensor, acc: torch.Ten
     }
 
 
-def emergence(cfg: Config) -> EmergenceCallback:
-    return EmergenceCallback(cfg.eval.threshold_bits * math.log(2), "loss")
-
-
 # ---------------------------------------------------------------- the block: one run or many
 
 # Packed runs (harness.members.packed, issue 14): keys whose values may differ between the members of one
@@ -250,16 +246,13 @@ class SparseParityBlock:
 
     def __init__(self, cfgs: list[Config]):
         self.cfgs = cfgs
-        t = cfgs[0].trainer
-        self.device, self.dtype = placement(t)
-        dtype = self.dtype
-        data: list[SparseParityData] = []
+        self.device, self.dtype = placement(cfgs[0].trainer)
+        self.data = data = []
         # Initialised in float32 as the single run, then cast as Lightning casts it for 64-true.
-        self.model = make_model(cfgs[0], cfgs, data).to(dtype=dtype, device=self.device)
-        self.data = data
+        self.model = make_model(cfgs[0], cfgs, data).to(dtype=self.dtype, device=self.device)
         self.views = [self.model.member(i) for i in range(len(cfgs))]
-        self.p = [d.p.float().to(dtype=dtype, device=self.device) for d in data]  # as a float32 buffer cast
-        self.emergence = [emergence(c) for c in cfgs]
+        self.p = [d.p.float().to(dtype=self.dtype, device=self.device) for d in data]  # as a float32 buffer cast
+        self.emergence = [EmergenceCallback(c.eval.threshold_bits * math.log(2), "loss") for c in cfgs]
         self.lr, self.weight_decay, self.betas, self.eps = adamw_hypers(cfgs)
         self.train_loss_key = "train/loss"
         streams: dict = {}
@@ -310,8 +303,7 @@ class SparseParityBlock:
         return [self.emergence[i]]
 
 
-def build_block(cfgs: list[Config]) -> SparseParityBlock:
-    return SparseParityBlock(cfgs)
+build_block = SparseParityBlock  # build_block(cfgs) -> the block of a packed process
 
 
 def build(cfg: Config) -> Job:
