@@ -102,13 +102,6 @@ def load_data(cfg: Config) -> dict:
     return load_mnist(os.path.join(data_dir(cfg), d.folder), d.split, d.n_train, d.n_test, allow_download=d.download)
 
 
-def resolve_split(cfg: Config, split: str) -> None:
-    """Record the split actually used in the run config, unless a sweep set data.split itself (then
-    W&B already holds that value and a different one would be rejected as inconsistent)."""
-    if cfg.data.split == "auto" and "data.split" not in tracking.sweep_parameters():
-        cfg.data.split = split
-
-
 # ---- model, loss, fixed norm -------------------------------------------------------------------
 
 
@@ -238,8 +231,11 @@ class OmnigrokBlock:
 
     def resolve_config(self, i: int) -> None:
         """data.split=auto -> the split used, as the single build records it (called with member i's
-        sweep parameters in the environment; harness.members.packed then logs the config again)."""
-        resolve_split(self.cfgs[i], self.arrays["split"])
+        sweep parameters in the environment; harness.members.packed then logs the config again), unless a
+        sweep set data.split itself (then W&B already holds that value and would reject a different one
+        as inconsistent)."""
+        if self.cfgs[i].data.split == "auto" and "data.split" not in tracking.sweep_parameters():
+            self.cfgs[i].data.split = self.arrays["split"]
 
     def evaluate(self, i: int, step: int) -> tuple[dict[str, float], dict]:
         out = measure(self.cfgs[i], self.views[i], self.val_batch)
