@@ -222,8 +222,7 @@ class QuantaDiscovery(L.Callback):
         cfg, t0 = self.cfg, time.perf_counter()
         model = self.get_model().to(device).eval()
         params = core.select_params(model, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)
-        for p in model.parameters():  # only the selected parameters get gradients
-            p.requires_grad_(False)
+        model.requires_grad_(False)  # only the selected parameters get gradients
         for p in params.values():
             p.requires_grad_(True)
         if self.kind == "lm":
