@@ -38,9 +38,7 @@ TAG_MIN, TAG_MAX = 1, 64
 def check_limits(cfg: Any) -> None:
     """Raise ConfigError (one line) for the first value Lightning or wandb would refuse at run time."""
     _check_ints(cfg, "")
-    w = getattr(cfg, "wandb", None)
-    if w is None:
-        return
+    w = cfg.wandb  # a RunConfig's: every caller passes one
     if w.mode is not None and w.mode not in MODES:  # wandb.init's `mode`; harness.wandb_mode would refuse it later
         raise ConfigError(
             f"wandb.mode={w.mode!r}: valid values are {', '.join(MODES)} (or null: WANDB_MODE, "
