@@ -102,30 +102,26 @@ def _history(wandb_dir: str):
     return load_history(wandb_dir, run_ids=sorted(runs["id"])[:1])
 
 
-def _child_env(tmp: str, threads: int | None) -> dict:
+def _timed_run(argv: list[str], tmp: str, threads: int | None, what: str, k: int) -> plan.Timing:
+    """Run `argv` with offline W&B into `tmp`/wandb on `threads` threads; split its wall time."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp}
     env.pop("WANDB_SWEEP_ID", None)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    return env
-
-
-def _run(argv: list[str], env: dict, what: str) -> float:
     t0 = time.perf_counter()
     out = subprocess.run(argv, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise UserError(f"the timing run ({what}) failed with exit code {out.returncode}: {last}")
-    return wall
+    return _split(_history(os.path.join(tmp, "wandb")), wall, k)
 
 
 def time_solo(task: str, point: dict, k: int, batch: int, threads: int) -> plan.Timing:
     overrides = {**{k_: v for k_, v in flatten(point).items() if k_ != "task"}, **_timing_overrides(task, k, batch)}
     with tempfile.TemporaryDirectory(prefix="harness-dry-run-") as tmp:
         argv = [sys.executable, "-m", "harness", "train", f"task={task}"] + [f"{a}={b}" for a, b in overrides.items()]
-        wall = _run(argv, _child_env(tmp, threads), "one run")
-        return _split(_history(os.path.join(tmp, "wandb")), wall, k)
+        return _timed_run(argv, tmp, threads, "one run", k)
 
 
 def time_packed(cfg: dict, task: str, point: dict, k: int, batch: int, members: int, threads: int) -> plan.Timing:
@@ -140,7 +136,6 @@ def time_packed(cfg: dict, task: str, point: dict, k: int, batch: int, members: 
         path = os.path.join(tmp, "timing.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(sweep, f)
-        wdir = os.path.join(tmp, "wandb")
         argv = [
             sys.executable,
             "-m",
@@ -153,10 +148,9 @@ def time_packed(cfg: dict, task: str, point: dict, k: int, batch: int, members: 
             "--workers",
             "1",
             "--wandb-dir",
-            wdir,
+            os.path.join(tmp, "wandb"),
         ]
-        wall = _run(argv, _child_env(tmp, threads), f"{members} points packed")
-        return _split(_history(wdir), wall, k)
+        return _timed_run(argv, tmp, threads, f"{members} points packed", k)
 
 
 def estimate(

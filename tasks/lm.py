@@ -132,6 +132,19 @@ def check_vocab(model: nn.Module, tok: Tokenizer, names: str) -> None:
         )
 
 
+def split_head(model: nn.Module) -> bool:
+    """Whether the logits are `output_embeddings(base_model(x))` (not for models that scale or soft-cap
+    them), checked numerically on the model's device; no_grad, as the model may need gradients later."""
+    head = model.get_output_embeddings()
+    if head is None or model.base_model is model or not isinstance(head, nn.Linear):
+        return False
+    ids = torch.arange(2, 10, device=head.weight.device)[None]
+    with torch.no_grad():
+        full = model(input_ids=ids).logits.float()
+        split = head(model.base_model(input_ids=ids).last_hidden_state).float()
+    return split.shape == full.shape and torch.allclose(split, full, atol=1e-4, rtol=1e-4)
+
+
 def param_counts(model: nn.Module) -> tuple[int, int]:
     """(total, non-embedding): Pythia's convention drops the input and output embeddings."""
     total = sum(p.numel() for p in model.parameters())
@@ -168,18 +181,8 @@ class TokenLosses(nn.Module):
         super().__init__()
         self.lm, self.head_chunk, self.mask_attention = lm, head_chunk, mask_attention
         self.vocab_tile = vocab_tile
-        self.split = self._split_matches()
+        self.split = split_head(lm)
         self._buffers: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> flat logits buffer
-
-    def _split_matches(self) -> bool:
-        head = self.lm.get_output_embeddings()
-        if head is None or self.lm.base_model is self.lm or not isinstance(head, nn.Linear):
-            return False
-        ids = torch.arange(2, 10).unsqueeze(0)
-        with torch.inference_mode():
-            full = self.lm(input_ids=ids).logits.float()
-            split = head(self.lm.base_model(input_ids=ids).last_hidden_state).float()
-        return split.shape == full.shape and torch.allclose(split, full, atol=1e-4, rtol=1e-4)
 
     def _tile(self, dtype: torch.dtype, device: torch.device, rows: int, cols: int, tile: int) -> torch.Tensor:
         key = (dtype, device)

@@ -102,13 +102,6 @@ def load_data(cfg: Config) -> dict:
     return load_mnist(os.path.join(data_dir(cfg), d.folder), d.split, d.n_train, d.n_test, allow_download=d.download)
 
 
-def resolve_split(cfg: Config, split: str) -> None:
-    """Record the split actually used in the run config, unless a sweep set data.split itself (then
-    W&B already holds that value and a different one would be rejected as inconsistent)."""
-    if cfg.data.split == "auto" and "data.split" not in tracking.sweep_parameters():
-        cfg.data.split = split
-
-
 # ---- model, loss, fixed norm -------------------------------------------------------------------
 
 
@@ -185,24 +178,6 @@ def measure(cfg: Config, model: StackedMLP, batch) -> dict[str, torch.Tensor]:
     }
 
 
-def static_summary(cfg: Config, arrays: dict, n: int, standard_norm: float, init_norm: float) -> dict:
-    return {
-        "data/source": arrays["split"],
-        "data/n_train": len(arrays["y_train"]),
-        "data/n_test": len(arrays["y_test"]),
-        "model/params": n,
-        "model/standard_norm": standard_norm,
-        "model/init_norm": init_norm,
-        "loss_units": "mse per output" if cfg.optim.loss == "mse" else "nats",
-    }
-
-
-def grokking_callback(cfg: Config) -> GrokkingCallback:
-    # grok/t_train99 and grok/t_val99 (Power et al.) plus grok/t_val80: MNIST test accuracy stays
-    # below 0.99, so grok/delay and grok/phase are measured against eval.val_threshold.
-    return GrokkingCallback(cfg.eval.threshold, cfg.eval.max_delay, val_threshold=cfg.eval.val_threshold)
-
-
 # ---- the block: one run or many ---------------------------------------------------------------
 
 # Packed runs (harness.members.packed, issue 14): keys that may differ between the members of a block.
@@ -221,13 +196,11 @@ class OmnigrokBlock:
 
     def __init__(self, cfgs: list[Config]):
         self.cfgs = cfgs
-        t, d = cfgs[0].trainer, cfgs[0].data
-        self.device, self.dtype = placement(t)
-        dtype = self.dtype
+        self.device, self.dtype = placement(cfgs[0].trainer)
         self.arrays = load_data(cfgs[0])  # data.* is not packable: one copy for every member
         model, standard, initial = make_model(cfgs[0], members=cfgs)
         # Initialised in float32 as the single run, then cast as Lightning casts it for 64-true.
-        self.model = model.to(dtype=dtype, device=self.device)
+        self.model = model.to(dtype=self.dtype, device=self.device)
         self.norms = list(zip(standard, initial))
         self.views = [self.model.member(i) for i in range(len(cfgs))]
         o = [c.optim for c in cfgs]
@@ -237,12 +210,16 @@ class OmnigrokBlock:
         self.fixed = torch.tensor([x.fixed_norm for x in o], device=self.device)
         self.any_fixed = any(x.fixed_norm for x in o)
         # The fixed norms, floats computed in float32, cast to the training dtype (as a solo run always had them)
-        self.target = torch.tensor(initial).to(dtype=dtype, device=self.device)
-        self.data = MnistData(self.arrays, d.batch_size)
-        t_ = self.data.tensors(self.device, dtype)
-        self.val_batch = (t_["x_train"], t_["y_train"], t_["x_test"], t_["y_test"])  # what `measure` takes
+        self.target = torch.tensor(initial).to(dtype=self.dtype, device=self.device)
+        self.data = MnistData(self.arrays, cfgs[0].data.batch_size)
+        t = self.data.tensors(self.device, self.dtype)
+        self.val_batch = (t["x_train"], t["y_train"], t["x_test"], t["y_test"])  # what `measure` takes
         self.seeds = [c.seed for c in cfgs]
-        self.grok = [grokking_callback(c) for c in cfgs]
+        # grok/t_train99 and grok/t_val99 (Power et al.) plus grok/t_val80: MNIST test accuracy stays
+        # below 0.99, so grok/delay and grok/phase are measured against eval.val_threshold.
+        self.grok = [
+            GrokkingCallback(c.eval.threshold, c.eval.max_delay, val_threshold=c.eval.val_threshold) for c in cfgs
+        ]
 
     def losses(self, step: int) -> torch.Tensor:
         x, y = self.data.batch(step, self.device, self.dtype, self.seeds)
@@ -254,8 +231,11 @@ class OmnigrokBlock:
 
     def resolve_config(self, i: int) -> None:
         """data.split=auto -> the split used, as the single build records it (called with member i's
-        sweep parameters in the environment; harness.members.packed then logs the config again)."""
-        resolve_split(self.cfgs[i], self.arrays["split"])
+        sweep parameters in the environment; harness.members.packed then logs the config again), unless a
+        sweep set data.split itself (then W&B already holds that value and would reject a different one
+        as inconsistent)."""
+        if self.cfgs[i].data.split == "auto" and "data.split" not in tracking.sweep_parameters():
+            self.cfgs[i].data.split = self.arrays["split"]
 
     def evaluate(self, i: int, step: int) -> tuple[dict[str, float], dict]:
         out = measure(self.cfgs[i], self.views[i], self.val_batch)
@@ -264,7 +244,16 @@ class OmnigrokBlock:
         return metrics, {}
 
     def static_summary(self, i: int) -> dict:
-        return static_summary(self.cfgs[i], self.arrays, n_params(self.views[i]), *self.norms[i])
+        standard_norm, init_norm = self.norms[i]
+        return {
+            "data/source": self.arrays["split"],
+            "data/n_train": len(self.arrays["y_train"]),
+            "data/n_test": len(self.arrays["y_test"]),
+            "model/params": n_params(self.views[i]),
+            "model/standard_norm": standard_norm,
+            "model/init_norm": init_norm,
+            "loss_units": "mse per output" if self.cfgs[i].optim.loss == "mse" else "nats",
+        }
 
     def final_summary(self, i: int, run, seconds: float, cpu: float, steps: int) -> dict:
         return self.grok[i].summary()
@@ -279,8 +268,7 @@ class OmnigrokBlock:
         return self.data.shard_error()
 
 
-def build_block(cfgs: list[Config]) -> OmnigrokBlock:
-    return OmnigrokBlock(cfgs)
+build_block = OmnigrokBlock  # build_block(cfgs) -> the block of a packed process
 
 
 def build(cfg: Config) -> Job:

@@ -164,9 +164,7 @@ def evaluate(model: nn.Module, tensors: dict, cfg: Config) -> dict[str, torch.Te
 # ---------------------------------------------------------------- the final summary
 
 
-def final_fourier_values(
-    keys: list[int], power: torch.Tensor | None, seconds: float, cpu: float, steps: int, table: bool
-) -> dict:
+def final_fourier_values(keys: list[int], power: torch.Tensor | None, seconds: float, cpu: float, steps: int) -> dict:
     """The final summary's Fourier and throughput values (ModularBlock.final_summary): the final key
     frequencies (`fourier/key_freqs`, a label such as "4,11,31"), the final spectrum as a table for the
     W&B UI (`fourier/spectrum`: k, power, key), and throughput of the training loop (`perf/*`, from
@@ -177,7 +175,7 @@ def final_fourier_values(
         "perf/train_cpu_seconds": cpu,  # this process only: robust to other jobs on the machine
         "perf/steps_per_s": steps / seconds if seconds > 0 else 0.0,
     }
-    if power is not None and table:
+    if power is not None:
         import wandb
 
         key_set = set(keys)
@@ -273,7 +271,7 @@ class ModularBlock:
     def final_summary(self, i: int, run, seconds: float, cpu: float, steps: int) -> dict:
         return {
             **self.grok[i].summary(),
-            **final_fourier_values(self.keys[i], self.power[i], seconds, cpu, steps, table=True),
+            **final_fourier_values(self.keys[i], self.power[i], seconds, cpu, steps),
         }
 
     def member_model(self, i: int):
@@ -284,8 +282,7 @@ class ModularBlock:
         return [self.grok[i]]
 
 
-def build_block(cfgs: list[Config]) -> ModularBlock:
-    return ModularBlock(cfgs)
+build_block = ModularBlock  # build_block(cfgs) -> the block of a packed process
 
 
 def build(cfg: Config) -> Job:

@@ -46,10 +46,6 @@ class MemberModel(nn.Module):
         for name, w in weights.items():
             self.register_parameter(name, None if w is None else nn.Parameter(w))
 
-    @property
-    def members(self) -> int:
-        return self.embed.shape[0]
-
     def member(self, i: int, copy: bool = False) -> MemberModel:
         weights = {n: None if p is None else p.data[i : i + 1] for n, p in self._parameters.items()}
         return type(self)(

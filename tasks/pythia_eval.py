@@ -164,9 +164,6 @@ class PythiaEval(L.LightningModule):
         self.count = torch.zeros((), dtype=torch.long)
         self.n_docs = 0
 
-    def open_writer(self, path: str) -> None:
-        self.writer = RowWriter(path, self.cfg.eval.row_group_rows)
-
     def validation_step(self, batch, batch_idx):
         with torch.inference_mode():
             ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -201,11 +198,8 @@ class PerTokenArtifact(L.Callback):
             os.makedirs(out, exist_ok=True)
         self.out_dir = trainer.strategy.broadcast(out, 0)
         d = pl_module.cfg.data
-        pl_module.open_writer(
-            os.path.join(
-                self.out_dir, f"shard{d.shard_index:04d}-of{d.num_shards:04d}-rank{trainer.global_rank:02d}.parquet"
-            )
-        )
+        name = f"shard{d.shard_index:04d}-of{d.num_shards:04d}-rank{trainer.global_rank:02d}.parquet"
+        pl_module.writer = RowWriter(os.path.join(self.out_dir, name), pl_module.cfg.eval.row_group_rows)
 
     def on_validation_end(self, trainer, pl_module):
         pl_module.writer.close()

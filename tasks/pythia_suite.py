@@ -23,6 +23,7 @@ from harness.training.data import DeviceDataModule
 from harness.training.logs import TrainLossLog, write_summary
 from harness.training.train import Job
 from tasks.configs.pythia_suite import Config, ModelConfig, heads, layers
+from tasks.lm import param_counts
 
 
 def model_name(cfg: Config) -> str:
@@ -151,8 +152,7 @@ class SaveModel(L.Callback):
 def build(cfg: Config) -> Job:
     data = PileWindows(cfg)
     model = make_model(cfg.model, data.vocab_rows)
-    total = sum(p.numel() for p in model.parameters())
-    emb = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
+    total, non_emb = param_counts(model)  # embed_in and embed_out are not tied here
     path = os.path.join(cfg.save_dir, model_name(cfg))
     return Job(
         module=SuiteModule(cfg, model),
@@ -160,7 +160,7 @@ def build(cfg: Config) -> Job:
         callbacks=[SaveModel(path, cfg.save_every)],
         summary={
             "model/params": total,
-            "model/params_nonembedding": total - emb,
+            "model/params_nonembedding": non_emb,
             "model/layers": layers(cfg.model),
             "model/name": model_name(cfg),
             "data/train_tokens": len(data.train_ids),

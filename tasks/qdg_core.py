@@ -22,7 +22,7 @@ as TRAK projects per-example gradients; its error is measured against exact simi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from tasks.configs.quanta_discovery import DEFAULT_EXCLUDE
+from tasks.lm import split_head
 
 # -- parameters ----------------------------------------------------------------------------------
 
@@ -140,13 +141,7 @@ class LMGrads(GradSource):
         self.n, self.dim = len(self.doc), n_selected(params)
         self.device = self.params[0].device
         self.head = model.get_output_embeddings()
-        self.split = self.head is not None and model.base_model is not model and isinstance(self.head, nn.Linear)
-        if self.split:  # logits = head(base(x))? Not for models that scale or soft-cap them: checked once
-            ids = torch.arange(2, 10, device=self.device)[None]
-            with torch.no_grad():
-                full = model(input_ids=ids).logits.float()
-                split = self.head(model.base_model(input_ids=ids).last_hidden_state).float()
-            self.split = split.shape == full.shape and torch.allclose(split, full, atol=1e-4, rtol=1e-4)
+        self.split = split_head(model)  # logits = head(base(x))? then the head runs on the chosen rows only
 
     def _logits(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """Logits predicting positions `where` of one document: [m, vocab], head only at those rows."""
@@ -205,7 +200,6 @@ def exact_similarity(
     source: GradSource,
     block: int = 256,
     max_grad_bytes: int = 1 << 30,
-    progress: Callable[[str], None] | None = None,
     stats: dict | None = None,
 ) -> np.ndarray:
     """C[i, j] = <g_i, g_j> of the normalised gradients: [n, n] float32.
@@ -238,8 +232,6 @@ def exact_similarity(
             C[np.ix_(b, rows)] = part.T
             del Gb
         del G
-        if progress:
-            progress(f"similarity rows {rows[-1] + 1}/{n}")
     if stats is not None:
         stats["gradients_computed"] = computed  # n when all rows fit, more when blocks are recomputed
     return C
@@ -264,18 +256,14 @@ def project(G: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     return out
 
 
-def projected_features(source: GradSource, dim: int, block: int = 256, seed: int = 0) -> torch.Tensor:
-    """[n, dim] normalised projections of the normalised gradients (cosine is estimated after
-    projection, so the features are renormalised)."""
+def projected_similarity(source: GradSource, dim: int, block: int = 256, seed: int = 0) -> np.ndarray:
+    """[n, n] cosine similarity of the [n, dim] projections of the normalised gradients (cosine is
+    estimated after projection, so the projections are renormalised)."""
     feats = torch.empty(source.n, dim, device=source.device)
     for b in _blocks(source.n, block):
         feats[torch.as_tensor(b, device=source.device)] = project(source.grads(b), dim, seed)
-    return _normalise(feats)
-
-
-def projected_similarity(source: GradSource, dim: int, block: int = 256, seed: int = 0) -> np.ndarray:
-    F_ = projected_features(source, dim, block, seed)
-    return (F_ @ F_.T).cpu().numpy().astype(np.float32)
+    feats = _normalise(feats)
+    return (feats @ feats.T).cpu().numpy().astype(np.float32)
 
 
 class Subset(GradSource):

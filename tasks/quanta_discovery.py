@@ -48,18 +48,11 @@ ARTIFACT_TYPE = "quanta"
 
 def _lm_source(cfg: Config) -> lm.LMSource:
     """This run's model and documents, as the LM toolkit's loaders read them."""
-    m, d = cfg.model, cfg.data
+    m = cfg.model
     return lm.LMSource(
         data_dir=cfg.data_dir,
         model=lm.ModelConfig(name=m.name, revision=m.revision, dtype=m.dtype, tokenizer=m.tokenizer),
-        data=lm.DataConfig(
-            source=d.source,
-            text_key=d.text_key,
-            split=d.split,
-            first_doc=d.first_doc,
-            n_docs=d.n_docs,
-            context_length=d.context_length,
-        ),
+        data=lm.DataConfig(**dataclasses.asdict(cfg.data)),  # its keys are a subset of the toolkit's
     )
 
 
@@ -82,8 +75,8 @@ def _inner_config(train: dict, trainer: TrainerConfig | None) -> RunConfig:
     return inner
 
 
-def model_artifact(cfg: Config) -> tuple[str, dict]:
-    """(path of the model file, {"state_dict", "config"}) of run `model.artifact`: its `model.ckpt`
+def model_artifact(cfg: Config) -> dict:
+    """{"state_dict", "config"} of run `model.artifact`, read from its `model.ckpt`
     (a Lightning checkpoint, harness.training.artifacts) or an older run's `model.pt`; a missing or
     foreign one is one line, before any gradient. Read weights-only (harness.training.checkpoint.load)."""
     from harness import runstore
@@ -103,7 +96,7 @@ def model_artifact(cfg: Config) -> tuple[str, dict]:
             f"(found: {', '.join(files) or 'none'}); train it with model.save=true"
         )
     try:
-        return path, read_model(path)
+        return read_model(path)
     except Exception as e:  # noqa: BLE001 - an unpickling refusal, a damaged file: one line either way
         raise ConfigError(
             f"model.artifact={m.artifact!r}: {path} is not a model checkpoint "
@@ -159,15 +152,13 @@ def lm_samples(cfg: Config, model: nn.Module, tok, source_cfg: lm.LMSource) -> d
         )
     doc, pos = np.array([c[0] for c in chosen]), np.array([c[1] for c in chosen])
     k = s.context_tokens
-    contexts = [tok.decode(docs[a][max(0, b - k) : b]) for a, b in zip(doc, pos)]
-    targets = [tok.decode([docs[a][b]]) for a, b in zip(doc, pos)]
     return {
         "doc": doc,
         "pos": pos,
         "token": np.array([docs[a][b] for a, b in zip(doc, pos)]),
         "loss": np.array([c[2] for c in chosen]),
-        "context": contexts,
-        "target": targets,
+        "context": [tok.decode(docs[a][max(0, b - k) : b]) for a, b in zip(doc, pos)],
+        "target": [tok.decode([docs[a][b]]) for a, b in zip(doc, pos)],
         "docs": {a: torch.tensor(docs[a]) for a in np.unique(doc)},
         "passing": passing,
     }
@@ -231,8 +222,7 @@ class QuantaDiscovery(L.Callback):
         cfg, t0 = self.cfg, time.perf_counter()
         model = self.get_model().to(device).eval()
         params = core.select_params(model, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)
-        for p in model.parameters():  # only the selected parameters get gradients
-            p.requires_grad_(False)
+        model.requires_grad_(False)  # only the selected parameters get gradients
         for p in params.values():
             p.requires_grad_(True)
         if self.kind == "lm":
@@ -246,9 +236,8 @@ class QuantaDiscovery(L.Callback):
             raise ConfigError(
                 too_many_samples(f"samples.n={cfg.samples.n} chose every sample that passes", n, cfg.samples.max_n)
             )
-        counts = sorted(set(cfg.cluster.counts))
         n_sub = len(np.unique(samples["subtask"])) if "subtask" in samples else 0
-        counts = sorted(set(counts) | {m * n_sub for m in cfg.cluster.subtask_multiples if n_sub})
+        counts = sorted(set(cfg.cluster.counts) | {m * n_sub for m in cfg.cluster.subtask_multiples if n_sub})
         bad = [k for k in counts if k >= n]
         if bad:
             raise ConfigError(
@@ -356,55 +345,45 @@ class _OneBatch(DeviceDataModule):
 
 
 def build(cfg: Config) -> Job:
-    m = cfg.model
+    m, grad = cfg.model, cfg.grad
+    if m.source == "train":
+        inner = _inner_config(cfg.train, cfg.trainer)
+        if "seed" not in cfg.train:  # the model trained here is the run `train.*` at this run's seed
+            inner.seed = cfg.seed
+        job = task_module(inner.task).build(inner)
+        check_labelled(job.data or job.datamodule, inner.task)
+        core.select_params(job.module.model, grad.exclude, grad.include, grad.drop_embeddings)
+        cb = QuantaDiscovery(cfg, "parity", "fit", lambda: job.module.model, lambda: job.data or job.datamodule)
+        return Job(
+            module=job.module,
+            datamodule=job.datamodule,
+            callbacks=[*job.callbacks, cb],
+            stage="fit",
+            summary={**job.summary, "qdg/kind": "parity", "qdg/model_task": inner.task},
+        )
+    # hf or artifact: the model under study is held by _Holder and analysed after the (empty) validation
     if m.source == "hf":
         source_cfg = _lm_source(cfg)
         lm.resolve_source(source_cfg)  # a missing data source fails here, before the model loads
         model = lm.load_model(source_cfg)
         tok = lm.load_tokenizer(source_cfg)
         lm.check_vocab(model, tok, f"model.name={m.name!r}, model.tokenizer={m.tokenizer or 'its own'!r}")
-        core.select_params(model, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)  # fails early
         total, non_emb = lm.param_counts(model)
-        holder = _Holder(model)
-        cb = QuantaDiscovery(cfg, "lm", "validate", lambda: holder.model, tok=tok, source_cfg=source_cfg)
-        return Job(
-            module=holder,
-            datamodule=_OneBatch(),
-            callbacks=[cb],
-            stage="validate",
-            summary={"model/params": total, "model/params_nonembedding": non_emb, "qdg/kind": "lm"},
-        )
-    if m.source == "artifact":
-        _, blob = model_artifact(cfg)
+        summary = {"model/params": total, "model/params_nonembedding": non_emb, "qdg/kind": "lm"}
+        kind, extra = "lm", {"tok": tok, "source_cfg": source_cfg}
+    else:
+        blob = model_artifact(cfg)
         inner, job = _trained_job(blob["config"])
         check_labelled(job.data or job.datamodule, inner.task)
-        net = job.module.model
-        net.load_state_dict(blob["state_dict"])
-        core.select_params(net, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)
-        holder = _Holder(net)
-        cb = QuantaDiscovery(cfg, "parity", "validate", lambda: holder.model, lambda: job.data or job.datamodule)
-        return Job(
-            module=holder,
-            datamodule=_OneBatch(),
-            callbacks=[cb],
-            stage="validate",
-            summary={
-                "model/params": sum(p.numel() for p in net.parameters()),
-                "qdg/kind": "parity",
-                "qdg/model_task": inner.task,
-            },
-        )
-    inner = _inner_config(cfg.train, cfg.trainer)
-    if "seed" not in cfg.train:  # the model trained here is the run `train.*` at this run's seed
-        inner.seed = cfg.seed
-    job = task_module(inner.task).build(inner)
-    check_labelled(job.data or job.datamodule, inner.task)
-    core.select_params(job.module.model, cfg.grad.exclude, cfg.grad.include, cfg.grad.drop_embeddings)
-    cb = QuantaDiscovery(cfg, "parity", "fit", lambda: job.module.model, lambda: job.data or job.datamodule)
-    return Job(
-        module=job.module,
-        datamodule=job.datamodule,
-        callbacks=[*job.callbacks, cb],
-        stage="fit",
-        summary={**job.summary, "qdg/kind": "parity", "qdg/model_task": inner.task},
-    )
+        model = job.module.model
+        model.load_state_dict(blob["state_dict"])
+        summary = {
+            "model/params": sum(p.numel() for p in model.parameters()),
+            "qdg/kind": "parity",
+            "qdg/model_task": inner.task,
+        }
+        kind, extra = "parity", {"get_data": lambda: job.data or job.datamodule}
+    core.select_params(model, grad.exclude, grad.include, grad.drop_embeddings)  # fails early
+    holder = _Holder(model)
+    cb = QuantaDiscovery(cfg, kind, "validate", lambda: holder.model, **extra)
+    return Job(module=holder, datamodule=_OneBatch(), callbacks=[cb], stage="validate", summary=summary)

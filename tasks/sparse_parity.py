@@ -215,10 +215,6 @@ def val_metrics(cfg: Config, p: torch.Tensor, loss: torch.Tensor, acc: torch.Ten
     }
 
 
-def emergence(cfg: Config) -> EmergenceCallback:
-    return EmergenceCallback(cfg.eval.threshold_bits * math.log(2), "loss")
-
-
 # ---------------------------------------------------------------- the block: one run or many
 
 # Packed runs (harness.members.packed, issue 14): keys whose values may differ between the members of one
@@ -250,26 +246,23 @@ class SparseParityBlock:
 
     def __init__(self, cfgs: list[Config]):
         self.cfgs = cfgs
-        t = cfgs[0].trainer
-        self.device, self.dtype = placement(t)
-        dtype = self.dtype
-        data: list[SparseParityData] = []
+        self.device, self.dtype = placement(cfgs[0].trainer)
+        self.data: list[SparseParityData] = []
         # Initialised in float32 as the single run, then cast as Lightning casts it for 64-true.
-        self.model = make_model(cfgs[0], cfgs, data).to(dtype=dtype, device=self.device)
-        self.data = data
+        self.model = make_model(cfgs[0], cfgs, self.data).to(dtype=self.dtype, device=self.device)
         self.views = [self.model.member(i) for i in range(len(cfgs))]
-        self.p = [d.p.float().to(dtype=dtype, device=self.device) for d in data]  # as a float32 buffer cast
-        self.emergence = [emergence(c) for c in cfgs]
+        self.p = [d.p.float().to(dtype=self.dtype, device=self.device) for d in self.data]  # as a float32 buffer cast
+        self.emergence = [EmergenceCallback(c.eval.threshold_bits * math.log(2), "loss") for c in cfgs]
         self.lr, self.weight_decay, self.betas, self.eps = adamw_hypers(cfgs)
         self.train_loss_key = "train/loss"
         streams: dict = {}
         for i, c in enumerate(cfgs):
             d = c.data
             own = d.n_train_samples and d.stream_seed < 0  # D samples drawn after this member's init
-            key = ("member", i) if own else (data[i].seed, d.task_seed if d.task_seed >= 0 else c.seed)
+            key = ("member", i) if own else (self.data[i].seed, d.task_seed if d.task_seed >= 0 else c.seed)
             streams.setdefault(key, []).append(i)
         self.groups = [
-            Group(g, None if len(g) == len(cfgs) else self.model.subset(g), BatchStream(data[g[0]], self.device))
+            Group(g, None if len(g) == len(cfgs) else self.model.subset(g), BatchStream(self.data[g[0]], self.device))
             for g in streams.values()
         ]
         order = torch.tensor([i for g in streams.values() for i in g])
@@ -310,8 +303,7 @@ class SparseParityBlock:
         return [self.emergence[i]]
 
 
-def build_block(cfgs: list[Config]) -> SparseParityBlock:
-    return SparseParityBlock(cfgs)
+build_block = SparseParityBlock  # build_block(cfgs) -> the block of a packed process
 
 
 def build(cfg: Config) -> Job:

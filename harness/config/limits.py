@@ -38,9 +38,7 @@ TAG_MIN, TAG_MAX = 1, 64
 def check_limits(cfg: Any) -> None:
     """Raise ConfigError (one line) for the first value Lightning or wandb would refuse at run time."""
     _check_ints(cfg, "")
-    w = getattr(cfg, "wandb", None)
-    if w is None:
-        return
+    w = cfg.wandb  # a RunConfig's: every caller passes one
     if w.mode is not None and w.mode not in MODES:  # wandb.init's `mode`; harness.wandb_mode would refuse it later
         raise ConfigError(
             f"wandb.mode={w.mode!r}: valid values are {', '.join(MODES)} (or null: WANDB_MODE, "
@@ -63,12 +61,6 @@ def check_limits(cfg: Any) -> None:
             )
 
 
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return None if f.default_factory is dataclasses.MISSING else f.default_factory()
-
-
 def _check_ints(cfg: Any, prefix: str) -> None:
     for f in dataclasses.fields(cfg):
         value, key = getattr(cfg, f.name), prefix + f.name
@@ -76,7 +68,7 @@ def _check_ints(cfg: Any, prefix: str) -> None:
             _check_ints(value, key + ".")
         elif isinstance(value, int) and not isinstance(value, bool):
             if f.name == "seed" or f.name.endswith("_seed"):
-                dflt = _default(f)
+                dflt = f.default  # seeds are ints: a plain default, never a default_factory
                 ok = SEED_MIN <= value <= SEED_MAX or (value == SEED_SENTINEL and dflt == SEED_SENTINEL)
                 if not ok:
                     extra = f" (or {SEED_SENTINEL}: derived from the run's seed)" if dflt == SEED_SENTINEL else ""

@@ -32,8 +32,7 @@ _INTERPOLATION = re.compile(r"(\\*)\$\{")
 def declared_type(cls: type, dotted: str) -> Any:
     """The annotation of a dotted key in a config dataclass tree, or None for an unknown key."""
     klass: Any = cls
-    parts = dotted.split(".")
-    for part in parts:
+    for part in dotted.split("."):
         if not (isinstance(klass, type) and dataclasses.is_dataclass(klass)):
             return None
         if part not in {f.name for f in dataclasses.fields(klass)}:

@@ -122,9 +122,8 @@ class RunConfig:
             raise ConfigError(
                 f"trainer.strategy={t.strategy!r} with trainer.devices={t.devices}: use trainer.strategy=ddp (or auto)"
             )
-        optim = getattr(self, "optim", None)
-        if optim is not None:
-            _check_optim(optim)
+        if hasattr(self, "optim"):  # a task with an optimizer (evaluation-only tasks have none)
+            _check_optim(self.optim)
 
 
 # Names every Lightning 2.x registers (checked against the installed Lightning in
