@@ -174,13 +174,12 @@ class PythiaEval(L.LightningModule):
         self.total += loss.double().sum().cpu()
         self.count += loss.numel()
         self.n_docs += len(ids)
-        if self.writer is not None:
-            self.writer.add(
-                doc=doc[real].cpu().numpy(),
-                pos=pos[real].cpu().numpy(),
-                token=ids[:, 1:][real].cpu().numpy(),
-                loss=loss.cpu().numpy(),
-            )
+        self.writer.add(  # opened by PerTokenArtifact.on_validation_start
+            doc=doc[real].cpu().numpy(),
+            pos=pos[real].cpu().numpy(),
+            token=ids[:, 1:][real].cpu().numpy(),
+            loss=loss.cpu().numpy(),
+        )
 
 
 class PerTokenArtifact(L.Callback):

@@ -207,7 +207,6 @@ class QuantaDiscovery(L.Callback):
     def __init__(self, cfg: Config, kind: str, stage: str, get_model, get_data=None, tok=None, source_cfg=None):
         self.cfg, self.kind, self.stage = cfg, kind, stage
         self.get_model, self.get_data, self.tok, self.source_cfg = get_model, get_data, tok, source_cfg
-        self.result: dict | None = None
 
     def on_fit_end(self, trainer, pl_module):
         if self.stage == "fit":
@@ -272,7 +271,6 @@ class QuantaDiscovery(L.Callback):
         result = summarise(cfg, labels, samples.get("subtask"))
         summary.update(result["summary"])
         write_summary(trainer, summary)
-        self.result = {**result, "summary": summary}
         self._log(trainer, samples, labels, similarity, result)
 
     def _log(self, trainer, samples: dict, labels: dict, similarity, result: dict) -> None:

@@ -322,7 +322,7 @@ class Agent:
             self.errors.append(f"{type(e).__name__}: {e}")
             self.stopping.set()
 
-    def terminate(self, signum=None, frame=None) -> None:
+    def terminate(self) -> None:
         """SIGTERM: no new runs; forward it to the running ones and let them checkpoint."""
         self.say("SIGTERM: forwarding it to the running runs and waiting for them to checkpoint")
         self.stopping.set()
