@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from harness.errors import ConfigError, UserError
+from harness.errors import UserError
 
 
 def cmd_train(args) -> int:
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         args.fn = cmd_config
     try:
         code = args.fn(args)
-    except (ConfigError, UserError) as e:
+    except UserError as e:  # ConfigError too
         print(f"harness: error: {e}", file=sys.stderr)
         code = 2
     sys.exit(code)

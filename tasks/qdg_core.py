@@ -22,7 +22,7 @@ as TRAK projects per-example gradients; its error is measured against exact simi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -237,22 +237,16 @@ def exact_similarity(
     return C
 
 
-def projection_chunks(
-    P: int, dim: int, seed: int, device, chunk_bytes: int = 64 << 20
-) -> Iterator[tuple[slice, torch.Tensor]]:
-    """The Gaussian projection [P, dim] / sqrt(dim), row chunk by row chunk, regenerated from the seed."""
-    rows = max(1, chunk_bytes // (4 * dim))
+def project(G: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """[b, P] -> [b, dim]: G times the Gaussian projection [P, dim] / sqrt(dim), made 64 MiB of rows
+    at a time, each chunk regenerated from the seed."""
+    P, device = G.shape[1], G.device
+    out = torch.zeros(len(G), dim, device=device)
+    rows = max(1, (64 << 20) // (4 * dim))
     for i, s in enumerate(range(0, P, rows)):
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
         r = min(rows, P - s)
-        yield slice(s, s + r), torch.randn(r, dim, generator=g, device=device) / math.sqrt(dim)
-
-
-def project(G: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
-    """[b, P] -> [b, dim]."""
-    out = torch.zeros(len(G), dim, device=G.device)
-    for sl, R in projection_chunks(G.shape[1], dim, seed, G.device):
-        out += G[:, sl] @ R
+        out += G[:, s : s + r] @ (torch.randn(r, dim, generator=g, device=device) / math.sqrt(dim))
     return out
 
 

@@ -286,8 +286,7 @@ def _select(hist: pd.DataFrame, keys: list[str] | None) -> pd.DataFrame:
 def artifact_files(source: str, run_id: str, artifact_type: str) -> dict[str, str]:
     """{path in artifact: local file} for the artifacts of one type that a run logged."""
     if _resolve(source) == "local":
-        metas = _Local(source).runs()
-        for m in metas:
+        for m in _Local(source).runs():
             if m["id"] == run_id:
                 return _local_artifact_files(m, artifact_type)
         raise SourceError(f"run {run_id!r} not found in {source}")
@@ -346,8 +345,7 @@ def load_curves(source: str, name: str, run_ids: Iterable[str] | None = None, sw
     wanted = None if run_ids is None else list(dict.fromkeys(run_ids))
     paths: dict[str, str | None] = {}
     if _resolve(source) == "local":
-        metas = _Local(source).runs()
-        by_id = {m["id"]: m for m in _check_sweep(metas, sweep, source)}
+        by_id = {m["id"]: m for m in _check_sweep(_Local(source).runs(), sweep, source)}
         for rid in wanted if wanted is not None else list(by_id):
             if rid not in by_id:
                 raise SourceError(f"run {rid!r} not found in {source}" + (f" (sweep {sweep})" if sweep else ""))

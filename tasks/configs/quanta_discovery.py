@@ -49,7 +49,7 @@ class DataConfig:  # language models: documents, read by tasks.lm (as pythia_eva
 class SamplesConfig:
     n: int = 10000  # samples to cluster (0 = every one that passes, up to max_n)
     # Refuse more samples than this (raise it to ask for more): the n x n similarity and spectral
-    # clustering's copies of it take ~20 n^2 bytes (1.9 GB at 10,000; 7.5 GB at 20,000): `sim_bytes`.
+    # clustering's copies of it take ~20 n^2 bytes (1.9 GB at 10,000; 7.5 GB at 20,000): `too_many_samples`.
     max_n: int = 10000
     max_loss: float = 0.1  # nats: keep samples the model predicts well (the paper: 0.1)
     drop_repeated_trigrams: bool = True  # LMs: drop tokens whose trigram appeared earlier in the doc (induction)
@@ -143,15 +143,11 @@ class Config(RunConfig):
             )
 
 
-def sim_bytes(n: int) -> int:
-    """Memory the n x n similarity takes: the float32 matrix (4 n^2 bytes), the float64 copy that
-    sklearn's SpectralClustering validates it into and the Laplacian it builds from that (8 n^2 each)."""
-    return 20 * n * n
-
-
 def too_many_samples(what: str, n: int, max_n: int) -> str:
+    # Memory the n x n similarity takes: the float32 matrix (4 n^2 bytes), the float64 copy that
+    # sklearn's SpectralClustering validates it into and the Laplacian it builds from that (8 n^2 each).
     return (
         f"{what}: {n} samples > samples.max_n={max_n}; the {n} x {n} similarity and spectral clustering's "
-        f"copies of it take ~{sim_bytes(n) / 2**30:.1f} GiB (20 n^2 bytes); lower samples.n or raise "
+        f"copies of it take ~{20 * n * n / 2**30:.1f} GiB (20 n^2 bytes); lower samples.n or raise "
         f"samples.max_n to {n} to ask for it"
     )
