@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import zipfile
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -23,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from harness.config.run import RunConfig, flatten, to_dict
+from harness.config.run import RunConfig, flatten
 from harness.errors import UserError
 from harness.training import tracking
 
@@ -72,7 +73,7 @@ def _first_line(e: Exception) -> str:
 def identity(cfg: RunConfig) -> dict[str, Any]:
     """The run config a resume point belongs to: every key of the logged config (tracking.run_config),
     flat; plumbing (where and how it ran: wandb.*, threads, progress bar, ckpt_dir, resume) may differ."""
-    return {k: v for k, v in flatten(to_dict(cfg)).items() if not tracking.is_plumbing(k)}
+    return {k: v for k, v in flatten(asdict(cfg)).items() if not tracking.is_plumbing(k)}
 
 
 def _differences(saved: dict, now: dict) -> str:
