@@ -93,9 +93,8 @@ def train_packed(members: list[Member]) -> list[Member]:
     blocks, one after the other. Returns the members; wandb has written every run file on return."""
     check_members([m.cfg for m in members])
     for m in members:
-        m.identity = checkpoint.identity(m.cfg)  # what its last.ckpt records (before resolve_config)
         try:  # the checks a solo run gets: a finished id or a foreign resume point is refused; `never` clears
-            m.resume, step = checkpoint.resume_point(m.cfg, m.run_id)
+            m.identity, m.resume, step = checkpoint.resume_point(m.cfg, m.run_id)  # (before resolve_config)
             m.start_step = step or 0
         except UserError as e:  # this member's id is refused: it fails alone
             m.state, m.error = "failed", str(e)
