@@ -182,8 +182,8 @@ def run_spec(path: str) -> int:
     with open(path) as f:
         spec = json.load(f)
     members = [
-        Member(i, load_config(tuple(e["overrides"])), list(e["overrides"]), e.get("run_id"), e.get("param_path"))
-        for i, e in enumerate(spec["members"])
+        Member(load_config(tuple(e["overrides"])), list(e["overrides"]), e.get("run_id"), e.get("param_path"))
+        for e in spec["members"]
     ]
     try:
         train_packed(members)
