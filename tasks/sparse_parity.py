@@ -294,7 +294,7 @@ class SparseParityBlock:
         return {"model/params": n_params(self.views[i]), "loss_units": "nats"}
 
     def final_summary(self, i: int, run, seconds: float, cpu: float, steps: int) -> dict:
-        return self.emergence[i].final_values(table=True)  # a member always has its W&B run
+        return self.emergence[i].final_values()  # a member always has its W&B run
 
     def member_model(self, i: int) -> WidthPackedMLP:
         return self.model.member(i, copy=True)  # weights of its own: views would save the whole block

@@ -66,7 +66,7 @@ def unfinish(run_id: str) -> None:
 def test_a_members_last_ckpt_is_its_solo_runs_and_resumes_either_way(task, monkeypatch):
     base, *members = TASKS[task]
     overrides = [base + COMMON + m for m in members]
-    block = train_packed([Member(i, load_config(o), list(o), f"m{i}") for i, o in enumerate(overrides)])
+    block = train_packed([Member(load_config(o), list(o), f"m{i}") for i, o in enumerate(overrides)])
     assert [m.state for m in block] == ["finished", "finished"]
     monkeypatch.setenv("WANDB_RUN_ID", "solo1")
     solo = train(load_config(overrides[1]), list(overrides[1]))
@@ -86,7 +86,7 @@ def test_a_members_last_ckpt_is_its_solo_runs_and_resumes_either_way(task, monke
     resumed = train(load_config(overrides[1]), list(overrides[1]))
     monkeypatch.delenv("WANDB_RUN_ID")
     unfinish("solo1")
-    (in_block,) = train_packed([Member(0, load_config(overrides[1]), list(overrides[1]), "solo1")])
+    (in_block,) = train_packed([Member(load_config(overrides[1]), list(overrides[1]), "solo1")])
     assert resumed["trainer/resumed_from_step"] == in_block.summary["trainer/resumed_from_step"] == 20
     # each continues its trajectory, up to the rounding of a block of two's shared matmuls against a block of one
     packed_last = block[1].summary["val/loss"]["last"]
@@ -102,9 +102,7 @@ def test_a_block_resumed_from_its_members_last_ckpt_continues_bit_for_bit_and_bl
     overrides = [base + COMMON + m for m in members]
 
     def block(ids, which=(0, 1)):
-        return train_packed(
-            [Member(k, load_config(overrides[i]), list(overrides[i]), r) for k, (i, r) in enumerate(zip(which, ids))]
-        )
+        return train_packed([Member(load_config(overrides[i]), list(overrides[i]), r) for i, r in zip(which, ids)])
 
     first = block(["b0", "b1"])
     unfinish("b0")
@@ -176,7 +174,7 @@ def test_a_sigterm_outside_fit_preempts_the_blocks_not_started_and_lets_finished
 
     base, *members = TASKS["modular_addition"]
     overrides = [base + COMMON + m for m in members]
-    train_packed([Member(0, load_config(overrides[0]), list(overrides[0]), "t0")])
+    train_packed([Member(load_config(overrides[0]), list(overrides[0]), "t0")])
     unfinish("t0")  # t0 resumes at step 20: a block of its own, trained before the fresh member's
     mark = checkpoint.mark_finished
 
@@ -185,6 +183,6 @@ def test_a_sigterm_outside_fit_preempts_the_blocks_not_started_and_lets_finished
         os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(checkpoint, "mark_finished", mark_then_sigterm)
-    out = train_packed([Member(k, load_config(o), list(o), r) for k, (o, r) in enumerate(zip(overrides, ["t0", "t1"]))])
+    out = train_packed([Member(load_config(o), list(o), r) for o, r in zip(overrides, ["t0", "t1"])])
     assert [(m.state, m.run_id) for m in out] == [("finished", "t0"), ("preempted", "t1")]
     assert out[0].summary["trainer/resumed_from_step"] == 20

@@ -197,7 +197,7 @@ def solo_and_packed(tmp_path_factory):
         base=SMALL_MODADD,
     )
     solo = [train(load_config(m), list(m)) for m in members]
-    packed = train_packed([Member(i, load_config(m), list(m)) for i, m in enumerate(members)])
+    packed = train_packed([Member(load_config(m), list(m)) for m in members])
     return root, solo, packed
 
 
@@ -260,7 +260,7 @@ def test_a_member_with_a_non_finite_loss_fails_alone(offline):
     members = cfgs(
         ("seed=0",), ("seed=1", "model.init_scale=1e25"), steps=60, eval_every=20, extra=("model.save=false",)
     )
-    out = train_packed([Member(i, load_config(m), list(m)) for i, m in enumerate(members)])
+    out = train_packed([Member(load_config(m), list(m)) for m in members])
     assert [m.state for m in out] == ["finished", "failed"]
     assert "not finite" in out[1].error and "step 0" in out[1].error
     runs = runstore.load_runs(str(offline / "wandb")).set_index("id")

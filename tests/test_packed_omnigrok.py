@@ -179,7 +179,7 @@ def solo_and_packed(tmp_path_factory):
         mp.delenv("WANDB_RUN_ID", raising=False)
         members = configs(SHORT_MEMBERS, base=SHORT)
         solo_runs = [train(load_config(m), list(m)) for m in members]
-        out = train_packed([Member(i, load_config(m), list(m)) for i, m in enumerate(members)])
+        out = train_packed([Member(load_config(m), list(m)) for m in members])
     return root, solo_runs, out
 
 
@@ -249,7 +249,7 @@ def test_a_member_with_a_non_finite_loss_fails_alone(offline):
             "model.save=false",
         ),
     )
-    out = train_packed([Member(i, load_config(m), list(m)) for i, m in enumerate(members)])
+    out = train_packed([Member(load_config(m), list(m)) for m in members])
     assert [m.state for m in out] == ["finished", "failed"]
     assert "not finite" in out[1].error and "step 0" in out[1].error
     root = str(offline / "wandb")

@@ -296,7 +296,7 @@ def solo_and_packed(tmp_path_factory):
         base=SMALL_SP,
     )
     solo = [train(load_config(m), list(m)) for m in members]
-    packed = train_packed([Member(i, load_config(m), list(m)) for i, m in enumerate(members)])
+    packed = train_packed([Member(load_config(m), list(m)) for m in members])
     return root, solo, packed
 
 
@@ -385,7 +385,7 @@ def test_a_width_member_with_a_non_finite_loss_fails_alone(offline):
         eval_every=20,
         extra=("model.save=false",),
     )
-    out = train_packed([Member(i, load_config(m), list(m)) for i, m in enumerate(members)])
+    out = train_packed([Member(load_config(m), list(m)) for m in members])
     assert [m.state for m in out] == ["finished", "failed", "finished"]
     assert "not finite" in out[1].error
     root = str(offline / "wandb")

@@ -332,10 +332,6 @@ def _field_comments(cls: type) -> dict[str, str]:
     return out
 
 
-def to_dict(cfg: RunConfig) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

@@ -190,7 +190,7 @@ def solo_job(block, data=None) -> Job:
     cfg = block.cfgs[0]
     if hasattr(block, "resolve_config"):
         block.resolve_config(0)  # the run config records the values its build resolved
-    module = BlockModule(block, [Member(0, cfg, [])], cfg.trainer, solo=True)
+    module = BlockModule(block, [Member(cfg, [])], cfg.trainer, solo=True)
     return Job(
         module=module,
         datamodule=BlockData(cfg.trainer.batch_steps(), block),

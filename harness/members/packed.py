@@ -93,9 +93,8 @@ def train_packed(members: list[Member]) -> list[Member]:
     blocks, one after the other. Returns the members; wandb has written every run file on return."""
     check_members([m.cfg for m in members])
     for m in members:
-        m.identity = checkpoint.identity(m.cfg)  # what its last.ckpt records (before resolve_config)
         try:  # the checks a solo run gets: a finished id or a foreign resume point is refused; `never` clears
-            m.resume, step = checkpoint.resume_point(m.cfg, m.run_id)
+            m.identity, m.resume, step = checkpoint.resume_point(m.cfg, m.run_id)  # (before resolve_config)
             m.start_step = step or 0
         except UserError as e:  # this member's id is refused: it fails alone
             m.state, m.error = "failed", str(e)
@@ -183,8 +182,8 @@ def run_spec(path: str) -> int:
     with open(path) as f:
         spec = json.load(f)
     members = [
-        Member(i, load_config(tuple(e["overrides"])), list(e["overrides"]), e.get("run_id"), e.get("param_path"))
-        for i, e in enumerate(spec["members"])
+        Member(load_config(tuple(e["overrides"])), list(e["overrides"]), e.get("run_id"), e.get("param_path"))
+        for e in spec["members"]
     ]
     try:
         train_packed(members)

@@ -4,9 +4,10 @@ declare packable) and the one-line refusal of members that may not."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 from harness.config.registry import task_module
-from harness.config.run import RunConfig, flatten, to_dict
+from harness.config.run import RunConfig, flatten
 from harness.errors import ConfigError
 
 
@@ -32,11 +33,11 @@ def check_members(cfgs: list[RunConfig]) -> None:
     keys = packable_keys(task)
     if keys is None:
         raise ConfigError(f"task {task} does not pack (it declares no PACKABLE keys and no build_block)")
-    first = flatten(to_dict(cfgs[0]))
+    first = flatten(asdict(cfgs[0]))
     for cfg in cfgs[1:]:
         if cfg.task != task:
             raise ConfigError(f"packed members of different tasks ({task}, {cfg.task}): a block holds one task")
-        for k, v in flatten(to_dict(cfg)).items():
+        for k, v in flatten(asdict(cfg)).items():
             if k not in keys and k != "wandb.name" and first.get(k) != v:
                 raise ConfigError(
                     f"packed members differ in {k} ({first.get(k)!r} vs {v!r}); task {task} "

@@ -17,7 +17,6 @@ from harness.training.train import environ
 
 @dataclass
 class Member:
-    index: int
     cfg: RunConfig
     overrides: list[str]
     run_id: str | None = None

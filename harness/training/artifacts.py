@@ -21,11 +21,12 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
-from harness.config.run import RunConfig, to_dict
+from harness.config.run import RunConfig
 from harness.errors import ConfigError
 from harness.training import checkpoint, logs, tracking
 
@@ -107,7 +108,7 @@ def save_model(run, ckpt: dict, cfg: RunConfig, aliases: list[str], metadata: di
     name = f"model-{run.id}"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, MODEL_FILE)
-        torch.save({**ckpt, "config": to_dict(cfg)}, path)
+        torch.save({**ckpt, "config": asdict(cfg)}, path)
         tracking.log_artifact(run, path, name, "model", metadata, aliases=aliases)
     return name
 

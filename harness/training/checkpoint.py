@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import zipfile
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -23,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from harness.config.run import RunConfig, flatten, to_dict
+from harness.config.run import RunConfig, flatten
 from harness.errors import UserError
 from harness.training import tracking
 
@@ -72,7 +73,7 @@ def _first_line(e: Exception) -> str:
 def identity(cfg: RunConfig) -> dict[str, Any]:
     """The run config a resume point belongs to: every key of the logged config (tracking.run_config),
     flat; plumbing (where and how it ran: wandb.*, threads, progress bar, ckpt_dir, resume) may differ."""
-    return {k: v for k, v in flatten(to_dict(cfg)).items() if not tracking.is_plumbing(k)}
+    return {k: v for k, v in flatten(asdict(cfg)).items() if not tracking.is_plumbing(k)}
 
 
 def _differences(saved: dict, now: dict) -> str:
@@ -81,20 +82,24 @@ def _differences(saved: dict, now: dict) -> str:
     return shown + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 
-def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[str | None, int | None]:
-    """(last.ckpt to resume, its step), or (None, None) for a fresh start. Decided before a W&B run
-    exists, so that a refusal writes nothing: ResumeRefused when `run_id` names a finished run or a
-    resume point of another config (a leftover WANDB_RUN_ID, a job re-submitted with new values).
-    trainer.resume=never: a fresh start under this id; what the id left is removed."""
+def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[dict[str, Any], str | None, int | None]:
+    """The resume decision of a run about to start under `run_id` (a solo run, a packed member): (its
+    identity, last.ckpt to resume, its step), or (its identity, None, None) for a fresh start. The
+    identity, what its last.ckpt records, is the config as given, before the build resolves values in
+    it (Omnigrok's data.split=auto): the next start's config, also unresolved, is compared with it.
+    Decided before a W&B run exists, so that a refusal writes nothing: ResumeRefused when `run_id` names
+    a finished run or a resume point of another config (a leftover WANDB_RUN_ID, a job re-submitted with
+    new values). trainer.resume=never: a fresh start under this id; what the id left is removed."""
+    ident = identity(cfg)
     if not run_id:
-        return None, None  # wandb makes a new id: nothing can be there
+        return ident, None, None  # wandb makes a new id: nothing can be there
     directory = ckpt_dir(cfg, run_id)
     done, path = os.path.join(directory, FINISHED), os.path.join(directory, LAST)
     if cfg.trainer.resume == "never":
         for name in (FINISHED, LAST, LEGACY_PACKED, BLOCK_SCRATCH):
             if os.path.exists(os.path.join(directory, name)):
                 os.remove(os.path.join(directory, name))
-        return None, None
+        return ident, None, None
     if os.path.exists(done):
         info = _read_json(done)
         raise ResumeRefused(
@@ -109,11 +114,11 @@ def resume_point(cfg: RunConfig, run_id: str | None) -> tuple[str | None, int | 
                 "from before issue 20, which this harness does not read; pass trainer.resume=never to train "
                 "this id again from step 0"
             )
-        return None, None
-    return path, matched_step(cfg, run_id, path, f"resume point of run {run_id}")
+        return ident, None, None
+    return ident, path, matched_step(run_id, path, f"resume point of run {run_id}", ident)
 
 
-def matched_step(cfg: RunConfig, run_id: str | None, path: str, what: str, ident: dict | None = None) -> int:
+def matched_step(run_id: str | None, path: str, what: str, ident: dict) -> int:
     """The step of the Lightning checkpoint `path`, after checking it was written for this run config
     (ResumeRefused otherwise; `ident`: the config's identity taken before build() resolved values in
     it); read weights-only."""
@@ -124,11 +129,10 @@ def matched_step(cfg: RunConfig, run_id: str | None, path: str, what: str, ident
             f"resume point {path} records no run config (written by an older harness), so it "
             "cannot be matched to this run; pass trainer.resume=never to start this id from step 0"
         )
-    now = identity(cfg) if ident is None else ident
-    if saved != now:
+    if saved != ident:
         raise ResumeRefused(
             f"run {run_id}'s resume point {path} belongs to another run config: "
-            f"{_differences(saved, now)}; give this run a new WANDB_RUN_ID (or unset it), "
+            f"{_differences(saved, ident)}; give this run a new WANDB_RUN_ID (or unset it), "
             "or pass trainer.resume=never to start this id again from step 0"
         )
     return int(state["global_step"])

@@ -57,11 +57,11 @@ class EmergenceCallback(L.Callback):
             for i, (s, v) in enumerate(zip(self.first, self.final))
         ]
 
-    def final_values(self, table: bool) -> dict:
-        """The run's final summary values: `summary()`, and with `table` (a W&B run to show it in) the
-        `emergence/items` table once anything was evaluated (also written for packed members)."""
+    def final_values(self) -> dict:
+        """The run's final summary values: `summary()`, and the `emergence/items` table (for the W&B run
+        that shows it) once anything was evaluated (also written for packed members)."""
         values = self.summary()
-        if table and self.first is not None:
+        if self.first is not None:
             import wandb
 
             values["emergence/items"] = wandb.Table(

@@ -33,16 +33,6 @@ def wandb_run(trainer: L.Trainer):
     return None
 
 
-def log_at(module: L.LightningModule, metrics: dict[str, float], step: int) -> None:
-    """One history row at `step` (optimizer steps completed) in every logger of the module."""
-    for logger in module.loggers:
-        explicit = getattr(logger, "log_step", None)  # StepLogger: the step as given
-        if explicit is not None:
-            explicit(metrics, step)
-        else:
-            logger.log_metrics(metrics, step=step)
-
-
 def metric(trainer: L.Trainer, key: str) -> float | None:
     """A metric of the last evaluation: from the module's `eval_metrics` dict (BlockModule's), else from
     Lightning's callback_metrics (self.log)."""
@@ -75,7 +65,12 @@ class TrainLossLog:
             return
         values = torch.stack(self.values).tolist()
         for step, v in zip(self.steps, values):
-            log_at(module, {self.key: v}, step)
+            for logger in module.loggers:  # one history row at `step` in every logger of the module
+                explicit = getattr(logger, "log_step", None)  # StepLogger: the step as given
+                if explicit is not None:
+                    explicit({self.key: v}, step)
+                else:
+                    logger.log_metrics({self.key: v}, step=step)
         if module.trainer.progress_bar_callback is not None:
             module.log(self.key, values[-1], prog_bar=True, logger=False, on_step=True, on_epoch=False)
         self.steps, self.values = [], []

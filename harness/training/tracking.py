@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import asdict
 from typing import Any
 
 import wandb
 import yaml
 
-from harness.config.run import RunConfig, flatten, to_dict
+from harness.config.run import RunConfig, flatten
 from harness.errors import ConfigError
 from harness.wandb_mode import resolve_mode
 
@@ -68,7 +69,7 @@ def run_config(cfg: RunConfig) -> dict:
     (W&B's filters do not match dotted key names, wandb/wandb#3087), and the run store maps both
     spellings onto one column.
     """
-    nested = to_dict(cfg)
+    nested = asdict(cfg)
     flat = flatten(nested)
     for key, value in sweep_parameters().items():
         if key in flat and str(flat[key]) != str(value) and flat[key] != value:

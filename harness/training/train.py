@@ -154,16 +154,13 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
     """
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
-    ckpt_path, resumed_step = None, None
-    # The identity a resume point records is the config as given, before build() resolves values in it
-    # (Omnigrok's data.split=auto): resume_point compares the next start's config, also unresolved.
-    ident = checkpoint.identity(cfg)
-    if rank_zero_only.rank == 0:  # before anything is written: a refused run id leaves no trace
-        run_id = os.environ.get("WANDB_RUN_ID")
-        ckpt_path, resumed_step = checkpoint.resume_point(cfg, run_id)
-        local = None if ckpt_path else artifacts.local_resume_file(cfg)
-        if local:  # trainer.resume_from, checked against this run config as the run's own last.ckpt is
-            ckpt_path, resumed_step = local, checkpoint.matched_step(cfg, run_id, local, "trainer.resume_from:")
+    # Rank 0 decides (another rank, given no run id, resumes nothing: it takes rank 0's decision), before
+    # anything is written: a refused run id leaves no trace.
+    run_id = os.environ.get("WANDB_RUN_ID") if rank_zero_only.rank == 0 else None
+    ident, ckpt_path, resumed_step = checkpoint.resume_point(cfg, run_id)
+    local = None if ckpt_path or rank_zero_only.rank != 0 else artifacts.local_resume_file(cfg)
+    if local:  # trainer.resume_from, checked against this run config as the run's own last.ckpt is
+        ckpt_path, resumed_step = local, checkpoint.matched_step(run_id, local, "trainer.resume_from:", ident)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     job: Job = task_module(cfg.task).build(cfg)
     if job.stage == "fit" and getattr(getattr(cfg, "model", None), "save", False):  # every rank: it saves collectively
@@ -184,7 +181,7 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
             directory = checkpoint.ckpt_dir(cfg, run.id)
             if not ckpt_path and cfg.trainer.resume_from:  # online: a run id or artifact name on W&B
                 ckpt_path = artifacts.download_resume_file(cfg, run, directory)
-                resumed_step = checkpoint.matched_step(cfg, run.id, ckpt_path, "trainer.resume_from:", ident)
+                resumed_step = checkpoint.matched_step(run.id, ckpt_path, "trainer.resume_from:", ident)
             if ckpt_path:
                 run.summary["trainer/resumed_from_step"] = resumed_step
             saver = checkpoint.StepCheckpoint(directory, cfg.trainer.ckpt_every, cfg.trainer.eval_every, ident, run)
