@@ -21,6 +21,7 @@ from torch import nn
 from harness.config.resources import data_root
 from harness.config.run import data_dir
 from harness.errors import ConfigError
+from harness.training.nn import n_params
 from tasks.configs.lm import DataConfig, LMSource, ModelConfig  # noqa: F401  (part of this module's API)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,7 +148,7 @@ def split_head(model: nn.Module) -> bool:
 
 def param_counts(model: nn.Module) -> tuple[int, int]:
     """(total, non-embedding): Pythia's convention drops the input and output embeddings."""
-    total = sum(p.numel() for p in model.parameters())
+    total = n_params(model)
     emb = {
         id(p): p.numel()
         for mod in (model.get_input_embeddings(), model.get_output_embeddings())

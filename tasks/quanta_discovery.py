@@ -35,6 +35,7 @@ from harness.errors import ConfigError
 from harness.training import tracking
 from harness.training.data import DeviceDataModule
 from harness.training.logs import write_summary
+from harness.training.nn import n_params
 from harness.training.train import Job
 from tasks import lm
 from tasks import qdg_core as core
@@ -81,10 +82,9 @@ def model_artifact(cfg: Config) -> dict:
     foreign one is one line, before any gradient. Read weights-only (harness.training.checkpoint.load)."""
     from harness import runstore
     from harness.training.artifacts import MODEL_FILE, read_model
-    from harness.training.tracking import wandb_root
 
     m = cfg.model
-    source = m.artifact_source or wandb_root(cfg)
+    source = m.artifact_source or tracking.wandb_root(cfg)
     try:
         files = runstore.artifact_files(source, m.artifact, "model")
     except runstore.SourceError as e:
@@ -376,7 +376,7 @@ def build(cfg: Config) -> Job:
         model = job.module.model
         model.load_state_dict(blob["state_dict"])
         summary = {
-            "model/params": sum(p.numel() for p in model.parameters()),
+            "model/params": n_params(model),
             "qdg/kind": "parity",
             "qdg/model_task": inner.task,
         }
