@@ -78,7 +78,7 @@ def _warn(msg: str, sink: list[str]) -> None:
         print(f"runstore: warning: {msg}", file=sys.stderr)
 
 
-def _state(meta: dict, mtime: float) -> str:
+def _state(meta: dict) -> str:
     """Contract C5: exit 0 -> finished, 143 (or a non-zero exit after mark_preempting) -> preempted,
     other non-zero -> failed; no exit record -> running if written recently, else preempted (if
     it had called mark_preempting) or crashed."""
@@ -87,7 +87,7 @@ def _state(meta: dict, mtime: float) -> str:
         if code == 0:
             return "finished"
         return "preempted" if code == PREEMPTED_EXIT or meta["preempting"] else "failed"
-    if time.time() - mtime < RUNNING_GRACE_S:
+    if time.time() - meta["_mtime"] < RUNNING_GRACE_S:
         return "running"
     return "preempted" if meta["preempting"] else "crashed"
 
@@ -291,7 +291,7 @@ class _Local:
             metas = [self.units[p][0] for p in paths]
             last = metas[-1]
             merged = {k: v for k, v in last.items() if not k.startswith("_")}
-            merged["state"] = _state(last, last["_mtime"])
+            merged["state"] = _state(last)
             merged["truncated"] = any(m["truncated"] for m in metas)
             merged["damage"] = [d for m in metas for d in m["damage"]]
             merged["corrupt"] = bool(merged["damage"])
