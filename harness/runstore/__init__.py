@@ -218,7 +218,7 @@ def _load_history(
     source: str, run_ids: Iterable[str] | None, sweep: str | None, keys: list[str] | None
 ) -> pd.DataFrame:
     ids = None if run_ids is None else set(run_ids)
-    frames, owners = [], []
+    frames: dict[str, pd.DataFrame] = {}  # run id -> its rows
     if _resolve(source) == "local":
         local = _Local(source)
         chosen = [m["id"] for m in _check_sweep(local.runs(), sweep, source) if ids is None or m["id"] in ids]
@@ -226,8 +226,7 @@ def _load_history(
         if tables is not None and any(t is not None for t in tables):
             return _history_from_tables(chosen, tables, keys)
         for run_id in chosen:
-            frames.append(_select(local.history(run_id), keys))
-            owners.append(run_id)
+            frames[run_id] = _select(local.history(run_id), keys)
     else:
         for m in load_wandb(source, sweep):
             if ids is None or m["id"] in ids:
@@ -235,18 +234,16 @@ def _load_history(
                 h = pd.DataFrame.from_records(list(m["_run"].scan_history(keys=wanted)))
                 if len(h):
                     h["step"] = h["trainer/global_step"] if "trainer/global_step" in h else h["_step"]
-                frames.append(_select(run_cache.typed(h), keys))
-                owners.append(m["id"])
+                frames[m["id"]] = _select(run_cache.typed(h), keys)
     # A run without rows adds none, but its empty frame would make pandas turn the other runs'
     # int64 columns (_step) into float64; the cached Arrow path above keeps int64.
-    kept = [(f, o) for f, o in zip(frames, owners) if len(f)]
-    frames, owners = [f for f, _ in kept], [o for _, o in kept]
+    frames = {run_id: f for run_id, f in frames.items() if len(f)}
     if not frames:
         return pd.DataFrame(columns=["run_id", "step", *(keys or [])])
     # One copy (the concat; the frames may be this process's memo, never modified), then run_id and
     # step moved to the front without copying the float columns.
-    hist = run_cache.typed(pd.concat(frames, ignore_index=True))  # a column some runs lack: still numeric
-    hist.insert(0, "run_id", np.repeat(np.array(owners, dtype=object), [len(f) for f in frames]))
+    hist = run_cache.typed(pd.concat(frames.values(), ignore_index=True))  # a column some runs lack: still numeric
+    hist.insert(0, "run_id", np.repeat(np.array(list(frames), dtype=object), [len(f) for f in frames.values()]))
     if "step" in hist:
         hist.insert(1, "step", hist.pop("step"))
     return hist
@@ -277,7 +274,7 @@ def _history_from_tables(run_ids: list[str], tables: list, keys: list[str] | Non
 
 def _select(hist: pd.DataFrame, keys: list[str] | None) -> pd.DataFrame:
     if keys is None or not len(hist):
-        return hist if len(hist) else pd.DataFrame(columns=["step"])
+        return hist  # an empty one is dropped by _load_history
     present = [k for k in keys if k in hist.columns]
     sub = hist[["step", *present]]
     return sub.dropna(subset=present, how="all") if present else sub.iloc[0:0]

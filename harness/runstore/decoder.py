@@ -163,12 +163,6 @@ def _json_values(items) -> dict[str, Any]:
     return dict(zip(keys, values))
 
 
-def _set_nested(d: dict, keys: list[str], value: Any) -> None:
-    for k in keys[:-1]:
-        d = d.setdefault(k, {})
-    d[keys[-1]] = value
-
-
 class _DictRows:
     """History rows decoded item by item through upb: the plain, exact reading of any run file."""
 
@@ -371,16 +365,6 @@ class _PackedRows:
         )
 
 
-def _with_steps(frame: pd.DataFrame, steps: list[int | None]) -> pd.DataFrame:
-    if any(s is not None for s in steps):
-        frame["_step"] = (
-            np.array(steps, dtype=np.int64)
-            if None not in steps
-            else np.array([np.nan if s is None else s for s in steps])
-        )
-    return frame
-
-
 @dataclass
 class RunFile:
     run_id: str = ""
@@ -403,11 +387,11 @@ class RunFile:
 
 def _apply_config(config: dict, rec) -> None:
     for item in rec.update:
-        value = json.loads(item.value_json) if item.value_json else None
-        if item.nested_key:
-            _set_nested(config, list(item.nested_key), value)
-        else:
-            config[item.key] = value
+        *path, last = item.nested_key or [item.key]
+        node = config
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = json.loads(item.value_json) if item.value_json else None
     for item in rec.remove:
         config.pop(_item_key(item), None)
 
@@ -429,14 +413,6 @@ def _pop_path(d: dict, path: list[str]) -> None:
         node.pop(path[-1], None)
 
 
-def _without(d: dict, paths: list[list[str]]) -> dict:
-    """A copy of the nested dict `d` without the entries at `paths` (each a list of keys)."""
-    d = json.loads(json.dumps(d))
-    for path in paths:
-        _pop_path(d, path)
-    return d
-
-
 def _replay_summary(ops: list, rows) -> dict[str, Any]:
     """The summary after all its operations, replayed from the last, so that an operation whose
     keys are all written later is skipped undecoded (wandb-core writes two summary records a step).
@@ -452,7 +428,10 @@ def _replay_summary(ops: list, rows) -> dict[str, Any]:
         for k, v in items.items():
             if k not in done:
                 if isinstance(v, dict) and any(p[0] == k for p in cut):
-                    v = _without(v, [p[1:] for p in cut if p[0] == k])
+                    v = json.loads(json.dumps(v))  # a copy, without the entries removed later
+                    for p in cut:
+                        if p[0] == k:
+                            _pop_path(v, p[1:])
                 out[k] = v
                 done.add(k)
 
@@ -507,7 +486,6 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
     rec = pb.Record()
     rows = _PackedRows() if packed else _DictRows()
     ops: list[tuple] = []  # summary operations, see _replay_summary
-    n = 0
     # The last summary record, not applied yet: (its payload, item count, item bytes or None).
     pending: tuple[bytes, int, int | None] | None = None
 
@@ -517,8 +495,7 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
             ops.append(("record", pending[0]))
             pending = None
 
-    for payload in log:
-        n += 1
+    for n, payload in enumerate(log, 1):
         try:
             head = _record_field(payload) if packed else None
             if head is not None and head[0] == 0x12:  # history
@@ -593,7 +570,13 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
     if packed and not rows.decode():
         return None
     out.summary = _replay_summary(ops, rows)
-    out.history = _with_steps(rows.frame(), rows.steps) if rows.steps else pd.DataFrame()
+    out.history = rows.frame() if rows.steps else pd.DataFrame()
+    if any(s is not None for s in rows.steps):
+        out.history["_step"] = (
+            np.array(rows.steps, dtype=np.int64)
+            if None not in rows.steps
+            else np.array([np.nan if s is None else s for s in rows.steps])
+        )
     out.config.pop("_wandb", None)
     return out
 

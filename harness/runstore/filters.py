@@ -71,15 +71,12 @@ def _keys(metas: list[dict]) -> set[str]:
     keys = set(RUN_FIELDS)
     for m in metas:
         keys.update(f"config.{k}" for k in m["config"])
-        for k, v in m["summary"].items():
+        stack = list(m["summary"].items())
+        while stack:  # nested summary dicts: every path is a key
+            k, v = stack.pop()
             keys.add(f"summary_metrics.{k}")
-            stack = [(k, v)]
-            while stack:  # nested summary dicts: every path is a key
-                prefix, node = stack.pop()
-                if isinstance(node, dict):
-                    for kk, vv in node.items():
-                        keys.add(f"summary_metrics.{prefix}.{kk}")
-                        stack.append((f"{prefix}.{kk}", vv))
+            if isinstance(v, dict):
+                stack.extend((f"{k}.{kk}", vv) for kk, vv in v.items())
     return keys
 
 
@@ -87,8 +84,7 @@ def check(filters: Any, metas: list[dict]) -> None:
     """Raise FilterError (one line) unless `filters` uses only what `matches` applies exactly."""
     if not isinstance(filters, dict):
         raise FilterError(f"filters must be a dict (a MongoDB query, as W&B's Api().runs takes), got {_short(filters)}")
-    known = _keys(metas) if metas else None
-    _check(filters, known, 1)
+    _check(filters, _keys(metas) if metas else None, 1)
 
 
 def _check(query: dict, known: set[str] | None, depth: int) -> None:

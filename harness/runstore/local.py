@@ -78,7 +78,7 @@ def _warn(msg: str, sink: list[str]) -> None:
         print(f"runstore: warning: {msg}", file=sys.stderr)
 
 
-def _state(meta: dict, mtime: float) -> str:
+def _state(meta: dict) -> str:
     """Contract C5: exit 0 -> finished, 143 (or a non-zero exit after mark_preempting) -> preempted,
     other non-zero -> failed; no exit record -> running if written recently, else preempted (if
     it had called mark_preempting) or crashed."""
@@ -87,7 +87,7 @@ def _state(meta: dict, mtime: float) -> str:
         if code == 0:
             return "finished"
         return "preempted" if code == PREEMPTED_EXIT or meta["preempting"] else "failed"
-    if time.time() - mtime < RUNNING_GRACE_S:
+    if time.time() - meta["_mtime"] < RUNNING_GRACE_S:
         return "running"
     return "preempted" if meta["preempting"] else "crashed"
 
@@ -142,18 +142,6 @@ def _decode(path: str, notes: list[str]) -> tuple[dict, pd.DataFrame]:
     return _digest(rf, path)
 
 
-def _cached(path: str, st: os.stat_result, cache_root: str, notes: list[str]) -> dict | None:
-    """The cached meta of a run file, or None (no entry, or one that cannot be served: noted)."""
-    try:
-        meta = run_cache.read_meta(cache_root, run_cache.identity(path, st))
-    except run_cache.BadEntry as e:
-        notes.append(f"ignored a cache entry ({e}); decoding {path} again")
-        return None
-    if meta is not None:
-        meta["_mtime"] = st.st_mtime
-    return meta
-
-
 def _unwritable(cache_root: str, why: str) -> str:
     return (
         f"cannot write the run cache in {cache_root} ({why}); runs are decoded again on every load "
@@ -162,21 +150,17 @@ def _unwritable(cache_root: str, why: str) -> str:
 
 
 def _load_file(path: str, cache_root: str, write: bool, send_history: bool = True):
-    """One run file from the cache or decoded (and cached when `write`). Runs in a worker process
-    too, so it prints nothing: returns (path, meta or None, history or None, error or None, notes)."""
+    """One run file the cache did not serve, decoded (and cached when `write`). Runs in a worker
+    process too, so it prints nothing: returns (path, meta or None, history or None, error or None, notes)."""
     notes: list[str] = []
     try:
         st = os.stat(path)
-        ident = run_cache.identity(path, st)
-        meta = _cached(path, st, cache_root, notes)
-        if meta is not None:
-            return path, meta, None, None, notes
         meta, hist = _decode(path, notes)
         meta["_mtime"] = st.st_mtime
         # A file still being written changes with every step: caching it would only litter.
         if write and not (meta["exit_code"] is None and time.time() - st.st_mtime < RUNNING_GRACE_S):
             try:
-                written = run_cache.write(cache_root, ident, meta, hist)
+                written = run_cache.write(cache_root, run_cache.identity(path, st), meta, hist)
                 if not send_history:  # the parent reads the history file when it needs it
                     return path, dict(meta, **written), None, None, notes
             except OSError as e:
@@ -210,14 +194,12 @@ class _Local:
     """The run files of a wandb directory, merged by run id (contract C5)."""
 
     def __init__(self, source: str):
-        root = wandb_dir(source)
-        files = run_files(source)
         self.errors: list[str] = []
         self.warnings: list[str] = []
-        self.cache_root = run_cache.cache_dir(root)
+        self.cache_root = run_cache.cache_dir(wandb_dir(source))
         units: dict[str, tuple[dict, pd.DataFrame | None]] = {}
         todo = []
-        for p in files:
+        for p in run_files(source):
             try:
                 st = os.stat(p)
             except OSError as e:
@@ -227,11 +209,13 @@ class _Local:
             if key in _MEMO:
                 units[p] = _MEMO[key]
                 continue
-            notes: list[str] = []
-            meta = _cached(p, st, self.cache_root, notes)
-            for n in notes:
-                _warn(n, self.warnings)
+            try:
+                meta = run_cache.read_meta(self.cache_root, run_cache.identity(p, st))
+            except run_cache.BadEntry as e:
+                _warn(f"ignored a cache entry ({e}); decoding {p} again", self.warnings)
+                meta = None
             if meta is not None:
+                meta["_mtime"] = st.st_mtime
                 units[p] = _MEMO[key] = (meta, None)
             else:
                 todo.append((p, key))
@@ -291,7 +275,7 @@ class _Local:
             metas = [self.units[p][0] for p in paths]
             last = metas[-1]
             merged = {k: v for k, v in last.items() if not k.startswith("_")}
-            merged["state"] = _state(last, last["_mtime"])
+            merged["state"] = _state(last)
             merged["truncated"] = any(m["truncated"] for m in metas)
             merged["damage"] = [d for m in metas for d in m["damage"]]
             merged["corrupt"] = bool(merged["damage"])

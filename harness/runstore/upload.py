@@ -10,7 +10,6 @@ when they ran (harness.sweep.agent.local_sweep_env); `--project`/`--entity` over
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -64,7 +63,6 @@ def plan(source: str, sweep: str | None = None, project: str | None = None, enti
         raise UserError(f"the runs were recorded in projects {', '.join(projects)}: choose one with --project")
     up = Upload(project, entity or spec.get("entity"))
     for m in sorted(metas, key=lambda m: (m.get("group") or "", m["name"] or "", m["id"])):
-        dirs = sorted({os.path.dirname(p) for p in local.by_id[m["id"]]})
         up.runs.append(
             {
                 "id": m["id"],
@@ -72,7 +70,7 @@ def plan(source: str, sweep: str | None = None, project: str | None = None, enti
                 "group": m.get("group"),
                 "tags": m.get("tags") or [],
                 "state": m["state"],
-                "dirs": dirs,
+                "dirs": sorted({os.path.dirname(p) for p in local.by_id[m["id"]]}),
             }
         )
     if not up.runs:
@@ -102,5 +100,5 @@ def sync(up: Upload, dry_run: bool = False) -> int:
         return 0
     print(describe(up), file=sys.stderr)
     exe = os.path.join(os.path.dirname(sys.executable), "wandb")
-    exe = exe if os.path.exists(exe) else (shutil.which("wandb") or "wandb")
+    exe = exe if os.path.exists(exe) else "wandb"  # subprocess finds it on PATH
     return subprocess.call(up.argv(exe))
