@@ -138,8 +138,7 @@ class Agent:
         self.procs: dict[str, subprocess.Popen] = {}
         self.procs_lock = threading.Lock()
         size = grid_size(self.cfg) if self.cfg.get("method", "grid") == "grid" else None
-        caps = [n for n in (size, self.run_cap) if n is not None]
-        self.planned = min(caps) if caps else None
+        self.planned = min((n for n in (size, self.run_cap) if n is not None), default=None)
 
     def say(self, msg: str) -> None:
         print(f"[sweep {self.sweep_id}] {msg}", file=sys.stderr, flush=True)
