@@ -102,12 +102,11 @@ def _history(wandb_dir: str):
     return load_history(wandb_dir, run_ids=sorted(runs["id"])[:1])
 
 
-def _timed_run(argv: list[str], tmp: str, threads: int | None, what: str, k: int) -> plan.Timing:
+def _timed_run(argv: list[str], tmp: str, threads: int, what: str, k: int) -> plan.Timing:
     """Run `argv` with offline W&B into `tmp`/wandb on `threads` threads; split its wall time."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp}
     env.pop("WANDB_SWEEP_ID", None)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    env["OMP_NUM_THREADS"] = str(threads)
     t0 = time.perf_counter()
     out = subprocess.run(argv, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0

@@ -138,8 +138,7 @@ class Agent:
         self.procs: dict[str, subprocess.Popen] = {}
         self.procs_lock = threading.Lock()
         size = grid_size(self.cfg) if self.cfg.get("method", "grid") == "grid" else None
-        caps = [n for n in (size, self.run_cap) if n is not None]
-        self.planned = min(caps) if caps else None
+        self.planned = min((n for n in (size, self.run_cap) if n is not None), default=None)
 
     def say(self, msg: str) -> None:
         print(f"[sweep {self.sweep_id}] {msg}", file=sys.stderr, flush=True)
@@ -273,7 +272,7 @@ class Agent:
         return path
 
     def _spawn(self, tag: str, argv: list[str], env: dict, log_path: str) -> int:
-        """`argv`'s exit code; its output goes to `log_path`, and terminate() finds it under `tag` while it runs."""
+        """`argv`'s exit code; its output goes to `log_path`; while it runs, SIGTERM reaches it as procs[`tag`]."""
         with open(log_path, "a") as log:
             with self.procs_lock:
                 if self.stopping.is_set():  # SIGTERM came between claim and start: never started
@@ -322,14 +321,6 @@ class Agent:
             self.errors.append(f"{type(e).__name__}: {e}")
             self.stopping.set()
 
-    def terminate(self) -> None:
-        """SIGTERM: no new runs; forward it to the running ones and let them checkpoint."""
-        self.say("SIGTERM: forwarding it to the running runs and waiting for them to checkpoint")
-        self.stopping.set()
-        with self.procs_lock:
-            for proc in self.procs.values():
-                proc.send_signal(signal.SIGTERM)
-
     def run(self) -> int:
         """Exit status: 0 every run finished; 143 stopped by SIGTERM; 1 a run failed or a worker crashed."""
         self.say(
@@ -340,9 +331,13 @@ class Agent:
         previous = None
         if threading.current_thread() is threading.main_thread():
 
-            def on_sigterm(signum, frame):
+            def on_sigterm(signum, frame):  # no new runs; forward it to the running ones to checkpoint
                 terminated.set()
-                self.terminate()
+                self.say("SIGTERM: forwarding it to the running runs and waiting for them to checkpoint")
+                self.stopping.set()
+                with self.procs_lock:
+                    for proc in self.procs.values():
+                        proc.send_signal(signal.SIGTERM)
 
             previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:

@@ -43,11 +43,11 @@ def next_params(cfg: dict, state: dict) -> dict | None:
         return None
     params = {k: v["value"] for k, v in suggestion.config.items()}
     if engine_cfg.get("method", "grid") == "grid":
-        done = {_point(r["params"]): r for r in state["runs"] if r["state"] != "killed"}
-        if _point(params) in done:
-            r = done[_point(params)]
+        point = _point(params)
+        r = {_point(r["params"]): r for r in state["runs"] if r["state"] != "killed"}.get(point)
+        if r:
             raise RepeatedPoint(
-                f"the sweep engine suggested grid point {_point(params)} again, which run {r['id']} "
+                f"the sweep engine suggested grid point {point} again, which run {r['id']} "
                 f"already holds ({r['state']}); stopping instead of running it twice"
             )
     return params

@@ -105,10 +105,8 @@ class PackedAgent(Agent):
             return codes, summaries
         tag = runs[0]["id"]
         log = os.path.join(self.path, f"pack-{tag}.log")
-        members = []
-        for run in runs:
-            members.append({"run_id": run["id"], "overrides": self._overrides(run), "param_path": self.param_file(run)})
-            self.pack_logs[run["id"]] = log
+        members = [{"run_id": r["id"], "overrides": self._overrides(r), "param_path": self.param_file(r)} for r in runs]
+        self.pack_logs.update((run["id"], log) for run in runs)
         results = os.path.abspath(os.path.join(self.path, f"pack-{tag}.results.json"))
         if os.path.exists(results):
             os.remove(results)

@@ -6,6 +6,7 @@ Light (no torch): the timing itself runs real runs in child processes (harness.d
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -59,11 +60,7 @@ def size_key(key: str, value) -> bool:
 def costliest(points: list[dict]) -> dict:
     """The point with the largest product of its integer model.* / data.* / eval.* values (e.g. the
     widest model): a heuristic, since a step's cost is only known by running it."""
-
-    def cost(p: dict) -> float:
-        return math.prod(abs(float(v)) for k, v in flatten(p).items() if size_key(k, v) and v)
-
-    return max(points, key=cost)
+    return max(points, key=lambda p: math.prod(abs(float(v)) for k, v in flatten(p).items() if size_key(k, v) and v))
 
 
 @dataclass
@@ -83,10 +80,9 @@ class Timing:
 def makespan(durations: list[float], workers: int) -> float:
     """Wall time of independent jobs on `workers` slots, longest first to the idlest slot (the local
     controller hands the next point to whichever worker is free)."""
-    slots = [0.0] * max(1, workers)
+    slots = [0.0] * max(1, workers)  # a heap of the slots' busy times: slots[0] is the idlest
     for d in sorted(durations, reverse=True):
-        i = slots.index(min(slots))
-        slots[i] += d
+        heapq.heapreplace(slots, slots[0] + d)
     return max(slots)
 
 
