@@ -140,14 +140,13 @@ class LMGrads(GradSource):
         self.names, self.params = list(params), list(params.values())
         self.n, self.dim = len(self.doc), n_selected(params)
         self.device = self.params[0].device
-        self.head = model.get_output_embeddings()
         self.split = split_head(model)  # logits = head(base(x))? then the head runs on the chosen rows only
 
     def _logits(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """Logits predicting positions `where` of one document: [m, vocab], head only at those rows."""
         if self.split:
             hidden = self.model.base_model(input_ids=ids[None]).last_hidden_state[0]  # [L, d]
-            return self.head(hidden[where - 1])
+            return self.model.get_output_embeddings()(hidden[where - 1])
         return self.model(input_ids=ids[None]).logits[0, where - 1]
 
     def doc_grads(self, d: int, positions: np.ndarray) -> torch.Tensor:
