@@ -57,17 +57,16 @@ def _lm_source(cfg: Config) -> lm.LMSource:
     )
 
 
-def _inner_config(train: dict, trainer: TrainerConfig | None) -> RunConfig:
+def _inner_config(train: dict, trainer: TrainerConfig) -> RunConfig:
     """Another task's config from a (nested) dict: train.* of this run, or the config in a model
-    artifact. trainer: this run's trainer settings (a model trained here), or None to keep the dict's."""
+    artifact. trainer: the trainer settings it runs with (this run's for a model trained here)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     cls = config_class(train["task"])
     try:
         inner = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), train))
-        if trainer is not None:
-            inner.trainer = dataclasses.replace(trainer)
+        inner.trainer = dataclasses.replace(trainer)
         inner.validate()
     except OmegaConfBaseException as e:
         raise ConfigError(f"train.*: {str(e).splitlines()[0]} (task {train['task']})") from None
