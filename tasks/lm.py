@@ -124,13 +124,16 @@ def load_tokenizer(cfg) -> Tokenizer:
     return Tokenizer(tok.backend_tokenizer, m.add_special_tokens)
 
 
-def check_vocab(model: nn.Module, tok: Tokenizer, names: str) -> None:
+def load_model_and_tokenizer(cfg) -> tuple[nn.Module, Tokenizer]:
+    """`load_model`, `load_tokenizer`, and a one-line error when the tokenizer is another model's."""
+    model, tok, m = load_model(cfg), load_tokenizer(cfg), cfg.model
     rows = model.get_input_embeddings().num_embeddings
     if tok.size > rows or rows - tok.size > VOCAB_SLACK:
         raise ConfigError(
-            f"tokenizer and model do not match ({names}): the tokenizer has {tok.size} ids, "
-            f"the model's embedding {rows} rows"
+            f"tokenizer and model do not match (model.name={m.name!r}, model.tokenizer="
+            f"{m.tokenizer or 'its own'!r}): the tokenizer has {tok.size} ids, the model's embedding {rows} rows"
         )
+    return model, tok
 
 
 def split_head(model: nn.Module) -> bool:
@@ -146,8 +149,9 @@ def split_head(model: nn.Module) -> bool:
     return split.shape == full.shape and torch.allclose(split, full, atol=1e-4, rtol=1e-4)
 
 
-def param_counts(model: nn.Module) -> tuple[int, int]:
-    """(total, non-embedding): Pythia's convention drops the input and output embeddings."""
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """The run summary's total and non-embedding parameter counts: Pythia's convention drops the
+    input and output embeddings."""
     total = n_params(model)
     emb = {
         id(p): p.numel()
@@ -155,7 +159,7 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
         if mod is not None
         for p in mod.parameters()
     }
-    return total, total - sum(emb.values())
+    return {"model/params": total, "model/params_nonembedding": total - sum(emb.values())}
 
 
 # -- per-token losses ----------------------------------------------------------------------------
@@ -251,6 +255,17 @@ def iter_texts(source: str, text_key: str = "text", split: str = "test") -> Iter
                 yield fh.read()
     else:
         yield from _iter_jsonl(source, text_key)
+
+
+def documents(source: str, d, slot: int = 0, n_slots: int = 1) -> Iterator[tuple[int, str]]:
+    """(index, text) of the documents of `d` (a DataConfig's first_doc, n_docs, text_key, split)
+    whose index r from first_doc has r % n_slots == slot, in order."""
+    stop = d.first_doc + d.n_docs if d.n_docs else None
+    for i, text in enumerate(iter_texts(source, d.text_key, d.split)):
+        if stop is not None and i >= stop:
+            return
+        if i >= d.first_doc and (i - d.first_doc) % n_slots == slot:
+            yield i, text
 
 
 def _iter_jsonl(path: str, text_key: str) -> Iterator[str]:

@@ -126,12 +126,7 @@ def lm_samples(cfg: Config, model: nn.Module, tok, source_cfg: lm.LMSource) -> d
     docs: dict[int, list[int]] = {}
 
     def stream():
-        stop = d.first_doc + d.n_docs if d.n_docs else None
-        for i, text in enumerate(lm.iter_texts(source, d.text_key, d.split)):
-            if stop is not None and i >= stop:
-                return
-            if i < d.first_doc:
-                continue
+        for i, text in lm.documents(source, d):
             ids = tok.encode([text], d.context_length)[0]
             if len(ids) < 2:
                 continue
@@ -362,11 +357,8 @@ def build(cfg: Config) -> Job:
     if m.source == "hf":
         source_cfg = _lm_source(cfg)
         lm.resolve_source(source_cfg)  # a missing data source fails here, before the model loads
-        model = lm.load_model(source_cfg)
-        tok = lm.load_tokenizer(source_cfg)
-        lm.check_vocab(model, tok, f"model.name={m.name!r}, model.tokenizer={m.tokenizer or 'its own'!r}")
-        total, non_emb = lm.param_counts(model)
-        summary = {"model/params": total, "model/params_nonembedding": non_emb, "qdg/kind": "lm"}
+        model, tok = lm.load_model_and_tokenizer(source_cfg)
+        summary = {**lm.param_counts(model), "qdg/kind": "lm"}
         kind, extra = "lm", {"tok": tok, "source_cfg": source_cfg}
     else:
         blob = model_artifact(cfg)
