@@ -41,8 +41,12 @@ def _local_path(path: str, cfg) -> str | None:
     return None
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+def _from_pretrained(auto, cfg, local: str | None, **kwargs):
+    """`auto.from_pretrained` of the local model directory, else of the hub name at its revision."""
+    m, offline = cfg.model, os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    return auto.from_pretrained(
+        local or m.name, revision=None if local else m.revision, local_files_only=bool(local) or offline, **kwargs
+    )
 
 
 def local_model_dir(cfg) -> str | None:
@@ -56,15 +60,9 @@ def local_model_dir(cfg) -> str | None:
 def load_model(cfg) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    m = cfg.model
-    local = local_model_dir(cfg)
+    m, local = cfg.model, local_model_dir(cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            local or m.name,
-            revision=None if local else m.revision,
-            dtype=DTYPES[m.dtype],
-            local_files_only=bool(local) or _hub_offline(),
-        )
+        model = _from_pretrained(AutoModelForCausalLM, cfg, local, dtype=DTYPES[m.dtype])
     except (OSError, ValueError) as e:
         if local:
             raise ConfigError(
@@ -107,11 +105,8 @@ def load_tokenizer(cfg) -> Tokenizer:
         return Tokenizer(tokenizers.Tokenizer.from_file(path), m.add_special_tokens)
     from transformers import AutoTokenizer
 
-    local = local_model_dir(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(
-            local or m.name, revision=None if local else m.revision, local_files_only=bool(local) or _hub_offline()
-        )
+        tok = _from_pretrained(AutoTokenizer, cfg, local_model_dir(cfg))
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"model.name={m.name!r} has no loadable tokenizer ({str(e).splitlines()[0]}); "
