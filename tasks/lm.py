@@ -144,17 +144,18 @@ def split_head(model: nn.Module) -> bool:
     return split.shape == full.shape and torch.allclose(split, full, atol=1e-4, rtol=1e-4)
 
 
+def embedding_params(model: nn.Module) -> dict[int, nn.Parameter]:
+    """The input and output embeddings' parameters by id (tied ones once; none for a model without them)."""
+    mods = [getattr(model, get, lambda: None)() for get in ("get_input_embeddings", "get_output_embeddings")]
+    return {id(p): p for mod in mods if mod is not None for p in mod.parameters()}
+
+
 def param_counts(model: nn.Module) -> dict[str, int]:
     """The run summary's total and non-embedding parameter counts: Pythia's convention drops the
     input and output embeddings."""
     total = n_params(model)
-    emb = {
-        id(p): p.numel()
-        for mod in (model.get_input_embeddings(), model.get_output_embeddings())
-        if mod is not None
-        for p in mod.parameters()
-    }
-    return {"model/params": total, "model/params_nonembedding": total - sum(emb.values())}
+    emb = sum(p.numel() for p in embedding_params(model).values())
+    return {"model/params": total, "model/params_nonembedding": total - emb}
 
 
 # -- per-token losses ----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from tasks.configs.quanta_discovery import DEFAULT_EXCLUDE
-from tasks.lm import split_head
+from tasks.lm import embedding_params, split_head
 
 # -- parameters ----------------------------------------------------------------------------------
 
@@ -47,12 +47,7 @@ def select_params(
     import re
 
     exclude = [e for e in exclude if e]
-    skip: set[int] = set()
-    if drop_embeddings:
-        for get in ("get_input_embeddings", "get_output_embeddings"):
-            mod = getattr(model, get, lambda: None)()
-            if mod is not None:
-                skip |= {id(p) for p in mod.parameters()}
+    skip = embedding_params(model) if drop_embeddings else {}
     chosen = {
         n: p
         for n, p in model.named_parameters()
