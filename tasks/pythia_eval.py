@@ -11,6 +11,7 @@ total and non-embedding parameter counts.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import sys
 from collections.abc import Iterator
@@ -77,21 +78,12 @@ class DocumentBatches(IterableDataset):
         self.cfg, self.tok, self.source, self.slot, self.n_slots = cfg, tok, source, slot, n_slots
 
     def __iter__(self):
-        buf: list[tuple[int, str]] = []
-        for item in documents(self.source, self.cfg.data, self.slot, self.n_slots):
-            buf.append(item)
-            if len(buf) == self.cfg.eval.sort_buffer:
-                yield from self._batches(buf)
-                buf = []
-        if buf:
-            yield from self._batches(buf)
-
-    def _batches(self, buf):
-        e = self.cfg.eval
-        ids = self.tok.encode([t for _, t in buf], self.cfg.data.context_length)
-        docs = [(i, toks) for (i, _), toks in zip(buf, ids) if len(toks) >= 2]  # one token predicts nothing
-        for batch in pack(docs, e.batch_tokens, e.max_batch_docs, e.max_padding):
-            yield collate(batch)
+        e, texts = self.cfg.eval, documents(self.source, self.cfg.data, self.slot, self.n_slots)
+        while buf := list(itertools.islice(texts, e.sort_buffer)):
+            ids = self.tok.encode([t for _, t in buf], self.cfg.data.context_length)
+            docs = [(i, toks) for (i, _), toks in zip(buf, ids) if len(toks) >= 2]  # one token predicts nothing
+            for batch in pack(docs, e.batch_tokens, e.max_batch_docs, e.max_padding):
+                yield collate(batch)
 
 
 def device_slot(shard: int, shards: int, rank: int, world: int) -> tuple[int, int]:
