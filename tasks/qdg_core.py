@@ -151,14 +151,11 @@ class LMGrads(GradSource):
         ids = ids[: int(where.max()) + 1]  # causal: nothing after the last selected token matters
         with torch.enable_grad():
             losses = F.cross_entropy(self._logits(ids, where).float(), ids[where], reduction="none")  # [m]
-            rows = []
+            rows, eye = [], torch.eye(len(where), device=self.device)  # row k: the gradient of loss k
             for s in range(0, len(where), self.batch):
-                m = min(self.batch, len(where) - s)
-                eye = torch.zeros(m, len(where), device=self.device)
-                eye[torch.arange(m), torch.arange(s, s + m)] = 1.0
                 last = s + self.batch >= len(where)
-                g = torch.autograd.grad(
-                    losses, self.params, grad_outputs=eye, is_grads_batched=True, retain_graph=not last
+                g = torch.autograd.grad(  # grad_outputs: rows s.. of eye
+                    losses, self.params, eye[s : s + self.batch], is_grads_batched=True, retain_graph=not last
                 )
                 rows.append(torch.cat([x.flatten(1) for x in g], 1))
         return torch.cat(rows)
