@@ -295,27 +295,20 @@ def summarise(cfg: Config, labels: dict[int, np.ndarray], subtask) -> dict:
     env = qs.envelope(list(per.values()))
     fit = qs.fit_slope(env, c.fit_rank_min, c.fit_rank_max)
     out = {"sizes": {str(k): v.tolist() for k, v in per.items()}, "envelope": env.tolist(), "fit": fit}
-    summary = {
-        "qdg/slope": fit["slope"],
-        "qdg/slope_lo": fit["slope_lo"],
-        "qdg/slope_hi": fit["slope_hi"],
-        "qdg/fit_rank_min": fit["rank_min"],
-        "qdg/fit_rank_max": fit["rank_max"],
-    }
+    summary = {f"qdg/{k}": fit[k] for k in ("slope", "slope_lo", "slope_hi")}
+    summary |= {f"qdg/fit_{k}": fit[k] for k in ("rank_min", "rank_max")}  # qdg/fit_rank_min, qdg/fit_rank_max
     if subtask is not None:
         agree = {str(k): qs.agreement(subtask, v) for k, v in labels.items()}
         n_sub = len(np.unique(subtask))
         # The headline count: the first multiple of the true subtask count, else the first count.
         first = next((m * n_sub for m in c.subtask_multiples), min(labels))
         out["agreement"] = agree
-        summary.update(
-            {
-                "qdg/n_subtasks": n_sub,
-                "qdg/ari": agree[str(first)]["ari"],
-                "qdg/purity": agree[str(first)]["purity"],
-                "qdg/ari_clusters": first,
-            }
-        )
+        summary |= {
+            "qdg/n_subtasks": n_sub,
+            "qdg/ari": agree[str(first)]["ari"],
+            "qdg/purity": agree[str(first)]["purity"],
+            "qdg/ari_clusters": first,
+        }
     out["summary"] = summary
     return out
 
