@@ -202,10 +202,8 @@ class TokenLosses(nn.Module):
         hidden = self.lm.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         hidden, targets = hidden[:, :-1][real], targets[real]  # [n, d], [n]
         out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
-        for s in range(0, len(targets), self.head_chunk):
-            out[s : s + self.head_chunk] = self._chunk_losses(
-                hidden[s : s + self.head_chunk], targets[s : s + self.head_chunk]
-            )
+        for o, h, t in zip(out.split(self.head_chunk), hidden.split(self.head_chunk), targets.split(self.head_chunk)):
+            o.copy_(self._chunk_losses(h, t))
         return out
 
     def _chunk_losses(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
