@@ -47,16 +47,6 @@ ARTIFACT_TYPE = "quanta"
 # -- models --------------------------------------------------------------------------------------
 
 
-def _lm_source(cfg: Config) -> lm.LMSource:
-    """This run's model and documents, as the LM toolkit's loaders read them."""
-    m = cfg.model
-    return lm.LMSource(
-        data_dir=cfg.data_dir,
-        model=lm.ModelConfig(name=m.name, revision=m.revision, dtype=m.dtype, tokenizer=m.tokenizer),
-        data=lm.DataConfig(**dataclasses.asdict(cfg.data)),  # its keys are a subset of the toolkit's
-    )
-
-
 def _inner_config(train: dict, trainer: TrainerConfig) -> RunConfig:
     """Another task's config from a (nested) dict: train.* of this run, or the config in a model
     artifact. trainer: the trainer settings it runs with (this run's for a model trained here)."""
@@ -348,7 +338,11 @@ def build(cfg: Config) -> Job:
         )
     # hf or artifact: the model under study is held by _Holder and analysed after the (empty) validation
     if m.source == "hf":
-        source_cfg = _lm_source(cfg)
+        source_cfg = lm.LMSource(  # this run's model and documents, as the LM toolkit's loaders read them
+            data_dir=cfg.data_dir,
+            model=lm.ModelConfig(name=m.name, revision=m.revision, dtype=m.dtype, tokenizer=m.tokenizer),
+            data=lm.DataConfig(**dataclasses.asdict(cfg.data)),  # its keys are a subset of the toolkit's
+        )
         lm.resolve_source(source_cfg)  # a missing data source fails here, before the model loads
         model, tok = lm.load_model_and_tokenizer(source_cfg)
         summary = {**lm.param_counts(model), "qdg/kind": "lm"}
