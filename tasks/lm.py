@@ -41,8 +41,12 @@ def _local_path(path: str, cfg) -> str | None:
     return None
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+def _from_pretrained(auto, cfg, local: str | None, **kwargs):
+    """`auto.from_pretrained` of the local model directory, else of the hub name at its revision."""
+    m, offline = cfg.model, os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    return auto.from_pretrained(
+        local or m.name, revision=None if local else m.revision, local_files_only=bool(local) or offline, **kwargs
+    )
 
 
 def local_model_dir(cfg) -> str | None:
@@ -56,15 +60,9 @@ def local_model_dir(cfg) -> str | None:
 def load_model(cfg) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    m = cfg.model
-    local = local_model_dir(cfg)
+    m, local = cfg.model, local_model_dir(cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            local or m.name,
-            revision=None if local else m.revision,
-            dtype=DTYPES[m.dtype],
-            local_files_only=bool(local) or _hub_offline(),
-        )
+        model = _from_pretrained(AutoModelForCausalLM, cfg, local, dtype=DTYPES[m.dtype])
     except (OSError, ValueError) as e:
         if local:
             raise ConfigError(
@@ -107,11 +105,8 @@ def load_tokenizer(cfg) -> Tokenizer:
         return Tokenizer(tokenizers.Tokenizer.from_file(path), m.add_special_tokens)
     from transformers import AutoTokenizer
 
-    local = local_model_dir(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(
-            local or m.name, revision=None if local else m.revision, local_files_only=bool(local) or _hub_offline()
-        )
+        tok = _from_pretrained(AutoTokenizer, cfg, local_model_dir(cfg))
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"model.name={m.name!r} has no loadable tokenizer ({str(e).splitlines()[0]}); "
@@ -124,13 +119,16 @@ def load_tokenizer(cfg) -> Tokenizer:
     return Tokenizer(tok.backend_tokenizer, m.add_special_tokens)
 
 
-def check_vocab(model: nn.Module, tok: Tokenizer, names: str) -> None:
+def load_model_and_tokenizer(cfg) -> tuple[nn.Module, Tokenizer]:
+    """`load_model`, `load_tokenizer`, and a one-line error when the tokenizer is another model's."""
+    model, tok, m = load_model(cfg), load_tokenizer(cfg), cfg.model
     rows = model.get_input_embeddings().num_embeddings
     if tok.size > rows or rows - tok.size > VOCAB_SLACK:
         raise ConfigError(
-            f"tokenizer and model do not match ({names}): the tokenizer has {tok.size} ids, "
-            f"the model's embedding {rows} rows"
+            f"tokenizer and model do not match (model.name={m.name!r}, model.tokenizer="
+            f"{m.tokenizer or 'its own'!r}): the tokenizer has {tok.size} ids, the model's embedding {rows} rows"
         )
+    return model, tok
 
 
 def split_head(model: nn.Module) -> bool:
@@ -146,16 +144,18 @@ def split_head(model: nn.Module) -> bool:
     return split.shape == full.shape and torch.allclose(split, full, atol=1e-4, rtol=1e-4)
 
 
-def param_counts(model: nn.Module) -> tuple[int, int]:
-    """(total, non-embedding): Pythia's convention drops the input and output embeddings."""
+def embedding_params(model: nn.Module) -> dict[int, nn.Parameter]:
+    """The input and output embeddings' parameters by id (tied ones once; none for a model without them)."""
+    mods = [getattr(model, get, lambda: None)() for get in ("get_input_embeddings", "get_output_embeddings")]
+    return {id(p): p for mod in mods if mod is not None for p in mod.parameters()}
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """The run summary's total and non-embedding parameter counts: Pythia's convention drops the
+    input and output embeddings."""
     total = n_params(model)
-    emb = {
-        id(p): p.numel()
-        for mod in (model.get_input_embeddings(), model.get_output_embeddings())
-        if mod is not None
-        for p in mod.parameters()
-    }
-    return total, total - sum(emb.values())
+    emb = sum(p.numel() for p in embedding_params(model).values())
+    return {"model/params": total, "model/params_nonembedding": total - emb}
 
 
 # -- per-token losses ----------------------------------------------------------------------------
@@ -202,10 +202,8 @@ class TokenLosses(nn.Module):
         hidden = self.lm.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         hidden, targets = hidden[:, :-1][real], targets[real]  # [n, d], [n]
         out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
-        for s in range(0, len(targets), self.head_chunk):
-            out[s : s + self.head_chunk] = self._chunk_losses(
-                hidden[s : s + self.head_chunk], targets[s : s + self.head_chunk]
-            )
+        for o, h, t in zip(out.split(self.head_chunk), hidden.split(self.head_chunk), targets.split(self.head_chunk)):
+            o.copy_(self._chunk_losses(h, t))
         return out
 
     def _chunk_losses(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -251,6 +249,17 @@ def iter_texts(source: str, text_key: str = "text", split: str = "test") -> Iter
                 yield fh.read()
     else:
         yield from _iter_jsonl(source, text_key)
+
+
+def documents(source: str, d, slot: int = 0, n_slots: int = 1) -> Iterator[tuple[int, str]]:
+    """(index, text) of the documents of `d` (a DataConfig's first_doc, n_docs, text_key, split)
+    whose index r from first_doc has r % n_slots == slot, in order."""
+    stop = d.first_doc + d.n_docs if d.n_docs else None
+    for i, text in enumerate(iter_texts(source, d.text_key, d.split)):
+        if stop is not None and i >= stop:
+            return
+        if i >= d.first_doc and (i - d.first_doc) % n_slots == slot:
+            yield i, text
 
 
 def _iter_jsonl(path: str, text_key: str) -> Iterator[str]:

@@ -11,6 +11,7 @@ total and non-embedding parameter counts.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import sys
 from collections.abc import Iterator
@@ -30,10 +31,8 @@ from tasks.configs.pythia_eval import Config
 from tasks.lm import (
     Tokenizer,
     TokenLosses,
-    check_vocab,
-    iter_texts,
-    load_model,
-    load_tokenizer,
+    documents,
+    load_model_and_tokenizer,
     param_counts,
     resolve_source,
 )
@@ -78,31 +77,13 @@ class DocumentBatches(IterableDataset):
     def __init__(self, cfg: Config, tok: Tokenizer, source: str, slot: int, n_slots: int):
         self.cfg, self.tok, self.source, self.slot, self.n_slots = cfg, tok, source, slot, n_slots
 
-    def documents(self) -> Iterator[tuple[int, str]]:
-        d = self.cfg.data
-        stop = d.first_doc + d.n_docs if d.n_docs else None
-        for i, text in enumerate(iter_texts(self.source, d.text_key, d.split)):
-            if stop is not None and i >= stop:
-                return
-            if i >= d.first_doc and (i - d.first_doc) % self.n_slots == self.slot:
-                yield i, text
-
     def __iter__(self):
-        buf: list[tuple[int, str]] = []
-        for item in self.documents():
-            buf.append(item)
-            if len(buf) == self.cfg.eval.sort_buffer:
-                yield from self._batches(buf)
-                buf = []
-        if buf:
-            yield from self._batches(buf)
-
-    def _batches(self, buf):
-        e = self.cfg.eval
-        ids = self.tok.encode([t for _, t in buf], self.cfg.data.context_length)
-        docs = [(i, toks) for (i, _), toks in zip(buf, ids) if len(toks) >= 2]  # one token predicts nothing
-        for batch in pack(docs, e.batch_tokens, e.max_batch_docs, e.max_padding):
-            yield collate(batch)
+        e, texts = self.cfg.eval, documents(self.source, self.cfg.data, self.slot, self.n_slots)
+        while buf := list(itertools.islice(texts, e.sort_buffer)):
+            ids = self.tok.encode([t for _, t in buf], self.cfg.data.context_length)
+            docs = [(i, toks) for (i, _), toks in zip(buf, ids) if len(toks) >= 2]  # one token predicts nothing
+            for batch in pack(docs, e.batch_tokens, e.max_batch_docs, e.max_padding):
+                yield collate(batch)
 
 
 def device_slot(shard: int, shards: int, rank: int, world: int) -> tuple[int, int]:
@@ -241,22 +222,17 @@ def build(cfg: Config) -> Job:
             f"data.shard_index={cfg.data.shard_index} with data.num_shards={cfg.data.num_shards}: need index < shards"
         )
     bound_heap()
-    model = load_model(cfg)
-    tok = load_tokenizer(cfg)
-    check_vocab(model, tok, f"model.name={cfg.model.name!r}, model.tokenizer={cfg.model.tokenizer or 'its own'!r}")
-    total, non_emb = param_counts(model)
-    data = PileDocs(cfg, tok)
+    model, tok = load_model_and_tokenizer(cfg)
     summary = {
-        "model/params": total,
-        "model/params_nonembedding": non_emb,
+        **param_counts(model),
         "model/name": cfg.model.name,
         "model/revision": cfg.model.revision,
         "tokenizer/size": tok.size,
         "loss_units": "nats",
     }
     return Job(
+        datamodule=PileDocs(cfg, tok),  # a missing data.source fails here, before the losses' first forward
         module=PythiaEval(cfg, TokenLosses(model, cfg.eval.head_chunk, cfg.eval.mask_attention, cfg.eval.vocab_tile)),
-        datamodule=data,
         callbacks=[PerTokenArtifact(dict(summary))],
         stage="validate",
         summary=summary,

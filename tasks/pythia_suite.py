@@ -152,15 +152,12 @@ class SaveModel(L.Callback):
 def build(cfg: Config) -> Job:
     data = PileWindows(cfg)
     model = make_model(cfg.model, data.vocab_rows)
-    total, non_emb = param_counts(model)  # embed_in and embed_out are not tied here
-    path = os.path.join(cfg.save_dir, model_name(cfg))
     return Job(
         module=SuiteModule(cfg, model),
         datamodule=data,
-        callbacks=[SaveModel(path, cfg.save_every)],
+        callbacks=[SaveModel(os.path.join(cfg.save_dir, model_name(cfg)), cfg.save_every)],
         summary={
-            "model/params": total,
-            "model/params_nonembedding": non_emb,
+            **param_counts(model),  # embed_in and embed_out are not tied here
             "model/layers": layers(cfg.model),
             "model/name": model_name(cfg),
             "data/train_tokens": len(data.train_ids),

@@ -31,7 +31,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from tasks.configs.quanta_discovery import DEFAULT_EXCLUDE
-from tasks.lm import split_head
+from tasks.lm import embedding_params, split_head
 
 # -- parameters ----------------------------------------------------------------------------------
 
@@ -47,12 +47,7 @@ def select_params(
     import re
 
     exclude = [e for e in exclude if e]
-    skip: set[int] = set()
-    if drop_embeddings:
-        for get in ("get_input_embeddings", "get_output_embeddings"):
-            mod = getattr(model, get, lambda: None)()
-            if mod is not None:
-                skip |= {id(p) for p in mod.parameters()}
+    skip = embedding_params(model) if drop_embeddings else {}
     chosen = {
         n: p
         for n, p in model.named_parameters()
@@ -140,14 +135,13 @@ class LMGrads(GradSource):
         self.names, self.params = list(params), list(params.values())
         self.n, self.dim = len(self.doc), n_selected(params)
         self.device = self.params[0].device
-        self.head = model.get_output_embeddings()
         self.split = split_head(model)  # logits = head(base(x))? then the head runs on the chosen rows only
 
     def _logits(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """Logits predicting positions `where` of one document: [m, vocab], head only at those rows."""
         if self.split:
             hidden = self.model.base_model(input_ids=ids[None]).last_hidden_state[0]  # [L, d]
-            return self.head(hidden[where - 1])
+            return self.model.get_output_embeddings()(hidden[where - 1])
         return self.model(input_ids=ids[None]).logits[0, where - 1]
 
     def doc_grads(self, d: int, positions: np.ndarray) -> torch.Tensor:
@@ -157,14 +151,11 @@ class LMGrads(GradSource):
         ids = ids[: int(where.max()) + 1]  # causal: nothing after the last selected token matters
         with torch.enable_grad():
             losses = F.cross_entropy(self._logits(ids, where).float(), ids[where], reduction="none")  # [m]
-            rows = []
+            rows, eye = [], torch.eye(len(where), device=self.device)  # row k: the gradient of loss k
             for s in range(0, len(where), self.batch):
-                m = min(self.batch, len(where) - s)
-                eye = torch.zeros(m, len(where), device=self.device)
-                eye[torch.arange(m), torch.arange(s, s + m)] = 1.0
                 last = s + self.batch >= len(where)
-                g = torch.autograd.grad(
-                    losses, self.params, grad_outputs=eye, is_grads_batched=True, retain_graph=not last
+                g = torch.autograd.grad(  # grad_outputs: rows s.. of eye
+                    losses, self.params, eye[s : s + self.batch], is_grads_batched=True, retain_graph=not last
                 )
                 rows.append(torch.cat([x.flatten(1) for x in g], 1))
         return torch.cat(rows)

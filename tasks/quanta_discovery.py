@@ -47,27 +47,16 @@ ARTIFACT_TYPE = "quanta"
 # -- models --------------------------------------------------------------------------------------
 
 
-def _lm_source(cfg: Config) -> lm.LMSource:
-    """This run's model and documents, as the LM toolkit's loaders read them."""
-    m = cfg.model
-    return lm.LMSource(
-        data_dir=cfg.data_dir,
-        model=lm.ModelConfig(name=m.name, revision=m.revision, dtype=m.dtype, tokenizer=m.tokenizer),
-        data=lm.DataConfig(**dataclasses.asdict(cfg.data)),  # its keys are a subset of the toolkit's
-    )
-
-
-def _inner_config(train: dict, trainer: TrainerConfig | None) -> RunConfig:
+def _inner_config(train: dict, trainer: TrainerConfig) -> RunConfig:
     """Another task's config from a (nested) dict: train.* of this run, or the config in a model
-    artifact. trainer: this run's trainer settings (a model trained here), or None to keep the dict's."""
+    artifact. trainer: the trainer settings it runs with (this run's for a model trained here)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     cls = config_class(train["task"])
     try:
         inner = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), train))
-        if trainer is not None:
-            inner.trainer = dataclasses.replace(trainer)
+        inner.trainer = dataclasses.replace(trainer)
         inner.validate()
     except OmegaConfBaseException as e:
         raise ConfigError(f"train.*: {str(e).splitlines()[0]} (task {train['task']})") from None
@@ -127,12 +116,7 @@ def lm_samples(cfg: Config, model: nn.Module, tok, source_cfg: lm.LMSource) -> d
     docs: dict[int, list[int]] = {}
 
     def stream():
-        stop = d.first_doc + d.n_docs if d.n_docs else None
-        for i, text in enumerate(lm.iter_texts(source, d.text_key, d.split)):
-            if stop is not None and i >= stop:
-                return
-            if i < d.first_doc:
-                continue
+        for i, text in lm.documents(source, d):
             ids = tok.encode([text], d.context_length)[0]
             if len(ids) < 2:
                 continue
@@ -301,27 +285,20 @@ def summarise(cfg: Config, labels: dict[int, np.ndarray], subtask) -> dict:
     env = qs.envelope(list(per.values()))
     fit = qs.fit_slope(env, c.fit_rank_min, c.fit_rank_max)
     out = {"sizes": {str(k): v.tolist() for k, v in per.items()}, "envelope": env.tolist(), "fit": fit}
-    summary = {
-        "qdg/slope": fit["slope"],
-        "qdg/slope_lo": fit["slope_lo"],
-        "qdg/slope_hi": fit["slope_hi"],
-        "qdg/fit_rank_min": fit["rank_min"],
-        "qdg/fit_rank_max": fit["rank_max"],
-    }
+    summary = {f"qdg/{k}": fit[k] for k in ("slope", "slope_lo", "slope_hi")}
+    summary |= {f"qdg/fit_{k}": fit[k] for k in ("rank_min", "rank_max")}  # qdg/fit_rank_min, qdg/fit_rank_max
     if subtask is not None:
         agree = {str(k): qs.agreement(subtask, v) for k, v in labels.items()}
         n_sub = len(np.unique(subtask))
         # The headline count: the first multiple of the true subtask count, else the first count.
         first = next((m * n_sub for m in c.subtask_multiples), min(labels))
         out["agreement"] = agree
-        summary.update(
-            {
-                "qdg/n_subtasks": n_sub,
-                "qdg/ari": agree[str(first)]["ari"],
-                "qdg/purity": agree[str(first)]["purity"],
-                "qdg/ari_clusters": first,
-            }
-        )
+        summary |= {
+            "qdg/n_subtasks": n_sub,
+            "qdg/ari": agree[str(first)]["ari"],
+            "qdg/purity": agree[str(first)]["purity"],
+            "qdg/ari_clusters": first,
+        }
     out["summary"] = summary
     return out
 
@@ -361,13 +338,14 @@ def build(cfg: Config) -> Job:
         )
     # hf or artifact: the model under study is held by _Holder and analysed after the (empty) validation
     if m.source == "hf":
-        source_cfg = _lm_source(cfg)
+        source_cfg = lm.LMSource(  # this run's model and documents, as the LM toolkit's loaders read them
+            data_dir=cfg.data_dir,
+            model=lm.ModelConfig(name=m.name, revision=m.revision, dtype=m.dtype, tokenizer=m.tokenizer),
+            data=lm.DataConfig(**dataclasses.asdict(cfg.data)),  # its keys are a subset of the toolkit's
+        )
         lm.resolve_source(source_cfg)  # a missing data source fails here, before the model loads
-        model = lm.load_model(source_cfg)
-        tok = lm.load_tokenizer(source_cfg)
-        lm.check_vocab(model, tok, f"model.name={m.name!r}, model.tokenizer={m.tokenizer or 'its own'!r}")
-        total, non_emb = lm.param_counts(model)
-        summary = {"model/params": total, "model/params_nonembedding": non_emb, "qdg/kind": "lm"}
+        model, tok = lm.load_model_and_tokenizer(source_cfg)
+        summary = {**lm.param_counts(model), "qdg/kind": "lm"}
         kind, extra = "lm", {"tok": tok, "source_cfg": source_cfg}
     else:
         blob = model_artifact(cfg)

@@ -280,9 +280,10 @@ def test_run_writes_per_token_artifact_and_summary(env, model_dir, tok):
     for doc, ids in enumerate(tok.encode(texts, 128)):
         rows = table[table["doc"] == doc].sort_values("pos")
         assert rows["pos"].tolist() == list(range(1, len(ids))) and rows["token"].tolist() == ids[1:]
-    total, non_emb = lm.param_counts(tiny_neox())
-    assert summary["model/params"] == total and summary["model/params_nonembedding"] == non_emb
-    assert total - non_emb == 2 * 50304 * 32
+    counts = lm.param_counts(tiny_neox())
+    assert summary["model/params"] == counts["model/params"]
+    assert summary["model/params_nonembedding"] == counts["model/params_nonembedding"]
+    assert counts["model/params"] - counts["model/params_nonembedding"] == 2 * 50304 * 32
 
 
 # ---- token classes on synthetic curves --------------------------------------------------------

@@ -59,7 +59,7 @@ def test_suite_model_trains_saves_checkpoints_and_loads_for_eval(env):
     )
     assert lm.local_model_dir(cfg).endswith("step2")
     model = lm.load_model(cfg)
-    assert lm.param_counts(model) == (s["model/params"], s["model/params_nonembedding"])
+    assert lm.param_counts(model) == {k: s[k] for k in ("model/params", "model/params_nonembedding")}
 
 
 def test_bad_suite_config_is_one_line():
