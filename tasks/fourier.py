@@ -13,17 +13,13 @@ import math
 import torch
 
 
-def n_freqs(p: int) -> int:
-    return p // 2
-
-
 def fourier_basis(p: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal cos/sin columns for k = 1 .. p // 2: ([p, K], [p, K]).
 
     For even p the Nyquist frequency k = p/2 has no sine; its sine column is all zeros.
     """
     x = torch.arange(p, dtype=dtype)[:, None]
-    k = torch.arange(1, n_freqs(p) + 1, dtype=dtype)[None, :]
+    k = torch.arange(1, p // 2 + 1, dtype=dtype)[None, :]
     angle = 2 * math.pi * x * k / p
     cos, sin = torch.cos(angle), torch.sin(angle)
     cos = cos / cos.norm(dim=0, keepdim=True)

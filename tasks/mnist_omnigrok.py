@@ -36,12 +36,6 @@ from tasks.mnist import MIRROR, load_mnist, read_idx  # noqa: F401  (part of thi
 # ---- data ------------------------------------------------------------------------------------
 
 
-def epoch_permutation(seed: int, rank: int, epoch: int, n_train: int, device: torch.device) -> torch.Tensor:
-    """The order of the training images in `epoch` of run `seed` on DDP rank `rank`."""
-    g = torch.Generator(device=device).manual_seed(batch_seed(seed, rank, -1 - epoch))
-    return torch.randperm(n_train, device=device, generator=g)
-
-
 class MnistData(DeviceDataModule):
     """Images live on the device in the model's dtype; each step takes the next `batch_size` indices
     of a fresh on-device permutation per epoch (the paper's shuffled DataLoader, minus the copy).
@@ -80,8 +74,9 @@ class MnistData(DeviceDataModule):
         per_epoch = self.n_train // self.batch_size  # an epoch's tail that does not fill a batch is skipped
         epoch, slot = divmod(index, per_epoch)
         cached = self._perms.get(seed)
-        if cached is None or cached[0] != epoch:
-            cached = self._perms[seed] = (epoch, epoch_permutation(seed, self.rank, epoch, self.n_train, device))
+        if cached is None or cached[0] != epoch:  # the order of the images in `epoch` of run `seed` on this rank
+            g = torch.Generator(device=device).manual_seed(batch_seed(seed, self.rank, -1 - epoch))
+            cached = self._perms[seed] = (epoch, torch.randperm(self.n_train, device=device, generator=g))
         return cached[1][slot * self.batch_size : (slot + 1) * self.batch_size]
 
     def batch(self, index: int, device, dtype: torch.dtype, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

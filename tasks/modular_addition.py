@@ -52,6 +52,7 @@ class ModularData(DeviceDataModule):
         d = cfg.data
         self.cfg = cfg
         self.steps_per_batch = cfg.trainer.batch_steps()
+        self.seed = cfg.seed  # its batches' seed, as harness.training.train sets a run's
         pairs = all_pairs(d.p, d.symmetric)
         labels = apply_op(d.operation, pairs[:, 0], pairs[:, 1], d.p)
         seed = cfg.seed if d.split_seed < 0 else d.split_seed
@@ -96,13 +97,11 @@ def make_model(cfg: Config, members: list[Config] | None = None) -> MemberModel:
     """The task's model for `members` (the block's runs; default: `cfg` alone, drawn from the global RNG
     as the caller seeded it, e.g. a plain-loop reference), each member seeded here with its own seed
     before its draws, as harness.training.train seeds a run."""
-    if members is None:
-        per_member = [initial_weights(cfg)]
-    else:
-        per_member = []
-        for c in members:
+    per_member = []
+    for c in [cfg] if members is None else members:
+        if members is not None:
             L.seed_everything(c.seed, workers=True, verbose=False)  # as harness.training.train, before build
-            per_member.append(initial_weights(c))
+        per_member.append(initial_weights(c))
     stacked = {n: None if per_member[0][n] is None else torch.stack([w[n] for w in per_member]) for n in per_member[0]}
     return (PairMLP if cfg.model.name == "pair_mlp" else ConcatMLP)(cfg.model.activation, **stacked)
 
@@ -161,31 +160,6 @@ def evaluate(model: nn.Module, tensors: dict, cfg: Config) -> dict[str, torch.Te
     return out
 
 
-# ---------------------------------------------------------------- the final summary
-
-
-def final_fourier_values(keys: list[int], power: torch.Tensor | None, seconds: float, cpu: float, steps: int) -> dict:
-    """The final summary's Fourier and throughput values (ModularBlock.final_summary): the final key
-    frequencies (`fourier/key_freqs`, a label such as "4,11,31"), the final spectrum as a table for the
-    W&B UI (`fourier/spectrum`: k, power, key), and throughput of the training loop (`perf/*`, from
-    the step-0 evaluation to the end of the last evaluation)."""
-    values = {
-        "fourier/key_freqs": ",".join(str(k) for k in sorted(keys)),
-        "perf/train_seconds": seconds,
-        "perf/train_cpu_seconds": cpu,  # this process only: robust to other jobs on the machine
-        "perf/steps_per_s": steps / seconds if seconds > 0 else 0.0,
-    }
-    if power is not None:
-        import wandb
-
-        key_set = set(keys)
-        values["fourier/spectrum"] = wandb.Table(
-            columns=["k", "power", "key"],
-            data=[[k + 1, float(v), k + 1 in key_set] for k, v in enumerate(power.tolist())],
-        )
-    return values
-
-
 # ---------------------------------------------------------------- the block: one run or many
 
 # Packed runs (harness.members.packed, issue 14): keys whose values may differ between the members of one
@@ -210,10 +184,7 @@ class ModularBlock:
         self.model = make_model(cfgs[0], members=cfgs).to(dtype=dtype, device=self.device)
         self.views = [self.model.member(i) for i in range(len(cfgs))]
         self.data = [ModularData(cfg) for cfg in cfgs]
-        for d, c in zip(self.data, cfgs):
-            d.seed = c.seed  # its batches' seed, as harness.training.train sets a run's
         self.lr, self.weight_decay, self.betas, self.eps = adamw_hypers(cfgs)
-        self.loss_kind, self.p = cfgs[0].optim.loss, cfgs[0].data.p
         # As a solo run always did: full batch logs no training loss (train/loss at each evaluation says it all).
         self.train_loss_key = "train/batch_loss" if cfgs[0].data.batch_size else None
         # Each member's pairs per step, padded to the longest: its whole train set, or data.batch_size
@@ -224,8 +195,8 @@ class ModularBlock:
         # exactness test measures the difference against such a loop)
         n = torch.tensor(sizes, dtype=dtype)[:, None]
         weight = (torch.arange(self.n_max)[None, :] < n) / n  # a member's loss is its own mean over its pairs
-        if self.loss_kind == "ce_over_p":
-            weight = weight / self.p
+        if cfgs[0].optim.loss == "ce_over_p":
+            weight = weight / cfgs[0].data.p
         self.weight = weight.to(self.device)
         if all(d.full_batch() for d in self.data):
             self.streams, self.full = None, self._padded([d.tensors(self.device)["train"] for d in self.data])
@@ -269,10 +240,27 @@ class ModularBlock:
         }
 
     def final_summary(self, i: int, run, seconds: float, cpu: float, steps: int) -> dict:
-        return {
+        """Member i's grok/* values, its final key frequencies (`fourier/key_freqs`, a label such as
+        "4,11,31"), the final spectrum as a table for the W&B UI (`fourier/spectrum`: k, power, key), and
+        throughput of the training loop (`perf/*`, from the step-0 evaluation to the end of the last
+        evaluation)."""
+        keys, power = self.keys[i], self.power[i]
+        values = {
             **self.grok[i].summary(),
-            **final_fourier_values(self.keys[i], self.power[i], seconds, cpu, steps),
+            "fourier/key_freqs": ",".join(str(k) for k in sorted(keys)),
+            "perf/train_seconds": seconds,
+            "perf/train_cpu_seconds": cpu,  # this process only: robust to other jobs on the machine
+            "perf/steps_per_s": steps / seconds if seconds > 0 else 0.0,
         }
+        if power is not None:
+            import wandb
+
+            key_set = set(keys)
+            values["fourier/spectrum"] = wandb.Table(
+                columns=["k", "power", "key"],
+                data=[[k + 1, float(v), k + 1 in key_set] for k, v in enumerate(power.tolist())],
+            )
+        return values
 
     def member_model(self, i: int):
         return self.model.member(i, copy=True)

@@ -161,16 +161,11 @@ def make_model(cfg: Config, members: list[Config] | None = None, data: list | No
     (the default, M = 1) draws from the global RNG as the caller seeded it (a plain-loop reference).
     With `data` (a list), each member's SparseParityData is appended right after its init
     (finite-data samples with data.stream_seed=-1 come from the global RNG there)."""
-
-    def mlp(c: Config) -> MLP:
-        return MLP(c.data.n_tasks + c.data.n, c.model.width, c.model.depth, 2)
-
-    if members is None:
-        return WidthPackedMLP.concat([mlp(cfg)])
     mlps = []
-    for c in members:
-        L.seed_everything(c.seed, workers=True, verbose=False)  # as harness.training.train, before build
-        mlps.append(mlp(c))
+    for c in [cfg] if members is None else members:
+        if members is not None:
+            L.seed_everything(c.seed, workers=True, verbose=False)  # as harness.training.train, before build
+        mlps.append(MLP(c.data.n_tasks + c.data.n, c.model.width, c.model.depth, 2))
         if data is not None:
             data.append(SparseParityData(c))
     return WidthPackedMLP.concat(mlps)

@@ -102,7 +102,7 @@ class Config(RunConfig):
                 "data.symmetric=true with data.operation=subtract: subtraction is not "
                 "commutative; set data.symmetric=false"
             )
-        n = n_pairs(d.p, d.symmetric)
+        n = d.p * (d.p + 1) // 2 if d.symmetric else d.p * d.p
         n_train = round(d.train_fraction * n)
         if not 1 <= n_train < n:
             raise ConfigError(
@@ -124,7 +124,3 @@ class Config(RunConfig):
 def _one_of(key: str, value: str, valid) -> None:
     if value not in valid:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
-
-
-def n_pairs(p: int, symmetric: bool) -> int:
-    return p * (p + 1) // 2 if symmetric else p * p
