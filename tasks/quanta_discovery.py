@@ -285,8 +285,13 @@ def summarise(cfg: Config, labels: dict[int, np.ndarray], subtask) -> dict:
     env = qs.envelope(list(per.values()))
     fit = qs.fit_slope(env, c.fit_rank_min, c.fit_rank_max)
     out = {"sizes": {str(k): v.tolist() for k, v in per.items()}, "envelope": env.tolist(), "fit": fit}
-    summary = {f"qdg/{k}": fit[k] for k in ("slope", "slope_lo", "slope_hi")}
-    summary |= {f"qdg/fit_{k}": fit[k] for k in ("rank_min", "rank_max")}  # qdg/fit_rank_min, qdg/fit_rank_max
+    summary = {
+        "qdg/slope": fit["slope"],
+        "qdg/slope_lo": fit["slope_lo"],
+        "qdg/slope_hi": fit["slope_hi"],
+        "qdg/fit_rank_min": fit["rank_min"],
+        "qdg/fit_rank_max": fit["rank_max"],
+    }
     if subtask is not None:
         agree = {str(k): qs.agreement(subtask, v) for k, v in labels.items()}
         n_sub = len(np.unique(subtask))
