@@ -55,8 +55,6 @@ class BlockModule(L.LightningModule):
 
     def __init__(self, block, members: list[Member], trainer_cfg, solo: bool = False):
         super().__init__()
-        if solo and len(members) != 1:
-            raise ValueError(f"a solo run is a block of one member, not {len(members)}")
         self.block, self.members, self.t, self.solo = block, members, trainer_cfg, solo
         self.model = block.model  # the block's parameters, as Lightning checkpoints and casts them
         self.opt = block_optimizer(block)
@@ -190,9 +188,8 @@ def solo_job(block, data=None) -> Job:
     cfg = block.cfgs[0]
     if hasattr(block, "resolve_config"):
         block.resolve_config(0)  # the run config records the values its build resolved
-    module = BlockModule(block, [Member(cfg, [])], cfg.trainer, solo=True)
     return Job(
-        module=module,
+        module=BlockModule(block, [Member(cfg, [])], cfg.trainer, solo=True),
         datamodule=BlockData(cfg.trainer.batch_steps(), block),
         summary=block.static_summary(0),
         data=data,

@@ -187,10 +187,8 @@ class StackedAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def load_member_state(self, i: int, state: dict) -> None:
         self.t = int(state["t"])
-        for a, m, x in zip(self.axes, self.exp_avg, state["exp_avg"]):
-            a.put(m, i, x)
-        for a, v, x in zip(self.axes, self.exp_avg_sq, state["exp_avg_sq"]):
-            a.put(v, i, x)
+        for a, own, x in zip(self.axes * 2, self.exp_avg + self.exp_avg_sq, [*state["exp_avg"], *state["exp_avg_sq"]]):
+            a.put(own, i, x)
 
 
 def block_optimizer(block) -> StackedAdamW:

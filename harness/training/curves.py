@@ -23,12 +23,6 @@ class CurvesRecorder(L.Callback):
         self.steps: list[int] = []
         self.data: dict[str, dict[str, list[np.ndarray]]] = {}  # name -> column -> one array per step
 
-    def _pop(self) -> None:
-        self.steps.pop()
-        for columns in self.data.values():
-            for values in columns.values():
-                values.pop()
-
     def frames(self) -> dict:
         import pandas as pd
 
@@ -46,7 +40,10 @@ class CurvesRecorder(L.Callback):
     def add(self, step: int, arrays: dict) -> None:
         """One evaluation's arrays ({name: {column: values}}, item i at position i) at `step`."""
         if self.steps and self.steps[-1] == step:  # the same evaluation again (e.g. after a resume)
-            self._pop()
+            self.steps.pop()
+            for columns in self.data.values():
+                for values in columns.values():
+                    values.pop()
         self.steps.append(step)
         for name, columns in arrays.items():
             for col, values in columns.items():

@@ -5,8 +5,6 @@ resume point holds their state under it (harness.members.checkpoints)."""
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import numpy as np
 import torch
@@ -24,7 +22,7 @@ class EmergenceCallback(L.Callback):
     evaluated step below the threshold or, if never, the last evaluated step (harness.events).
     """
 
-    def __init__(self, threshold_nats: float = 0.1 * math.log(2), column: str = "loss"):
+    def __init__(self, threshold_nats: float, column: str = "loss"):
         self.threshold, self.column = threshold_nats, column
         self.first: np.ndarray | None = None  # [n_items] int64: first step below, -1 = never
         self.final: np.ndarray | None = None  # [n_items] float64: the last evaluation's values

@@ -14,12 +14,9 @@ import torch
 
 def write_summary(trainer: L.Trainer, values: dict) -> None:
     """Put derived values into run.summary (not history): one value per run. Rank 0 only."""
-    if not trainer.is_global_zero:
-        return
-    for logger in trainer.loggers:
-        experiment = getattr(logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "summary"):
-            experiment.summary.update(values)
+    run = wandb_run(trainer)
+    if run is not None:
+        run.summary.update(values)
 
 
 def wandb_run(trainer: L.Trainer):
@@ -65,12 +62,8 @@ class TrainLossLog:
             return
         values = torch.stack(self.values).tolist()
         for step, v in zip(self.steps, values):
-            for logger in module.loggers:  # one history row at `step` in every logger of the module
-                explicit = getattr(logger, "log_step", None)  # StepLogger: the step as given
-                if explicit is not None:
-                    explicit({self.key: v}, step)
-                else:
-                    logger.log_metrics({self.key: v}, step=step)
+            for logger in module.loggers:  # one history row at `step`: the StepLogger's (none on other DDP ranks)
+                logger.log_step({self.key: v}, step)
         if module.trainer.progress_bar_callback is not None:
             module.log(self.key, values[-1], prog_bar=True, logger=False, on_step=True, on_epoch=False)
         self.steps, self.values = [], []

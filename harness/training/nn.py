@@ -82,17 +82,15 @@ class StackedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = list(self.net.values())
+        one = x.dim() == 2  # one member's [batch, d_in]
+        if one and layers[0].weight.shape[0] != 1:
+            raise ValueError(f"a [batch, d_in] input needs a model of one member, not {self.members}")
         h = x
-        if x.dim() == 2:  # one member's [batch, d_in]
-            if layers[0].weight.shape[0] != 1:
-                raise ValueError(f"a [batch, d_in] input needs a model of one member, not {self.members}")
-            for k, layer in enumerate(layers):
-                # squeeze, not [0]: a view's backward is free, select's fills and copies a zero tensor
-                h = F.linear(h, layer.weight.squeeze(0), layer.bias.squeeze(0))
-                h = F.relu(h) if k < len(layers) - 1 else h
-            return h
         for k, layer in enumerate(layers):
-            h = torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight.transpose(1, 2))
+            if one:  # squeeze, not [0]: a view's backward is free, select's fills and copies a zero tensor
+                h = F.linear(h, layer.weight.squeeze(0), layer.bias.squeeze(0))
+            else:
+                h = torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight.transpose(1, 2))
             h = F.relu(h) if k < len(layers) - 1 else h
         return h
 

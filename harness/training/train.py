@@ -174,7 +174,6 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
     run = tracking.init_run(cfg, overrides, job_type="train" if job.stage == "fit" else "eval")
     step, saver = 0, None
     try:
-        callbacks = list(job.callbacks)
         if job.stage != "fit" or run.id != os.environ.get("WANDB_RUN_ID", run.id):
             ckpt_path = None  # nothing to resume (evaluation), or not the id resume_point checked
         if job.stage == "fit":
@@ -185,10 +184,9 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
             if ckpt_path:
                 run.summary["trainer/resumed_from_step"] = resumed_step
             saver = checkpoint.StepCheckpoint(directory, cfg.trainer.ckpt_every, cfg.trainer.eval_every, ident, run)
-            callbacks += [saver, *([artifacts.CheckpointArtifacts(saver)] if cfg.trainer.log_checkpoints else [])]
-        logger = StepLogger(experiment=run, log_model=False)
+            job.callbacks += [saver, *([artifacts.CheckpointArtifacts(saver)] if cfg.trainer.log_checkpoints else [])]
         run.summary.update(job.summary)
-        trainer = make_trainer(cfg, logger, callbacks)
+        trainer = make_trainer(cfg, StepLogger(experiment=run, log_model=False), job.callbacks)
         # The DDP ranks Lightning launches re-run `harness train` with this process's environment:
         # they need the run id (checkpoint directory) and the resume decision taken here.
         ranks = {"WANDB_RUN_ID": run.id, checkpoint.RESUME_ENV: ckpt_path or ""}
@@ -213,11 +211,8 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
         # last.ckpt (fit); W&B is told the run is being preempted, not that it failed.
         checkpoint.finish_run(run, checkpoint.PREEMPTED_EXIT, saver.before if saver else None)
         raise checkpoint.Preempted(step, saver.path if saver else None, run.id) from None
-    except NonFiniteLoss as e:
-        checkpoint.finish_run(run, 1, error=str(e))
-        raise
-    except BaseException:
-        checkpoint.finish_run(run, 1)
+    except BaseException as e:  # failed (exit 1); a NonFiniteLoss's message goes into the summary
+        checkpoint.finish_run(run, 1, error=str(e) if isinstance(e, NonFiniteLoss) else None)
         raise
     finally:
         # Return only once the run file is complete. run.finish() returns when wandb-core has accepted
