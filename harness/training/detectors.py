@@ -126,15 +126,13 @@ class GrokkingCallback(L.Callback):
             out.update(events.event_fields(f"grok/t_val{round(self.val_threshold * 100)}", self.t_val_low, last))
             out["grok/val_threshold"] = self.val_threshold
             t_val = self.t_val_low
-        out.update(events.duration_fields("grok/delay", self.t_train, t_val, last))
-        out.update(
-            {
-                "grok/phase": events.grokking_phase(self.t_train, t_val, self.max_delay),
-                "grok/threshold": self.threshold,
-                "grok/last_step": last,
-            }
-        )
-        return out
+        return {
+            **out,
+            **events.duration_fields("grok/delay", self.t_train, t_val, last),
+            "grok/phase": events.grokking_phase(self.t_train, t_val, self.max_delay),
+            "grok/threshold": self.threshold,
+            "grok/last_step": last,
+        }
 
     def state_dict(self) -> dict:
         return {"t_train": self.t_train, "t_val": self.t_val, "t_val_low": self.t_val_low, "last_step": self.last_step}
