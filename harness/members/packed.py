@@ -148,11 +148,11 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
                 m.run.config.update(tracking.run_config(m.cfg), allow_val_change=True)
     for i, m in enumerate(members):
         m.run.summary.update(block.static_summary(i))
-    module = BlockModule(block, members, t)
+    module = BlockModule(block, members)
     if sigterm.set:  # (one that came while the block was built)
         return _preempt(members, module.alive)
     try:
-        trainer = make_trainer(cfg0, False, [BlockCheckpoint(module, t.ckpt_every, t.eval_every)])
+        trainer = make_trainer(cfg0, False, [BlockCheckpoint(module)])
         # Lightning reads the first member's last.ckpt; BlockModule.on_load_checkpoint loads every member's
         trainer.fit(module, datamodule=BlockData(t.batch_steps()), ckpt_path=members[0].resume, weights_only=True)
     except SIGTERMException:  # BlockCheckpoint has written each live member's last.ckpt
