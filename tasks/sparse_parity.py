@@ -288,7 +288,7 @@ class SparseParityBlock:
     def static_summary(self, i: int) -> dict:
         return {"model/params": n_params(self.views[i]), "loss_units": "nats"}
 
-    def final_summary(self, i: int, run, seconds: float, cpu: float, steps: int) -> dict:
+    def final_summary(self, i: int, seconds: float, cpu: float, steps: int) -> dict:
         return self.emergence[i].final_values()  # a member always has its W&B run
 
     def member_model(self, i: int) -> WidthPackedMLP:

@@ -157,9 +157,7 @@ class BlockModule(L.LightningModule):
         """Each live member's final summary (its events, its perf/* figures) and curves artifact."""
         for i, m in enumerate(self.members):
             if self.alive[i] and m.run is not None:
-                m.run.summary.update(
-                    self.block.final_summary(i, m.run, self.seconds, self.cpu_seconds, self.steps_trained)
-                )
+                m.run.summary.update(self.block.final_summary(i, self.seconds, self.cpu_seconds, self.steps_trained))
                 m.curves.write(m.run)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

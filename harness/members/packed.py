@@ -14,7 +14,7 @@ stacked along a leading dimension and offers:
     train_loss_key -> str | None          history key of the training loss (None: not logged)
     evaluate(i, step) -> (metrics, arrays) member i's evaluation, as its solo run computes it; the
                                           block updates member i's event detectors itself
-    static_summary(i), final_summary(i, run, seconds, cpu, steps) -> dict
+    static_summary(i), final_summary(i, seconds, cpu, steps) -> dict
     member_model(i) -> nn.Module          member i's weights, copied, as a model of one (model artifact,
                                           C7; its state dict, prefixed `model.`, is its block of one's)
     member_callbacks(i) -> [Callback]     member i's event detectors (their states go into its
