@@ -247,7 +247,7 @@ class SparseParityBlock:
         self.model = make_model(cfgs[0], cfgs, self.data).to(dtype=self.dtype, device=self.device)
         self.views = [self.model.member(i) for i in range(len(cfgs))]
         self.p = [d.p.float().to(dtype=self.dtype, device=self.device) for d in self.data]  # as a float32 buffer cast
-        self.emergence = [EmergenceCallback(c.eval.threshold_bits * math.log(2), "loss") for c in cfgs]
+        self.emergence = [EmergenceCallback(c.eval.threshold_bits * math.log(2)) for c in cfgs]
         self.lr, self.weight_decay, self.betas, self.eps = adamw_hypers(cfgs)
         self.train_loss_key = "train/loss"
         streams: dict = {}

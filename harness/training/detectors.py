@@ -13,17 +13,17 @@ from harness import events
 
 
 class EmergenceCallback(L.Callback):
-    """When each item of a curve (e.g. each subtask's loss) first falls below a threshold.
+    """When each item's loss (e.g. each subtask's) first falls below a threshold.
 
     Summary (aggregates only; the per-item curves are in the curves artifact):
     `emergence/n_learned` (items ever below the threshold), `emergence/n_below_end` (below it at the
     last evaluation), `emergence/last_step`, `emergence/threshold_nats`, and the table
-    `emergence/items` (item, step, reached, final value) for the W&B UI, where step is the first
+    `emergence/items` (item, step, reached, final_loss) for the W&B UI, where step is the first
     evaluated step below the threshold or, if never, the last evaluated step (harness.events).
     """
 
-    def __init__(self, threshold_nats: float, column: str = "loss"):
-        self.threshold, self.column = threshold_nats, column
+    def __init__(self, threshold_nats: float):
+        self.threshold = threshold_nats
         self.first: np.ndarray | None = None  # [n_items] int64: first step below, -1 = never
         self.final: np.ndarray | None = None  # [n_items] float64: the last evaluation's values
         self.last_step = 0
@@ -63,7 +63,7 @@ class EmergenceCallback(L.Callback):
             import wandb
 
             values["emergence/items"] = wandb.Table(
-                columns=["item", "step", "reached", f"final_{self.column}"], data=self.table_rows()
+                columns=["item", "step", "reached", "final_loss"], data=self.table_rows()
             )
         return values
 
