@@ -91,12 +91,7 @@ class GrokkingCallback(L.Callback):
     measures delay and phase against it (MNIST tops out below 0.99).
     """
 
-    def __init__(
-        self,
-        threshold: float = 0.99,
-        max_delay: int = 1000,
-        val_threshold: float | None = None,
-    ):
+    def __init__(self, threshold: float, max_delay: int, val_threshold: float | None = None):
         self.threshold, self.max_delay = threshold, max_delay
         self.val_threshold = val_threshold
         self.t_train: int | None = None
