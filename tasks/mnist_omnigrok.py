@@ -250,7 +250,7 @@ class OmnigrokBlock:
             "loss_units": "mse per output" if self.cfgs[i].optim.loss == "mse" else "nats",
         }
 
-    def final_summary(self, i: int, run, seconds: float, cpu: float, steps: int) -> dict:
+    def final_summary(self, i: int, seconds: float, cpu: float, steps: int) -> dict:
         return self.grok[i].summary()
 
     def member_model(self, i: int) -> StackedMLP:

@@ -239,7 +239,7 @@ class ModularBlock:
             "loss_units": "nats",
         }
 
-    def final_summary(self, i: int, run, seconds: float, cpu: float, steps: int) -> dict:
+    def final_summary(self, i: int, seconds: float, cpu: float, steps: int) -> dict:
         """Member i's grok/* values, its final key frequencies (`fourier/key_freqs`, a label such as
         "4,11,31"), the final spectrum as a table for the W&B UI (`fourier/spectrum`: k, power, key), and
         throughput of the training loop (`perf/*`, from the step-0 evaluation to the end of the last

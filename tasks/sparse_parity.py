@@ -247,7 +247,7 @@ class SparseParityBlock:
         self.model = make_model(cfgs[0], cfgs, self.data).to(dtype=self.dtype, device=self.device)
         self.views = [self.model.member(i) for i in range(len(cfgs))]
         self.p = [d.p.float().to(dtype=self.dtype, device=self.device) for d in self.data]  # as a float32 buffer cast
-        self.emergence = [EmergenceCallback(c.eval.threshold_bits * math.log(2), "loss") for c in cfgs]
+        self.emergence = [EmergenceCallback(c.eval.threshold_bits * math.log(2)) for c in cfgs]
         self.lr, self.weight_decay, self.betas, self.eps = adamw_hypers(cfgs)
         self.train_loss_key = "train/loss"
         streams: dict = {}
@@ -288,7 +288,7 @@ class SparseParityBlock:
     def static_summary(self, i: int) -> dict:
         return {"model/params": n_params(self.views[i]), "loss_units": "nats"}
 
-    def final_summary(self, i: int, run, seconds: float, cpu: float, steps: int) -> dict:
+    def final_summary(self, i: int, seconds: float, cpu: float, steps: int) -> dict:
         return self.emergence[i].final_values()  # a member always has its W&B run
 
     def member_model(self, i: int) -> WidthPackedMLP:

@@ -223,11 +223,11 @@ def _round_trip(cb, fresh, tmp_path):
 def test_callback_state_survives_a_checkpoint(tmp_path):
     first = [(100, [0.5, 0.01, 0.9], [0.5, 1.0, 0.995]), (200, [0.02, 0.01, 0.8], [1.0, 1.0, 0.995])]
     then = [(300, [0.01, 0.3, 0.7], [1.0, 0.9, 0.995])]
-    whole = [CurvesRecorder(), EmergenceCallback(0.1, "loss"), GrokkingCallback(0.99, 50)]
+    whole = [CurvesRecorder(), EmergenceCallback(0.1), GrokkingCallback(0.99, 50)]
     _feed(whole, first + then)
-    part = [CurvesRecorder(), EmergenceCallback(0.1, "loss"), GrokkingCallback(0.99, 50)]
+    part = [CurvesRecorder(), EmergenceCallback(0.1), GrokkingCallback(0.99, 50)]
     _feed(part, first)
-    resumed = [_round_trip(cb, type(cb)(*args), tmp_path) for cb, args in zip(part, [(), (0.1, "loss"), (0.99, 50)])]
+    resumed = [_round_trip(cb, type(cb)(*args), tmp_path) for cb, args in zip(part, [(), (0.1,), (0.99, 50)])]
     _feed(resumed, then)
     assert resumed[0].frames()["subtask"].equals(whole[0].frames()["subtask"])
     assert (

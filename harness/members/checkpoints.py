@@ -99,8 +99,8 @@ class BlockCheckpoint(StepCheckpoint):
     """StepCheckpoint's cadence and SIGTERM save for a block: Lightning dumps the block's checkpoint
     (into a temporary file, removed again) and every live member gets its own `last.ckpt`, cut from it."""
 
-    def __init__(self, module, every: int, eval_every: int):
-        super().__init__("", every, eval_every)
+    def __init__(self, module):
+        super().__init__("", module.t)
         self.module = module
 
     def state_dict(self) -> dict:

@@ -53,9 +53,9 @@ class BlockModule(L.LightningModule):
     members' last.ckpt (on_load_checkpoint).
     Losses are read back once per log or evaluation interval, never each step (a GPU sync)."""
 
-    def __init__(self, block, members: list[Member], trainer_cfg, solo: bool = False):
+    def __init__(self, block, members: list[Member], solo: bool = False):
         super().__init__()
-        self.block, self.members, self.t, self.solo = block, members, trainer_cfg, solo
+        self.block, self.members, self.t, self.solo = block, members, members[0].cfg.trainer, solo
         self.model = block.model  # the block's parameters, as Lightning checkpoints and casts them
         self.opt = block_optimizer(block)
         self.alive = [True] * len(members)
@@ -157,9 +157,7 @@ class BlockModule(L.LightningModule):
         """Each live member's final summary (its events, its perf/* figures) and curves artifact."""
         for i, m in enumerate(self.members):
             if self.alive[i] and m.run is not None:
-                m.run.summary.update(
-                    self.block.final_summary(i, m.run, self.seconds, self.cpu_seconds, self.steps_trained)
-                )
+                m.run.summary.update(self.block.final_summary(i, self.seconds, self.cpu_seconds, self.steps_trained))
                 m.curves.write(m.run)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -189,7 +187,7 @@ def solo_job(block, data=None) -> Job:
     if hasattr(block, "resolve_config"):
         block.resolve_config(0)  # the run config records the values its build resolved
     return Job(
-        module=BlockModule(block, [Member(cfg, [])], cfg.trainer, solo=True),
+        module=BlockModule(block, [Member(cfg, [])], solo=True),
         datamodule=BlockData(cfg.trainer.batch_steps(), block),
         summary=block.static_summary(0),
         data=data,

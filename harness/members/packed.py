@@ -14,7 +14,7 @@ stacked along a leading dimension and offers:
     train_loss_key -> str | None          history key of the training loss (None: not logged)
     evaluate(i, step) -> (metrics, arrays) member i's evaluation, as its solo run computes it; the
                                           block updates member i's event detectors itself
-    static_summary(i), final_summary(i, run, seconds, cpu, steps) -> dict
+    static_summary(i), final_summary(i, seconds, cpu, steps) -> dict
     member_model(i) -> nn.Module          member i's weights, copied, as a model of one (model artifact,
                                           C7; its state dict, prefixed `model.`, is its block of one's)
     member_callbacks(i) -> [Callback]     member i's event detectors (their states go into its
@@ -148,11 +148,11 @@ def _train_group(members: list[Member], sigterm: _Sigterm) -> None:
                 m.run.config.update(tracking.run_config(m.cfg), allow_val_change=True)
     for i, m in enumerate(members):
         m.run.summary.update(block.static_summary(i))
-    module = BlockModule(block, members, t)
+    module = BlockModule(block, members)
     if sigterm.set:  # (one that came while the block was built)
         return _preempt(members, module.alive)
     try:
-        trainer = make_trainer(cfg0, False, [BlockCheckpoint(module, t.ckpt_every, t.eval_every)])
+        trainer = make_trainer(cfg0, False, [BlockCheckpoint(module)])
         # Lightning reads the first member's last.ckpt; BlockModule.on_load_checkpoint loads every member's
         trainer.fit(module, datamodule=BlockData(t.batch_steps()), ckpt_path=members[0].resume, weights_only=True)
     except SIGTERMException:  # BlockCheckpoint has written each live member's last.ckpt

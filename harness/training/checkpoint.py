@@ -233,7 +233,7 @@ def ckpt_dir(cfg: RunConfig, run_id: str) -> str:
 
 
 class StepCheckpoint(Checkpoint):
-    """Writes `<dir>/last.ckpt` after every `every`-th optimizer step and when SIGTERM stops fit.
+    """Writes `<dir>/last.ckpt` after every `trainer.ckpt_every`-th optimizer step and when SIGTERM stops fit.
 
     Not Lightning's ModelCheckpoint: that one saves in on_train_batch_end, before the validation of
     the same step, and Lightning skips that validation when it resumes from such a checkpoint (and
@@ -249,8 +249,8 @@ class StepCheckpoint(Checkpoint):
     which `finish_run` merges into the resumed run's summary.
     """
 
-    def __init__(self, directory: str, every: int, eval_every: int, config: dict | None = None, run=None):
-        self.directory, self.every, self.eval_every = directory, every, eval_every
+    def __init__(self, directory: str, trainer, config: dict | None = None, run=None):
+        self.directory, self.every, self.eval_every = directory, trainer.ckpt_every, trainer.eval_every
         self.path = os.path.join(directory, LAST)
         self.saved_step: int | None = None
         self.config, self.run = config, run

@@ -13,17 +13,17 @@ from harness import events
 
 
 class EmergenceCallback(L.Callback):
-    """When each item of a curve (e.g. each subtask's loss) first falls below a threshold.
+    """When each item's loss (e.g. each subtask's) first falls below a threshold.
 
     Summary (aggregates only; the per-item curves are in the curves artifact):
     `emergence/n_learned` (items ever below the threshold), `emergence/n_below_end` (below it at the
     last evaluation), `emergence/last_step`, `emergence/threshold_nats`, and the table
-    `emergence/items` (item, step, reached, final value) for the W&B UI, where step is the first
+    `emergence/items` (item, step, reached, final_loss) for the W&B UI, where step is the first
     evaluated step below the threshold or, if never, the last evaluated step (harness.events).
     """
 
-    def __init__(self, threshold_nats: float, column: str = "loss"):
-        self.threshold, self.column = threshold_nats, column
+    def __init__(self, threshold_nats: float):
+        self.threshold = threshold_nats
         self.first: np.ndarray | None = None  # [n_items] int64: first step below, -1 = never
         self.final: np.ndarray | None = None  # [n_items] float64: the last evaluation's values
         self.last_step = 0
@@ -63,7 +63,7 @@ class EmergenceCallback(L.Callback):
             import wandb
 
             values["emergence/items"] = wandb.Table(
-                columns=["item", "step", "reached", f"final_{self.column}"], data=self.table_rows()
+                columns=["item", "step", "reached", "final_loss"], data=self.table_rows()
             )
         return values
 
@@ -91,12 +91,7 @@ class GrokkingCallback(L.Callback):
     measures delay and phase against it (MNIST tops out below 0.99).
     """
 
-    def __init__(
-        self,
-        threshold: float = 0.99,
-        max_delay: int = 1000,
-        val_threshold: float | None = None,
-    ):
+    def __init__(self, threshold: float, max_delay: int, val_threshold: float | None = None):
         self.threshold, self.max_delay = threshold, max_delay
         self.val_threshold = val_threshold
         self.t_train: int | None = None
@@ -126,15 +121,13 @@ class GrokkingCallback(L.Callback):
             out.update(events.event_fields(f"grok/t_val{round(self.val_threshold * 100)}", self.t_val_low, last))
             out["grok/val_threshold"] = self.val_threshold
             t_val = self.t_val_low
-        out.update(events.duration_fields("grok/delay", self.t_train, t_val, last))
-        out.update(
-            {
-                "grok/phase": events.grokking_phase(self.t_train, t_val, self.max_delay),
-                "grok/threshold": self.threshold,
-                "grok/last_step": last,
-            }
-        )
-        return out
+        return {
+            **out,
+            **events.duration_fields("grok/delay", self.t_train, t_val, last),
+            "grok/phase": events.grokking_phase(self.t_train, t_val, self.max_delay),
+            "grok/threshold": self.threshold,
+            "grok/last_step": last,
+        }
 
     def state_dict(self) -> dict:
         return {"t_train": self.t_train, "t_val": self.t_val, "t_val_low": self.t_val_low, "last_step": self.last_step}

@@ -165,11 +165,11 @@ class WidthPackedMLP(nn.Module):
         return out + [(1, units[1]), (0, torch.repeat_interleave(m, self.d_out))]
 
     def _part(self, j: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Member i's weight and bias of layer j (0..depth), views shaped as MLP's."""
+        """Member i's weight and bias of layer j (0..depth): views, shaped as MLP's but a hidden weight flat."""
         layer, w, o = self.net[str(2 * j)], self.widths[i], self.offsets[i]
         if j == self.depth:
             return layer.weight.narrow(1, o, w), layer.bias.narrow(0, i * self.d_out, self.d_out)
-        weight = layer.weight.narrow(0, o, w) if j == 0 else layer.weight.narrow(0, self.squares[i], w * w).view(w, w)
+        weight = layer.weight.narrow(0, o, w) if j == 0 else layer.weight.narrow(0, self.squares[i], w * w)
         return weight, layer.bias.narrow(0, o, w)
 
     def member(self, i: int, copy: bool = False) -> WidthPackedMLP:
@@ -178,7 +178,6 @@ class WidthPackedMLP(nn.Module):
         would save every member's storage)."""
         with torch.no_grad():
             parts = [self._part(j, i) for j in range(self.depth + 1)]
-            parts = [(w if j in (0, self.depth) else w.flatten(), b) for j, (w, b) in enumerate(parts)]
             if copy:
                 parts = [(w.clone(memory_format=torch.contiguous_format), b.clone()) for w, b in parts]
         return type(self)([self.widths[i]], [(w.detach(), b.detach()) for w, b in parts])

@@ -183,7 +183,7 @@ def train(cfg: RunConfig, overrides: list[str] | None = None) -> dict[str, Any] 
                 resumed_step = checkpoint.matched_step(run.id, ckpt_path, "trainer.resume_from:", ident)
             if ckpt_path:
                 run.summary["trainer/resumed_from_step"] = resumed_step
-            saver = checkpoint.StepCheckpoint(directory, cfg.trainer.ckpt_every, cfg.trainer.eval_every, ident, run)
+            saver = checkpoint.StepCheckpoint(directory, cfg.trainer, ident, run)
             job.callbacks += [saver, *([artifacts.CheckpointArtifacts(saver)] if cfg.trainer.log_checkpoints else [])]
         run.summary.update(job.summary)
         trainer = make_trainer(cfg, StepLogger(experiment=run, log_model=False), job.callbacks)
@@ -226,9 +226,7 @@ def _train_other_rank(cfg: RunConfig, job: Job, ident: dict) -> None:
     """DDP rank > 0: the same fit without a W&B run (rank 0 logs); it checkpoints with rank 0
     (trainer.save_checkpoint synchronises all ranks) and resumes from rank 0's decision."""
     run_id = os.environ.get("WANDB_RUN_ID") or f"rank{rank_zero_only.rank}"
-    saver = checkpoint.StepCheckpoint(
-        checkpoint.ckpt_dir(cfg, run_id), cfg.trainer.ckpt_every, cfg.trainer.eval_every, ident
-    )
+    saver = checkpoint.StepCheckpoint(checkpoint.ckpt_dir(cfg, run_id), cfg.trainer, ident)
     trainer = make_trainer(cfg, False, [*job.callbacks, saver])
     try:
         trainer.fit(
