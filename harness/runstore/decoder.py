@@ -571,12 +571,8 @@ def _decode(data: bytes, path: str, shortcut: bool, packed: bool) -> RunFile | N
         return None
     out.summary = _replay_summary(ops, rows)
     out.history = rows.frame() if rows.steps else pd.DataFrame()
-    if any(s is not None for s in rows.steps):
-        out.history["_step"] = (
-            np.array(rows.steps, dtype=np.int64)
-            if None not in rows.steps
-            else np.array([np.nan if s is None else s for s in rows.steps])
-        )
+    if any(s is not None for s in rows.steps):  # a row without a step: NaN (float64 converts None)
+        out.history["_step"] = np.array(rows.steps, dtype=np.int64 if None not in rows.steps else np.float64)
     out.config.pop("_wandb", None)
     return out
 

@@ -158,7 +158,7 @@ def _load_file(path: str, cache_root: str, write: bool, send_history: bool = Tru
         meta, hist = _decode(path, notes)
         meta["_mtime"] = st.st_mtime
         # A file still being written changes with every step: caching it would only litter.
-        if write and not (meta["exit_code"] is None and time.time() - st.st_mtime < RUNNING_GRACE_S):
+        if write and _state(meta) != "running":
             try:
                 written = run_cache.write(cache_root, run_cache.identity(path, st), meta, hist)
                 if not send_history:  # the parent reads the history file when it needs it
@@ -338,9 +338,6 @@ class _Local:
                 ]
                 again = (h["step"] == b) & h[redone].notna().any(axis=1) if redone else False
                 h = h[~((h["step"] > b) | again)]
-            kept.append(h)
-        return (
-            run_cache.typed(pd.concat([h for h in kept if len(h)], ignore_index=True))
-            if any(len(h) for h in kept)
-            else pd.DataFrame()
-        )
+            if len(h):
+                kept.append(h)
+        return run_cache.typed(pd.concat(kept, ignore_index=True)) if kept else pd.DataFrame()
