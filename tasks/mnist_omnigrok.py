@@ -196,11 +196,10 @@ class OmnigrokBlock:
         model, standard, initial = make_model(cfgs[0], members=cfgs)
         # Initialised in float32 as the single run, then cast as Lightning casts it for 64-true.
         self.model = model.to(dtype=self.dtype, device=self.device)
-        self.norms = list(zip(standard, initial))
+        self.standard_norms, self.init_norms = standard, initial
         self.views = [self.model.member(i) for i in range(len(cfgs))]
         o = [c.optim for c in cfgs]
         self.lr, self.weight_decay, self.betas, self.eps = adamw_hypers(cfgs)
-        self.loss_kind = o[0].loss
         self.train_loss_key = "train/batch_loss"  # each step's minibatch loss, logged every log_every
         self.fixed = torch.tensor([x.fixed_norm for x in o], device=self.device)
         self.any_fixed = any(x.fixed_norm for x in o)
@@ -218,7 +217,7 @@ class OmnigrokBlock:
 
     def losses(self, step: int) -> torch.Tensor:
         x, y = self.data.batch(step, self.device, self.dtype, self.seeds)
-        return loss_fn(self.loss_kind, self.model(x), y)
+        return loss_fn(self.cfgs[0].optim.loss, self.model(x), y)
 
     def after_step(self, active: torch.Tensor | None) -> None:
         if self.any_fixed:  # (a host bool: reading the mask back would sync a GPU every step)
@@ -239,14 +238,13 @@ class OmnigrokBlock:
         return metrics, {}
 
     def static_summary(self, i: int) -> dict:
-        standard_norm, init_norm = self.norms[i]
         return {
             "data/source": self.arrays["split"],
             "data/n_train": len(self.arrays["y_train"]),
             "data/n_test": len(self.arrays["y_test"]),
             "model/params": n_params(self.views[i]),
-            "model/standard_norm": standard_norm,
-            "model/init_norm": init_norm,
+            "model/standard_norm": self.standard_norms[i],
+            "model/init_norm": self.init_norms[i],
             "loss_units": "mse per output" if self.cfgs[i].optim.loss == "mse" else "nats",
         }
 

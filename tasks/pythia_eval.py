@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, IterableDataset
 
 from harness.errors import ConfigError
@@ -62,12 +63,9 @@ def pack(
 
 
 def collate(batch: list[tuple[int, list[int]]]) -> dict[str, torch.Tensor]:
-    n, width = len(batch), len(batch[0][1])
-    ids = torch.zeros(n, width, dtype=torch.long)
-    mask = torch.zeros(n, width, dtype=torch.long)
-    for i, (_, toks) in enumerate(batch):
-        ids[i, : len(toks)] = torch.tensor(toks)
-        mask[i, : len(toks)] = 1
+    """Right-padded ids and attention mask (0 on padding) of the batch's documents, and their indices."""
+    ids = pad_sequence([torch.tensor(toks) for _, toks in batch], batch_first=True)
+    mask = pad_sequence([torch.ones(len(toks), dtype=torch.long) for _, toks in batch], batch_first=True)
     return {"input_ids": ids, "attention_mask": mask, "doc": torch.tensor([d for d, _ in batch])}
 
 
