@@ -13,9 +13,12 @@ def cmd_train(args) -> int:
     """Exit codes (contract C6): 0 finished, 2 bad input, 143 preempted (SIGTERM; resumable),
     1 anything else, a non-finite loss included."""
     from harness.config.results import RESULT_ENV, entry, write_results
-    from harness.config.run import load_config
+    from harness.config.run import describe, load_config
 
     cfg = load_config(args.overrides)  # bad input is refused before torch and Lightning load
+    if args.cfg:  # `harness train task=X [k=v ...] --cfg`: the resolved config, nothing run
+        print(describe(cfg))
+        return 0
     from harness.training.checkpoint import Preempted
     from harness.training.tracking import result_line
     from harness.training.train import NonFiniteLoss, train
@@ -39,14 +42,6 @@ def cmd_train(args) -> int:
     )
     sys.stdout.flush()
     print(result_line(summary), flush=True)
-    return 0
-
-
-def cmd_config(args) -> int:
-    """`harness train task=X [k=v ...] --cfg`: the resolved config, nothing run."""
-    from harness.config.run import describe, load_config
-
-    print(describe(load_config(args.overrides)))
     return 0
 
 
@@ -262,8 +257,6 @@ def _hyphenated_overrides(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(_hyphenated_overrides(list(sys.argv[1:] if argv is None else argv)))
-    if getattr(args, "cfg", False):
-        args.fn = cmd_config
     try:
         code = args.fn(args)
     except UserError as e:  # ConfigError too
