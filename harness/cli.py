@@ -40,7 +40,6 @@ def cmd_train(args) -> int:
         result_file,
         {summary["_run_id"]: entry("finished", {k: v for k, v in summary.items() if not k.startswith("_")})},
     )
-    sys.stdout.flush()
     print(result_line(summary), flush=True)
     return 0
 
