@@ -45,10 +45,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from harness.config.registry import tasks, training_module_name
+    from harness.config.registry import config_module, tasks
 
     for name, ep in tasks().items():
-        print(f"{name:18s} {training_module_name(name):28s} config: {ep.value}")
+        print(f"{name:18s} {config_module(name).TRAINING:28s} config: {ep.value}")
     print("\nkeys and defaults of one: harness train task=NAME --cfg", file=sys.stderr)
     return 0
 
