@@ -13,9 +13,12 @@ def cmd_train(args) -> int:
     """Exit codes (contract C6): 0 finished, 2 bad input, 143 preempted (SIGTERM; resumable),
     1 anything else, a non-finite loss included."""
     from harness.config.results import RESULT_ENV, entry, write_results
-    from harness.config.run import load_config
+    from harness.config.run import describe, load_config
 
     cfg = load_config(args.overrides)  # bad input is refused before torch and Lightning load
+    if args.cfg:  # `harness train task=X [k=v ...] --cfg`: the resolved config, nothing run
+        print(describe(cfg))
+        return 0
     from harness.training.checkpoint import Preempted
     from harness.training.tracking import result_line
     from harness.training.train import NonFiniteLoss, train
@@ -37,24 +40,15 @@ def cmd_train(args) -> int:
         result_file,
         {summary["_run_id"]: entry("finished", {k: v for k, v in summary.items() if not k.startswith("_")})},
     )
-    sys.stdout.flush()
     print(result_line(summary), flush=True)
     return 0
 
 
-def cmd_config(args) -> int:
-    """`harness train task=X [k=v ...] --cfg`: the resolved config, nothing run."""
-    from harness.config.run import describe, load_config
-
-    print(describe(load_config(args.overrides)))
-    return 0
-
-
 def cmd_tasks(args) -> int:
-    from harness.config.registry import tasks, training_module_name
+    from harness.config.registry import config_module, tasks
 
     for name, ep in tasks().items():
-        print(f"{name:18s} {training_module_name(name):28s} config: {ep.value}")
+        print(f"{name:18s} {config_module(name).TRAINING:28s} config: {ep.value}")
     print("\nkeys and defaults of one: harness train task=NAME --cfg", file=sys.stderr)
     return 0
 
@@ -262,8 +256,6 @@ def _hyphenated_overrides(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(_hyphenated_overrides(list(sys.argv[1:] if argv is None else argv)))
-    if getattr(args, "cfg", False):
-        args.fn = cmd_config
     try:
         code = args.fn(args)
     except UserError as e:  # ConfigError too

@@ -93,17 +93,10 @@ def _split(history, wall: float, k: int) -> plan.Timing:
     return plan.Timing(fixed_s, step_s, eval_s)
 
 
-def _history(wandb_dir: str):
-    from harness.runstore import load_history, load_runs
-
-    runs = load_runs(wandb_dir)
-    if not len(runs):
-        raise UserError(f"the timing run left no run in {wandb_dir}")
-    return load_history(wandb_dir, run_ids=sorted(runs["id"])[:1])
-
-
 def _timed_run(argv: list[str], tmp: str, threads: int, what: str, k: int) -> plan.Timing:
     """Run `argv` with offline W&B into `tmp`/wandb on `threads` threads; split its wall time."""
+    from harness.runstore import load_history, load_runs
+
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp}
     env.pop("WANDB_SWEEP_ID", None)
     env["OMP_NUM_THREADS"] = str(threads)
@@ -113,7 +106,11 @@ def _timed_run(argv: list[str], tmp: str, threads: int, what: str, k: int) -> pl
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise UserError(f"the timing run ({what}) failed with exit code {out.returncode}: {last}")
-    return _split(_history(os.path.join(tmp, "wandb")), wall, k)
+    wandb_dir = os.path.join(tmp, "wandb")
+    runs = load_runs(wandb_dir)
+    if not len(runs):
+        raise UserError(f"the timing run left no run in {wandb_dir}")
+    return _split(load_history(wandb_dir, run_ids=sorted(runs["id"])[:1]), wall, k)
 
 
 def time_solo(task: str, point: dict, k: int, batch: int, threads: int) -> plan.Timing:

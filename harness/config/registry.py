@@ -45,11 +45,7 @@ def config_class(task: str) -> type:
     return config_module(task).Config
 
 
-def training_module_name(task: str) -> str:
-    return config_module(task).TRAINING
-
-
 def task_module(name: str) -> ModuleType:
     """The task's training module (build(cfg) -> Job; for tasks that train members also build_block, PACKABLE):
     imports torch and Lightning."""
-    return importlib.import_module(training_module_name(name))
+    return importlib.import_module(config_module(name).TRAINING)
